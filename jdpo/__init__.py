@@ -1,0 +1,1 @@
+"""jdpo: Direct Preference Optimization in JAX / Flax NNX."""
