@@ -1,0 +1,377 @@
+"""Every setting of a jdpo run, as typed frozen dataclasses.
+
+A run's config is built from three layers, later ones winning: the dataclass defaults, a YAML preset
+(`experiments/*.yaml`, nested by section), and command-line overrides `--section.field value`.
+Every field has a `help` text (shown by `jdpo train --help`). Unknown sections or fields, and values
+of the wrong type, are errors that name the field and where it came from: a long run must never
+start on a typo that was silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with its help text (tuples and other immutables only as defaults)."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """The policy model: a Hugging Face checkpoint directory and how to run it."""
+
+    path: str = _f("", "Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer files).")
+    dtype: Literal["auto", "float32", "bfloat16"] = _f(
+        "auto", "Compute dtype; 'auto' is bfloat16 on GPU/TPU and float32 on CPU."
+    )
+    param_dtype: Literal["float32", "bfloat16"] = _f(
+        "float32", "Dtype the parameters (and so the optimizer's update) are stored in."
+    )
+    remat: Literal["none", "full", "dots"] = _f(
+        "none", "Rematerialisation per layer: none, full (recompute all), dots (save matmul outputs)."
+    )
+    scan_layers: bool = _f(
+        False, "Scan over the layer stack (one compiled layer; fast compiles of deep models)."
+    )
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """Preference data sources and how they become fixed-shape batches."""
+
+    train: tuple[str, ...] = _f(
+        (), "Train sources: files, save_to_disk dirs or hub names; 'src:5000' or 'src:0.25' to sub-sample."
+    )
+    eval: tuple[str, ...] = _f((), "Held-out sources; empty means carve eval_fraction out of train.")
+    eval_fraction: float = _f(0.0, "Fraction of train pairs held out for eval when `eval` is empty.")
+    format: str = _f(
+        "auto", "Record format: auto, standard, implicit_prompt, conversational, hh-rlhf, shp, oasst1."
+    )
+    max_length: int = _f(1024, "Max tokens of prompt + one completion; longer pairs are truncated.")
+    max_prompt_length: int = _f(512, "Max prompt tokens; longer prompts keep their end.")
+    row_length: int = _f(0, "Tokens per packed row (0: max_length * 2, room for a chosen+rejected pair).")
+    packing: bool = _f(True, "Pack several pairs per row; false puts one pair per row (length buckets).")
+    skip_bad_rows: bool = _f(False, "Skip malformed rows (count and print them) instead of stopping.")
+
+
+@dataclass(frozen=True)
+class DPOSection:
+    """The preference loss and the reference model."""
+
+    loss_type: tuple[str, ...] = _f(("sigmoid",), "Loss type(s); several are combined with loss_weights.")
+    loss_weights: tuple[float, ...] = _f((), "Weights of the loss types (default: 1 each).")
+    beta: float = _f(0.1, "Inverse temperature of the implicit reward (DPO beta).")
+    label_smoothing: float = _f(0.0, "cDPO label smoothing for sigmoid (assumed fraction of flipped labels).")
+    simpo_gamma: float = _f(0.5, "SimPO target reward margin gamma.")
+    f_alpha: float = _f(0.5, "Alpha of the alpha-divergence loss.")
+    reference: Literal["cached", "online", "none"] = _f(
+        "cached",
+        "cached: one pass of the initial weights, stored on disk; online: frozen copy in memory; "
+        "none: reference-free losses.",
+    )
+    reference_path: str = _f("", "Reference checkpoint if not the initial policy (default: model.path).")
+    cache_dir: str = _f(
+        "", "Directory of reference log-prob caches (default: <output_dir>/../.jdpo_refcache)."
+    )
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    """AdamW with linear warmup then cosine decay to 0, and global-norm clipping."""
+
+    learning_rate: float = _f(5e-6, "Peak learning rate.")
+    warmup_ratio: float = _f(0.1, "Fraction of the steps spent in linear warmup from 0.")
+    b1: float = _f(0.9, "AdamW beta1.")
+    b2: float = _f(0.95, "AdamW beta2.")
+    eps: float = _f(1e-8, "AdamW epsilon.")
+    weight_decay: float = _f(0.0, "AdamW decoupled weight decay.")
+    max_grad_norm: float = _f(1.0, "Clip gradients to this global norm (0 disables).")
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    """Steps, batch sizes, evaluation, checkpoints."""
+
+    output_dir: str = _f("runs/jdpo", "Where checkpoints, metrics.jsonl, plots and the final export go.")
+    seed: int = _f(0, "Seed of data order and any randomness.")
+    batch_rows: int = _f(8, "Rows (packed sequences) per micro-batch, over all hosts.")
+    grad_accum: int = _f(1, "Micro-batches per optimizer step.")
+    max_steps: int = _f(0, "Optimizer steps; 0 means num_epochs passes over the train pairs.")
+    num_epochs: float = _f(1.0, "Epochs when max_steps is 0.")
+    eval_every: int = _f(0, "Evaluate on the held-out split every N steps (0: only at the end).")
+    save_every: int = _f(0, "Checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = _f(2, "How many recent checkpoints to keep.")
+    log_every: int = _f(1, "Log metrics every N steps.")
+    early_stop_patience: int = _f(0, "Stop after N evals without eval accuracy improvement (0: never).")
+    early_stop_accuracy: float = _f(0.0, "Stop once eval accuracy reaches this (0: never).")
+    export: bool = _f(True, "Export the final policy in Hugging Face format to <output_dir>/final.")
+
+
+@dataclass(frozen=True)
+class MeshSection:
+    """Device mesh axes; their product must equal the number of devices (-1: all remaining)."""
+
+    data: int = _f(1, "Data-parallel axis (replicated parameters).")
+    fsdp: int = _f(-1, "Fully sharded data-parallel axis (parameters and optimizer state sharded).")
+    tensor: int = _f(1, "Tensor-parallel axis (heads / mlp sharded); use when per-device batch is small.")
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    """Where metrics go besides metrics.jsonl."""
+
+    console: bool = _f(True, "Progress line on the console (process 0 only).")
+    tensorboard: bool = _f(True, "Write TensorBoard event files under <output_dir>/tensorboard.")
+    wandb: bool = _f(False, "Log to Weights & Biases (must be installed and logged in).")
+    wandb_project: str = _f("jdpo", "Weights & Biases project name.")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    dpo: DPOSection = field(default_factory=DPOSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    mesh: MeshSection = field(default_factory=MeshSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+
+class ConfigError(ValueError):
+    """A config value that is unknown, mistyped or inconsistent; the message names the field."""
+
+
+def sections() -> dict[str, type]:
+    """Section name -> section dataclass, in declaration order."""
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def field_help() -> list[tuple[str, str, Any, str]]:
+    """(dotted name, type name, default, help) for every field: the source of `jdpo train --help`."""
+    rows = []
+    for sname, scls in sections().items():
+        hints = typing.get_type_hints(scls)
+        for f in dataclasses.fields(scls):
+            rows.append((f"{sname}.{f.name}", _type_name(hints[f.name]), f.default, f.metadata["help"]))
+    return rows
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "{" + ",".join(map(str, typing.get_args(tp))) + "}"
+    if typing.get_origin(tp) is tuple:
+        return f"list[{typing.get_args(tp)[0].__name__}]"
+    return tp.__name__
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML value or a command-line string to the field's type, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if isinstance(value, str):
+            # Command line: comma-separated; an empty string is the empty list.
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        elif not isinstance(value, list | tuple):
+            value = [value]
+        return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config field type {tp!r} at {where}")  # a bug in this module
+
+
+def _unknown(name: str, known: list[str], where: str) -> ConfigError:
+    import difflib
+
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(known)}"
+    return ConfigError(f"{where}: unknown field {name!r}{hint}")
+
+
+def _apply(cfg: Config, section: str, name: str, value: Any, where: str) -> Config:
+    secs = sections()
+    if section not in secs:
+        raise _unknown(section, list(secs), where)
+    scls = secs[section]
+    hints = typing.get_type_hints(scls)
+    if name not in hints:
+        raise _unknown(f"{section}.{name}", [f"{section}.{k}" for k in hints], where)
+    new_value = _coerce(value, hints[name], f"{where}: {section}.{name}")
+    return dataclasses.replace(
+        cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: new_value})}
+    )
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """`['--dpo.beta', '0.2', '--train.seed=3']` -> [('dpo.beta', '0.2'), ('train.seed', '3')]."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"command line: expected --section.field VALUE, got {arg!r}")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"command line: {arg} needs a value")
+            i += 1
+            value = args[i]
+        out.append((key, value))
+        i += 1
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | list[tuple[str, str]] = ()) -> Config:
+    """Defaults, then the YAML file at `path` (if any), then `overrides`; validated.
+
+    overrides: either raw arguments (`['--dpo.beta', '0.2']`) or (dotted name, value) pairs.
+    """
+    import yaml
+
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+        for section, values in raw.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: section {section!r} must be a mapping of fields")
+            for name, value in values.items():
+                cfg = _apply(cfg, section, name, value, str(path))
+    pairs = list(overrides)
+    if pairs and isinstance(pairs[0], str):
+        pairs = parse_overrides(pairs)  # type: ignore[arg-type]
+    for key, value in pairs:
+        section, _, name = key.partition(".")
+        cfg = _apply(cfg, section, name, value, "command line")
+    validate(cfg)
+    return cfg
+
+
+def replace(cfg: Config, **dotted: Any) -> Config:
+    """`replace(cfg, **{"train.max_steps": 3})`: typed updates for Python callers; validated."""
+    for key, value in dotted.items():
+        section, _, name = key.partition(".")
+        cfg = _apply(cfg, section, name, value, "replace()")
+    validate(cfg)
+    return cfg
+
+
+REFERENCE_FREE_LOSSES = frozenset({"simpo", "orpo", "sft"})
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that would otherwise fail late in a run."""
+    d, o, t = cfg.dpo, cfg.optim, cfg.train
+    if d.loss_weights and len(d.loss_weights) != len(d.loss_type):
+        raise ConfigError(
+            f"dpo.loss_weights has {len(d.loss_weights)} entries but dpo.loss_type has {len(d.loss_type)}"
+        )
+    if not d.loss_type:
+        raise ConfigError("dpo.loss_type is empty; give at least one loss type (default: sigmoid)")
+    if d.reference == "none" and not set(d.loss_type) <= REFERENCE_FREE_LOSSES:
+        needs = sorted(set(d.loss_type) - REFERENCE_FREE_LOSSES)
+        raise ConfigError(
+            f"dpo.reference is 'none' but loss type(s) {needs} need a reference; "
+            f"use dpo.reference=cached or a reference-free loss ({', '.join(sorted(REFERENCE_FREE_LOSSES))})"
+        )
+    for name, value, lo, hi in [
+        ("dpo.label_smoothing", d.label_smoothing, 0.0, 0.5),
+        ("optim.warmup_ratio", o.warmup_ratio, 0.0, 1.0),
+        ("data.eval_fraction", cfg.data.eval_fraction, 0.0, 0.99),
+        ("optim.b1", o.b1, 0.0, 1.0),
+        ("optim.b2", o.b2, 0.0, 1.0),
+    ]:
+        if not lo <= value <= hi:
+            raise ConfigError(f"{name}={value} is outside [{lo}, {hi}]")
+    for name, value in [("dpo.beta", d.beta), ("optim.learning_rate", o.learning_rate)]:
+        if value <= 0:
+            raise ConfigError(f"{name} must be > 0, got {value}")
+    for name, value in [
+        ("train.batch_rows", t.batch_rows),
+        ("train.grad_accum", t.grad_accum),
+        ("train.log_every", t.log_every),
+        ("train.keep_checkpoints", t.keep_checkpoints),
+    ]:
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if t.max_steps < 0 or t.num_epochs <= 0:
+        raise ConfigError("train.max_steps must be >= 0 and train.num_epochs > 0")
+    if cfg.data.max_prompt_length >= cfg.data.max_length:
+        raise ConfigError(
+            f"data.max_prompt_length ({cfg.data.max_prompt_length}) must be < data.max_length "
+            f"({cfg.data.max_length}) to leave room for the completion"
+        )
+    for name in ("data", "fsdp", "tensor"):
+        v = getattr(cfg.mesh, name)
+        if v == 0 or v < -1:
+            raise ConfigError(f"mesh.{name} must be a positive size or -1 (all remaining devices), got {v}")
+    if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
+        raise ConfigError("at most one of mesh.data / mesh.fsdp / mesh.tensor may be -1")
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Nested plain dict (tuples as lists): what gets written next to a run's outputs as config.yaml."""
+    return {
+        s: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(getattr(cfg, s)).items()}
+        for s in sections()
+    }
+
+
+def dump(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (it loads back with load_config to an equal Config)."""
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

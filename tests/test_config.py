@@ -1,0 +1,73 @@
+"""Config: layering (defaults < YAML < command line), typed parsing, and errors that name the field."""
+
+import pytest
+
+from jdpo.config import Config, ConfigError, dump, field_help, load_config, replace
+
+
+def test_defaults_follow_the_dpo_literature():
+    c = Config()
+    assert c.dpo.beta == 0.1 and c.dpo.loss_type == ("sigmoid",) and c.dpo.reference == "cached"
+    assert c.optim.learning_rate == 5e-6 and c.optim.warmup_ratio == 0.1
+    assert (c.optim.b1, c.optim.b2, c.optim.eps, c.optim.weight_decay) == (0.9, 0.95, 1e-8, 0.0)
+    assert c.optim.max_grad_norm == 1.0
+
+
+def test_yaml_then_command_line(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("dpo:\n  beta: 0.3\n  loss_type: [sigmoid, sft]\ntrain:\n  seed: 7\n  max_steps: 10\n")
+    c = load_config(p, ["--dpo.beta", "0.5", "--train.max_steps=20", "--data.train", "a.jsonl,b.jsonl:0.5"])
+    assert c.dpo.beta == 0.5 and c.dpo.loss_type == ("sigmoid", "sft")
+    assert c.train.seed == 7 and c.train.max_steps == 20
+    assert c.data.train == ("a.jsonl", "b.jsonl:0.5")
+
+
+def test_dump_round_trips(tmp_path):
+    c = replace(
+        Config(), **{"dpo.beta": 0.25, "data.train": ["x.jsonl"], "mesh.fsdp": 4, "model.remat": "full"}
+    )
+    dump(c, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == c
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dpo.bta", "1"], "unknown field 'dpo.bta'; did you mean 'dpo.beta'"),
+        (["--dpox.beta", "1"], "unknown field 'dpox'"),
+        (["--dpo.beta", "high"], "dpo.beta: expected a number, got 'high'"),
+        (["--train.max_steps", "1.5"], "train.max_steps: expected an integer"),
+        (["--model.dtype", "fp16"], "model.dtype: 'fp16' is not one of"),
+        (["--data.packing", "maybe"], "data.packing: expected true/false"),
+        (["--dpo.reference", "none"], "need a reference"),
+        (["--dpo.loss_type", "sigmoid,sft", "--dpo.loss_weights", "1"], "dpo.loss_weights has 1 entries"),
+        (["--data.max_prompt_length", "2048"], "data.max_prompt_length (2048) must be < data.max_length"),
+        (["--mesh.data", "-1", "--mesh.fsdp", "-1"], "at most one of mesh"),
+        (["--optim.learning_rate", "0"], "optim.learning_rate must be > 0"),
+        (["dpo.beta", "1"], "expected --section.field VALUE"),
+        (["--dpo.beta"], "needs a value"),
+    ],
+)
+def test_bad_values_name_the_field(args, message):
+    with pytest.raises(ConfigError, match=None) as e:
+        load_config(None, args)
+    assert message in str(e.value)
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("dpo:\n  betta: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown field 'dpo.betta'"):
+        load_config(p)
+    p.write_text("dpo: 3\n")
+    with pytest.raises(ConfigError, match="section 'dpo' must be a mapping"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_every_field_has_help():
+    rows = field_help()
+    assert len(rows) > 40
+    for name, _tp, _default, text in rows:
+        assert text and text[0].isupper(), name
