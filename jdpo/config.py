@@ -66,7 +66,7 @@ class DPOSection:
     loss_type: tuple[str, ...] = _f(("sigmoid",), "Loss type(s); several are combined with loss_weights.")
     loss_weights: tuple[float, ...] = _f((), "Weights of the loss types (default: 1 each).")
     beta: float = _f(0.1, "Inverse temperature of the implicit reward (DPO beta).")
-    label_smoothing: float = _f(0.0, "cDPO label smoothing for sigmoid (assumed fraction of flipped labels).")
+    label_smoothing: float = _f(0.0, "Label smoothing of conservative DPO (cDPO): assumed fraction of flipped labels.")
     simpo_gamma: float = _f(0.5, "SimPO target reward margin gamma.")
     f_alpha: float = _f(0.5, "Alpha of the alpha-divergence loss.")
     reference: Literal["cached", "online", "none"] = _f(
