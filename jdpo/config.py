@@ -66,12 +66,14 @@ class DPOSection:
     loss_type: tuple[str, ...] = _f(("sigmoid",), "Loss type(s); several are combined with loss_weights.")
     loss_weights: tuple[float, ...] = _f((), "Weights of the loss types (default: 1 each).")
     beta: float = _f(0.1, "Inverse temperature of the implicit reward (DPO beta).")
-    label_smoothing: float = _f(0.0, "Label smoothing of conservative DPO (cDPO): assumed fraction of flipped labels.")
+    label_smoothing: float = _f(
+        0.0, "Label smoothing of conservative DPO (cDPO): assumed fraction of flipped labels."
+    )
     simpo_gamma: float = _f(0.5, "SimPO target reward margin gamma.")
     f_alpha: float = _f(0.5, "Alpha of the alpha-divergence loss.")
     reference: Literal["cached", "online", "none"] = _f(
         "cached",
-        "cached: one pass of the initial weights, stored on disk; online: frozen copy in memory; "
+        "Reference log-probs. cached: one pass of the initial weights, stored on disk; online: a frozen copy in memory; "
         "none: reference-free losses.",
     )
     reference_path: str = _f("", "Reference checkpoint if not the initial policy (default: model.path).")
