@@ -1,1 +1,39 @@
-"""jdpo: Direct Preference Optimization in JAX / Flax NNX."""
+"""jdpo: Direct Preference Optimization for language models in JAX / Flax NNX.
+
+The loss library is importable on its own and fast: `from jdpo import dpo_loss, sequence_logprobs`
+loads only jax (no flax, no transformers). Heavier parts load on first use.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+# name -> module that defines it; resolved lazily (PEP 562) so that importing jdpo stays light.
+_LAZY = {
+    "dpo_loss": "jdpo.losses",
+    "sequence_logprobs": "jdpo.losses",
+    "sequence_logprobs_from_hidden": "jdpo.losses",
+    "token_logprobs": "jdpo.losses",
+    "token_logprobs_from_hidden": "jdpo.losses",
+    "segment_logprobs": "jdpo.losses",
+    "wpo_weights": "jdpo.losses",
+    "from_pretrained": "jdpo.models",
+    "save_pretrained": "jdpo.models",
+    "load_preferences": "jdpo.data",
+    "load_config": "jdpo.config",
+    "Config": "jdpo.config",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'jdpo' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
