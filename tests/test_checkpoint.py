@@ -1,0 +1,42 @@
+"""jdpo.checkpoint: sharded round trip, JSON meta, keep-last-N, restore of the newest by default."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jdpo.checkpoint import Checkpointer, abstract_like
+
+
+def _state(mesh, scale):
+    w = jax.device_put(jnp.arange(32.0).reshape(8, 4) * scale, NamedSharding(mesh, PartitionSpec("fsdp")))
+    return {
+        "params": {"w": w, "b": jnp.full((3,), scale, jnp.bfloat16)},
+        "step": jnp.asarray(int(scale), jnp.int32),
+        "rng": jax.random.key_data(jax.random.key(int(scale))),
+    }
+
+
+def test_roundtrip_keep_and_latest(tmp_path):
+    mesh = jax.make_mesh((1, 8, 1), ("data", "fsdp", "tensor"))
+    with Checkpointer(tmp_path / "ckpt", keep=2) as ck:
+        assert ck.latest_step() is None
+        for step in (1, 2, 3):
+            ck.save(step, _state(mesh, step), {"data": {"epoch": 0, "index": step, "order": "abc"}})
+        ck.save(3, _state(mesh, 99), {"ignored": True})  # an existing step is left alone
+        ck.wait()
+        assert ck.steps() == [2, 3]
+    # A fresh Checkpointer (a resumed process) finds the newest checkpoint and restores its shardings.
+    with Checkpointer(tmp_path / "ckpt", keep=2) as ck:
+        assert ck.latest_step() == 3
+        target = abstract_like(_state(mesh, 0))
+        state, meta = ck.restore(target)
+        want = _state(mesh, 3)
+        assert meta == {"data": {"epoch": 0, "index": 3, "order": "abc"}}
+        for got, exp in zip(jax.tree.leaves(state), jax.tree.leaves(want), strict=True):
+            assert got.dtype == exp.dtype and got.sharding == exp.sharding
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(exp))
+        old, _ = ck.restore(target, step=2)
+        np.testing.assert_array_equal(
+            np.asarray(old["params"]["w"]), np.asarray(_state(mesh, 2)["params"]["w"])
+        )
