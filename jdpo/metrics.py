@@ -1,0 +1,697 @@
+"""Metric names, metric writers (JSONL, console, TensorBoard, Weights & Biases) and MFU accounting.
+
+Names follow TRL's DPOTrainer so curves can be compared with runs made there; eval metrics carry an
+``eval/`` prefix. One small interface, :class:`MetricsLogger`, fans a ``{name: value}`` dict out to
+every enabled writer:
+
+    logger = MetricsLogger(out_dir, total_steps=1000, resume_step=state_step or None)
+    logger.log(step, {"loss": 0.69, "rewards/accuracies": 0.5, ...})
+    logger.close()
+
+Only process 0 writes anything on a multi-host run. This module imports no JAX at import time so
+that ``jdpo plot`` and the CLI stay fast; JAX is imported inside the few functions that need it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import socket
+import struct
+import sys
+import time
+from collections.abc import Mapping
+from functools import cache
+from pathlib import Path
+from typing import Any, TextIO
+
+# Metric names
+
+LOSS = "loss"
+REWARDS_CHOSEN = "rewards/chosen"
+REWARDS_REJECTED = "rewards/rejected"
+REWARDS_ACCURACIES = "rewards/accuracies"
+REWARDS_MARGINS = "rewards/margins"
+LOGPS_CHOSEN = "logps/chosen"
+LOGPS_REJECTED = "logps/rejected"
+GRAD_NORM = "grad_norm"
+LEARNING_RATE = "learning_rate"
+STEP = "step"
+EPOCH = "epoch"
+TOKENS_PER_SEC = "tokens_per_sec"  # non-pad tokens (prompt + completions, policy forward) per second
+MFU = "mfu"  # model FLOPs utilisation, a fraction in [0, 1]
+PADDING_FRACTION = "padding_fraction"  # pad tokens / all token slots of the step's batches
+STEP_TIME = "step_time"  # seconds of wall clock per optimizer step
+
+EVAL_PREFIX = "eval/"
+
+#: The per-step training metrics, in the order the console and plots present them.
+TRAIN_METRICS = (
+    LOSS,
+    REWARDS_CHOSEN,
+    REWARDS_REJECTED,
+    REWARDS_ACCURACIES,
+    REWARDS_MARGINS,
+    LOGPS_CHOSEN,
+    LOGPS_REJECTED,
+    GRAD_NORM,
+    LEARNING_RATE,
+    EPOCH,
+    TOKENS_PER_SEC,
+    MFU,
+    PADDING_FRACTION,
+    STEP_TIME,
+)
+
+
+def eval_name(name: str) -> str:
+    """The eval-split name of a metric: ``eval_name("loss") == "eval/loss"``."""
+    return name if name.startswith(EVAL_PREFIX) else EVAL_PREFIX + name
+
+
+def is_eval(name: str) -> bool:
+    return name.startswith(EVAL_PREFIX)
+
+
+def to_python(value: Any) -> Any:
+    """A JSON-able Python scalar from a Python / NumPy / JAX scalar (0-d arrays included).
+
+    Integers stay ``int`` (``step``, counts); everything numeric else becomes ``float``. Strings and
+    ``None`` pass through. Raises ``TypeError`` on arrays with more than one element, which are a bug
+    in the caller rather than a metric.
+    """
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    # NumPy / JAX arrays and scalars: both expose .item() once pulled to the host.
+    import numpy as np
+
+    arr = np.asarray(value)
+    if arr.size != 1:
+        raise TypeError(f"metric values must be scalars, got shape {arr.shape}")
+    return to_python(arr.reshape(()).item())
+
+
+def _is_main_process() -> bool:
+    """True on process 0. Imports JAX only if the caller has already imported it (it is then free)."""
+    jax = sys.modules.get("jax")
+    return True if jax is None else jax.process_index() == 0
+
+
+# JSONL
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file (or of ``<dir>/metrics.jsonl``), in file order.
+
+    A torn last line (the process died mid-write) is skipped rather than raised on; a malformed line
+    anywhere else raises ``ValueError`` naming the file and line number.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    lines = path.read_text().splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{i + 1}: not a JSON object: {e}") from None
+    return records
+
+
+class JsonlWriter:
+    """One JSON object per ``write`` call, appended to ``<output_dir>/metrics.jsonl`` and flushed.
+
+    ``resume_step=None`` starts a new file. ``resume_step=N`` keeps the records with ``step <= N``
+    (and drops anything logged after the checkpoint the run resumes from, plus a torn last line),
+    then appends, so a resumed run's file has the same records as an uninterrupted run's. Non-finite
+    floats are written as ``NaN`` / ``Infinity`` (Python's json reads them; a diverged loss should
+    stay visible rather than become ``null``).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, *, resume_step: int | None = None):
+        self.path = Path(output_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            kept = [r for r in read_metrics(self.path) if r.get(STEP, 0) <= resume_step]
+            # Rewrite through a temporary file so a crash here cannot lose the kept history.
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)
+            self._file = self.path.open("a")
+        else:
+            self._file = self.path.open("w")
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        record = {STEP: int(step), **{k: v for k, v in metrics.items() if k != STEP}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+# Console
+
+
+def _si(x: float) -> str:
+    """Compact number with an SI suffix: 1234 -> '1.23k', 5.6e6 -> '5.60M'."""
+    for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.2f}{suffix}"
+    return f"{x:.1f}"
+
+
+def format_duration(seconds: float) -> str:
+    """``3725.2 -> '1:02:05'``; days are folded into hours."""
+    seconds = max(0, int(round(seconds)))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+# What the console shows, in order; a field is left out when its metric is absent from the step.
+_CONSOLE_FIELDS = (
+    (LOSS, lambda v: f"loss {v:.4f}"),
+    (REWARDS_ACCURACIES, lambda v: f"acc {v:.3f}"),
+    (REWARDS_MARGINS, lambda v: f"margin {v:.3f}"),
+    (GRAD_NORM, lambda v: f"gnorm {v:.3f}"),
+    (LEARNING_RATE, lambda v: f"lr {v:.2e}"),
+    (TOKENS_PER_SEC, lambda v: f"{_si(v)} tok/s"),
+    (MFU, lambda v: f"mfu {100 * v:.1f}%"),
+)
+
+
+def _console_fields(metrics: Mapping[str, Any], prefix: str = "") -> list[str]:
+    values = ((metrics.get(prefix + name), fmt) for name, fmt in _CONSOLE_FIELDS)
+    return [fmt(v) for v, fmt in values if isinstance(v, numbers.Real)]
+
+
+def format_progress(
+    step: int, total_steps: int | None, metrics: Mapping[str, Any], eta_s: float | None = None
+) -> str:
+    """One console line for a training step, e.g.
+
+    ``step  120/1000  12% | loss 0.6512 | acc 0.625 | margin 0.123 | 1.23k tok/s | mfu 41.2% | eta 0:12:34``
+    """
+    if total_steps:
+        parts = [f"step {step:>{len(str(total_steps))}}/{total_steps} {100.0 * step / total_steps:3.0f}%"]
+    else:
+        parts = [f"step {step}"]
+    parts += _console_fields(metrics)
+    if eta_s is not None:
+        parts.append(f"eta {format_duration(eta_s)}")
+    return " | ".join(parts)
+
+
+def format_eval(step: int, metrics: Mapping[str, Any]) -> str:
+    """One console line for the ``eval/`` metrics of a step: ``eval @ 100 | loss 0.6400 | acc 0.650``."""
+    return " | ".join([f"eval @ {step}"] + _console_fields(metrics, EVAL_PREFIX))
+
+
+class ConsoleWriter:
+    """Prints one progress line per logged training step and one per eval.
+
+    The ETA uses the wall clock between the first logged step and now, so compilation (which lands
+    before the first log) does not inflate it and data loading, eval and checkpoint time (which are
+    real costs of the remaining steps) do. Before a second point exists it falls back to the
+    ``step_time`` metric.
+    """
+
+    def __init__(self, total_steps: int | None = None, *, stream: TextIO | None = None, clock=time.monotonic):
+        self.total_steps = total_steps
+        self.stream = stream
+        self.clock = clock
+        self._anchor: tuple[int, float] | None = None
+
+    def eta(self, step: int, metrics: Mapping[str, Any]) -> float | None:
+        if not self.total_steps:
+            return None
+        remaining = max(0, self.total_steps - step)
+        now = self.clock()
+        if self._anchor is None:
+            self._anchor = (step, now)
+        first_step, first_time = self._anchor
+        if step > first_step:
+            return remaining * (now - first_time) / (step - first_step)
+        step_time = metrics.get(STEP_TIME)
+        return remaining * step_time if isinstance(step_time, numbers.Real) else None
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        stream = self.stream or sys.stdout
+        if any(not is_eval(k) for k in metrics):
+            print(format_progress(step, self.total_steps, metrics, self.eta(step, metrics)), file=stream)
+        if any(is_eval(k) for k in metrics):
+            print(format_eval(step, metrics), file=stream)
+        stream.flush()
+
+    def close(self) -> None:
+        pass
+
+
+# TensorBoard: event files written directly (TFRecord framing around hand-encoded Event protos).
+# Scalars only need five protobuf fields, so this stays exact without a tensorboard dependency.
+
+
+def _crc32c_table() -> list[int]:
+    poly = 0x82F63B78  # Castagnoli, reflected
+    table = []
+    for n in range(256):
+        c = n
+        for _ in range(8):
+            c = (c >> 1) ^ poly if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli) of ``data``; ``crc32c(b"123456789") == 0xE3069283``."""
+    crc = 0xFFFFFFFF
+    table = _CRC32C_TABLE
+    for b in data:
+        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+    """TFRecord's masked CRC, which keeps CRCs of CRC-bearing data from looking like data."""
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def tfrecord(data: bytes) -> bytes:
+    """One TFRecord: uint64 length, masked CRC of the length, the data, masked CRC of the data."""
+    length = struct.pack("<Q", len(data))
+    return length + struct.pack("<I", _masked_crc(length)) + data + struct.pack("<I", _masked_crc(data))
+
+
+def _varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # negative int64 values are ten-byte two's complement varints
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _field_bytes(number: int, payload: bytes) -> bytes:  # wire type 2: length-delimited
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def encode_event(
+    wall_time: float,
+    step: int,
+    *,
+    scalars: Mapping[str, float] | None = None,
+    file_version: str | None = None,
+    session_start: bool = False,
+) -> bytes:
+    """Serialise a ``tensorboard.Event`` with one of: scalar summary values, a file version, or a
+    ``SessionLog(status=START)`` (which tells TensorBoard to discard events after ``step`` from an
+    earlier attempt of a resumed run).
+
+    Field numbers: Event{wall_time=1 double, step=2 int64, file_version=3, summary=5, session_log=7},
+    Summary{value=1}, Summary.Value{tag=1, simple_value=2 float}, SessionLog{status=1, START=1}.
+    """
+    out = bytearray(b"\x09" + struct.pack("<d", wall_time))  # field 1, wire type 1 (64-bit)
+    out += b"\x10" + _varint(step)  # field 2, wire type 0 (varint)
+    if file_version is not None:
+        out += _field_bytes(3, file_version.encode())
+    if scalars:
+        values = b"".join(
+            _field_bytes(1, _field_bytes(1, tag.encode()) + b"\x15" + struct.pack("<f", value))
+            for tag, value in scalars.items()
+        )
+        out += _field_bytes(5, values)
+    if session_start:
+        out += _field_bytes(7, b"\x08\x01")
+    return bytes(out)
+
+
+class TensorBoardWriter:
+    """Scalar event file ``<output_dir>/tensorboard/events.out.tfevents.<time>.<host>.<pid>``.
+
+    View with ``tensorboard --logdir <output_dir>``. Tags are the metric names, so TensorBoard groups
+    ``rewards/*``, ``logps/*`` and ``eval/*`` into sections. Non-numeric values are skipped.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, *, resume_step: int | None = None, clock=time.time):
+        self.dir = Path(output_dir) / "tensorboard"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.clock = clock
+        now = clock()
+        name = f"events.out.tfevents.{int(now)}.{socket.gethostname()}.{os.getpid()}"
+        n = 0
+        while (self.dir / (name + (f".{n}" if n else ""))).exists():  # a second writer in the same second
+            n += 1
+        self.path = self.dir / (name + (f".{n}" if n else ""))
+        self._file = self.path.open("xb")
+        self._file.write(tfrecord(encode_event(now, 0, file_version="brain.Event:2")))
+        if resume_step is not None:
+            # Events an interrupted attempt wrote after the checkpoint are superseded by this run.
+            self._file.write(tfrecord(encode_event(now, resume_step + 1, session_start=True)))
+        self._file.flush()
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        scalars = {
+            k: float(v) for k, v in metrics.items() if isinstance(v, numbers.Real) and not isinstance(v, bool)
+        }
+        scalars.pop(STEP, None)
+        if scalars:
+            self._file.write(tfrecord(encode_event(self.clock(), step, scalars=scalars)))
+            self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_tfrecords(path: str | os.PathLike) -> list[bytes]:
+    """The payloads of a TFRecord file, with both CRCs of every record checked."""
+    data = Path(path).read_bytes()
+    out, pos = [], 0
+    while pos < len(data):
+        (length,) = struct.unpack_from("<Q", data, pos)
+        (len_crc,) = struct.unpack_from("<I", data, pos + 8)
+        if len_crc != _masked_crc(data[pos : pos + 8]):
+            raise ValueError(f"{path}: bad length CRC at byte {pos}")
+        payload = data[pos + 12 : pos + 12 + length]
+        (data_crc,) = struct.unpack_from("<I", data, pos + 12 + length)
+        if data_crc != _masked_crc(payload):
+            raise ValueError(f"{path}: bad data CRC at byte {pos}")
+        out.append(payload)
+        pos += 12 + length + 4
+    return out
+
+
+# Weights & Biases (optional, imported only when asked for)
+
+
+class WandbWriter:
+    """Logs to Weights & Biases. Needs ``pip install wandb``; never imported unless enabled.
+
+    The run id is kept in ``<output_dir>/wandb_run_id`` so a resumed run continues the same W&B run.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        *,
+        project: str | None = None,
+        run_name: str | None = None,
+        config: Mapping[str, Any] | None = None,
+    ):
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError(
+                "wandb logging was asked for but wandb is not installed: pip install wandb"
+            ) from e
+        id_file = Path(output_dir) / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        self._run = wandb.init(
+            project=project or "jdpo",
+            name=run_name,
+            id=run_id,
+            resume="allow",
+            dir=str(output_dir),
+            config=dict(config) if config else None,
+        )
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        self._run.log({k: v for k, v in metrics.items() if k != STEP}, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+# The one interface the trainer uses
+
+
+class MetricsLogger:
+    """Fans metrics out to the enabled writers; a no-op on every process but process 0.
+
+    Args:
+      output_dir: run directory; ``metrics.jsonl`` and ``tensorboard/`` go here.
+      total_steps: for the console's ``step/total`` and ETA.
+      resume_step: the step of the checkpoint being resumed, or None for a fresh run (see
+        :class:`JsonlWriter` for what it does to the history).
+      jsonl, tensorboard, console, wandb: which writers to enable. W&B is off by default.
+      wandb_project, wandb_run_name, run_config: passed to ``wandb.init``.
+      is_main: override the ``jax.process_index() == 0`` check (tests, custom launchers).
+      stream: console stream (default ``sys.stdout``).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        *,
+        total_steps: int | None = None,
+        resume_step: int | None = None,
+        jsonl: bool = True,
+        tensorboard: bool = True,
+        console: bool = True,
+        wandb: bool = False,
+        wandb_project: str | None = None,
+        wandb_run_name: str | None = None,
+        run_config: Mapping[str, Any] | None = None,
+        is_main: bool | None = None,
+        stream: TextIO | None = None,
+    ):
+        self.output_dir = Path(output_dir)
+        self.is_main = _is_main_process() if is_main is None else is_main
+        self.writers: list[Any] = []
+        if not self.is_main:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if jsonl:
+            self.writers.append(JsonlWriter(output_dir, resume_step=resume_step))
+        if tensorboard:
+            self.writers.append(TensorBoardWriter(output_dir, resume_step=resume_step))
+        if console:
+            self.writers.append(ConsoleWriter(total_steps, stream=stream))
+        if wandb:
+            self.writers.append(
+                WandbWriter(output_dir, project=wandb_project, run_name=wandb_run_name, config=run_config)
+            )
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Write one record for ``step``. Values may be Python, NumPy or JAX scalars (JAX ones are
+        pulled to the host here, so call this only at the logging interval to keep steps async)."""
+        if not self.writers:
+            return
+        clean = {k: to_python(v) for k, v in metrics.items() if k != STEP}
+        for writer in self.writers:
+            writer.write(int(step), clean)
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+        self.writers = []
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# FLOPs and MFU
+
+
+def _get(cfg: Any, name: str, default: Any = None) -> Any:
+    if isinstance(cfg, Mapping):
+        return cfg.get(name, default)
+    return getattr(cfg, name, default)
+
+
+def matmul_params(cfg: Any) -> int:
+    """Parameters that take part in a matmul for every token: per layer the q/k/v/o projections and
+    the gated MLP (3 matrices), plus the unembedding. The input embedding is a lookup (no FLOPs)
+    and norms and biases are element-wise, so neither is counted.
+
+    ``cfg`` is a ``ModelConfig`` or an HF-style dict with ``num_hidden_layers``, ``hidden_size``,
+    ``intermediate_size``, ``num_attention_heads``, ``num_key_value_heads``, ``head_dim`` (optional,
+    default D / N) and ``vocab_size``. For Llama-3-8B this is 7,504,658,432 of its 8,030,261,248
+    parameters.
+    """
+    L = _get(cfg, "num_hidden_layers")
+    D = _get(cfg, "hidden_size")
+    F = _get(cfg, "intermediate_size")
+    N = _get(cfg, "num_attention_heads")
+    K = _get(cfg, "num_key_value_heads") or N
+    H = _get(cfg, "head_dim") or D // N
+    V = _get(cfg, "vocab_size")
+    per_layer = D * N * H + 2 * D * K * H + N * H * D + 3 * D * F
+    return L * per_layer + D * V
+
+
+def _attention_flops_per_key(cfg: Any) -> float:
+    """Forward FLOPs per causal (query, key) pair: ``Q K^T`` and ``P V`` each cost ``2 * N * H``
+    per pair per layer."""
+    L = _get(cfg, "num_hidden_layers")
+    N = _get(cfg, "num_attention_heads")
+    H = _get(cfg, "head_dim") or _get(cfg, "hidden_size") // N
+    return 4.0 * L * N * H
+
+
+def forward_flops(cfg: Any, *, tokens: int, attended_keys: int) -> float:
+    """Model FLOPs of one forward pass over ``tokens`` non-pad tokens.
+
+    ``2 * matmul_params`` per token (a multiply and an add per weight), plus attention,
+    ``4 * L * N * H`` per causal (query, key) pair inside a segment (see :func:`attended_keys`).
+    Counting the causal pairs rather than ``T^2`` credits the useful work only; a kernel that also
+    computes the masked half is not credited for it.
+    """
+    return 2.0 * matmul_params(cfg) * tokens + _attention_flops_per_key(cfg) * attended_keys
+
+
+def train_flops(cfg: Any, *, tokens: int, attended_keys: int, reference_forward: bool = False) -> float:
+    """Model FLOPs of one training step over ``tokens`` non-pad tokens: forward + backward = 3x the
+    forward (the backward computes gradients for activations and weights, 2x), i.e. ``6 N`` per token
+    plus ``12 L N H`` per attended key. ``reference_forward=True`` adds one forward pass of the frozen
+    reference model (``reference.mode: online``); a cached reference costs nothing per step.
+    Rematerialisation is not counted: MFU credits model FLOPs, not recomputation."""
+    fwd = forward_flops(cfg, tokens=tokens, attended_keys=attended_keys)
+    return 3.0 * fwd + (fwd if reference_forward else 0.0)
+
+
+def flops_per_token(cfg: Any, seq_len: int, *, training: bool = True) -> float:
+    """Average model FLOPs per token of unpacked, unpadded sequences of ``seq_len`` tokens: the
+    common ``6 N + 12 L N H T`` estimate, but with the causal average of ``(T + 1) / 2`` keys per
+    query instead of ``T``. ``training=False`` gives the forward-only figure (``2 N + ...``)."""
+    fwd = forward_flops(cfg, tokens=1, attended_keys=0) + _attention_flops_per_key(cfg) * (seq_len + 1) / 2
+    return 3.0 * fwd if training else fwd
+
+
+def attended_keys(positions, segment_ids, *, sliding_window: int | None = None) -> int:
+    """Number of causal (query, key) pairs in a batch: for every non-pad token (segment id > 0) its
+    position in its segment + 1, capped at ``sliding_window`` when the model uses one.
+    ``positions`` / ``segment_ids``: [B, T] integer arrays (NumPy, host-side) from the data path."""
+    import numpy as np
+
+    keys = np.asarray(positions, dtype=np.int64) + 1
+    if sliding_window:
+        keys = np.minimum(keys, sliding_window)
+    return int(np.sum(keys * (np.asarray(segment_ids) > 0)))
+
+
+def batch_token_stats(batch: Mapping[str, Any], *, sliding_window: int | None = None) -> dict[str, int]:
+    """``tokens`` (non-pad), ``slots`` (B * T) and ``attended_keys`` of one host-side batch dict
+    (``segment_ids`` and ``positions`` as defined in DESIGN.md). Per host: multiply by the process
+    count (or sum across hosts) for global numbers."""
+    import numpy as np
+
+    seg = np.asarray(batch["segment_ids"])
+    return {
+        "tokens": int(np.sum(seg > 0)),
+        "slots": int(seg.size),
+        "attended_keys": attended_keys(batch["positions"], seg, sliding_window=sliding_window),
+    }
+
+
+# Published dense (no sparsity) bf16 peaks per JAX device, matched against ``device.device_kind``
+# in order (so "H100 PCIe" is tested before "H100" and "v5 lite" before "v5"). TPU v2/v3 expose each
+# TensorCore as a device (half a chip); v4, v5p (megacore) and v5e, v6e expose one device per chip.
+PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("h100 pcie", 756e12),
+    ("h100 nvl", 835e12),
+    ("h100", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("h200", 989e12),  # also GH200: the same tensor cores as H100 SXM
+    ("h800", 989e12),
+    ("b200", 2250e12),
+    ("a100", 312e12),
+    ("l40s", 362e12),
+    ("l4", 121e12),
+    ("tpu v2", 22.5e12),  # per TensorCore (45 per chip)
+    ("tpu v3", 61.5e12),  # per TensorCore (123 per chip)
+    ("tpu v4", 275e12),
+    ("tpu v5 lite", 197e12),  # v5e
+    ("tpu v5e", 197e12),
+    ("tpu v5", 459e12),  # v5p reports "TPU v5"
+    ("tpu v6 lite", 918e12),  # v6e (Trillium)
+    ("tpu v6e", 918e12),
+)
+
+
+@cache
+def measured_cpu_peak_flops(n: int = 1024, min_seconds: float = 0.2) -> float:
+    """FLOP/s of a float32 ``[n, n] @ [n, n]`` jnp matmul on this host's CPU, best of several runs
+    (at least 3, and at least ``min_seconds`` of timing). Cached per process. This is the honest
+    denominator for CPU MFU: what XLA's CPU matmul actually reaches here, not a datasheet figure."""
+    import jax
+    import jax.numpy as jnp
+
+    cpu = jax.devices("cpu")[0]
+    a = jax.device_put(jnp.ones((n, n), jnp.float32), cpu)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()  # compile
+    best, spent, runs = math.inf, 0.0, 0
+    while runs < 3 or spent < min_seconds:
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        dt = time.perf_counter() - t0
+        best, spent, runs = min(best, dt), spent + dt, runs + 1
+    return 2.0 * n**3 / best
+
+
+def device_peak_flops(device: Any) -> float | None:
+    """Peak FLOP/s of one JAX device: the published bf16 dense figure for known accelerators, the
+    measured matmul rate for CPU, None when unknown (MFU is then not reported rather than guessed)."""
+    if device.platform == "cpu":
+        return measured_cpu_peak_flops()
+    kind = device.device_kind.lower()
+    for key, peak in PEAK_FLOPS:
+        if key in kind:
+            return peak
+    return None
+
+
+def total_peak_flops(devices: list[Any] | None = None) -> float | None:
+    """Peak FLOP/s of all ``devices`` (default ``jax.devices()``) together.
+
+    CPU devices on one host share its cores (``jax_num_cpu_devices`` only simulates more), so CPU
+    counts one measured peak per process, not per device."""
+    import jax
+
+    devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        return None
+    if all(d.platform == "cpu" for d in devices):
+        return measured_cpu_peak_flops() * len({d.process_index for d in devices})
+    peaks = [device_peak_flops(d) for d in devices]
+    return None if any(p is None for p in peaks) else float(sum(peaks))
+
+
+def throughput_metrics(
+    *, step_time: float, tokens: int, slots: int, flops: float | None = None, peak_flops: float | None = None
+) -> dict[str, float]:
+    """``step_time``, ``tokens_per_sec``, ``padding_fraction`` and (when FLOPs and a peak are known)
+    ``mfu`` for one step (or an average over a logging interval: pass the sums and total time)."""
+    out = {
+        STEP_TIME: step_time,
+        TOKENS_PER_SEC: tokens / step_time if step_time > 0 else 0.0,
+        PADDING_FRACTION: 1.0 - tokens / slots if slots else 0.0,
+    }
+    if flops is not None and peak_flops and step_time > 0:
+        out[MFU] = flops / (step_time * peak_flops)
+    return out
