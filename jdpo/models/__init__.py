@@ -1,0 +1,18 @@
+"""Decoder models: one NNX transformer configured per family, HF import/export, sharded random init."""
+
+from jdpo.models.families import FAMILIES, config_from_hf, config_to_hf, weight_table
+from jdpo.models.hf import CheckpointError, from_pretrained, init_model, save_pretrained
+from jdpo.models.transformer import ModelConfig, Transformer
+
+__all__ = [
+    "FAMILIES",
+    "CheckpointError",
+    "ModelConfig",
+    "Transformer",
+    "config_from_hf",
+    "config_to_hf",
+    "from_pretrained",
+    "init_model",
+    "save_pretrained",
+    "weight_table",
+]

@@ -1,0 +1,329 @@
+"""Hugging Face safetensors import (lazy, sharded, strict) and export; random init born sharded.
+
+Import never materialises a whole checkpoint: each parameter is built with `jax.make_array_from_callback`
+and every device's slice is read from the file with `safe_open(...).get_slice`, so a host holds at most
+one tensor (usually much less) unsharded. Key accounting is strict: a checkpoint tensor nothing uses, a
+parameter with no tensor, and a shape mismatch are errors naming the key and the file. The only tensors
+skipped silently are `rotary_emb.inv_freq` buffers some old exports carry (derived, not parameters).
+"""
+
+import contextlib
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jdpo.models.families import WeightSpec, weight_table
+from jdpo.models.transformer import ModelConfig, Transformer
+from jdpo.sharding import named_sharding
+
+INDEX_FILE = "model.safetensors.index.json"
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model exactly (names the key and the file)."""
+
+
+def _checkpoint_files(path: str) -> dict[str, str]:
+    """HF tensor name -> safetensors file name, from the index or by listing the directory."""
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.exists(index):
+        with open(index) as f:
+            return dict(json.load(f)["weight_map"])
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors files in {path}")
+    key_to_file = {}
+    for name in files:
+        with safe_open(os.path.join(path, name), framework="numpy") as f:
+            for key in f.keys():
+                key_to_file[key] = name
+    return key_to_file
+
+
+def _norm_index(index, shape) -> tuple[slice, ...]:
+    return tuple(slice(*s.indices(n)) for s, n in zip(index, shape, strict=True))
+
+
+def _read_block(tensor_slice, spec: WeightSpec, index: tuple[slice, ...]) -> np.ndarray:
+    """Read the part of one HF tensor that lands at `index` of the model-layout array.
+
+    Slices on the model layout map back through the transpose onto the reshaped HF dims; an HF dim split
+    into factors (e.g. N*H) is read as one contiguous range when only its first factor is sliced (head_dim
+    is never sharded), otherwise the whole dim is read and sliced in memory.
+    """
+    n_split = len(spec.perm)
+    split_index: list[slice] = [slice(None)] * n_split
+    for i, p in enumerate(spec.perm):
+        split_index[p] = index[i]
+    hf_index, post_index, read_shape = [], [], []
+    k = 0
+    for factors in spec.groups:
+        sub = split_index[k : k + len(factors)]
+        k += len(factors)
+        inner = math.prod(factors[1:])
+        if all(s == slice(0, f, 1) for s, f in zip(sub[1:], factors[1:], strict=True)):
+            hf_index.append(slice(sub[0].start * inner, sub[0].stop * inner))
+            read_shape += [sub[0].stop - sub[0].start, *factors[1:]]
+            post_index += [slice(None)] * len(factors)
+        else:
+            hf_index.append(slice(0, math.prod(factors)))
+            read_shape += list(factors)
+            post_index += sub
+    block = np.asarray(tensor_slice[tuple(hf_index)])
+    return block.reshape(read_shape)[tuple(post_index)].transpose(spec.perm)
+
+
+def _model_params(model) -> dict[str, nnx.Variable]:
+    return {".".join(map(str, path)): v for path, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
+
+
+def _abstract_model(config, dtype, param_dtype, remat, scan_layers):
+    return nnx.eval_shape(
+        lambda: Transformer(
+            config,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=nnx.Rngs(0),
+            remat=remat,
+            scan_layers=scan_layers,
+        )
+    )
+
+
+def _sharding_for(var: nnx.Variable, mesh):
+    shape = var.get_value().shape
+    if mesh is None:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return named_sharding(mesh, var.get_metadata().get("out_sharding"), shape)
+
+
+def from_pretrained(
+    path,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    mesh=None,
+    remat: str = "none",
+    scan_layers: bool = False,
+):
+    """Load a HF checkpoint directory (config.json + safetensors) straight into its target shardings.
+
+    Returns (model, config). `dtype` is the compute dtype, `param_dtype` the stored one; with `mesh`
+    the parameters are placed by `jdpo.sharding.LOGICAL_AXIS_RULES`, else on the first device.
+    """
+    path = os.fspath(path)
+    config = ModelConfig.from_hf(path)
+    model = _abstract_model(config, dtype, param_dtype, remat, scan_layers)
+    params = _model_params(model)
+    key_to_file = _checkpoint_files(path)
+    L = config.num_layers
+    used: set[str] = set()
+
+    with contextlib.ExitStack() as stack:
+        handles = {}
+
+        def open_tensor(key, spec_shape, model_path):
+            if key not in key_to_file:
+                raise CheckpointError(
+                    f"missing tensor {key!r} (for model parameter {model_path}) in checkpoint {path}"
+                )
+            fname = key_to_file[key]
+            if fname not in handles:
+                full = os.path.join(path, fname)
+                if not os.path.exists(full):
+                    raise CheckpointError(f"{INDEX_FILE} maps {key!r} to {fname}, which does not exist")
+                handles[fname] = stack.enter_context(safe_open(full, framework="numpy"))
+            if key not in handles[fname].keys():
+                raise CheckpointError(f"missing tensor {key!r} in file {fname} (listed in {INDEX_FILE})")
+            tensor = handles[fname].get_slice(key)
+            shape = tuple(tensor.get_shape())
+            if shape != tuple(spec_shape):
+                raise CheckpointError(
+                    f"tensor {key!r} in file {fname} has shape {shape}, expected {tuple(spec_shape)} "
+                    f"(model parameter {model_path})"
+                )
+            used.add(key)
+            return tensor
+
+        for spec in weight_table(config):
+            per_layer = "{i}" in spec.model_path
+            if per_layer and not scan_layers:
+                targets = [(spec.model_path.format(i=i), [spec.hf_key.format(i=i)]) for i in range(L)]
+            elif per_layer:
+                targets = [(spec.model_path.replace(".{i}", ""), [spec.hf_key.format(i=i) for i in range(L)])]
+            else:
+                targets = [(spec.model_path, [spec.hf_key])]
+            for model_path, keys in targets:
+                var = params.pop(model_path, None)
+                if var is None:
+                    raise CheckpointError(f"weight table names {model_path}, which the model does not have")
+                tensors = [open_tensor(k, spec.hf_shape, model_path) for k in keys]
+                var.set_value(
+                    _load_array(
+                        var,
+                        tensors,
+                        spec,
+                        stacked=per_layer and scan_layers,
+                        mesh=mesh,
+                        param_dtype=param_dtype,
+                    )
+                )
+    if params:
+        raise CheckpointError(f"model parameters with no checkpoint tensor in {path}: {sorted(params)}")
+    unused = sorted(k for k in key_to_file if k not in used and not k.endswith(_IGNORED_SUFFIXES))
+    if unused:
+        details = ", ".join(f"{k!r} in file {key_to_file[k]}" for k in unused[:10])
+        raise CheckpointError(f"{len(unused)} unused checkpoint tensor(s): {details}")
+    return model, config
+
+
+def _load_array(var, tensors, spec: WeightSpec, *, stacked: bool, mesh, param_dtype):
+    """One jax.Array in its final sharding, each device's block read lazily from the file(s)."""
+    shape = var.get_value().shape
+    np_dtype = np.dtype(jnp.dtype(param_dtype))
+    cache: dict = {}  # replicated blocks are requested once per device; read them once
+
+    def callback(index):
+        index = _norm_index(index, shape)
+        key = tuple((s.start, s.stop) for s in index)
+        if key not in cache:
+            if stacked:
+                rows = range(index[0].start, index[0].stop)
+                block = np.stack([_read_block(tensors[i], spec, index[1:]) for i in rows])
+            else:
+                block = _read_block(tensors[0], spec, index)
+            cache[key] = np.ascontiguousarray(block.astype(np_dtype))
+        return cache[key]
+
+    return jax.make_array_from_callback(shape, _sharding_for(var, mesh), callback)
+
+
+def init_model(
+    config: ModelConfig,
+    *,
+    seed: int = 0,
+    mesh=None,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    remat: str = "none",
+    scan_layers: bool = False,
+) -> Transformer:
+    """Random init, born sharded: eval_shape -> shardings from the rules table -> jit(init, out_shardings)."""
+
+    def make():
+        return Transformer(
+            config,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=nnx.Rngs(seed),
+            remat=remat,
+            scan_layers=scan_layers,
+        )
+
+    abstract = nnx.eval_shape(make)
+    graphdef, abstract_state = nnx.split(abstract)
+    variables = jax.tree.leaves(abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    shardings = [_sharding_for(v, mesh) for v in variables]
+
+    def init():
+        return jax.tree.leaves(nnx.state(make()))
+
+    leaves = jax.jit(init, out_shardings=shardings)()
+    treedef = jax.tree.structure(abstract_state)
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+
+def _to_hf_layout(array: jax.Array, spec: WeightSpec) -> np.ndarray:
+    if jax.process_count() > 1 and not array.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        array = multihost_utils.process_allgather(array, tiled=True)
+    host = np.asarray(jax.device_get(array))
+    return np.ascontiguousarray(host.transpose(np.argsort(spec.perm)).reshape(spec.hf_shape))
+
+
+def _parse_size(size) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    s = str(size).strip().upper()
+    for unit, mult in sorted(units.items(), key=lambda u: -len(u[0])):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
+
+
+def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_size="5GB") -> None:
+    """Write config.json + safetensors (+ index when sharded) that `transformers` loads to the same logits.
+
+    Tensors are gathered one at a time and written shard by shard, so host memory stays about one shard.
+    Works for both layer layouts (python loop and scanned stack). Only process 0 writes.
+    """
+    out_dir = os.fspath(out_dir)
+    config = model.config
+    params = _model_params(model)
+    L = config.num_layers
+    entries = []  # (hf_key, fetch) in table order
+    for spec in weight_table(config):
+        if "{i}" not in spec.model_path:
+            entries.append((spec.hf_key, lambda s=spec: _to_hf_layout(params[s.model_path].get_value(), s)))
+        elif model.scan_layers:
+            stack = params[spec.model_path.replace(".{i}", "")]
+            for i in range(L):
+                fetch = lambda s=spec, i=i, v=stack: _to_hf_layout(v.get_value()[i], s)  # noqa: E731
+                entries.append((spec.hf_key.format(i=i), fetch))
+        else:
+            for i in range(L):
+                var = params[spec.model_path.format(i=i)]
+                entries.append(
+                    (spec.hf_key.format(i=i), lambda s=spec, v=var: _to_hf_layout(v.get_value(), s))
+                )
+    sizes = {}
+    for spec in weight_table(config):
+        itemsize = np.dtype(jnp.dtype(model.embed_tokens.embedding.get_value().dtype)).itemsize
+        nbytes = math.prod(spec.hf_shape) * itemsize
+        for i in range(L if "{i}" in spec.hf_key else 1):
+            sizes[spec.hf_key.format(i=i)] = nbytes
+    limit = _parse_size(max_shard_size)
+    shards: list[list] = [[]]
+    current = 0
+    for key, fetch in entries:
+        if shards[-1] and current + sizes[key] > limit:
+            shards.append([])
+            current = 0
+        shards[-1].append((key, fetch))
+        current += sizes[key]
+    if jax.process_index() != 0:
+        for shard in shards:  # other processes still take part in the gathers
+            for _, fetch in shard:
+                fetch()
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    weight_map = {}
+    for n, shard in enumerate(shards):
+        name = (
+            "model.safetensors" if len(shards) == 1 else f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+        )
+        save_file(
+            {key: fetch() for key, fetch in shard}, os.path.join(out_dir, name), metadata={"format": "pt"}
+        )
+        weight_map.update({key: name for key, _ in shard})
+    if len(shards) > 1:
+        with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
+            json.dump(
+                {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}, f, indent=2
+            )
+    hf = config.to_hf()
+    hf["dtype"] = str(np.dtype(jnp.dtype(model.embed_tokens.embedding.get_value().dtype)))
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)

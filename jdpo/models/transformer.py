@@ -1,0 +1,446 @@
+"""The one NNX decoder shared by every family: RMSNorm, RoPE, grouped-query attention, gated MLP.
+
+Family differences are config switches (see `ModelConfig`), never subclasses. Attribute names mirror the
+Hugging Face modules (`q_proj`, `input_layernorm`, ...) so the weight tables in `families.py` stay short.
+
+Parameter layouts (x @ W convention, per-head shapes so heads can be sharded without reshapes):
+  embed_tokens.embedding [V, D]   q_proj.kernel [D, N, H]   k_proj/v_proj.kernel [D, K, H]
+  o_proj.kernel [N, H, D]         gate_proj/up_proj.kernel [D, F]   down_proj.kernel [F, D]
+  lm_head.kernel [D, V] (untied only; tied models reuse the embedding matrix transposed)
+With `scan_layers=True` the layer parameters are stacked with a leading [L] axis ("layers").
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jdpo.sharding import constrain
+
+REMAT_POLICIES = ("none", "full", "dots_saveable")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one decoder; built from a Hugging Face config.json by `from_hf`."""
+
+    family: str  # llama | mistral | qwen2 | qwen3 | gemma | gemma2
+    vocab_size: int  # V
+    hidden_size: int  # D
+    intermediate_size: int  # F
+    num_layers: int  # L
+    num_heads: int  # N query heads
+    num_kv_heads: int  # K key/value heads (K == N: multi-head, K < N: grouped-query)
+    head_dim: int  # H
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_type: str = "default"  # default | linear | llama3
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_max_position_embeddings: int = 8192  # llama3 only
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"  # silu | gelu_pytorch_tanh
+    qkv_bias: bool = False  # qwen2; llama with attention_bias
+    o_bias: bool = False  # llama with attention_bias
+    qk_norm: bool = False  # qwen3: RMSNorm over head_dim on q and k before RoPE
+    norm_offset: float = 0.0  # gemma: norms scale by (1 + w)
+    scale_embeddings: bool = False  # gemma: embeddings * sqrt(D), in compute dtype
+    sandwich_norm: bool = False  # gemma2: post-attention, pre/post-feedforward norms
+    sliding_window: int | None = None  # a key j is visible from query i when i - j < sliding_window
+    layer_types: tuple[str, ...] = ()  # per layer "full_attention" | "sliding_attention"; () = all full
+    attn_logit_softcapping: float | None = None  # gemma2
+    final_logit_softcapping: float | None = None  # gemma2; also passed to the chunked log-prob path
+    query_pre_attn_scalar: float | None = None  # gemma2: scores scale by query_pre_attn_scalar**-0.5
+    initializer_range: float = 0.02
+    bos_token_id: Any = None
+    eos_token_id: Any = None
+    pad_token_id: Any = None
+
+    @classmethod
+    def from_hf(cls, config_or_path) -> "ModelConfig":
+        """From a HF config dict, a config.json path, or a checkpoint directory. Errors name the field."""
+        from jdpo.models.families import config_from_hf
+
+        return config_from_hf(config_or_path)
+
+    def to_hf(self) -> dict:
+        """A config.json dict that `transformers.AutoConfig` reads back to the same architecture."""
+        from jdpo.models.families import config_to_hf
+
+        return config_to_hf(self)
+
+    @property
+    def sliding_layers(self) -> tuple[bool, ...]:
+        """Per layer: does it use the sliding window?"""
+        if not self.layer_types:
+            return (self.sliding_window is not None,) * self.num_layers
+        return tuple(t == "sliding_attention" and self.sliding_window is not None for t in self.layer_types)
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def num_params(self) -> int:
+        """Parameter count without building anything (for MFU accounting)."""
+        D, F, N, K, H, V, L = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.vocab_size,
+            self.num_layers,
+        )
+        attn = D * N * H * 2 + D * K * H * 2 + (N + 2 * K) * H * self.qkv_bias + D * self.o_bias
+        norms = D * (4 if self.sandwich_norm else 2) + 2 * H * self.qk_norm
+        return V * D * (1 if self.tie_word_embeddings else 2) + D + L * (attn + 3 * D * F + norms)
+
+
+def _param(key, shape, names, param_dtype, init: str, std: float):
+    """A Param carrying logical axis names; placement is decided later by jdpo.sharding."""
+    if init == "normal":
+        value = (std * jax.random.normal(key, shape, jnp.float32)).astype(param_dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, param_dtype)
+    else:
+        value = jnp.ones(shape, param_dtype)
+    # eager_sharding=False: shardings come from our own rules table (with divisibility fallback).
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * (offset + w), computed in float32 and cast to the compute dtype."""
+
+    def __init__(self, dim: int, *, eps: float, offset: float, dtype, param_dtype, names=("norm",)):
+        # gemma stores w with the +1 factored out, so its identity init is zeros.
+        self.weight = _param(None, (dim,), names, param_dtype, "zeros" if offset else "ones", 0.0)
+        self.eps, self.offset, self.dtype = eps, offset, dtype
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * (self.weight[...].astype(jnp.float32) + self.offset)).astype(self.dtype)
+
+
+class Dense(nnx.Module):
+    """A kernel [*in, *out] (per-head shapes allowed) with an optional bias [*out]."""
+
+    def __init__(self, key, in_shape, out_shape, names, *, bias: bool, param_dtype, std, bias_names=None):
+        self.n_in = len(in_shape)
+        self.kernel = _param(key, (*in_shape, *out_shape), names, param_dtype, "normal", std)
+        if bias:
+            self.bias = _param(None, out_shape, bias_names or names[self.n_in :], param_dtype, "zeros", 0.0)
+        else:
+            self.bias = None
+
+    def __call__(self, x, dtype):
+        kernel = self.kernel[...].astype(dtype)
+        y = jax.lax.dot_general(
+            x,
+            kernel,
+            ((tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in))), ((), ())),
+        )
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        return y
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [H/2] in float32 numpy, with linear or Llama-3 scaling."""
+    H = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, H, 2, dtype=np.int64).astype(np.float32) / H))
+    inv_freq = inv_freq.astype(np.float32)
+    if config.rope_type == "linear":
+        inv_freq = inv_freq / config.rope_factor
+    elif config.rope_type == "llama3":
+        # Llama 3.1: leave high frequencies alone, divide low ones by factor, interpolate in between.
+        factor, lo, hi = config.rope_factor, config.rope_low_freq_factor, config.rope_high_freq_factor
+        old_len = config.rope_original_max_position_embeddings
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / hi) & ~(wavelen > old_len / lo)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    elif config.rope_type != "default":
+        raise ValueError(f"rope_type {config.rope_type!r} is not implemented")
+    return inv_freq
+
+
+def rope_cos_sin(positions_BxT, config: ModelConfig, dtype):
+    """cos, sin [B, T, 1, H] (broadcast over heads) in the compute dtype, like HF's rotary embedding."""
+    freqs_BxTxH2 = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(config))
+    emb_BxTxH = jnp.concatenate([freqs_BxTxH2, freqs_BxTxH2], axis=-1)
+    return jnp.cos(emb_BxTxH)[:, :, None, :].astype(dtype), jnp.sin(emb_BxTxH)[:, :, None, :].astype(dtype)
+
+
+def apply_rope(x_BxTxNxH, cos, sin):
+    """Rotate-half RoPE (the HF layout: first and second halves of head_dim are the pairs)."""
+    x1, x2 = jnp.split(x_BxTxNxH, 2, axis=-1)
+    return x_BxTxNxH * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def attention_masks(segment_ids_BxT, T: int, sliding_window: int | None):
+    """Boolean masks [B, 1, T, T]: (full, sliding or None).
+
+    A query sees keys of its own segment at or before it. Padding (segment 0) also sees earlier padding,
+    so no query row is ever fully masked: padded rows give finite junk (dropped by the loss mask) and
+    finite gradients, never NaN. Non-pad tokens never see padding because ids differ.
+    """
+    q_idx = jnp.arange(T)[:, None]
+    k_idx = jnp.arange(T)[None, :]
+    causal_TxT = q_idx >= k_idx
+    if segment_ids_BxT is None:
+        full = causal_TxT[None, None]
+    else:
+        same_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+        full = (same_BxTxT & causal_TxT[None])[:, None]
+    sliding = None if sliding_window is None else full & (q_idx - k_idx < sliding_window)[None, None]
+    return full, sliding
+
+
+class Embedding(nnx.Module):
+    """Token embedding table [V, D]; also the unembedding when embeddings are tied."""
+
+    def __init__(self, config: ModelConfig, *, param_dtype, rngs: nnx.Rngs):
+        shape = (config.vocab_size, config.hidden_size)
+        self.embedding = _param(
+            rngs.params(), shape, ("vocab", "embed"), param_dtype, "normal", config.initializer_range
+        )
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with optional q/k bias, q/k norm, sliding window and logit soft-capping."""
+
+    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        c = config
+        D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+        kw = dict(param_dtype=param_dtype, std=c.initializer_range)
+        self.q_proj = Dense(
+            rngs.params(), (D,), (N, H), ("embed", "heads", "head_dim"), bias=c.qkv_bias, **kw
+        )
+        self.k_proj = Dense(
+            rngs.params(), (D,), (K, H), ("embed", "kv_heads", "head_dim"), bias=c.qkv_bias, **kw
+        )
+        self.v_proj = Dense(
+            rngs.params(), (D,), (K, H), ("embed", "kv_heads", "head_dim"), bias=c.qkv_bias, **kw
+        )
+        self.o_proj = Dense(
+            rngs.params(),
+            (N, H),
+            (D,),
+            ("heads", "head_dim", "embed"),
+            bias=c.o_bias,
+            bias_names=("norm",),
+            **kw,
+        )
+        if c.qk_norm:
+            norm_kw = dict(eps=c.rms_norm_eps, offset=c.norm_offset, dtype=dtype, param_dtype=param_dtype)
+            self.q_norm = RMSNorm(H, names=("head_dim",), **norm_kw)
+            self.k_norm = RMSNorm(H, names=("head_dim",), **norm_kw)
+        self.config, self.dtype = c, dtype
+
+    def __call__(self, x_BxTxD, cos, sin, mask_Bx1xTxT):
+        c = self.config
+        q_BxTxNxH = self.q_proj(x_BxTxD, self.dtype)
+        k_BxTxKxH = self.k_proj(x_BxTxD, self.dtype)
+        v_BxTxKxH = self.v_proj(x_BxTxD, self.dtype)
+        if c.qk_norm:
+            q_BxTxNxH, k_BxTxKxH = self.q_norm(q_BxTxNxH), self.k_norm(k_BxTxKxH)
+        q_BxTxNxH = constrain(apply_rope(q_BxTxNxH, cos, sin), ("batch", "length", "act_heads", None))
+        k_BxTxKxH = constrain(apply_rope(k_BxTxKxH, cos, sin), ("batch", "length", "act_kv_heads", None))
+        v_BxTxKxH = constrain(v_BxTxKxH, ("batch", "length", "act_kv_heads", None))
+        if c.attn_logit_softcapping is None:
+            # XLA on CPU/TPU; implementation=None so a future jax can pick cuDNN flash on GPU.
+            out_BxTxNxH = jax.nn.dot_product_attention(
+                q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxT, scale=c.attention_scale
+            )
+        else:
+            out_BxTxNxH = _softcapped_attention(
+                q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_Bx1xTxT, c.attention_scale, c.attn_logit_softcapping
+            )
+        return self.o_proj(out_BxTxNxH, self.dtype)
+
+
+def _softcapped_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale, cap):
+    """Explicit attention with tanh soft-capped scores (dot_product_attention has no soft-cap)."""
+    B, T, N, H = q_BxTxNxH.shape
+    K = k_BxSxKxH.shape[2]
+    q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, N // K, H)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32)
+    scores = jnp.tanh(scores * scale / cap) * cap
+    scores = jnp.where(mask_Bx1xTxS[:, :, None], scores, -0.7 * jnp.finfo(jnp.float32).max)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BxSxKxH)
+    return out.reshape(B, T, N, H)
+
+
+class MLP(nnx.Module):
+    """Gated MLP: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        D, F = config.hidden_size, config.intermediate_size
+        kw = dict(bias=False, param_dtype=param_dtype, std=config.initializer_range)
+        self.gate_proj = Dense(rngs.params(), (D,), (F,), ("embed", "mlp"), **kw)
+        self.up_proj = Dense(rngs.params(), (D,), (F,), ("embed", "mlp"), **kw)
+        self.down_proj = Dense(rngs.params(), (F,), (D,), ("mlp", "embed"), **kw)
+        self.act, self.dtype = config.hidden_act, dtype
+
+    def __call__(self, x_BxTxD):
+        gate_BxTxF = self.gate_proj(x_BxTxD, self.dtype)
+        if self.act == "silu":
+            gate_BxTxF = jax.nn.silu(gate_BxTxF)
+        else:  # gelu_pytorch_tanh (checked at config load)
+            gate_BxTxF = jax.nn.gelu(gate_BxTxF, approximate=True)
+        h_BxTxF = constrain(gate_BxTxF * self.up_proj(x_BxTxD, self.dtype), ("batch", "length", "act_mlp"))
+        return self.down_proj(h_BxTxF, self.dtype)
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block; gemma2 adds norms on the attention and MLP outputs ("sandwich")."""
+
+    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        c = config
+
+        def norm():
+            return RMSNorm(
+                c.hidden_size, eps=c.rms_norm_eps, offset=c.norm_offset, dtype=dtype, param_dtype=param_dtype
+            )
+
+        self.input_layernorm = norm()
+        self.self_attn = Attention(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # llama naming: post_attention_layernorm is the pre-MLP norm; gemma2: it normalises attn output.
+        self.post_attention_layernorm = norm()
+        if c.sandwich_norm:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+        self.mlp = MLP(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.sandwich = c.sandwich_norm
+
+    def __call__(self, x_BxTxD, cos, sin, mask_Bx1xTxT):
+        attn_BxTxD = self.self_attn(self.input_layernorm(x_BxTxD), cos, sin, mask_Bx1xTxT)
+        if self.sandwich:
+            x_BxTxD = x_BxTxD + self.post_attention_layernorm(attn_BxTxD)
+            mlp_BxTxD = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x_BxTxD)))
+        else:
+            x_BxTxD = x_BxTxD + attn_BxTxD
+            mlp_BxTxD = self.mlp(self.post_attention_layernorm(x_BxTxD))
+        return constrain(x_BxTxD + mlp_BxTxD, ("batch", "length", "act_embed"))
+
+
+def _remat(fn, policy: str):
+    if policy == "none":
+        return fn
+    if policy == "full":
+        return jax.checkpoint(fn)
+    if policy == "dots_saveable":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {policy!r}")
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM. `model(ids)` -> float32 logits; `hidden_states` + `unembedding` for chunked log-probs.
+
+    scan_layers=True stacks the layers ([L, ...] parameters) and runs them with `jax.lax.scan`, so deep
+    models compile once per layer instead of once per depth. gemma2's alternating local/global layers
+    scan too: a per-layer boolean array picks the sliding or the full mask inside the scanned body.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+        remat: str = "none",
+        scan_layers: bool = False,
+    ):
+        c = config
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
+        self.embed_tokens = Embedding(c, param_dtype=param_dtype, rngs=rngs)
+        layer_kw = dict(dtype=dtype, param_dtype=param_dtype)
+        if scan_layers:
+
+            @nnx.split_rngs(splits=c.num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make_stack(rngs):
+                return DecoderLayer(c, rngs=rngs, **layer_kw)
+
+            self.layers = make_stack(rngs)
+        else:
+            self.layers = nnx.List([DecoderLayer(c, rngs=rngs, **layer_kw) for _ in range(c.num_layers)])
+        self.norm = RMSNorm(
+            c.hidden_size, eps=c.rms_norm_eps, offset=c.norm_offset, dtype=dtype, param_dtype=param_dtype
+        )
+        if not c.tie_word_embeddings:
+            self.lm_head = Dense(
+                rngs.params(),
+                (c.hidden_size,),
+                (c.vocab_size,),
+                ("embed", "vocab"),
+                bias=False,
+                param_dtype=param_dtype,
+                std=c.initializer_range,
+            )
+        self.config, self.dtype, self.remat, self.scan_layers = c, dtype, remat, scan_layers
+
+    def hidden_states(self, input_ids_BxT, positions_BxT=None, segment_ids_BxT=None):
+        """Final hidden states [B, T, D] in the compute dtype, final norm applied."""
+        c = self.config
+        B, T = input_ids_BxT.shape
+        if positions_BxT is None:
+            positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        x_BxTxD = self.embed_tokens.embedding[...].astype(self.dtype)[input_ids_BxT]
+        if c.scale_embeddings:
+            # HF gemma rounds sqrt(D) to the compute dtype before multiplying; so do we.
+            x_BxTxD = x_BxTxD * jnp.asarray(c.hidden_size**0.5, self.dtype)
+        x_BxTxD = constrain(x_BxTxD, ("batch", "length", "act_embed"))
+        cos, sin = rope_cos_sin(positions_BxT, c, self.dtype)
+        flags = c.sliding_layers
+        full, sliding = attention_masks(segment_ids_BxT, T, c.sliding_window if any(flags) else None)
+
+        def layer_fn(graphdef, state, x, is_sliding):
+            layer = nnx.merge(graphdef, state)
+            if sliding is None:
+                mask = full
+            elif isinstance(is_sliding, bool):
+                mask = sliding if is_sliding else full
+            else:
+                mask = jnp.where(is_sliding, sliding, full)
+            return layer(x, cos, sin, mask)
+
+        if self.scan_layers:
+            graphdef, state = nnx.split(self.layers)
+            body = _remat(lambda x, xs: (layer_fn(graphdef, xs[0], x, xs[1]), None), self.remat)
+            x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, (state, jnp.asarray(flags)))
+        else:
+            for layer, is_sliding in zip(self.layers, flags, strict=True):
+                graphdef, state = nnx.split(layer)
+                fn = _remat(lambda s, x, gd=graphdef, f=is_sliding: layer_fn(gd, s, x, f), self.remat)
+                x_BxTxD = fn(state, x_BxTxD)
+        return self.norm(x_BxTxD)
+
+    def unembedding(self):
+        """Unembedding [D, V] in the compute dtype (tied: the embedding matrix transposed)."""
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.embedding[...].T.astype(self.dtype)
+        return self.lm_head.kernel[...].astype(self.dtype)
+
+    def __call__(self, input_ids_BxT, positions_BxT=None, segment_ids_BxT=None):
+        """Logits [B, T, V] in float32 (final soft-cap applied when the config has one)."""
+        h_BxTxD = self.hidden_states(input_ids_BxT, positions_BxT, segment_ids_BxT)
+        logits_BxTxV = jnp.einsum(
+            "BTD,DV->BTV", h_BxTxD, self.unembedding(), preferred_element_type=jnp.float32
+        )
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits_BxTxV = jnp.tanh(logits_BxTxV / cap) * cap
+        return constrain(logits_BxTxV, ("batch", "length", "act_vocab"))

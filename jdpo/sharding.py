@@ -1,0 +1,145 @@
+"""Device mesh, the one table of logical-axis -> mesh-axis rules, and sharding helpers.
+
+Every parameter carries logical axis names in its `out_sharding` metadata (e.g. ("embed", "mlp")) and
+activations are constrained with logical names too; `LOGICAL_AXIS_RULES` is the only place that decides
+which mesh axis each name lands on.
+
+Divisibility: when a shape is given, a dimension whose size does not divide by the product of its mesh
+axes is replicated instead (e.g. 8 KV heads on a tensor axis of 16, or a vocab of 50257 over 8 devices).
+That costs memory, never correctness, and keeps tiny test models and odd vocabularies runnable on any mesh.
+"""
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis, tuple of mesh axes, or None (replicated).
+# Parameters: the model dimension is split over fsdp (ZeRO-3 style: gathered per layer in the forward),
+# the "wide" dimensions (vocab, heads, mlp) over tensor. Activations: rows over data x fsdp, the wide
+# dimensions over tensor; the model dimension of activations stays whole ("act_embed").
+LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
+    # parameters
+    "embed": "fsdp",
+    "vocab": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "norm": None,
+    "layers": None,
+    # activations
+    "batch": ("data", "fsdp"),
+    "length": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_kv_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
+}
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, *, devices=None) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh with explicit-free (Auto) axis types.
+
+    One of the sizes may be -1, meaning "all remaining devices" (e.g. `make_mesh(fsdp=-1)`).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = [data, fsdp, tensor]
+    if shape.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    if -1 in shape:
+        known = int(np.prod([s for s in shape if s != -1]))
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not divide by the fixed mesh axes ({known})")
+        shape[shape.index(-1)] = len(devices) // known
+    total = int(np.prod(shape))
+    if total > len(devices):
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, shape, strict=True))} needs {total} devices, have {len(devices)}"
+        )
+    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices[:total])
+
+
+def _axes(rule) -> tuple[str, ...]:
+    if rule is None:
+        return ()
+    return (rule,) if isinstance(rule, str) else tuple(rule)
+
+
+def logical_to_spec(
+    names: Sequence[str | None] | None,
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+    rules: dict | None = None,
+) -> PartitionSpec:
+    """Logical axis names -> PartitionSpec through `LOGICAL_AXIS_RULES`.
+
+    With `shape` and `mesh`, mesh axes of size 1 are dropped and a dimension that does not divide by its
+    mesh axes is replicated. A mesh axis already used by an earlier dimension is not reused (a spec may
+    name each mesh axis once).
+    """
+    rules = LOGICAL_AXIS_RULES if rules is None else rules
+    if names is None:
+        return PartitionSpec()
+    used: set[str] = set()
+    spec = []
+    for i, name in enumerate(names):
+        if name is not None and name not in rules:
+            raise KeyError(f"logical axis {name!r} has no rule in LOGICAL_AXIS_RULES")
+        axes = [a for a in _axes(rules.get(name)) if a not in used]
+        if mesh is not None:
+            axes = [a for a in axes if mesh.shape[a] > 1]
+        if shape is not None and mesh is not None and axes:
+            if shape[i] % int(np.prod([mesh.shape[a] for a in axes])):
+                axes = []  # replicate a dimension that does not divide (see module docstring)
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+    return PartitionSpec(*spec)
+
+
+def named_sharding(mesh: Mesh, names: Sequence[str | None] | None, shape: Sequence[int] | None = None):
+    """NamedSharding for an array with these logical axis names (and optionally this shape)."""
+    return NamedSharding(mesh, logical_to_spec(names, shape, mesh))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Rows over ("data", "fsdp"), every other dimension replicated: for [B, T, ...] batch arrays."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), mesh=mesh))
+
+
+def _current_mesh():
+    """The mesh set with `jax.set_mesh` (or None when there is none or it is empty)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return None
+    return mesh
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """`with_sharding_constraint` by logical names, a no-op outside a mesh context.
+
+    Used on activations inside the model so XLA keeps batch rows on data x fsdp and the wide dimensions
+    on tensor instead of guessing.
+    """
+    mesh = _current_mesh()
+    if mesh is None:
+        return x
+    spec = logical_to_spec(names, x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def param_shardings(state, mesh: Mesh):
+    """Map an (abstract) nnx.State of Variables to NamedShardings from their `out_sharding` names."""
+
+    def one(v):
+        names = v.get_metadata().get("out_sharding") if hasattr(v, "get_metadata") else None
+        value = v.get_value() if hasattr(v, "get_value") else v
+        return named_sharding(mesh, names, value.shape)
+
+    from flax import nnx
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
