@@ -518,29 +518,31 @@ class MetricsLogger:
 # FLOPs and MFU
 
 
-def _get(cfg: Any, name: str, default: Any = None) -> Any:
-    if isinstance(cfg, Mapping):
-        return cfg.get(name, default)
-    return getattr(cfg, name, default)
+def _dims(cfg: Any) -> tuple[int, int, int, int, int, int, int]:
+    """(L, D, F, N, K, H, V) from a ``jdpo.models.ModelConfig`` (``num_layers``, ``num_heads``,
+    ``num_kv_heads``) or a Hugging Face config dict / object (``num_hidden_layers``, ...)."""
+
+    def get(*names: str) -> Any:
+        for name in names:
+            value = cfg.get(name) if isinstance(cfg, Mapping) else getattr(cfg, name, None)
+            if value is not None:
+                return value
+        return None
+
+    L = get("num_layers", "num_hidden_layers")
+    D = get("hidden_size")
+    N = get("num_heads", "num_attention_heads")
+    K = get("num_kv_heads", "num_key_value_heads") or N
+    H = get("head_dim") or D // N
+    return L, D, get("intermediate_size"), N, K, H, get("vocab_size")
 
 
 def matmul_params(cfg: Any) -> int:
     """Parameters that take part in a matmul for every token: per layer the q/k/v/o projections and
     the gated MLP (3 matrices), plus the unembedding. The input embedding is a lookup (no FLOPs)
-    and norms and biases are element-wise, so neither is counted.
-
-    ``cfg`` is a ``ModelConfig`` or an HF-style dict with ``num_hidden_layers``, ``hidden_size``,
-    ``intermediate_size``, ``num_attention_heads``, ``num_key_value_heads``, ``head_dim`` (optional,
-    default D / N) and ``vocab_size``. For Llama-3-8B this is 7,504,658,432 of its 8,030,261,248
-    parameters.
-    """
-    L = _get(cfg, "num_hidden_layers")
-    D = _get(cfg, "hidden_size")
-    F = _get(cfg, "intermediate_size")
-    N = _get(cfg, "num_attention_heads")
-    K = _get(cfg, "num_key_value_heads") or N
-    H = _get(cfg, "head_dim") or D // N
-    V = _get(cfg, "vocab_size")
+    and norms and biases are element-wise, so neither is counted. For Llama-3-8B this is
+    7,504,658,432 of its 8,030,261,248 parameters. ``cfg``: see :func:`_dims`."""
+    L, D, F, N, K, H, V = _dims(cfg)
     per_layer = D * N * H + 2 * D * K * H + N * H * D + 3 * D * F
     return L * per_layer + D * V
 
@@ -548,9 +550,7 @@ def matmul_params(cfg: Any) -> int:
 def _attention_flops_per_key(cfg: Any) -> float:
     """Forward FLOPs per causal (query, key) pair: ``Q K^T`` and ``P V`` each cost ``2 * N * H``
     per pair per layer."""
-    L = _get(cfg, "num_hidden_layers")
-    N = _get(cfg, "num_attention_heads")
-    H = _get(cfg, "head_dim") or _get(cfg, "hidden_size") // N
+    L, _, _, N, _, H, _ = _dims(cfg)
     return 4.0 * L * N * H
 
 

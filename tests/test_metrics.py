@@ -271,3 +271,21 @@ def test_plot_writes_pngs(tmp_path):
     assert names == {"loss.png", "accuracy.png", "margins.png", "rewards.png", "summary.png"}
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+def test_matmul_params_from_model_config():
+    """The model's own ModelConfig field names work too, and agree with its parameter count."""
+    transformer = pytest.importorskip("jdpo.models.transformer")
+    c = transformer.ModelConfig(
+        family="llama",
+        vocab_size=32,
+        hidden_size=8,
+        intermediate_size=16,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=4,
+    )
+    assert M.matmul_params(c) == M.matmul_params(TINY) == 1408
+    # All parameters = matmul ones + input embedding (V*D) + 2 norms per layer + the final norm.
+    assert c.num_params() == 1408 + 32 * 8 + 2 * 2 * 8 + 8

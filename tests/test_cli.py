@@ -1,0 +1,157 @@
+"""The `jdpo` command: help generated from the config, errors, dispatch, presets, fast import."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jdpo import cli
+from jdpo import config as C
+from jdpo import metrics as M
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+PRESETS = sorted(EXPERIMENTS.glob("*.yaml"))
+
+
+def _run(capsys, *argv):
+    """main(argv) -> (exit code, stdout, stderr); argparse's SystemExit becomes the code."""
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_train_help_lists_every_field_with_default_and_help(capsys):
+    code, out, _ = _run(capsys, "train", "--help")
+    assert code == 0
+    flat = " ".join(out.split())  # argparse wraps long help lines
+    for name, _type, default, help_text in C.field_help():
+        assert f"--{name}" in out, name
+        assert " ".join(help_text.split()[:4]) in flat, name
+        assert f"(default: {cli._format_default(default)})" in flat, name
+    for section, scls in C.sections().items():
+        assert f"\n{section}:\n" in out and " ".join(scls.__doc__.split()) in flat
+
+
+def test_top_level_help_lists_commands(capsys):
+    code, out, _ = _run(capsys, "--help")
+    assert code == 0
+    for command in ("train", "demo", "plot"):
+        assert command in out
+
+
+def test_unknown_subcommand(capsys):
+    code, _, err = _run(capsys, "frobnicate")
+    assert code == 2 and "invalid choice: 'frobnicate'" in err
+
+
+def test_unknown_field_names_the_closest(capsys):
+    code, _, err = _run(capsys, "train", "--dpo.betaa", "0.2")
+    assert code == 2 and "unknown field 'dpo.betaa'; did you mean 'dpo.beta'?" in err
+    code, _, err = _run(capsys, "train", "--nosection.x", "1")
+    assert code == 2 and "unknown field 'nosection'" in err
+
+
+def test_bad_value_and_bad_option(capsys):
+    code, _, err = _run(capsys, "train", "--dpo.beta", "high")
+    assert code == 2 and "dpo.beta: expected a number, got 'high'" in err
+    code, _, err = _run(capsys, "train", "oops")
+    assert code == 2 and "expected --section.field VALUE" in err
+    code, _, err = _run(capsys, "plot", "somewhere", "--dpo.beta", "1")
+    assert code == 2 and "unrecognized arguments" in err
+
+
+def test_print_config_layers_preset_and_overrides(capsys, tmp_path):
+    import yaml
+
+    preset = EXPERIMENTS / "gpu_single.yaml"
+    code, out, _ = _run(
+        capsys, "train", "--print-config", "--config", str(preset), "--dpo.beta=0.3", "--data.train", "a,b"
+    )
+    assert code == 0
+    resolved = yaml.safe_load(out)
+    assert resolved["dpo"]["beta"] == 0.3 and resolved["data"]["train"] == ["a", "b"]
+    assert resolved["model"]["dtype"] == "bfloat16"  # from the preset
+    (tmp_path / "c.yaml").write_text(out)
+    assert C.load_config(tmp_path / "c.yaml") == C.load_config(
+        preset, ["--dpo.beta", "0.3", "--data.train", "a,b"]
+    )
+
+
+def test_train_dispatches_the_resolved_config(capsys, monkeypatch, tmp_path):
+    import types
+
+    seen = []
+    fake = types.ModuleType("jdpo.train")
+    fake.run = seen.append
+    monkeypatch.setitem(sys.modules, "jdpo.train", fake)
+    monkeypatch.setattr("jdpo.train", fake, raising=False)
+    code, _, _ = _run(capsys, "train", "--train.max_steps", "3", "--train.output_dir", str(tmp_path))
+    assert code == 0 and len(seen) == 1
+    assert seen[0].train.max_steps == 3 and seen[0].train.output_dir == str(tmp_path)
+
+
+def test_demo_dispatches_and_plots(capsys, monkeypatch, tmp_path):
+    import types
+
+    pytest.importorskip("matplotlib")
+    calls = []
+
+    def run_demo(**kwargs):
+        calls.append(kwargs)
+        with M.MetricsLogger(kwargs["output_dir"], console=False, tensorboard=False, is_main=True) as lg:
+            for s in range(1, 4):
+                lg.log(s, {M.LOSS: 0.7 - 0.1 * s})
+
+    fake = types.ModuleType("jdpo.demo")
+    fake.run_demo = run_demo
+    monkeypatch.setitem(sys.modules, "jdpo.demo", fake)
+    monkeypatch.setattr("jdpo.demo", fake, raising=False)
+    code, out, _ = _run(capsys, "demo", "--output-dir", str(tmp_path), "--steps", "3")
+    assert code == 0 and calls == [{"output_dir": str(tmp_path), "steps": 3}]
+    assert (tmp_path / "plots" / "loss.png").exists() and "loss.png" in out
+
+
+def test_plot_command(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    code, _, err = _run(capsys, "plot", str(tmp_path))
+    assert code == 2 and "metrics.jsonl does not exist" in err
+    with M.MetricsLogger(tmp_path, console=False, tensorboard=False, is_main=True) as lg:
+        lg.log(1, {M.LOSS: 0.69, M.REWARDS_ACCURACIES: 0.5})
+        lg.log(2, {M.LOSS: 0.60, M.REWARDS_ACCURACIES: 0.75})
+    code, out, _ = _run(capsys, "plot", str(tmp_path), "--out", str(tmp_path / "png"))
+    assert code == 0
+    written = {Path(line).name for line in out.split()}
+    assert written == {"loss.png", "accuracy.png", "summary.png"}
+    assert all((tmp_path / "png" / name).stat().st_size > 0 for name in written)
+
+
+def test_presets_exist():
+    assert {p.stem for p in PRESETS} >= {"demo", "cpu_small", "gpu_single", "tpu_pod"}
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_preset_parses(preset):
+    import yaml
+
+    cfg = C.load_config(preset)  # unknown fields or bad values raise ConfigError
+    assert isinstance(cfg, C.Config)
+    # Every field the file sets is a real field and the value survives parsing as written.
+    raw = yaml.safe_load(preset.read_text())
+    for section, values in raw.items():
+        for name, value in values.items():
+            parsed = getattr(getattr(cfg, section), name)
+            assert parsed == (tuple(value) if isinstance(value, list) else value), f"{section}.{name}"
+
+
+def test_cli_import_is_light():
+    """`jdpo --help` must not pay for JAX / the trainer / matplotlib."""
+    code = (
+        "import sys, jdpo.cli; "
+        "print([m for m in ('jax', 'flax', 'matplotlib', 'jdpo.train') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
