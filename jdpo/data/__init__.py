@@ -1,0 +1,55 @@
+"""Preference data: loading (formats, sources, mixtures), tokenisation, fixed-shape batches.
+
+records = load_preferences("data/hh.jsonl:0.5,data/shp.parquet:5000", seed=0)
+train, held = split_eval(records, 0.02, seed=0)
+pairs, report = tokenize_preferences(train, tokenizer, max_length=1024, max_prompt_length=512)
+batches = PreferenceBatches(pairs, rows_per_batch=64, row_length=2048, seed=0)
+batch = next(batches)        # this host's rows of the global batch; see batching.py for the layout
+position = batches.state()   # {"epoch", "batch", ...}; batches.restore(position) resumes exactly
+"""
+
+from jdpo.data.batching import (
+    BATCH_KEYS,
+    PreferenceBatches,
+    compare_padding,
+    make_batch,
+    one_pass,
+    pack_rows,
+    unpack_batch,
+)
+from jdpo.data.formats import (
+    FORMATS,
+    LoadReport,
+    PreferenceRecords,
+    detect_format,
+    extract_prompt,
+    load_preferences,
+    read_source,
+    split_eval,
+)
+from jdpo.data.sources import DataError, parse_source_spec, read_rows
+from jdpo.data.tokenize import TokenizedPairs, TokenizeReport, tokenize_preferences
+
+__all__ = [
+    "BATCH_KEYS",
+    "FORMATS",
+    "DataError",
+    "LoadReport",
+    "PreferenceBatches",
+    "PreferenceRecords",
+    "TokenizeReport",
+    "TokenizedPairs",
+    "compare_padding",
+    "detect_format",
+    "extract_prompt",
+    "load_preferences",
+    "make_batch",
+    "one_pass",
+    "pack_rows",
+    "parse_source_spec",
+    "read_rows",
+    "read_source",
+    "split_eval",
+    "tokenize_preferences",
+    "unpack_batch",
+]

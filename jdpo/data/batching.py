@@ -1,0 +1,403 @@
+"""Fixed-shape batches of whole preference pairs: packing, length buckets, a resumable per-host iterator.
+
+Batch layout (a dict of numpy arrays; B = this host's rows, T = row length, P = pair slots per row):
+
+  input_ids   [B, T] int32    tokens; 0 in padding
+  positions   [B, T] int32    position within the segment (restarts at 0 in every segment)
+  segment_ids [B, T] int32    0 = padding; pair slot k of a row: chosen (prompt + chosen) in segment
+                              2k+1, rejected (prompt + rejected) in segment 2k+2
+  targets     [B, T] int32    targets[t] = input_ids[t+1] when t+1 is in the same segment, else 0
+  loss_mask   [B, T] float32  1 where targets[t] is a completion token (chosen / rejected incl. EOS)
+  pair_ids    [B, P] int32    pair index in the TokenizedPairs of slot k, -1 for an empty slot
+
+A row holds whole pairs only, so per-pair reductions are row-local. With S = 2P segments and
+`logps_BxS` the per-segment sums, chosen_BxP = logps_BxS[:, 0::2], rejected_BxP = logps_BxS[:, 1::2],
+and `pair_ids >= 0` is the valid-pair mask (rows can be empty: pair_ids all -1).
+
+Global batch size is counted in ROWS (`rows_per_batch`): the step has a fixed shape, and the number of
+pairs in a step varies with packing. Normalise per-pair losses by the global count of valid pairs,
+i.e. sum((pair_ids >= 0)) over the global batch (under jit on the globally sharded array this is one
+reduction), not by a constant.
+
+Packing (default): pairs are shuffled by (seed, epoch), then packed best-fit-decreasing within windows
+of `pack_window` pairs into rows of T tokens with at most P pairs; the rows are shuffled and cut into
+global batches. Without packing each row holds one pair (P = 1) and T is the smallest of `buckets`
+that fits it; batches are formed per bucket (leftovers move up to the next bucket), so shapes come
+from a short fixed list. Every epoch covers every pair exactly once; the last batch of an epoch is
+filled up with empty rows. Pairs longer than T (packing) or the largest bucket are left out and
+counted in `dropped_too_long`.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from jdpo.data.tokenize import TokenizedPairs
+
+BATCH_KEYS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask", "pair_ids")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Packing
+
+
+def pack_rows(
+    lengths_N: np.ndarray, order: Sequence[int], row_length: int, max_pairs_per_row: int, window: int
+) -> list[list[int]]:
+    """Best-fit-decreasing bin packing of pairs into rows, window by window.
+
+    Args:
+      lengths_N: tokens per pair (2*prompt + chosen + rejected), all <= row_length.
+      order: the pair ids to pack, in (shuffled) order; cut into windows of `window` pairs.
+    Returns rows as lists of pair ids. Within a window the pairs are placed longest first into the row
+    whose free space fits most tightly (a sorted list + bisect: O(n log n) per window in practice).
+    Windows keep packing varied across epochs and memory bounded; rows do not span windows.
+    """
+    rows: list[list[int]] = []
+    order = np.asarray(order, dtype=np.int64)
+    for start in range(0, len(order), window):
+        ids = order[start : start + window]
+        # Stable sort on -length: ties keep the shuffled order, so packing follows the seed.
+        ids = ids[np.argsort(-lengths_N[ids], kind="stable")]
+        free: list[tuple[int, int]] = []  # (free tokens, row index) of rows that can take more pairs
+        for pid in ids.tolist():
+            n = int(lengths_N[pid])
+            j = bisect.bisect_left(free, (n, -1))
+            if j < len(free):
+                space, r = free.pop(j)
+            else:
+                rows.append([])
+                space, r = row_length, len(rows) - 1
+            rows[r].append(pid)
+            if len(rows[r]) < max_pairs_per_row and space - n > 0:
+                bisect.insort(free, (space - n, r))
+    return rows
+
+
+def make_batch(
+    pairs: TokenizedPairs, rows: Sequence[Sequence[int]], row_length: int, max_pairs_per_row: int
+) -> dict[str, np.ndarray]:
+    """Lay out `rows` (lists of pair ids, [] for an empty row) as one fixed-shape batch (layout above)."""
+    B, T, P = len(rows), row_length, max_pairs_per_row
+    input_ids = np.zeros((B, T), np.int32)
+    positions = np.zeros((B, T), np.int32)
+    segment_ids = np.zeros((B, T), np.int32)
+    targets = np.zeros((B, T), np.int32)
+    loss_mask = np.zeros((B, T), np.float32)
+    pair_ids = np.full((B, P), -1, np.int32)
+    for b, row in enumerate(rows):
+        if len(row) > P:
+            raise ValueError(f"row {b} holds {len(row)} pairs, more than max_pairs_per_row={P}")
+        t = 0
+        for k, pid in enumerate(row):
+            pair_ids[b, k] = pid
+            prompt = pairs.prompt_ids[pid]
+            for s, completion in ((2 * k + 1, pairs.chosen_ids[pid]), (2 * k + 2, pairs.rejected_ids[pid])):
+                n = len(prompt) + len(completion)
+                if t + n > T:
+                    raise ValueError(f"pairs {list(row)} do not fit in a row of {T} tokens")
+                input_ids[b, t : t + len(prompt)] = prompt
+                input_ids[b, t + len(prompt) : t + n] = completion
+                positions[b, t : t + n] = np.arange(n, dtype=np.int32)
+                segment_ids[b, t : t + n] = s
+                # Shifted within the segment: the last token of a segment predicts nothing.
+                targets[b, t : t + n - 1] = input_ids[b, t + 1 : t + n]
+                # Output at t scores token t+1: completion tokens sit at [len(prompt), n).
+                loss_mask[b, t + max(len(prompt) - 1, 0) : t + n - 1] = 1.0
+                t += n
+    return {
+        "input_ids": input_ids,
+        "positions": positions,
+        "segment_ids": segment_ids,
+        "targets": targets,
+        "loss_mask": loss_mask,
+        "pair_ids": pair_ids,
+    }
+
+
+def unpack_batch(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """The inverse of `make_batch`, for tests and debugging: one dict per filled slot with pair_id,
+    chosen / rejected (the full segment tokens) and chosen_scored / rejected_scored (the targets under
+    loss_mask, i.e. the completion tokens as scored)."""
+    out = []
+    for b in range(batch["input_ids"].shape[0]):
+        for k, pid in enumerate(batch["pair_ids"][b].tolist()):
+            if pid < 0:
+                continue
+            item: dict[str, Any] = {"pair_id": pid, "row": b, "slot": k}
+            for name, s in (("chosen", 2 * k + 1), ("rejected", 2 * k + 2)):
+                sel = batch["segment_ids"][b] == s
+                item[name] = batch["input_ids"][b][sel]
+                item[f"{name}_scored"] = batch["targets"][b][sel & (batch["loss_mask"][b] > 0)]
+            out.append(item)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Padding statistics (packing vs padding to the longest sequence in the batch)
+
+
+def padding_fraction_packed(
+    pair_lengths_N: np.ndarray, row_length: int, max_pairs_per_row: int, window: int, seed: int = 0
+) -> float:
+    """Share of the [rows, T] slots that are padding when the pairs are packed as the iterator does."""
+    lengths = np.asarray(pair_lengths_N, np.int64)
+    fits = np.flatnonzero(lengths <= row_length)
+    order = fits[np.random.default_rng([seed, 0]).permutation(len(fits))]
+    rows = pack_rows(lengths, order, row_length, max_pairs_per_row, window)
+    return 1.0 - lengths[fits].sum() / (len(rows) * row_length)
+
+
+def padding_fraction_pad_to_longest(
+    chosen_seq_N: np.ndarray, rejected_seq_N: np.ndarray, pairs_per_batch: int, seed: int = 0
+) -> float:
+    """Share of padding when each batch of pairs is a [2 * pairs, longest sequence] tensor (what TRL's
+    DPO collator does: chosen and rejected sequences padded to the longest in the batch)."""
+    c, r = np.asarray(chosen_seq_N), np.asarray(rejected_seq_N)
+    order = np.random.default_rng([seed, 0]).permutation(len(c))
+    real = total = 0
+    for i in range(0, len(order), pairs_per_batch):
+        ids = order[i : i + pairs_per_batch]
+        longest = max(c[ids].max(), r[ids].max())
+        real += c[ids].sum() + r[ids].sum()
+        total += 2 * len(ids) * longest
+    return 1.0 - real / total
+
+
+def synthetic_hh_lengths(
+    n: int, seed: int = 0, max_length: int = 512, max_prompt_length: int = 256
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(prompt_N, chosen_N, rejected_N) token counts shaped like Anthropic hh-rlhf under a Llama-style
+    tokenizer: lognormal, prompts median ~110 tokens with a long multi-turn tail, completions median
+    ~50; truncated as the tokeniser would (prompt from the left, completions to max_length)."""
+    rng = np.random.default_rng(seed)
+    p = np.minimum(np.ceil(rng.lognormal(np.log(110), 0.9, n)), max_prompt_length).astype(np.int64)
+    c = np.ceil(rng.lognormal(np.log(50), 0.9, n)).astype(np.int64)
+    r = np.ceil(rng.lognormal(np.log(50), 0.9, n)).astype(np.int64)
+    room = max_length - p
+    return p, np.minimum(c, room), np.minimum(r, room)
+
+
+def compare_padding(
+    prompt_N: np.ndarray,
+    chosen_N: np.ndarray,
+    rejected_N: np.ndarray,
+    *,
+    row_length: int = 2048,
+    max_pairs_per_row: int = 16,
+    pack_window: int = 4096,
+    pairs_per_batch: int = 32,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Padding fraction of our packing vs pad-to-longest (batches of `pairs_per_batch` pairs)."""
+    p, c, r = (np.asarray(x, np.int64) for x in (prompt_N, chosen_N, rejected_N))
+    return {
+        "packed": padding_fraction_packed(2 * p + c + r, row_length, max_pairs_per_row, pack_window, seed),
+        "pad_to_longest": padding_fraction_pad_to_longest(p + c, p + r, pairs_per_batch, seed),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# The iterator
+
+
+def _default_process() -> tuple[int, int]:
+    import jax
+
+    return jax.process_index(), jax.process_count()
+
+
+class PreferenceBatches:
+    """Endless (or `num_epochs`) iterator over fixed-shape batches; this host's rows only.
+
+    Args:
+      pairs: the tokenised dataset; pair_ids index into it.
+      rows_per_batch: GLOBAL rows per step; each of `process_count` hosts gets rows_per_batch /
+        process_count consecutive rows (host i: rows [i*L, (i+1)*L)).
+      row_length: T for packing; also the largest bucket when `buckets` is not given.
+      max_pairs_per_row: P, pair slots per packed row (S = 2P segments).
+      packing: pack several pairs per row; False: one pair per row in length buckets (P = 1).
+      buckets: row lengths for packing=False (default: row_length / 8, / 4, / 2, row_length).
+      seed, shuffle: epoch e's order is a permutation drawn from (seed, e); shuffle=False keeps the
+        dataset order (used by `one_pass`).
+      num_epochs: stop after this many epochs (None: forever).
+      pack_window: pairs per packing window.
+    Position: `state()` -> {"epoch", "batch", "seed", "num_pairs"}; `restore(state)` continues exactly
+    there (the epoch's plan is recomputed deterministically).
+    """
+
+    def __init__(
+        self,
+        pairs: TokenizedPairs,
+        *,
+        rows_per_batch: int,
+        row_length: int,
+        max_pairs_per_row: int = 16,
+        packing: bool = True,
+        buckets: Sequence[int] | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_epochs: int | None = None,
+        pack_window: int = 4096,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
+        if process_index is None or process_count is None:
+            pi, pc = _default_process()
+            process_index = pi if process_index is None else process_index
+            process_count = pc if process_count is None else process_count
+        if rows_per_batch % process_count:
+            raise ValueError(f"rows_per_batch={rows_per_batch} is not divisible by {process_count} hosts")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index={process_index} outside [0, {process_count})")
+        self.pairs = pairs
+        self.rows_per_batch = rows_per_batch
+        self.local_rows = rows_per_batch // process_count
+        self.process_index, self.process_count = process_index, process_count
+        self.packing = packing
+        self.max_pairs_per_row = max_pairs_per_row if packing else 1
+        if packing:
+            self.buckets = (int(row_length),)
+        else:
+            default = [max(row_length // d, 1) for d in (8, 4, 2, 1)]
+            self.buckets = tuple(sorted({int(b) for b in (buckets or default)}))
+        self.row_length = self.buckets[-1]
+        self.seed, self.shuffle, self.num_epochs = seed, shuffle, num_epochs
+        self.pack_window = pack_window
+        self.lengths_N = pairs.pair_lengths()
+        fits = self.lengths_N <= self.row_length
+        self.dropped_too_long = int((~fits).sum())
+        self._fit_ids = np.flatnonzero(fits)
+        self.epoch, self.batch = 0, 0
+        self._plan_epoch: int | None = None
+        self._plan: list[tuple[int, list[list[int]]]] = []
+
+    # -- planning ------------------------------------------------------------------------------------
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return self._fit_ids
+        return self._fit_ids[np.random.default_rng([self.seed, epoch]).permutation(len(self._fit_ids))]
+
+    def _cut(self, T: int, rows: list[list[int]]) -> list[tuple[int, list[list[int]]]]:
+        R = self.rows_per_batch
+        rows = rows + [[] for _ in range(-len(rows) % R)]
+        return [(T, rows[i : i + R]) for i in range(0, len(rows), R)]
+
+    def plan(self, epoch: int) -> list[tuple[int, list[list[int]]]]:
+        """The epoch's global batches as (row length, rows of pair ids); deterministic in (seed, epoch)."""
+        if self._plan_epoch == epoch:
+            return self._plan
+        order = self._order(epoch)
+        if self.packing:
+            rows = pack_rows(self.lengths_N, order, self.row_length, self.max_pairs_per_row, self.pack_window)
+            if self.shuffle:
+                # FFD emits rows longest-first; shuffle so a batch is not all long (or all short) pairs.
+                perm = np.random.default_rng([self.seed, epoch, 1]).permutation(len(rows))
+                rows = [rows[i] for i in perm]
+            plan = self._cut(self.row_length, rows)
+        else:
+            plan = []
+            pending: list[list[list[int]]] = [[] for _ in self.buckets]
+            which = np.searchsorted(np.asarray(self.buckets), self.lengths_N[order], side="left")
+            for pid, k in zip(order.tolist(), which.tolist(), strict=True):
+                pending[k].append([pid])
+                if len(pending[k]) == self.rows_per_batch:
+                    plan.append((self.buckets[k], pending[k]))
+                    pending[k] = []
+            # Leftovers fit every larger bucket: carry them up so at most one batch is part-empty.
+            for k in range(len(self.buckets) - 1):
+                carry = pending[k] + pending[k + 1]
+                full = len(carry) - len(carry) % self.rows_per_batch
+                plan.extend(self._cut(self.buckets[k + 1], carry[:full]))
+                pending[k + 1] = carry[full:]
+            if pending[-1]:
+                plan.extend(self._cut(self.buckets[-1], pending[-1]))
+        self._plan_epoch, self._plan = epoch, plan
+        return plan
+
+    def num_batches(self, epoch: int | None = None) -> int:
+        """Global batches in an epoch (packing can vary it slightly from epoch to epoch)."""
+        return len(self.plan(self.epoch if epoch is None else epoch))
+
+    # -- iteration -----------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if not len(self._fit_ids):
+            raise StopIteration
+        while True:
+            if self.num_epochs is not None and self.epoch >= self.num_epochs:
+                raise StopIteration
+            plan = self.plan(self.epoch)
+            if self.batch < len(plan):
+                break
+            self.epoch, self.batch = self.epoch + 1, 0
+        T, rows = plan[self.batch]
+        self.batch += 1
+        lo = self.process_index * self.local_rows
+        return make_batch(self.pairs, rows[lo : lo + self.local_rows], T, self.max_pairs_per_row)
+
+    def state(self) -> dict[str, int]:
+        """The position: the next batch to produce. JSON-serialisable."""
+        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "num_pairs": len(self.pairs)}
+
+    def restore(self, state: dict[str, int]) -> None:
+        """Continue from `state()`; refuses a state taken with another seed or dataset size."""
+        if int(state.get("seed", self.seed)) != self.seed or int(
+            state.get("num_pairs", len(self.pairs))
+        ) != len(self.pairs):
+            raise ValueError(
+                f"iterator state {state} was saved for another dataset or seed "
+                f"(now seed={self.seed}, num_pairs={len(self.pairs)})"
+            )
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+
+def one_pass(
+    pairs: TokenizedPairs,
+    *,
+    rows_per_batch: int,
+    row_length: int,
+    max_pairs_per_row: int = 16,
+    packing: bool = True,
+    buckets: Sequence[int] | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> PreferenceBatches:
+    """A finite pass over every pair exactly once in dataset order (reference log-probs, eval).
+
+    Same layout as training batches; the last batch is filled with empty rows (pair_ids -1). Pairs
+    longer than the row are left out (see `.dropped_too_long`; size the row as >= 2 * max_length).
+    """
+    return PreferenceBatches(
+        pairs,
+        rows_per_batch=rows_per_batch,
+        row_length=row_length,
+        max_pairs_per_row=max_pairs_per_row,
+        packing=packing,
+        buckets=buckets,
+        shuffle=False,
+        num_epochs=1,
+        process_index=process_index,
+        process_count=process_count,
+    )
+
+
+def padding_report(n: int = 20000, seed: int = 0) -> None:
+    """Print packing vs pad-to-longest padding on hh-rlhf-like lengths:
+    python -c "from jdpo.data.batching import padding_report; padding_report()"."""
+    p, c, r = synthetic_hh_lengths(n, seed=seed)
+    for T in (1024, 2048, 4096):
+        for P in (8, 16, 32):
+            s = compare_padding(p, c, r, row_length=T, max_pairs_per_row=P, pairs_per_batch=32, seed=seed)
+            print(
+                f"T={T} P={P}: packed padding {s['packed']:.1%}; "
+                f"pad-to-longest (32 pairs/batch) {s['pad_to_longest']:.1%}"
+            )

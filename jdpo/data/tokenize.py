@@ -1,0 +1,303 @@
+"""Tokenisation of preference records with exact prompt / completion boundaries.
+
+Per pair we produce `prompt_ids`, `chosen_ids`, `rejected_ids` (int32). The model sees
+`prompt_ids + chosen_ids` and `prompt_ids + rejected_ids`. The prompt is tokenised once and each
+completion separately, so no token ever spans the boundary (a BPE merge across it would let the prompt
+"leak" a completion token or shift the scored span).
+
+Rules (tested in tests/test_data_tokenize.py):
+- BOS: exactly one at the start of the prompt when the tokenizer adds one (its `add_special_tokens=True`
+  output starts with bos) or when a chat template writes it into the text; never two.
+- Text records: completion = tokens of the completion text + the tokenizer's EOS.
+- Message records: rendered with the tokenizer's chat template; prompt = template(prompt turns,
+  add_generation_prompt=True); completion = the text the template adds for the assistant turn(s), so it
+  ends with the template's own end-of-turn token(s) (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, ...),
+  which is what generation stops on. Whitespace the template writes after that last special token is
+  dropped (never generated). If the rendered completion holds no special token, the tokenizer's EOS is
+  appended. Without a chat template messages are rendered as "\\n\\nHuman: ...\\n\\nAssistant: ..." text.
+- Truncation: the prompt is cut from the left to `max_prompt_length` (its end is kept; a leading BOS is
+  kept too), completions from the right to `max_length - len(prompt)`. A pair with no room left for a
+  completion, an empty completion, or chosen == rejected (before or after truncation) is dropped and
+  counted in the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+PERCENTILES = (50, 90, 95, 99, 100)
+
+
+@dataclass
+class TokenizedPairs:
+    """Tokenised pairs; pair k (its `pair_id`) is `pairs[k]`. `source_index[k]` is its record index."""
+
+    prompt_ids: list[np.ndarray]
+    chosen_ids: list[np.ndarray]
+    rejected_ids: list[np.ndarray]
+    source_index: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def __getitem__(self, k: int) -> dict[str, np.ndarray]:
+        return {
+            "prompt_ids": self.prompt_ids[k],
+            "chosen_ids": self.chosen_ids[k],
+            "rejected_ids": self.rejected_ids[k],
+        }
+
+    def lengths(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(prompt_N, chosen_N, rejected_N) token counts."""
+        f = lambda xs: np.fromiter((len(x) for x in xs), dtype=np.int64, count=len(xs))  # noqa: E731
+        return f(self.prompt_ids), f(self.chosen_ids), f(self.rejected_ids)
+
+    def pair_lengths(self) -> np.ndarray:
+        """Tokens a pair occupies in a packed row: (prompt + chosen) + (prompt + rejected)."""
+        p, c, r = self.lengths()
+        return 2 * p + c + r
+
+    def fingerprint(self) -> str:
+        """A content hash of all token ids (for cache keys: same pairs in the same order -> same hash)."""
+        h = hashlib.sha256()
+        p, c, r = self.lengths()
+        h.update(np.stack([p, c, r]).astype(np.int64).tobytes())
+        for xs in (self.prompt_ids, self.chosen_ids, self.rejected_ids):
+            if len(xs):
+                h.update(np.concatenate(xs).astype(np.int32).tobytes())
+        return h.hexdigest()
+
+
+@dataclass
+class TokenizeReport:
+    """Counts and length statistics of one tokenisation; `str(report)` is a printable summary."""
+
+    pairs_read: int = 0
+    pairs_kept: int = 0
+    dropped: Counter = field(default_factory=Counter)  # reason -> pairs
+    prompts_truncated: int = 0
+    completions_truncated: int = 0  # pairs with chosen or rejected cut
+    template_fallbacks: int = 0  # chat template output not prefix-stable; completion rendered alone
+    prompt_tokens: int = 0
+    chosen_tokens: int = 0
+    rejected_tokens: int = 0
+    pair_length_percentiles: dict[int, float] = field(default_factory=dict)  # 2*prompt + chosen + rejected
+    sequence_length_percentiles: dict[int, float] = field(default_factory=dict)  # prompt + completion
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the model reads per epoch: the prompt twice (once per completion) plus completions."""
+        return 2 * self.prompt_tokens + self.chosen_tokens + self.rejected_tokens
+
+    def __str__(self) -> str:
+        pct = lambda d: ", ".join(f"p{k}={v:.0f}" for k, v in d.items())  # noqa: E731
+        lines = [
+            f"tokenised {self.pairs_kept} of {self.pairs_read} pairs",
+            f"  tokens: {self.tokens} (prompt {self.prompt_tokens}, chosen {self.chosen_tokens}, "
+            f"rejected {self.rejected_tokens})",
+            f"  truncated: {self.prompts_truncated} prompts, {self.completions_truncated} completion pairs",
+            f"  pair length (2*prompt+chosen+rejected): {pct(self.pair_length_percentiles)}",
+            f"  sequence length (prompt+completion): {pct(self.sequence_length_percentiles)}",
+        ]
+        if self.template_fallbacks:
+            lines.append(f"  chat template not prefix-stable for {self.template_fallbacks} completions")
+        for reason, n in sorted(self.dropped.items()):
+            lines.append(f"  dropped {n}: {reason}")
+        return "\n".join(lines)
+
+
+def _is_messages(x: Any) -> bool:
+    return isinstance(x, list)
+
+
+def _empty(x: Any) -> bool:
+    if isinstance(x, str):
+        return not x.strip()
+    return not x or all(not (m.get("content") or "").strip() for m in x)
+
+
+def render_plain(messages: list[dict]) -> str:
+    """Messages as hh-rlhf style text, for tokenizers without a chat template (base models)."""
+    out = []
+    for m in messages:
+        if m["role"] == "system":
+            out.append(m["content"])
+        else:
+            out.append(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}")
+    return "".join(out)
+
+
+_HEAD = "\n\nAssistant:"
+
+
+def _plain_completion(messages: list[dict]) -> str:
+    text = render_plain(messages)
+    return text[len(_HEAD) :] if text.startswith(_HEAD) else text
+
+
+class _Renderer:
+    """Turns a record into (prompt_text, chosen_text, rejected_text, is_chat)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tok = tokenizer
+        self.has_template = bool(getattr(tokenizer, "chat_template", None))
+        self.special = sorted(
+            {t for t in getattr(tokenizer, "all_special_tokens", []) if t}, key=len, reverse=True
+        )
+        self.fallbacks = 0
+
+    def _template(self, messages: list[dict], generation_prompt: bool) -> str:
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def _completion(self, prompt: list[dict], prompt_text: str, completion: list[dict]) -> str:
+        full = self._template(prompt + completion, False)
+        if full.startswith(prompt_text):
+            text = full[len(prompt_text) :]
+        else:
+            # Templates that rewrite earlier turns (e.g. drop reasoning) are not prefix-stable; fall back
+            # to the completion content, which still gets an EOS.
+            self.fallbacks += 1
+            text = "".join(m["content"] for m in completion)
+        stripped = text.rstrip()
+        if stripped != text and any(stripped.endswith(s) for s in self.special):
+            text = stripped  # whitespace after the end-of-turn token is never generated
+        return text
+
+    def __call__(self, rec: dict) -> tuple[str, str, str, bool]:
+        prompt, chosen, rejected = rec["prompt"], rec["chosen"], rec["rejected"]
+        chat = _is_messages(chosen) or _is_messages(prompt)
+        if not chat:
+            return prompt, chosen, rejected, False
+        as_msgs = lambda x, role: x if isinstance(x, list) else [{"role": role, "content": x}]  # noqa: E731
+        prompt, chosen, rejected = (
+            as_msgs(prompt, "user"),
+            as_msgs(chosen, "assistant"),
+            as_msgs(rejected, "assistant"),
+        )
+        if not self.has_template:
+            # The prompt ends with the assistant header; the completion starts with its space.
+            return render_plain(prompt) + _HEAD, _plain_completion(chosen), _plain_completion(rejected), False
+        p = self._template(prompt, True) if prompt else ""
+        return p, self._completion(prompt, p, chosen), self._completion(prompt, p, rejected), True
+
+
+def bos_eos(tokenizer: Any) -> tuple[int | None, bool, int | None]:
+    """(bos_id, tokenizer adds bos, eos_id)."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    wants = False
+    if bos is not None:
+        with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+        wants = bool(with_special) and with_special[0] == bos
+    return bos, wants, eos
+
+
+def _encode(tokenizer: Any, texts: list[str], batch_size: int) -> list[list[int]]:
+    out: list[list[int]] = []
+    for i in range(0, len(texts), batch_size):
+        out.extend(tokenizer(texts[i : i + batch_size], add_special_tokens=False)["input_ids"])
+    return out
+
+
+def tokenize_preferences(
+    records: Sequence[dict],
+    tokenizer: Any,
+    *,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    batch_size: int = 2048,
+    verbose: bool = False,
+) -> tuple[TokenizedPairs, TokenizeReport]:
+    """Tokenise records {"prompt", "chosen", "rejected"} (text or messages) with `tokenizer`.
+
+    Args:
+      tokenizer: a transformers tokenizer (fast ones are batched in Rust; 10k pairs take seconds).
+      max_length: cap on prompt + completion per sequence (each of chosen and rejected).
+      max_prompt_length: cap on the prompt; cut from the left.
+    Returns (pairs, report). `pairs.source_index[k]` is the record index of pair k.
+    """
+    report = TokenizeReport(pairs_read=len(records))
+    render = _Renderer(tokenizer)
+    bos, wants_bos, eos = bos_eos(tokenizer)
+    if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
+        raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
+
+    keep, texts_p, texts_c, texts_r, chat_flags = [], [], [], [], []
+    for i, rec in enumerate(records):
+        if _empty(rec["chosen"]) or _empty(rec["rejected"]):
+            report.dropped["empty completion"] += 1
+            continue
+        if rec["chosen"] == rec["rejected"]:
+            report.dropped["chosen == rejected"] += 1
+            continue
+        p, c, r, chat = render(rec)
+        keep.append(i)
+        texts_p.append(p)
+        texts_c.append(c)
+        texts_r.append(r)
+        chat_flags.append(chat)
+    report.template_fallbacks = render.fallbacks
+
+    ids_p = _encode(tokenizer, texts_p, batch_size)
+    ids_c = _encode(tokenizer, texts_c, batch_size)
+    ids_r = _encode(tokenizer, texts_r, batch_size)
+    special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+
+    def finish_completion(ids: list[int], chat: bool) -> list[int]:
+        if bos is not None and ids and ids[0] == bos:
+            ids = ids[1:]  # a template that writes BOS at the start of every render
+        if eos is None:
+            return ids
+        if chat:
+            return ids if any(t in special_ids for t in ids) else ids + [eos]
+        return ids if ids and ids[-1] == eos else ids + [eos]
+
+    out_p, out_c, out_r, out_src = [], [], [], []
+    for j, i in enumerate(keep):
+        p = ids_p[j]
+        had_bos = bos is not None and bool(p) and p[0] == bos
+        while bos is not None and p and p[0] == bos:
+            p = p[1:]
+        if wants_bos or had_bos:
+            p = [bos] + p
+        c, r = finish_completion(ids_c[j], chat_flags[j]), finish_completion(ids_r[j], chat_flags[j])
+        if max_prompt_length is not None and len(p) > max_prompt_length:
+            head = p[:1] if (wants_bos or had_bos) else []
+            p = head + p[len(p) - (max_prompt_length - len(head)) :]
+            report.prompts_truncated += 1
+        if max_length is not None:
+            room = max_length - len(p)
+            if room < 1:
+                report.dropped["prompt leaves no room for a completion within max_length"] += 1
+                continue
+            if len(c) > room or len(r) > room:
+                report.completions_truncated += 1
+                c, r = c[:room], r[:room]
+        if c == r:
+            report.dropped["chosen == rejected after tokenisation / truncation"] += 1
+            continue
+        out_p.append(np.asarray(p, np.int32))
+        out_c.append(np.asarray(c, np.int32))
+        out_r.append(np.asarray(r, np.int32))
+        out_src.append(i)
+
+    pairs = TokenizedPairs(out_p, out_c, out_r, np.asarray(out_src, np.int64))
+    report.pairs_kept = len(pairs)
+    lp, lc, lr = pairs.lengths()
+    report.prompt_tokens, report.chosen_tokens, report.rejected_tokens = (
+        int(lp.sum()),
+        int(lc.sum()),
+        int(lr.sum()),
+    )
+    if len(pairs):
+        seq = np.concatenate([lp + lc, lp + lr])
+        report.pair_length_percentiles = {q: float(np.percentile(2 * lp + lc + lr, q)) for q in PERCENTILES}
+        report.sequence_length_percentiles = {q: float(np.percentile(seq, q)) for q in PERCENTILES}
+    if verbose:
+        print(report)
+    return pairs, report

@@ -1,0 +1,177 @@
+"""Tokenisation: the prompt / completion boundary, BOS / EOS counts, truncation, drops, report, speed."""
+
+import time
+
+import numpy as np
+import pytest
+from helpers_tokenizer import make_tokenizer, save_tokenizer
+
+from jdpo.data import tokenize_preferences
+
+TEXT = [
+    {"prompt": "hello world, the answer is", "chosen": " forty two.", "rejected": " the lazy dog."},
+    # A boundary where BPE would merge across it: "hel" | "lo world" tokenised together gives "hello".
+    {"prompt": "hel", "chosen": "lo world", "rejected": "lo there"},
+    {"prompt": "Human: how do I bake bread?\n\nAssistant:", "chosen": " Mix flour.", "rejected": " Wait."},
+]
+
+
+def msg(role, content):
+    return {"role": role, "content": content}
+
+
+CHAT = [
+    {
+        "prompt": [msg("system", "Be brief."), msg("user", "hello world")],
+        "chosen": [msg("assistant", "hello there")],
+        "rejected": [msg("assistant", "the quick brown fox")],
+    },
+    {
+        "prompt": [msg("user", "hi"), msg("assistant", "hello"), msg("user", "the answer?")],
+        "chosen": [msg("assistant", "forty two")],
+        "rejected": [msg("assistant", "lazy")],
+    },
+]
+
+
+def ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("template", [None, "chatml", "chatml_bos"])
+def test_boundary_prompt_plus_completion_is_what_the_model_sees(template):
+    tok = make_tokenizer(template)
+    records = TEXT + (CHAT if template else [])
+    pairs, report = tokenize_preferences(records, tok)
+    assert report.pairs_kept == len(records)
+    for k, rec in enumerate(records):
+        p, c, r = (
+            pairs[k]["prompt_ids"].tolist(),
+            pairs[k]["chosen_ids"].tolist(),
+            pairs[k]["rejected_ids"].tolist(),
+        )
+        # Each part re-tokenises to itself: no token spans the boundary.
+        for part in (p, c, r):
+            text = tok.decode(part)
+            assert ids(tok, text) == part, text
+        if isinstance(rec["chosen"], str):
+            # Text: the sequence decodes to BOS + prompt + completion + EOS, nothing lost or merged.
+            assert tok.decode(p + c) == "<s>" + rec["prompt"] + rec["chosen"] + "</s>"
+            assert p[1:] == ids(tok, rec["prompt"]) and c[:-1] == ids(tok, rec["chosen"])
+        else:
+            # Chat: prompt + completion is the template's rendering of the whole conversation (minus the
+            # whitespace after the final end-of-turn token, which is never generated).
+            full = tok.apply_chat_template(rec["prompt"] + rec["chosen"], tokenize=False)
+            # BOS is added by the tokenizer (not in the text) unless the template writes it.
+            assert tok.decode(p + c).removeprefix("<s>") == full.removeprefix("<s>").rstrip()
+            assert (
+                tok.decode(p + r).removeprefix("<s>")
+                == tok.apply_chat_template(rec["prompt"] + rec["rejected"], tokenize=False)
+                .removeprefix("<s>")
+                .rstrip()
+            )
+    # The hel|lo case: the completion starts a new token although "hello" is one token in the vocab.
+    assert tok.convert_ids_to_tokens(pairs[1]["chosen_ids"].tolist())[0] != "hello"
+    assert ids(tok, "hello")[0] not in pairs[1]["prompt_ids"]
+
+
+@pytest.mark.parametrize("template", [None, "chatml", "chatml_bos"])
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_bos_and_eos_counts(template, add_bos):
+    tok = make_tokenizer(template, add_bos=add_bos)
+    records = TEXT + (CHAT if template else [])
+    pairs, _ = tokenize_preferences(records, tok)
+    bos, eos, end_turn = tok.bos_token_id, tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")
+    for k, rec in enumerate(records):
+        p, c, r = (pairs[k][n].tolist() for n in ("prompt_ids", "chosen_ids", "rejected_ids"))
+        # Exactly one BOS when the tokenizer adds one or the template writes one; none otherwise.
+        want_bos = add_bos or (template == "chatml_bos" and isinstance(rec["chosen"], list))
+        assert (p + c).count(bos) == (p + r).count(bos) == int(want_bos)
+        assert (p[0] == bos) == want_bos
+        for comp in (c, r):
+            if isinstance(rec["chosen"], str):
+                assert comp[-1] == eos and comp.count(eos) == 1
+            else:
+                # Chat: the template's end-of-turn token closes the completion; no extra EOS.
+                assert comp[-1] == end_turn and comp.count(end_turn) == 1 and eos not in comp
+                assert end_turn not in p[-3:]  # the prompt ends with the assistant header
+
+
+def test_messages_without_template_render_as_plain_turns():
+    tok = make_tokenizer(None)
+    pairs, _ = tokenize_preferences(CHAT[:1], tok)
+    text = tok.decode(pairs[0]["prompt_ids"].tolist() + pairs[0]["chosen_ids"].tolist())
+    assert text == "<s>Be brief.\n\nHuman: hello world\n\nAssistant: hello there</s>"
+
+
+def test_autotokenizer_from_checkpoint_dir(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(save_tokenizer(tmp_path, "chatml_bos"))
+    a, _ = tokenize_preferences(CHAT, tok)
+    b, _ = tokenize_preferences(CHAT, make_tokenizer("chatml_bos"))
+    assert a.fingerprint() == b.fingerprint()
+
+
+def test_truncation_rules():
+    tok = make_tokenizer()
+    long_prompt = " ".join(["hello world"] * 20)
+    rec = {"prompt": long_prompt, "chosen": " the quick brown fox jumps over the lazy dog", "rejected": " no"}
+    full, _ = tokenize_preferences([rec], tok)
+    p_full, c_full, r_full = (full[0][n].tolist() for n in ("prompt_ids", "chosen_ids", "rejected_ids"))
+    pairs, report = tokenize_preferences([rec], tok, max_length=24, max_prompt_length=10)
+    p, c, r = (pairs[0][n].tolist() for n in ("prompt_ids", "chosen_ids", "rejected_ids"))
+    # Prompt: cut from the left to 10 tokens, keeping its BOS and its end.
+    assert len(p) == 10 and p[0] == tok.bos_token_id and p[1:] == p_full[-9:]
+    # Completions: cut from the right to max_length - prompt.
+    assert len(p) + len(c) == 24 and c == c_full[:14]
+    assert r == r_full  # short enough already, keeps its EOS
+    assert report.prompts_truncated == 1 and report.completions_truncated == 1
+    # No room at all for a completion -> dropped and counted.
+    pairs, report = tokenize_preferences([rec], tok, max_length=24)
+    assert len(pairs) == 0 and sum(report.dropped.values()) == 1
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        tokenize_preferences([rec], tok, max_length=10, max_prompt_length=10)
+
+
+def test_drops_and_report():
+    tok = make_tokenizer()
+    recs = [
+        {"prompt": "a", "chosen": " b", "rejected": " c"},
+        {"prompt": "a", "chosen": " same", "rejected": " same"},
+        {"prompt": "a", "chosen": "  ", "rejected": " x"},
+        {"prompt": [msg("user", "a")], "chosen": [], "rejected": [msg("assistant", "b")]},
+        # Identical once truncated to the shared first tokens.
+        {"prompt": "a", "chosen": " hello world one", "rejected": " hello world two"},
+    ]
+    pairs, report = tokenize_preferences(recs, tok, max_length=4)
+    assert len(pairs) == 1 and pairs.source_index.tolist() == [0]
+    assert report.pairs_read == 5 and report.pairs_kept == 1
+    assert report.dropped["chosen == rejected"] == 1 and report.dropped["empty completion"] == 2
+    assert report.dropped["chosen == rejected after tokenisation / truncation"] == 1
+    p, c, r = pairs.lengths()
+    assert report.tokens == int(2 * p.sum() + c.sum() + r.sum())
+    text = str(report)
+    assert "tokenised 1 of 5 pairs" in text and "empty completion" in text and "p50=" in text
+
+
+def test_tokenising_10k_pairs_is_fast():
+    tok = make_tokenizer("chatml")
+    rng = np.random.default_rng(0)
+    words = np.array("the quick brown fox jumps over lazy dog hello world answer bread".split())
+    text = lambda n: " ".join(words[rng.integers(0, len(words), n)])  # noqa: E731
+    recs = [
+        {"prompt": text(30), "chosen": " " + text(15), "rejected": " " + text(12)} for _ in range(5000)
+    ] + [
+        {
+            "prompt": [msg("user", text(30))],
+            "chosen": [msg("assistant", text(15))],
+            "rejected": [msg("assistant", text(9))],
+        }
+        for _ in range(5000)
+    ]
+    t0 = time.time()
+    pairs, report = tokenize_preferences(recs, tok, max_length=256)
+    elapsed = time.time() - t0
+    assert report.pairs_kept >= 9990
+    assert elapsed < 20, f"{elapsed:.1f}s for 10k pairs"  # ~2 s alone; generous for a shared 2-core box
