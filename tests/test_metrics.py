@@ -289,3 +289,38 @@ def test_matmul_params_from_model_config():
     assert M.matmul_params(c) == M.matmul_params(TINY) == 1408
     # All parameters = matmul ones + input embedding (V*D) + 2 norms per layer + the final norm.
     assert c.num_params() == 1408 + 32 * 8 + 2 * 2 * 8 + 8
+
+
+def test_wandb_is_lazy_optional_and_resumes_its_run(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # "not installed"
+    M.MetricsLogger(tmp_path / "a", console=False, is_main=True).close()  # off by default: fine
+    with pytest.raises(ImportError, match="pip install wandb"):
+        M.MetricsLogger(tmp_path / "b", console=False, wandb=True, is_main=True)
+
+    runs = []
+
+    class Run:
+        def __init__(self, **kw):
+            self.kw, self.logged, self.finished = kw, [], False
+            runs.append(self)
+
+        def log(self, data, step):
+            self.logged.append((step, data))
+
+        def finish(self):
+            self.finished = True
+
+    fake = types.SimpleNamespace(
+        init=lambda **kw: Run(**kw), util=types.SimpleNamespace(generate_id=lambda: "abc")
+    )
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    for _ in range(2):  # the second logger is a resumed run: same W&B run id
+        with M.MetricsLogger(
+            tmp_path / "c", console=False, wandb=True, wandb_project="p", is_main=True
+        ) as lg:
+            lg.log(1, {M.LOSS: 0.5})
+    assert [r.kw["id"] for r in runs] == ["abc", "abc"] and runs[0].kw["project"] == "p"
+    assert runs[0].logged == [(1, {"loss": 0.5})] and runs[0].finished
