@@ -313,8 +313,9 @@ def test_wandb_is_lazy_optional_and_resumes_its_run(tmp_path, monkeypatch):
         def finish(self):
             self.finished = True
 
+    ids = iter(["abc", "xyz"])  # a fresh id per call: only the saved id file can make them equal
     fake = types.SimpleNamespace(
-        init=lambda **kw: Run(**kw), util=types.SimpleNamespace(generate_id=lambda: "abc")
+        init=lambda **kw: Run(**kw), util=types.SimpleNamespace(generate_id=lambda: next(ids))
     )
     monkeypatch.setitem(sys.modules, "wandb", fake)
     for _ in range(2):  # the second logger is a resumed run: same W&B run id
