@@ -103,7 +103,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Train a tiny model on the bundled toy preference task on CPU, then plot its curves.",
     )
     p.add_argument("--output-dir", default="runs/demo", help="Where the run goes (default: runs/demo).")
-    p.add_argument("--steps", type=int, default=None, help="Optimizer steps (default: the demo's own).")
+    p.add_argument("--steps", type=int, default=None, help="DPO optimizer steps (default: the demo's own).")
+    p.add_argument(
+        "--sft-steps", type=int, default=None, help="Steps of the SFT stage that makes the reference model."
+    )
+    p.add_argument("--seed", type=int, default=None, help="Seed of the toy data and the model init.")
     p.add_argument("--no-plot", action="store_true", help="Do not write PNG curves after training.")
     p.set_defaults(func=_run_demo)
     return p
@@ -113,8 +117,10 @@ def _run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from jdpo import demo
 
     kwargs: dict[str, Any] = {"output_dir": args.output_dir}
-    if args.steps is not None:
-        kwargs["steps"] = args.steps
+    # Only what was given: run_demo's own defaults stay the single source of the demo's settings.
+    for name in ("steps", "sft_steps", "seed"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
     demo.run_demo(**kwargs)
     if not args.no_plot:
         return _plot(args.output_dir, None)
