@@ -4,6 +4,7 @@
     tok = make_tokenizer()                        # byte-level BPE, adds <s> (BOS) like Llama; eos </s>
     tok = make_tokenizer(chat_template="chatml")  # + a ChatML template (<|im_start|> ... <|im_end|>)
     tok = make_tokenizer(chat_template="chatml_bos")  # template text starts with {{ bos_token }}
+    tok = make_tokenizer(metaspace=True)          # SentencePiece-style dummy prefix (Llama-2 like)
     path = save_tokenizer(tmp_path, chat_template="chatml")  # a checkpoint dir for AutoTokenizer
 
 Vocabulary: 300 tokens (256 bytes + merges + specials). Special tokens: <pad>=0, <s>=1, </s>=2,
@@ -40,16 +41,25 @@ CHAT_TEMPLATES = {
 
 
 @functools.cache
-def _trained_json(vocab_size: int) -> str:
+def _trained_json(vocab_size: int, metaspace: bool = False) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    if metaspace:
+        # SentencePiece-like: spaces become "▁" and every text gets a dummy "▁" prefix (Llama-2, Mistral
+        # v1), so a completion tokenised alone differs from the same text after a prompt.
+        tok = Tokenizer(models.BPE(byte_fallback=True))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+        alphabet = [chr(c) for c in range(32, 127)] + ["▁", "\n"]
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=alphabet,
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer=trainer)
@@ -60,16 +70,19 @@ def _trained_json(vocab_size: int) -> str:
     return tok.to_str()
 
 
-def make_tokenizer(chat_template: str | None = None, *, add_bos: bool = True, vocab_size: int = 300):
+def make_tokenizer(
+    chat_template: str | None = None, *, add_bos: bool = True, metaspace: bool = False, vocab_size: int = 300
+):
     """A transformers.PreTrainedTokenizerFast around the trained BPE (see module docstring).
 
     chat_template: None, a key of CHAT_TEMPLATES, or a Jinja template string.
     add_bos: False gives a tokenizer that adds no BOS (like Qwen) but still has bos/eos tokens.
+    metaspace: a SentencePiece-style tokenizer (dummy "▁" prefix) instead of byte-level BPE.
     """
     from tokenizers import Tokenizer, processors
     from transformers import PreTrainedTokenizerFast
 
-    raw = Tokenizer.from_str(_trained_json(vocab_size))
+    raw = Tokenizer.from_str(_trained_json(vocab_size, metaspace))
     if not add_bos:
         raw.post_processor = processors.ByteLevel(trim_offsets=False)
     tok = PreTrainedTokenizerFast(

@@ -175,3 +175,42 @@ def test_tokenising_10k_pairs_is_fast():
     elapsed = time.time() - t0
     assert report.pairs_kept >= 9990
     assert elapsed < 20, f"{elapsed:.1f}s for 10k pairs"  # ~2 s alone; generous for a shared 2-core box
+
+
+@pytest.mark.parametrize("template", [None, "chatml"])
+def test_sentencepiece_style_completions_tokenise_as_in_context(template):
+    # With a dummy-prefix tokenizer "hello" alone is "▁hello", but after the prompt's "\n" it is "hello";
+    # completions must get the in-context tokens, or the model is scored on text it never sees.
+    tok = make_tokenizer(template, metaspace=True)
+    records = [TEXT[0], TEXT[2]] + (CHAT if template else [])
+    pairs, _ = tokenize_preferences(records, tok)
+    for k, rec in enumerate(records):
+        p, c = pairs[k]["prompt_ids"].tolist(), pairs[k]["chosen_ids"].tolist()
+        assert p[0] == tok.bos_token_id and p.count(tok.bos_token_id) == 1
+        if isinstance(rec["chosen"], str):
+            assert ids(tok, rec["prompt"] + rec["chosen"]) == p[1:] + c[:-1]
+        else:
+            full = tok.apply_chat_template(rec["prompt"] + rec["chosen"], tokenize=False).rstrip()
+            assert ids(tok, full) == p[1:] + c
+            assert not tok.convert_ids_to_tokens(c)[0].startswith("▁")  # no dummy prefix mid-sequence
+
+
+def test_chat_template_errors_name_the_record_or_are_skipped():
+    from jdpo.data import DataError
+
+    strict = (
+        "{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+        "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
+        "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    tok = make_tokenizer(strict)
+    bad = {
+        "prompt": [msg("robot", "beep")],
+        "chosen": [msg("assistant", "a")],
+        "rejected": [msg("assistant", "b")],
+    }
+    with pytest.raises(DataError, match="record 1: the chat template failed.*unknown role robot"):
+        tokenize_preferences([CHAT[0], bad], tok)
+    pairs, report = tokenize_preferences([CHAT[0], bad], tok, skip_bad_rows=True)
+    assert len(pairs) == 1 and report.dropped["chat template error"] == 1 and "record 1" in str(report)

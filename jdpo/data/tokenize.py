@@ -15,6 +15,9 @@ Rules (tested in tests/test_data_tokenize.py):
   which is what generation stops on. Whitespace the template writes after that last special token is
   dropped (never generated). If the rendered completion holds no special token, the tokenizer's EOS is
   appended. Without a chat template messages are rendered as "\\n\\nHuman: ...\\n\\nAssistant: ..." text.
+- Tokenizers that treat the start of a text specially (SentencePiece's dummy "▁" prefix, Llama-2 style)
+  get their completions encoded after a "\\n" anchor that is then removed, so completion tokens are the
+  ones the text has in context after the prompt.
 - Truncation: the prompt is cut from the left to `max_prompt_length` (its end is kept; a leading BOS is
   kept too), completions from the right to `max_length - len(prompt)`. A pair with no room left for a
   completion, an empty completion, or chosen == rejected (before or after truncation) is dropped and
@@ -30,6 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from jdpo.data.sources import DataError
 
 PERCENTILES = (50, 90, 95, 99, 100)
 
@@ -84,6 +89,7 @@ class TokenizeReport:
     prompts_truncated: int = 0
     completions_truncated: int = 0  # pairs with chosen or rejected cut
     template_fallbacks: int = 0  # chat template output not prefix-stable; completion rendered alone
+    bad_examples: list[str] = field(default_factory=list)  # first records the chat template rejected
     prompt_tokens: int = 0
     chosen_tokens: int = 0
     rejected_tokens: int = 0
@@ -109,6 +115,7 @@ class TokenizeReport:
             lines.append(f"  chat template not prefix-stable for {self.template_fallbacks} completions")
         for reason, n in sorted(self.dropped.items()):
             lines.append(f"  dropped {n}: {reason}")
+        lines.extend(f"    e.g. {e}" for e in self.bad_examples)
         return "\n".join(lines)
 
 
@@ -204,6 +211,28 @@ def _encode(tokenizer: Any, texts: list[str], batch_size: int) -> list[list[int]
     return out
 
 
+_ANCHOR = "\n"
+
+
+def _needs_anchor(tokenizer: Any) -> bool:
+    """True for tokenizers that treat the start of a text specially (SentencePiece's dummy prefix:
+    "Hello" alone -> "▁Hello", but "\nHello" -> "\n", "Hello"). Their completions are encoded after an
+    anchor that is then removed, so that they tokenise as they do in context after the prompt."""
+    a = _encode(tokenizer, [_ANCHOR], 1)[0]
+    alone, after = _encode(tokenizer, ["x", _ANCHOR + "x"], 2)
+    return after[: len(a)] == a and after[len(a) :] != alone
+
+
+def _encode_continuations(tokenizer: Any, texts: list[str], batch_size: int) -> list[list[int]]:
+    """Token ids of texts that continue a prompt (see `_needs_anchor`)."""
+    a = _encode(tokenizer, [_ANCHOR], 1)[0]
+    out = _encode(tokenizer, [_ANCHOR + t for t in texts], batch_size)
+    for i, ids in enumerate(out):
+        # If the anchor merged with the text (never for byte-fallback "\n"), encode the text alone.
+        out[i] = ids[len(a) :] if ids[: len(a)] == a else _encode(tokenizer, [texts[i]], 1)[0]
+    return out
+
+
 def tokenize_preferences(
     records: Sequence[dict],
     tokenizer: Any,
@@ -211,6 +240,7 @@ def tokenize_preferences(
     max_length: int | None = None,
     max_prompt_length: int | None = None,
     batch_size: int = 2048,
+    skip_bad_rows: bool = False,
     verbose: bool = False,
 ) -> tuple[TokenizedPairs, TokenizeReport]:
     """Tokenise records {"prompt", "chosen", "rejected"} (text or messages) with `tokenizer`.
@@ -219,6 +249,7 @@ def tokenize_preferences(
       tokenizer: a transformers tokenizer (fast ones are batched in Rust; 10k pairs take seconds).
       max_length: cap on prompt + completion per sequence (each of chosen and rejected).
       max_prompt_length: cap on the prompt; cut from the left.
+      skip_bad_rows: drop (and count) records the chat template rejects instead of raising `DataError`.
     Returns (pairs, report). `pairs.source_index[k]` is the record index of pair k.
     """
     report = TokenizeReport(pairs_read=len(records))
@@ -235,7 +266,16 @@ def tokenize_preferences(
         if rec["chosen"] == rec["rejected"]:
             report.dropped["chosen == rejected"] += 1
             continue
-        p, c, r, chat = render(rec)
+        try:
+            p, c, r, chat = render(rec)
+        except Exception as e:  # the template's own checks (role order, unknown roles, ...)
+            err = DataError(f"record {i}: the chat template failed on this record: {type(e).__name__}: {e}")
+            if not skip_bad_rows:
+                raise err from None
+            report.dropped["chat template error"] += 1
+            if len(report.bad_examples) < 5:
+                report.bad_examples.append(str(err))
+            continue
         keep.append(i)
         texts_p.append(p)
         texts_c.append(c)
@@ -244,28 +284,34 @@ def tokenize_preferences(
     report.template_fallbacks = render.fallbacks
 
     ids_p = _encode(tokenizer, texts_p, batch_size)
-    ids_c = _encode(tokenizer, texts_c, batch_size)
-    ids_r = _encode(tokenizer, texts_r, batch_size)
+    encode_completions = _encode_continuations if _needs_anchor(tokenizer) else _encode
+    ids_c = encode_completions(tokenizer, texts_c, batch_size)
+    ids_r = encode_completions(tokenizer, texts_r, batch_size)
     special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
 
-    def finish_completion(ids: list[int], chat: bool) -> list[int]:
-        if bos is not None and ids and ids[0] == bos:
-            ids = ids[1:]  # a template that writes BOS at the start of every render
+    def finish_completion(ids: list[int], chat: bool) -> tuple[list[int], bool]:
+        """(completion ids ending in EOS / end-of-turn, whether a leading BOS was removed)."""
+        had_bos = bos is not None and bool(ids) and ids[0] == bos
+        if had_bos:
+            ids = ids[1:]  # a template that writes BOS into every render (only with an empty prompt)
         if eos is None:
-            return ids
+            return ids, had_bos
         if chat:
-            return ids if any(t in special_ids for t in ids) else ids + [eos]
-        return ids if ids and ids[-1] == eos else ids + [eos]
+            return (ids if any(t in special_ids for t in ids) else ids + [eos]), had_bos
+        return (ids if ids and ids[-1] == eos else ids + [eos]), had_bos
 
     out_p, out_c, out_r, out_src = [], [], [], []
     for j, i in enumerate(keep):
         p = ids_p[j]
-        had_bos = bos is not None and bool(p) and p[0] == bos
+        (c, c_bos), (r, r_bos) = (
+            finish_completion(ids_c[j], chat_flags[j]),
+            finish_completion(ids_r[j], chat_flags[j]),
+        )
+        had_bos = bos is not None and (bool(p) and p[0] == bos or c_bos or r_bos)
         while bos is not None and p and p[0] == bos:
             p = p[1:]
         if wants_bos or had_bos:
             p = [bos] + p
-        c, r = finish_completion(ids_c[j], chat_flags[j]), finish_completion(ids_r[j], chat_flags[j])
         if max_prompt_length is not None and len(p) > max_prompt_length:
             head = p[:1] if (wants_bos or had_bos) else []
             p = head + p[len(p) - (max_prompt_length - len(head)) :]
