@@ -180,8 +180,15 @@ def test_resume_from_state_gives_the_same_remaining_batches(packing):
     resumed = make_iter(pairs, packing=packing)
     resumed.restore(state)
     assert [as_json(next(resumed)) for _ in range(n)] == rest
-    with pytest.raises(ValueError, match="another dataset or seed"):
-        make_iter(pairs, seed=1).restore(state)
+    for other in (make_iter(pairs, seed=1), make_iter(pairs, rows_per_batch=8), make_iter(random_pairs(50))):
+        with pytest.raises(ValueError, match="another dataset, seed or batch settings"):
+            other.restore(state)
+    # The plan is global: a run may resume on another number of hosts.
+    halves = [make_iter(pairs, packing=packing, process_index=i, process_count=2) for i in range(2)]
+    for h in halves:
+        h.restore(state)
+    first = json.loads(rest[0])
+    assert np.concatenate([next(h)["pair_ids"] for h in halves]).tolist() == first["pair_ids"]
 
 
 def test_finite_epochs_stop():

@@ -31,6 +31,7 @@ counted in `dropped_too_long`.
 from __future__ import annotations
 
 import bisect
+import hashlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -226,8 +227,8 @@ class PreferenceBatches:
         dataset order (used by `one_pass`).
       num_epochs: stop after this many epochs (None: forever).
       pack_window: pairs per packing window.
-    Position: `state()` -> {"epoch", "batch", "seed", "num_pairs"}; `restore(state)` continues exactly
-    there (the epoch's plan is recomputed deterministically).
+    Position: `state()` -> {"epoch", "batch", "seed", "layout"}; `restore(state)` continues exactly
+    there (the epoch's plan is recomputed deterministically), also with another number of hosts.
     """
 
     def __init__(
@@ -344,18 +345,24 @@ class PreferenceBatches:
         lo = self.process_index * self.local_rows
         return make_batch(self.pairs, rows[lo : lo + self.local_rows], T, self.max_pairs_per_row)
 
-    def state(self) -> dict[str, int]:
-        """The position: the next batch to produce. JSON-serialisable."""
-        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "num_pairs": len(self.pairs)}
+    def _layout_hash(self) -> str:
+        # Everything that decides the batch plan except the host split: a run may resume on another
+        # number of hosts (the plan is global), but not with other data or batch settings.
+        settings = (self.pairs.fingerprint(), self.rows_per_batch, self.buckets, self.max_pairs_per_row,
+                    self.packing, self.shuffle, self.pack_window)  # fmt: skip
+        return hashlib.sha256(repr(settings).encode()).hexdigest()[:16]
 
-    def restore(self, state: dict[str, int]) -> None:
-        """Continue from `state()`; refuses a state taken with another seed or dataset size."""
-        if int(state.get("seed", self.seed)) != self.seed or int(
-            state.get("num_pairs", len(self.pairs))
-        ) != len(self.pairs):
+    def state(self) -> dict[str, int | str]:
+        """The position: the next batch to produce, with the seed and a hash of the data and batch
+        settings it is valid for. JSON-serialisable."""
+        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "layout": self._layout_hash()}
+
+    def restore(self, state: dict[str, int | str]) -> None:
+        """Continue from `state()`; refuses a state taken with another seed, dataset or batch settings."""
+        if int(state["seed"]) != self.seed or state["layout"] != self._layout_hash():
             raise ValueError(
-                f"iterator state {state} was saved for another dataset or seed "
-                f"(now seed={self.seed}, num_pairs={len(self.pairs)})"
+                f"iterator state {state} was saved for another dataset, seed or batch settings "
+                f"(now seed={self.seed}, layout={self._layout_hash()})"
             )
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 

@@ -291,6 +291,9 @@ def _read_oasst1(rows: list[tuple[str, dict]], opts: dict, bad: _BadRows, report
             if role not in ("prompter", "assistant"):
                 raise DataError(f"{where}: field 'role' must be 'prompter' or 'assistant', got {role!r}")
             rank = row.get("rank")
+            if isinstance(rank, float) and rank != rank:  # NaN from pandas-written files means null
+                row = {**row, "rank": None}
+                rank = None
             if rank is not None and not isinstance(rank, int | float):
                 raise DataError(f"{where}: field 'rank' must be a number or null, got {type(rank).__name__}")
         except DataError as e:
@@ -396,6 +399,8 @@ def read_source(
             bad(DataError(f"{where}: expected an object with fields, got {type(row).__name__}"))
         else:
             rows.append((where, row))
+    if not rows and not report.bad_rows:
+        raise DataError(f"{path}: holds no rows")
     if format == "auto":
         for _, row in rows[:100]:
             format = detect_format(row) or "auto"

@@ -47,6 +47,7 @@ class TokenizedPairs:
     chosen_ids: list[np.ndarray]
     rejected_ids: list[np.ndarray]
     source_index: np.ndarray
+    _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -69,7 +70,13 @@ class TokenizedPairs:
         return 2 * p + c + r
 
     def fingerprint(self) -> str:
-        """A content hash of all token ids (for cache keys: same pairs in the same order -> same hash)."""
+        """A content hash of all token ids (for cache keys: same pairs in the same order -> same hash).
+        Computed once and remembered (the pairs are not meant to be modified)."""
+        if self._fingerprint is None:
+            self._fingerprint = self._hash()
+        return self._fingerprint
+
+    def _hash(self) -> str:
         h = hashlib.sha256()
         p, c, r = self.lengths()
         h.update(np.stack([p, c, r]).astype(np.int64).tobytes())
