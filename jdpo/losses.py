@@ -57,7 +57,8 @@ reduction="none".
 
 Numerical safety: all losses are written with log_sigmoid / softplus / a clamped log1mexp, and the
 exponentials of forward_kl / alpha_divergence / discopop have their exponent clamped at ``_MAX_EXP`` (so the
-loss stays finite; the gradient there is 0). For any finite input, values and gradients are finite.
+loss stays finite; the gradient there is 0). For finite inputs, values and gradients are finite (the squared
+losses ipo / sppo_hard up to log-prob magnitudes of ~1e18, where a float32 square overflows).
 """
 
 from __future__ import annotations
@@ -347,10 +348,11 @@ def _ipo(c):
 
 
 def _exo_pair(c):
-    eps = c.label_smoothing if c.label_smoothing else 1e-3
+    # jnp (not Python) arithmetic so that a traced label_smoothing works too.
+    eps = jnp.where(c.label_smoothing == 0, 1e-3, c.label_smoothing)
     bz = c.beta * _z(c)
-    return jax.nn.sigmoid(bz) * (jax.nn.log_sigmoid(bz) - math.log1p(-eps)) + jax.nn.sigmoid(-bz) * (
-        jax.nn.log_sigmoid(-bz) - math.log(eps)
+    return jax.nn.sigmoid(bz) * (jax.nn.log_sigmoid(bz) - jnp.log1p(-eps)) + jax.nn.sigmoid(-bz) * (
+        jax.nn.log_sigmoid(-bz) - jnp.log(eps)
     )
 
 
