@@ -134,6 +134,13 @@ def test_padding_fraction_packing_vs_pad_to_longest():
     )
     assert stats["packed"] < 0.10
     assert stats["pad_to_longest"] > 0.3 > stats["packed"] * 3
+    assert stats["packed"] < stats["buckets"] < stats["pad_to_longest"]
+    # The iterator itself (its last, part-empty batch included) packs as well.
+    z = lambda n: np.zeros(n, np.int32)  # noqa: E731
+    pairs = TokenizedPairs([z(n) for n in p], [z(n) for n in c], [z(n) for n in r], np.arange(len(p)))
+    it = make_iter(pairs, rows_per_batch=64, row_length=2048, max_pairs_per_row=16, pack_window=4096)
+    plan = it.plan(0)
+    assert 1 - (2 * p + c + r).sum() / (len(plan) * 64 * 2048) < 0.10
     # Packing respects the row length and slot count.
     lengths = 2 * p + c + r
     rows = pack_rows(lengths, np.arange(len(p)), 2048, 16, 4096)

@@ -194,10 +194,15 @@ def compare_padding(
     pairs_per_batch: int = 32,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Padding fraction of our packing vs pad-to-longest (batches of `pairs_per_batch` pairs)."""
+    """Padding fraction of our packing, of our one-pair-per-row buckets (row_length / 8, / 4, / 2, / 1),
+    and of pad-to-longest (TRL; batches of `pairs_per_batch` pairs), on the same lengths."""
     p, c, r = (np.asarray(x, np.int64) for x in (prompt_N, chosen_N, rejected_N))
+    pair = 2 * p + c + r
+    buckets = np.asarray([row_length // 8, row_length // 4, row_length // 2, row_length])
+    fits = pair <= row_length
     return {
-        "packed": padding_fraction_packed(2 * p + c + r, row_length, max_pairs_per_row, pack_window, seed),
+        "packed": padding_fraction_packed(pair, row_length, max_pairs_per_row, pack_window, seed),
+        "buckets": 1.0 - pair[fits].sum() / buckets[np.searchsorted(buckets, pair[fits])].sum(),
         "pad_to_longest": padding_fraction_pad_to_longest(p + c, p + r, pairs_per_batch, seed),
     }
 
@@ -398,13 +403,15 @@ def one_pass(
 
 
 def padding_report(n: int = 20000, seed: int = 0) -> None:
-    """Print packing vs pad-to-longest padding on hh-rlhf-like lengths:
+    """Print packing vs buckets vs pad-to-longest padding on hh-rlhf-like lengths:
     python -c "from jdpo.data.batching import padding_report; padding_report()"."""
     p, c, r = synthetic_hh_lengths(n, seed=seed)
+    print(f"{n} synthetic hh-rlhf-like pairs; sequence (prompt+completion) median {np.median(p + c):.0f}, "
+          f"p99 {np.percentile(p + c, 99):.0f}, max {max((p + c).max(), (p + r).max())}")  # fmt: skip
+    for b in (8, 32):
+        s = compare_padding(p, c, r, pairs_per_batch=b, seed=seed)
+        print(f"pad-to-longest, {b} pairs per batch: padding {s['pad_to_longest']:.1%}")
     for T in (1024, 2048, 4096):
         for P in (8, 16, 32):
-            s = compare_padding(p, c, r, row_length=T, max_pairs_per_row=P, pairs_per_batch=32, seed=seed)
-            print(
-                f"T={T} P={P}: packed padding {s['packed']:.1%}; "
-                f"pad-to-longest (32 pairs/batch) {s['pad_to_longest']:.1%}"
-            )
+            s = compare_padding(p, c, r, row_length=T, max_pairs_per_row=P, seed=seed)
+            print(f"T={T} P={P}: packed {s['packed']:.1%}  (one pair per row, buckets: {s['buckets']:.1%})")
