@@ -223,3 +223,26 @@ def test_host_shares_partition_the_global_batch(packing):
             assert np.array_equal(np.concatenate([p[k] for p in parts]), g[k])
     with pytest.raises(ValueError, match="not divisible"):
         make_iter(pairs, rows_per_batch=6, process_index=0, process_count=4)
+
+
+def test_end_to_end_fixtures_to_batches():
+    from pathlib import Path
+
+    from helpers_tokenizer import make_tokenizer
+
+    from jdpo.data import load_preferences, split_eval, tokenize_preferences
+
+    fix = Path(__file__).parent / "fixtures"
+    names = ["standard.jsonl", "hh_rlhf.jsonl", "conversational.jsonl", "shp.csv", "oasst1.jsonl"]
+    records = load_preferences([str(fix / n) for n in names])
+    train, held = split_eval(records, 0.2, seed=0)
+    tok = make_tokenizer("chatml")
+    pairs, report = tokenize_preferences(train, tok, max_length=96, max_prompt_length=64)
+    assert report.pairs_kept == len(train) and len(held) == 3
+    it = PreferenceBatches(pairs, rows_per_batch=2, row_length=192, max_pairs_per_row=4, num_epochs=1,
+                           process_index=0, process_count=1)  # fmt: skip
+    seen = []
+    for batch in it:
+        check_batch(batch, pairs, 192, 4)
+        seen += [item["pair_id"] for item in unpack_batch(batch)]
+    assert sorted(seen) == list(range(len(pairs)))

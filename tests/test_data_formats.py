@@ -255,3 +255,36 @@ def test_bad_shp_and_oasst_rows(tmp_path):
     path = write(tmp_path, "o.jsonl", '{"message_id": "m", "parent_id": null, "role": "bot", "text": "t"}\n')
     with pytest.raises(DataError, match=r"o\.jsonl:1: field 'role' must be 'prompter' or 'assistant'"):
         load_preferences(path)
+
+
+def test_csv_message_cells_and_json_variants(tmp_path):
+    conv = tmp_path / "conv.csv"
+    conv.write_text(
+        "prompt,chosen,rejected\n"
+        '"[{""role"": ""user"", ""content"": ""hi""}]",'
+        '"[{""role"": ""assistant"", ""content"": ""hello""}]",'
+        '"[{""role"": ""assistant"", ""content"": ""go away""}]"\n'
+    )
+    (rec,) = load_preferences(str(conv))
+    assert rec == {"prompt": [msg("user", "hi")], "chosen": [msg("assistant", "hello")],
+                   "rejected": [msg("assistant", "go away")]}  # fmt: skip
+    columns = write(
+        tmp_path,
+        "cols.json",
+        json.dumps({"prompt": ["a", "b"], "chosen": [" x", " y"], "rejected": [" z", " w"]}),
+    )
+    assert [r["chosen"] for r in load_preferences(columns)] == [" x", " y"]
+    wrapped = write(
+        tmp_path, "wrapped.json", json.dumps({"data": [{"prompt": "a", "chosen": " x", "rejected": " z"}]})
+    )
+    assert len(load_preferences(wrapped)) == 1
+    lines = write(tmp_path, "lines.json", GOOD + GOOD)  # JSON lines under a .json name
+    assert len(load_preferences(lines)) == 2
+    directory = tmp_path / "dir"
+    directory.mkdir()
+    (directory / "a_train.jsonl").write_text(GOOD)
+    (directory / "b_test.jsonl").write_text(GOOD + GOOD)
+    assert len(load_preferences(str(directory))) == 3
+    assert len(load_preferences(str(directory), split="test")) == 2
+    with pytest.raises(DataError, match="holds no rows"):
+        load_preferences(write(tmp_path, "empty.jsonl", "\n"))
