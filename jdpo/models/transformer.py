@@ -398,7 +398,10 @@ class Transformer(nnx.Module):
         B, T = input_ids_BxT.shape
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        x_BxTxD = self.embed_tokens.embedding[...].astype(self.dtype)[input_ids_BxT]
+        # The lookup gathers rows of a vocab-sharded table: gather the model dim (fsdp) first so XLA does a
+        # local gather + all-reduce over tensor instead of replicating the table.
+        table_VxD = constrain(self.embed_tokens.embedding[...].astype(self.dtype), ("act_vocab", "act_embed"))
+        x_BxTxD = table_VxD[input_ids_BxT]
         if c.scale_embeddings:
             # HF gemma rounds sqrt(D) to the compute dtype before multiplying; so do we.
             x_BxTxD = x_BxTxD * jnp.asarray(c.hidden_size**0.5, self.dtype)
