@@ -218,6 +218,9 @@ def test_host_shares_partition_the_global_batch(packing):
     for _ in range(full.num_batches(0) + 1):
         g = next(full)
         parts = [next(h) for h in hosts]
+        assert all(
+            h.last_global_pairs == full.last_global_pairs == int((g["pair_ids"] >= 0).sum()) for h in hosts
+        )
         for k in BATCH_KEYS:
             assert parts[0][k].shape[0] == 2
             assert np.array_equal(np.concatenate([p[k] for p in parts]), g[k])

@@ -17,7 +17,7 @@ and `pair_ids >= 0` is the valid-pair mask (rows can be empty: pair_ids all -1).
 Global batch size is counted in ROWS (`rows_per_batch`): the step has a fixed shape, and the number of
 pairs in a step varies with packing. Normalise per-pair losses by the global count of valid pairs,
 i.e. sum((pair_ids >= 0)) over the global batch (under jit on the globally sharded array this is one
-reduction), not by a constant.
+reduction), not by a constant; the iterator also gives it on the host as `last_global_pairs`.
 
 Packing (default): pairs are shuffled by (seed, epoch), then packed best-fit-decreasing within windows
 of `pack_window` pairs into rows of T tokens with at most P pairs; the rows are shuffled and cut into
@@ -279,6 +279,7 @@ class PreferenceBatches:
         self.dropped_too_long = int((~fits).sum())
         self._fit_ids = np.flatnonzero(fits)
         self.epoch, self.batch = 0, 0
+        self.last_global_pairs = 0  # pairs in the whole global batch last returned (all hosts)
         self._plan_epoch: int | None = None
         self._plan: list[tuple[int, list[list[int]]]] = []
 
@@ -347,6 +348,8 @@ class PreferenceBatches:
             self.epoch, self.batch = self.epoch + 1, 0
         T, rows = plan[self.batch]
         self.batch += 1
+        # Every host knows the whole plan, so the global pair count needs no communication.
+        self.last_global_pairs = sum(len(row) for row in rows)
         lo = self.process_index * self.local_rows
         return make_batch(self.pairs, rows[lo : lo + self.local_rows], T, self.max_pairs_per_row)
 
