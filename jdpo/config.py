@@ -311,9 +311,6 @@ def replace(cfg: Config, **dotted: Any) -> Config:
     return cfg
 
 
-REFERENCE_FREE_LOSSES = frozenset({"simpo", "orpo", "sft"})
-
-
 def validate(cfg: Config) -> None:
     """Cross-field checks that would otherwise fail late in a run."""
     d, o, t = cfg.dpo, cfg.optim, cfg.train
@@ -323,11 +320,17 @@ def validate(cfg: Config) -> None:
         )
     if not d.loss_type:
         raise ConfigError("dpo.loss_type is empty; give at least one loss type (default: sigmoid)")
-    if d.reference == "none" and not set(d.loss_type) <= REFERENCE_FREE_LOSSES:
-        needs = sorted(set(d.loss_type) - REFERENCE_FREE_LOSSES)
+    # The loss library is the one list of loss types (importing it loads only jax).
+    from jdpo.losses import LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
+
+    unknown = [t for t in d.loss_type if t not in LOSS_TYPES]
+    if unknown:
+        raise ConfigError(f"dpo.loss_type: unknown {unknown}; valid: {', '.join(LOSS_TYPES)}")
+    if d.reference == "none" and not set(d.loss_type) <= set(REFERENCE_FREE_LOSS_TYPES):
+        needs = sorted(set(d.loss_type) - set(REFERENCE_FREE_LOSS_TYPES))
         raise ConfigError(
-            f"dpo.reference is 'none' but loss type(s) {needs} need a reference; "
-            f"use dpo.reference=cached or a reference-free loss ({', '.join(sorted(REFERENCE_FREE_LOSSES))})"
+            f"dpo.reference is 'none' but loss type(s) {needs} need a reference; use dpo.reference=cached "
+            f"or a reference-free loss ({', '.join(REFERENCE_FREE_LOSS_TYPES)})"
         )
     for name, value, lo, hi in [
         ("dpo.label_smoothing", d.label_smoothing, 0.0, 0.5),

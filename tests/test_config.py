@@ -40,6 +40,7 @@ def test_dump_round_trips(tmp_path):
         (["--model.dtype", "fp16"], "model.dtype: 'fp16' is not one of"),
         (["--data.packing", "maybe"], "data.packing: expected true/false"),
         (["--dpo.reference", "none"], "need a reference"),
+        (["--dpo.loss_type", "sigmoid,dpo_typo"], "dpo.loss_type: unknown ['dpo_typo']"),
         (["--dpo.loss_type", "sigmoid,sft", "--dpo.loss_weights", "1"], "dpo.loss_weights has 1 entries"),
         (["--data.max_prompt_length", "2048"], "data.max_prompt_length (2048) must be < data.max_length"),
         (["--mesh.data", "-1", "--mesh.fsdp", "-1"], "at most one of mesh"),
