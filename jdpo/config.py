@@ -73,8 +73,8 @@ class DPOSection:
     f_alpha: float = _f(0.5, "Alpha of the alpha-divergence loss.")
     reference: Literal["cached", "online", "none"] = _f(
         "cached",
-        "Reference log-probs. cached: one pass of the initial weights, stored on disk; online: a frozen copy in memory; "
-        "none: reference-free losses.",
+        "Reference log-probs. cached: one pass of the initial weights, stored on disk; "
+        "online: a frozen copy in memory; none: reference-free losses.",
     )
     reference_path: str = _f("", "Reference checkpoint if not the initial policy (default: model.path).")
     cache_dir: str = _f(
