@@ -13,6 +13,8 @@ Batch layout (a dict of numpy arrays; B = this host's rows, T = row length, P = 
 A row holds whole pairs only, so per-pair reductions are row-local. With S = 2P segments and
 `logps_BxS` the per-segment sums, chosen_BxP = logps_BxS[:, 0::2], rejected_BxP = logps_BxS[:, 1::2],
 and `pair_ids >= 0` is the valid-pair mask (rows can be empty: pair_ids all -1).
+A pair whose prompt is empty (a tokenizer without BOS and an empty prompt) has its first completion
+token unscored: no output position predicts it.
 
 Global batch size is counted in ROWS (`rows_per_batch`): the step has a fixed shape, and the number of
 pairs in a step varies with packing. Normalise per-pair losses by the global count of valid pairs,
