@@ -226,7 +226,7 @@ def compiled_steps(s: StepSettings) -> Steps:
         new_params = optax.apply_updates(params, updates)
         new_state = dict(state, params=new_params, opt_state=opt_state, step=state["step"] + 1)
         out = _means(sums)
-        out["grad_norm"] = optax.global_norm(grads)
+        out["grad_norm"] = optax.tree.norm(grads)
         out["learning_rate"] = schedule(state["step"])
         return new_state, out
 

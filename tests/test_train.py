@@ -1,0 +1,229 @@
+"""jdpo.train: the step's numbers (ln 2 at the start, cached == online, 1x8 == 8x1 accumulation, one
+compilation), the loop's guarantees (bit-identical resume, SIGTERM checkpoint, NaN stop), the HF export,
+and a sharded run on 8 simulated CPU devices matching 1 device.
+
+All runs share one tiny model (hidden 32, 2 layers, vocab 128) and one tiny arithmetic task, so the
+compiled step functions are shared between tests (`compiled_steps` is cached on its settings).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from jdpo import config as jconfig
+from jdpo import demo, metrics, train
+from jdpo.sharding import make_mesh
+
+TIMING = {"step_time", "tokens_per_sec", "mfu"}
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train_assets")
+    return demo.build_assets(
+        d, max_operand=19, eval_pairs=40, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        num_kv_heads=2, vocab_size=128,
+    )  # fmt: skip
+
+
+def one_device():
+    return make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+def make_config(assets, out, **overrides):
+    base = {
+        "model.path": str(assets.model_dir),
+        "model.dtype": "float32",
+        "data.train": [str(assets.train_path)],
+        "data.eval": [str(assets.eval_path)],
+        "data.max_length": 16,
+        "data.max_prompt_length": 8,
+        "data.row_length": 48,
+        "dpo.cache_dir": str(out.parent / "refcache"),
+        "optim.learning_rate": 1e-3,
+        "train.output_dir": str(out),
+        "train.batch_rows": 8,
+        "train.max_steps": 6,
+        "train.log_every": 1,
+        "logging.console": False,
+        "logging.tensorboard": False,
+    }
+    return jconfig.replace(jconfig.Config(), **{**base, **overrides})
+
+
+def steps(trainer, n):
+    """Run n optimizer steps by hand; returns the metrics of each as floats."""
+    out = []
+    for _ in range(n):
+        batch, _ = trainer.next_step_batches()
+        trainer.state, m = trainer.steps.train_step(trainer.state, batch)
+        out.append({k: float(v) for k, v in jax.device_get(m).items()})
+    return out
+
+
+def assert_close_metrics(a, b, atol=1e-5):
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        tol = atol
+        if k == "rewards/accuracies":
+            # Accuracy counts reward signs. At step 1 (policy == reference) every reward is float noise
+            # around 0, so it is meaningless; later a pair within noise of a tie may flip.
+            if abs(a["rewards/chosen"]) + abs(a["rewards/rejected"]) < 1e-4:
+                continue
+            tol = 1.01 / a["pairs"]
+        assert b[k] == pytest.approx(v, rel=1e-4, abs=tol), k
+
+
+def test_first_step_loss_is_ln2_with_cached_reference(assets, tmp_path):
+    tr = train.Trainer(make_config(assets, tmp_path / "run"), mesh=one_device())
+    (m,) = steps(tr, 1)
+    assert m["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert abs(m["rewards/chosen"]) < 1e-5 and abs(m["rewards/margins"]) < 1e-5
+    assert m["pairs"] > 8  # packing put several pairs in a row
+    for name in ("rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm"):
+        assert math.isfinite(m[name])
+
+
+def test_cached_and_online_reference_give_the_same_losses(assets, tmp_path):
+    cached = train.Trainer(make_config(assets, tmp_path / "a"), mesh=one_device())
+    online = train.Trainer(
+        make_config(assets, tmp_path / "b", **{"dpo.reference": "online"}), mesh=one_device()
+    )
+    assert "ref_params" in online.state and "ref_params" not in cached.state
+    for a, b in zip(steps(cached, 3), steps(online, 3), strict=True):
+        for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
+    assert cached.evaluate() == pytest.approx(online.evaluate(), rel=1e-4, abs=1e-5)
+
+
+def test_accumulation_1x8_equals_8x1(assets, tmp_path):
+    # The same 8 rows per step: one micro-batch of 8 rows, or 8 micro-batches of 1 row.
+    big = train.Trainer(make_config(assets, tmp_path / "a"), mesh=one_device())
+    small = train.Trainer(
+        make_config(assets, tmp_path / "b", **{"train.batch_rows": 1, "train.grad_accum": 8}),
+        mesh=one_device(),
+    )
+    assert big.total_steps == small.total_steps
+    for a, b in zip(steps(big, 2), steps(small, 2), strict=True):
+        assert a["pairs"] == b["pairs"]
+        assert_close_metrics(a, b)
+    for x, y in zip(
+        jax.tree.leaves(big.state["params"]), jax.tree.leaves(small.state["params"]), strict=True
+    ):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+
+
+def test_step_compiles_once(assets, tmp_path):
+    tr = train.Trainer(make_config(assets, tmp_path / "run"), mesh=one_device())
+    steps(tr, 1)
+    tr.evaluate()  # the eval step compiles on its first use
+    # The compiled functions are shared by every run with equal settings (other tests add entries
+    # for their batch shapes), so count what happens from here on rather than absolute cache sizes.
+    cached = tr.steps.train_step._cache_size()
+    compiles = []
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        steps(tr, 3)
+        tr.evaluate()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    assert tr.steps.train_step._cache_size() == cached
+
+
+def _records(path):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in metrics.read_metrics(path)]
+
+
+def test_resume_is_bit_identical(assets, tmp_path):
+    over = {"train.max_steps": 6, "train.save_every": 3, "train.eval_every": 2, "train.export": False}
+    full = train.run(make_config(assets, tmp_path / "full", **over), mesh=one_device())
+    assert full.stop_reason == "completed" and full.step == 6
+
+    cfg = make_config(assets, tmp_path / "resumed", **over)
+    first = train.run(cfg, callbacks=[lambda m: m["step"] == 4], mesh=one_device())
+    assert first.stop_reason == "callback" and first.step == 4
+    second = train.Trainer(cfg, mesh=one_device())
+    assert all(second.ref_reused.values())  # the reference cache is reused, not recomputed
+    result = second.fit()
+    assert result.step == 6 and result.stop_reason == "completed"
+    want, got = _records(full.metrics_path), _records(result.metrics_path)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    assert got == want  # every logged value (timings aside) is bit-identical
+    assert result.eval_metrics == full.eval_metrics
+
+
+def test_sigterm_saves_a_checkpoint_and_returns(assets, tmp_path):
+    def preempt(m):
+        if m["step"] == 2 and "loss" in m:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    result = train.run(make_config(assets, tmp_path / "run"), callbacks=[preempt], mesh=one_device())
+    assert result.stop_reason == "sigterm" and result.step == 2 and result.final_dir is None
+    assert sorted(os.listdir(result.checkpoint_dir)) == ["2"]
+    assert signal.getsignal(signal.SIGTERM) == previous  # the handler is put back
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(assets, tmp_path, monkeypatch):
+    cfg = make_config(assets, tmp_path / "run", **{"train.save_every": 2, "train.max_steps": 6})
+    tr = train.Trainer(cfg, mesh=one_device())
+    real = tr.steps.train_step
+
+    def poisoned(state, batch):
+        state, m = real(state, batch)
+        if int(state["step"]) == 3:  # the step just taken was step 3
+            m = dict(m, loss=m["loss"] * np.nan)
+        return state, m
+
+    tr.steps = train.dataclasses.replace(tr.steps, train_step=poisoned)
+    with pytest.raises(train.NonFiniteLossError, match=r"at step 3\b.*checkpoint at step 2"):
+        tr.fit()
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_export_loads_in_transformers_with_the_same_logits(assets, tmp_path):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jdpo.models import from_pretrained
+
+    tr = train.Trainer(make_config(assets, tmp_path / "run", **{"train.max_steps": 2}), mesh=one_device())
+    final = tr.fit().final_dir
+    assert (final / "config.json").exists() and (final / "model.safetensors").exists()
+    tok = AutoTokenizer.from_pretrained(final)
+    ids = np.asarray([tok("12+7=19")["input_ids"]], np.int32)
+    hf = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = hf(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+    trained = train.nnx.merge(tr.graphdef, tr.state["params"])  # the policy as it left training
+    np.testing.assert_allclose(np.asarray(trained(ids)), want, atol=1e-4, rtol=1e-4)
+    reloaded, _ = from_pretrained(final)
+    np.testing.assert_allclose(np.asarray(reloaded(ids)), want, atol=1e-4, rtol=1e-4)
+
+
+def test_sharded_run_matches_one_device(assets, tmp_path):
+    cfg = make_config(assets, tmp_path / "one", **{"train.max_steps": 3})
+    one = train.Trainer(cfg, mesh=one_device())
+    eight = train.Trainer(
+        make_config(assets, tmp_path / "eight", **{"train.max_steps": 3}), mesh=make_mesh(2, 2, 2)
+    )
+    assert max(len(x.sharding.device_set) for x in jax.tree.leaves(eight.state["params"])) == 8
+    for a, b in zip(steps(one, 3), steps(eight, 3), strict=True):
+        assert_close_metrics(a, b)
+    for x, y in zip(
+        jax.tree.leaves(one.state["params"]), jax.tree.leaves(eight.state["params"]), strict=True
+    ):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
