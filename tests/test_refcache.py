@@ -1,0 +1,133 @@
+"""jdpo.refcache: the cached reference log-probs are right, reused for the same key and never for another."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jdpo import config as jconfig
+from jdpo import demo, losses, refcache, train
+from jdpo.sharding import make_mesh
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("refcache_assets")
+    kw = dict(max_operand=9, eval_pairs=20, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+              num_kv_heads=2, vocab_size=128)  # fmt: skip
+    a = demo.build_assets(d, **kw)
+    other = demo.build_assets(d / "other_seed", **{**kw, "seed": 1})  # other weights (and pairs)
+    # Same train pairs as `a` but one fewer: changes the train data, not the eval data.
+    lines = a.train_path.read_text().splitlines()
+    (d / "train_minus_one.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    return a, other, d / "train_minus_one.jsonl"
+
+
+def trainer(assets, cache_dir, **overrides):
+    a = assets
+    base = {
+        "model.path": str(a.model_dir),
+        "model.dtype": "float32",
+        "data.train": [str(a.train_path)],
+        "data.eval": [str(a.eval_path)],
+        "data.max_length": 16,
+        "data.max_prompt_length": 8,
+        "data.row_length": 48,
+        "dpo.cache_dir": str(cache_dir),
+        "train.batch_rows": 8,
+        "train.max_steps": 2,
+        "train.output_dir": str(cache_dir.parent / "run"),
+    }
+    cfg = jconfig.replace(jconfig.Config(), **{**base, **overrides})
+    return train.Trainer(cfg, mesh=make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+
+
+def test_key_changes_with_weights_data_and_lengths_and_is_reused_otherwise(assets, tmp_path):
+    a, other, train_minus_one = assets
+    cache = tmp_path / "cache"
+    first = trainer(a, cache)
+    assert first.ref_reused == {"train": False, "eval": False}
+    assert sorted(p.name for p in cache.iterdir()) == sorted(first.ref_keys.values())
+
+    again = trainer(a, cache)  # a later (or resumed) run: same key, loaded from disk
+    assert again.ref_reused == {"train": True, "eval": True} and again.ref_keys == first.ref_keys
+    np.testing.assert_array_equal(again.ref_train.chosen, first.ref_train.chosen)
+
+    lengths = trainer(a, cache, **{"data.max_length": 15})
+    assert lengths.ref_reused == {"train": False, "eval": False}
+    assert set(lengths.ref_keys.values()).isdisjoint(first.ref_keys.values())
+
+    data = trainer(a, cache, **{"data.train": [str(train_minus_one)]})
+    assert data.ref_reused == {"train": False, "eval": True}
+    assert (
+        data.ref_keys["train"] != first.ref_keys["train"] and data.ref_keys["eval"] == first.ref_keys["eval"]
+    )
+
+    # Other weights, same pairs (same tokenizer, same eval file): only the weights differ.
+    weights = trainer(a, cache, **{"model.path": str(other.model_dir)})
+    assert weights.ref_reused == {"train": False, "eval": False}
+    assert set(weights.ref_keys.values()).isdisjoint(first.ref_keys.values())
+    manifest = json.loads((cache / first.ref_keys["eval"] / refcache.MANIFEST).read_text())
+    assert (
+        manifest["num_pairs"] == len(first.eval_pairs)
+        and manifest["ingredients"]["settings"]["split"] == "eval"
+    )
+
+
+def test_cached_logps_equal_an_unpacked_forward(assets, tmp_path):
+    a, _, _ = assets
+    tr = trainer(a, tmp_path / "cache")
+    model = train.nnx.merge(tr.graphdef, tr.state["params"])
+    logits = jax.jit(lambda ids: model(ids))
+    for k in (0, 5, len(tr.train_pairs) - 1):
+        pair = tr.train_pairs[k]
+        for name, want_logp, want_n in (
+            ("chosen_ids", tr.ref_train.chosen[k], tr.ref_train.chosen_counts[k]),
+            ("rejected_ids", tr.ref_train.rejected[k], tr.ref_train.rejected_counts[k]),
+        ):
+            ids = np.concatenate([pair["prompt_ids"], pair[name]]).astype(np.int32)[None]
+            mask = np.zeros(ids.shape, np.float32)
+            mask[0, len(pair["prompt_ids"]) - 1 : -1] = 1.0  # logits at t predict token t + 1
+            targets = np.concatenate([ids[:, 1:], np.zeros((1, 1), np.int32)], axis=1)
+            logp, n = losses.sequence_logprobs(logits(ids), targets, mask)
+            assert int(n[0]) == want_n == len(pair[name])
+            assert float(logp[0]) == pytest.approx(float(want_logp), abs=1e-4)
+
+
+def test_weights_fingerprint_is_sharding_invariant_and_sensitive():
+    x = np.arange(64 * 8, dtype=np.float32).reshape(64, 8) / 7.0
+    one = {"w": jax.device_put(x, jax.devices()[0]), "b": jax.numpy.ones((3,), jax.numpy.bfloat16)}
+    mesh = make_mesh(1, 8, 1)
+    sharded = {"w": jax.device_put(x, NamedSharding(mesh, PartitionSpec("fsdp"))), "b": one["b"]}
+    assert refcache.weights_fingerprint(one) == refcache.weights_fingerprint(sharded)
+    y = x.copy()
+    y[17, 3] = np.nextafter(y[17, 3], np.float32(np.inf))  # one ulp in one element
+    assert refcache.weights_fingerprint({**one, "w": jax.numpy.asarray(y)}) != refcache.weights_fingerprint(
+        one
+    )
+    swapped = x.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]  # same multiset of values, other positions
+    assert refcache.weights_fingerprint(
+        {**one, "w": jax.numpy.asarray(swapped)}
+    ) != refcache.weights_fingerprint(one)
+
+
+def test_lookup_and_save_roundtrip(tmp_path):
+    ref = refcache.RefLogps(
+        chosen=np.asarray([-1.0, -2.0, -3.0], np.float32),
+        rejected=np.asarray([-4.0, -5.0, -6.0], np.float32),
+        chosen_counts=np.asarray([1, 2, 3], np.int32),
+        rejected_counts=np.asarray([4, 5, 6], np.int32),
+    )
+    got = ref.lookup(np.asarray([[2, -1], [0, 1]], np.int32))
+    np.testing.assert_array_equal(got["ref_chosen_logps"], [[-3.0, 0.0], [-1.0, -2.0]])
+    np.testing.assert_array_equal(got["ref_rejected_logps"], [[-6.0, 0.0], [-4.0, -5.0]])
+    ref.save(tmp_path / "k", {"key": "k"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k"]  # no temporary directory left behind
+    back = refcache.RefLogps.load(tmp_path / "k")
+    for f in ("chosen", "rejected", "chosen_counts", "rejected_counts"):
+        np.testing.assert_array_equal(getattr(back, f), getattr(ref, f))
