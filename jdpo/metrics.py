@@ -224,10 +224,9 @@ def format_eval(step: int, metrics: Mapping[str, Any]) -> str:
 class ConsoleWriter:
     """Prints one progress line per logged training step and one per eval.
 
-    The ETA uses the wall clock between the first logged step and now, so compilation (which lands
-    before the first log) does not inflate it and data loading, eval and checkpoint time (which are
-    real costs of the remaining steps) do. Before a second point exists it falls back to the
-    ``step_time`` metric.
+    The ETA uses the wall clock between the first logged step and now, so data loading, eval and
+    checkpoint time (real costs of the remaining steps) count and compilation (which lands before
+    the first log) does not. The first line has no ETA: its only timing would include compilation.
     """
 
     def __init__(self, total_steps: int | None = None, *, stream: TextIO | None = None, clock=time.monotonic):
@@ -236,7 +235,7 @@ class ConsoleWriter:
         self.clock = clock
         self._anchor: tuple[int, float] | None = None
 
-    def eta(self, step: int, metrics: Mapping[str, Any]) -> float | None:
+    def eta(self, step: int) -> float | None:
         if not self.total_steps:
             return None
         remaining = max(0, self.total_steps - step)
@@ -246,13 +245,12 @@ class ConsoleWriter:
         first_step, first_time = self._anchor
         if step > first_step:
             return remaining * (now - first_time) / (step - first_step)
-        step_time = metrics.get(STEP_TIME)
-        return remaining * step_time if isinstance(step_time, numbers.Real) else None
+        return None
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         stream = self.stream or sys.stdout
         if any(not is_eval(k) for k in metrics):
-            print(format_progress(step, self.total_steps, metrics, self.eta(step, metrics)), file=stream)
+            print(format_progress(step, self.total_steps, metrics, self.eta(step)), file=stream)
         if any(is_eval(k) for k in metrics):
             print(format_eval(step, metrics), file=stream)
         stream.flush()

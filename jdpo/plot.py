@@ -33,7 +33,11 @@ PANELS: tuple[tuple[str, str, str, tuple[tuple[str, str], ...]], ...] = (
     ),
     ("optim", "Optimizer", "value", ((M.GRAD_NORM, "grad norm"), (M.LEARNING_RATE, "learning rate"))),
     ("throughput", "Throughput", "non-pad tokens / s", ((M.TOKENS_PER_SEC, "tokens/s"),)),
+    ("mfu", "Model FLOPs utilisation", "fraction of peak FLOP/s", ((M.MFU, "MFU"),)),
 )
+# Schedules are exact, not noisy: smoothing would only shift them.
+NOT_SMOOTHED = frozenset({M.LEARNING_RATE, M.EPOCH})
+SMOOTH_FROM = 50  # points; below this the raw line is readable and a moving average only lags
 
 
 def series(records: list[dict[str, Any]], name: str) -> tuple[list[int], list[float]]:
@@ -69,9 +73,9 @@ def _draw_panel(ax, records, title: str, ylabel: str, entries) -> bool:
         steps, values = series(records, name)
         if steps:
             drawn = True
-            if len(steps) >= 20:  # smooth only when there is noise to smooth
+            if len(steps) >= SMOOTH_FROM and name not in NOT_SMOOTHED:
                 ax.plot(steps, values, color=color, alpha=0.25, linewidth=1)
-                ax.plot(steps, ema(values, max(5, len(steps) // 20)), color=color, label=f"train {label}")
+                ax.plot(steps, ema(values, max(5, len(steps) // 25)), color=color, label=f"train {label}")
             else:
                 ax.plot(steps, values, color=color, marker=".", label=f"train {label}")
         esteps, evalues = series(records, M.eval_name(name))
