@@ -1,0 +1,199 @@
+"""One process of the two-process test in tests/test_distributed.py (also importable for its helpers).
+
+    python tests/multihost_worker.py --tasks model,train --out DIR [--model-dir ... --train ... --eval ...]
+
+Run by the test with `JDPO_COORDINATOR`, `JDPO_NUM_PROCESSES=2`, `JDPO_PROCESS_ID` in the environment:
+the process joins the job through `jdpo.distributed.maybe_initialize` with 2 CPU devices of its own (4
+global), then runs the tasks and writes `DIR/<task>.p<process>.npz` / `.json` for the test to compare with
+a single-process run of the same functions (`model_task`, `train_config`).
+
+Nothing heavy is imported at module level: the device count has to be set before JAX starts, and the
+test process (8 devices, from conftest.py) imports this module for the shared helpers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+T0 = time.perf_counter()
+
+LOCAL_DEVICES = 2  # CPU devices of each worker process
+ROWS, LENGTH = 8, 16  # the global batch of the model task: [B, T]
+
+
+def tiny_config():
+    """A tiny Llama (GQA, untied) for the model task."""
+    from jdpo.models import ModelConfig
+
+    return ModelConfig(
+        family="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, max_position_embeddings=64,
+    )  # fmt: skip
+
+
+def global_batch(seed: int = 0) -> dict:
+    """The model task's whole batch as numpy: rows 2k / 2k+1 are the chosen / rejected of pair k (so a
+    pair never straddles two processes), with fixed reference log-probs per pair."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    input_ids = rng.integers(1, 64, (ROWS, LENGTH), dtype=np.int32)
+    mask = np.zeros((ROWS, LENGTH), np.float32)
+    for r in range(ROWS):  # a prompt of 3..7 tokens, then the completion is scored
+        mask[r, rng.integers(3, 8) :] = 1.0
+    return {
+        "input_ids": input_ids,
+        "targets": np.roll(input_ids, -1, axis=1),
+        "loss_mask": mask,
+        "ref_logps": rng.normal(-60.0, 3.0, (ROWS,)).astype(np.float32),
+    }
+
+
+def model_task(mesh) -> dict:
+    """Sharded forward + DPO loss + gradient of `tiny_config` on `mesh`, this process feeding only its
+    rows of `global_batch` (`jax.make_array_from_process_local_data`). Returns numpy: the loss, the
+    per-row log-probs and the flattened gradient, the same on every process."""
+    import jax
+    import numpy as np
+    from flax import nnx
+    from jax.experimental import multihost_utils
+
+    from jdpo import losses
+    from jdpo.models import init_model
+    from jdpo.sharding import batch_sharding
+
+    model = init_model(tiny_config(), seed=0, mesh=mesh)
+    graphdef, params = nnx.split(model)
+    rows = batch_sharding(mesh, 2)
+    local = ROWS // jax.process_count()
+    lo = jax.process_index() * local
+    host = {k: v[lo : lo + local] for k, v in global_batch().items()}
+    batch = {
+        k: jax.make_array_from_process_local_data(rows if v.ndim == 2 else batch_sharding(mesh, 1), v)
+        for k, v in host.items()
+    }
+
+    def loss_fn(params, batch):
+        m = nnx.merge(graphdef, params)
+        hidden_BxTxD = m.hidden_states(batch["input_ids"])
+        logps_B, _ = losses.sequence_logprobs_from_hidden(
+            hidden_BxTxD, m.unembedding(), batch["targets"], batch["loss_mask"], chunk_size=16
+        )
+        ref_B = batch["ref_logps"]
+        loss, _ = losses.dpo_loss(logps_B[0::2], logps_B[1::2], ref_B[0::2], ref_B[1::2], beta=0.1)
+        return loss, logps_B
+
+    with jax.set_mesh(mesh):
+        (loss, logps_B), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, batch)
+    # Gradients are sharded over both processes; gathered, every process holds them whole.
+    if jax.process_count() > 1:
+        loss, grads, logps_B = multihost_utils.process_allgather((loss, grads, logps_B), tiled=True)
+    flat = np.concatenate([np.ravel(np.asarray(g)) for g in jax.tree.leaves(grads)])
+    sharded_over = max(len(x.sharding.device_set) for x in jax.tree.leaves(params))
+    return {"loss": np.asarray(loss), "logps": np.asarray(logps_B), "grads": flat, "spread": sharded_over}
+
+
+def train_config(model_dir, train_path, eval_path, out_dir, cache_dir, steps: int = 3):
+    """The tiny DPO run both the process pair and the single-process reference train (float32)."""
+    from jdpo import config as jconfig
+
+    return jconfig.replace(
+        jconfig.Config(),
+        **{
+            "model.path": str(model_dir),
+            "model.dtype": "float32",
+            "data.train": [str(train_path)],
+            "data.eval": [str(eval_path)] if eval_path else [],
+            "data.max_length": 16,
+            "data.max_prompt_length": 8,
+            "data.row_length": 48,
+            "dpo.cache_dir": str(cache_dir),
+            "optim.learning_rate": 1e-3,
+            "train.output_dir": str(out_dir),
+            "train.batch_rows": 8,
+            "train.max_steps": steps,
+            "train.save_every": steps,
+            "train.export": False,
+            "logging.console": False,
+            "logging.tensorboard": False,
+        },
+    )
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", default="model", help="comma-separated: model, train")
+    p.add_argument("--out", required=True, help="directory for the results")
+    p.add_argument("--model-dir")
+    p.add_argument("--train")
+    p.add_argument("--eval")
+    p.add_argument("--steps", type=int, default=3)
+    args = p.parse_args(argv)
+
+    import jax
+
+    # Before anything computes: the device count, then the cluster (the JDPO_* variables).
+    jax.config.update("jax_num_cpu_devices", LOCAL_DEVICES)
+    from jdpo import distributed
+
+    info = distributed.maybe_initialize()
+    again = distributed.maybe_initialize()  # idempotent: the same result, no second initialisation
+    assert again is info, (again, info)
+    pid, n = distributed.process_index(), distributed.process_count()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "info": str(info),
+        "kind": info.kind,
+        "process_index": pid,
+        "process_count": n,
+        "local_devices": jax.local_device_count(),
+        "global_devices": jax.device_count(),
+        "is_main": distributed.is_main_process(),
+        "broadcast": int(distributed.broadcast_from_main(jax.numpy.int32(100 + pid))),
+    }
+    distributed.sync("worker started")
+
+    import numpy as np
+
+    from jdpo.sharding import make_mesh
+
+    report["seconds"] = {"start": round(time.perf_counter() - T0, 1)}
+    for task in args.tasks.split(","):
+        t0 = time.perf_counter()
+        if task == "model":
+            res = model_task(make_mesh(data=1, fsdp=2, tensor=2))
+            np.savez(out / f"model.p{pid}.npz", **res)
+        elif task == "train":
+            from jdpo import train
+
+            base = out / "train"
+            cfg = train_config(
+                args.model_dir, args.train, args.eval, base / "run", base / "refcache", steps=args.steps
+            )
+            result = train.run(cfg)  # the mesh from the config: fsdp over all 4 devices of both processes
+            report["train"] = {
+                "step": result.step,
+                "stop_reason": result.stop_reason,
+                "metrics": result.metrics,
+            }
+        else:
+            raise SystemExit(f"unknown task {task!r}")
+        distributed.sync(f"task {task} done")
+        report["seconds"][task] = round(time.perf_counter() - t0, 1)
+    (out / f"report.p{pid}.json").write_text(json.dumps(report, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    # A worker is a fresh interpreter: no flags inherited from the test process may force 8 devices.
+    os.environ["XLA_FLAGS"] = " ".join(
+        f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f
+    )
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.exit(main())
