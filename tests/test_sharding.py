@@ -1,0 +1,172 @@
+"""Mesh creation, the logical-axis rules, and sharded models on 8 CPU devices matching one device."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+from test_models import random_model  # numpy-filled weights: no RNG compiles
+
+from jdpo.models import ModelConfig, from_pretrained, init_model, save_pretrained
+from jdpo.sharding import (
+    LOGICAL_AXIS_RULES,
+    batch_sharding,
+    constrain,
+    logical_to_spec,
+    make_mesh,
+    named_sharding,
+)
+
+
+def test_make_mesh_axes_and_remaining_devices():
+    assert jax.device_count() == 8
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    assert mesh.axis_names == ("data", "fsdp", "tensor") and dict(mesh.shape) == dict(
+        data=2, fsdp=2, tensor=2
+    )
+    assert dict(make_mesh(fsdp=-1).shape) == dict(data=1, fsdp=8, tensor=1)
+    assert dict(make_mesh(data=2, fsdp=-1).shape) == dict(data=2, fsdp=4, tensor=1)
+    assert make_mesh().size == 1
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        make_mesh(data=4, fsdp=4)
+    with pytest.raises(ValueError, match="at most one"):
+        make_mesh(data=-1, fsdp=-1)
+
+
+def test_logical_to_spec_rules_and_fallbacks():
+    assert logical_to_spec(("embed", "mlp")) == P("fsdp", "tensor")
+    assert logical_to_spec(("batch", "length", "act_embed")) == P(("data", "fsdp"), None, None)
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    # a dimension that does not divide by its mesh axes is replicated, not an error
+    assert logical_to_spec(("vocab", "embed"), (127, 64), mesh) == P(None, "fsdp")
+    assert logical_to_spec(("embed", "kv_heads", "head_dim"), (64, 1, 16), mesh) == P("fsdp", None, None)
+    # mesh axes of size 1 are dropped
+    assert logical_to_spec(("batch", "act_vocab"), (8, 128), make_mesh(fsdp=8)) == P("fsdp", None)
+    # a mesh axis is used once per spec
+    assert logical_to_spec(("embed", "embed")) == P("fsdp", None)
+    with pytest.raises(KeyError, match="no_such_axis"):
+        logical_to_spec(("no_such_axis",))
+    assert set(LOGICAL_AXIS_RULES) >= {
+        "embed",
+        "vocab",
+        "heads",
+        "kv_heads",
+        "head_dim",
+        "mlp",
+        "batch",
+        "length",
+    }
+    assert (
+        named_sharding(mesh, ("batch", None), (8, 4)).spec
+        == batch_sharding(mesh).spec
+        == P(("data", "fsdp"), None)
+    )
+
+
+def test_constrain_is_a_noop_without_mesh_and_shards_with_one():
+    x = jnp.ones((8, 4, 16))
+    assert constrain(x, ("batch", "length", "act_embed")) is x
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    with jax.set_mesh(mesh):
+        y = jax.jit(lambda a: constrain(a * 2, ("batch", "length", "act_mlp")))(x)
+    assert y.sharding.spec == P(("data", "fsdp"), None, "tensor")
+
+
+# Heads (4 / 2 kv), vocab (128) and mlp (64) divide by tensor=2; embed (32) by fsdp=8.
+TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+HF_CONFIGS = {
+    "llama": dict(model_type="llama", num_key_value_heads=2, tie_word_embeddings=False, **TINY),
+    "gemma2": dict(model_type="gemma2", num_key_value_heads=2, head_dim=8, sliding_window=3,
+                   query_pre_attn_scalar=8, attn_logit_softcapping=4.0, final_logit_softcapping=3.0, **TINY),
+}  # fmt: skip
+MESHES = {"fsdp8": (1, 8, 1), "data2_fsdp2_tensor2": (2, 2, 2)}
+
+
+@pytest.fixture(scope="module")
+def reference(request, tmp_path_factory):
+    """A saved random model plus its single-device logits and gradients on a padded, packed batch."""
+    config = ModelConfig.from_hf(HF_CONFIGS[request.param])
+    path = tmp_path_factory.mktemp(f"shard_{request.param}")
+    save_pretrained(random_model(config), path)
+    rng = np.random.RandomState(0)
+    ids = rng.randint(0, 128, (8, 12)).astype(np.int32)
+    seg = np.ones((8, 12), np.int32)
+    seg[1, 7:] = 0  # padding
+    seg[2, 5:] = 2  # a second packed segment
+    pos = np.where(seg[:, :, None] == seg[:, None, :], np.tril(np.ones((12, 12), np.int32)), 0).sum(-1) - 1
+    batch = dict(ids=ids, pos=pos.astype(np.int32), seg=seg)
+    model, _ = from_pretrained(path)
+    logits, grads = _logits_and_grads(model, batch)
+    return dict(path=path, batch=batch, logits=np.asarray(logits), grads=_grads_by_name(grads))
+
+
+def _loss(model, ids, pos, seg):
+    logits = model(ids, pos, seg)
+    return jnp.sum(jax.nn.log_softmax(logits)[..., 0] * (seg > 0)), logits
+
+
+@nnx.jit
+def _logits_and_grads(model, batch):
+    (_, logits), grads = nnx.value_and_grad(_loss, has_aux=True)(
+        model, batch["ids"], batch["pos"], batch["seg"]
+    )
+    return logits, grads
+
+
+def _grads_by_name(grads):
+    """Gradients keyed by HF-style per-layer names so loop and scan layouts compare."""
+    out = {}
+    for path, g in nnx.to_flat_state(grads):
+        name = ".".join(str(p) for p in path)
+        g = np.asarray(g)
+        if name.startswith("layers.") and not name.split(".")[1].isdigit():  # stacked [L, ...]
+            for i in range(g.shape[0]):
+                out[name.replace("layers.", f"layers.{i}.", 1)] = g[i]
+        else:
+            out[name] = g
+    return out
+
+
+# (config, mesh, layout): each config and each layout runs on both meshes, in 4 compiles rather than 8.
+COMBOS = [
+    ("llama", "fsdp8", False),
+    ("llama", "data2_fsdp2_tensor2", True),
+    ("gemma2", "fsdp8", True),
+    ("gemma2", "data2_fsdp2_tensor2", False),
+]
+
+
+@pytest.mark.parametrize("reference, mesh_name, scan_layers", COMBOS, indirect=["reference"])
+def test_sharded_model_matches_one_device(reference, mesh_name, scan_layers):
+    mesh = make_mesh(*MESHES[mesh_name])
+    model, config = from_pretrained(reference["path"], mesh=mesh, scan_layers=scan_layers)
+    q_kernel = (
+        model.layers.self_attn if scan_layers else model.layers[0].self_attn
+    ).q_proj.kernel.get_value()
+    expected = logical_to_spec(
+        ("layers",) * scan_layers + ("embed", "heads", "head_dim"), q_kernel.shape, mesh
+    )
+    assert q_kernel.sharding.spec == expected and "fsdp" in str(expected)
+    with jax.set_mesh(mesh):
+        batch = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in reference["batch"].items()}
+        logits, grads = _logits_and_grads(model, batch)
+    assert logits.sharding.spec[0] == logical_to_spec(("batch",), (8,), mesh)[0]  # rows stay sharded
+    np.testing.assert_allclose(np.asarray(logits), reference["logits"], atol=1e-5)
+    grads = _grads_by_name(grads)
+    assert grads.keys() == reference["grads"].keys()
+    for name, g in grads.items():
+        np.testing.assert_allclose(g, reference["grads"][name], atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+def test_init_model_is_born_sharded_and_sharding_invariant():
+    config = ModelConfig.from_hf(HF_CONFIGS["llama"])
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    sharded = init_model(config, seed=3, mesh=mesh, scan_layers=True)
+    up = sharded.layers.mlp.up_proj.kernel.get_value()
+    assert up.sharding.spec == P(None, "fsdp", "tensor")
+    assert sharded.embed_tokens.embedding.get_value().sharding.spec == P("tensor", "fsdp")
+    single = init_model(config, seed=3, scan_layers=True)
+    for a, b in zip(jax.tree.leaves(nnx.state(sharded)), jax.tree.leaves(nnx.state(single)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.asarray(up).std() > 0.01  # really random
