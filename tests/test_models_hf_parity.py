@@ -43,14 +43,20 @@ CASES = {
         ),
         "30KB",
     ),
-    "llama_mha_tied": (
+    "llama_mha_tied_attention_bias": (
         "llama",
-        dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True),
+        dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True, attention_bias=True),
         None,
     ),
-    "mistral_sliding": (
+    "mistral_sliding_linear_rope": (
         "mistral",
-        dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=5, tie_word_embeddings=False),
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=5,
+            tie_word_embeddings=False,
+            rope_scaling=dict(rope_type="linear", factor=2.0),
+        ),
         None,
     ),
     "qwen2_bias_tied": (
