@@ -123,8 +123,22 @@ def make_model_dir(path: str | Path, tokenizer, *, seed: int = 0, vocab_size: in
 @dataclasses.dataclass
 class DemoAssets:
     model_dir: Path
-    train_path: Path
-    eval_path: Path
+    train_path: Path  # DPO pairs: chosen = the right sum, rejected = a wrong one
+    eval_path: Path  # held-out DPO pairs (prompts never seen in training)
+    sft_path: Path  # supervised data: the train prompts, answered right half of the time
+
+
+def noisy_sft_records(records: list[dict], wrong_fraction: float = 0.5, seed: int = 0) -> list[dict]:
+    """The supervised stage's data: the same prompts with the answer swapped for the wrong one in a
+    `wrong_fraction` of them. A model imitating it learns to write sums, right and plausibly wrong
+    alike, so the reference has no preference for the right answer; DPO then has to teach it."""
+    rng = random.Random(seed + 1)
+    out = []
+    for r in records:
+        if rng.random() < wrong_fraction:
+            r = {**r, "chosen": r["rejected"], "rejected": r["chosen"]}
+        out.append(r)
+    return out
 
 
 def build_assets(directory: str | Path, *, max_operand: int = 49, eval_pairs: int = 250, seed: int = 0,
@@ -138,6 +152,7 @@ def build_assets(directory: str | Path, *, max_operand: int = 49, eval_pairs: in
         model_dir=make_model_dir(directory / "init", tokenizer, seed=seed, **model_sizes),
         train_path=write_jsonl(train, directory / "train.jsonl"),
         eval_path=write_jsonl(held, directory / "eval.jsonl"),
+        sft_path=write_jsonl(noisy_sft_records(train, seed=seed), directory / "sft.jsonl"),
     )
 
 
@@ -174,6 +189,7 @@ def demo_config(
     if stage == "sft":
         stage_cfg = {
             "model.path": str(assets.model_dir),
+            "data.train": [str(assets.sft_path)],
             "dpo.loss_type": ["sft"],
             "dpo.reference": "none",
             "optim.learning_rate": 3e-3,
@@ -194,7 +210,7 @@ def demo_config(
             "train.save_every": max(steps // 2, 1),
             "train.log_every": max(steps // 20, 1),
         }
-    return replace(cfg, **common, **stage_cfg)
+    return replace(cfg, **{**common, **stage_cfg})
 
 
 def _summary(ev: dict[str, float]) -> str:
@@ -206,8 +222,19 @@ def _summary(ev: dict[str, float]) -> str:
     )
 
 
-def run_demo(output_dir: str | Path = "runs/demo", *, steps: int = 150, sft_steps: int = 300,
-             preset: str | None = None, seed: int = 0, quiet: bool = False) -> dict[str, Any]:  # fmt: skip
+def run_demo(
+    output_dir: str | Path = "runs/demo",
+    *,
+    steps: int = 150,
+    sft_steps: int = 300,
+    preset: str | None = None,
+    seed: int = 0,
+    max_operand: int = 49,
+    eval_pairs: int = 250,
+    model: dict | None = None,
+    plot: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any]:
     """Build the toy task and model, run SFT then DPO, print the held-out numbers before and after.
 
     Returns {"before": eval metrics of the reference (= the DPO policy at step 0), "after": eval
@@ -219,7 +246,9 @@ def run_demo(output_dir: str | Path = "runs/demo", *, steps: int = 150, sft_step
     t0 = time.time()
     out = Path(output_dir)
     say = (lambda *a: None) if quiet else print
-    assets = build_assets(out / "assets", seed=seed)
+    assets = build_assets(
+        out / "assets", seed=seed, max_operand=max_operand, eval_pairs=eval_pairs, **(model or {})
+    )
     say(f"[demo] task: {assets.train_path} (+ held-out {assets.eval_path}); model: {assets.model_dir}")
 
     sft_cfg = demo_config(out, assets, stage="sft", steps=sft_steps, preset=preset)
@@ -236,6 +265,10 @@ def run_demo(output_dir: str | Path = "runs/demo", *, steps: int = 150, sft_step
     after = result.eval_metrics
     like_after = likelihood_accuracy(trainer)
     say(f"[demo] after DPO (held-out):  {_summary(after)}; prefers chosen by log-prob: {like_after:.1%}")
+    if plot:
+        from jdpo.plot import plot_run
+
+        say(f"[demo] plots: {', '.join(str(p) for p in plot_run(out))}")
     seconds = time.time() - t0
     say(f"[demo] done in {seconds:.0f} s; policy exported to {result.final_dir}")
     return {
