@@ -52,9 +52,10 @@ setup:
 launch:
   --config FILE             jdpo YAML config, a local file: copied to jdpo-runs/RUN/ on every worker.
   --remote-config PATH      ... or a path that already exists on every worker (e.g. on a mounted bucket).
-  --output-dir DIR          Adds --train.output_dir DIR. Must be shared by all workers (checkpoints are
-                            written by all of them): a gs:// bucket path or a mounted directory (e.g. a
-                            gcsfuse or Filestore mount) -- not a worker's local disk.
+  --output-dir DIR          Adds --train.output_dir DIR. Must be one directory every worker sees (all of
+                            them write the checkpoints): a shared mount (Filestore / NFS / gcsfuse) at
+                            the same path on every worker, or a gs:// path (passed through unchanged;
+                            needs a jdpo whose output paths support gs://). Never a worker's local disk.
   --env KEY=VALUE           Environment variable for the run on every worker (repeatable), e.g. HF_HOME.
   -- OVERRIDES...           Everything after `--` is passed to `jdpo train` unchanged, each argument
                             quoted for the remote shell: -- --dpo.beta 0.2 --data.train "a b.jsonl".
@@ -233,15 +234,15 @@ do_create() {
 }
 
 do_setup() {
-  local spec pip venv_pip
+  local spec jdpo_only pip venv_pip
   venv_pip="$VENV/bin/pip"
   if [[ -n "$WHEEL" ]]; then
     local base
     base="$(basename "$WHEEL")"
     run "${GCLOUD[@]}" scp "$WHEEL" "$NAME:$base" "${SCOPE[@]}" --worker="$WORKER"
-    spec="./${base}[tpu]"
+    spec="./${base}[tpu]" jdpo_only="./$base"
   else
-    spec="jdpo[tpu] @ git+$GIT_URL@$GIT_REF"
+    spec="jdpo[tpu] @ git+$GIT_URL@$GIT_REF" jdpo_only="jdpo @ git+$GIT_URL@$GIT_REF"
   fi
   pip="$(quote "$venv_pip") install"
   if [[ -n "$PIP_ARGS" ]]; then
@@ -250,9 +251,12 @@ do_setup() {
     pip+=" $(quote "${extra[@]}")"
   fi
   # One virtual environment per worker, reused by later setups; the TPU runtime (libtpu) comes with
-  # jax[tpu] through jdpo's [tpu] extra. `jdpo --version` proves the console script works.
+  # jax[tpu] through jdpo's [tpu] extra. jdpo itself is then reinstalled without its dependencies:
+  # pip skips a package whose version number did not change, and a new commit usually keeps it.
+  # `jdpo --version` proves the console script works.
   on_workers "$WORKER" "set -euo pipefail; $(quote "$PYTHON") -m venv $(quote "$VENV"); \
-$(quote "$venv_pip") install --upgrade pip; $pip --upgrade $(quote "$spec"); $(quote "$VENV/bin/jdpo") --version"
+$(quote "$venv_pip") install --upgrade pip; $pip --upgrade $(quote "$spec"); \
+$pip --force-reinstall --no-deps $(quote "$jdpo_only"); $(quote "$VENV/bin/jdpo") --version"
 }
 
 do_launch() {

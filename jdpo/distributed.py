@@ -428,6 +428,22 @@ def broadcast_from_main(tree: T) -> T:
     return multihost_utils.broadcast_one_to_all(tree)
 
 
+def any_process(flag: bool) -> bool:
+    """True on every process if `flag` is True on at least one (a collective: call it everywhere).
+
+    For decisions that must be unanimous although their trigger is local, e.g. a SIGTERM that reaches
+    the workers of a pod at slightly different steps: if only some processes stopped to checkpoint, the
+    others would wait for them in the next step's collectives until the job timed out.
+    """
+    if process_count() == 1:
+        return bool(flag)
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.asarray(bool(flag), np.int32))
+    return bool(np.max(flags))
+
+
 def main_process_only(fn: Callable[..., T]) -> Callable[..., T | None]:
     """Decorator: run `fn` on process 0 only; other processes get None right away.
 

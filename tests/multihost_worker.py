@@ -156,6 +156,8 @@ def main(argv=None) -> int:
         "global_devices": jax.device_count(),
         "is_main": distributed.is_main_process(),
         "broadcast": int(distributed.broadcast_from_main(jax.numpy.int32(100 + pid))),
+        "any_of_1": distributed.any_process(pid == 1),  # True on process 1 only: True everywhere
+        "any_of_none": distributed.any_process(False),
     }
     distributed.sync("worker started")
 

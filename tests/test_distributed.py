@@ -167,6 +167,7 @@ def test_helpers_in_one_process():
     assert D.is_main_process() and D.process_count() == 1 and D.process_index() == 0
     D.sync("nothing to wait for")
     assert D.broadcast_from_main({"x": 3}) == {"x": 3}
+    assert D.any_process(True) is True and D.any_process(False) is False
 
     @D.main_process_only
     def write(x):
@@ -327,6 +328,7 @@ def test_two_processes_joined_one_job(results):
         assert (r["local_devices"], r["global_devices"]) == (2, 4)
         assert r["is_main"] == (i == 0)
         assert r["broadcast"] == 100  # process 0's value reached both
+        assert r["any_of_1"] is True and r["any_of_none"] is False
         assert r["info"].startswith(f"process {i} of 2 (explicit")
 
 

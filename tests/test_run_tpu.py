@@ -92,6 +92,13 @@ def test_setup_installs_jdpo_tpu_from_a_git_ref_on_every_worker():
     assert "python3 -m venv jdpo-venv" in script
     install = next(part for part in script.split(";") if "pip install" in part and "jdpo[tpu]" in part)
     assert shlex.split(install)[-1] == "jdpo[tpu] @ git+https://github.com/org/jdpo@v0.1.0"
+    # A new commit with an unchanged version number still replaces the installed jdpo.
+    reinstall = next(part for part in script.split(";") if "--force-reinstall" in part)
+    assert shlex.split(reinstall)[-3:] == [
+        "--force-reinstall",
+        "--no-deps",
+        "jdpo @ git+https://github.com/org/jdpo@v0.1.0",
+    ]
     assert script.rstrip().endswith("jdpo-venv/bin/jdpo --version")
 
 
