@@ -181,7 +181,8 @@ def from_pretrained(
     unused = sorted(k for k in key_to_file if k not in used and not k.endswith(_IGNORED_SUFFIXES))
     if unused:
         details = ", ".join(f"{k!r} in file {key_to_file[k]}" for k in unused[:10])
-        raise CheckpointError(f"{len(unused)} unused checkpoint tensor(s): {details}")
+        hint = " (config.json says tie_word_embeddings=true)" if "lm_head.weight" in unused else ""
+        raise CheckpointError(f"{len(unused)} unused checkpoint tensor(s): {details}{hint}")
     return model, config
 
 
