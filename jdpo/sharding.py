@@ -132,14 +132,18 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def param_shardings(state, mesh: Mesh):
-    """Map an (abstract) nnx.State of Variables to NamedShardings from their `out_sharding` names."""
+def param_shardings(state, mesh: Mesh | None):
+    """Shardings for an (abstract) nnx.State, from each Variable's `out_sharding` logical names.
+
+    Returns a tree of the same structure (each Variable holding a NamedSharding instead of its array), so it
+    can be passed directly as `jax.jit(..., out_shardings=...)` for a function returning that state. With
+    mesh=None everything goes on the first device.
+    """
+    from flax import nnx
 
     def one(v):
-        names = v.get_metadata().get("out_sharding") if hasattr(v, "get_metadata") else None
-        value = v.get_value() if hasattr(v, "get_value") else v
-        return named_sharding(mesh, names, value.shape)
-
-    from flax import nnx
+        if mesh is None:
+            return v.replace(jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        return v.replace(named_sharding(mesh, v.get_metadata().get("out_sharding"), v.get_value().shape))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

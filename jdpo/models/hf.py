@@ -21,7 +21,7 @@ from safetensors.numpy import save_file
 
 from jdpo.models.families import WeightSpec, weight_table
 from jdpo.models.transformer import ModelConfig, Transformer
-from jdpo.sharding import named_sharding
+from jdpo.sharding import named_sharding, param_shardings
 
 INDEX_FILE = "model.safetensors.index.json"
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -229,17 +229,9 @@ def init_model(
             scan_layers=scan_layers,
         )
 
-    abstract = nnx.eval_shape(make)
-    graphdef, abstract_state = nnx.split(abstract)
-    variables = jax.tree.leaves(abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    shardings = [_sharding_for(v, mesh) for v in variables]
-
-    def init():
-        return jax.tree.leaves(nnx.state(make()))
-
-    leaves = jax.jit(init, out_shardings=shardings)()
-    treedef = jax.tree.structure(abstract_state)
-    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(make))
+    init = jax.jit(lambda: nnx.state(make()), out_shardings=param_shardings(abstract_state, mesh))
+    return nnx.merge(graphdef, init())
 
 
 def _to_hf_layout(array: jax.Array, spec: WeightSpec) -> np.ndarray:
