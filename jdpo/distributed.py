@@ -270,9 +270,9 @@ def detect_cluster(
 # ------------------------------------------------------------------------------------------------
 
 
-def _cpu_only(jax) -> bool:
+def _cpu_only(jax, env: Mapping[str, str]) -> bool:
     """Whether this process will compute on CPU only (decides the CPU collectives)."""
-    platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
+    platforms = jax.config.jax_platforms or env.get("JAX_PLATFORMS", "")
     if platforms:
         return platforms.split(",")[0].strip() == "cpu"
     # No platform named: CPU unless an accelerator plugin will claim the process. A TPU VM uses TPU
@@ -321,7 +321,7 @@ def maybe_initialize(
         _INFO = DistributedInfo(False, "single", 0, 1, None, spec.reason)
         return _INFO
 
-    if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in env and _cpu_only(jax):
+    if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in env and _cpu_only(jax, env):
         # Cross-process collectives on CPU need an implementation; gloo ships with jaxlib.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs: dict[str, Any] = {

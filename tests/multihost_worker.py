@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 T0 = time.perf_counter()
@@ -127,7 +128,7 @@ def train_config(model_dir, train_path, eval_path, out_dir, cache_dir, steps: in
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tasks", default="model", help="comma-separated: model, train")
+    p.add_argument("--tasks", default="model", help="comma-separated: model, train, fail")
     p.add_argument("--out", required=True, help="directory for the results")
     p.add_argument("--model-dir")
     p.add_argument("--train")
@@ -184,6 +185,10 @@ def main(argv=None) -> int:
                 "stop_reason": result.stop_reason,
                 "metrics": result.metrics,
             }
+        elif task == "fail":  # process 1 fails; process 0 waits for it forever (the test must kill it)
+            if pid == 1:
+                raise RuntimeError("process 1 fails on purpose")
+            distributed.sync("process 1 never gets here")
         else:
             raise SystemExit(f"unknown task {task!r}")
         distributed.sync(f"task {task} done")
@@ -198,4 +203,12 @@ if __name__ == "__main__":
         f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f
     )
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    sys.exit(main())
+    try:
+        code = main()
+    except BaseException:
+        # Exit now: a normal exit would run jax.distributed's shutdown, which waits (minutes) for the
+        # other process to shut down too, while the other may be waiting for this one in a collective.
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.exit(code)

@@ -272,6 +272,15 @@ class Pair:
             self.kill()
 
 
+def test_a_failed_worker_fails_the_test_and_no_process_is_left(tmp_path):
+    pair = Pair(["--tasks", "fail"], tmp_path)
+    with pytest.raises(pytest.fail.Exception, match=r"exit codes \[(-9|None|1), 1\]") as failure:
+        pair.wait(DEADLINE_S)
+    assert "RuntimeError: process 1 fails on purpose" in str(failure.value)  # its traceback is shown
+    assert time.monotonic() - pair.started < 60  # noticed at once, not after jax's heartbeat timeout
+    assert all(p.poll() is not None for p in pair.procs)  # process 0 (waiting in a barrier) is gone too
+
+
 def one_device():
     from jdpo.sharding import make_mesh
 
