@@ -57,6 +57,8 @@ launch:
                             the same path on every worker, or a gs:// path (passed through unchanged;
                             needs a jdpo whose output paths support gs://). Never a worker's local disk.
   --env KEY=VALUE           Environment variable for the run on every worker (repeatable), e.g. HF_HOME.
+  --no-validate             Skip loading --config + overrides with the local `jdpo` first (when jdpo is
+                            installed here, a typo in an override fails before any worker starts).
   -- OVERRIDES...           Everything after `--` is passed to `jdpo train` unchanged, each argument
                             quoted for the remote shell: -- --dpo.beta 0.2 --data.train "a b.jsonl".
 logs:
@@ -89,7 +91,7 @@ NAME="" ZONE="" PROJECT="" RUN="jdpo" WORKER="all" VENV="jdpo-venv" DRY_RUN=0
 ACCELERATOR="" VERSION="" SPOT=0
 GIT_URL="" GIT_REF="main" WHEEL="" PYTHON="python3" PIP_ARGS=""
 CONFIG="" REMOTE_CONFIG="" OUTPUT_DIR="" ENVS=() OVERRIDES=()
-LOG_WORKER=0 FORCE=0 YES=0
+LOG_WORKER=0 FORCE=0 YES=0 VALIDATE=1
 
 # An option's value: the next argument, which must exist and must not look like another option.
 need_value() {
@@ -122,6 +124,7 @@ while [[ $# -gt 0 ]]; do
     --remote-config) need_value "$@"; REMOTE_CONFIG="$2"; shift 2 ;;
     --output-dir) need_value "$@"; OUTPUT_DIR="$2"; shift 2 ;;
     --env) need_value "$@"; ENVS+=("$2"); shift 2 ;;
+    --no-validate) VALIDATE=0; shift ;;
     --log-worker) need_value "$@"; LOG_WORKER="$2"; shift 2 ;;
     --force) FORCE=1; shift ;;
     --yes) YES=1; shift ;;
@@ -182,6 +185,19 @@ if has_command launch; then
   for kv in "${ENVS[@]+"${ENVS[@]}"}"; do
     [[ "$kv" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env '$kv': expected KEY=VALUE"
   done
+fi
+# The config and overrides, loaded by the local jdpo (if installed) exactly as the workers will load them:
+# an unknown field or a bad value fails here, with jdpo's message, instead of on every worker.
+if has_command launch && [[ -n "$CONFIG" && $VALIDATE -eq 1 ]]; then
+  if JDPO_BIN="$(command -v jdpo)"; then
+    check=("$JDPO_BIN" train --config "$CONFIG" --print-config)
+    [[ -n "$OUTPUT_DIR" ]] && check+=(--train.output_dir "$OUTPUT_DIR")
+    if ! message="$("${check[@]}" "${OVERRIDES[@]+"${OVERRIDES[@]}"}" 2>&1 >/dev/null)"; then
+      die "the config does not load: ${message##*$'\n'}"
+    fi
+  else
+    echo "$PROG: note: no local jdpo to check the config with; the workers will check it" >&2
+  fi
 fi
 if [[ $DRY_RUN -eq 0 ]] && ! command -v gcloud >/dev/null 2>&1; then
   die "gcloud is not installed (https://cloud.google.com/sdk/docs/install); --dry-run works without it"

@@ -12,6 +12,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -162,6 +163,19 @@ def test_the_launch_script_runs_in_a_real_shell(config, tmp_path):
         subprocess.run(["sleep", "0.05"])
     assert (home / "argv.txt").read_text().splitlines() == ["train", "--config", "/shared/c.yaml", *overrides]
     assert pid > 0 and (home / "jdpo-runs" / "jdpo" / "train.log").exists()
+
+
+def test_launch_checks_the_config_with_the_local_jdpo_first(config, monkeypatch):
+    venv_bin = Path(sys.executable).parent
+    if not (venv_bin / "jdpo").exists():
+        pytest.skip("the jdpo console script is not installed next to this python")
+    monkeypatch.setenv("PATH", f"{venv_bin}:{os.environ['PATH']}")
+    args = ["--dry-run", "launch", *BASE, "--config", str(config)]
+    proc = run(*args, "--", "--dpo.bta", "0.2", check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "the config does not load" in proc.stderr and "did you mean 'dpo.beta'" in proc.stderr
+    assert "train --config" in run(*args, "--", "--dpo.beta", "0.2").stdout
+    assert run(*args, "--no-validate", "--", "--dpo.bta", "0.2").returncode == 0
 
 
 def test_logs_status_stop_delete():
