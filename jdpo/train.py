@@ -537,6 +537,7 @@ class Trainer:
     def fit(self, callbacks: Sequence[Callable[[dict], Any]] = ()) -> RunResult:
         """Train to `total_steps` (resuming from the newest checkpoint in the output directory)."""
         from jdpo.config import dump
+        from jdpo.distributed import any_process
         from jdpo.models import save_pretrained
 
         c, t = self.config, self.config.train
@@ -659,7 +660,8 @@ class Trainer:
                     emit(step, last)
                 if (t.eval_every and step % t.eval_every == 0) or step == self.total_steps:
                     run_eval(step)
-                if sigterm.is_set() and stop["reason"] is None:
+                # Unanimous across processes: a pod's workers may get the signal at different steps.
+                if any_process(sigterm.is_set()) and stop["reason"] is None:
                     stop["reason"] = "sigterm"
                 if (t.save_every and step % t.save_every == 0) or stop["reason"] is not None:
                     save(step)

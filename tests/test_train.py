@@ -227,3 +227,15 @@ def test_sharded_run_matches_one_device(assets, tmp_path):
         jax.tree.leaves(one.state["params"]), jax.tree.leaves(eight.state["params"]), strict=True
     ):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+
+
+def test_early_stop_when_eval_accuracy_reaches_the_ceiling(assets, tmp_path):
+    over = {"train.eval_every": 2, "train.early_stop_accuracy": 1e-6, "train.export": False}
+    seen = []
+    result = train.run(
+        make_config(assets, tmp_path / "run", **over), callbacks=[seen.append], mesh=one_device()
+    )
+    assert result.stop_reason == "early_stop" and result.step == 2
+    assert result.eval_metrics["eval/rewards/accuracies"] > 0
+    assert [r["step"] for r in seen if "eval/loss" in r] == [0, 2]  # callbacks get eval records too
+    assert sorted(os.listdir(result.checkpoint_dir)) == ["2"]
