@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -279,12 +280,11 @@ def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_size=
                 entries.append(
                     (spec.hf_key.format(i=i), lambda s=spec, v=var: _to_hf_layout(v.get_value(), s))
                 )
+    dtype = np.dtype(jnp.dtype(model.embed_tokens.embedding.get_value().dtype))
     sizes = {}
     for spec in weight_table(config):
-        itemsize = np.dtype(jnp.dtype(model.embed_tokens.embedding.get_value().dtype)).itemsize
-        nbytes = math.prod(spec.hf_shape) * itemsize
         for i in range(L if "{i}" in spec.hf_key else 1):
-            sizes[spec.hf_key.format(i=i)] = nbytes
+            sizes[spec.hf_key.format(i=i)] = math.prod(spec.hf_shape) * dtype.itemsize
     limit = _parse_size(max_shard_size)
     shards: list[list] = [[]]
     current = 0
@@ -300,6 +300,9 @@ def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_size=
                 fetch()
         return
     os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(out_dir):  # a previous export's shards would otherwise mix with this one's
+        if name == INDEX_FILE or re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", name):
+            os.remove(os.path.join(out_dir, name))
     weight_map = {}
     for n, shard in enumerate(shards):
         name = (
@@ -315,7 +318,7 @@ def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_size=
                 {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}, f, indent=2
             )
     hf = config.to_hf()
-    hf["dtype"] = str(np.dtype(jnp.dtype(model.embed_tokens.embedding.get_value().dtype)))
+    hf["dtype"] = str(dtype)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
     if tokenizer is not None:
