@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -134,6 +135,9 @@ def main(argv=None) -> int:
     p.add_argument("--train")
     p.add_argument("--eval")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument(
+        "--sigterm-step", type=int, default=0, help="SIGTERM process 1 (only) once it logged this step"
+    )
     args = p.parse_args(argv)
 
     import jax
@@ -179,7 +183,14 @@ def main(argv=None) -> int:
             cfg = train_config(
                 args.model_dir, args.train, args.eval, base / "run", base / "refcache", steps=args.steps
             )
-            result = train.run(cfg)  # the mesh from the config: fsdp over all 4 devices of both processes
+
+            def preempt(m):
+                # A stop request that reaches one worker only: the loop must still stop both together.
+                if pid == 1 and m["step"] == args.sigterm_step and "loss" in m:
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+            # The mesh from the config: fsdp over all 4 devices of both processes.
+            result = train.run(cfg, callbacks=[preempt])
             report["train"] = {
                 "step": result.step,
                 "stop_reason": result.stop_reason,

@@ -5,6 +5,7 @@ free port, gloo CPU collectives, 2 CPU devices each, 4 global), joined by `jax.d
 `maybe_initialize`. While the pair runs, this process computes the same things on one device; then:
 - a sharded forward + DPO loss + gradient of a tiny Llama, each process feeding only its rows, matches;
 - `jdpo.train.run` of a tiny DPO task logs the same losses / rewards / grad norms / eval metrics;
+- a SIGTERM that reaches only one of the two processes stops both at the same step, with a checkpoint;
 - the checkpoint the pair wrote restores here, in a single process, to the single-process run's state.
 The workers run with a deadline and are killed (whole process group) if they exceed it or if one fails.
 """
@@ -34,7 +35,8 @@ DEADLINE_S = 240  # far above the ~60 s the pair needs on 2 loaded cores; only a
 # Timings, and what the loop extrapolates from process 0's rows alone (its token counts times the number
 # of processes): these are estimates in a multi-process run, not exact global numbers.
 NOT_COMPARED = {"step_time", "tokens_per_sec", "mfu", "padding_fraction"}
-TRAIN_STEPS = 3
+TRAIN_STEPS = 6  # the schedule's length; both runs stop early, at STOP_AT:
+STOP_AT = 3  # the single process by a callback, the pair by a SIGTERM that reaches process 1 only
 
 
 # ------------------------------------------------------------------------------------------------
@@ -301,7 +303,7 @@ def results(tmp_path_factory):
     out.mkdir()
     pair = Pair(
         ["--tasks", "model,train", "--model-dir", str(assets.model_dir), "--train", str(assets.train_path),
-         "--eval", str(assets.eval_path), "--steps", str(TRAIN_STEPS)],
+         "--eval", str(assets.eval_path), "--steps", str(TRAIN_STEPS), "--sigterm-step", str(STOP_AT)],
         out,
     )  # fmt: skip
     try:
@@ -316,7 +318,7 @@ def results(tmp_path_factory):
             TRAIN_STEPS,
         )
         trainer = train.Trainer(cfg, mesh=one_device())
-        single_run = trainer.fit()
+        single_run = trainer.fit(callbacks=[lambda m: m["step"] == STOP_AT and "loss" in m])
     except BaseException:
         pair.kill()
         raise
@@ -361,15 +363,19 @@ def test_two_process_training_logs_the_single_process_losses(results):
     want = _records(results["single_run"].metrics_path)
     got = _records(results["pair_out"] / "train" / "run" / "metrics.jsonl")
     assert [r["step"] for r in got] == [r["step"] for r in want]
-    assert any("eval/loss" in r for r in got) and sum("loss" in r for r in got) == TRAIN_STEPS
+    assert any("eval/loss" in r for r in got) and sum("loss" in r for r in got) == STOP_AT
     for a, b in zip(want, got, strict=True):
         assert set(a) == set(b)
         for k, v in a.items():
             # Accuracy counts reward signs; a pair within float noise of a tie may flip.
             tol = 0.02 if k.endswith("accuracies") else 1e-5
             assert b[k] == pytest.approx(v, rel=1e-4, abs=tol), (a["step"], k)
+    assert (results["single_run"].step, results["single_run"].stop_reason) == (STOP_AT, "callback")
+
+
+def test_a_sigterm_on_one_worker_stops_both_at_the_same_step(results):
     for r in results["reports"]:
-        assert r["train"]["step"] == TRAIN_STEPS and r["train"]["stop_reason"] == "completed"
+        assert (r["train"]["step"], r["train"]["stop_reason"]) == (STOP_AT, "sigterm")
 
 
 def test_checkpoint_of_the_pair_restores_in_one_process(results):
@@ -379,10 +385,10 @@ def test_checkpoint_of_the_pair_restores_in_one_process(results):
     trainer = results["trainer"]
     target = abstract_like(to_checkpoint(trainer.state))  # one device, this process only
     with Checkpointer(results["pair_out"] / "train" / "run" / "checkpoints") as ckpt:
-        assert ckpt.steps() == [TRAIN_STEPS]
+        assert ckpt.steps() == [STOP_AT]  # written at the stop, by both processes together
         state, meta = ckpt.restore(target)
-    assert meta["step"] == TRAIN_STEPS and meta["data"] == trainer.batches.state()
-    assert int(state["step"]) == TRAIN_STEPS
+    assert meta["step"] == STOP_AT and meta["data"] == trainer.batches.state()
+    assert int(state["step"]) == STOP_AT
     ours = jax.tree.leaves(to_checkpoint(trainer.state))
     theirs = jax.tree.leaves(state)
     assert len(ours) == len(theirs)
