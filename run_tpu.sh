@@ -294,7 +294,7 @@ do_launch() {
   # setsid: the run gets its own session and process group, so it survives the ssh session and `stop`
   # can signal the whole group; every stream is redirected so ssh returns at once. A run still alive
   # under the same name is an error (two runs would fight over the TPU chips).
-  on_workers "$WORKER" "set -euo pipefail; mkdir -p $(quote "$RUN_DIR"); cd ~; \
+  on_workers "$WORKER" "set -euo pipefail; cd ~; mkdir -p $(quote "$RUN_DIR"); \
 if [ -f $(quote "$RUN_DIR/train.pid") ] && kill -0 \"\$(cat $(quote "$RUN_DIR/train.pid"))\" 2>/dev/null; then \
 echo \"\$(hostname): run $(quote "$RUN") is already running; stop it first\" >&2; exit 1; fi; \
 setsid nohup ${env_prefix}$(quote "${train[@]}") > $(quote "$RUN_DIR/train.log") 2>&1 < /dev/null & \
