@@ -3,7 +3,7 @@
     result = jdpo.train.run(config, callbacks=[lambda m: print(m["step"], m.get("loss"))])
     result.final_dir   # <output_dir>/final, a Hugging Face checkpoint of the trained policy
 
-The state is a plain pytree {"params", "opt_state", "step"} (plus "ref_params" with an online
+The state is a plain pytree {"params", "opt_state", "step", "rng"} (plus "ref_params" with an online
 reference): the model's graph definition is static and lives outside it (`nnx.split` / `nnx.merge` at
 the jit boundary), so the step is `train_step(state, batch) -> (state, metrics)` under `jax.jit` with
 explicit in / out shardings over the ("data", "fsdp", "tensor") mesh and the state donated. The
@@ -224,7 +224,10 @@ def compiled_steps(s: StepSettings) -> Steps:
         grads = jax.lax.with_sharding_constraint(grads, param_sh)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        new_state = dict(state, params=new_params, opt_state=opt_state, step=state["step"] + 1)
+        # The RNG advances every step so that anything stochastic added to the step (dropout, sampled
+        # losses) gets fresh, checkpointed randomness; the built-in losses use none.
+        rng = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"]))
+        new_state = dict(state, params=new_params, opt_state=opt_state, step=state["step"] + 1, rng=rng)
         out = _means(sums)
         out["grad_norm"] = optax.tree.norm(grads)
         out["learning_rate"] = schedule(state["step"])
@@ -240,7 +243,7 @@ def compiled_steps(s: StepSettings) -> Steps:
     opt_sh = optax.tree_map_params(
         tx, lambda _, sh: sh, abstract_opt, param_sh, transform_non_params=lambda _: replicated
     )
-    state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated}
+    state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated, "rng": replicated}
     if s.reference == "online":
         state_sh["ref_params"] = param_sh
     rows_acc, rows = batch_sharding(s.mesh, accum=True), batch_sharding(s.mesh, accum=False)
@@ -421,7 +424,14 @@ class Trainer:
                 self.ref_eval = self._reference(ref_params, self.eval_pairs, "eval")
             if ref_params is not params:
                 del ref_params
-        state = {"params": params, "opt_state": self.steps.init_opt(params), "step": jnp.zeros((), jnp.int32)}
+        state = {
+            "params": params,
+            "opt_state": self.steps.init_opt(params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.device_put(
+                jax.random.key_data(jax.random.key(c.train.seed)), self.steps.state_shardings["rng"]
+            ),
+        }
         if c.dpo.reference == "online":
             state["ref_params"] = self.steps.copy_params(self._reference_params(params))
         self.state = state
@@ -593,7 +603,7 @@ class Trainer:
             if acc > OVERFIT_ACCURACY and not tracker["warned"] and set(c.dpo.loss_type) != {"sft"}:
                 tracker["warned"] = True
                 warnings.warn(
-                    f"eval preference accuracy {acc:.1%} at step {step} is above {OVERFIT_ACCURACY:.0%}: "
+                    f"eval preference accuracy {acc:.2%} at step {step} is above {OVERFIT_ACCURACY:.0%}: "
                     "on real preference data that usually means overfitting (or an easy / leaky eval split)",
                     stacklevel=2,
                 )

@@ -221,6 +221,10 @@ def test_sharded_run_matches_one_device(assets, tmp_path):
         make_config(assets, tmp_path / "eight", **{"train.max_steps": 3}), mesh=make_mesh(2, 2, 2)
     )
     assert max(len(x.sharding.device_set) for x in jax.tree.leaves(eight.state["params"])) == 8
+    # Adam's moments are sharded exactly like the parameters.
+    mu = eight.state["opt_state"][1][0].mu  # chain(clip, adamw): adamw.scale_by_adam
+    for p, m in zip(jax.tree.leaves(eight.state["params"]), jax.tree.leaves(mu), strict=True):
+        assert m.sharding == p.sharding
     for a, b in zip(steps(one, 3), steps(eight, 3), strict=True):
         assert_close_metrics(a, b)
     for x, y in zip(
