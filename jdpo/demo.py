@@ -236,7 +236,7 @@ def run_demo(
     max_operand: int = 49,
     eval_pairs: int = 250,
     model: dict | None = None,
-    plot: bool = False,
+    plot: bool = True,
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Build the toy task and model, run SFT then DPO, print the held-out numbers before and after.

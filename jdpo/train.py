@@ -47,6 +47,7 @@ from jdpo.config import Config
 log = logging.getLogger(__name__)
 
 MAX_PAIRS_PER_ROW = 16
+TOKEN_KEYS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask")  # the [B, T] batch arrays
 OVERFIT_ACCURACY = 0.8  # eval preference accuracy above this is suspicious on real preference data
 
 
@@ -332,6 +333,11 @@ def pairs_per_row(row_length: int, pair_lengths: Sequence[np.ndarray]) -> int:
     return int(max(1, min(MAX_PAIRS_PER_ROW, row_length // max(shortest, 1))))
 
 
+def _pad_length(x_BxT: np.ndarray, T: int) -> np.ndarray:
+    """Right-pad a [B, t] batch array with zeros to [B, T] (zeros are padding in every batch key)."""
+    return np.pad(x_BxT, ((0, 0), (0, T - x_BxT.shape[1])))
+
+
 class Trainer:
     """One run's pieces, set up from a Config: mesh, model, tokenizer, data, reference log-probs,
     compiled step functions and the initial train state. `fit()` runs the loop."""
@@ -518,7 +524,12 @@ class Trainer:
             self._with_reference(next(self.batches), self.ref_train)
             for _ in range(self.config.train.grad_accum)
         ]
-        stacked = {k: np.stack([b[k] for b in host]) for k in host[0]}
+        # Without packing, micro-batches come from length buckets; the step's stack takes the longest
+        # of them (padding is segment 0, scored nowhere), so shapes still come from the bucket list.
+        T = max(b["input_ids"].shape[1] for b in host)
+        stacked = {
+            k: np.stack([_pad_length(b[k], T) if k in TOKEN_KEYS else b[k] for b in host]) for k in host[0]
+        }
         return self._to_device(stacked, batch_sharding(self.mesh, accum=True)), host
 
     # -- evaluation ----------------------------------------------------------------------------------

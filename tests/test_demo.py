@@ -42,7 +42,7 @@ def test_tokenizer_is_character_level_with_bos_and_eos(tmp_path):
 def test_demo_runs_a_few_steps(tmp_path, capsys):
     summary = demo.run_demo(
         tmp_path / "demo", steps=4, sft_steps=4, max_operand=9, eval_pairs=20,
-        model={"hidden_size": 32, "intermediate_size": 64, "num_layers": 1},
+        model={"hidden_size": 32, "intermediate_size": 64, "num_layers": 1}, plot=False,
     )  # fmt: skip
     printed = capsys.readouterr().out
     assert "before DPO" in printed and "after DPO" in printed

@@ -243,3 +243,12 @@ def test_early_stop_when_eval_accuracy_reaches_the_ceiling(assets, tmp_path):
     assert result.eval_metrics["eval/rewards/accuracies"] > 0
     assert [r["step"] for r in seen if "eval/loss" in r] == [0, 2]  # callbacks get eval records too
     assert sorted(os.listdir(result.checkpoint_dir)) == ["2"]
+
+
+def test_unpacked_length_buckets_with_accumulation(assets, tmp_path):
+    # One pair per row in length buckets: micro-batches of different lengths share a step.
+    over = {"data.packing": False, "data.row_length": 64, "train.grad_accum": 2, "train.batch_rows": 4}
+    tr = train.Trainer(make_config(assets, tmp_path / "run", **over), mesh=one_device())
+    assert tr.max_pairs == 1 and len(tr.batches.buckets) > 1
+    (m,) = steps(tr, 1)
+    assert m["loss"] == pytest.approx(math.log(2), abs=1e-5) and m["pairs"] == 8
