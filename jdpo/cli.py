@@ -158,11 +158,134 @@ def _plot(output_dir: str, out: str | None, parser: argparse.ArgumentParser | No
     return 0
 
 
+def _load_cfg(args: argparse.Namespace, parser: argparse.ArgumentParser, extra: list[tuple[str, str]]):
+    """The config of --config FILE plus the --section.field overrides (and `extra` ones)."""
+    overrides = [(k, v) for k, v in vars(args).items() if "." in k] + extra
+    try:
+        return C.load_config(args.config, overrides)
+    except C.ConfigError as e:
+        parser.error(str(e))
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "plan",
+        usage="jdpo plan [-h] (--config FILE | --hf-config JSON) [--device-memory SIZE] "
+        "[--section.field VALUE ...]",
+        help="Expected memory per device of a run (parameters, gradients, optimizer, activations).",
+        description=(
+            "Print the expected memory per device of training a config, and whether it fits, without "
+            "allocating anything: shapes from jax.eval_shape of the model of model.path (or of a bare HF "
+            "config.json given with --hf-config), sharded by the mesh."
+        ),
+        allow_abbrev=False,
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML preset, e.g. experiments/gpu_single.yaml.")
+    p.add_argument("--hf-config", metavar="JSON", help="A HF config.json (instead of model.path's).")
+    p.add_argument(
+        "--device-memory",
+        metavar="SIZE|NAME",
+        default=None,
+        help="Memory of one device: a size (80GiB, 16GB) or h100, h200, a100-40g, a100-80g, v5e, v5p, v4, "
+        "cpu (default: the detected device's).",
+    )
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="Devices the run will use (default: this host's JAX devices).",
+    )
+    p.add_argument("--num-pairs", type=int, default=None, help="Train pairs, for the reference-cache size.")
+    p.add_argument("--json", metavar="FILE", default=None, help="Also write the plan as JSON here.")
+    _add_config_fields(p)
+    p.set_defaults(func=_run_plan)
+    return p
+
+
+def _run_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import json
+    from pathlib import Path
+
+    from jdpo import plan
+
+    cfg = _load_cfg(args, parser, [])
+    source = args.hf_config or cfg.model.path
+    if not source:
+        parser.error("give --hf-config config.json or model.path (in --config or --model.path)")
+    try:
+        model_config = plan.read_model_config(source)
+        device, device_bytes = plan.device_memory(args.device_memory)
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
+    if args.devices is None:
+        import jax
+
+        num_devices = jax.device_count()
+    else:
+        num_devices = args.devices
+    num_pairs = (
+        args.num_pairs if args.num_pairs is not None else plan.count_pairs(cfg.data.train, cfg.data.format)
+    )
+    try:
+        result = plan.plan_memory(
+            model_config, cfg, num_devices=num_devices, num_pairs=num_pairs, on_cpu=device.startswith("cpu")
+        )
+    except ValueError as e:
+        parser.error(str(e))
+    print(plan.format_plan(result, device=device, device_bytes=device_bytes))
+    if args.json:
+        out = {**result.to_dict(), "device": device, "device_bytes": device_bytes,
+               "fits": plan.fits(result, device_bytes)}  # fmt: skip
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0 if plan.fits(result, device_bytes) else 2
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "bench",
+        usage="jdpo bench [-h] (--config FILE | --model DIR --data SRC) [--steps N] [--json FILE] "
+        "[--section.field VALUE ...]",
+        help="Measure reference pass, compile time, pairs/s, tokens/s, MFU, padding and peak memory.",
+        description=(
+            "Benchmark training a config on this machine: the reference pass, compile time, then "
+            "steady-state steps (after warm-up, each blocked until ready): pairs/s, non-pad tokens/s, "
+            "MFU on model FLOPs (against the measured matmul peak on CPU, the published peak on "
+            "GPU/TPU), padding and peak memory. Prints a table and writes JSON. Nothing is saved."
+        ),
+        allow_abbrev=False,
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML preset, e.g. experiments/cpu_small.yaml.")
+    p.add_argument("--model", metavar="DIR", default=None, help="Shorthand for --model.path DIR.")
+    p.add_argument("--data", metavar="SRC", default=None, help="Shorthand for --data.train SRC.")
+    p.add_argument("--steps", type=int, default=10, help="Timed steps (default: 10).")
+    p.add_argument("--warmup", type=int, default=2, help="Untimed steps after compiling (default: 2).")
+    p.add_argument("--json", metavar="FILE", default="bench.json", help="Result file (default: bench.json).")
+    _add_config_fields(p)
+    p.set_defaults(func=_run_bench)
+    return p
+
+
+def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    extra = [("model.path", args.model)] if args.model else []
+    extra += [("data.train", args.data)] if args.data else []
+    cfg = _load_cfg(args, parser, extra)
+    if not cfg.model.path or not cfg.data.train:
+        parser.error("give a model (--model DIR or model.path) and data (--data SRC or data.train)")
+    from jdpo import bench
+
+    result = bench.run_bench(cfg, steps=args.steps, warmup=args.warmup, out_json=args.json)
+    print(bench.format_bench(result))
+    print(f"wrote {args.json}")
+    return 0
+
+
 #: The subcommands, in the order ``jdpo --help`` lists them.
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser], ...] = (
     _add_train,
     _add_demo,
     _add_plot,
+    _add_plan,
+    _add_bench,
 )
 
 

@@ -1,0 +1,284 @@
+"""`jdpo bench`: how fast a config trains here, measured the way a run would see it.
+
+    result = run_bench(cfg, steps=10, warmup=2, out_json="bench.json")
+    print(format_bench(result))
+
+What is measured, in this order, in one process:
+  1. the machine's peak: on CPU the measured float32 matmul rate (`metrics.measured_cpu_peak_flops`,
+     taken in this run, before anything else loads the cores); on GPU/TPU the published peak;
+  2. set-up (`train.Trainer`), which runs the reference pass once into a fresh cache directory (its
+     time includes compiling the forward), then the reference pass again, warm: `ref_pass_s`;
+  3. compile time of the train step: `lower` + `compile`, timed alone (AOT, so the timed steps run
+     the very executable that was compiled);
+  4. `warmup` untimed steps, then `steps` timed steps. Each timed step is what the trainer's loop
+     does: build the host batch (packing, reference look-up), transfer, run, block until ready;
+     `step_time` is its median, `device_step_time` the median of the run + block part alone.
+
+Throughput counts pairs (valid pair slots) and non-pad tokens of the timed steps. MFU credits model
+FLOPs only (`metrics.train_flops`: 6 x matmul params per non-pad token plus causal in-segment
+attention; no padding, no remat recomputation, no attention to masked keys). The "incl. reference"
+figures add the reference pass amortised over the run: its time and its forward FLOPs over every
+pair once, spread over the run's steps (one epoch by default).
+
+Peak memory: `memory_stats()["peak_bytes_in_use"]` of the device on GPU/TPU; on CPU the process's
+peak RSS (everything: Python, data, XLA). XLA's own view of the train step (arguments + outputs +
+temporaries of the compiled executable) is reported next to it, and the `jdpo plan` estimate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def _peak_memory_bytes() -> tuple[int, str]:
+    """(bytes, what) of peak memory: the device's peak on accelerators, else this process's peak RSS."""
+    import jax
+
+    dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        stats = dev.memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            return int(stats["peak_bytes_in_use"]), f"{dev.device_kind} peak_bytes_in_use"
+    # ru_maxrss is KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
+
+
+def bench_config(cfg, *, work_dir: str | Path):
+    """The config as benchmarked: outputs and a fresh reference cache under `work_dir` (so the
+    reference pass is measured, not loaded), no console / TensorBoard, no export."""
+    from jdpo import config as C
+
+    work_dir = Path(work_dir)
+    return C.replace(
+        cfg,
+        **{
+            "train.output_dir": str(work_dir / "run"),
+            "dpo.cache_dir": str(work_dir / "refcache"),
+            "logging.console": False,
+            "logging.tensorboard": False,
+            "logging.wandb": False,
+            "train.export": False,
+        },
+    )
+
+
+def run_bench(
+    cfg, *, steps: int = 10, warmup: int = 2, out_json: str | Path | None = None, mesh=None
+) -> dict[str, Any]:
+    """Benchmark training `cfg` (see the module docstring); returns the result dict (also written to
+    `out_json` when given)."""
+    import jax
+    import numpy as np
+
+    from jdpo import data as jdata
+    from jdpo import metrics, plan, refcache, train
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    platform = jax.default_backend()
+    t0 = time.perf_counter()
+    # First, while the cores are quiet: the denominator of MFU.
+    peak = metrics.total_peak_flops()
+    peak_s = time.perf_counter() - t0
+
+    with tempfile.TemporaryDirectory(prefix="jdpo-bench-") as work:
+        c = bench_config(cfg, work_dir=work)
+        t0 = time.perf_counter()
+        tr = train.Trainer(c, mesh=mesh)
+        setup_s = time.perf_counter() - t0
+        hf_cfg = tr.model_config.to_hf()
+        window = tr.model_config.sliding_window
+
+        # The reference pass again, warm (compiled): what the pass costs per run, without compile.
+        ref_s = ref_first_s = None
+        ref_tokens = ref_keys = 0
+        if c.dpo.reference == "cached":
+            manifest = json.loads((tr.cache_dir() / tr.ref_keys["train"] / refcache.MANIFEST).read_text())
+            ref_first_s = float(manifest["seconds"])
+            params = tr.state["params"]
+            rows = train.batch_sharding(tr.mesh, accum=False)
+            batches = list(jdata.one_pass(tr.train_pairs, **tr.batch_kw))
+            for b in batches:
+                s = metrics.batch_token_stats(b, sliding_window=window)
+                ref_tokens += s["tokens"]
+                ref_keys += s["attended_keys"]
+            t0 = time.perf_counter()
+            refcache.compute(
+                lambda b: tr.steps.forward(params, tr._to_device(b, rows)), batches, len(tr.train_pairs)
+            )
+            ref_s = time.perf_counter() - t0
+
+        # Compile, alone and ahead of time; the timed steps run this executable.
+        batch, host = tr.next_step_batches()
+        t0 = time.perf_counter()
+        with jax.set_mesh(tr.mesh):
+            compiled = tr.steps.train_step.lower(tr.state, batch).compile()
+        compile_s = time.perf_counter() - t0
+        xla_bytes = None
+        try:
+            ma = compiled.memory_analysis()
+            xla_bytes = int(
+                ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+                - ma.alias_size_in_bytes
+            )  # fmt: skip
+        except Exception:  # not every backend reports it
+            pass
+
+        state = tr.state
+        for i in range(warmup):
+            if i:
+                batch, host = tr.next_step_batches()
+            state, m = compiled(state, batch)
+            jax.block_until_ready(m)
+        step_times, device_times = [], []
+        tokens = slots = keys = pairs = 0
+        for i in range(steps):
+            t0 = time.perf_counter()
+            if warmup or i:
+                batch, host = tr.next_step_batches()
+            t1 = time.perf_counter()
+            state, m = compiled(state, batch)
+            m = jax.device_get(m)
+            t2 = time.perf_counter()
+            step_times.append(t2 - t0)
+            device_times.append(t2 - t1)
+            for b in host:
+                s = metrics.batch_token_stats(b, sliding_window=window)
+                tokens, slots, keys = tokens + s["tokens"], slots + s["slots"], keys + s["attended_keys"]
+                pairs += int(np.sum(b["pair_ids"] >= 0))
+        tr.state = state
+        loss = float(m["loss"])
+        peak_mem, peak_what = _peak_memory_bytes()
+
+    n = jax.process_count()
+    tokens, slots, keys, pairs = tokens * n, slots * n, keys * n, pairs * n
+    step_time = statistics.median(step_times)
+    total_time = step_time * steps  # the median step, so a hiccup from a neighbour does not count
+    flops = metrics.train_flops(hf_cfg, tokens=tokens, attended_keys=keys)
+    result: dict[str, Any] = {
+        "platform": platform,
+        "device": jax.devices()[0].device_kind,
+        "num_devices": jax.device_count(),
+        "model_params": tr.model_config.num_params(),
+        "matmul_params": metrics.matmul_params(hf_cfg),
+        "dtype": str(np.dtype(tr.dtype)),
+        "batch_rows": c.train.batch_rows,
+        "grad_accum": c.train.grad_accum,
+        "row_length": tr.row_length,
+        "max_pairs_per_row": tr.max_pairs,
+        "num_pairs": len(tr.train_pairs),
+        "steps_per_epoch": tr.steps_per_epoch,
+        "total_steps": tr.total_steps,
+        "warmup_steps": warmup,
+        "timed_steps": steps,
+        "peak_flops": peak,
+        "peak_flops_source": "measured f32 matmul" if platform == "cpu" else "published bf16 dense",
+        "peak_measure_s": peak_s,
+        "setup_s": setup_s,
+        "ref_pass_first_s": ref_first_s,
+        "ref_pass_s": ref_s,
+        "compile_s": compile_s,
+        "step_time": step_time,
+        "step_time_min": min(step_times),
+        "step_time_max": max(step_times),
+        "device_step_time": statistics.median(device_times),
+        "step_times": step_times,
+        "pairs_per_step": pairs / steps,
+        "pairs_per_s": pairs / total_time,
+        "tokens_per_s": tokens / total_time,
+        "padding_fraction": 1.0 - tokens / slots if slots else 0.0,
+        "train_flops_per_step": flops / steps,
+        "mfu": flops / (total_time * peak) if peak else None,
+        "final_loss": loss,
+        "peak_memory_bytes": peak_mem,
+        "peak_memory_what": peak_what,
+        "xla_step_bytes": xla_bytes,
+    }
+    # The reference pass amortised over the run: its time and its forward FLOPs spread over its steps.
+    if ref_s is not None:
+        run_steps = tr.total_steps
+        ref_flops = metrics.forward_flops(hf_cfg, tokens=ref_tokens, attended_keys=ref_keys)
+        t_run = step_time * run_steps + ref_s
+        per_step_pairs, per_step_tokens = pairs / steps, tokens / steps
+        result.update(
+            {
+                "ref_tokens": ref_tokens,
+                "ref_flops": ref_flops,
+                "ref_tokens_per_s": ref_tokens / ref_s if ref_s else None,
+                "pairs_per_s_incl_ref": per_step_pairs * run_steps / t_run,
+                "tokens_per_s_incl_ref": per_step_tokens * run_steps / t_run,
+                "mfu_incl_ref": ((flops / steps) * run_steps + ref_flops) / (t_run * peak) if peak else None,
+            }
+        )
+    try:
+        p = plan.plan_memory(tr.model_config, c, num_devices=jax.device_count(), on_cpu=platform == "cpu")
+        result["plan_bytes"] = p.total
+    except Exception as e:  # the plan is a cross-check, never a reason to lose the measurements
+        log.warning("memory plan failed: %s", e)
+        result["plan_bytes"] = None
+    if out_json is not None:
+        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def format_bench(r: dict[str, Any]) -> str:
+    """The console table of a `run_bench` result."""
+    from jdpo.metrics import _si
+    from jdpo.plan import human
+
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    def sec(x):
+        return "n/a" if x is None else f"{x:.2f} s"
+
+    rows = [
+        ("device", f"{r['device']} x {r['num_devices']} ({r['platform']}), {r['dtype']}"),
+        ("model", f"{r['model_params']:,} params ({r['matmul_params']:,} in matmuls)"),
+        (
+            "batch",
+            f"{r['batch_rows']} rows x {r['row_length']} tokens x {r['grad_accum']} accum, "
+            f"<= {r['max_pairs_per_row']} pairs/row; {r['num_pairs']:,} pairs, "
+            f"{r['steps_per_epoch']:.1f} steps/epoch",
+        ),  # fmt: skip
+        ("peak FLOP/s", f"{_si(r['peak_flops'] or 0)}FLOP/s ({r['peak_flops_source']})"),
+        ("reference pass", f"{sec(r['ref_pass_s'])} warm, {sec(r['ref_pass_first_s'])} with compile"),
+        ("compile", sec(r["compile_s"])),
+        (
+            "step time",
+            f"{r['step_time'] * 1e3:.1f} ms median of {r['timed_steps']} "
+            f"(min {r['step_time_min'] * 1e3:.1f}, max {r['step_time_max'] * 1e3:.1f}; "
+            f"device {r['device_step_time'] * 1e3:.1f})",
+        ),  # fmt: skip
+        ("pairs/s", f"{r['pairs_per_s']:.2f} ({r['pairs_per_step']:.1f} pairs/step)"),
+        ("tokens/s", f"{_si(r['tokens_per_s'])} non-pad"),
+        ("MFU", pct(r["mfu"])),
+        ("padding", pct(r["padding_fraction"])),
+    ]
+    if "pairs_per_s_incl_ref" in r:
+        rows += [
+            (
+                "pairs/s incl. ref",
+                f"{r['pairs_per_s_incl_ref']:.2f} (reference pass amortised over {r['total_steps']} steps)",
+            ),  # fmt: skip
+            ("tokens/s incl. ref", f"{_si(r['tokens_per_s_incl_ref'])}"),
+            ("MFU incl. ref", pct(r["mfu_incl_ref"])),
+        ]
+    mem = f"{human(r['peak_memory_bytes'])} ({r['peak_memory_what']})"
+    if r.get("xla_step_bytes"):
+        mem += f"; XLA step buffers {human(r['xla_step_bytes'])}"
+    if r.get("plan_bytes"):
+        mem += f"; jdpo plan {human(r['plan_bytes'])}"
+    rows.append(("peak memory", mem))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,361 @@
+"""`jdpo plan`: expected memory per device of a run, before launching it.
+
+    plan = plan_memory(model_config, cfg, num_devices=8)   # nothing is allocated
+    print(format_plan(plan, device_memory=parse_size("80GiB")))
+
+The parameter count and every parameter's shape come from `nnx.eval_shape` of the real model (the
+config.json of `model.path`, or a bare HF config.json), and each parameter's per-device share from the
+same logical-axis rules table the trainer uses (`jdpo.sharding.logical_to_spec`, with its divisibility
+fallback), on a mesh of the configured ("data", "fsdp", "tensor") sizes. So a planned 8-device run
+replicates exactly what the real run would replicate.
+
+What is counted, per device (B = rows per device of one micro-batch, T = row length, b = bytes of the
+compute dtype; D, N, K, H, F, V, L as in DESIGN.md; N, K, F and V are divided by the tensor axis when
+they divide by it):
+
+  parameters      every parameter in `model.param_dtype`, sharded by the rules
+  gradients       float32, sharded like the parameters: the train step accumulates micro-batch
+                  gradients in float32 before the update
+  optimizer       AdamW state from `jax.eval_shape(optimizer.init)` (two moments shaped like the
+                  parameters, in the parameter dtype), sharded like the parameters
+  reference       online reference only: a frozen copy of the parameters
+  activations     tensors saved for the backward pass, per layer and token:
+                    remat none: x, ln1(x), q, k, v, attn_out, x + attn, ln2(.), gate, up, act*up
+                                = (4D + 2NH + 2KH + 3F) * b, plus the float32 attention
+                                probabilities N * T * 4 (XLA's attention on CPU/TPU stores them)
+                    remat dots: the matmul outputs (dots without batch dims) and the layer input
+                                = (3D + NH + 2KH + 2F) * b
+                    remat full: the layer input D * b
+                  plus, with remat, one layer's full set live again while it is recomputed, and the
+                  final hidden states and their norm input 2D * b per token
+  log-prob chunk  B x chunk x V float32 logits of the chunked log-prob scan (one chunk at a time)
+  batch           the step's [A, B, T] int32/float32 input arrays (5 per token)
+  reference cache on host / disk, not on the device: 16 bytes per pair (two float32 log-probs and
+                  two int32 token counts), train + eval pairs
+
+Not counted: XLA's temporary buffers beyond these (fusion scratch, collectives' staging, the
+all-gathered parameters of one layer under FSDP), allocator fragmentation, the CUDA/TPU runtime.
+Leave headroom: a plan above ~90% of the device's memory is reported as not fitting comfortably.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+GiB = 2**30
+
+#: Memory per device of named accelerators, bytes (what `--device-memory NAME` accepts).
+DEVICE_MEMORY: dict[str, int] = {
+    "h100": 80 * GiB,
+    "h200": 141 * 10**9,
+    "a100-40g": 40 * GiB,
+    "a100-80g": 80 * GiB,
+    "v5e": 16 * GiB,
+    "v5p": 95 * GiB,
+    "v4": 32 * GiB,
+}
+
+#: Above this share of the device's memory the plan says it does not fit comfortably: XLA scratch,
+#: fragmentation and the runtime need the rest.
+HEADROOM = 0.9
+
+LOGPROB_CHUNK = 128  # positions per chunk of the log-prob scan (train.StepSettings.chunk_size)
+BATCH_ARRAYS = 5  # input_ids, positions, segment_ids, targets (int32), loss_mask (float32): 4 bytes each
+REF_CACHE_BYTES_PER_PAIR = 16  # chosen/rejected log-probs float32 + chosen/rejected counts int32
+
+
+def parse_size(text: str | int) -> int:
+    """'80GiB' / '80G' (binary) / '80GB' (decimal) / '16e9' / plain bytes -> bytes."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip()
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)", s)
+    if not m:
+        raise ValueError(f"not a memory size: {text!r} (e.g. 80GiB, 16GB, 1.5e10)")
+    value, unit = float(m.group(1)), m.group(2).lower()
+    units = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,
+             "g": GiB, "gib": GiB, "gb": 10**9, "t": 2**40, "tib": 2**40, "tb": 10**12}  # fmt: skip
+    if unit not in units:
+        raise ValueError(f"unknown unit {m.group(2)!r} in {text!r} (use B, KiB, MiB, GiB, GB, ...)")
+    return int(value * units[unit])
+
+
+def host_memory() -> int:
+    """Physical memory of this host, bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def device_memory(name: str | None = None) -> tuple[str, int]:
+    """(description, bytes) of one device's memory: a named device (see DEVICE_MEMORY, or 'cpu' for this
+    host's RAM), a size ('80GiB'), or with None the first JAX device's own limit (its memory_stats;
+    host RAM on CPU)."""
+    if name is not None:
+        key = name.strip().lower()
+        if key == "cpu":
+            return "cpu (host RAM)", host_memory()
+        if key in DEVICE_MEMORY:
+            return key, DEVICE_MEMORY[key]
+        try:
+            return name, parse_size(name)
+        except ValueError:
+            known = ", ".join([*DEVICE_MEMORY, "cpu"])
+            raise ValueError(f"unknown device {name!r}: give one of {known} or a size like 80GiB") from None
+    import jax
+
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        return f"{dev.device_kind} (detected)", int(stats["bytes_limit"])
+    return "cpu (host RAM, detected)", host_memory()
+
+
+class _MeshShape:
+    """Stands in for a jax Mesh in `logical_to_spec` (which reads only `.shape`): plans a mesh of any
+    size without having its devices."""
+
+    def __init__(self, data: int, fsdp: int, tensor: int):
+        self.shape = {"data": data, "fsdp": fsdp, "tensor": tensor}
+
+
+def resolve_mesh(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) with the one -1 axis filled from `num_devices` (as `sharding.make_mesh`)."""
+    shape = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        if num_devices % known:
+            raise ValueError(f"{num_devices} devices do not divide by the fixed mesh axes ({known})")
+        shape[shape.index(-1)] = num_devices // known
+    return shape[0], shape[1], shape[2]
+
+
+def read_model_config(path: str | os.PathLike):
+    """ModelConfig from a checkpoint directory or a bare HF config.json."""
+    from jdpo.models import ModelConfig
+
+    p = Path(path)
+    if not (p / "config.json").exists() and not p.is_file():
+        raise FileNotFoundError(f"{path}: no config.json (give a checkpoint directory or a config.json)")
+    return ModelConfig.from_hf(json.loads((p / "config.json" if p.is_dir() else p).read_text()))
+
+
+def abstract_params(model_config, *, param_dtype: str = "float32", scan_layers: bool = False):
+    """[(name, shape, dtype, logical names)] of every parameter, from `nnx.eval_shape` (no allocation)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jdpo.models import Transformer
+
+    model = nnx.eval_shape(
+        lambda: Transformer(
+            model_config, param_dtype=jnp.dtype(param_dtype), rngs=nnx.Rngs(0), scan_layers=scan_layers
+        )
+    )
+    out = []
+    for path, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Param):
+            value = var.get_value()
+            names = var.get_metadata().get("out_sharding")
+            out.append((".".join(map(str, path)), tuple(value.shape), jnp.dtype(value.dtype), names))
+    return out
+
+
+def _local_elements(shape, names, mesh: _MeshShape) -> int:
+    """Elements of one device's shard (ceil per sharded dimension)."""
+    from jdpo.sharding import logical_to_spec
+
+    spec = logical_to_spec(names, shape, mesh)
+    n = 1
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+        if axes is None:
+            n *= dim
+        else:
+            div = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+            n *= -(-dim // div)
+    return n
+
+
+def _split(n: int, tensor: int) -> int:
+    """A wide activation dimension's share per device: divided by the tensor axis when it divides."""
+    return n // tensor if tensor > 1 and n % tensor == 0 else n
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+    """Bytes per device of each part of a run (see the module docstring for what each counts)."""
+
+    rows: list[tuple[str, int, str]]  # (part, bytes per device, how it was counted)
+    num_params: int
+    mesh: tuple[int, int, int]  # (data, fsdp, tensor)
+    rows_per_device: int  # B, rows of one micro-batch on one device
+    row_length: int  # T
+    ref_cache_bytes: int | None  # host / disk, not on the device; None when the pair count is unknown
+    num_pairs: int | None
+
+    @property
+    def total(self) -> int:
+        return sum(b for _, b, _ in self.rows)
+
+    def part(self, name: str) -> int:
+        return next(b for n, b, _ in self.rows if n == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "parts": {n: b for n, b, _ in self.rows},
+            "total_bytes": self.total,
+            "num_params": self.num_params,
+            "mesh": dict(zip(("data", "fsdp", "tensor"), self.mesh, strict=True)),
+            "rows_per_device": self.rows_per_device,
+            "row_length": self.row_length,
+            "ref_cache_bytes": self.ref_cache_bytes,
+            "num_pairs": self.num_pairs,
+        }
+
+
+def activation_bytes_per_token(
+    model_config, *, remat: str, row_length: int, dtype_bytes: int, tensor: int = 1
+):
+    """(bytes saved per token for the whole layer stack, bytes of one layer's full set per token):
+    the second is what a rematerialised layer holds again while it is recomputed. See the module
+    docstring for the tensors counted."""
+    c = model_config
+    D, L = c.hidden_size, c.num_layers
+    N, K, F = _split(c.num_heads, tensor), _split(c.num_kv_heads, tensor), _split(c.intermediate_size, tensor)
+    H = c.head_dim
+    extra = 2 * D if c.sandwich_norm else 0
+    full_elems = 4 * D + 2 * N * H + 2 * K * H + 3 * F + extra
+    full_layer = full_elems * dtype_bytes + N * row_length * 4  # + float32 attention probabilities
+    if remat == "none":
+        per_layer = full_layer
+    elif remat in ("dots", "dots_saveable"):
+        per_layer = (3 * D + N * H + 2 * K * H + 2 * F) * dtype_bytes
+    elif remat == "full":
+        per_layer = D * dtype_bytes
+    else:
+        raise ValueError(f"remat must be none, dots or full, got {remat!r}")
+    return L * per_layer + 2 * D * dtype_bytes, (0 if remat == "none" else full_layer)
+
+
+def plan_memory(
+    model_config, cfg, *, num_devices: int, num_pairs: int | None = None, on_cpu: bool = False
+) -> MemoryPlan:
+    """Expected memory per device of training `model_config` with the run config `cfg` on
+    `num_devices` devices (fills a -1 mesh axis). Nothing is allocated; see the module docstring.
+    `on_cpu`: the target is a CPU, where `model.dtype: auto` computes in float32 (else bfloat16)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from jdpo.train import make_optimizer
+
+    data, fsdp, tensor = resolve_mesh(cfg.mesh, num_devices)
+    mesh = _MeshShape(data, fsdp, tensor)
+    m = cfg.model
+    dtype = jnp.dtype(m.dtype if m.dtype != "auto" else ("float32" if on_cpu else "bfloat16"))
+    b = dtype.itemsize
+    params = abstract_params(model_config, param_dtype=m.param_dtype, scan_layers=m.scan_layers)
+    num_params = sum(math.prod(s) for _, s, _, _ in params)
+    local = {name: _local_elements(s, names, mesh) for name, s, _, names in params}
+    param_bytes = sum(local[name] * dt.itemsize for name, _, dt, _ in params)
+    grad_bytes = sum(local.values()) * 4
+
+    # The optimizer's real state shapes: eval_shape of its init on the abstract parameters, each leaf
+    # shaped like a parameter taking that parameter's per-device share.
+    tx, _ = make_optimizer(cfg.optim, 1)
+    abstract = {name: jax.ShapeDtypeStruct(s, dt) for name, s, dt, _ in params}
+    share = {name: local[name] / math.prod(s) for name, s, _, _ in params}
+    opt_state = jax.eval_shape(tx.init, abstract)
+    per_leaf = optax.tree_map_params(
+        tx,
+        lambda leaf, frac: math.ceil(leaf.size * frac) * leaf.dtype.itemsize,
+        opt_state,
+        share,
+        transform_non_params=lambda leaf: leaf.size * leaf.dtype.itemsize,
+    )
+    opt_bytes = int(sum(jax.tree.leaves(per_leaf)))
+
+    T = cfg.data.row_length or 2 * cfg.data.max_length
+    rows_dp = data * fsdp
+    B = -(-cfg.train.batch_rows // rows_dp)
+    saved, recompute = activation_bytes_per_token(
+        model_config, remat=m.remat, row_length=T, dtype_bytes=b, tensor=tensor
+    )
+    act_bytes = B * T * (saved + recompute)
+    V = _split(model_config.vocab_size, tensor)
+    chunk_bytes = B * min(LOGPROB_CHUNK, T) * V * 4
+    batch_bytes = cfg.train.grad_accum * B * T * BATCH_ARRAYS * 4
+
+    remat_note = {"none": "no remat: all layer tensors + f32 attention probs",
+                  "dots": "remat dots: matmul outputs saved + one layer recomputed",
+                  "full": "remat full: layer inputs saved + one layer recomputed"}[m.remat]  # fmt: skip
+    rows = [
+        ("parameters", param_bytes, f"{num_params:,} params, {m.param_dtype}"),
+        ("gradients", grad_bytes, "float32 accumulator"),
+        ("optimizer", opt_bytes, "AdamW mu + nu (eval_shape of optax init)"),
+    ]
+    if cfg.dpo.reference == "online":
+        rows.append(("reference params", param_bytes, "online reference: frozen copy"))
+    rows += [
+        ("activations", act_bytes, f"B={B} x T={T}, {dtype.name}, {remat_note}"),
+        ("log-prob chunk", chunk_bytes, f"B x {min(LOGPROB_CHUNK, T)} x V={V} float32"),
+        ("batch", batch_bytes, f"A={cfg.train.grad_accum} x B x T x {BATCH_ARRAYS} int32/float32"),
+    ]
+    ref_cache = (
+        None if num_pairs is None or cfg.dpo.reference != "cached" else num_pairs * REF_CACHE_BYTES_PER_PAIR
+    )
+    return MemoryPlan(rows, num_params, (data, fsdp, tensor), B, T, ref_cache, num_pairs)
+
+
+def human(n: float) -> str:
+    """Bytes in binary units: 1536 -> '1.50 KiB'."""
+    for unit, div in (("TiB", 2**40), ("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def fits(plan: MemoryPlan, device_bytes: int) -> bool:
+    """True when the plan uses at most HEADROOM of the device's memory."""
+    return plan.total <= HEADROOM * device_bytes
+
+
+def format_plan(plan: MemoryPlan, *, device: str, device_bytes: int) -> str:
+    """The table `jdpo plan` prints, with the verdict against one device's memory."""
+    d, f, t = plan.mesh
+    lines = [
+        f"memory per device, mesh data={d} fsdp={f} tensor={t} ({d * f * t} devices)",
+        f"{'part':<18}{'per device':>14}  how",
+        "-" * 78,
+    ]
+    lines += [f"{name:<18}{human(nbytes):>14}  {note}" for name, nbytes, note in plan.rows]
+    lines.append("-" * 78)
+    share = plan.total / device_bytes
+    lines.append(f"{'total':<18}{human(plan.total):>14}  {share:.0%} of {device} ({human(device_bytes)})")
+    if plan.ref_cache_bytes is not None:
+        lines.append(
+            f"{'reference cache':<18}{human(plan.ref_cache_bytes):>14}  host/disk, {plan.num_pairs:,} pairs"
+        )
+    if fits(plan, device_bytes):
+        lines.append(f"fits: yes ({human(device_bytes - plan.total)} left)")
+    elif plan.total <= device_bytes:
+        lines.append(f"fits: tight (above {HEADROOM:.0%}; XLA scratch and fragmentation need headroom)")
+    else:
+        lines.append("fits: NO; try model.remat=dots or full, fewer train.batch_rows with more grad_accum, "
+                     "a shorter data.row_length, or more fsdp devices")  # fmt: skip
+    return "\n".join(lines)
+
+
+def count_pairs(sources, fmt: str = "auto") -> int | None:
+    """Pairs in local train sources (None when any source is not a local path: no hub access here)."""
+    srcs = list(sources)
+    if not srcs or not all(Path(s.rsplit(":", 1)[0] if ":" in s and not Path(s).exists() else s).exists()
+                           for s in srcs):  # fmt: skip
+        return None
+    from jdpo import data as jdata
+
+    return len(jdata.load_preferences(srcs, fmt))
