@@ -167,7 +167,7 @@ def run_bench(
     result: dict[str, Any] = {
         "platform": platform,
         "device": jax.devices()[0].device_kind,
-        "num_devices": jax.device_count(),
+        "num_devices": int(tr.mesh.devices.size),
         "model_params": tr.model_config.num_params(),
         "matmul_params": metrics.matmul_params(hf_cfg),
         "dtype": str(np.dtype(tr.dtype)),
@@ -220,7 +220,13 @@ def run_bench(
             }
         )
     try:
-        p = plan.plan_memory(tr.model_config, c, num_devices=jax.device_count(), on_cpu=platform == "cpu")
+        from jdpo import config as C
+
+        shape = dict(tr.mesh.shape)
+        on_mesh = C.replace(c, **{f"mesh.{k}": shape.get(k, 1) for k in ("data", "fsdp", "tensor")})
+        p = plan.plan_memory(
+            tr.model_config, on_mesh, num_devices=int(tr.mesh.devices.size), on_cpu=platform == "cpu"
+        )
         result["plan_bytes"] = p.total
     except Exception as e:  # the plan is a cross-check, never a reason to lose the measurements
         log.warning("memory plan failed: %s", e)

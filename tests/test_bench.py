@@ -1,0 +1,80 @@
+"""jdpo.bench: two timed steps on a tiny model write a JSON with every field present and sane. No
+timing assertions: speed targets are checked by the benchmarks (experiments/bench), never by tests."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import pytest
+
+from jdpo import bench, cli, demo
+from jdpo import config as C
+from jdpo.sharding import make_mesh
+
+FIELDS = {
+    "platform", "device", "num_devices", "model_params", "matmul_params", "dtype", "batch_rows", "grad_accum",
+    "row_length", "max_pairs_per_row", "num_pairs", "steps_per_epoch", "total_steps", "warmup_steps",
+    "timed_steps", "peak_flops", "peak_flops_source", "peak_measure_s", "setup_s", "ref_pass_first_s",
+    "ref_pass_s", "compile_s",
+    "step_time", "step_time_min", "step_time_max", "device_step_time", "step_times", "pairs_per_step",
+    "pairs_per_s", "tokens_per_s", "padding_fraction", "train_flops_per_step", "mfu", "final_loss",
+    "peak_memory_bytes", "peak_memory_what", "xla_step_bytes", "ref_tokens", "ref_flops", "ref_tokens_per_s",
+    "pairs_per_s_incl_ref", "tokens_per_s_incl_ref", "mfu_incl_ref", "plan_bytes",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench_assets")
+    return demo.build_assets(
+        d, max_operand=9, eval_pairs=10, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        num_kv_heads=2, vocab_size=128,
+    )  # fmt: skip
+
+
+def tiny_config(assets):
+    return C.replace(
+        C.Config(),
+        **{
+            "model.path": str(assets.model_dir),
+            "model.dtype": "float32",
+            "data.train": [str(assets.train_path)],
+            "data.max_length": 16,
+            "data.max_prompt_length": 8,
+            "data.row_length": 48,
+            "train.batch_rows": 4,
+        },
+    )
+
+
+def test_bench_two_steps_writes_sane_json(assets, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    r = bench.run_bench(tiny_config(assets), steps=2, warmup=1, out_json=out, mesh=mesh)
+    saved = json.loads(out.read_text())
+    assert set(saved) == FIELDS == set(r)
+    for k in ("pairs_per_s", "tokens_per_s", "step_time", "compile_s", "ref_pass_s", "peak_flops",
+              "peak_memory_bytes", "pairs_per_s_incl_ref", "tokens_per_s_incl_ref", "train_flops_per_step",
+              "ref_flops", "plan_bytes"):  # fmt: skip
+        assert saved[k] > 0, k
+    assert 0.0 <= saved["padding_fraction"] <= 1.0
+    assert 0.0 < saved["mfu"] < 1.5 and 0.0 < saved["mfu_incl_ref"] < 1.5
+    assert saved["timed_steps"] == len(saved["step_times"]) == 2
+    assert saved["num_devices"] == 1 and saved["platform"] == "cpu"
+    assert saved["pairs_per_s_incl_ref"] < saved["pairs_per_s"]  # the reference pass costs time
+    assert math.isfinite(saved["final_loss"])
+    table = bench.format_bench(saved)
+    for word in ("pairs/s", "tokens/s", "MFU", "padding", "compile", "reference pass", "peak memory"):
+        assert word in table
+
+
+def test_cli_bench_arguments(assets):
+    parser = cli.build_parser()
+    args = parser.parse_args(["bench", "--model", str(assets.model_dir), "--data", "x.jsonl", "--steps", "3",
+                              "--train.batch_rows", "4"])  # fmt: skip
+    assert (args.steps, args.warmup, args.model, args.data) == (3, 2, str(assets.model_dir), "x.jsonl")
+    assert getattr(args, "train.batch_rows") == "4"
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--steps", "1"])  # neither a model nor data

@@ -1,0 +1,145 @@
+"""jdpo.plan: memory per device on tiny configs checked against hand-computed numbers, sharding by the
+rules table (with its divisibility fallback), the Llama-3-8B parameter count, sizes and device names,
+and the `jdpo plan` command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jdpo import cli, plan
+from jdpo import config as C
+from jdpo.models import ModelConfig
+
+# V=100, D=16, F=32, L=2, N=4, K=2, H=4, untied.
+TINY = ModelConfig(
+    family="llama", vocab_size=100, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4,
+    num_kv_heads=2, head_dim=4,
+)  # fmt: skip
+# By hand: embed 100*16 + lm_head 16*100 + final norm 16, and per layer q 16*4*4 + k, v 16*2*4 each +
+# o 4*4*16 + mlp 3*16*32 + 2 norms of 16.
+TINY_PARAMS = 1600 + 1600 + 16 + 2 * (256 + 128 + 128 + 256 + 1536 + 32)
+NORM_PARAMS = 16 * 5  # 2 per layer + the final norm: replicated on every mesh
+
+
+def tiny_cfg(**overrides):
+    base = {
+        "data.max_length": 8,
+        "data.max_prompt_length": 4,
+        "train.batch_rows": 2,
+        "model.dtype": "float32",
+    }
+    return C.replace(C.Config(), **{**base, **overrides})
+
+
+def test_tiny_counts_by_hand():
+    p = plan.plan_memory(TINY, tiny_cfg(**{"mesh.fsdp": 1}), num_devices=1)
+    assert TINY_PARAMS == 7888 == p.num_params == TINY.num_params()
+    assert p.part("parameters") == 4 * TINY_PARAMS
+    assert p.part("gradients") == 4 * TINY_PARAMS  # float32 accumulator
+    # AdamW: mu + nu like the parameters, plus the step counters (a few int32 scalars).
+    assert 0 <= p.part("optimizer") - 2 * 4 * TINY_PARAMS <= 32
+    # Activations, remat none: B=2 rows x T=16 tokens, per token per layer
+    # (4D + 2NH + 2KH + 3F) * 4 bytes + N * T * 4 (float32 attention probabilities), plus 2D * 4 at the top.
+    per_layer = (4 * 16 + 2 * 16 + 2 * 8 + 3 * 32) * 4 + 4 * 16 * 4
+    assert per_layer == 1088
+    assert p.part("activations") == 2 * 16 * (2 * per_layer + 2 * 16 * 4)
+    assert p.part("log-prob chunk") == 2 * 16 * 100 * 4  # B x min(128, T) x V float32
+    assert p.part("batch") == 2 * 16 * 5 * 4
+    assert p.total == sum(b for _, b, _ in p.rows)
+    assert (p.rows_per_device, p.row_length) == (2, 16)
+
+
+@pytest.mark.parametrize(
+    "remat, saved_per_layer",
+    [("full", 16 * 4), ("dots", (3 * 16 + 16 + 2 * 8 + 2 * 32) * 4)],
+)
+def test_tiny_remat(remat, saved_per_layer):
+    p = plan.plan_memory(TINY, tiny_cfg(**{"mesh.fsdp": 1, "model.remat": remat}), num_devices=1)
+    full_layer = 1088  # one layer's whole set, live again while it is recomputed
+    assert p.part("activations") == 2 * 16 * (2 * saved_per_layer + 2 * 16 * 4 + full_layer)
+
+
+def test_fsdp_and_tensor_sharding():
+    # fsdp=4: every matrix has the model dimension D=16 (divisible by 4); norms are replicated.
+    p = plan.plan_memory(TINY, tiny_cfg(**{"mesh.fsdp": -1, "train.batch_rows": 8}), num_devices=4)
+    assert p.mesh == (1, 4, 1)
+    assert p.part("parameters") == 4 * ((TINY_PARAMS - NORM_PARAMS) // 4 + NORM_PARAMS)
+    assert p.rows_per_device == 2  # 8 rows over data x fsdp = 4
+    # tensor=2: heads, kv heads, mlp and vocab split; activations' wide dims and the logits chunk too.
+    p2 = plan.plan_memory(TINY, tiny_cfg(**{"mesh.fsdp": 1, "mesh.tensor": 2}), num_devices=2)
+    assert p2.part("parameters") == 4 * ((TINY_PARAMS - NORM_PARAMS) // 2 + NORM_PARAMS)
+    assert p2.part("log-prob chunk") == 2 * 16 * 50 * 4
+    per_layer = (4 * 16 + 2 * 2 * 4 + 2 * 1 * 4 + 3 * 16) * 4 + 2 * 16 * 4
+    assert p2.part("activations") == 2 * 16 * (2 * per_layer + 2 * 16 * 4)
+    # An odd vocabulary does not divide by 2: the embedding and lm_head stay whole (rules fallback).
+    odd = ModelConfig(**{**TINY.__dict__, "vocab_size": 101})
+    p3 = plan.plan_memory(odd, tiny_cfg(**{"mesh.fsdp": 1, "mesh.tensor": 2}), num_devices=2)
+    vocab_params = 2 * 101 * 16
+    others = odd.num_params() - vocab_params - NORM_PARAMS
+    assert p3.part("parameters") == 4 * (vocab_params + others // 2 + NORM_PARAMS)
+
+
+def test_online_reference_and_cache_size():
+    p = plan.plan_memory(TINY, tiny_cfg(**{"mesh.fsdp": 1, "dpo.reference": "online"}), num_devices=1)
+    assert p.part("reference params") == p.part("parameters")
+    p = plan.plan_memory(TINY, tiny_cfg(**{"mesh.fsdp": 1}), num_devices=1, num_pairs=1000)
+    assert p.ref_cache_bytes == 16_000
+
+
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "vocab_size": 128256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 8192,
+    "tie_word_embeddings": False, "hidden_act": "silu", "bos_token_id": 128000, "eos_token_id": 128001,
+    "torch_dtype": "bfloat16",
+}  # fmt: skip
+
+
+def test_llama3_8b(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(LLAMA3_8B))
+    mc = plan.read_model_config(path)
+    cfg = C.replace(
+        C.Config(), **{"model.param_dtype": "bfloat16", "model.remat": "full", "train.batch_rows": 8}
+    )
+    p = plan.plan_memory(mc, cfg, num_devices=8)
+    assert p.num_params == 8_030_261_248
+    norms = (2 * 32 + 1) * 4096  # replicated; everything else has D=4096, split over fsdp=8
+    assert p.part("parameters") == 2 * ((8_030_261_248 - norms) // 8 + norms)
+    assert p.part("gradients") == 4 * ((8_030_261_248 - norms) // 8 + norms)
+    # bf16 params: optax keeps mu / nu in the parameter dtype.
+    assert 0 <= p.part("optimizer") - 2 * p.part("parameters") <= 32
+    assert plan.fits(p, plan.DEVICE_MEMORY["h100"])
+    one = plan.plan_memory(mc, cfg, num_devices=1)
+    assert not plan.fits(one, plan.DEVICE_MEMORY["h100"])  # 8B with AdamW on one 80 GiB device
+
+
+def test_sizes_and_devices():
+    assert plan.parse_size("80GiB") == 80 * 2**30 == plan.parse_size("80G")
+    assert plan.parse_size("16GB") == 16 * 10**9
+    assert plan.parse_size("1.5e3") == 1500
+    with pytest.raises(ValueError):
+        plan.parse_size("lots")
+    assert plan.device_memory("v5e") == ("v5e", 16 * 2**30)
+    assert plan.device_memory("a100-40g")[1] == 40 * 2**30
+    assert plan.device_memory("cpu")[1] == plan.host_memory() > 0
+    with pytest.raises(ValueError, match="unknown device"):
+        plan.device_memory("tpu9000")
+
+
+def test_cli(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(LLAMA3_8B))
+    out = tmp_path / "plan.json"
+    rc = cli.main(["plan", "--hf-config", str(path), "--device-memory", "v5e", "--devices", "1",
+                   "--json", str(out)])  # fmt: skip
+    text = capsys.readouterr().out
+    assert rc == 2 and "fits: NO" in text and "8,030,261,248" in text
+    assert json.loads(out.read_text())["fits"] is False
+    rc = cli.main(["plan", "--hf-config", str(path), "--device-memory", "h100", "--devices", "64",
+                   "--model.remat", "full", "--model.param_dtype", "bfloat16"])  # fmt: skip
+    assert rc == 0 and "fits: yes" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["plan", "--device-memory", "h100"])  # no model
