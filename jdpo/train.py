@@ -553,6 +553,28 @@ class Trainer:
         means = jax.device_get(_means(total))
         return {metrics.eval_name(k): float(v) for k, v in means.items() if k != "pairs"}
 
+    def describe(self, start: int = 0) -> str:
+        """A few lines on what this run is about to do (printed at the start of `fit`)."""
+        c = self.config
+        n_params = sum(x.size for x in jax.tree.leaves(self.state["params"]))
+        ref = c.dpo.reference
+        if ref == "cached":
+            ref += (
+                " ("
+                + ", ".join(f"{k}: {'reused' if v else 'computed'}" for k, v in self.ref_reused.items())
+                + ")"
+            )
+        eval_pairs = len(self.eval_pairs) if self.eval_pairs is not None else 0
+        return "\n".join([
+            f"jdpo: {self.model_config.family} model, {n_params:,} parameters, "
+            f"compute {jnp.dtype(self.dtype).name}, mesh {dict(self.mesh.shape)}",
+            f"jdpo: {len(self.train_pairs):,} train pairs ({self.batches.dropped_too_long} too long), "
+            f"{eval_pairs:,} eval pairs; rows of {self.row_length} tokens, <= {self.max_pairs} pairs each",
+            f"jdpo: loss {'+'.join(c.dpo.loss_type)} (beta {c.dpo.beta}), reference {ref}; "
+            f"{self.total_steps} steps of {c.train.batch_rows} rows x {c.train.grad_accum} "
+            f"({self.steps_per_epoch:.1f} steps / epoch)" + (f"; resuming at step {start}" if start else ""),
+        ])  # fmt: skip
+
     # -- the loop ------------------------------------------------------------------------------------
 
     def fit(self, callbacks: Sequence[Callable[[dict], Any]] = ()) -> RunResult:
@@ -638,12 +660,14 @@ class Trainer:
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGTERM, lambda *_: sigterm.set())
         step = start
+        if main and c.logging.console:
+            print(self.describe(start), flush=True)
         try:
             if start == 0:
                 run_eval(0)  # the "before" numbers (policy == reference)
             while step < self.total_steps and stop["reason"] is None:
+                t0 = time.perf_counter()  # step time includes building the batch (input-bound runs show it)
                 batch, host = self.next_step_batches()
-                t0 = time.perf_counter()
                 self.state, m = self.steps.train_step(self.state, batch)
                 m = jax.device_get(m)
                 step_time = time.perf_counter() - t0
