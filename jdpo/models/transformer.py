@@ -246,7 +246,8 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(H, names=("head_dim",), **norm_kw)
         self.config, self.dtype = c, dtype
 
-    def __call__(self, x_BxTxD, cos, sin, mask_Bx1xTxT):
+    def _qkv(self, x_BxTxD, cos, sin):
+        """q [B, T, N, H], k and v [B, T, K, H] of new tokens (q/k norm and RoPE applied)."""
         c = self.config
         q_BxTxNxH = self.q_proj(x_BxTxD, self.dtype)
         k_BxTxKxH = self.k_proj(x_BxTxD, self.dtype)
@@ -256,16 +257,41 @@ class Attention(nnx.Module):
         q_BxTxNxH = constrain(apply_rope(q_BxTxNxH, cos, sin), ("batch", "length", "act_heads", None))
         k_BxTxKxH = constrain(apply_rope(k_BxTxKxH, cos, sin), ("batch", "length", "act_kv_heads", None))
         v_BxTxKxH = constrain(v_BxTxKxH, ("batch", "length", "act_kv_heads", None))
+        return q_BxTxNxH, k_BxTxKxH, v_BxTxKxH
+
+    def _attend(self, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS):
+        """Attention of T queries over S keys (S == T without a cache), then the output projection."""
+        c = self.config
         if c.attn_logit_softcapping is None:
             # XLA on CPU/TPU; implementation=None so a future jax can pick cuDNN flash on GPU.
             out_BxTxNxH = jax.nn.dot_product_attention(
-                q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxT, scale=c.attention_scale
+                q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, scale=c.attention_scale
             )
         else:
             out_BxTxNxH = _softcapped_attention(
-                q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_Bx1xTxT, c.attention_scale, c.attn_logit_softcapping
+                q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, c.attention_scale, c.attn_logit_softcapping
             )
         return self.o_proj(out_BxTxNxH, self.dtype)
+
+    def __call__(self, x_BxTxD, cos, sin, mask_Bx1xTxT):
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = self._qkv(x_BxTxD, cos, sin)
+        return self._attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_Bx1xTxT)
+
+    def extend(self, x_BxTxD, cos, sin, mask_Bx1xTxS, k_BxSxKxH, v_BxSxKxH, slot):
+        """T new tokens written at cache slots [slot, slot + T) of this layer's cache, then attended over
+        all S slots (the mask hides unwritten slots and padding). Returns (out [B, T, D], new k, new v
+        [B, T, K, H]); the caller stores the new k / v in its (possibly layer-stacked) cache."""
+        q_BxTxNxH, k_new, v_new = self._qkv(x_BxTxD, cos, sin)
+        k_BxSxKxH = jax.lax.dynamic_update_slice_in_dim(
+            k_BxSxKxH, k_new.astype(k_BxSxKxH.dtype), slot, axis=1
+        )
+        v_BxSxKxH = jax.lax.dynamic_update_slice_in_dim(
+            v_BxSxKxH, v_new.astype(v_BxSxKxH.dtype), slot, axis=1
+        )
+        out_BxTxD = self._attend(
+            q_BxTxNxH, k_BxSxKxH.astype(self.dtype), v_BxSxKxH.astype(self.dtype), mask_Bx1xTxS
+        )
+        return out_BxTxD, k_new, v_new
 
 
 def _softcapped_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale, cap):
@@ -325,6 +351,17 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x_BxTxD, cos, sin, mask_Bx1xTxT):
         attn_BxTxD = self.self_attn(self.input_layernorm(x_BxTxD), cos, sin, mask_Bx1xTxT)
+        return self._finish(x_BxTxD, attn_BxTxD)
+
+    def extend(self, x_BxTxD, cos, sin, mask_Bx1xTxS, k_BxSxKxH, v_BxSxKxH, slot):
+        """The layer on T new tokens with a KV cache (see `Attention.extend`): (x, new k, new v)."""
+        attn_BxTxD, k_new, v_new = self.self_attn.extend(
+            self.input_layernorm(x_BxTxD), cos, sin, mask_Bx1xTxS, k_BxSxKxH, v_BxSxKxH, slot
+        )
+        return self._finish(x_BxTxD, attn_BxTxD), k_new, v_new
+
+    def _finish(self, x_BxTxD, attn_BxTxD):
+        """Residual adds and the MLP after attention."""
         if self.sandwich:
             x_BxTxD = x_BxTxD + self.post_attention_layernorm(attn_BxTxD)
             mlp_BxTxD = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x_BxTxD)))
@@ -392,20 +429,24 @@ class Transformer(nnx.Module):
             )
         self.config, self.dtype, self.remat, self.scan_layers = c, dtype, remat, scan_layers
 
+    def _embed(self, input_ids_BxT):
+        """Token embeddings [B, T, D] in the compute dtype (gemma: scaled by sqrt(D))."""
+        # The lookup gathers rows of a vocab-sharded table: gather the model dim (fsdp) first so XLA does a
+        # local gather + all-reduce over tensor instead of replicating the table.
+        table_VxD = constrain(self.embed_tokens.embedding[...].astype(self.dtype), ("act_vocab", "act_embed"))
+        x_BxTxD = table_VxD[input_ids_BxT]
+        if self.config.scale_embeddings:
+            # HF gemma rounds sqrt(D) to the compute dtype before multiplying; so do we.
+            x_BxTxD = x_BxTxD * jnp.asarray(self.config.hidden_size**0.5, self.dtype)
+        return constrain(x_BxTxD, ("batch", "length", "act_embed"))
+
     def hidden_states(self, input_ids_BxT, positions_BxT=None, segment_ids_BxT=None):
         """Final hidden states [B, T, D] in the compute dtype, final norm applied."""
         c = self.config
         B, T = input_ids_BxT.shape
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        # The lookup gathers rows of a vocab-sharded table: gather the model dim (fsdp) first so XLA does a
-        # local gather + all-reduce over tensor instead of replicating the table.
-        table_VxD = constrain(self.embed_tokens.embedding[...].astype(self.dtype), ("act_vocab", "act_embed"))
-        x_BxTxD = table_VxD[input_ids_BxT]
-        if c.scale_embeddings:
-            # HF gemma rounds sqrt(D) to the compute dtype before multiplying; so do we.
-            x_BxTxD = x_BxTxD * jnp.asarray(c.hidden_size**0.5, self.dtype)
-        x_BxTxD = constrain(x_BxTxD, ("batch", "length", "act_embed"))
+        x_BxTxD = self._embed(input_ids_BxT)
         cos, sin = rope_cos_sin(positions_BxT, c, self.dtype)
         flags = c.sliding_layers
         full, sliding = attention_masks(segment_ids_BxT, T, c.sliding_window if any(flags) else None)
@@ -437,9 +478,8 @@ class Transformer(nnx.Module):
             return self.embed_tokens.embedding[...].T.astype(self.dtype)
         return self.lm_head.kernel[...].astype(self.dtype)
 
-    def __call__(self, input_ids_BxT, positions_BxT=None, segment_ids_BxT=None):
-        """Logits [B, T, V] in float32 (final soft-cap applied when the config has one)."""
-        h_BxTxD = self.hidden_states(input_ids_BxT, positions_BxT, segment_ids_BxT)
+    def logits(self, h_BxTxD):
+        """Logits [B, T, V] in float32 from final hidden states (final soft-cap applied when configured)."""
         logits_BxTxV = jnp.einsum(
             "BTD,DV->BTV", h_BxTxD, self.unembedding(), preferred_element_type=jnp.float32
         )
@@ -447,3 +487,89 @@ class Transformer(nnx.Module):
         if cap is not None:
             logits_BxTxV = jnp.tanh(logits_BxTxV / cap) * cap
         return constrain(logits_BxTxV, ("batch", "length", "act_vocab"))
+
+    def __call__(self, input_ids_BxT, positions_BxT=None, segment_ids_BxT=None):
+        """Logits [B, T, V] in float32 (final soft-cap applied when the config has one)."""
+        return self.logits(self.hidden_states(input_ids_BxT, positions_BxT, segment_ids_BxT))
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
+        """An empty KV cache: {"k", "v"} [L, B, S, K, H] (S = max_length) in `dtype` (default: the compute
+        dtype), layer-stacked for both layer layouts. See `extend` for how it is filled."""
+        c = self.config
+        shape = (c.num_layers, batch_size, max_length, c.num_kv_heads, c.head_dim)
+        dtype = self.dtype if dtype is None else dtype
+        names = ("layers", "batch", "length", "act_kv_heads", None)
+        return {
+            "k": constrain(jnp.zeros(shape, dtype), names),
+            "v": constrain(jnp.zeros(shape, dtype), names),
+        }
+
+    def extend(self, input_ids_BxT, cache: dict, slot, start_B):
+        """Run T new tokens per row at cache slots [slot, slot + T) and store their keys / values.
+
+        Rows are left-padded: row b's real tokens occupy slots >= start_B[b], so its token at slot s has
+        position s - start_B[b], and every row writes the same slots each call (one dynamic_update_slice,
+        fixed shapes: prefill is one call with T = prompt length at slot 0, decoding calls with T = 1 at
+        slot = prompt length + step). A query sees the slots at or before its own that hold real tokens
+        (padding is never attended; a padding query sees only padding, so nothing is NaN), within the
+        sliding window on sliding layers (slot distance == position distance for real tokens). The whole
+        cache stays resident on sliding layers too (masked, not a ring buffer).
+
+        Args:
+          input_ids_BxT: int32 token ids. cache: from `init_cache` (or a previous `extend`).
+          slot: int32 scalar, may be traced. start_B: int32 [B], first real slot of each row.
+        Returns (hidden [B, T, D] with the final norm applied, updated cache); `logits(hidden)` gives logits.
+        """
+        c = self.config
+        B, T = input_ids_BxT.shape
+        S = cache["k"].shape[2]
+        q_slot_T = slot + jnp.arange(T, dtype=jnp.int32)
+        k_slot_S = jnp.arange(S, dtype=jnp.int32)
+        positions_BxT = jnp.maximum(q_slot_T[None, :] - start_B[:, None], 0)
+        x_BxTxD = self._embed(input_ids_BxT)
+        cos, sin = rope_cos_sin(positions_BxT, c, self.dtype)
+        real_q_BxT = q_slot_T[None, :] >= start_B[:, None]
+        real_k_BxS = k_slot_S[None, :] >= start_B[:, None]
+        causal_TxS = k_slot_S[None, :] <= q_slot_T[:, None]
+        full = (causal_TxS[None] & (real_q_BxT[:, :, None] == real_k_BxS[:, None, :]))[:, None]
+        flags = c.sliding_layers
+        sliding = None
+        if any(flags):
+            in_window_TxS = q_slot_T[:, None] - k_slot_S[None, :] < c.sliding_window
+            sliding = full & in_window_TxS[None, None]
+
+        def layer_fn(layer, x, k_BxSxKxH, v_BxSxKxH, is_sliding):
+            if sliding is None:
+                mask = full
+            elif isinstance(is_sliding, bool):
+                mask = sliding if is_sliding else full
+            else:
+                mask = jnp.where(is_sliding, sliding, full)
+            return layer.extend(x, cos, sin, mask, k_BxSxKxH, v_BxSxKxH, slot)
+
+        k_all, v_all = cache["k"], cache["v"]
+
+        def store(all_LxBxSxKxH, new_BxTxKxH, i):
+            # Only the T new slots are written: the cache is updated in place under donation / loops.
+            start = (i, 0, slot, 0, 0)
+            return jax.lax.dynamic_update_slice(
+                all_LxBxSxKxH, new_BxTxKxH[None].astype(all_LxBxSxKxH.dtype), start
+            )
+
+        if self.scan_layers:
+            graphdef, state = nnx.split(self.layers)
+
+            def body(carry, xs):
+                x, k_all, v_all = carry
+                layer_state, is_sliding, i = xs
+                layer = nnx.merge(graphdef, layer_state)
+                x, k_new, v_new = layer_fn(layer, x, k_all[i], v_all[i], is_sliding)
+                return (x, store(k_all, k_new, i), store(v_all, v_new, i)), None
+
+            xs = (state, jnp.asarray(flags), jnp.arange(c.num_layers, dtype=jnp.int32))
+            (x_BxTxD, k_all, v_all), _ = jax.lax.scan(body, (x_BxTxD, k_all, v_all), xs)
+        else:
+            for i, (layer, is_sliding) in enumerate(zip(self.layers, flags, strict=True)):
+                x_BxTxD, k_new, v_new = layer_fn(layer, x_BxTxD, k_all[i], v_all[i], is_sliding)
+                k_all, v_all = store(k_all, k_new, i), store(v_all, v_new, i)
+        return self.norm(x_BxTxD), {"k": k_all, "v": v_all}

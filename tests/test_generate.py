@@ -1,0 +1,246 @@
+"""jdpo.generate: the KV cache equals full recomputation, parity with transformers' generate, stopping,
+ragged batches, one compiled decode step, sharding, chat prompts, the sampler and the CLI."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from helpers_tokenizer import make_tokenizer
+
+from jdpo.generate import Generator, SamplingParams, read_prompts, sample_logits, step_cache_size
+from jdpo.models import ModelConfig, Transformer, from_pretrained, save_pretrained
+
+V = 320  # the test BPE tokenizer has 300 ids; a little room on top like real vocabularies
+TINY = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+CONFIGS = {
+    "llama": dict(model_type="llama", num_key_value_heads=2, tie_word_embeddings=False, **TINY),
+    # window 3 is far below the prompt + generated length, on alternating local/global layers
+    "gemma2": dict(
+        model_type="gemma2",
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=3,
+        query_pre_attn_scalar=8,
+        attn_logit_softcapping=4.0,
+        final_logit_softcapping=3.0,
+        hidden_activation="gelu_pytorch_tanh",
+        **TINY,
+    ),
+    "qwen3": dict(model_type="qwen3", num_key_value_heads=1, head_dim=8, tie_word_embeddings=True, **TINY),
+}
+PROMPTS = [np.array([1, 17, 99, 4, 250, 31, 77], np.int32), np.array([1, 5], np.int32), np.arange(1, 12)]
+GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0)
+
+
+def random_model(name: str, *, scan_layers: bool = False, seed: int = 0) -> Transformer:
+    """A tiny model with numpy-random weights (norm weights near their identity so activations stay sane)."""
+    config = ModelConfig.from_hf(CONFIGS[name])
+    model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), scan_layers=scan_layers))
+    rng = np.random.RandomState(seed)
+    for path, v in nnx.iter_graph(model):
+        if isinstance(v, nnx.Param):
+            x = v.get_value()
+            value = 0.2 * rng.standard_normal(x.shape)
+            if path[-1] == "weight" and not config.norm_offset:
+                value += 1.0
+            v.set_value(jnp.asarray(value, x.dtype))
+    return model
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return random_model("llama")
+
+
+@pytest.fixture(scope="module")
+def llama_dir(llama, tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama_gen")
+    save_pretrained(llama, path, tokenizer=make_tokenizer(chat_template="chatml"))
+    return path
+
+
+def _full_logits(model, prompts, tokens_BxN):
+    """Logits of every generated step by one full forward (no cache): right-padded rows in segment 1."""
+    rows = [np.concatenate([p, t]) for p, t in zip(prompts, tokens_BxN, strict=True)]
+    T = max(map(len, rows))
+    ids, seg = np.zeros((len(rows), T), np.int32), np.zeros((len(rows), T), np.int32)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)], seg[b, : len(r)] = r, 1
+    logits = np.asarray(nnx.jit(lambda m, i, s: m(i, None, s))(model, ids, seg))
+    N = tokens_BxN.shape[1]
+    return np.stack([logits[b, len(p) - 1 : len(p) - 1 + N] for b, p in enumerate(prompts)])
+
+
+@pytest.mark.parametrize(
+    "name,scan", [("llama", False), ("gemma2", False), ("qwen3", False), ("gemma2", True)]
+)
+def test_cache_equals_full_recomputation(name, scan):
+    model = random_model(name, scan_layers=scan)
+    gen = Generator(model, stop_ids=[], pad_id=0)
+    out = gen.generate_ids(PROMPTS, GREEDY, return_logits=True)
+    full = _full_logits(model, PROMPTS, out.tokens)
+    np.testing.assert_allclose(out.logits, full, atol=2e-5, rtol=0)
+    # Greedy: every token is the argmax of the recomputed logits of its step.
+    np.testing.assert_array_equal(out.tokens, full.argmax(-1))
+    assert (out.lengths == GREEDY.max_new_tokens).all() and not out.finished.any()
+
+
+def test_ragged_batch_equals_one_by_one(llama):
+    gen = Generator(llama, stop_ids=[], pad_id=0)
+    sampled = SamplingParams(max_new_tokens=6, temperature=1.0, top_k=50, top_p=0.95, seed=3)
+    batch = gen.generate_ids(PROMPTS, sampled, return_logits=True)
+    for b, p in enumerate(PROMPTS):
+        one = gen.generate_ids([p], sampled, return_logits=True, rows=[b])
+        np.testing.assert_array_equal(one.tokens[0], batch.tokens[b])  # per-prompt PRNG streams
+        np.testing.assert_allclose(one.logits[0], batch.logits[b], atol=1e-5, rtol=0)
+    again = gen.generate_ids(PROMPTS, sampled)
+    np.testing.assert_array_equal(again.tokens, batch.tokens)  # deterministic for a seed
+    other = gen.generate_ids(PROMPTS, SamplingParams(**{**sampled.__dict__, "seed": 4}))
+    assert (other.tokens != batch.tokens).any()
+
+
+def test_stop_token_ends_a_row_and_pads_it(llama):
+    free = Generator(llama, stop_ids=[], pad_id=0).generate_ids(PROMPTS, GREEDY)
+    stop = int(free.tokens[0, 2])  # row 0 produces this token at step 2 (maybe earlier too)
+    out = Generator(llama, stop_ids=[stop], pad_id=0).generate_ids(PROMPTS, GREEDY)
+    for b in range(len(PROMPTS)):
+        hits = np.flatnonzero(free.tokens[b] == stop)
+        n = hits[0] + 1 if len(hits) else GREEDY.max_new_tokens
+        assert out.lengths[b] == n and out.finished[b] == bool(len(hits))
+        np.testing.assert_array_equal(out.tokens[b, :n], free.tokens[b, :n])
+        assert (out.tokens[b, n:] == 0).all()
+    assert out.finished[0] and out.lengths[0] <= 3
+
+
+def test_one_compiled_decode_step_for_every_token(llama):
+    gen = Generator(llama, stop_ids=[], pad_id=0)
+    sampling = SamplingParams(max_new_tokens=12, temperature=0.0)
+    streamed = list(gen.stream_ids(PROMPTS[0], sampling))
+    assert len(streamed) == 12
+    assert step_cache_size(gen, sampling) == 1
+    streamed += list(gen.stream_ids(PROMPTS[2], sampling))  # another prompt of the same bucket
+    assert step_cache_size(gen, sampling) == 1
+    looped = gen.generate_ids([PROMPTS[0]], sampling)
+    assert streamed[:12] == looped.tokens[0].tolist()
+
+
+def test_sharded_generation_equals_one_device(llama_dir):
+    from jdpo.sharding import make_mesh
+
+    assert jax.device_count() == 8
+    one = Generator.from_pretrained(llama_dir, stop_ids=[], pad_id=0)
+    mesh = make_mesh(2, 2, 2)
+    sharded = Generator.from_pretrained(llama_dir, mesh=mesh, stop_ids=[], pad_id=0)
+    assert len(sharded.params["layers"][0]["mlp"]["up_proj"]["kernel"][...].sharding.device_set) == 8
+    for sampling in (GREEDY, SamplingParams(max_new_tokens=6, temperature=0.8, top_p=0.9, seed=1)):
+        a = one.generate_ids(PROMPTS, sampling, return_logits=True)
+        b = sharded.generate_ids(PROMPTS, sampling, return_logits=True)  # 3 rows padded to 4 over 2 x 2
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_allclose(a.logits, b.logits, atol=1e-5, rtol=0)
+
+
+def test_matches_transformers_generate(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_config = transformers.AutoConfig.for_model(
+        "llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1,
+        eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    model, _ = from_pretrained(tmp_path)
+    gen = Generator(model, stop_ids=[2], pad_id=0)
+    prompts = [np.array([1, 17, 99, 4, 50, 31, 77]), np.array([1, 5, 9]), np.array([1, 64, 3, 8, 21])]
+    N, B, T = 8, len(prompts), 7
+    out = gen.generate_ids(prompts, SamplingParams(max_new_tokens=N, temperature=0.0), return_logits=True)
+
+    ids = np.zeros((B, T), np.int64)  # transformers' own left padding
+    mask = np.zeros((B, T), np.int64)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p) :], mask[b, T - len(p) :] = p, 1
+    with torch.no_grad():
+        res = hf.generate(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
+            max_new_tokens=N, eos_token_id=2, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+    hf_tokens = res.sequences[:, T:].numpy()  # pad after EOS, like ours; may stop before N when all finished
+    hf_logits = np.stack([x.numpy() for x in res.logits], axis=1)  # [B, N', V], before any processing
+    n = hf_tokens.shape[1]
+    np.testing.assert_array_equal(out.tokens[:, :n], hf_tokens)
+    assert (out.tokens[:, n:] == 0).all()
+    assert out.finished.any() and out.lengths.max() > 3  # EOS and a longer row are both exercised
+    for b in range(B):
+        np.testing.assert_allclose(
+            out.logits[b, : out.lengths[b]], hf_logits[b, : out.lengths[b]], atol=1e-4, rtol=0
+        )
+
+
+def test_chat_prompts_use_the_template_with_one_bos(llama):
+    tok = make_tokenizer(chat_template="chatml_bos")  # the template writes BOS itself
+    gen = Generator(llama, tok)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert set(gen.stop_ids) >= {tok.eos_token_id, im_end}
+    messages = [{"role": "user", "content": "hello there"}]
+    (ids,) = gen.encode_prompts([messages])
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert ids.tolist() == tok(text, add_special_tokens=False)["input_ids"]
+    assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
+    (plain,) = Generator(llama, make_tokenizer()).encode_prompts(["hello there"])
+    assert plain.tolist() == make_tokenizer()("hello there")["input_ids"]  # text: the tokenizer's one BOS
+
+    out = gen.generate([messages, "The quick brown"], SamplingParams(max_new_tokens=5, temperature=0.0))
+    assert [o["prompt"] for o in out] == [messages, "The quick brown"]
+    for o in out:
+        assert len(o["tokens"]) <= 5 and o["completion"] == tok.decode(o["tokens"], skip_special_tokens=True)
+    pieces = "".join(gen.stream("The quick brown", SamplingParams(max_new_tokens=5, temperature=0.0)))
+    assert pieces == out[1]["completion"]
+
+
+def test_sampler_filters():
+    logits = jnp.asarray(np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 256, np.float32)))
+    keys = jax.random.split(jax.random.key(0), 256)
+    greedy = sample_logits(logits, keys, temperature=0.0, top_k=0, top_p=1.0)
+    assert (np.asarray(greedy) == 0).all()
+    top2 = np.asarray(sample_logits(logits, keys, temperature=1.0, top_k=2, top_p=1.0))
+    assert set(top2.tolist()) == {0, 1}
+    nucleus = np.asarray(sample_logits(logits, keys, temperature=1.0, top_k=0, top_p=0.7))  # 0.5 + 0.3 >= 0.7
+    assert set(nucleus.tolist()) == {0, 1}
+    assert set(np.asarray(sample_logits(logits, keys, temperature=1.0, top_k=0, top_p=0.4)).tolist()) == {0}
+    free = np.asarray(sample_logits(logits, keys, temperature=1.0, top_k=0, top_p=1.0))
+    assert set(free.tolist()) == {0, 1, 2, 3} and abs((free == 0).mean() - 0.5) < 0.1
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
+
+
+def test_read_prompts(tmp_path):
+    (tmp_path / "p.jsonl").write_text(
+        json.dumps({"prompt": "a+b="}) + "\n\n" + json.dumps({"messages": [{"role": "user", "content": "x"}]})
+    )
+    assert read_prompts(tmp_path / "p.jsonl") == ["a+b=", [{"role": "user", "content": "x"}]]
+    (tmp_path / "p.txt").write_text("first line\n\nsecond\n")
+    assert read_prompts(tmp_path / "p.txt") == ["first line", "second"]
+    (tmp_path / "bad.jsonl").write_text('{"text": 1}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        read_prompts(tmp_path / "bad.jsonl")
+
+
+def test_cli_generate(llama_dir, tmp_path, capsys):
+    from jdpo.cli import main
+
+    assert main(["generate", "--model", str(llama_dir), "--prompt", "hello", "--max-new-tokens", "4"]) == 0
+    streamed = capsys.readouterr().out
+    (tmp_path / "prompts.txt").write_text("hello\nThe quick brown fox\n")
+    out = tmp_path / "out.jsonl"
+    args = ["generate", "--model", str(llama_dir), "--prompts", str(tmp_path / "prompts.txt")]
+    assert main([*args, "--max-new-tokens", "4", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["hello", "The quick brown fox"]
+    assert streamed == rows[0]["completion"] + "\n"
