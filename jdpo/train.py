@@ -434,13 +434,13 @@ class Trainer:
             "params": params,
             "opt_state": self.steps.init_opt(params),
             "step": jnp.zeros((), jnp.int32),
-            "rng": jax.device_put(
-                jax.random.key_data(jax.random.key(c.train.seed)), self.steps.state_shardings["rng"]
-            ),
+            "rng": jax.random.key_data(jax.random.key(c.train.seed)),
         }
         if c.dpo.reference == "online":
             state["ref_params"] = self.steps.copy_params(self._reference_params(params))
-        self.state = state
+        # Committed to exactly the shardings the step returns: an uncommitted scalar here would make
+        # step 2 (whose inputs are step 1's outputs) compile a second time.
+        self.state = jax.device_put(state, self.steps.state_shardings)
 
     # -- reference ---------------------------------------------------------------------------------
 

@@ -120,12 +120,14 @@ def test_accumulation_1x8_equals_8x1(assets, tmp_path):
 
 
 def test_step_compiles_once(assets, tmp_path):
+    # Fresh compiled functions: shared ones would already hold what other tests compiled (e.g. step
+    # 2's signature), hiding a second compilation.
+    train.compiled_steps.cache_clear()
     tr = train.Trainer(make_config(assets, tmp_path / "run"), mesh=one_device())
     steps(tr, 1)
     tr.evaluate()  # the eval step compiles on its first use
-    # The compiled functions are shared by every run with equal settings (other tests add entries
-    # for their batch shapes), so count what happens from here on rather than absolute cache sizes.
     cached = tr.steps.train_step._cache_size()
+    assert cached == 1
     compiles = []
 
     def listener(event, duration, **kw):
