@@ -102,3 +102,40 @@ class Checkpointer:
 def abstract_like(tree: Any) -> Any:
     """Abstract target (shape, dtype, sharding) of a pytree of arrays, for `Checkpointer.restore`."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def nest(tree: Any, exclude: tuple[str, ...] = ()) -> dict:
+    """A pytree (a dict at the top) as nested plain dicts of its arrays, keyed by the path names: what
+    orbax stores readably, whatever custom nodes (nnx.State, optax states) the tree is made of.
+    Top-level keys in `exclude` are left out."""
+    out: dict = {}
+    flat = jax.tree_util.tree_flatten_with_path({k: v for k, v in tree.items() if k not in exclude})[0]
+    for path, leaf in flat:
+        node = out
+        names = [_name(k) for k in path]
+        for name in names[:-1]:
+            node = node.setdefault(name, {})
+        node[names[-1]] = leaf
+    return out
+
+
+def unnest(saved: dict, like: Any, exclude: tuple[str, ...] = ()) -> Any:
+    """Inverse of `nest`: the arrays of `saved` put back into the structure of `like`; the excluded
+    top-level keys are taken from `like` as they are."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path({k: v for k, v in like.items() if k not in exclude})
+    leaves = []
+    for path, _ in paths:
+        node = saved
+        for k in path:
+            node = node[_name(k)]
+        leaves.append(node)
+    out = jax.tree.unflatten(treedef, leaves)
+    out.update({k: like[k] for k in exclude if k in like})
+    return out

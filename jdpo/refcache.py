@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -34,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdpo import losses
+
+log = logging.getLogger(__name__)
 
 ARRAYS = "arrays.npz"
 MANIFEST = "manifest.json"
@@ -125,6 +128,19 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     }
     h.update(json.dumps(extra, sort_keys=True).encode())
     return h.hexdigest()
+
+
+def ingredients(params: Any, *, model_config: dict, tokenizer: Any, pairs: Any, settings: dict) -> dict:
+    """What a split's reference log-probs depend on, as fingerprints (the arguments of `cache_key`):
+    the weights, the architecture (`ModelConfig.to_hf()`), the tokenizer, the tokenised pairs
+    (`TokenizedPairs`) and the length / dtype settings."""
+    return {
+        "weights": weights_fingerprint(params),
+        "model_config": model_config,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "pairs": pairs.fingerprint(),
+        "settings": settings,
+    }
 
 
 def cache_key(*, weights: str, model_config: dict, tokenizer: str, pairs: str, settings: dict) -> str:
@@ -275,3 +291,28 @@ def load_or_compute(
 
         multihost_utils.sync_global_devices(f"jdpo refcache {key}")
     return ref, False
+
+
+def for_split(
+    params: Any,
+    pairs: Any,
+    *,
+    forward: Callable[[dict], dict],
+    batches: Callable[[], Iterable[dict]],
+    cache_dir: str | Path,
+    model_config: dict,
+    tokenizer: Any,
+    settings: dict,
+) -> tuple[RefLogps, bool, str]:
+    """Reference log-probs of one split (`pairs`, a TokenizedPairs) under `params`: the key from
+    `ingredients`, then `load_or_compute`. Returns (ref_logps, reused, key)."""
+    parts = ingredients(
+        params, model_config=model_config, tokenizer=tokenizer, pairs=pairs, settings=settings
+    )
+    key = cache_key(**parts)
+    ref, reused = load_or_compute(
+        cache_dir, key, len(pairs), batches, forward, describe={**parts, "num_pairs": len(pairs)}
+    )
+    log.info("reference log-probs (%s, %d pairs): %s %s", settings.get("split"), len(pairs),
+             "reused" if reused else "computed", Path(cache_dir) / key)  # fmt: skip
+    return ref, reused, key

@@ -41,7 +41,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jdpo import losses, metrics, refcache
-from jdpo.checkpoint import Checkpointer, abstract_like
+from jdpo.checkpoint import Checkpointer, abstract_like, nest, unnest
 from jdpo.config import Config
 
 log = logging.getLogger(__name__)
@@ -276,42 +276,15 @@ def compiled_steps(s: StepSettings) -> Steps:
 # ------------------------------------------------------------------------------------------------
 
 
-def _key_name(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 def to_checkpoint(state: dict) -> dict:
-    """The state as nested plain dicts of arrays (what orbax saves); the frozen online reference is
-    left out (it is the initial weights, reloaded on resume)."""
-    out: dict = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(
-        {k: v for k, v in state.items() if k != "ref_params"}
-    )[0]:
-        node = out
-        names = [_key_name(k) for k in path]
-        for name in names[:-1]:
-            node = node.setdefault(name, {})
-        node[names[-1]] = leaf
-    return out
+    """The state as orbax saves it (nested plain dicts of arrays); the frozen online reference is left
+    out: it is the initial weights, reloaded on resume."""
+    return nest(state, exclude=("ref_params",))
 
 
-def from_checkpoint(tree: dict, like: dict) -> dict:
-    """Inverse of `to_checkpoint`: the leaves of `tree` put back into the structure of `like`."""
-    like_saved = {k: v for k, v in like.items() if k != "ref_params"}
-    paths, treedef = jax.tree_util.tree_flatten_with_path(like_saved)
-    leaves = []
-    for path, _ in paths:
-        node = tree
-        for k in path:
-            node = node[_key_name(k)]
-        leaves.append(node)
-    out = jax.tree.unflatten(treedef, leaves)
-    if "ref_params" in like:
-        out["ref_params"] = like["ref_params"]
-    return out
+def from_checkpoint(saved: dict, like: dict) -> dict:
+    """Inverse of `to_checkpoint`: `saved`'s arrays in the structure of `like` (ref_params from `like`)."""
+    return unnest(saved, like, exclude=("ref_params",))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -423,6 +396,7 @@ class Trainer:
         # Reference log-probs of the initial weights (before the first step donates them).
         self.ref_train = self.ref_eval = None
         self.ref_reused: dict[str, bool] = {}
+        self.ref_keys: dict[str, str] = {}
         if c.dpo.reference == "cached":
             ref_params = self._reference_params(params)
             self.ref_train = self._reference(ref_params, self.train_pairs, "train")
@@ -465,42 +439,20 @@ class Trainer:
         """Per-pair reference log-probs of one split, from the on-disk cache when its key matches."""
         from jdpo import data as jdata
 
-        d = self.config.data
-        settings = {
-            "max_length": d.max_length,
-            "max_prompt_length": d.max_prompt_length,
-            "dtype": str(jnp.dtype(self.dtype)),
-            "param_dtype": self.config.model.param_dtype,
-            "split": split,
-        }
-        ingredients = {
-            "weights": refcache.weights_fingerprint(params),
-            "model_config": self.model_config.to_hf(),
-            "tokenizer": refcache.tokenizer_fingerprint(self.tokenizer),
-            "pairs": pairs.fingerprint(),
-            "settings": settings,
-        }
-        key = refcache.cache_key(**ingredients)
-        rows = batch_sharding(self.mesh, accum=False)
-
-        def forward(batch):
-            return self.steps.forward(params, self._to_device(batch, rows))
-
-        def batches():
-            return jdata.one_pass(pairs, **self.batch_kw)
-
-        ref, reused = refcache.load_or_compute(
-            self.cache_dir(),
-            key,
-            len(pairs),
-            batches,
-            forward,
-            describe={**ingredients, "num_pairs": len(pairs)},
+        d, m, rows = self.config.data, self.config.model, batch_sharding(self.mesh, accum=False)
+        settings = {"max_length": d.max_length, "max_prompt_length": d.max_prompt_length, "split": split,
+                    "dtype": jnp.dtype(self.dtype).name, "param_dtype": m.param_dtype}  # fmt: skip
+        ref, reused, key = refcache.for_split(
+            params,
+            pairs,
+            forward=lambda batch: self.steps.forward(params, self._to_device(batch, rows)),
+            batches=lambda: jdata.one_pass(pairs, **self.batch_kw),
+            cache_dir=self.cache_dir(),
+            model_config=self.model_config.to_hf(),
+            tokenizer=self.tokenizer,
+            settings=settings,
         )
-        self.ref_reused[split] = reused
-        self.ref_keys = getattr(self, "ref_keys", {}) | {split: key}
-        log.info("reference log-probs (%s, %d pairs): %s %s", split, len(pairs),
-                 "reused" if reused else "computed", self.cache_dir() / key)  # fmt: skip
+        self.ref_reused[split], self.ref_keys[split] = reused, key
         return ref
 
     # -- batches -------------------------------------------------------------------------------------
@@ -557,13 +509,9 @@ class Trainer:
         """A few lines on what this run is about to do (printed at the start of `fit`)."""
         c = self.config
         n_params = sum(x.size for x in jax.tree.leaves(self.state["params"]))
-        ref = c.dpo.reference
-        if ref == "cached":
-            ref += (
-                " ("
-                + ", ".join(f"{k}: {'reused' if v else 'computed'}" for k, v in self.ref_reused.items())
-                + ")"
-            )
+        ref = c.dpo.reference + "".join(
+            f", {k} {'reused' if v else 'computed'}" for k, v in self.ref_reused.items()
+        )
         eval_pairs = len(self.eval_pairs) if self.eval_pairs is not None else 0
         return "\n".join([
             f"jdpo: {self.model_config.family} model, {n_params:,} parameters, "
