@@ -581,7 +581,7 @@ class Trainer:
             last_eval = ev
             emit(step, ev)
             acc = ev.get("eval/rewards/accuracies", 0.0)
-            if acc > OVERFIT_ACCURACY and not tracker["warned"] and set(c.dpo.loss_type) != {"sft"}:
+            if round(acc, 4) > OVERFIT_ACCURACY and not tracker["warned"] and set(c.dpo.loss_type) != {"sft"}:
                 tracker["warned"] = True
                 warnings.warn(
                     f"eval preference accuracy {acc:.2%} at step {step} is above {OVERFIT_ACCURACY:.0%}: "
