@@ -269,13 +269,23 @@ class Generator:
                 # training completions end with, see jdpo.data.tokenize).
                 from jdpo.data import tokenize_preferences
 
-                rec = {"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"}
+                rec = {
+                    "prompt": [{"role": "user", "content": "hi"}],
+                    "chosen": "a",
+                    "rejected": self._filler()[1],
+                }
                 pairs, _ = tokenize_preferences([rec], tok)
                 if len(pairs) and len(pairs.chosen_ids[0]):
                     last = int(pairs.chosen_ids[0][-1])
                     if last in set(getattr(tok, "all_special_ids", []) or []):
                         ids.append(last)
         return ids
+
+    def _filler(self) -> tuple[str, str]:
+        """Two completions that tokenise differently with any tokenizer (so `tokenize_preferences` keeps the
+        pair; only its prompt ids are used): one and two EOS tokens."""
+        eos = getattr(self.tokenizer, "eos_token", None)
+        return (eos, eos * 2) if eos else ("a", "a a")
 
     def encode_prompts(
         self, prompts: Sequence[Prompt], *, max_prompt_length: int | None = None
@@ -286,7 +296,8 @@ class Generator:
 
         if self.tokenizer is None:
             raise ValueError("text prompts need a tokenizer: pass one to Generator or use generate_ids")
-        records = [{"prompt": p, "chosen": "a", "rejected": "b"} for p in prompts]
+        chosen, rejected = self._filler()
+        records = [{"prompt": p, "chosen": chosen, "rejected": rejected} for p in prompts]
         pairs, report = tokenize_preferences(records, self.tokenizer, max_prompt_length=max_prompt_length)
         if len(pairs) != len(prompts):
             raise ValueError(f"could not tokenise every prompt:\n{report}")
