@@ -361,6 +361,10 @@ class Trainer:
         if self.eval_pairs is not None:
             lengths.append(self.eval_pairs.pair_lengths())
         self.max_pairs = pairs_per_row(self.row_length, lengths) if d.packing else 1
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if c.train.batch_rows % shards:
+            raise ValueError(f"train.batch_rows={c.train.batch_rows} must divide over the {shards} row "
+                             f"shards of the mesh (data x fsdp = {dict(self.mesh.shape)})")  # fmt: skip
         self.batch_kw = dict(
             rows_per_batch=c.train.batch_rows,
             row_length=self.row_length,

@@ -254,3 +254,10 @@ def test_unpacked_length_buckets_with_accumulation(assets, tmp_path):
     assert tr.max_pairs == 1 and len(tr.batches.buckets) > 1
     (m,) = steps(tr, 1)
     assert m["loss"] == pytest.approx(math.log(2), abs=1e-5) and m["pairs"] == 8
+
+
+def test_batch_rows_must_divide_over_the_mesh(assets, tmp_path):
+    with pytest.raises(ValueError, match=r"train.batch_rows=6 must divide over the 4 row shards"):
+        train.Trainer(
+            make_config(assets, tmp_path / "run", **{"train.batch_rows": 6}), mesh=make_mesh(2, 2, 2)
+        )
