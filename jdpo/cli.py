@@ -279,6 +279,19 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return 0
 
 
+def _mesh_arg(value: str | None, parser: argparse.ArgumentParser):
+    """--mesh DATA,FSDP,TENSOR -> a jdpo.sharding mesh (None without the option)."""
+    if value is None:
+        return None
+    from jdpo.sharding import make_mesh
+
+    try:
+        data, fsdp, tensor = (int(x) for x in value.split(","))
+        return make_mesh(data, fsdp, tensor)
+    except ValueError as e:
+        parser.error(f"--mesh {value}: {e} (expected DATA,FSDP,TENSOR, e.g. 1,-1,1)")
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "generate",
@@ -313,6 +326,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--out", metavar="FILE", default=None, help="JSONL output for --prompts (default: stdout)."
     )
+    p.add_argument(
+        "--mesh",
+        metavar="DATA,FSDP,TENSOR",
+        default=None,
+        help="Shard over a device mesh, e.g. 1,-1,1 (rows over data x fsdp; default: one device).",
+    )
     p.set_defaults(func=_run_generate)
     return p
 
@@ -333,7 +352,7 @@ def _run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         prompts = read_prompts(args.prompts) if args.prompts else None
     except (OSError, ValueError) as e:
         parser.error(str(e))
-    gen = Generator.from_pretrained(args.model)
+    gen = Generator.from_pretrained(args.model, mesh=_mesh_arg(args.mesh, parser))
     if prompts is None:
         prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
         for piece in gen.stream(prompt, sampling):
@@ -385,6 +404,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default="arithmetic",
         help="Answer checker: arithmetic checks a+b= prompts, other prompts are not scored (default).",
     )
+    p.add_argument(
+        "--mesh",
+        metavar="DATA,FSDP,TENSOR",
+        default=None,
+        help="Shard over a device mesh, e.g. 1,-1,1 (rows over data x fsdp; default: one device).",
+    )
     p.set_defaults(func=_run_eval)
     return p
 
@@ -407,6 +432,7 @@ def _run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
         answer_checker=evaluate.arithmetic_checker if args.checker == "arithmetic" else None,
+        mesh=_mesh_arg(args.mesh, parser),
     )
     print(json.dumps(report["metrics"], indent=2))
     if report["summary"]:
