@@ -264,6 +264,9 @@ def run_demo(
     before = trainer.evaluate()
     like_before = likelihood_accuracy(trainer)
     say(f"[demo] before DPO (held-out): {_summary(before)}; prefers chosen by log-prob: {like_before:.1%}")
+    say(
+        "[demo]   (policy == reference: every implicit reward is 0, accuracy counts strict wins; chance: 50%)"
+    )
     say(f"[demo] stage 2: DPO for {steps} steps")
     result = trainer.fit()
     after = result.eval_metrics
