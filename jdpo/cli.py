@@ -74,6 +74,9 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="Print the resolved config as YAML and exit without training.",
     )
     _add_config_fields(p)
+    from jdpo import distributed
+
+    distributed.add_arguments(p)
     p.set_defaults(func=_run_train)
     return p
 
@@ -90,6 +93,12 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
         print(yaml.safe_dump(C.to_dict(cfg), sort_keys=False), end="")
         return 0
+    from jdpo import distributed
+
+    # Before any JAX computation: joins jax.distributed when a cluster is detected, else a no-op.
+    info = distributed.initialize_from_args(args)
+    if info.process_count > 1 and distributed.is_main_process():
+        print(f"[jdpo] {info}")
     from jdpo import train
 
     train.run(cfg)

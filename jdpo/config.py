@@ -32,8 +32,9 @@ class ModelSection:
     param_dtype: Literal["float32", "bfloat16"] = _f(
         "float32", "Dtype the parameters (and so the optimizer's update) are stored in."
     )
-    remat: Literal["none", "full", "dots"] = _f(
-        "none", "Rematerialisation per layer: none, full (recompute all), dots (save matmul outputs)."
+    remat: Literal["none", "full", "dots_saveable"] = _f(
+        "none",
+        "Rematerialisation per layer: none, full (recompute all), dots_saveable (keep matmul outputs).",
     )
     scan_layers: bool = _f(
         False, "Scan over the layer stack (one compiled layer; fast compiles of deep models)."

@@ -269,11 +269,14 @@ def load_or_compute(
 
     Returns (ref_logps, reused). `describe` (the key's ingredients, JSON-able) goes in the manifest.
     """
+    from jdpo import distributed
+
     directory = Path(cache_dir) / key
-    if (directory / MANIFEST).exists():
-        ref = RefLogps.load(directory)
-        if len(ref) == num_pairs:
-            return ref, True
+    ref = RefLogps.load(directory) if (directory / MANIFEST).exists() else None
+    # Joint decision: a process that cannot see the entry (cache dir not shared, or stale) would
+    # compute while the others skip ahead, and the pass's collectives would hang.
+    if not distributed.any_process(ref is None or len(ref) != num_pairs):
+        return ref, True
     t0 = time.time()
     ref = compute(forward, make_batches(), num_pairs)
     if jax.process_index() == 0:

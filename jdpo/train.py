@@ -329,13 +329,12 @@ class Trainer:
         self.output_dir = Path(c.train.output_dir)
         self.dtype = resolve_dtype(c.model.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(c.model.path)
-        remat = {"dots": "dots_saveable"}.get(c.model.remat, c.model.remat)
         model, self.model_config = from_pretrained(
             c.model.path,
             dtype=self.dtype,
             param_dtype=jnp.dtype(c.model.param_dtype),
             mesh=self.mesh,
-            remat=remat,
+            remat=c.model.remat,
             scan_layers=c.model.scan_layers,
         )
         self.graphdef, params = nnx.split(model)
@@ -430,7 +429,11 @@ class Trainer:
         if not path or Path(path).resolve() == Path(self.config.model.path).resolve():
             return params
         ref_model, ref_cfg = from_pretrained(
-            path, dtype=self.dtype, param_dtype=jnp.dtype(self.config.model.param_dtype), mesh=self.mesh
+            path,
+            dtype=self.dtype,
+            param_dtype=jnp.dtype(self.config.model.param_dtype),
+            mesh=self.mesh,
+            scan_layers=self.config.model.scan_layers,  # the same parameter layout as the policy
         )
         if ref_cfg != self.model_config:
             raise ValueError(f"dpo.reference_path {path} has another architecture than model.path")
