@@ -23,7 +23,7 @@ they divide by it):
                     remat none: x, ln1(x), q, k, v, attn_out, x + attn, ln2(.), gate, up, act*up
                                 = (4D + 2NH + 2KH + 3F) * b, plus the float32 attention
                                 probabilities N * T * 4 (XLA's attention on CPU/TPU stores them)
-                    remat dots: the matmul outputs (dots without batch dims) and the layer input
+                    remat dots_saveable: the matmul outputs (dots without batch dims) and the layer input
                                 = (3D + NH + 2KH + 2F) * b
                     remat full: the layer input D * b
                   plus, with remat, one layer's full set live again while it is recomputed, and the
@@ -232,12 +232,12 @@ def activation_bytes_per_token(
     full_layer = full_elems * dtype_bytes + N * row_length * 4  # + float32 attention probabilities
     if remat == "none":
         per_layer = full_layer
-    elif remat in ("dots", "dots_saveable"):
+    elif remat == "dots_saveable":
         per_layer = (3 * D + N * H + 2 * K * H + 2 * F) * dtype_bytes
     elif remat == "full":
         per_layer = D * dtype_bytes
     else:
-        raise ValueError(f"remat must be none, dots or full, got {remat!r}")
+        raise ValueError(f"remat must be none, dots_saveable or full, got {remat!r}")
     return L * per_layer + 2 * D * dtype_bytes, (0 if remat == "none" else full_layer)
 
 
@@ -291,7 +291,7 @@ def plan_memory(
     batch_bytes = cfg.train.grad_accum * B * T * BATCH_ARRAYS * 4
 
     remat_note = {"none": "no remat: all layer tensors + f32 attention probs",
-                  "dots": "remat dots: matmul outputs saved + one layer recomputed",
+                  "dots_saveable": "remat dots_saveable: matmul outputs saved + one layer recomputed",
                   "full": "remat full: layer inputs saved + one layer recomputed"}[m.remat]  # fmt: skip
     rows = [
         ("parameters", param_bytes, f"{num_params:,} params, {m.param_dtype}"),
@@ -345,7 +345,7 @@ def format_plan(plan: MemoryPlan, *, device: str, device_bytes: int) -> str:
     elif plan.total <= device_bytes:
         lines.append(f"fits: tight (above {HEADROOM:.0%}; XLA scratch and fragmentation need headroom)")
     else:
-        lines.append("fits: NO; try model.remat=dots or full, fewer train.batch_rows with more grad_accum, "
+        lines.append("fits: NO; try model.remat=dots_saveable or full, fewer train.batch_rows with more grad_accum, "
                      "a shorter data.row_length, or more fsdp devices")  # fmt: skip
     return "\n".join(lines)
 

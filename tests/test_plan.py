@@ -53,7 +53,7 @@ def test_tiny_counts_by_hand():
 
 @pytest.mark.parametrize(
     "remat, saved_per_layer",
-    [("full", 16 * 4), ("dots", (3 * 16 + 16 + 2 * 8 + 2 * 32) * 4)],
+    [("full", 16 * 4), ("dots_saveable", (3 * 16 + 16 + 2 * 8 + 2 * 32) * 4)],
 )
 def test_tiny_remat(remat, saved_per_layer):
     p = plan.plan_memory(TINY, tiny_cfg(**{"mesh.fsdp": 1, "model.remat": remat}), num_devices=1)
