@@ -345,8 +345,8 @@ def format_plan(plan: MemoryPlan, *, device: str, device_bytes: int) -> str:
     elif plan.total <= device_bytes:
         lines.append(f"fits: tight (above {HEADROOM:.0%}; XLA scratch and fragmentation need headroom)")
     else:
-        lines.append("fits: NO; try model.remat=dots_saveable or full, fewer train.batch_rows with more grad_accum, "
-                     "a shorter data.row_length, or more fsdp devices")  # fmt: skip
+        lines.append("fits: NO; try model.remat=dots_saveable or full, fewer train.batch_rows with more "
+                     "grad_accum, a shorter data.row_length, or more fsdp devices")  # fmt: skip
     return "\n".join(lines)
 
 
