@@ -39,6 +39,9 @@ class ModelSection:
     scan_layers: bool = _f(
         False, "Scan over the layer stack (one compiled layer; fast compiles of deep models)."
     )
+    attention: Literal["xla", "cudnn"] = _f(
+        "xla", "Attention kernel: xla (any device), cudnn (flash attention on NVIDIA GPUs, bf16 compute)."
+    )
 
 
 @dataclass(frozen=True)
@@ -359,6 +362,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"data.max_prompt_length ({cfg.data.max_prompt_length}) must be < data.max_length "
             f"({cfg.data.max_length}) to leave room for the completion"
+        )
+    if cfg.model.attention == "cudnn" and cfg.model.dtype == "float32":
+        raise ConfigError(
+            "model.attention=cudnn needs model.dtype bfloat16 (or auto on a GPU); cuDNN has no f32"
         )
     for name in ("data", "fsdp", "tensor"):
         v = getattr(cfg.mesh, name)

@@ -336,6 +336,7 @@ class Trainer:
             mesh=self.mesh,
             remat=c.model.remat,
             scan_layers=c.model.scan_layers,
+            attention=c.model.attention,
         )
         self.graphdef, params = nnx.split(model)
 

@@ -45,6 +45,7 @@ def test_dump_round_trips(tmp_path):
         (["--data.max_prompt_length", "2048"], "data.max_prompt_length (2048) must be < data.max_length"),
         (["--mesh.data", "-1", "--mesh.fsdp", "-1"], "at most one of mesh"),
         (["--optim.learning_rate", "0"], "optim.learning_rate must be > 0"),
+        (["--model.attention", "cudnn", "--model.dtype", "float32"], "model.attention=cudnn needs"),
         (["dpo.beta", "1"], "expected --section.field VALUE"),
         (["--dpo.beta"], "needs a value"),
     ],

@@ -119,6 +119,18 @@ def test_sliding_window_is_applied():
     assert np.abs(a[:, 3:] - b[:, 3:]).max() > 1e-4
 
 
+def test_attention_kernel_choice_is_checked():
+    """cuDNN is an explicit opt-in (GPU only, no soft-cap); bad choices fail at construction."""
+    llama = ModelConfig.from_hf(TINY_CONFIGS["llama"])
+    with pytest.raises(ValueError, match="attention must be one of"):
+        nnx.eval_shape(lambda: Transformer(llama, rngs=nnx.Rngs(0), attention="flash"))
+    gemma2 = ModelConfig.from_hf(TINY_CONFIGS["gemma2"])
+    with pytest.raises(ValueError, match="cannot soft-cap attention logits"):
+        nnx.eval_shape(lambda: Transformer(gemma2, rngs=nnx.Rngs(0), attention="cudnn"))
+    # Constructing a cuDNN llama works anywhere (it only fails when run without a GPU).
+    nnx.eval_shape(lambda: Transformer(llama, rngs=nnx.Rngs(0), attention="cudnn"))
+
+
 def test_hidden_states_and_unembedding_give_logits(ckpt):
     model, config = from_pretrained(ckpt[0])
     ids = jnp.arange(8, dtype=jnp.int32)[None]

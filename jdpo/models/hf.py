@@ -86,7 +86,7 @@ def _model_params(model) -> dict[str, nnx.Variable]:
     return {".".join(map(str, path)): v for path, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
 
 
-def _abstract_model(config, dtype, param_dtype, remat, scan_layers):
+def _abstract_model(config, dtype, param_dtype, remat, scan_layers, attention):
     return nnx.eval_shape(
         lambda: Transformer(
             config,
@@ -95,6 +95,7 @@ def _abstract_model(config, dtype, param_dtype, remat, scan_layers):
             rngs=nnx.Rngs(0),
             remat=remat,
             scan_layers=scan_layers,
+            attention=attention,
         )
     )
 
@@ -114,6 +115,7 @@ def from_pretrained(
     mesh=None,
     remat: str = "none",
     scan_layers: bool = False,
+    attention: str = "xla",
 ):
     """Load a HF checkpoint directory (config.json + safetensors) straight into its target shardings.
 
@@ -122,7 +124,7 @@ def from_pretrained(
     """
     path = os.fspath(path)
     config = ModelConfig.from_hf(path)
-    model = _abstract_model(config, dtype, param_dtype, remat, scan_layers)
+    model = _abstract_model(config, dtype, param_dtype, remat, scan_layers, attention)
     params = _model_params(model)
     key_to_file = _checkpoint_files(path)
     L = config.num_layers
@@ -217,6 +219,7 @@ def init_model(
     param_dtype=jnp.float32,
     remat: str = "none",
     scan_layers: bool = False,
+    attention: str = "xla",
 ) -> Transformer:
     """Random init, born sharded: eval_shape -> shardings from the rules table -> jit(init, out_shardings)."""
 
@@ -228,6 +231,7 @@ def init_model(
             rngs=nnx.Rngs(seed),
             remat=remat,
             scan_layers=scan_layers,
+            attention=attention,
         )
 
     graphdef, abstract_state = nnx.split(nnx.eval_shape(make))

@@ -22,6 +22,9 @@ from flax import nnx
 from jdpo.sharding import constrain
 
 REMAT_POLICIES = ("none", "full", "dots_saveable")
+# jax.nn.dot_product_attention backends: "xla" everywhere; "cudnn" (flash attention) on NVIDIA GPUs with
+# bf16/fp16 compute. jax 0.10 never picks cuDNN by itself, so it is an explicit choice.
+ATTENTION_IMPLS = ("xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +221,7 @@ class Embedding(nnx.Module):
 class Attention(nnx.Module):
     """Grouped-query attention with optional q/k bias, q/k norm, sliding window and logit soft-capping."""
 
-    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs, attention: str = "xla"):
         c = config
         D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         kw = dict(param_dtype=param_dtype, std=c.initializer_range)
@@ -244,7 +247,7 @@ class Attention(nnx.Module):
             norm_kw = dict(eps=c.rms_norm_eps, offset=c.norm_offset, dtype=dtype, param_dtype=param_dtype)
             self.q_norm = RMSNorm(H, names=("head_dim",), **norm_kw)
             self.k_norm = RMSNorm(H, names=("head_dim",), **norm_kw)
-        self.config, self.dtype = c, dtype
+        self.config, self.dtype, self.attention = c, dtype, attention
 
     def _qkv(self, x_BxTxD, cos, sin):
         """q [B, T, N, H], k and v [B, T, K, H] of new tokens (q/k norm and RoPE applied)."""
@@ -263,9 +266,13 @@ class Attention(nnx.Module):
         """Attention of T queries over S keys (S == T without a cache), then the output projection."""
         c = self.config
         if c.attn_logit_softcapping is None:
-            # XLA on CPU/TPU; implementation=None so a future jax can pick cuDNN flash on GPU.
             out_BxTxNxH = jax.nn.dot_product_attention(
-                q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, scale=c.attention_scale
+                q_BxTxNxH,
+                k_BxSxKxH,
+                v_BxSxKxH,
+                mask=mask_Bx1xTxS,
+                scale=c.attention_scale,
+                implementation=self.attention,
             )
         else:
             out_BxTxNxH = _softcapped_attention(
@@ -331,7 +338,7 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Pre-norm block; gemma2 adds norms on the attention and MLP outputs ("sandwich")."""
 
-    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs, attention: str = "xla"):
         c = config
 
         def norm():
@@ -340,7 +347,7 @@ class DecoderLayer(nnx.Module):
             )
 
         self.input_layernorm = norm()
-        self.self_attn = Attention(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = Attention(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention=attention)
         # llama naming: post_attention_layernorm is the pre-MLP norm; gemma2: it normalises attn output.
         self.post_attention_layernorm = norm()
         if c.sandwich_norm:
@@ -398,12 +405,20 @@ class Transformer(nnx.Module):
         rngs: nnx.Rngs,
         remat: str = "none",
         scan_layers: bool = False,
+        attention: str = "xla",
     ):
         c = config
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
+        if attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
+        if attention == "cudnn" and c.attn_logit_softcapping is not None:
+            raise ValueError(
+                f"attention='cudnn' cannot soft-cap attention logits ({c.family} has "
+                f"attn_logit_softcapping={c.attn_logit_softcapping}); use attention='xla'"
+            )
         self.embed_tokens = Embedding(c, param_dtype=param_dtype, rngs=rngs)
-        layer_kw = dict(dtype=dtype, param_dtype=param_dtype)
+        layer_kw = dict(dtype=dtype, param_dtype=param_dtype, attention=attention)
         if scan_layers:
 
             @nnx.split_rngs(splits=c.num_layers)
