@@ -1,18 +1,26 @@
-"""The bundled demo: a verifiable toy preference task, learned end to end on a CPU in minutes.
+"""The bundled demo: a verifiable toy preference task on which DPO visibly changes what a model says.
 
-Task: arithmetic prompts "37+45=" whose chosen completion is the right sum ("82") and whose rejected
-completion is a plausible wrong one (off by one or ten, a dropped carry, swapped digits). Whether a
-model prefers the right answer is checkable, and a held-out split of unseen (a, b) pairs measures
-generalisation rather than memorisation.
+Task: two-digit sums "37+45=" (operands 0..49, written with two digits: "07+45=", answers "52").
+Most prompts (`carry_share`, 65%) need a carry from the ones into the tens column. Every answer is
+checkable, and a held-out split of unseen (a, b) pairs measures generalisation, not memorisation.
 
-Everything is built in-process with no network: the data (JSONL), a character-level tokenizer (trained
+Everything is built in-process with no network: the data (JSONL), a character-level tokenizer (built
 with `tokenizers`, saved as a transformers fast tokenizer with <s>, </s>, <pad>), and a small random
-Llama-family model in Hugging Face format (`init_model` + `save_pretrained`). Then:
-  1. a short supervised stage (loss_type "sft", reference "none") on the train prompts answered wrongly
-     half of the time: the model learns to write sums, right and plausibly wrong alike; its export is
-     the reference model;
-  2. DPO from that reference (reference "cached");
-and the held-out preference accuracy and reward margins are printed before and after.
+Llama-family model in Hugging Face format (`init_model` + `save_pretrained`). Then, like a real model's
+life (pretraining, imperfect demonstrations, preferences):
+  0. SFT on the right answers (loss_type "sft", reference "none"): the model learns to add, carries
+     included (~97% of held-out sums right);
+  1. SFT on a careless teacher's answers, who forgets the carry in `slip_rate` (70%) of the carry sums
+     ("37+45=72"). The model picks up the habit: its greedy answer to a carry sum is the slip, with the
+     right answer as a close second. Its export is the reference (~40% of held-out sums right);
+  2. DPO from that reference (reference "cached"; the settings are experiments/demo.yaml) on pairs whose
+     chosen completion is the right sum and whose rejected one is exactly the slip (the carry forgotten;
+     on a sum without a carry, one invented);
+  3. greedy answers of the reference and of the policy to the held-out prompts, side by side, and how
+     often each is right (`jdpo.evaluate.compare_generations`; pages under <output_dir>/generations).
+The held-out preference accuracy and reward margins are printed before and after DPO, then one summary.
+Two digits everywhere (fixed positions) and a learning rate of 1e-3 are what let the tiny model learn
+carries in a few hundred steps (unpadded or at 3e-3 it stalled at ~20% right).
 
     from jdpo.demo import run_demo
     summary = run_demo("runs/demo")       # or: jdpo demo --output-dir runs/demo
@@ -30,44 +38,67 @@ from typing import Any
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHARS = list("0123456789+=")
 
-# The demo's model (~0.5M parameters): small enough to train on 2 CPU cores in a minute or two, big
-# enough to learn most of two-digit addition in a few hundred steps.
+# The demo's model (~0.64M parameters): small enough to train on 2 CPU cores in a minute or two, big
+# enough to learn two-digit addition with carries in several hundred steps.
 DEMO_MODEL = dict(hidden_size=128, intermediate_size=384, num_layers=3, num_heads=4, num_kv_heads=4)
 
+# The two supervised stages that make the reference (the DPO stage is experiments/demo.yaml). A model
+# from scratch takes far larger steps than a pretrained one.
+PRETRAIN_STAGE = {"optim.learning_rate": 1e-3, "optim.warmup_ratio": 0.05}
+SFT_STAGE = {"optim.learning_rate": 1e-3, "optim.warmup_ratio": 0.05}
+
 
 # ------------------------------------------------------------------------------------------------
-# Assets: data, tokenizer, model
+# The task
 # ------------------------------------------------------------------------------------------------
 
 
-def wrong_answer(a: int, b: int, rng: random.Random) -> int:
-    """A plausible wrong sum: off by one or ten, a forgotten carry, or swapped digits."""
-    s = a + b
-    while True:
-        kind = rng.choice(["pm1", "pm10", "carry", "swap"])
-        if kind == "pm1":
-            w = s + rng.choice([-1, 1])
-        elif kind == "pm10":
-            w = s + rng.choice([-10, 10])
-        elif kind == "carry":
-            w = s - 10 if (a % 10 + b % 10) >= 10 else s + 10  # forgot (or invented) the carry
-        else:
-            w = int(str(s)[::-1]) if s >= 10 else s + rng.choice([-2, 2])
-        if w != s and w >= 0:
-            return w
+def has_carry(a: int, b: int) -> bool:
+    """Whether a + b carries from the ones into the tens column."""
+    return a % 10 + b % 10 >= 10
 
 
-def make_records(max_operand: int = 49, seed: int = 0) -> list[dict[str, str]]:
-    """All prompts "a+b=" with 0 <= a, b <= max_operand; chosen = the sum, rejected = a wrong one."""
+def slip(a: int, b: int) -> int:
+    """The systematic mistake: the sum with the carry forgotten (37+45 -> 72) or, where there is none
+    to forget, invented (31+45 -> 86)."""
+    return a + b - 10 if has_carry(a, b) else a + b + 10
+
+
+def make_records(max_operand: int = 49, carry_share: float = 0.65, seed: int = 0) -> list[dict[str, str]]:
+    """Prompts "a+b=" with 0 <= a, b <= max_operand; chosen = the sum, rejected = `slip(a, b)`.
+
+    Every carry sum is kept and the sums without a carry are sub-sampled so that a `carry_share` of the
+    prompts need a carry (on a uniform grid it is 45%): the careless teacher's slip then matters on most
+    prompts. Shuffled; each prompt once."""
     rng = random.Random(seed)
-    records = []
+    carry, plain = [], []
     for a in range(max_operand + 1):
         for b in range(max_operand + 1):
-            records.append(
-                {"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(wrong_answer(a, b, rng))}
-            )
+            (carry if has_carry(a, b) else plain).append((a, b))
+    if 0 < carry_share < 1:
+        keep = round(len(carry) * (1 - carry_share) / carry_share)
+        plain = rng.sample(plain, min(keep, len(plain)))
+    records = [
+        {"prompt": f"{a:02d}+{b:02d}=", "chosen": f"{a + b:02d}", "rejected": f"{slip(a, b):02d}"}
+        for a, b in carry + plain
+    ]
     rng.shuffle(records)
     return records
+
+
+def sft_records(records: list[dict], slip_rate: float = 0.7, seed: int = 0) -> list[dict]:
+    """The supervised stage's data: the same prompts, answered by a teacher who forgets the carry in a
+    `slip_rate` of the carry sums (answer and rejected swapped there); sums without a carry are answered
+    right. Above 50% the slip is what a model imitating it says; the right answer stays its strong second
+    choice, and DPO has to promote it."""
+    rng = random.Random(seed + 1)
+    out = []
+    for r in records:
+        a, b = map(int, r["prompt"].rstrip("=").split("+"))
+        if has_carry(a, b) and rng.random() < slip_rate:
+            r = {**r, "chosen": r["rejected"], "rejected": r["chosen"]}
+        out.append(r)
+    return out
 
 
 def write_jsonl(records: list[dict], path: str | Path) -> Path:
@@ -125,37 +156,30 @@ def make_model_dir(path: str | Path, tokenizer, *, seed: int = 0, vocab_size: in
 @dataclasses.dataclass
 class DemoAssets:
     model_dir: Path
-    train_path: Path  # DPO pairs: chosen = the right sum, rejected = a wrong one
+    train_path: Path  # DPO pairs: chosen = the right sum, rejected = the slip
     eval_path: Path  # held-out DPO pairs (prompts never seen in training)
-    sft_path: Path  # supervised data: the train prompts, answered right half of the time
+    sft_path: Path  # supervised data: the train prompts, the carry often forgotten
 
 
-def noisy_sft_records(records: list[dict], wrong_fraction: float = 0.5, seed: int = 0) -> list[dict]:
-    """The supervised stage's data: the same prompts with the answer swapped for the wrong one in a
-    `wrong_fraction` of them. A model imitating it learns to write sums, right and plausibly wrong
-    alike, so the reference has no preference for the right answer; DPO then has to teach it."""
-    rng = random.Random(seed + 1)
-    out = []
-    for r in records:
-        if rng.random() < wrong_fraction:
-            r = {**r, "chosen": r["rejected"], "rejected": r["chosen"]}
-        out.append(r)
-    return out
-
-
-def build_assets(directory: str | Path, *, max_operand: int = 49, eval_pairs: int = 250, seed: int = 0,
+def build_assets(directory: str | Path, *, max_operand: int = 49, carry_share: float = 0.65,
+                 slip_rate: float = 0.7, eval_pairs: int = 250, seed: int = 0,
                  **model_sizes: Any) -> DemoAssets:  # fmt: skip
     """Write the toy task (train / held-out JSONL), the tokenizer and a random model under `directory`."""
     directory = Path(directory)
-    records = make_records(max_operand, seed)
+    records = make_records(max_operand, carry_share, seed)
     held, train = records[:eval_pairs], records[eval_pairs:]
     tokenizer = make_tokenizer()
     return DemoAssets(
         model_dir=make_model_dir(directory / "init", tokenizer, seed=seed, **model_sizes),
         train_path=write_jsonl(train, directory / "train.jsonl"),
         eval_path=write_jsonl(held, directory / "eval.jsonl"),
-        sft_path=write_jsonl(noisy_sft_records(train, seed=seed), directory / "sft.jsonl"),
+        sft_path=write_jsonl(sft_records(train, slip_rate, seed=seed), directory / "sft.jsonl"),
     )
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -163,58 +187,53 @@ def build_assets(directory: str | Path, *, max_operand: int = 49, eval_pairs: in
 # ------------------------------------------------------------------------------------------------
 
 
-def demo_config(
-    output_dir: str | Path, assets: DemoAssets, *, stage: str, steps: int, preset: str | None = None
-):
-    """The Config of one demo stage ("sft" or "dpo"): the `demo` preset (experiments/demo.yaml when it
-    is there) with the stage's loss, reference, learning rate and paths filled in."""
+def default_preset() -> str | None:
+    """experiments/demo.yaml next to the package (a source checkout), else None (built-in defaults)."""
+    candidate = Path(__file__).resolve().parent.parent / "experiments" / "demo.yaml"
+    return str(candidate) if candidate.exists() else None
+
+
+def demo_config(output_dir: str | Path, assets: DemoAssets, *, stage: str, steps: int | None = None,
+                preset: str | None = None, overrides: dict[str, Any] | None = None):  # fmt: skip
+    """The Config of one demo stage ("sft" or "dpo"). The `demo` preset (experiments/demo.yaml) is the DPO
+    stage; the demo fills in the paths, and for "sft" the supervised loss and `SFT_STAGE`. `steps` (when
+    given) and `overrides` (dotted names) win over the preset."""
     from jdpo.config import load_config, replace
 
-    if preset is None:
-        candidate = Path(__file__).resolve().parent.parent / "experiments" / "demo.yaml"
-        preset = str(candidate) if candidate.exists() else None
-    cfg = load_config(preset)
+    cfg = load_config(preset if preset is not None else default_preset())
     out = Path(output_dir)
-    common = {
-        "data.train": [str(assets.train_path)],
+    paths = {
         "data.eval": [str(assets.eval_path)],
-        "data.eval_fraction": 0.0,
-        "data.max_length": 16,
-        "data.max_prompt_length": 8,
-        "data.row_length": 64,
         "dpo.cache_dir": str(out / "refcache"),
-        "train.max_steps": steps,
-        "train.batch_rows": 16,
-        "train.grad_accum": 1,
-        "model.dtype": "float32",
     }
-    if stage == "sft":
+    if stage in ("pretrain", "sft"):
+        pretrained = out / "pretrain" / "final"
         stage_cfg = {
-            "model.path": str(assets.model_dir),
-            "data.train": [str(assets.sft_path)],
+            "model.path": str(pretrained if stage == "sft" and pretrained.exists() else assets.model_dir),
+            "data.train": [str(assets.sft_path if stage == "sft" else assets.train_path)],
             "dpo.loss_type": ["sft"],
             "dpo.reference": "none",
-            "optim.learning_rate": 3e-3,
-            "train.output_dir": str(out / "sft"),
+            "train.output_dir": str(out / stage),
             "train.eval_every": 0,
             "train.save_every": 0,
-            "train.log_every": max(steps // 10, 1),
+            **(SFT_STAGE if stage == "sft" else PRETRAIN_STAGE),
         }
-    else:
+    elif stage == "dpo":
         stage_cfg = {
             "model.path": str(out / "sft" / "final"),
-            "dpo.loss_type": ["sigmoid"],
-            "dpo.reference": "cached",
-            # beta 0.5 keeps the policy nearer the reference than 0.1 does: on this task that
-            # generalises better to unseen prompts (measured: 86% vs 75% held-out accuracy).
-            "dpo.beta": 0.5,
-            "optim.learning_rate": 5e-4,
+            "data.train": [str(assets.train_path)],
             "train.output_dir": str(out),
-            "train.eval_every": max(steps // 5, 1),
-            "train.save_every": max(steps // 2, 1),
-            "train.log_every": max(steps // 20, 1),
         }
-    return replace(cfg, **{**common, **stage_cfg})
+    else:
+        raise ValueError(f"stage must be 'sft' or 'dpo', got {stage!r}")
+    if steps is not None:
+        stage_cfg["train.max_steps"] = steps
+    if stage != "dpo" or steps is not None:  # the preset's intervals are for its own step count
+        n = steps if steps is not None else cfg.train.max_steps
+        stage_cfg["train.log_every"] = max(n // 10, 1)
+        if stage == "dpo":
+            stage_cfg["train.eval_every"] = max(n // 5, 1)
+    return replace(cfg, **{**paths, **stage_cfg, **(overrides or {})})
 
 
 def _summary(ev: dict[str, float]) -> str:
@@ -229,37 +248,54 @@ def _summary(ev: dict[str, float]) -> str:
 def run_demo(
     output_dir: str | Path = "runs/demo",
     *,
-    steps: int = 400,
-    sft_steps: int = 600,
+    steps: int | None = None,
+    pretrain_steps: int = 450,
+    sft_steps: int = 200,
+    pretrain_overrides: dict[str, Any] | None = None,
     preset: str | None = None,
     seed: int = 0,
     max_operand: int = 49,
+    carry_share: float = 0.65,
+    slip_rate: float = 0.7,
     eval_pairs: int = 250,
+    compare_prompts: int = 250,
+    show_samples: int = 6,
     model: dict | None = None,
+    sft_overrides: dict[str, Any] | None = None,
+    dpo_overrides: dict[str, Any] | None = None,
     plot: bool = True,
     quiet: bool = False,
 ) -> dict[str, Any]:
-    """Build the toy task and model, run SFT then DPO, print the held-out numbers before and after.
+    """Build the toy task and model, run SFT then DPO, and show what changed on held-out prompts.
 
-    Returns {"before": eval metrics of the reference (= the DPO policy at step 0), "after": eval
-    metrics after DPO, "likelihood_accuracy": {"before", "after"} (fraction of held-out pairs whose
-    chosen completion has the higher log-prob), "seconds", "output_dir", "final_dir"}.
+    `steps` (DPO) defaults to the preset's train.max_steps. Returns {"before": eval metrics of the
+    reference (= the DPO policy at step 0), "after": eval metrics after DPO, "likelihood_accuracy":
+    {"before", "after"} (fraction of held-out pairs whose chosen completion has the higher log-prob),
+    "generations": compare_generations' {"rows", "summary", "paths"} (greedy, held-out prompts; summary
+    has "reference_correct" / "policy_correct" fractions), "seconds", "output_dir", "final_dir"}.
     """
     from jdpo import train
+    from jdpo.evaluate import arithmetic_checker, compare_generations
 
     t0 = time.time()
     out = Path(output_dir)
     say = (lambda *a: None) if quiet else print
-    assets = build_assets(
-        out / "assets", seed=seed, max_operand=max_operand, eval_pairs=eval_pairs, **(model or {})
-    )
+    assets = build_assets(out / "assets", seed=seed, max_operand=max_operand, carry_share=carry_share,
+                          slip_rate=slip_rate, eval_pairs=eval_pairs, **(model or {}))  # fmt: skip
     say(f"[demo] task: {assets.train_path} (+ held-out {assets.eval_path}); model: {assets.model_dir}")
 
-    sft_cfg = demo_config(out, assets, stage="sft", steps=sft_steps, preset=preset)
-    say(f"[demo] stage 1: supervised fine-tuning for {sft_steps} steps (the reference model)")
+    if pretrain_steps:
+        pre_cfg = demo_config(out, assets, stage="pretrain", steps=pretrain_steps, preset=preset,
+                              overrides=pretrain_overrides)  # fmt: skip
+        say(f"[demo] stage 0: supervised training for {pre_cfg.train.max_steps} steps on right answers "
+            "(learns to add)")  # fmt: skip
+        train.run(pre_cfg)
+    sft_cfg = demo_config(out, assets, stage="sft", steps=sft_steps, preset=preset, overrides=sft_overrides)
+    say(f"[demo] stage 1: supervised fine-tuning for {sft_cfg.train.max_steps} steps on answers that forget "
+        f"the carry {slip_rate:.0%} of the time (the reference model)")  # fmt: skip
     train.run(sft_cfg)
 
-    dpo_cfg = demo_config(out, assets, stage="dpo", steps=steps, preset=preset)
+    dpo_cfg = demo_config(out, assets, stage="dpo", steps=steps, preset=preset, overrides=dpo_overrides)
     trainer = train.Trainer(dpo_cfg)
     before = trainer.evaluate()
     like_before = likelihood_accuracy(trainer)
@@ -267,25 +303,95 @@ def run_demo(
     say(
         "[demo]   (policy == reference: every implicit reward is 0, accuracy counts strict wins; chance: 50%)"
     )
-    say(f"[demo] stage 2: DPO for {steps} steps")
+    say(
+        f"[demo] stage 2: DPO for {dpo_cfg.train.max_steps} steps (chosen: the right sum; rejected: the slip)"
+    )
     result = trainer.fit()
     after = result.eval_metrics
     like_after = likelihood_accuracy(trainer)
     say(f"[demo] after DPO (held-out):  {_summary(after)}; prefers chosen by log-prob: {like_after:.1%}")
-    if plot:
-        from jdpo.plot import plot_run
 
-        say(f"[demo] plots: {', '.join(str(p) for p in plot_run(out))}")
+    held = read_jsonl(assets.eval_path)[:compare_prompts]
+    from jdpo.generate import SamplingParams
+
+    gens = compare_generations(
+        result.final_dir,
+        out / "sft" / "final",
+        [r["prompt"] for r in held],
+        arithmetic_checker,
+        answers=[r["chosen"] for r in held],
+        sampling=SamplingParams(max_new_tokens=6, temperature=0.0),
+        out_dir=out / "generations",
+        batch_size=len(held) or 1,
+        title="jdpo demo: greedy answers on held-out sums, reference (SFT) vs policy (DPO)",
+        metrics={k: float(v) for k, v in after.items()},
+    )
     seconds = time.time() - t0
-    say(f"[demo] done in {seconds:.0f} s; policy exported to {result.final_dir}")
+    say(_final_summary(before, after, like_before, like_after, gens, show_samples, seconds))
+    if plot:
+        try:
+            from jdpo.plot import plot_run
+
+            say(f"[demo] plots: {', '.join(str(p) for p in plot_run(out))}")
+        except ImportError as e:  # matplotlib is optional
+            say(f"[demo] no plots: {e} (pip install matplotlib)")
+    say(f"[demo] policy exported to {result.final_dir}; reference to {out / 'sft' / 'final'}")
     return {
         "before": before,
         "after": after,
         "likelihood_accuracy": {"before": like_before, "after": like_after},
+        "generations": gens,
         "seconds": seconds,
         "output_dir": out,
         "final_dir": result.final_dir,
     }
+
+
+def _final_summary(before, after, like_before, like_after, gens, show: int, seconds: float) -> str:
+    """The demo's closing block: preference numbers before / after, greedy correctness, a few samples."""
+    s = gens["summary"]
+    acc = "eval/rewards/accuracies"
+    margin = "eval/rewards/margins"
+    lines = [
+        "",
+        "=" * 78,
+        f"jdpo demo: held-out results ({s.get('checked', 0)} unseen sums), in {seconds:.0f} s",
+        "-" * 78,
+        f"{'':34}{'reference (SFT)':>18}{'policy (DPO)':>18}",
+        f"{'preference accuracy (reward)':34}{before.get(acc, 0.0):>18.1%}{after.get(acc, 0.0):>18.1%}",
+        f"{'reward margin':34}{before.get(margin, 0.0):>+18.3f}{after.get(margin, 0.0):>+18.3f}",
+        f"{'prefers right answer (log-prob)':34}{like_before:>18.1%}{like_after:>18.1%}",
+        f"{'greedy answer correct':34}{s.get('reference_correct', 0.0):>18.1%}"
+        f"{s.get('policy_correct', 0.0):>18.1%}",
+        "-" * 78,
+    ]
+    rows = gens["rows"]
+    # Show the interesting rows first: those DPO fixed, then any it broke, then the rest.
+    order = sorted(
+        range(len(rows)),
+        key=lambda i: (
+            not (rows[i].get("policy_correct") and not rows[i].get("reference_correct")),
+            not (rows[i].get("reference_correct") and not rows[i].get("policy_correct")),
+            i,
+        ),
+    )
+    lines.append(f"{'prompt':12}{'right':>8}{'reference':>14}{'policy':>14}")
+    for i in order[:show]:
+        r = rows[i]
+        mark = {True: " ✓", False: " ✗", None: "  "}
+        lines.append(
+            f"{r['prompt']:12}{r.get('answer', ''):>8}"
+            f"{r['reference'] + mark[r.get('reference_correct')]:>14}"
+            f"{r['policy'] + mark[r.get('policy_correct')]:>14}"
+        )
+    if s:
+        lines.append(
+            f"policy wins {s['wins']}, loses {s['losses']}, ties {s['ties']} (win rate {s['win_rate']:.1%})"
+        )
+    if gens.get("paths"):
+        lines.append(f"side by side: {gens['paths']['markdown']} (+ {gens['paths']['jsonl'].name})")
+    lines.append("=" * 78)
+    return "\n".join(lines)
 
 
 def likelihood_accuracy(trainer) -> float:

@@ -1,27 +1,51 @@
-"""jdpo.demo: the toy task is verifiable, the tokenizer round-trips, and the demo config runs end to end."""
+"""jdpo.demo: the toy task is verifiable, the tokenizer round-trips, and the demo runs end to end (SFT
+stages, DPO, the side-by-side comparison of greedy answers)."""
 
 from __future__ import annotations
 
-import random
+import json
 
 import pytest
 
 from jdpo import demo, metrics
+from jdpo.evaluate import arithmetic_checker
+
+
+def _operands(prompt: str) -> tuple[int, int]:
+    a, b = prompt.rstrip("=").split("+")
+    return int(a), int(b)
 
 
 def test_task_is_verifiable():
-    records = demo.make_records(max_operand=29, seed=3)
-    assert len(records) == 30 * 30
-    for r in records:
-        a, b = map(int, r["prompt"].rstrip("=").split("+"))
-        assert r["chosen"] == str(a + b)
-        assert r["rejected"] != r["chosen"] and int(r["rejected"]) >= 0
+    records = demo.make_records(max_operand=29, carry_share=0.65, seed=3)
+    carry = [r for r in records if demo.has_carry(*_operands(r["prompt"]))]
+    assert len(carry) == sum(a % 10 + b % 10 >= 10 for a in range(30) for b in range(30))  # all kept
+    assert len(carry) / len(records) == pytest.approx(0.65, abs=0.01)
     assert len({r["prompt"] for r in records}) == len(records)  # held-out prompts are really unseen
-    noisy = demo.noisy_sft_records(records, wrong_fraction=0.5, seed=3)
-    wrong = sum(r["chosen"] != str(eval(r["prompt"][:-1])) for r in noisy)  # noqa: S307 (digits and +)
-    assert 0.4 < wrong / len(noisy) < 0.6
-    rng = random.Random(0)
-    assert all(demo.wrong_answer(a, b, rng) != a + b for a in range(20) for b in range(20))
+    for r in records:
+        a, b = _operands(r["prompt"])
+        assert r["prompt"] == f"{a:02d}+{b:02d}=" and 0 <= a <= 29 and 0 <= b <= 29
+        assert r["chosen"] == f"{a + b:02d}" and arithmetic_checker(r["prompt"], r["chosen"]) is True
+        assert arithmetic_checker(r["prompt"], r["rejected"]) is False
+        # The rejected answer is exactly the systematic slip: the carry forgotten, or one invented.
+        assert int(r["rejected"]) == a + b + (-10 if demo.has_carry(a, b) else 10)
+    assert (demo.slip(37, 45), demo.slip(31, 45)) == (72, 86)
+
+
+def test_sft_data_forgets_the_carry_at_the_slip_rate():
+    records = demo.make_records(max_operand=49, seed=1)
+    sft = demo.sft_records(records, slip_rate=0.7, seed=1)
+    assert [r["prompt"] for r in sft] == [r["prompt"] for r in records]
+    slipped = {True: 0, False: 0}
+    for r in sft:
+        a, b = _operands(r["prompt"])
+        right = int(r["chosen"]) == a + b
+        assert right or int(r["chosen"]) == demo.slip(a, b)
+        assert {r["chosen"], r["rejected"]} == {f"{a + b:02d}", f"{demo.slip(a, b):02d}"}
+        slipped[demo.has_carry(a, b)] += not right
+    n_carry = sum(demo.has_carry(*_operands(r["prompt"])) for r in sft)
+    assert slipped[False] == 0  # sums without a carry are always answered right
+    assert 0.65 < slipped[True] / n_carry < 0.75
 
 
 def test_tokenizer_is_character_level_with_bos_and_eos(tmp_path):
@@ -30,26 +54,44 @@ def test_tokenizer_is_character_level_with_bos_and_eos(tmp_path):
     tok = demo.make_tokenizer()
     tok.save_pretrained(tmp_path)
     back = AutoTokenizer.from_pretrained(tmp_path)
-    ids = back("12+35=")["input_ids"]
-    assert ids[0] == back.bos_token_id and len(ids) == 1 + len("12+35=")
-    assert back.decode(ids, skip_special_tokens=True) == "12+35="
+    ids = back("12+05=")["input_ids"]
+    assert ids[0] == back.bos_token_id and len(ids) == 1 + len("12+05=")
+    assert back.decode(ids, skip_special_tokens=True) == "12+05="
     assert (
         back("47", add_special_tokens=False)["input_ids"] == tok("47", add_special_tokens=False)["input_ids"]
     )
+    assert len(set(back("0123456789+=", add_special_tokens=False)["input_ids"])) == 12  # one token per char
     assert (back.pad_token_id, back.bos_token_id, back.eos_token_id) == (0, 1, 2)
 
 
 def test_demo_runs_a_few_steps(tmp_path, capsys):
+    out = tmp_path / "demo"
     summary = demo.run_demo(
-        tmp_path / "demo", steps=4, sft_steps=4, max_operand=9, eval_pairs=20,
+        out, steps=4, pretrain_steps=3, sft_steps=3, max_operand=9, eval_pairs=20, compare_prompts=12,
         model={"hidden_size": 32, "intermediate_size": 64, "num_layers": 1}, plot=False,
     )  # fmt: skip
     printed = capsys.readouterr().out
     assert "before DPO" in printed and "after DPO" in printed
+    assert "greedy answer correct" in printed and "reference (SFT)" in printed
     assert summary["before"]["eval/loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference
     assert set(summary["after"]) >= {"eval/rewards/accuracies", "eval/rewards/margins", "eval/loss"}
     assert 0.0 <= summary["likelihood_accuracy"]["after"] <= 1.0
     assert (summary["final_dir"] / "config.json").exists()
-    assert (tmp_path / "demo" / "sft" / "final" / "model.safetensors").exists()  # the reference
-    records = metrics.read_metrics(tmp_path / "demo")
+    assert (out / "pretrain" / "final" / "model.safetensors").exists()
+    assert (out / "sft" / "final" / "model.safetensors").exists()  # the reference
+
+    gens = summary["generations"]
+    s = gens["summary"]
+    assert s["checked"] == len(gens["rows"]) == 12  # every held-out prompt is checkable
+    assert 0.0 <= s["reference_correct"] <= 1.0 and 0.0 <= s["policy_correct"] <= 1.0
+    held = [json.loads(line) for line in (out / "assets" / "eval.jsonl").read_text().splitlines()][:12]
+    assert [r["prompt"] for r in gens["rows"]] == [r["prompt"] for r in held]  # unseen prompts
+    assert [r["answer"] for r in gens["rows"]] == [r["chosen"] for r in held]
+    assert gens["paths"]["markdown"] == out / "generations" / "samples.md"
+    page = gens["paths"]["markdown"].read_text()
+    assert "| prompt | reference | policy |" in page and held[0]["prompt"] in page
+    assert len(gens["paths"]["jsonl"].read_text().splitlines()) == 12
+    assert sum(r["prompt"] in printed for r in gens["rows"]) == 6  # a few samples side by side
+
+    records = metrics.read_metrics(out)
     assert [r["step"] for r in records if "eval/loss" in r][0] == 0 and records[-1]["step"] == 4
