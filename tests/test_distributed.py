@@ -367,6 +367,11 @@ def test_two_process_training_logs_the_single_process_losses(results):
     for a, b in zip(want, got, strict=True):
         assert set(a) == set(b)
         for k, v in a.items():
+            if k.endswith("accuracies") and a["step"] == 0:
+                # Before training the policy is the reference: every reward is float noise around 0
+                # (the reference pass and the eval step are different programs), so its sign is
+                # arbitrary. The margins and rewards themselves are compared to 1e-5.
+                continue
             # Accuracy counts reward signs; a pair within float noise of a tie may flip.
             tol = 0.02 if k.endswith("accuracies") else 1e-5
             assert b[k] == pytest.approx(v, rel=1e-4, abs=tol), (a["step"], k)
