@@ -151,11 +151,24 @@ def _chunked(
     chunk_size: int,
     logit_soft_cap: float | None,
     wpo: bool,
-) -> Array:
+    mask_BxT: Array | None = None,
+) -> tuple[Array, Array]:
+    """(log-probs float32 [B, T], number of chunks projected: a traced int32, for tests)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    _, T, _ = hidden_BxTxD.shape
+    B, T, _ = hidden_BxTxD.shape
     targets_BxT = _safe_targets(targets_BxT, unembed_DxV.shape[-1])
+    if mask_BxT is not None:
+        # Completion-only: a stable sort of each row puts its scored positions first (in order), so the
+        # chunks past the longest row's count of scored positions are empty and are skipped below. Only the
+        # order of the positions changes (the per-position numbers do not); they are put back at the end.
+        keep_BxT = mask_BxT > 0
+        perm_BxT = jnp.argsort(~keep_BxT, axis=-1, stable=True)
+        hidden_BxTxD = jnp.take_along_axis(hidden_BxTxD, perm_BxT[..., None], axis=1)
+        targets_BxT = jnp.take_along_axis(targets_BxT, perm_BxT, axis=1)
+        keep_BxT = jnp.take_along_axis(keep_BxT, perm_BxT, axis=1)
+    else:
+        keep_BxT = jnp.ones((B, T), jnp.bool_)
     C = min(chunk_size, T)
     n_chunks = -(-T // C)
     pad = n_chunks * C - T
@@ -163,17 +176,32 @@ def _chunked(
     # and every device computes only its own rows' [B_local, C, V] logits per step.
     hidden_NxBxCxD = rearrange(jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0))), "b (n c) d -> n b c d", c=C)
     targets_NxBxC = rearrange(jnp.pad(targets_BxT, ((0, 0), (0, pad))), "b (n c) -> n b c", c=C)
+    keep_NxBxC = rearrange(jnp.pad(keep_BxT, ((0, 0), (0, pad))), "b (n c) -> n b c", c=C)
+
+    stats = jax.checkpoint(functools.partial(_chunk_stats, cap=logit_soft_cap, wpo=wpo), prevent_cse=False)
+
+    def chunk(h_BxCxD, w_DxV, t_BxC, k_BxC):
+        # A chunk with no scored position (of any row) is not projected, forward or backward (without a mask
+        # every chunk is scored); unscored positions inside a scored chunk are computed, then zeroed.
+        logp_BxC = jax.lax.cond(
+            jnp.any(k_BxC), stats, lambda h, w, t: jnp.zeros(t.shape, jnp.float32), h_BxCxD, w_DxV, t_BxC
+        )
+        return jnp.where(k_BxC, logp_BxC, 0.0)
 
     # checkpoint: the backward pass recomputes each chunk's logits instead of saving [B, C, V] per chunk,
-    # which would add up to the [B, T, V] tensor we are avoiding.
-    chunk_fn = jax.checkpoint(functools.partial(_chunk_stats, cap=logit_soft_cap, wpo=wpo), prevent_cse=False)
+    # which would add up to the [B, T, V] tensor we are avoiding. The cond sits inside it so that its only
+    # residuals are the chunk's inputs (the unembedding stays a loop invariant, not a per-chunk copy).
+    chunk_fn = jax.checkpoint(chunk, prevent_cse=False)
 
-    def body(carry, xs):
-        h_BxCxD, t_BxC = xs
-        return carry, chunk_fn(h_BxCxD, unembed_DxV, t_BxC)
+    def body(n_run, xs):
+        h_BxCxD, t_BxC, k_BxC = xs
+        return n_run + jnp.any(k_BxC).astype(jnp.int32), chunk_fn(h_BxCxD, unembed_DxV, t_BxC, k_BxC)
 
-    _, logp_NxBxC = jax.lax.scan(body, None, (hidden_NxBxCxD, targets_NxBxC))
-    return rearrange(logp_NxBxC, "n b c -> b (n c)")[:, :T]
+    n_run, logp_NxBxC = jax.lax.scan(body, jnp.int32(0), (hidden_NxBxCxD, targets_NxBxC, keep_NxBxC))
+    logp_BxT = rearrange(logp_NxBxC, "n b c -> b (n c)")[:, :T]
+    if mask_BxT is not None:
+        logp_BxT = jnp.take_along_axis(logp_BxT, jnp.argsort(perm_BxT, axis=-1), axis=1)
+    return logp_BxT, n_run
 
 
 def token_logprobs_from_hidden(
@@ -181,6 +209,7 @@ def token_logprobs_from_hidden(
     unembed_DxV: Array,
     targets_BxT: Array,
     *,
+    mask_BxT: Array | None = None,
     chunk_size: int = 128,
     logit_soft_cap: float | None = None,
 ) -> Array:
@@ -191,8 +220,14 @@ def token_logprobs_from_hidden(
     time inside a ``lax.scan`` under ``jax.checkpoint``: peak extra memory is one float32 [B, chunk_size, V]
     block, forward and backward. T is padded up to a multiple of the chunk. The matmul accumulates in float32
     whatever the dtype of ``hidden_BxTxD`` / ``unembed_DxV`` (e.g. bfloat16).
+
+    With ``mask_BxT``, only positions where it is > 0 are scored (the others are 0): each row's scored
+    positions are gathered to the front (a stable sort, same shapes) and the chunks holding none of any row
+    are skipped, so the unembedding costs ~ B x max-row-count positions instead of B x T.
     """
-    return _chunked(hidden_BxTxD, unembed_DxV, targets_BxT, chunk_size, logit_soft_cap, wpo=False)
+    return _chunked(
+        hidden_BxTxD, unembed_DxV, targets_BxT, chunk_size, logit_soft_cap, wpo=False, mask_BxT=mask_BxT
+    )[0]
 
 
 def sequence_logprobs_from_hidden(
@@ -207,7 +242,12 @@ def sequence_logprobs_from_hidden(
 ) -> tuple[Array, Array]:
     """``sequence_logprobs`` via ``token_logprobs_from_hidden``; returns ``(logps_B, counts_B)`` float32."""
     logp_BxT = token_logprobs_from_hidden(
-        hidden_BxTxD, unembed_DxV, targets_BxT, chunk_size=chunk_size, logit_soft_cap=logit_soft_cap
+        hidden_BxTxD,
+        unembed_DxV,
+        targets_BxT,
+        mask_BxT=mask_BxT,
+        chunk_size=chunk_size,
+        logit_soft_cap=logit_soft_cap,
     )
     return _masked_sums(logp_BxT, mask_BxT, average)
 
@@ -255,12 +295,16 @@ def wpo_token_logprobs_from_hidden(
     unembed_DxV: Array,
     targets_BxT: Array,
     *,
+    mask_BxT: Array | None = None,
     chunk_size: int = 128,
     logit_soft_cap: float | None = None,
 ) -> Array:
-    """Chunked ``wpo_token_logprobs`` from hidden states (see ``token_logprobs_from_hidden``); no gradient."""
+    """Chunked ``wpo_token_logprobs`` from hidden states (see ``token_logprobs_from_hidden``, ``mask_BxT``
+    included); no gradient."""
     hidden_BxTxD, unembed_DxV = jax.lax.stop_gradient((hidden_BxTxD, unembed_DxV))
-    return _chunked(hidden_BxTxD, unembed_DxV, targets_BxT, chunk_size, logit_soft_cap, wpo=True)
+    return _chunked(
+        hidden_BxTxD, unembed_DxV, targets_BxT, chunk_size, logit_soft_cap, wpo=True, mask_BxT=mask_BxT
+    )[0]
 
 
 def wpo_weights(

@@ -52,8 +52,10 @@ def pair_logprobs(model: Any, batch: dict[str, jax.Array], *, chunk_size: int = 
     """Summed completion log-probs and token counts of every pair slot of a packed batch.
 
     One forward over chosen and rejected together (they are segments of the same rows), float32
-    log-probs computed from the final hidden states in vocabulary chunks (never a [B, T, V] float32
-    tensor). Pair k of a row has its chosen sequence in segment 2k+1 and its rejected in 2k+2.
+    log-probs computed from the final hidden states in chunks of positions (never a [B, T, V] float32
+    tensor), of the completion tokens only: positions with `loss_mask` = 0 are not projected onto the
+    vocabulary (`losses.token_logprobs_from_hidden`'s `mask_BxT`). Pair k of a row has its chosen
+    sequence in segment 2k+1 and its rejected in 2k+2.
 
     Args:
       model: a `jdpo.models.Transformer` (inside jit: merged from graphdef + params).
@@ -68,6 +70,7 @@ def pair_logprobs(model: Any, batch: dict[str, jax.Array], *, chunk_size: int = 
         hidden_BxTxD,
         model.unembedding(),
         batch["targets"],
+        mask_BxT=batch["loss_mask"],
         chunk_size=chunk_size,
         logit_soft_cap=model.config.final_logit_softcapping,
     )

@@ -456,6 +456,55 @@ def test_chunked_bf16_inputs():
     assert g.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(g, np.float32)))
 
 
+@pytest.mark.parametrize(("chunk_size", "cap"), [(2, None), (3, 1.5), (64, None)])
+def test_masked_hidden_path_equals_plain(chunk_size, cap):
+    # mask_BxT scores the masked positions only (the others are 0): same values and gradients as plain.
+    h, w, t, mask = _lm_inputs(seed=10 + chunk_size)
+    coef = jnp.asarray(np.random.default_rng(2).normal(size=(B, T)).astype(np.float32))
+
+    def plain(h, w):
+        logits = jnp.einsum("btd,dv->btv", h, w)
+        if cap is not None:
+            logits = cap * jnp.tanh(logits / cap)
+        return jnp.where(mask > 0, L.token_logprobs(logits, t), 0.0)
+
+    def masked(h, w):
+        return L.token_logprobs_from_hidden(h, w, t, mask_BxT=mask, chunk_size=chunk_size, logit_soft_cap=cap)
+
+    np.testing.assert_allclose(masked(h, w), plain(h, w), rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(masked(h, w))[mask == 0] == 0.0)
+    g_masked = jax.grad(lambda h, w: jnp.sum(coef * masked(h, w)), argnums=(0, 1))(h, w)
+    g_plain = jax.grad(lambda h, w: jnp.sum(coef * plain(h, w)), argnums=(0, 1))(h, w)
+    for a, b in zip(g_masked, g_plain, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_masked_hidden_path_never_projects_unscored_positions():
+    # Each row scores exactly 4 positions (scattered); with chunks of 4 they fill chunk 0 after the sort, so
+    # 1 of 4 chunks runs. NaN hidden states everywhere else would poison the value or the unembedding's
+    # gradient (NaN * 0) if any unscored position were projected.
+    rng = np.random.default_rng(3)
+    b, t_len, d, v, chunk = 3, 16, 4, 9, 4
+    mask = np.zeros((b, t_len), np.float32)
+    for r in range(b):
+        mask[r, rng.choice(t_len, size=chunk, replace=False)] = 1.0
+    h = rng.normal(size=(b, t_len, d)).astype(np.float32)
+    h_nan = np.where(mask[..., None] > 0, h, np.nan).astype(np.float32)
+    w = rng.normal(size=(d, v)).astype(np.float32)
+    t = rng.integers(0, v, size=(b, t_len)).astype(np.int32)
+
+    def f(h, w):
+        return L._chunked(h, w, t, chunk, None, wpo=False, mask_BxT=mask)
+
+    logp, n_run = jax.jit(f)(h_nan, w)
+    assert int(n_run) == 1
+    np.testing.assert_allclose(logp, f(h, w)[0], rtol=1e-6, atol=1e-6)
+    assert int(f(h, w)[1]) == 1 and int(L._chunked(h, w, t, chunk, None, wpo=False)[1]) == t_len // chunk
+    g_h, g_w = jax.jit(jax.grad(lambda h, w: jnp.sum(f(h, w)[0]), argnums=(0, 1)))(h_nan, w)
+    assert np.all(np.isfinite(g_w)) and np.all(np.isfinite(np.asarray(g_h)[mask > 0]))
+    assert np.all(np.asarray(g_h)[mask == 0] == 0.0)
+
+
 def test_chunked_backward_never_builds_full_logits():
     # A vocabulary large enough that a float32 [B, T, V] tensor dominates everything else.
     b, t_len, d, v, chunk = 2, 64, 8, 4096, 8
@@ -544,7 +593,7 @@ def test_log_probs_shard_with_batch_rows():
 
     @jax.jit
     def f(h, t, seg, mask):
-        logp_BxT = L.token_logprobs_from_hidden(h, w_DxV, t, chunk_size=4)
+        logp_BxT = L.token_logprobs_from_hidden(h, w_DxV, t, mask_BxT=mask, chunk_size=4)
         return L.segment_logprobs(logp_BxT, mask, seg, 2)[0]
 
     sharded = f(*(jax.device_put(x, rows) for x in (h_BxTxD, t_BxT, seg_BxT, mask_BxT)))
