@@ -293,6 +293,16 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return 0
 
 
+def _add_mesh_argument(p: argparse.ArgumentParser) -> None:
+    """`--mesh DATA,FSDP,TENSOR` of the commands that shard a loaded model (parsed by `_mesh_arg`)."""
+    p.add_argument(
+        "--mesh",
+        metavar="DATA,FSDP,TENSOR",
+        default=None,
+        help="Shard over a device mesh, e.g. 1,-1,1 (rows over data x fsdp; default: one device).",
+    )
+
+
 def _mesh_arg(value: str | None, parser: argparse.ArgumentParser):
     """--mesh DATA,FSDP,TENSOR -> a jdpo.sharding mesh (None without the option)."""
     if value is None:
@@ -340,12 +350,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--out", metavar="FILE", default=None, help="JSONL output for --prompts (default: stdout)."
     )
-    p.add_argument(
-        "--mesh",
-        metavar="DATA,FSDP,TENSOR",
-        default=None,
-        help="Shard over a device mesh, e.g. 1,-1,1 (rows over data x fsdp; default: one device).",
-    )
+    _add_mesh_argument(p)
     p.set_defaults(func=_run_generate)
     return p
 
@@ -418,12 +423,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default="arithmetic",
         help="Answer checker: arithmetic checks a+b= prompts, other prompts are not scored (default).",
     )
-    p.add_argument(
-        "--mesh",
-        metavar="DATA,FSDP,TENSOR",
-        default=None,
-        help="Shard over a device mesh, e.g. 1,-1,1 (rows over data x fsdp; default: one device).",
-    )
+    _add_mesh_argument(p)
     p.set_defaults(func=_run_eval)
     return p
 
