@@ -388,6 +388,16 @@ def _remat(fn, policy: str):
     raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {policy!r}")
 
 
+def _layer_mask(full, sliding, is_sliding):
+    """The attention mask of one layer: `sliding` on local layers, `full` otherwise. `is_sliding` is a
+    Python bool in a layer loop and a traced bool under scan (one compiled body for both kinds)."""
+    if sliding is None:
+        return full
+    if isinstance(is_sliding, bool):
+        return sliding if is_sliding else full
+    return jnp.where(is_sliding, sliding, full)
+
+
 class Transformer(nnx.Module):
     """Decoder-only LM. `model(ids)` -> float32 logits; `hidden_states` + `unembedding` for chunked log-probs.
 
@@ -468,13 +478,7 @@ class Transformer(nnx.Module):
 
         def layer_fn(graphdef, state, x, is_sliding):
             layer = nnx.merge(graphdef, state)
-            if sliding is None:
-                mask = full
-            elif isinstance(is_sliding, bool):
-                mask = sliding if is_sliding else full
-            else:
-                mask = jnp.where(is_sliding, sliding, full)
-            return layer(x, cos, sin, mask)
+            return layer(x, cos, sin, _layer_mask(full, sliding, is_sliding))
 
         if self.scan_layers:
             graphdef, state = nnx.split(self.layers)
@@ -554,12 +558,7 @@ class Transformer(nnx.Module):
             sliding = full & in_window_TxS[None, None]
 
         def layer_fn(layer, x, k_BxSxKxH, v_BxSxKxH, is_sliding):
-            if sliding is None:
-                mask = full
-            elif isinstance(is_sliding, bool):
-                mask = sliding if is_sliding else full
-            else:
-                mask = jnp.where(is_sliding, sliding, full)
+            mask = _layer_mask(full, sliding, is_sliding)
             return layer.extend(x, cos, sin, mask, k_BxSxKxH, v_BxSxKxH, slot)
 
         k_all, v_all = cache["k"], cache["v"]
