@@ -39,8 +39,10 @@ class ModelSection:
     scan_layers: bool = _f(
         False, "Scan over the layer stack (one compiled layer; fast compiles of deep models)."
     )
-    attention: Literal["xla", "cudnn"] = _f(
-        "xla", "Attention kernel: xla (any device), cudnn (flash attention on NVIDIA GPUs, bf16 compute)."
+    attention: Literal["blocked", "xla", "cudnn"] = _f(
+        "blocked",
+        "Attention kernel: blocked (segment-aware block-sparse, any device), xla (dense masked, any "
+        "device), cudnn (flash attention on NVIDIA GPUs, bf16 compute).",
     )
 
 

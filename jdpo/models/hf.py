@@ -115,7 +115,7 @@ def from_pretrained(
     mesh=None,
     remat: str = "none",
     scan_layers: bool = False,
-    attention: str = "xla",
+    attention: str = "blocked",
 ):
     """Load a HF checkpoint directory (config.json + safetensors) straight into its target shardings.
 
@@ -219,7 +219,7 @@ def init_model(
     param_dtype=jnp.float32,
     remat: str = "none",
     scan_layers: bool = False,
-    attention: str = "xla",
+    attention: str = "blocked",
 ) -> Transformer:
     """Random init, born sharded: eval_shape -> shardings from the rules table -> jit(init, out_shardings)."""
 

@@ -14,17 +14,25 @@ import dataclasses
 import math
 from typing import Any
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jdpo.models.attention import blocked_attention
 from jdpo.sharding import constrain
 
 REMAT_POLICIES = ("none", "full", "dots_saveable")
-# jax.nn.dot_product_attention backends: "xla" everywhere; "cudnn" (flash attention) on NVIDIA GPUs with
-# bf16/fp16 compute. jax 0.10 never picks cuDNN by itself, so it is an explicit choice.
-ATTENTION_IMPLS = ("xla", "cudnn")
+# Attention without a KV cache (training, reference pass, scoring):
+#   "blocked": `jdpo.models.attention`, segment-aware block-sparse attention in plain JAX; visits only the
+#              key blocks a query block can see, never materialises [T, T] scores (any device).
+#   "xla":     jax.nn.dot_product_attention with a dense [B, 1, T, T] mask (any device).
+#   "cudnn":   cuDNN flash attention via jax.nn.dot_product_attention (NVIDIA GPUs, bf16/fp16 compute);
+#              jax 0.10 never picks cuDNN by itself, so it is an explicit choice.
+# The KV-cache path (`extend`: generation) always uses the dense "xla" form.
+ATTENTION_IMPLS = ("blocked", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,6 +216,20 @@ def attention_masks(segment_ids_BxT, T: int, sliding_window: int | None):
     return full, sliding
 
 
+class Segments(NamedTuple):
+    """What the blocked kernel needs instead of a dense mask: segment ids [B, T] (0 = padding) and the
+    sliding window of the layer (None, an int, or a traced int32 under a layer scan)."""
+
+    ids_BxT: jax.Array
+    window: Any = None
+
+
+def segment_visibility(segment_ids_BxT, T: int, sliding_window: int | None):
+    """(full, sliding or None) for the blocked kernel: the `Segments` counterpart of `attention_masks`."""
+    full = Segments(segment_ids_BxT)
+    return full, None if sliding_window is None else Segments(segment_ids_BxT, sliding_window)
+
+
 class Embedding(nnx.Module):
     """Token embedding table [V, D]; also the unembedding when embeddings are tied."""
 
@@ -221,7 +243,9 @@ class Embedding(nnx.Module):
 class Attention(nnx.Module):
     """Grouped-query attention with optional q/k bias, q/k norm, sliding window and logit soft-capping."""
 
-    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs, attention: str = "xla"):
+    def __init__(
+        self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs, attention: str = "blocked"
+    ):
         c = config
         D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         kw = dict(param_dtype=param_dtype, std=c.initializer_range)
@@ -263,16 +287,27 @@ class Attention(nnx.Module):
         return q_BxTxNxH, k_BxTxKxH, v_BxTxKxH
 
     def _attend(self, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS):
-        """Attention of T queries over S keys (S == T without a cache), then the output projection."""
+        """Attention of T queries over S keys (S == T without a cache), then the output projection.
+        `mask_Bx1xTxS` is a dense boolean mask, or `Segments` for the blocked kernel (S == T)."""
         c = self.config
-        if c.attn_logit_softcapping is None:
+        if isinstance(mask_Bx1xTxS, Segments):
+            out_BxTxNxH = blocked_attention(
+                q_BxTxNxH,
+                k_BxSxKxH,
+                v_BxSxKxH,
+                mask_Bx1xTxS.ids_BxT,
+                scale=c.attention_scale,
+                softcap=c.attn_logit_softcapping,
+                window=mask_Bx1xTxS.window,
+            )
+        elif c.attn_logit_softcapping is None:
             out_BxTxNxH = jax.nn.dot_product_attention(
                 q_BxTxNxH,
                 k_BxSxKxH,
                 v_BxSxKxH,
                 mask=mask_Bx1xTxS,
                 scale=c.attention_scale,
-                implementation=self.attention,
+                implementation="cudnn" if self.attention == "cudnn" else "xla",
             )
         else:
             out_BxTxNxH = _softcapped_attention(
@@ -338,7 +373,9 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Pre-norm block; gemma2 adds norms on the attention and MLP outputs ("sandwich")."""
 
-    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs, attention: str = "xla"):
+    def __init__(
+        self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs, attention: str = "blocked"
+    ):
         c = config
 
         def norm():
@@ -390,11 +427,15 @@ def _remat(fn, policy: str):
 
 def _layer_mask(full, sliding, is_sliding):
     """The attention mask of one layer: `sliding` on local layers, `full` otherwise. `is_sliding` is a
-    Python bool in a layer loop and a traced bool under scan (one compiled body for both kinds)."""
+    Python bool in a layer loop and a traced bool under scan (one compiled body for both kinds). Masks
+    are dense boolean arrays or `Segments` (a traced window; T + 1 or more restricts nothing)."""
     if sliding is None:
         return full
     if isinstance(is_sliding, bool):
         return sliding if is_sliding else full
+    if isinstance(full, Segments):
+        no_window = full.ids_BxT.shape[1] + 1
+        return Segments(full.ids_BxT, jnp.where(is_sliding, sliding.window, no_window).astype(jnp.int32))
     return jnp.where(is_sliding, sliding, full)
 
 
@@ -415,7 +456,7 @@ class Transformer(nnx.Module):
         rngs: nnx.Rngs,
         remat: str = "none",
         scan_layers: bool = False,
-        attention: str = "xla",
+        attention: str = "blocked",
     ):
         c = config
         if remat not in REMAT_POLICIES:
@@ -453,6 +494,7 @@ class Transformer(nnx.Module):
                 std=c.initializer_range,
             )
         self.config, self.dtype, self.remat, self.scan_layers = c, dtype, remat, scan_layers
+        self.attention = attention
 
     def _embed(self, input_ids_BxT):
         """Token embeddings [B, T, D] in the compute dtype (gemma: scaled by sqrt(D))."""
@@ -474,7 +516,11 @@ class Transformer(nnx.Module):
         x_BxTxD = self._embed(input_ids_BxT)
         cos, sin = rope_cos_sin(positions_BxT, c, self.dtype)
         flags = c.sliding_layers
-        full, sliding = attention_masks(segment_ids_BxT, T, c.sliding_window if any(flags) else None)
+        if self.attention == "blocked":
+            ids_BxT = jnp.ones((B, T), jnp.int32) if segment_ids_BxT is None else segment_ids_BxT
+            full, sliding = segment_visibility(ids_BxT, T, c.sliding_window if any(flags) else None)
+        else:
+            full, sliding = attention_masks(segment_ids_BxT, T, c.sliding_window if any(flags) else None)
 
         def layer_fn(graphdef, state, x, is_sliding):
             layer = nnx.merge(graphdef, state)
