@@ -12,9 +12,7 @@ With `scan_layers=True` the layer parameters are stacked with a leading [L] axis
 
 import dataclasses
 import math
-from typing import Any
-
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
