@@ -21,14 +21,20 @@ they divide by it):
   reference       online reference only: a frozen copy of the parameters
   activations     tensors saved for the backward pass, per layer and token:
                     remat none: x, ln1(x), q, k, v, attn_out, x + attn, ln2(.), gate, up, act*up
-                                = (4D + 2NH + 2KH + 3F) * b, plus the float32 attention
-                                probabilities N * T * 4 (XLA's attention on CPU/TPU stores them)
+                                = (4D + 2NH + 2KH + 3F) * b, plus the attention kernel's own state:
+                                  model.attention blocked / cudnn: a float32 log-sum-exp per query
+                                    head, N * 4 (the backward pass recomputes the probabilities
+                                    from q, k, v, the output and it)
+                                  model.attention xla: the float32 attention probabilities,
+                                    N * T * 4 (dense masked attention stores them)
                     remat dots_saveable: the matmul outputs (dots without batch dims) and the layer input
                                 = (3D + NH + 2KH + 2F) * b
                     remat full: the layer input D * b
                   plus, with remat, one layer's full set live again while it is recomputed, and the
                   final hidden states and their norm input 2D * b per token
-  log-prob chunk  B x chunk x V float32 logits of the chunked log-prob scan (one chunk at a time)
+  log-prob chunk  chunk x V float32 logits of the chunked log-prob scan, chunk = min(LOGPROB_CHUNK,
+                  B * T): this device's rows are laid end to end as one group and scanned one chunk of
+                  positions at a time (`jdpo.train.LOGPROB_CHUNK`, the train step's chunk size)
   batch           the step's [A, B, T] int32/float32 input arrays (5 per token)
   reference cache on host / disk, not on the device: 16 bytes per pair (two float32 log-probs and
                   two int32 token counts), train + eval pairs
@@ -65,7 +71,6 @@ DEVICE_MEMORY: dict[str, int] = {
 #: fragmentation and the runtime need the rest.
 HEADROOM = 0.9
 
-LOGPROB_CHUNK = 128  # positions per chunk of the log-prob scan (train.StepSettings.chunk_size)
 BATCH_ARRAYS = 5  # input_ids, positions, segment_ids, targets (int32), loss_mask (float32): 4 bytes each
 REF_CACHE_BYTES_PER_PAIR = 16  # chosen/rejected log-probs float32 + chosen/rejected counts int32
 
@@ -217,19 +222,32 @@ class MemoryPlan:
         }
 
 
+#: Attention kernels (`model.attention`) whose backward pass recomputes the probabilities from a saved
+#: float32 log-sum-exp per query head and token instead of storing the [N, T] probabilities.
+LSE_ATTENTION = ("blocked", "cudnn")
+
+
 def activation_bytes_per_token(
-    model_config, *, remat: str, row_length: int, dtype_bytes: int, tensor: int = 1
+    model_config, *, remat: str, attention: str, row_length: int, dtype_bytes: int, tensor: int = 1
 ):
     """(bytes saved per token for the whole layer stack, bytes of one layer's full set per token):
-    the second is what a rematerialised layer holds again while it is recomputed. See the module
-    docstring for the tensors counted."""
+    the second is what a rematerialised layer holds again while it is recomputed. `attention` is
+    `model.attention`: it decides whether a layer keeps N float32 log-sum-exps per token (blocked,
+    cudnn) or the N x T float32 probabilities (xla), the one term that grows with the row length. See
+    the module docstring for the tensors counted."""
     c = model_config
     D, L = c.hidden_size, c.num_layers
     N, K, F = _split(c.num_heads, tensor), _split(c.num_kv_heads, tensor), _split(c.intermediate_size, tensor)
     H = c.head_dim
     extra = 2 * D if c.sandwich_norm else 0
     full_elems = 4 * D + 2 * N * H + 2 * K * H + 3 * F + extra
-    full_layer = full_elems * dtype_bytes + N * row_length * 4  # + float32 attention probabilities
+    if attention in LSE_ATTENTION:
+        attn_state = N * 4  # float32 log-sum-exp per query head
+    elif attention == "xla":
+        attn_state = N * row_length * 4  # float32 attention probabilities
+    else:
+        raise ValueError(f"attention must be blocked, xla or cudnn, got {attention!r}")
+    full_layer = full_elems * dtype_bytes + attn_state
     if remat == "none":
         per_layer = full_layer
     elif remat == "dots_saveable":
@@ -251,7 +269,7 @@ def plan_memory(
     import jax.numpy as jnp
     import optax
 
-    from jdpo.train import make_optimizer
+    from jdpo.train import LOGPROB_CHUNK, make_optimizer
 
     data, fsdp, tensor = resolve_mesh(cfg.mesh, num_devices)
     mesh = _MeshShape(data, fsdp, tensor)
@@ -283,14 +301,18 @@ def plan_memory(
     rows_dp = data * fsdp
     B = -(-cfg.train.batch_rows // rows_dp)
     saved, recompute = activation_bytes_per_token(
-        model_config, remat=m.remat, row_length=T, dtype_bytes=b, tensor=tensor
+        model_config, remat=m.remat, attention=m.attention, row_length=T, dtype_bytes=b, tensor=tensor
     )
     act_bytes = B * T * (saved + recompute)
     V = _split(model_config.vocab_size, tensor)
-    chunk_bytes = B * min(LOGPROB_CHUNK, T) * V * 4
+    # The scan lays this device's B rows end to end as one group of B * T positions and projects one
+    # chunk of them at a time: a chunk x V float32 block, whatever B is.
+    chunk = min(LOGPROB_CHUNK, B * T)
+    chunk_bytes = chunk * V * 4
     batch_bytes = cfg.train.grad_accum * B * T * BATCH_ARRAYS * 4
 
-    remat_note = {"none": "no remat: all layer tensors + f32 attention probs",
+    attn_note = "f32 attention probs" if m.attention == "xla" else "f32 attention log-sum-exp"
+    remat_note = {"none": f"no remat: all layer tensors + {attn_note}",
                   "dots_saveable": "remat dots_saveable: matmul outputs saved + one layer recomputed",
                   "full": "remat full: layer inputs saved + one layer recomputed"}[m.remat]  # fmt: skip
     rows = [
@@ -301,8 +323,8 @@ def plan_memory(
     if cfg.dpo.reference == "online":
         rows.append(("reference params", param_bytes, "online reference: frozen copy"))
     rows += [
-        ("activations", act_bytes, f"B={B} x T={T}, {dtype.name}, {remat_note}"),
-        ("log-prob chunk", chunk_bytes, f"B x {min(LOGPROB_CHUNK, T)} x V={V} float32"),
+        ("activations", act_bytes, f"B={B} x T={T}, {dtype.name}, {m.attention} attention, {remat_note}"),
+        ("log-prob chunk", chunk_bytes, f"chunk={chunk} x V={V} float32 (this device's rows as one group)"),
         ("batch", batch_bytes, f"A={cfg.train.grad_accum} x B x T x {BATCH_ARRAYS} int32/float32"),
     ]
     ref_cache = (

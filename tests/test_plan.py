@@ -11,6 +11,7 @@ import pytest
 from jdpo import cli, plan
 from jdpo import config as C
 from jdpo.models import ModelConfig
+from jdpo.train import LOGPROB_CHUNK
 
 # V=100, D=16, F=32, L=2, N=4, K=2, H=4, untied.
 TINY = ModelConfig(
@@ -40,12 +41,13 @@ def test_tiny_counts_by_hand():
     assert p.part("gradients") == 4 * TINY_PARAMS  # float32 accumulator
     # AdamW: mu + nu like the parameters, plus the step counters (a few int32 scalars).
     assert 0 <= p.part("optimizer") - 2 * 4 * TINY_PARAMS <= 32
-    # Activations, remat none: B=2 rows x T=16 tokens, per token per layer
-    # (4D + 2NH + 2KH + 3F) * 4 bytes + N * T * 4 (float32 attention probabilities), plus 2D * 4 at the top.
-    per_layer = (4 * 16 + 2 * 16 + 2 * 8 + 3 * 32) * 4 + 4 * 16 * 4
-    assert per_layer == 1088
+    # Activations, remat none, blocked attention (the default): B=2 rows x T=16 tokens, per token per layer
+    # (4D + 2NH + 2KH + 3F) * 4 bytes + N * 4 (float32 log-sum-exp per query head), plus 2D * 4 at the top.
+    per_layer = (4 * 16 + 2 * 16 + 2 * 8 + 3 * 32) * 4 + 4 * 4
+    assert per_layer == 848
     assert p.part("activations") == 2 * 16 * (2 * per_layer + 2 * 16 * 4)
-    assert p.part("log-prob chunk") == 2 * 16 * 100 * 4  # B x min(128, T) x V float32
+    # The device's B * T = 32 positions are one group, shorter than a chunk: 32 x V float32.
+    assert p.part("log-prob chunk") == 32 * 100 * 4
     assert p.part("batch") == 2 * 16 * 5 * 4
     assert p.total == sum(b for _, b, _ in p.rows)
     assert (p.rows_per_device, p.row_length) == (2, 16)
@@ -57,8 +59,37 @@ def test_tiny_counts_by_hand():
 )
 def test_tiny_remat(remat, saved_per_layer):
     p = plan.plan_memory(TINY, tiny_cfg(**{"mesh.fsdp": 1, "model.remat": remat}), num_devices=1)
-    full_layer = 1088  # one layer's whole set, live again while it is recomputed
+    full_layer = 848  # one layer's whole set (with its log-sum-exp), live again while it is recomputed
     assert p.part("activations") == 2 * 16 * (2 * saved_per_layer + 2 * 16 * 4 + full_layer)
+
+
+@pytest.mark.parametrize("remat, layers_holding_state", [("none", 2), ("dots_saveable", 1), ("full", 1)])
+@pytest.mark.parametrize("kernel", ["blocked", "cudnn"])
+def test_xla_attention_stores_probabilities(kernel, remat, layers_holding_state):
+    # xla keeps N x T float32 probabilities per token where blocked / cudnn keep N float32 log-sum-exps:
+    # N * (T - 1) * 4 more bytes per token in every layer that holds its attention state (all L without
+    # remat; the one layer being recomputed with it), over the device's B * T tokens. bfloat16 compute, as
+    # cudnn requires: the attention state is float32 whatever the compute dtype.
+    def acts(attention):
+        over = {"mesh.fsdp": 1, "model.remat": remat, "model.attention": attention, "model.dtype": "bfloat16"}
+        cfg = tiny_cfg(**over)
+        return plan.plan_memory(TINY, cfg, num_devices=1).part("activations")
+
+    B, T, N = 2, 16, 4
+    assert acts("xla") - acts(kernel) == layers_holding_state * N * (T - 1) * 4 * B * T
+    with pytest.raises(ValueError, match="attention must be"):
+        plan.activation_bytes_per_token(TINY, remat=remat, attention="flash", row_length=T, dtype_bytes=4)
+
+
+def test_logprob_chunk_spans_the_device_rows():
+    # B=4 rows x T=128 on one device: 512 positions as one group, scanned LOGPROB_CHUNK at a time.
+    cfg = tiny_cfg(
+        **{"mesh.fsdp": 1, "train.batch_rows": 4, "data.max_length": 64, "data.max_prompt_length": 32}
+    )
+    p = plan.plan_memory(TINY, cfg, num_devices=1)
+    assert (p.rows_per_device, p.row_length) == (4, 128)
+    assert LOGPROB_CHUNK < 4 * 128
+    assert p.part("log-prob chunk") == LOGPROB_CHUNK * 100 * 4
 
 
 def test_fsdp_and_tensor_sharding():
@@ -70,8 +101,8 @@ def test_fsdp_and_tensor_sharding():
     # tensor=2: heads, kv heads, mlp and vocab split; activations' wide dims and the logits chunk too.
     p2 = plan.plan_memory(TINY, tiny_cfg(**{"mesh.fsdp": 1, "mesh.tensor": 2}), num_devices=2)
     assert p2.part("parameters") == 4 * ((TINY_PARAMS - NORM_PARAMS) // 2 + NORM_PARAMS)
-    assert p2.part("log-prob chunk") == 2 * 16 * 50 * 4
-    per_layer = (4 * 16 + 2 * 2 * 4 + 2 * 1 * 4 + 3 * 16) * 4 + 2 * 16 * 4
+    assert p2.part("log-prob chunk") == 2 * 16 * 50 * 4  # B * T = 32 positions x V / 2
+    per_layer = (4 * 16 + 2 * 2 * 4 + 2 * 1 * 4 + 3 * 16) * 4 + 2 * 4  # N / 2 = 2 log-sum-exps
     assert p2.part("activations") == 2 * 16 * (2 * per_layer + 2 * 16 * 4)
     # An odd vocabulary does not divide by 2: the embedding and lm_head stay whole (rules fallback).
     odd = ModelConfig(**{**TINY.__dict__, "vocab_size": 101})
