@@ -65,12 +65,17 @@ def arithmetic_checker(prompt: Any, completion: str) -> bool | None:
 @functools.lru_cache(maxsize=8)
 def _token_logprobs_fn(graphdef, mesh):
     from jdpo import losses
+    from jdpo.sharding import batch_shards
 
     def fn(params, ids_BxT, targets_BxT, segment_ids_BxT):
         model = nnx.merge(graphdef, params)
         h_BxTxD = model.hidden_states(ids_BxT, None, segment_ids_BxT)
         return losses.token_logprobs_from_hidden(
-            h_BxTxD, model.unembedding(), targets_BxT, logit_soft_cap=model.config.final_logit_softcapping
+            h_BxTxD,
+            model.unembedding(),
+            targets_BxT,
+            logit_soft_cap=model.config.final_logit_softcapping,
+            row_groups=batch_shards(ids_BxT.shape[0]),
         )
 
     jitted = jax.jit(fn)

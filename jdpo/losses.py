@@ -152,10 +152,22 @@ def _chunked(
     logit_soft_cap: float | None,
     wpo: bool,
     mask_BxT: Array | None = None,
+    row_groups: int = 1,
 ) -> tuple[Array, Array]:
     """(log-probs float32 [B, T], number of chunks projected: a traced int32, for tests)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    B0, T0, D = hidden_BxTxD.shape
+    if row_groups < 1 or B0 % row_groups:
+        raise ValueError(f"row_groups={row_groups} must be >= 1 and divide the batch of {B0} rows")
+    # Rows are laid end to end in `row_groups` groups: the scored positions of a whole group are gathered
+    # to its front, so the chunks run ~ (scored positions of the group) / chunk_size times, not
+    # (scored positions of the fullest row) x rows / chunk_size. Groups are whole rows in batch order, so
+    # with one group per batch shard the regrouping and the sort stay on each device.
+    hidden_BxTxD = hidden_BxTxD.reshape(row_groups, -1, D)
+    targets_BxT = targets_BxT.reshape(row_groups, -1)
+    if mask_BxT is not None:
+        mask_BxT = mask_BxT.reshape(row_groups, -1)
     B, T, _ = hidden_BxTxD.shape
     targets_BxT = _safe_targets(targets_BxT, unembed_DxV.shape[-1])
     if mask_BxT is not None:
@@ -201,7 +213,7 @@ def _chunked(
     logp_BxT = rearrange(logp_NxBxC, "n b c -> b (n c)")[:, :T]
     if mask_BxT is not None:
         logp_BxT = jnp.take_along_axis(logp_BxT, jnp.argsort(perm_BxT, axis=-1), axis=1)
-    return logp_BxT, n_run
+    return logp_BxT.reshape(B0, T0), n_run
 
 
 def token_logprobs_from_hidden(
@@ -212,6 +224,7 @@ def token_logprobs_from_hidden(
     mask_BxT: Array | None = None,
     chunk_size: int = 128,
     logit_soft_cap: float | None = None,
+    row_groups: int = 1,
 ) -> Array:
     """Target log-probs from final hidden states and the unembedding, float32 [B, T].
 
@@ -221,12 +234,22 @@ def token_logprobs_from_hidden(
     block, forward and backward. T is padded up to a multiple of the chunk. The matmul accumulates in float32
     whatever the dtype of ``hidden_BxTxD`` / ``unembed_DxV`` (e.g. bfloat16).
 
-    With ``mask_BxT``, only positions where it is > 0 are scored (the others are 0): each row's scored
-    positions are gathered to the front (a stable sort, same shapes) and the chunks holding none of any row
-    are skipped, so the unembedding costs ~ B x max-row-count positions instead of B x T.
+    With ``mask_BxT``, only positions where it is > 0 are scored (the others are 0): the rows are laid end to
+    end in ``row_groups`` groups, each group's scored positions are gathered to its front (a stable sort,
+    same shapes) and the chunks holding none of any group are skipped, so the unembedding costs ~ the
+    scored positions (rounded up to chunks) instead of B x T. ``row_groups`` must divide B; when the rows
+    are sharded over devices, pass the number of batch shards so each group lives on one device (the
+    default, 1, sorts across all rows).
     """
     return _chunked(
-        hidden_BxTxD, unembed_DxV, targets_BxT, chunk_size, logit_soft_cap, wpo=False, mask_BxT=mask_BxT
+        hidden_BxTxD,
+        unembed_DxV,
+        targets_BxT,
+        chunk_size,
+        logit_soft_cap,
+        wpo=False,
+        mask_BxT=mask_BxT,
+        row_groups=row_groups,
     )[0]
 
 
@@ -298,12 +321,20 @@ def wpo_token_logprobs_from_hidden(
     mask_BxT: Array | None = None,
     chunk_size: int = 128,
     logit_soft_cap: float | None = None,
+    row_groups: int = 1,
 ) -> Array:
     """Chunked ``wpo_token_logprobs`` from hidden states (see ``token_logprobs_from_hidden``, ``mask_BxT``
     included); no gradient."""
     hidden_BxTxD, unembed_DxV = jax.lax.stop_gradient((hidden_BxTxD, unembed_DxV))
     return _chunked(
-        hidden_BxTxD, unembed_DxV, targets_BxT, chunk_size, logit_soft_cap, wpo=True, mask_BxT=mask_BxT
+        hidden_BxTxD,
+        unembed_DxV,
+        targets_BxT,
+        chunk_size,
+        logit_soft_cap,
+        wpo=True,
+        mask_BxT=mask_BxT,
+        row_groups=row_groups,
     )[0]
 
 

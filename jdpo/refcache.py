@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdpo import losses
+from jdpo.sharding import batch_shards
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ def pair_logprobs(model: Any, batch: dict[str, jax.Array], *, chunk_size: int = 
         mask_BxT=batch["loss_mask"],
         chunk_size=chunk_size,
         logit_soft_cap=model.config.final_logit_softcapping,
+        # One group of rows per batch shard: each device sorts and chunks its own rows' scored positions.
+        row_groups=batch_shards(batch["input_ids"].shape[0]),
     )
     logps_BxS, counts_BxS = losses.segment_logprobs(logp_BxT, batch["loss_mask"], batch["segment_ids"], 2 * P)
     return {

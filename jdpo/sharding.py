@@ -119,6 +119,17 @@ def _current_mesh():
     return mesh
 
 
+def batch_shards(num_rows: int) -> int:
+    """Into how many shards the current mesh (`jax.set_mesh`) splits `num_rows` batch rows: the product
+    of the mesh axes "batch" maps to, 1 without a mesh or when the rows do not divide (replicated)."""
+    mesh = _current_mesh()
+    if mesh is None:
+        return 1
+    axes = logical_to_spec(("batch",), (num_rows,), mesh)[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` by logical names, a no-op outside a mesh context.
 

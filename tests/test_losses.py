@@ -493,13 +493,17 @@ def test_masked_hidden_path_never_projects_unscored_positions():
     w = rng.normal(size=(d, v)).astype(np.float32)
     t = rng.integers(0, v, size=(b, t_len)).astype(np.int32)
 
-    def f(h, w):
-        return L._chunked(h, w, t, chunk, None, wpo=False, mask_BxT=mask)
+    def f(h, w, groups=b):
+        return L._chunked(h, w, t, chunk, None, wpo=False, mask_BxT=mask, row_groups=groups)
 
     logp, n_run = jax.jit(f)(h_nan, w)
     assert int(n_run) == 1
     np.testing.assert_allclose(logp, f(h, w)[0], rtol=1e-6, atol=1e-6)
-    assert int(f(h, w)[1]) == 1 and int(L._chunked(h, w, t, chunk, None, wpo=False)[1]) == t_len // chunk
+    assert int(f(h, w)[1]) == 1 and int(L._chunked(h, w, t, chunk, None, wpo=False)[1]) == b * t_len // chunk
+    # All rows in one group (the default): their 12 scored positions fill 3 of the 12 chunks of 4.
+    logp_merged, n_merged = jax.jit(lambda h, w: f(h, w, 1))(h_nan, w)
+    assert int(n_merged) == 3
+    np.testing.assert_allclose(logp_merged, logp, rtol=1e-6, atol=1e-6)
     g_h, g_w = jax.jit(jax.grad(lambda h, w: jnp.sum(f(h, w)[0]), argnums=(0, 1)))(h_nan, w)
     assert np.all(np.isfinite(g_w)) and np.all(np.isfinite(np.asarray(g_h)[mask > 0]))
     assert np.all(np.asarray(g_h)[mask == 0] == 0.0)
@@ -533,7 +537,7 @@ def test_chunked_backward_never_builds_full_logits():
 
     all_sizes = list(sizes(jaxpr.jaxpr))
     assert max(all_sizes) < full // 4
-    assert b * chunk * v in all_sizes  # the walk did reach the per-chunk logits inside the scan
+    assert chunk * v in all_sizes  # the walk did reach the per-chunk logits inside the scan (rows in 1 group)
     compiled = jax.jit(jax.grad(f, argnums=(0, 1))).lower(h, w).compile()
     mem = compiled.memory_analysis()
     if mem is not None and getattr(mem, "temp_size_in_bytes", 0):
@@ -593,7 +597,8 @@ def test_log_probs_shard_with_batch_rows():
 
     @jax.jit
     def f(h, t, seg, mask):
-        logp_BxT = L.token_logprobs_from_hidden(h, w_DxV, t, mask_BxT=mask, chunk_size=4)
+        # One row group per batch shard (what the trainer passes): the sort stays on each device.
+        logp_BxT = L.token_logprobs_from_hidden(h, w_DxV, t, mask_BxT=mask, chunk_size=4, row_groups=n)
         return L.segment_logprobs(logp_BxT, mask, seg, 2)[0]
 
     sharded = f(*(jax.device_put(x, rows) for x in (h_BxTxD, t_BxT, seg_BxT, mask_BxT)))
