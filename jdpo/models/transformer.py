@@ -150,11 +150,12 @@ class Dense(nnx.Module):
 
     def __call__(self, x, dtype):
         kernel = self.kernel[...].astype(dtype)
-        y = jax.lax.dot_general(
-            x,
-            kernel,
-            ((tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in))), ((), ())),
-        )
+        lead, out_shape = x.shape[: x.ndim - self.n_in], kernel.shape[self.n_in :]
+        k_in = math.prod(kernel.shape[: self.n_in])
+        # As one 2-D matmul [tokens, in] x [in, out]: with the token axes merged, XLA:CPU computes the
+        # backward's weight gradient without transposed copies of the activations (gated MLP fwd+bwd at
+        # [4096, 512] x [512, 1408]: 290 ms -> 190 ms). The reshapes are free (row-major, axes adjacent).
+        y = jnp.dot(x.reshape(-1, k_in), kernel.reshape(k_in, -1)).reshape(*lead, *out_shape)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y
