@@ -552,24 +552,46 @@ def _attention_flops_per_key(cfg: Any) -> float:
     return 4.0 * L * N * H
 
 
-def forward_flops(cfg: Any, *, tokens: int, attended_keys: int) -> float:
+def forward_flops(cfg: Any, *, tokens: int, attended_keys: int, head_tokens: int | None = None) -> float:
     """Model FLOPs of one forward pass over ``tokens`` non-pad tokens.
 
     ``2 * matmul_params`` per token (a multiply and an add per weight), plus attention,
     ``4 * L * N * H`` per causal (query, key) pair inside a segment (see :func:`attended_keys`).
     Counting the causal pairs rather than ``T^2`` credits the useful work only; a kernel that also
     computes the masked half is not credited for it.
+
+    ``head_tokens``: when given, the ``D x V`` unembedding is credited on that many tokens instead of
+    all ``tokens``: ``2 * (matmul_params - D * V) * tokens + 2 * D * V * head_tokens + attention``.
+    DPO needs logits only where a completion token is scored (``loss_mask > 0``), and jdpo projects
+    only those positions, so ``head_tokens = scored`` gives the stricter figure that does not credit
+    the head on prompt tokens.
     """
-    return 2.0 * matmul_params(cfg) * tokens + _attention_flops_per_key(cfg) * attended_keys
+    _, D, _, _, _, _, V = _dims(cfg)
+    head = D * V
+    if head_tokens is None:
+        head_tokens = tokens
+    return (
+        2.0 * (matmul_params(cfg) - head) * tokens
+        + 2.0 * head * head_tokens
+        + _attention_flops_per_key(cfg) * attended_keys
+    )
 
 
-def train_flops(cfg: Any, *, tokens: int, attended_keys: int, reference_forward: bool = False) -> float:
+def train_flops(
+    cfg: Any,
+    *,
+    tokens: int,
+    attended_keys: int,
+    reference_forward: bool = False,
+    head_tokens: int | None = None,
+) -> float:
     """Model FLOPs of one training step over ``tokens`` non-pad tokens: forward + backward = 3x the
     forward (the backward computes gradients for activations and weights, 2x), i.e. ``6 N`` per token
     plus ``12 L N H`` per attended key. ``reference_forward=True`` adds one forward pass of the frozen
     reference model (``reference.mode: online``); a cached reference costs nothing per step.
+    ``head_tokens``: credit the unembedding on that many tokens only (see :func:`forward_flops`).
     Rematerialisation is not counted: MFU credits model FLOPs, not recomputation."""
-    fwd = forward_flops(cfg, tokens=tokens, attended_keys=attended_keys)
+    fwd = forward_flops(cfg, tokens=tokens, attended_keys=attended_keys, head_tokens=head_tokens)
     return 3.0 * fwd + (fwd if reference_forward else 0.0)
 
 
@@ -594,16 +616,20 @@ def attended_keys(positions, segment_ids, *, sliding_window: int | None = None) 
 
 
 def batch_token_stats(batch: Mapping[str, Any], *, sliding_window: int | None = None) -> dict[str, int]:
-    """``tokens`` (non-pad), ``slots`` (B * T) and ``attended_keys`` of one host-side batch dict
-    (``segment_ids`` and ``positions`` as defined in DESIGN.md). Per host: multiply by the process
-    count (or sum across hosts) for global numbers."""
+    """``tokens`` (non-pad), ``slots`` (B * T), ``attended_keys`` and ``scored`` (positions with
+    ``loss_mask`` > 0, the completion tokens whose logits DPO needs) of one host-side batch dict
+    (``segment_ids``, ``positions`` and ``loss_mask`` as defined in DESIGN.md). Per host: multiply by
+    the process count (or sum across hosts) for global numbers."""
     import numpy as np
 
+    if "loss_mask" not in batch:
+        raise KeyError(f"batch_token_stats needs 'loss_mask' in the batch; it has {sorted(batch)}")
     seg = np.asarray(batch["segment_ids"])
     return {
         "tokens": int(np.sum(seg > 0)),
         "slots": int(seg.size),
         "attended_keys": attended_keys(batch["positions"], seg, sliding_window=sliding_window),
+        "scored": int(np.sum(np.asarray(batch["loss_mask"]) > 0)),
     }
 
 

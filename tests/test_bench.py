@@ -21,7 +21,8 @@ FIELDS = {
     "step_time", "step_time_min", "step_time_max", "device_step_time", "step_times", "pairs_per_step",
     "pairs_per_s", "tokens_per_s", "padding_fraction", "train_flops_per_step", "mfu", "final_loss",
     "peak_memory_bytes", "peak_memory_what", "xla_step_bytes", "ref_tokens", "ref_flops", "ref_tokens_per_s",
-    "pairs_per_s_incl_ref", "tokens_per_s_incl_ref", "mfu_incl_ref", "plan_bytes",
+    "pairs_per_s_incl_ref", "tokens_per_s_incl_ref", "mfu_incl_ref", "plan_bytes", "mfu_scored_head",
+    "mfu_scored_head_incl_ref",
 }  # fmt: skip
 
 
@@ -61,12 +62,18 @@ def test_bench_two_steps_writes_sane_json(assets, tmp_path, capsys):
         assert saved[k] > 0, k
     assert 0.0 <= saved["padding_fraction"] <= 1.0
     assert 0.0 < saved["mfu"] < 1.5 and 0.0 < saved["mfu_incl_ref"] < 1.5
+    # Crediting the unembedding on scored tokens only can only lower the figure (prompts are never scored).
+    assert 0.0 < saved["mfu_scored_head"] <= 1.0 and 0.0 < saved["mfu_scored_head_incl_ref"] <= 1.0
+    assert (
+        saved["mfu_scored_head"] < saved["mfu"] and saved["mfu_scored_head_incl_ref"] < saved["mfu_incl_ref"]
+    )
     assert saved["timed_steps"] == len(saved["step_times"]) == 2
     assert saved["num_devices"] == 1 and saved["platform"] == "cpu"
     assert saved["pairs_per_s_incl_ref"] < saved["pairs_per_s"]  # the reference pass costs time
     assert math.isfinite(saved["final_loss"])
     table = bench.format_bench(saved)
-    for word in ("pairs/s", "tokens/s", "MFU", "padding", "compile", "reference pass", "peak memory"):
+    for word in ("pairs/s", "tokens/s", "MFU", "MFU, head on scored", "padding", "compile", "reference pass",
+                 "peak memory"):  # fmt: skip
         assert word in table
 
 

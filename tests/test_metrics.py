@@ -196,15 +196,40 @@ def test_flops_by_hand():
     # One row: segments [0,1,2] and [0,1] then one pad -> 5 tokens, causal keys 1+2+3+1+2 = 9.
     positions = np.array([[0, 1, 2, 0, 1, 0]])
     segments = np.array([[1, 1, 1, 2, 2, 0]])
-    stats = M.batch_token_stats({"positions": positions, "segment_ids": segments})
-    assert stats == {"tokens": 5, "slots": 6, "attended_keys": 9}
+    # loss_mask: position t scores targets[t]; here the last token of each segment is a completion token.
+    mask = np.array([[0, 1, 0, 1, 0, 0]], np.float32)
+    stats = M.batch_token_stats({"positions": positions, "segment_ids": segments, "loss_mask": mask})
+    assert stats == {"tokens": 5, "slots": 6, "attended_keys": 9, "scored": 2}
     # forward: 2 * 1408 * 5 + 4 * L*N*H (=16) * 9 = 14080 + 576
     assert M.forward_flops(TINY, tokens=5, attended_keys=9) == 14080 + 576
     assert M.train_flops(TINY, tokens=5, attended_keys=9) == 3 * (14080 + 576) == 43968
     assert M.train_flops(TINY, tokens=5, attended_keys=9, reference_forward=True) == 4 * (14080 + 576)
+    # head_tokens=tokens gives the same number as leaving it out.
+    assert M.train_flops(TINY, tokens=5, attended_keys=9, head_tokens=5) == 43968
     # Unpacked length T=3: (T+1)/2 = 2 keys per token on average.
     assert M.flops_per_token(TINY, 3) == 3 * (2 * 1408 + 64 * 2)
     assert M.attended_keys(positions, segments, sliding_window=2) == 1 + 2 + 2 + 1 + 2
+
+
+def test_flops_with_the_head_on_scored_tokens_only():
+    # matmul params 1408 = 1152 in the layers + 256 in the unembedding (D x V = 8 x 32). 5 tokens, 2 of
+    # them scored, 9 attended keys at 4 * L*N*H = 64 FLOPs each:
+    # forward = 2 * 1152 * 5 + 2 * 256 * 2 + 64 * 9 = 11520 + 1024 + 576 = 13120.
+    assert M.forward_flops(TINY, tokens=5, attended_keys=9, head_tokens=2) == 13120
+    assert M.train_flops(TINY, tokens=5, attended_keys=9, head_tokens=2) == 3 * 13120 == 39360
+    assert M.train_flops(TINY, tokens=5, attended_keys=9, head_tokens=2, reference_forward=True) == 4 * 13120
+    # No scored token: the head earns nothing, the rest is unchanged.
+    assert M.forward_flops(TINY, tokens=5, attended_keys=9, head_tokens=0) == 11520 + 576
+
+
+def test_batch_token_stats_counts_scored_positions_and_needs_the_mask():
+    seg = np.array([[1, 1, 1, 1, 0], [1, 1, 2, 2, 2]])
+    pos = np.array([[0, 1, 2, 3, 0], [0, 1, 0, 1, 2]])
+    mask = np.array([[0, 0, 1, 1, 0], [1, 0, 0, 1, 0.5]], np.float32)  # > 0 counts, whatever the weight
+    stats = M.batch_token_stats({"segment_ids": seg, "positions": pos, "loss_mask": mask})
+    assert stats["scored"] == 5 and stats["tokens"] == 9 and stats["slots"] == 10
+    with pytest.raises(KeyError, match="loss_mask"):
+        M.batch_token_stats({"segment_ids": seg, "positions": pos})
 
 
 def test_llama3_8b_matmul_params():
