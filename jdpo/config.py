@@ -44,6 +44,9 @@ class ModelSection:
         "Attention kernel: blocked (segment-aware block-sparse, any device), xla (dense masked, any "
         "device), cudnn (flash attention on NVIDIA GPUs, bf16 compute).",
     )
+    attention_block: int = _f(
+        64, "Positions per tile of the blocked kernel (64 is fastest on CPU; accelerators want 256-512)."
+    )
 
 
 @dataclass(frozen=True)
@@ -355,6 +358,7 @@ def validate(cfg: Config) -> None:
         ("train.grad_accum", t.grad_accum),
         ("train.log_every", t.log_every),
         ("train.keep_checkpoints", t.keep_checkpoints),
+        ("model.attention_block", cfg.model.attention_block),
     ]:
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")

@@ -342,6 +342,7 @@ class Trainer:
             remat=c.model.remat,
             scan_layers=c.model.scan_layers,
             attention=c.model.attention,
+            attention_block=c.model.attention_block,
         )
         self.graphdef, params = nnx.split(model)
 

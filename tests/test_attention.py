@@ -171,3 +171,18 @@ def test_model_blocked_equals_xla_attention(family, scan_layers):
     np.testing.assert_allclose(lb, lx, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(gb), jax.tree.leaves(gx), strict=True):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_attention_block_is_a_tiling_choice_only():
+    """model.attention_block changes the tiles, not the numbers; a non-positive block is refused."""
+    config = ModelConfig.from_hf(dict(model_type="llama", num_key_value_heads=2, **TINY))
+    ids = jnp.asarray(np.random.default_rng(5).integers(0, 64, (2, 24)), jnp.int32)
+    seg = jnp.asarray(packed_segments(np.random.default_rng(6), 2, 24))
+    logits = [
+        nnx.jit(lambda m: m(ids, None, seg))(Transformer(config, rngs=nnx.Rngs(0), attention_block=b))
+        for b in (4, 64)
+    ]
+    real = np.asarray(seg) > 0
+    np.testing.assert_allclose(np.asarray(logits[0])[real], np.asarray(logits[1])[real], atol=1e-5)
+    with pytest.raises(ValueError, match="attention_block must be >= 1"):
+        Transformer(config, rngs=nnx.Rngs(0), attention_block=0)

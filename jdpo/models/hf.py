@@ -20,6 +20,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from jdpo.models.attention import DEFAULT_BLOCK
 from jdpo.models.families import WeightSpec, weight_table
 from jdpo.models.transformer import ModelConfig, Transformer
 from jdpo.sharding import named_sharding, param_shardings
@@ -86,7 +87,7 @@ def _model_params(model) -> dict[str, nnx.Variable]:
     return {".".join(map(str, path)): v for path, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
 
 
-def _abstract_model(config, dtype, param_dtype, remat, scan_layers, attention):
+def _abstract_model(config, dtype, param_dtype, remat, scan_layers, attention, attention_block):
     return nnx.eval_shape(
         lambda: Transformer(
             config,
@@ -96,6 +97,7 @@ def _abstract_model(config, dtype, param_dtype, remat, scan_layers, attention):
             remat=remat,
             scan_layers=scan_layers,
             attention=attention,
+            attention_block=attention_block,
         )
     )
 
@@ -116,6 +118,7 @@ def from_pretrained(
     remat: str = "none",
     scan_layers: bool = False,
     attention: str = "blocked",
+    attention_block: int = DEFAULT_BLOCK,
 ):
     """Load a HF checkpoint directory (config.json + safetensors) straight into its target shardings.
 
@@ -124,7 +127,7 @@ def from_pretrained(
     """
     path = os.fspath(path)
     config = ModelConfig.from_hf(path)
-    model = _abstract_model(config, dtype, param_dtype, remat, scan_layers, attention)
+    model = _abstract_model(config, dtype, param_dtype, remat, scan_layers, attention, attention_block)
     params = _model_params(model)
     key_to_file = _checkpoint_files(path)
     L = config.num_layers
@@ -220,6 +223,7 @@ def init_model(
     remat: str = "none",
     scan_layers: bool = False,
     attention: str = "blocked",
+    attention_block: int = DEFAULT_BLOCK,
 ) -> Transformer:
     """Random init, born sharded: eval_shape -> shardings from the rules table -> jit(init, out_shardings)."""
 
@@ -232,6 +236,7 @@ def init_model(
             remat=remat,
             scan_layers=scan_layers,
             attention=attention,
+            attention_block=attention_block,
         )
 
     graphdef, abstract_state = nnx.split(nnx.eval_shape(make))

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jdpo.models.attention import blocked_attention
+from jdpo.models.attention import DEFAULT_BLOCK, blocked_attention
 from jdpo.sharding import constrain
 
 REMAT_POLICIES = ("none", "full", "dots_saveable")
@@ -243,7 +243,14 @@ class Attention(nnx.Module):
     """Grouped-query attention with optional q/k bias, q/k norm, sliding window and logit soft-capping."""
 
     def __init__(
-        self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs, attention: str = "blocked"
+        self,
+        config: ModelConfig,
+        *,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+        attention: str = "blocked",
+        attention_block: int = DEFAULT_BLOCK,
     ):
         c = config
         D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
@@ -270,7 +277,7 @@ class Attention(nnx.Module):
             norm_kw = dict(eps=c.rms_norm_eps, offset=c.norm_offset, dtype=dtype, param_dtype=param_dtype)
             self.q_norm = RMSNorm(H, names=("head_dim",), **norm_kw)
             self.k_norm = RMSNorm(H, names=("head_dim",), **norm_kw)
-        self.config, self.dtype, self.attention = c, dtype, attention
+        self.config, self.dtype, self.attention, self.attention_block = c, dtype, attention, attention_block
 
     def _qkv(self, x_BxTxD, cos, sin):
         """q [B, T, N, H], k and v [B, T, K, H] of new tokens (q/k norm and RoPE applied)."""
@@ -298,6 +305,7 @@ class Attention(nnx.Module):
                 scale=c.attention_scale,
                 softcap=c.attn_logit_softcapping,
                 window=mask_Bx1xTxS.window,
+                block=self.attention_block,
             )
         elif c.attn_logit_softcapping is None:
             out_BxTxNxH = jax.nn.dot_product_attention(
@@ -373,7 +381,14 @@ class DecoderLayer(nnx.Module):
     """Pre-norm block; gemma2 adds norms on the attention and MLP outputs ("sandwich")."""
 
     def __init__(
-        self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs, attention: str = "blocked"
+        self,
+        config: ModelConfig,
+        *,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+        attention: str = "blocked",
+        attention_block: int = DEFAULT_BLOCK,
     ):
         c = config
 
@@ -383,7 +398,14 @@ class DecoderLayer(nnx.Module):
             )
 
         self.input_layernorm = norm()
-        self.self_attn = Attention(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention=attention)
+        self.self_attn = Attention(
+            c,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            attention=attention,
+            attention_block=attention_block,
+        )
         # llama naming: post_attention_layernorm is the pre-MLP norm; gemma2: it normalises attn output.
         self.post_attention_layernorm = norm()
         if c.sandwich_norm:
@@ -456,8 +478,11 @@ class Transformer(nnx.Module):
         remat: str = "none",
         scan_layers: bool = False,
         attention: str = "blocked",
+        attention_block: int = DEFAULT_BLOCK,
     ):
         c = config
+        if attention_block < 1:
+            raise ValueError(f"attention_block must be >= 1, got {attention_block}")
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
         if attention not in ATTENTION_IMPLS:
@@ -468,7 +493,9 @@ class Transformer(nnx.Module):
                 f"attn_logit_softcapping={c.attn_logit_softcapping}); use attention='xla'"
             )
         self.embed_tokens = Embedding(c, param_dtype=param_dtype, rngs=rngs)
-        layer_kw = dict(dtype=dtype, param_dtype=param_dtype, attention=attention)
+        layer_kw = dict(
+            dtype=dtype, param_dtype=param_dtype, attention=attention, attention_block=attention_block
+        )
         if scan_layers:
 
             @nnx.split_rngs(splits=c.num_layers)
