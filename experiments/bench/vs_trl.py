@@ -103,6 +103,9 @@ def run_trl(model_dir: str, data: str, *, batch_pairs: int, max_length: int, war
         loss_type=["sigmoid"],
         max_length=max_length,
         precompute_ref_log_probs=True,
+        # TRL 1.16 turns activation checkpointing on by default; jdpo runs without remat here, so TRL
+        # gets the same (faster) choice: no recomputation, the memory is there.
+        gradient_checkpointing=False,
         use_cpu=True,
         bf16=False,
         fp16=False,
