@@ -186,3 +186,41 @@ def test_attention_block_is_a_tiling_choice_only():
     np.testing.assert_allclose(np.asarray(logits[0])[real], np.asarray(logits[1])[real], atol=1e-5)
     with pytest.raises(ValueError, match="attention_block must be >= 1"):
         Transformer(config, rngs=nnx.Rngs(0), attention_block=0)
+
+
+def test_first_of_id_matches_a_scan_for_ids_in_any_order():
+    from jdpo.models.attention import _first_of_id
+
+    rng = np.random.default_rng(7)
+    for _ in range(50):
+        ids = rng.integers(0, 5, int(rng.integers(1, 40)))
+        expected = [int(np.flatnonzero(ids == x)[0]) for x in ids]
+        np.testing.assert_array_equal(_first_of_id(jnp.asarray(ids)), expected)
+
+
+def test_no_T_by_T_intermediate_forward_or_backward():
+    """The kernel's point: nothing of T x T size exists (checked on the traced program, loop bodies
+    included), so long rows cost memory linear in T."""
+    from jax.extend import core as jex_core
+
+    B, T, N, K, H = 1, 512, 2, 2, 8
+    q, k, v = qkv(B, T, N, K, H)
+    seg = jnp.asarray(packed_segments(np.random.default_rng(8), B, T))
+    f = jax.grad(
+        lambda q, k, v: jnp.sum(blocked_attention(q, k, v, seg, scale=0.3, block=64) ** 2), (0, 1, 2)
+    )
+
+    def sizes(jaxpr):
+        for eqn in jaxpr.eqns:
+            for var in eqn.outvars:
+                yield int(np.prod(getattr(var.aval, "shape", ())))
+            for p in eqn.params.values():
+                for sub in p if isinstance(p, (list, tuple)) else [p]:
+                    if isinstance(sub, jex_core.ClosedJaxpr):
+                        sub = sub.jaxpr
+                    if isinstance(sub, jex_core.Jaxpr):
+                        yield from sizes(sub)
+
+    all_sizes = list(sizes(jax.make_jaxpr(f)(q, k, v).jaxpr))
+    assert N * 64 * 64 in all_sizes  # the walk reached the [K, G, C, C] tiles inside the loops
+    assert max(all_sizes) < T * T // 8

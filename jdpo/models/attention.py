@@ -36,15 +36,25 @@ DEFAULT_BLOCK = 64
 NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # masked score: exp() underflows to 0, no inf - inf
 
 
+def _first_of_id(ids_T):
+    """Per position, the first position holding the same id [T] int32, for ids in any order (a segment
+    may resume later in the row): O(T log T) with a stable sort, never a [T, T] comparison."""
+    T = ids_T.shape[0]
+    order_T = jnp.argsort(ids_T, stable=True).astype(jnp.int32)
+    sorted_T = ids_T[order_T]
+    starts_T = jnp.concatenate([jnp.ones((1,), jnp.bool_), sorted_T[1:] != sorted_T[:-1]])
+    # Each sorted slot's group start; a stable sort puts a group's smallest position first.
+    group_start_T = jax.lax.cummax(jnp.where(starts_T, jnp.arange(T, dtype=jnp.int32), 0))
+    return jnp.zeros((T,), jnp.int32).at[order_T].set(order_T[group_start_T])
+
+
 def _visibility(segment_ids_BxT, window):
     """lo [B, T]: the earliest position (within the row) a query may see; keys in [lo, t] of the same
     segment are visible. The first position of the query's segment in its row, raised to t - window + 1;
     t itself for padding."""
     B, T = segment_ids_BxT.shape
     t_T = jnp.arange(T, dtype=jnp.int32)
-    same_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
-    first_BxT = jnp.argmax(same_BxTxT, axis=-1).astype(jnp.int32)  # first key with the query's id
-    lo_BxT = jnp.where(segment_ids_BxT == 0, t_T, first_BxT)
+    lo_BxT = jnp.where(segment_ids_BxT == 0, t_T, jax.vmap(_first_of_id)(segment_ids_BxT))
     if window is not None:
         lo_BxT = jnp.maximum(lo_BxT, t_T - jnp.asarray(window, jnp.int32) + 1)
     return lo_BxT
