@@ -4,7 +4,7 @@
     print(format_bench(result))
 
 What is measured, in this order, in one process:
-  1. the machine's peak: on CPU the measured float32 matmul rate (`metrics.measured_cpu_peak_flops`,
+  1. the machine's peak: on CPU the measured float32 matmul rate (`flops.measured_cpu_peak_flops`,
      taken in this run, before anything else loads the cores); on GPU/TPU the published peak;
   2. set-up (`train.Trainer`), which runs the reference pass once into a fresh cache directory (its
      time includes compiling the forward), then the reference pass again, warm: `ref_pass_s`;
@@ -15,7 +15,7 @@ What is measured, in this order, in one process:
      `step_time` is its median, `device_step_time` the median of the run + block part alone.
 
 Throughput counts pairs (valid pair slots) and non-pad tokens of the timed steps. MFU credits model
-FLOPs only (`metrics.train_flops`: 6 x matmul params per non-pad token plus causal in-segment
+FLOPs only (`flops.train_flops`: 6 x matmul params per non-pad token plus causal in-segment
 attention; no padding, no remat recomputation, no attention to masked keys). The "head on scored"
 MFU is stricter: the D x V unembedding is credited only on scored (completion, `loss_mask` > 0)
 tokens, the only positions DPO needs logits for and the only ones jdpo projects; everything else is
@@ -83,7 +83,15 @@ def run_bench(
     import numpy as np
 
     from jdpo import data as jdata
-    from jdpo import metrics, plan, refcache, train
+    from jdpo import plan, refcache, train
+    from jdpo.flops import (
+        batch_token_stats,
+        forward_flops,
+        matmul_params,
+        measured_cpu_peak_flops,
+        total_peak_flops,
+        train_flops,
+    )
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -91,7 +99,7 @@ def run_bench(
     t0 = time.perf_counter()
     # First, while the cores are quiet: the denominator of MFU (cached; reused below for the mesh).
     if platform == "cpu":
-        metrics.measured_cpu_peak_flops()
+        measured_cpu_peak_flops()
     peak_s = time.perf_counter() - t0
 
     with tempfile.TemporaryDirectory(prefix="jdpo-bench-") as work:
@@ -100,7 +108,7 @@ def run_bench(
         tr = train.Trainer(c, mesh=mesh)
         setup_s = time.perf_counter() - t0
         hf_cfg = tr.model_config.to_hf()
-        peak = metrics.total_peak_flops(list(tr.mesh.devices.flat))
+        peak = total_peak_flops(list(tr.mesh.devices.flat))
         window = tr.model_config.sliding_window
 
         # The reference pass again, warm (compiled): what the pass costs per run, without compile.
@@ -113,7 +121,7 @@ def run_bench(
             rows = train.batch_sharding(tr.mesh, accum=False)
             batches = list(jdata.one_pass(tr.train_pairs, **tr.batch_kw))
             for b in batches:
-                s = metrics.batch_token_stats(b, sliding_window=window)
+                s = batch_token_stats(b, sliding_window=window)
                 ref_tokens += s["tokens"]
                 ref_keys += s["attended_keys"]
                 ref_scored += s["scored"]
@@ -158,7 +166,7 @@ def run_bench(
             step_times.append(t2 - t0)
             device_times.append(t2 - t1)
             for b in host:
-                s = metrics.batch_token_stats(b, sliding_window=window)
+                s = batch_token_stats(b, sliding_window=window)
                 tokens, slots, keys = tokens + s["tokens"], slots + s["slots"], keys + s["attended_keys"]
                 scored += s["scored"]
                 pairs += int(np.sum(b["pair_ids"] >= 0))
@@ -172,14 +180,14 @@ def run_bench(
     ref_tokens, ref_keys, ref_scored = ref_tokens * n, ref_keys * n, ref_scored * n
     step_time = statistics.median(step_times)
     total_time = step_time * steps  # the median step, so a hiccup from a neighbour does not count
-    flops = metrics.train_flops(hf_cfg, tokens=tokens, attended_keys=keys)
-    flops_sh = metrics.train_flops(hf_cfg, tokens=tokens, attended_keys=keys, head_tokens=scored)
+    flops = train_flops(hf_cfg, tokens=tokens, attended_keys=keys)
+    flops_sh = train_flops(hf_cfg, tokens=tokens, attended_keys=keys, head_tokens=scored)
     result: dict[str, Any] = {
         "platform": platform,
         "device": jax.devices()[0].device_kind,
         "num_devices": int(tr.mesh.devices.size),
         "model_params": tr.model_config.num_params(),
-        "matmul_params": metrics.matmul_params(hf_cfg),
+        "matmul_params": matmul_params(hf_cfg),
         "dtype": str(np.dtype(tr.dtype)),
         "batch_rows": c.train.batch_rows,
         "grad_accum": c.train.grad_accum,
@@ -217,8 +225,8 @@ def run_bench(
     # The reference pass amortised over the run: its time and its forward FLOPs spread over its steps.
     if ref_s is not None:
         run_steps = tr.total_steps
-        ref_flops = metrics.forward_flops(hf_cfg, tokens=ref_tokens, attended_keys=ref_keys)
-        ref_flops_sh = metrics.forward_flops(
+        ref_flops = forward_flops(hf_cfg, tokens=ref_tokens, attended_keys=ref_keys)
+        ref_flops_sh = forward_flops(
             hf_cfg, tokens=ref_tokens, attended_keys=ref_keys, head_tokens=ref_scored
         )
         t_run = step_time * run_steps + ref_s

@@ -43,6 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jdpo import losses, metrics, refcache
 from jdpo.checkpoint import Checkpointer, abstract_like, nest, unnest
 from jdpo.config import Config
+from jdpo.flops import batch_token_stats, throughput_metrics, total_peak_flops, train_flops
 
 log = logging.getLogger(__name__)
 
@@ -572,7 +573,7 @@ class Trainer:
             run_config=None,
         )
         hf_cfg = self.model_config.to_hf()
-        peak = metrics.total_peak_flops(list(self.mesh.devices.flat))
+        peak = total_peak_flops(list(self.mesh.devices.flat))
         stop = {"reason": None}
         last: dict[str, Any] = {}
         last_eval: dict[str, Any] = {}
@@ -647,13 +648,12 @@ class Trainer:
                     )
                 if step % t.log_every == 0 or step == self.total_steps:
                     stats = [
-                        metrics.batch_token_stats(b, sliding_window=self.model_config.sliding_window)
-                        for b in host
+                        batch_token_stats(b, sliding_window=self.model_config.sliding_window) for b in host
                     ]
                     tokens = sum(s["tokens"] for s in stats) * jax.process_count()
                     keys = sum(s["attended_keys"] for s in stats) * jax.process_count()
                     slots = sum(s["slots"] for s in stats) * jax.process_count()
-                    flops = metrics.train_flops(
+                    flops = train_flops(
                         hf_cfg,
                         tokens=tokens,
                         attended_keys=keys,
@@ -661,7 +661,7 @@ class Trainer:
                     )
                     last = {k: float(v) for k, v in m.items() if k != "pairs"}
                     last["epoch"] = step / self.steps_per_epoch
-                    last.update(metrics.throughput_metrics(
+                    last.update(throughput_metrics(
                         step_time=step_time, tokens=tokens, slots=slots, flops=flops, peak_flops=peak
                     ))  # fmt: skip
                     emit(step, last)

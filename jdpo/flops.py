@@ -1,0 +1,228 @@
+"""FLOPs and MFU accounting: model FLOPs of a step, the devices' peak FLOP/s, and throughput metrics.
+
+Model FLOPs credit useful work only: ``2 x`` the matmul parameters per non-pad token, plus attention
+over the causal (query, key) pairs inside each segment (not ``T^2``); rematerialisation is not
+counted. ``cfg`` is a ``jdpo.models.ModelConfig`` or a Hugging Face config (dict or object):
+
+    stats = batch_token_stats(batch)  # host-side: tokens, slots, attended_keys, scored
+    flops = train_flops(cfg, tokens=stats["tokens"], attended_keys=stats["attended_keys"])
+    throughput_metrics(step_time=dt, tokens=..., slots=..., flops=flops, peak_flops=total_peak_flops())
+
+The peak is the published bf16 dense figure for known accelerators and, on CPU, the measured float32
+matmul rate of this host. No JAX at import time: only the peak functions import it, when called.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from functools import cache
+from typing import Any
+
+from jdpo.metrics import MFU, PADDING_FRACTION, STEP_TIME, TOKENS_PER_SEC
+
+
+def _dims(cfg: Any) -> tuple[int, int, int, int, int, int, int]:
+    """(L, D, F, N, K, H, V) from a ``jdpo.models.ModelConfig`` (``num_layers``, ``num_heads``,
+    ``num_kv_heads``) or a Hugging Face config dict / object (``num_hidden_layers``, ...)."""
+
+    def get(*names: str) -> Any:
+        for name in names:
+            value = cfg.get(name) if isinstance(cfg, Mapping) else getattr(cfg, name, None)
+            if value is not None:
+                return value
+        return None
+
+    L = get("num_layers", "num_hidden_layers")
+    D = get("hidden_size")
+    N = get("num_heads", "num_attention_heads")
+    K = get("num_kv_heads", "num_key_value_heads") or N
+    H = get("head_dim") or D // N
+    return L, D, get("intermediate_size"), N, K, H, get("vocab_size")
+
+
+def matmul_params(cfg: Any) -> int:
+    """Parameters that take part in a matmul for every token: per layer the q/k/v/o projections and
+    the gated MLP (3 matrices), plus the unembedding. The input embedding is a lookup (no FLOPs)
+    and norms and biases are element-wise, so neither is counted. For Llama-3-8B this is
+    7,504,658,432 of its 8,030,261,248 parameters. ``cfg``: see :func:`_dims`."""
+    L, D, F, N, K, H, V = _dims(cfg)
+    per_layer = D * N * H + 2 * D * K * H + N * H * D + 3 * D * F
+    return L * per_layer + D * V
+
+
+def _attention_flops_per_key(cfg: Any) -> float:
+    """Forward FLOPs per causal (query, key) pair: ``Q K^T`` and ``P V`` each cost ``2 * N * H``
+    per pair per layer."""
+    L, _, _, N, _, H, _ = _dims(cfg)
+    return 4.0 * L * N * H
+
+
+def forward_flops(cfg: Any, *, tokens: int, attended_keys: int, head_tokens: int | None = None) -> float:
+    """Model FLOPs of one forward pass over ``tokens`` non-pad tokens.
+
+    ``2 * matmul_params`` per token (a multiply and an add per weight), plus attention,
+    ``4 * L * N * H`` per causal (query, key) pair inside a segment (see :func:`attended_keys`).
+    Counting the causal pairs rather than ``T^2`` credits the useful work only; a kernel that also
+    computes the masked half is not credited for it.
+
+    ``head_tokens``: when given, the ``D x V`` unembedding is credited on that many tokens instead of
+    all ``tokens``: ``2 * (matmul_params - D * V) * tokens + 2 * D * V * head_tokens + attention``.
+    DPO needs logits only where a completion token is scored (``loss_mask > 0``), and jdpo projects
+    only those positions, so ``head_tokens = scored`` gives the stricter figure that does not credit
+    the head on prompt tokens.
+    """
+    _, D, _, _, _, _, V = _dims(cfg)
+    head = D * V
+    if head_tokens is None:
+        head_tokens = tokens
+    return (
+        2.0 * (matmul_params(cfg) - head) * tokens
+        + 2.0 * head * head_tokens
+        + _attention_flops_per_key(cfg) * attended_keys
+    )
+
+
+def train_flops(
+    cfg: Any,
+    *,
+    tokens: int,
+    attended_keys: int,
+    reference_forward: bool = False,
+    head_tokens: int | None = None,
+) -> float:
+    """Model FLOPs of one training step over ``tokens`` non-pad tokens: forward + backward = 3x the
+    forward (the backward computes gradients for activations and weights, 2x), i.e. ``6 N`` per token
+    plus ``12 L N H`` per attended key. ``reference_forward=True`` adds one forward pass of the frozen
+    reference model (``reference.mode: online``); a cached reference costs nothing per step.
+    ``head_tokens``: credit the unembedding on that many tokens only (see :func:`forward_flops`).
+    Rematerialisation is not counted: MFU credits model FLOPs, not recomputation."""
+    fwd = forward_flops(cfg, tokens=tokens, attended_keys=attended_keys, head_tokens=head_tokens)
+    return 3.0 * fwd + (fwd if reference_forward else 0.0)
+
+
+def flops_per_token(cfg: Any, seq_len: int, *, training: bool = True) -> float:
+    """Average model FLOPs per token of unpacked, unpadded sequences of ``seq_len`` tokens: the
+    common ``6 N + 12 L N H T`` estimate, but with the causal average of ``(T + 1) / 2`` keys per
+    query instead of ``T``. ``training=False`` gives the forward-only figure (``2 N + ...``)."""
+    fwd = forward_flops(cfg, tokens=1, attended_keys=0) + _attention_flops_per_key(cfg) * (seq_len + 1) / 2
+    return 3.0 * fwd if training else fwd
+
+
+def attended_keys(positions, segment_ids, *, sliding_window: int | None = None) -> int:
+    """Number of causal (query, key) pairs in a batch: for every non-pad token (segment id > 0) its
+    position in its segment + 1, capped at ``sliding_window`` when the model uses one.
+    ``positions`` / ``segment_ids``: [B, T] integer arrays (NumPy, host-side) from the data path."""
+    import numpy as np
+
+    keys = np.asarray(positions, dtype=np.int64) + 1
+    if sliding_window:
+        keys = np.minimum(keys, sliding_window)
+    return int(np.sum(keys * (np.asarray(segment_ids) > 0)))
+
+
+def batch_token_stats(batch: Mapping[str, Any], *, sliding_window: int | None = None) -> dict[str, int]:
+    """``tokens`` (non-pad), ``slots`` (B * T), ``attended_keys`` and ``scored`` (positions with
+    ``loss_mask`` > 0, the completion tokens whose logits DPO needs) of one host-side batch dict
+    (``segment_ids``, ``positions`` and ``loss_mask`` as defined in DESIGN.md). Per host: multiply by
+    the process count (or sum across hosts) for global numbers."""
+    import numpy as np
+
+    if "loss_mask" not in batch:
+        raise KeyError(f"batch_token_stats needs 'loss_mask' in the batch; it has {sorted(batch)}")
+    seg = np.asarray(batch["segment_ids"])
+    return {
+        "tokens": int(np.sum(seg > 0)),
+        "slots": int(seg.size),
+        "attended_keys": attended_keys(batch["positions"], seg, sliding_window=sliding_window),
+        "scored": int(np.sum(np.asarray(batch["loss_mask"]) > 0)),
+    }
+
+
+# Published dense (no sparsity) bf16 peaks per JAX device, matched against ``device.device_kind``
+# in order (so "H100 PCIe" is tested before "H100" and "v5 lite" before "v5"). TPU v2/v3 expose each
+# TensorCore as a device (half a chip); v4, v5p (megacore) and v5e, v6e expose one device per chip.
+PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("h100 pcie", 756e12),
+    ("h100 nvl", 835e12),
+    ("h100", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("h200", 989e12),  # also GH200: the same tensor cores as H100 SXM
+    ("h800", 989e12),
+    ("b200", 2250e12),
+    ("a100", 312e12),
+    ("l40s", 362e12),
+    ("l4", 121e12),
+    ("tpu v2", 22.5e12),  # per TensorCore (45 per chip)
+    ("tpu v3", 61.5e12),  # per TensorCore (123 per chip)
+    ("tpu v4", 275e12),
+    ("tpu v5 lite", 197e12),  # v5e
+    ("tpu v5e", 197e12),
+    ("tpu v5", 459e12),  # v5p reports "TPU v5"
+    ("tpu v6 lite", 918e12),  # v6e (Trillium)
+    ("tpu v6e", 918e12),
+)
+
+
+@cache
+def measured_cpu_peak_flops(n: int = 1024, min_seconds: float = 0.2) -> float:
+    """FLOP/s of a float32 ``[n, n] @ [n, n]`` jnp matmul on this host's CPU, best of several runs
+    (at least 3, and at least ``min_seconds`` of timing). Cached per process. This is the honest
+    denominator for CPU MFU: what XLA's CPU matmul actually reaches here, not a datasheet figure."""
+    import jax
+    import jax.numpy as jnp
+
+    cpu = jax.devices("cpu")[0]
+    a = jax.device_put(jnp.ones((n, n), jnp.float32), cpu)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()  # compile
+    best, spent, runs = math.inf, 0.0, 0
+    while runs < 3 or spent < min_seconds:
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        dt = time.perf_counter() - t0
+        best, spent, runs = min(best, dt), spent + dt, runs + 1
+    return 2.0 * n**3 / best
+
+
+def device_peak_flops(device: Any) -> float | None:
+    """Peak FLOP/s of one JAX device: the published bf16 dense figure for known accelerators, the
+    measured matmul rate for CPU, None when unknown (MFU is then not reported rather than guessed)."""
+    if device.platform == "cpu":
+        return measured_cpu_peak_flops()
+    kind = device.device_kind.lower()
+    for key, peak in PEAK_FLOPS:
+        if key in kind:
+            return peak
+    return None
+
+
+def total_peak_flops(devices: list[Any] | None = None) -> float | None:
+    """Peak FLOP/s of all ``devices`` (default ``jax.devices()``) together.
+
+    CPU devices on one host share its cores (``jax_num_cpu_devices`` only simulates more), so CPU
+    counts one measured peak per process, not per device."""
+    import jax
+
+    devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        return None
+    if all(d.platform == "cpu" for d in devices):
+        return measured_cpu_peak_flops() * len({d.process_index for d in devices})
+    peaks = [device_peak_flops(d) for d in devices]
+    return None if any(p is None for p in peaks) else float(sum(peaks))
+
+
+def throughput_metrics(
+    *, step_time: float, tokens: int, slots: int, flops: float | None = None, peak_flops: float | None = None
+) -> dict[str, float]:
+    """``step_time``, ``tokens_per_sec``, ``padding_fraction`` and (when FLOPs and a peak are known)
+    ``mfu`` for one step (or an average over a logging interval: pass the sums and total time)."""
+    out = {
+        STEP_TIME: step_time,
+        TOKENS_PER_SEC: tokens / step_time if step_time > 0 else 0.0,
+        PADDING_FRACTION: 1.0 - tokens / slots if slots else 0.0,
+    }
+    if flops is not None and peak_flops and step_time > 0:
+        out[MFU] = flops / (step_time * peak_flops)
+    return out

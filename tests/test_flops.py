@@ -1,0 +1,118 @@
+"""FLOPs accounting by hand on a tiny config, the Llama-3-8B matmul parameter count, peaks and MFU."""
+
+import numpy as np
+import pytest
+
+from jdpo import flops as F
+
+# A hand-checkable config: L=2, D=8, N=2 heads, K=1 kv head, H=4, F=16, V=32.
+TINY = dict(
+    num_hidden_layers=2,
+    hidden_size=8,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=4,
+    intermediate_size=16,
+    vocab_size=32,
+)
+
+
+def test_flops_by_hand():
+    # per layer: q 8*8 + k 8*4 + v 8*4 + o 8*8 = 192, mlp 3*8*16 = 384 -> 576; x2 layers + unembed 8*32.
+    assert F.matmul_params(TINY) == 2 * 576 + 256 == 1408
+    # One row: segments [0,1,2] and [0,1] then one pad -> 5 tokens, causal keys 1+2+3+1+2 = 9.
+    positions = np.array([[0, 1, 2, 0, 1, 0]])
+    segments = np.array([[1, 1, 1, 2, 2, 0]])
+    # loss_mask: position t scores targets[t]; here the last token of each segment is a completion token.
+    mask = np.array([[0, 1, 0, 1, 0, 0]], np.float32)
+    stats = F.batch_token_stats({"positions": positions, "segment_ids": segments, "loss_mask": mask})
+    assert stats == {"tokens": 5, "slots": 6, "attended_keys": 9, "scored": 2}
+    # forward: 2 * 1408 * 5 + 4 * L*N*H (=16) * 9 = 14080 + 576
+    assert F.forward_flops(TINY, tokens=5, attended_keys=9) == 14080 + 576
+    assert F.train_flops(TINY, tokens=5, attended_keys=9) == 3 * (14080 + 576) == 43968
+    assert F.train_flops(TINY, tokens=5, attended_keys=9, reference_forward=True) == 4 * (14080 + 576)
+    # head_tokens=tokens gives the same number as leaving it out.
+    assert F.train_flops(TINY, tokens=5, attended_keys=9, head_tokens=5) == 43968
+    # Unpacked length T=3: (T+1)/2 = 2 keys per token on average.
+    assert F.flops_per_token(TINY, 3) == 3 * (2 * 1408 + 64 * 2)
+    assert F.attended_keys(positions, segments, sliding_window=2) == 1 + 2 + 2 + 1 + 2
+
+
+def test_flops_with_the_head_on_scored_tokens_only():
+    # matmul params 1408 = 1152 in the layers + 256 in the unembedding (D x V = 8 x 32). 5 tokens, 2 of
+    # them scored, 9 attended keys at 4 * L*N*H = 64 FLOPs each:
+    # forward = 2 * 1152 * 5 + 2 * 256 * 2 + 64 * 9 = 11520 + 1024 + 576 = 13120.
+    assert F.forward_flops(TINY, tokens=5, attended_keys=9, head_tokens=2) == 13120
+    assert F.train_flops(TINY, tokens=5, attended_keys=9, head_tokens=2) == 3 * 13120 == 39360
+    assert F.train_flops(TINY, tokens=5, attended_keys=9, head_tokens=2, reference_forward=True) == 4 * 13120
+    # No scored token: the head earns nothing, the rest is unchanged.
+    assert F.forward_flops(TINY, tokens=5, attended_keys=9, head_tokens=0) == 11520 + 576
+
+
+def test_batch_token_stats_counts_scored_positions_and_needs_the_mask():
+    seg = np.array([[1, 1, 1, 1, 0], [1, 1, 2, 2, 2]])
+    pos = np.array([[0, 1, 2, 3, 0], [0, 1, 0, 1, 2]])
+    mask = np.array([[0, 0, 1, 1, 0], [1, 0, 0, 1, 0.5]], np.float32)  # > 0 counts, whatever the weight
+    stats = F.batch_token_stats({"segment_ids": seg, "positions": pos, "loss_mask": mask})
+    assert stats["scored"] == 5 and stats["tokens"] == 9 and stats["slots"] == 10
+    with pytest.raises(KeyError, match="loss_mask"):
+        F.batch_token_stats({"segment_ids": seg, "positions": pos})
+
+
+def test_llama3_8b_matmul_params():
+    llama3_8b = dict(
+        num_hidden_layers=32,
+        hidden_size=4096,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=128256,
+    )
+    # 8,030,261,248 total = this + the input embedding (525,336,576) + norms (266,240).
+    assert F.matmul_params(llama3_8b) == 8_030_261_248 - 525_336_576 - 266_240
+
+
+def test_peaks_and_mfu():
+    class Dev:
+        def __init__(self, platform, kind, process_index=0):
+            self.platform, self.device_kind, self.process_index = platform, kind, process_index
+
+    assert F.device_peak_flops(Dev("gpu", "NVIDIA H100 80GB HBM3")) == 989e12
+    assert F.device_peak_flops(Dev("gpu", "NVIDIA H100 PCIe")) == 756e12
+    assert F.device_peak_flops(Dev("tpu", "TPU v5 lite")) == 197e12
+    assert F.device_peak_flops(Dev("tpu", "TPU v5")) == 459e12
+    assert F.device_peak_flops(Dev("gpu", "NVIDIA L40S")) == 362e12
+    assert F.device_peak_flops(Dev("gpu", "Some Future GPU")) is None
+    assert F.total_peak_flops([Dev("tpu", "TPU v4")] * 4) == 4 * 275e12
+    assert F.total_peak_flops([Dev("tpu", "TPU v4"), Dev("gpu", "unknown")]) is None
+    tm = F.throughput_metrics(step_time=2.0, tokens=300, slots=400, flops=1e12, peak_flops=1e12)
+    assert tm == {"step_time": 2.0, "tokens_per_sec": 150.0, "padding_fraction": 0.25, "mfu": 0.5}
+    assert "mfu" not in F.throughput_metrics(step_time=1.0, tokens=1, slots=1, flops=1.0)
+
+
+def test_cpu_peak_is_measured_once_per_host():
+    import jax
+
+    peak = F.measured_cpu_peak_flops()
+    assert 1e8 < peak < 1e14  # a real CPU, neither broken timing nor absurd
+    assert F.measured_cpu_peak_flops() == peak  # cached
+    # 8 simulated CPU devices share one host's cores: one peak, not eight.
+    assert F.total_peak_flops(jax.devices("cpu")) == peak
+
+
+def test_matmul_params_from_model_config():
+    """The model's own ModelConfig field names work too, and agree with its parameter count."""
+    transformer = pytest.importorskip("jdpo.models.transformer")
+    c = transformer.ModelConfig(
+        family="llama",
+        vocab_size=32,
+        hidden_size=8,
+        intermediate_size=16,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=4,
+    )
+    assert F.matmul_params(c) == F.matmul_params(TINY) == 1408
+    # All parameters = matmul ones + input embedding (V*D) + 2 norms per layer + the final norm.
+    assert c.num_params() == 1408 + 32 * 8 + 2 * 2 * 8 + 8
