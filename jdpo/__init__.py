@@ -11,12 +11,12 @@ __version__ = "0.1.0"
 # name -> module that defines it; resolved lazily (PEP 562) so that importing jdpo stays light.
 _LAZY = {
     "dpo_loss": "jdpo.losses",
-    "sequence_logprobs": "jdpo.losses",
-    "sequence_logprobs_from_hidden": "jdpo.losses",
-    "token_logprobs": "jdpo.losses",
-    "token_logprobs_from_hidden": "jdpo.losses",
-    "segment_logprobs": "jdpo.losses",
-    "wpo_weights": "jdpo.losses",
+    "sequence_logprobs": "jdpo.logprobs",
+    "sequence_logprobs_from_hidden": "jdpo.logprobs",
+    "token_logprobs": "jdpo.logprobs",
+    "token_logprobs_from_hidden": "jdpo.logprobs",
+    "segment_logprobs": "jdpo.logprobs",
+    "wpo_weights": "jdpo.logprobs",
     "from_pretrained": "jdpo.models",
     "save_pretrained": "jdpo.models",
     "load_preferences": "jdpo.data",

@@ -64,13 +64,13 @@ def arithmetic_checker(prompt: Any, completion: str) -> bool | None:
 
 @functools.lru_cache(maxsize=8)
 def _token_logprobs_fn(graphdef, mesh):
-    from jdpo import losses
+    from jdpo import logprobs
     from jdpo.sharding import batch_shards
 
     def fn(params, ids_BxT, targets_BxT, segment_ids_BxT):
         model = nnx.merge(graphdef, params)
         h_BxTxD = model.hidden_states(ids_BxT, None, segment_ids_BxT)
-        return losses.token_logprobs_from_hidden(
+        return logprobs.token_logprobs_from_hidden(
             h_BxTxD,
             model.unembedding(),
             targets_BxT,

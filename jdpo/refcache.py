@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdpo import losses
+from jdpo import logprobs
 from jdpo.sharding import batch_shards
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def pair_logprobs(model: Any, batch: dict[str, jax.Array], *, chunk_size: int = 
     One forward over chosen and rejected together (they are segments of the same rows), float32
     log-probs computed from the final hidden states in chunks of positions (never a [B, T, V] float32
     tensor), of the completion tokens only: positions with `loss_mask` = 0 are not projected onto the
-    vocabulary (`losses.token_logprobs_from_hidden`'s `mask_BxT`). Pair k of a row has its chosen
+    vocabulary (`logprobs.token_logprobs_from_hidden`'s `mask_BxT`). Pair k of a row has its chosen
     sequence in segment 2k+1 and its rejected in 2k+2.
 
     Args:
@@ -67,7 +67,7 @@ def pair_logprobs(model: Any, batch: dict[str, jax.Array], *, chunk_size: int = 
     """
     P = batch["pair_ids"].shape[1]
     hidden_BxTxD = model.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"])
-    logp_BxT = losses.token_logprobs_from_hidden(
+    logp_BxT = logprobs.token_logprobs_from_hidden(
         hidden_BxTxD,
         model.unembedding(),
         batch["targets"],
@@ -77,7 +77,9 @@ def pair_logprobs(model: Any, batch: dict[str, jax.Array], *, chunk_size: int = 
         # One group of rows per batch shard: each device sorts and chunks its own rows' scored positions.
         row_groups=batch_shards(batch["input_ids"].shape[0]),
     )
-    logps_BxS, counts_BxS = losses.segment_logprobs(logp_BxT, batch["loss_mask"], batch["segment_ids"], 2 * P)
+    logps_BxS, counts_BxS = logprobs.segment_logprobs(
+        logp_BxT, batch["loss_mask"], batch["segment_ids"], 2 * P
+    )
     return {
         "chosen": logps_BxS[:, 0::2],
         "rejected": logps_BxS[:, 1::2],

@@ -65,7 +65,7 @@ def model_task(mesh) -> dict:
     from flax import nnx
     from jax.experimental import multihost_utils
 
-    from jdpo import losses
+    from jdpo import logprobs, losses
     from jdpo.models import init_model
     from jdpo.sharding import batch_sharding
 
@@ -83,7 +83,7 @@ def model_task(mesh) -> dict:
     def loss_fn(params, batch):
         m = nnx.merge(graphdef, params)
         hidden_BxTxD = m.hidden_states(batch["input_ids"])
-        logps_B, _ = losses.sequence_logprobs_from_hidden(
+        logps_B, _ = logprobs.sequence_logprobs_from_hidden(
             hidden_BxTxD, m.unembedding(), batch["targets"], batch["loss_mask"], chunk_size=16
         )
         ref_B = batch["ref_logps"]

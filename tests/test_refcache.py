@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jdpo import config as jconfig
-from jdpo import demo, losses, refcache, train
+from jdpo import demo, logprobs, refcache, train
 from jdpo.sharding import make_mesh
 
 
@@ -93,7 +93,7 @@ def test_cached_logps_equal_an_unpacked_forward(assets, tmp_path):
             mask = np.zeros(ids.shape, np.float32)
             mask[0, len(pair["prompt_ids"]) - 1 : -1] = 1.0  # logits at t predict token t + 1
             targets = np.concatenate([ids[:, 1:], np.zeros((1, 1), np.int32)], axis=1)
-            logp, n = losses.sequence_logprobs(logits(ids), targets, mask)
+            logp, n = logprobs.sequence_logprobs(logits(ids), targets, mask)
             assert int(n[0]) == want_n == len(pair[name])
             assert float(logp[0]) == pytest.approx(float(want_logp), abs=1e-4)
 
