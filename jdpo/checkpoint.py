@@ -4,6 +4,7 @@ A checkpoint is one step directory `<output_dir>/checkpoints/<step>/` holding tw
 - `state`: a pytree of arrays (parameters, optimizer state, step counter, RNG key data), saved
   sharded and restored straight into the shardings of an abstract target;
 - `meta`: a small JSON dict (data-iterator position, epoch, anything the loop needs to resume exactly).
+`to_checkpoint` / `from_checkpoint` map the train state of `jdpo.train` to the `state` item and back.
 
 Saves are asynchronous (the device-to-host copy happens before `save` returns, so the caller may
 donate the arrays right after) and atomic (orbax writes to a temporary directory and renames it on
@@ -139,3 +140,20 @@ def unnest(saved: dict, like: Any, exclude: tuple[str, ...] = ()) -> Any:
     out = jax.tree.unflatten(treedef, leaves)
     out.update({k: like[k] for k in exclude if k in like})
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoint layout of the train state
+# ------------------------------------------------------------------------------------------------
+
+
+def to_checkpoint(state: dict) -> dict:
+    """The train state (`jdpo.train`: params, opt_state, step, rng, and ref_params with an online
+    reference) as orbax saves it (nested plain dicts of arrays); the frozen online reference is left
+    out: it is the initial weights, reloaded on resume."""
+    return nest(state, exclude=("ref_params",))
+
+
+def from_checkpoint(saved: dict, like: dict) -> dict:
+    """Inverse of `to_checkpoint`: `saved`'s arrays in the structure of `like` (ref_params from `like`)."""
+    return unnest(saved, like, exclude=("ref_params",))

@@ -41,7 +41,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jdpo import losses, metrics, refcache
-from jdpo.checkpoint import Checkpointer, abstract_like, nest, unnest
+from jdpo.checkpoint import Checkpointer, abstract_like, from_checkpoint, to_checkpoint
 from jdpo.config import Config
 from jdpo.flops import batch_token_stats, throughput_metrics, total_peak_flops, train_flops
 
@@ -275,22 +275,6 @@ def compiled_steps(s: StepSettings) -> Steps:
         schedule=schedule,
         state_shardings=state_sh,
     )
-
-
-# ------------------------------------------------------------------------------------------------
-# Checkpoint layout of the state
-# ------------------------------------------------------------------------------------------------
-
-
-def to_checkpoint(state: dict) -> dict:
-    """The state as orbax saves it (nested plain dicts of arrays); the frozen online reference is left
-    out: it is the initial weights, reloaded on resume."""
-    return nest(state, exclude=("ref_params",))
-
-
-def from_checkpoint(saved: dict, like: dict) -> dict:
-    """Inverse of `to_checkpoint`: `saved`'s arrays in the structure of `like` (ref_params from `like`)."""
-    return unnest(saved, like, exclude=("ref_params",))
 
 
 # ------------------------------------------------------------------------------------------------

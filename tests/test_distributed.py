@@ -384,8 +384,7 @@ def test_a_sigterm_on_one_worker_stops_both_at_the_same_step(results):
 
 
 def test_checkpoint_of_the_pair_restores_in_one_process(results):
-    from jdpo.checkpoint import Checkpointer, abstract_like
-    from jdpo.train import to_checkpoint
+    from jdpo.checkpoint import Checkpointer, abstract_like, to_checkpoint
 
     trainer = results["trainer"]
     target = abstract_like(to_checkpoint(trainer.state))  # one device, this process only
