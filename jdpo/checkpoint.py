@@ -49,7 +49,9 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, *, keep: int = 2):
         ocp = _ocp()
-        self.directory = Path(directory)
+        # Absolute: orbax's tensorstore writer refuses relative paths, and `train.output_dir` is usually
+        # given relative to where the command runs (e.g. the demo's runs/demo).
+        self.directory = Path(directory).absolute()
         self.keep = keep
         self._ckptr = ocp.training.Checkpointer(
             self.directory,

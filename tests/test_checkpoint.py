@@ -40,3 +40,20 @@ def test_roundtrip_keep_and_latest(tmp_path):
         np.testing.assert_array_equal(
             np.asarray(old["params"]["w"]), np.asarray(_state(mesh, 2)["params"]["w"])
         )
+
+
+def test_relative_directory_saves_and_restores(tmp_path, monkeypatch):
+    """`train.output_dir: runs/x` is relative to where the command runs; orbax itself refuses relative
+    paths, so the Checkpointer anchors them (this failed the README's `jdpo demo` before)."""
+    monkeypatch.chdir(tmp_path)
+    mesh = jax.make_mesh((1, 8, 1), ("data", "fsdp", "tensor"))
+    with Checkpointer("runs/rel/checkpoints", keep=1) as ck:
+        ck.save(1, _state(mesh, 1), {"data": {}})
+        ck.wait()
+    assert (tmp_path / "runs" / "rel" / "checkpoints").is_dir()
+    with Checkpointer("runs/rel/checkpoints", keep=1) as ck:
+        assert ck.latest_step() == 1
+        state, _ = ck.restore(abstract_like(_state(mesh, 0)))
+        np.testing.assert_array_equal(
+            np.asarray(state["params"]["w"]), np.asarray(_state(mesh, 1)["params"]["w"])
+        )
