@@ -124,8 +124,8 @@ def _chunked(
     C = min(chunk_size, T)
     n_chunks = -(-T // C)
     pad = n_chunks * C - T
-    # Chunks run along positions with the batch axis kept whole, so a batch sharded over devices stays sharded
-    # and every device computes only its own rows' [B_local, C, V] logits per step.
+    # Chunks run along positions with the group axis kept whole: with one group per batch shard, a batch
+    # sharded over devices stays sharded and every device computes only its own group's [C, V] logits.
     hidden_NxBxCxD = rearrange(jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0))), "b (n c) d -> n b c d", c=C)
     targets_NxBxC = rearrange(jnp.pad(targets_BxT, ((0, 0), (0, pad))), "b (n c) -> n b c", c=C)
     keep_NxBxC = rearrange(jnp.pad(keep_BxT, ((0, 0), (0, pad))), "b (n c) -> n b c", c=C)
@@ -170,9 +170,10 @@ def token_logprobs_from_hidden(
 
     Same numbers as ``token_logprobs(hidden @ unembed, targets)`` (with ``cap * tanh(logits / cap)`` applied
     when ``logit_soft_cap`` is set, as Gemma-2 does), but the logits are built ``chunk_size`` positions at a
-    time inside a ``lax.scan`` under ``jax.checkpoint``: peak extra memory is one float32 [B, chunk_size, V]
-    block, forward and backward. T is padded up to a multiple of the chunk. The matmul accumulates in float32
-    whatever the dtype of ``hidden_BxTxD`` / ``unembed_DxV`` (e.g. bfloat16).
+    time inside a ``lax.scan`` under ``jax.checkpoint``: peak extra memory is one float32
+    [row_groups, chunk_size, V] block, forward and backward. Each group's length is padded up to a multiple
+    of the chunk. The matmul accumulates in float32 whatever the dtype of ``hidden_BxTxD`` / ``unembed_DxV``
+    (e.g. bfloat16).
 
     With ``mask_BxT``, only positions where it is > 0 are scored (the others are 0): the rows are laid end to
     end in ``row_groups`` groups, each group's scored positions are gathered to its front (a stable sort,

@@ -125,8 +125,12 @@ def batch_shards(num_rows: int) -> int:
     mesh = _current_mesh()
     if mesh is None:
         return 1
-    axes = logical_to_spec(("batch",), (num_rows,), mesh)[0]
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return spec_entry_size(mesh, logical_to_spec(("batch",), (num_rows,), mesh)[0])
+
+
+def spec_entry_size(mesh, entry) -> int:
+    """How many devices one PartitionSpec entry (None, a mesh axis name or a tuple of them) splits over."""
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
     return int(np.prod([mesh.shape[a] for a in axes]))
 
 

@@ -227,7 +227,7 @@ def blocked_attention(
       block: positions per tile (query and key blocks alike).
     Returns [B, T, N, H] in the dtype of q.
     """
-    from jdpo.sharding import _current_mesh, logical_to_spec
+    from jdpo.sharding import _current_mesh, logical_to_spec, spec_entry_size
 
     fn = functools.partial(_local, scale=scale, softcap=softcap, block=block)
     args = (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
@@ -242,7 +242,7 @@ def blocked_attention(
     # heads K must split alike so every local query head has its key head).
     heads = logical_to_spec((None, None, "act_kv_heads", None), k_BxTxKxH.shape, mesh)[2]
     qspec = logical_to_spec(("batch", None, None, None), q_BxTxNxH.shape, mesh)
-    if heads is not None and q_BxTxNxH.shape[2] % _size(mesh, heads) == 0:
+    if heads is not None and q_BxTxNxH.shape[2] % spec_entry_size(mesh, heads) == 0:
         qspec = jax.sharding.PartitionSpec(qspec[0], None, heads, None)
     else:
         heads = None
@@ -250,11 +250,3 @@ def blocked_attention(
     sspec = jax.sharding.PartitionSpec(qspec[0], None)
     specs = (qspec, kspec, kspec, sspec, jax.sharding.PartitionSpec())[: len(args)]
     return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=qspec, check_vma=False)(*args)
-
-
-def _size(mesh, axes) -> int:
-    axes = (axes,) if isinstance(axes, str) else axes
-    n = 1
-    for a in axes:
-        n *= mesh.shape[a]
-    return n

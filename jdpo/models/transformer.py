@@ -223,7 +223,7 @@ class Segments(NamedTuple):
     window: Any = None
 
 
-def segment_visibility(segment_ids_BxT, T: int, sliding_window: int | None):
+def segment_visibility(segment_ids_BxT, sliding_window: int | None):
     """(full, sliding or None) for the blocked kernel: the `Segments` counterpart of `attention_masks`."""
     full = Segments(segment_ids_BxT)
     return full, None if sliding_window is None else Segments(segment_ids_BxT, sliding_window)
@@ -544,7 +544,7 @@ class Transformer(nnx.Module):
         flags = c.sliding_layers
         if self.attention == "blocked":
             ids_BxT = jnp.ones((B, T), jnp.int32) if segment_ids_BxT is None else segment_ids_BxT
-            full, sliding = segment_visibility(ids_BxT, T, c.sliding_window if any(flags) else None)
+            full, sliding = segment_visibility(ids_BxT, c.sliding_window if any(flags) else None)
         else:
             full, sliding = attention_masks(segment_ids_BxT, T, c.sliding_window if any(flags) else None)
 
