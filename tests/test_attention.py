@@ -201,7 +201,7 @@ def test_first_of_id_matches_a_scan_for_ids_in_any_order():
 def test_no_T_by_T_intermediate_forward_or_backward():
     """The kernel's point: nothing of T x T size exists (checked on the traced program, loop bodies
     included), so long rows cost memory linear in T."""
-    from jax.extend import core as jex_core
+    from helpers_jaxpr import intermediate_sizes
 
     B, T, N, K, H = 1, 512, 2, 2, 8
     q, k, v = qkv(B, T, N, K, H)
@@ -210,17 +210,6 @@ def test_no_T_by_T_intermediate_forward_or_backward():
         lambda q, k, v: jnp.sum(blocked_attention(q, k, v, seg, scale=0.3, block=64) ** 2), (0, 1, 2)
     )
 
-    def sizes(jaxpr):
-        for eqn in jaxpr.eqns:
-            for var in eqn.outvars:
-                yield int(np.prod(getattr(var.aval, "shape", ())))
-            for p in eqn.params.values():
-                for sub in p if isinstance(p, (list, tuple)) else [p]:
-                    if isinstance(sub, jex_core.ClosedJaxpr):
-                        sub = sub.jaxpr
-                    if isinstance(sub, jex_core.Jaxpr):
-                        yield from sizes(sub)
-
-    all_sizes = list(sizes(jax.make_jaxpr(f)(q, k, v).jaxpr))
+    all_sizes = intermediate_sizes(jax.make_jaxpr(f)(q, k, v).jaxpr)
     assert N * 64 * 64 in all_sizes  # the walk reached the [K, G, C, C] tiles inside the loops
     assert max(all_sizes) < T * T // 8

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.extend import core as jex_core
+from helpers_jaxpr import intermediate_sizes
 
 from jdpo import logprobs as LP
 from jdpo import losses as L
@@ -192,18 +192,7 @@ def test_chunked_backward_never_builds_full_logits():
     full = b * t_len * v
     jaxpr = jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(h, w)
 
-    def sizes(jx):
-        for eqn in jx.eqns:
-            for var in eqn.outvars:
-                yield int(np.prod(getattr(var.aval, "shape", ())))
-            for p in eqn.params.values():
-                for sub in p if isinstance(p, (list, tuple)) else [p]:
-                    if isinstance(sub, jex_core.ClosedJaxpr):
-                        sub = sub.jaxpr
-                    if isinstance(sub, jex_core.Jaxpr):  # scan / checkpoint bodies
-                        yield from sizes(sub)
-
-    all_sizes = list(sizes(jaxpr.jaxpr))
+    all_sizes = intermediate_sizes(jaxpr.jaxpr)  # scan / checkpoint bodies included
     assert max(all_sizes) < full // 4
     assert chunk * v in all_sizes  # the walk did reach the per-chunk logits inside the scan (rows in 1 group)
     compiled = jax.jit(jax.grad(f, argnums=(0, 1))).lower(h, w).compile()
