@@ -82,7 +82,6 @@ def run_bench(
     import jax
     import numpy as np
 
-    from jdpo import data as jdata
     from jdpo import plan, refcache, train
     from jdpo.flops import (
         batch_token_stats,
@@ -92,6 +91,7 @@ def run_bench(
         total_peak_flops,
         train_flops,
     )
+    from jdpo.forward import over_split
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -117,18 +117,14 @@ def run_bench(
         if c.dpo.reference == "cached":
             manifest = json.loads((tr.cache_dir() / tr.ref_keys["train"] / refcache.MANIFEST).read_text())
             ref_first_s = float(manifest["seconds"])
-            params = tr.state["params"]
-            rows = train.batch_sharding(tr.mesh, accum=False)
-            batches = list(jdata.one_pass(tr.train_pairs, **tr.batch_kw))
+            batches = list(tr.one_pass(tr.train_pairs))
             for b in batches:
                 s = batch_token_stats(b, sliding_window=window)
                 ref_tokens += s["tokens"]
                 ref_keys += s["attended_keys"]
                 ref_scored += s["scored"]
             t0 = time.perf_counter()
-            refcache.compute(
-                lambda b: tr.steps.forward(params, tr._to_device(b, rows)), batches, len(tr.train_pairs)
-            )
+            over_split(tr.steps.forward, tr.state["params"], batches, len(tr.train_pairs), mesh=tr.mesh)
             ref_s = time.perf_counter() - t0
 
         # Compile, alone and ahead of time; the timed steps run this executable.

@@ -413,9 +413,25 @@ def _add_eval(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--beta", type=float, default=None, help="Reward scale (default: the run's dpo.beta, else 0.1)."
     )
+    p.add_argument(
+        "--loss-type",
+        default=None,
+        help="eval/loss of these loss type(s), comma-separated (default: the run's dpo.loss_type, else "
+        "sigmoid); the run's other loss settings apply.",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64, help="Tokens per sample at most (default: 64).")
-    p.add_argument("--max-length", type=int, default=512, help="Prompt + completion cap (default: 512).")
-    p.add_argument("--max-prompt-length", type=int, default=256, help="Prompt cap (default: 256).")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="Prompt + completion cap (default: the run's data.max_length, else the config default).",
+    )
+    p.add_argument(
+        "--max-prompt-length",
+        type=int,
+        default=None,
+        help="Prompt cap (default: the run's data.max_prompt_length, else the config default).",
+    )
     p.add_argument("--seed", type=int, default=0, help="Seed of the KL samples (default: 0).")
     p.add_argument(
         "--checker",
@@ -433,10 +449,20 @@ def _run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     from jdpo import evaluate
 
+    dpo = None
+    if args.loss_type is not None:
+        from jdpo.config import Config, ConfigError, replace
+
+        run = evaluate.run_config(args.model) or Config()
+        try:  # eval always has a reference model, whatever the run's own reference mode was
+            dpo = replace(run, **{"dpo.loss_type": args.loss_type, "dpo.reference": "cached"}).dpo
+        except ConfigError as e:
+            parser.error(f"--loss-type: {e}")
     report = evaluate.evaluate(
         args.model,
         args.reference,
         args.data,
+        dpo=dpo,
         beta=args.beta,
         num_samples=args.num_samples,
         out_dir=args.out_dir,

@@ -68,18 +68,46 @@ class DataSection:
     skip_bad_rows: bool = _f(False, "Skip malformed rows (count and print them) instead of stopping.")
 
 
+def _loss_default(name: str) -> Any:
+    """The default of a `jdpo.dpo_loss` option: the loss library's, the one source of defaults."""
+    from jdpo.loss_defaults import DEFAULTS  # no jax: `jdpo --help` stays light
+
+    return DEFAULTS[name]
+
+
+# DPOSection fields that are `dpo_loss` options of the same name (see `DPOSection.loss_kwargs`).
+LOSS_OPTIONS = (
+    "loss_type",
+    "loss_weights",
+    "beta",
+    "label_smoothing",
+    "simpo_gamma",
+    "f_alpha",
+    "discopop_tau",
+    "bco_delta",
+    "orpo_include_nll",
+)
+
+
 @dataclass(frozen=True)
 class DPOSection:
-    """The preference loss and the reference model."""
+    """The preference loss and the reference model. The loss fields are `jdpo.dpo_loss`'s options,
+    with its defaults."""
 
     loss_type: tuple[str, ...] = _f(("sigmoid",), "Loss type(s); several are combined with loss_weights.")
     loss_weights: tuple[float, ...] = _f((), "Weights of the loss types (default: 1 each).")
-    beta: float = _f(0.1, "Inverse temperature of the implicit reward (DPO beta).")
+    beta: float = _f(_loss_default("beta"), "Inverse temperature of the implicit reward (DPO beta).")
     label_smoothing: float = _f(
-        0.0, "Label smoothing of conservative DPO (cDPO): assumed fraction of flipped labels."
+        _loss_default("label_smoothing"),
+        "Label smoothing eps of cDPO / rDPO / EXO / AOT / SimPO / f-DPO: assumed fraction of flipped labels.",
     )
-    simpo_gamma: float = _f(0.5, "SimPO target reward margin gamma.")
-    f_alpha: float = _f(0.5, "Alpha of the alpha-divergence loss.")
+    simpo_gamma: float = _f(_loss_default("simpo_gamma"), "SimPO target reward margin gamma.")
+    f_alpha: float = _f(_loss_default("f_alpha"), "Alpha of the alpha-divergence (f-DPO) loss.")
+    discopop_tau: float = _f(_loss_default("discopop_tau"), "Temperature tau of the DiscoPOP loss.")
+    bco_delta: float = _f(_loss_default("bco_delta"), "Reward shift delta of the bco_pair loss.")
+    orpo_include_nll: bool = _f(
+        _loss_default("orpo_include_nll"), "ORPO: include the NLL of the chosen completion."
+    )
     reference: Literal["cached", "online", "none"] = _f(
         "cached",
         "Reference log-probs. cached: one pass of the initial weights, stored on disk; "
@@ -89,6 +117,13 @@ class DPOSection:
     cache_dir: str = _f(
         "", "Directory of reference log-prob caches (default: <output_dir>/../.jdpo_refcache)."
     )
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `jdpo.dpo_loss` these settings mean (everything but the log-probs,
+        lengths, weights and reduction)."""
+        kw = {name: getattr(self, name) for name in LOSS_OPTIONS}
+        kw["loss_weights"] = kw["loss_weights"] or None
+        return kw
 
 
 @dataclass(frozen=True)
@@ -323,26 +358,14 @@ def replace(cfg: Config, **dotted: Any) -> Config:
 def validate(cfg: Config) -> None:
     """Cross-field checks that would otherwise fail late in a run."""
     d, o, t = cfg.dpo, cfg.optim, cfg.train
-    if d.loss_weights and len(d.loss_weights) != len(d.loss_type):
-        raise ConfigError(
-            f"dpo.loss_weights has {len(d.loss_weights)} entries but dpo.loss_type has {len(d.loss_type)}"
-        )
-    if not d.loss_type:
-        raise ConfigError("dpo.loss_type is empty; give at least one loss type (default: sigmoid)")
-    # The loss library is the one list of loss types (importing it loads only jax).
-    from jdpo.losses import LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
+    # The loss options are checked by the loss library itself (one set of rules), named as config fields.
+    from jdpo.losses import check_options
 
-    unknown = [t for t in d.loss_type if t not in LOSS_TYPES]
-    if unknown:
-        raise ConfigError(f"dpo.loss_type: unknown {unknown}; valid: {', '.join(LOSS_TYPES)}")
-    if d.reference == "none" and not set(d.loss_type) <= set(REFERENCE_FREE_LOSS_TYPES):
-        needs = sorted(set(d.loss_type) - set(REFERENCE_FREE_LOSS_TYPES))
-        raise ConfigError(
-            f"dpo.reference is 'none' but loss type(s) {needs} need a reference; use dpo.reference=cached "
-            f"or a reference-free loss ({', '.join(REFERENCE_FREE_LOSS_TYPES)})"
-        )
+    try:
+        check_options(**d.loss_kwargs(), ref_missing=d.reference == "none", prefix="dpo.")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     for name, value, lo, hi in [
-        ("dpo.label_smoothing", d.label_smoothing, 0.0, 0.5),
         ("optim.warmup_ratio", o.warmup_ratio, 0.0, 1.0),
         ("data.eval_fraction", cfg.data.eval_fraction, 0.0, 0.99),
         ("optim.b1", o.b1, 0.0, 1.0),
@@ -350,7 +373,7 @@ def validate(cfg: Config) -> None:
     ]:
         if not lo <= value <= hi:
             raise ConfigError(f"{name}={value} is outside [{lo}, {hi}]")
-    for name, value in [("dpo.beta", d.beta), ("optim.learning_rate", o.learning_rate)]:
+    for name, value in [("optim.learning_rate", o.learning_rate)]:
         if value <= 0:
             raise ConfigError(f"{name} must be > 0, got {value}")
     for name, value in [

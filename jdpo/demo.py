@@ -402,19 +402,6 @@ def _final_summary(before, after, like_before, like_after, gens, show: int, seco
 def likelihood_accuracy(trainer) -> float:
     """Fraction of held-out pairs whose chosen completion gets the higher summed log-prob under the
     trainer's current policy (what "the model prefers the right answer" means without a reference)."""
-    import numpy as np
-
-    from jdpo import data as jdata
-    from jdpo.train import batch_sharding
-
-    rows = batch_sharding(trainer.mesh, accum=False)
-    wins = total = 0
-    for batch in jdata.one_pass(trainer.eval_pairs, **trainer.batch_kw):
-        host = {
-            k: batch[k] for k in ("input_ids", "positions", "segment_ids", "targets", "loss_mask", "pair_ids")
-        }
-        out = trainer.steps.forward(trainer.state["params"], trainer._to_device(host, rows))
-        valid = np.asarray(batch["pair_ids"]) >= 0
-        wins += int((np.asarray(out["chosen"]) > np.asarray(out["rejected"]))[valid].sum())
-        total += int(valid.sum())
-    return wins / max(total, 1)
+    logps = trainer.logprobs(trainer.eval_pairs)
+    computed = logps.computed
+    return float((logps.chosen > logps.rejected)[computed].sum() / max(computed.sum(), 1))

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -142,11 +141,13 @@ def _check_same_architecture(policy: Generator, reference: Generator) -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def _pair_logprobs_fn(graphdef):
-    """Jitted per-pair log-probs of a packed batch (one program per architecture, shared by both models)."""
-    from jdpo import refcache
+def _pair_forward(graphdef, mesh):
+    """Jitted per-pair log-probs of a packed batch (one program per architecture and mesh, shared by
+    the policy and the reference)."""
+    from jdpo.forward import pair_logprobs
+    from jdpo.sharding import jit_on_mesh
 
-    return jax.jit(lambda params, batch: refcache.pair_logprobs(nnx.merge(graphdef, params), batch))
+    return jit_on_mesh(lambda params, batch: pair_logprobs(nnx.merge(graphdef, params), batch), mesh)
 
 
 def preference_metrics(
@@ -154,66 +155,47 @@ def preference_metrics(
     reference: Generator,
     pairs,
     *,
-    beta: float,
+    dpo=None,
     batch_rows: int = 8,
     row_length: int | None = None,
 ) -> dict[str, float]:
-    """TRL's reward metrics (eval/ names) over every tokenised pair (`jdpo.data.TokenizedPairs`), one pass.
+    """The loss and TRL's reward metrics (eval/ names) of `dpo`'s loss settings (a
+    `jdpo.config.DPOSection`; default: its defaults, the sigmoid loss at beta 0.1) over every tokenised
+    pair (`jdpo.data.TokenizedPairs`), one pass through the training path's forward.
 
     Rewards are beta * (policy - reference) summed completion log-probs; accuracy counts pairs whose
     chosen reward is strictly above the rejected one (so policy == reference gives 0).
     """
     from jdpo import data as jdata
-    from jdpo import losses
+    from jdpo.config import DPOSection
+    from jdpo.forward import over_split, split_metrics
+    from jdpo.sharding import round_rows
     from jdpo.train import pairs_per_row
 
+    dpo = DPOSection() if dpo is None else dpo
     lp, lc, lr = pairs.lengths()
     row_length = row_length or int(max((lp + np.maximum(lc, lr)).max(), 1) * 2)
     max_pairs = pairs_per_row(row_length, [pairs.pair_lengths()])
-    shards = 1 if policy.mesh is None else int(policy.mesh.shape["data"] * policy.mesh.shape["fsdp"])
-    batch_rows = -(-batch_rows // shards) * shards
-    batches = jdata.one_pass(
-        pairs, rows_per_batch=batch_rows, row_length=row_length, max_pairs_per_row=max_pairs
-    )
-    if batches.dropped_too_long:
-        raise ValueError(f"{batches.dropped_too_long} pairs are longer than a row of {row_length} tokens")
 
-    def forward_fn(gen: Generator):
-        jitted = _pair_logprobs_fn(gen.graphdef)
-        if gen.mesh is None:
-            return lambda batch: jitted(gen.params, batch)
-        from jdpo.sharding import batch_sharding
+    def batches():
+        return jdata.one_pass(
+            pairs,
+            rows_per_batch=round_rows(batch_rows, policy.mesh),
+            row_length=row_length,
+            max_pairs_per_row=max_pairs,
+        )
 
-        def run(batch):
-            batch = {k: jax.device_put(v, batch_sharding(gen.mesh, v.ndim)) for k, v in batch.items()}
-            with jax.set_mesh(gen.mesh):
-                return jitted(gen.params, batch)
-
-        return run
-
-    fwd = {"policy": forward_fn(policy), "reference": forward_fn(reference)}
-    N = len(pairs)
-    logps = {f"{m}_{c}": np.full(N, np.nan, np.float32) for m in fwd for c in ("chosen", "rejected")}
-    keys = ("input_ids", "positions", "segment_ids", "targets", "loss_mask", "pair_ids")
-    for batch in batches:
-        batch = {k: np.asarray(batch[k]) for k in keys}
-        ids_BxP = batch["pair_ids"]
-        valid = ids_BxP >= 0
-        for name, f in fwd.items():
-            out = jax.device_get(f(batch))
-            logps[f"{name}_chosen"][ids_BxP[valid]] = np.asarray(out["chosen"])[valid]
-            logps[f"{name}_rejected"][ids_BxP[valid]] = np.asarray(out["rejected"])[valid]
-    loss, m = losses.dpo_loss(
-        *(
-            jnp.asarray(logps[k])
-            for k in ("policy_chosen", "policy_rejected", "reference_chosen", "reference_rejected")
-        ),
-        beta=beta,
-        loss_type="sigmoid",
-    )
-    out = {f"eval/{k}": float(v) for k, v in m.items()}
-    out["eval/loss"] = float(loss)
-    out["eval/pairs"] = N
+    if batches().dropped_too_long:
+        too_long = batches().dropped_too_long
+        raise ValueError(f"{too_long} pairs are longer than a row of {row_length} tokens")
+    logps = {
+        name: over_split(
+            _pair_forward(gen.graphdef, gen.mesh), gen.params, batches(), len(pairs), mesh=gen.mesh
+        )
+        for name, gen in (("policy", policy), ("reference", reference))
+    }
+    out = split_metrics(logps["policy"], logps["reference"], dpo)
+    out["eval/pairs"] = len(pairs)
     return out
 
 
@@ -413,15 +395,13 @@ def write_side_by_side(rows, summary, out_dir, *, title: str, metrics: dict | No
 # ------------------------------------------------------------------------------------------------
 
 
-def beta_of_run(model_dir) -> float | None:
-    """dpo.beta of the run whose export `model_dir` is (its parent's config.yaml), else None."""
-    cfg = Path(model_dir).resolve().parent / "config.yaml"
-    if not cfg.exists():
-        return None
-    import yaml
+def run_config(model_dir):
+    """The `jdpo.config.Config` of the run whose export `model_dir` is (its parent's config.yaml, as
+    `jdpo train` writes it), else None."""
+    from jdpo.config import load_config
 
-    beta = (yaml.safe_load(cfg.read_text()) or {}).get("dpo", {}).get("beta")
-    return float(beta) if beta is not None else None
+    cfg = Path(model_dir).resolve().parent / "config.yaml"
+    return load_config(cfg) if cfg.exists() else None
 
 
 def evaluate(
@@ -429,12 +409,13 @@ def evaluate(
     reference,
     data,
     *,
+    dpo=None,
     beta: float | None = None,
     num_samples: int = 16,
     out_dir: str | Path | None = None,
     format: str = "auto",
-    max_length: int = 512,
-    max_prompt_length: int = 256,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
     max_new_tokens: int = 64,
     sampling: SamplingParams | None = None,
     seed: int = 0,
@@ -449,17 +430,28 @@ def evaluate(
     Args:
       policy, reference: checkpoint directories or `Generator`s of the same architecture.
       data: a `jdpo.data.load_preferences` source (path, hub name, mixture) or a list of records.
-      beta: of the implicit reward; default: the run's dpo.beta (model_dir/../config.yaml), else 0.1.
+      dpo: the loss settings (`jdpo.config.DPOSection`) of `eval/loss` and the rewards; default: the
+        run's own (model_dir/../config.yaml, as `jdpo train` writes it), else the defaults (sigmoid, 0.1).
+      beta: overrides dpo.beta.
+      max_length, max_prompt_length: tokenisation caps; default: the run's data settings, else the
+        config's defaults (as `jdpo train` would tokenise the data).
       sampling: of the side-by-side generations (default greedy with max_new_tokens); the KL always samples
         at temperature 1.
       out_dir: writes metrics.json, samples.jsonl, samples.md.
     Returns {"metrics": {eval/... numbers}, "summary": correctness (see `summarize`), "rows", "paths"}.
     """
-    from jdpo import data as jdata
+    import dataclasses
 
-    if beta is None and not isinstance(policy, Generator):
-        beta = beta_of_run(policy)
-    beta = 0.1 if beta is None else beta
+    from jdpo import data as jdata
+    from jdpo.config import Config
+
+    run = None if isinstance(policy, Generator) else run_config(policy)
+    run = run or Config()
+    dpo = run.dpo if dpo is None else dpo
+    if beta is not None:
+        dpo = dataclasses.replace(dpo, beta=float(beta))
+    max_length = run.data.max_length if max_length is None else max_length
+    max_prompt_length = run.data.max_prompt_length if max_prompt_length is None else max_prompt_length
     policy, reference = _as_generator(policy, mesh=mesh), _as_generator(reference, mesh=mesh)
     _check_same_architecture(policy, reference)
     records = data if isinstance(data, list) else jdata.load_preferences(data, format, seed=seed)
@@ -468,8 +460,8 @@ def evaluate(
     )
     if not len(pairs):
         raise ValueError(f"no usable preference pairs in {data!r}")
-    metrics = {"eval/beta": beta}
-    metrics.update(preference_metrics(policy, reference, pairs, beta=beta, batch_rows=batch_rows))
+    metrics = {"eval/beta": dpo.beta}
+    metrics.update(preference_metrics(policy, reference, pairs, dpo=dpo, batch_rows=batch_rows))
 
     # N distinct prompts, in data order, for the samples.
     chosen_prompts: list[int] = []

@@ -59,6 +59,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jdpo.loss_defaults import DEFAULTS
+
 Array = jax.Array
 
 # exp(50) ~ 5e21: large enough never to matter for real log-ratios, small enough that sums over many pairs
@@ -280,15 +282,37 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _validate(types, loss_weights, beta, label_smoothing, reduction, ref_missing, f_alpha, discopop_tau):
-    for t in types:
-        if t not in _LOSSES:
-            raise ValueError(f"unknown loss_type {t!r}; valid options: {', '.join(LOSS_TYPES)}")
+def check_options(
+    *,
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
+    beta: Any = DEFAULTS["beta"],
+    label_smoothing: Any = DEFAULTS["label_smoothing"],
+    simpo_gamma: Any = DEFAULTS["simpo_gamma"],
+    f_alpha: Any = DEFAULTS["f_alpha"],
+    discopop_tau: Any = DEFAULTS["discopop_tau"],
+    bco_delta: Any = DEFAULTS["bco_delta"],
+    orpo_include_nll: bool = DEFAULTS["orpo_include_nll"],
+    reduction: str = "mean",
+    ref_missing: bool = False,
+    prefix: str = "",
+) -> None:
+    """The one set of rules for `dpo_loss`'s options (the config checks a run's `dpo` section with it,
+    `prefix="dpo."` naming the fields as the config does). Raises ValueError naming the option.
+
+    Hyper-parameters may be traced (e.g. a beta schedule): they are checked only when they are numbers.
+    """
+    del simpo_gamma, bco_delta, orpo_include_nll  # any value is valid
+    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    unknown = [t for t in types if t not in _LOSSES]
+    if unknown:
+        raise ValueError(f"{prefix}loss_type: unknown {unknown}; valid options: {', '.join(LOSS_TYPES)}")
     if not types:
-        raise ValueError(f"loss_type must be non-empty; valid options: {', '.join(LOSS_TYPES)}")
+        raise ValueError(f"{prefix}loss_type must be non-empty; valid options: {', '.join(LOSS_TYPES)}")
     if loss_weights is not None and len(loss_weights) != len(types):
         raise ValueError(
-            f"loss_weights has {len(loss_weights)} entries but loss_type has {len(types)}: {types}"
+            f"{prefix}loss_weights has {len(loss_weights)} entries but {prefix}loss_type has "
+            f"{len(types)}: {list(types)}"
         )
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; valid options: {', '.join(REDUCTIONS)}")
@@ -296,23 +320,23 @@ def _validate(types, loss_weights, beta, label_smoothing, reduction, ref_missing
         needing = [t for t in types if _LOSSES[t][1]]
         if needing:
             raise ValueError(
-                f"loss_type {needing} needs ref_chosen_logps and ref_rejected_logps; only "
+                f"{prefix}loss_type {needing} needs ref_chosen_logps and ref_rejected_logps: these losses "
+                f"need a reference (in jdpo train: dpo.reference cached or online); only "
                 f"{', '.join(REFERENCE_FREE_LOSS_TYPES)} are reference-free"
             )
-    # Hyper-parameters may be traced (e.g. a beta schedule); check them only when they are Python numbers.
-    if _is_number(beta) and beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+    if _is_number(beta) and not beta > 0:
+        raise ValueError(f"{prefix}beta must be > 0, got {beta}")
     if _is_number(label_smoothing):
         if not 0.0 <= label_smoothing <= 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+            raise ValueError(f"{prefix}label_smoothing must be in [0, 1], got {label_smoothing}")
         if "robust" in types and label_smoothing >= 0.5:
-            raise ValueError(f"loss_type 'robust' needs label_smoothing < 0.5, got {label_smoothing}")
+            raise ValueError(f"loss_type 'robust' needs {prefix}label_smoothing < 0.5, got {label_smoothing}")
         if "exo_pair" in types and label_smoothing >= 1.0:
-            raise ValueError(f"loss_type 'exo_pair' needs label_smoothing < 1, got {label_smoothing}")
-    if "alpha_divergence" in types and _is_number(f_alpha) and f_alpha <= 0:
-        raise ValueError(f"f_alpha must be > 0 for 'alpha_divergence', got {f_alpha}")
-    if "discopop" in types and _is_number(discopop_tau) and discopop_tau <= 0:
-        raise ValueError(f"discopop_tau must be > 0, got {discopop_tau}")
+            raise ValueError(f"loss_type 'exo_pair' needs {prefix}label_smoothing < 1, got {label_smoothing}")
+    if "alpha_divergence" in types and _is_number(f_alpha) and not f_alpha > 0:
+        raise ValueError(f"{prefix}f_alpha must be > 0 for 'alpha_divergence', got {f_alpha}")
+    if "discopop" in types and _is_number(discopop_tau) and not discopop_tau > 0:
+        raise ValueError(f"{prefix}discopop_tau must be > 0, got {discopop_tau}")
 
 
 def _f32(x: Any) -> Array | None:
@@ -325,19 +349,19 @@ def dpo_loss(
     ref_chosen_logps: Array | None = None,
     ref_rejected_logps: Array | None = None,
     *,
-    beta: float = 0.1,
+    beta: float = DEFAULTS["beta"],
     loss_type: str | Sequence[str] = "sigmoid",
-    label_smoothing: float = 0.0,
+    label_smoothing: float = DEFAULTS["label_smoothing"],
     chosen_lengths: Array | None = None,
     rejected_lengths: Array | None = None,
     loss_weights: Sequence[float] | None = None,
     weights: Array | None = None,
     reduction: str = "mean",
-    simpo_gamma: float = 0.5,
-    f_alpha: float = 1.0,
-    discopop_tau: float = 0.05,
-    bco_delta: float | Array = 0.0,
-    orpo_include_nll: bool = True,
+    simpo_gamma: float = DEFAULTS["simpo_gamma"],
+    f_alpha: float = DEFAULTS["f_alpha"],
+    discopop_tau: float = DEFAULTS["discopop_tau"],
+    bco_delta: float | Array = DEFAULTS["bco_delta"],
+    orpo_include_nll: bool = DEFAULTS["orpo_include_nll"],
 ) -> tuple[Array, dict[str, Array]]:
     """Preference loss over pairs of any batch shape (e.g. [B] or [B, P]); returns ``(loss, metrics)``.
 
@@ -367,7 +391,16 @@ def dpo_loss(
     """
     types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
     ref_missing = ref_chosen_logps is None or ref_rejected_logps is None
-    _validate(types, loss_weights, beta, label_smoothing, reduction, ref_missing, f_alpha, discopop_tau)
+    check_options(
+        loss_type=types,
+        loss_weights=loss_weights,
+        beta=beta,
+        label_smoothing=label_smoothing,
+        f_alpha=f_alpha,
+        discopop_tau=discopop_tau,
+        reduction=reduction,
+        ref_missing=ref_missing,
+    )
 
     pc, pr = _f32(policy_chosen_logps), _f32(policy_rejected_logps)
     shape = jnp.broadcast_shapes(pc.shape, pr.shape)

@@ -1,4 +1,4 @@
-"""Reference log-probs: the per-pair forward, the one-time reference pass, and its on-disk cache.
+"""Reference log-probs: the one-time reference pass and its on-disk cache.
 
 With `dpo.reference: cached` (the default) the initial weights run once over the train and eval pairs
 (forward only, no gradient) before training starts; the per-pair chosen / rejected log-probs and
@@ -19,14 +19,13 @@ looks complete):
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,58 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdpo import logprobs
-from jdpo.sharding import batch_shards
+from jdpo.forward import PairLogps
 
 log = logging.getLogger(__name__)
 
 ARRAYS = "arrays.npz"
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-
-
-# ------------------------------------------------------------------------------------------------
-# The per-pair forward (shared by the reference pass, the train step and eval)
-# ------------------------------------------------------------------------------------------------
-
-
-def pair_logprobs(model: Any, batch: dict[str, jax.Array], *, chunk_size: int = 1024) -> dict[str, jax.Array]:
-    """Summed completion log-probs and token counts of every pair slot of a packed batch.
-
-    One forward over chosen and rejected together (they are segments of the same rows), float32
-    log-probs computed from the final hidden states in chunks of positions (never a [B, T, V] float32
-    tensor), of the completion tokens only: positions with `loss_mask` = 0 are not projected onto the
-    vocabulary (`logprobs.token_logprobs_from_hidden`'s `mask_BxT`). Pair k of a row has its chosen
-    sequence in segment 2k+1 and its rejected in 2k+2.
-
-    Args:
-      model: a `jdpo.models.Transformer` (inside jit: merged from graphdef + params).
-      batch: `input_ids`, `positions`, `segment_ids`, `targets` [B, T] int32, `loss_mask` [B, T] float32,
-        `pair_ids` [B, P] int32.
-    Returns `chosen`, `rejected` [B, P] float32 summed log-probs and `chosen_counts`,
-    `rejected_counts` [B, P] float32 completion token counts (0 in empty slots).
-    """
-    P = batch["pair_ids"].shape[1]
-    hidden_BxTxD = model.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"])
-    logp_BxT = logprobs.token_logprobs_from_hidden(
-        hidden_BxTxD,
-        model.unembedding(),
-        batch["targets"],
-        mask_BxT=batch["loss_mask"],
-        chunk_size=chunk_size,
-        logit_soft_cap=model.config.final_logit_softcapping,
-        # One group of rows per batch shard: each device sorts and chunks its own rows' scored positions.
-        row_groups=batch_shards(batch["input_ids"].shape[0]),
-    )
-    logps_BxS, counts_BxS = logprobs.segment_logprobs(
-        logp_BxT, batch["loss_mask"], batch["segment_ids"], 2 * P
-    )
-    return {
-        "chosen": logps_BxS[:, 0::2],
-        "rejected": logps_BxS[:, 1::2],
-        "chosen_counts": counts_BxS[:, 0::2].astype(jnp.float32),
-        "rejected_counts": counts_BxS[:, 1::2].astype(jnp.float32),
-    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,124 +123,51 @@ def cache_key(*, weights: str, model_config: dict, tokenizer: str, pairs: str, s
 
 
 # ------------------------------------------------------------------------------------------------
-# The cached arrays
+# The cached entries
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class RefLogps:
-    """Reference log-probs of one split, indexed by pair id: chosen / rejected [N] float32 (summed over
-    the completion) and chosen_counts / rejected_counts [N] int32."""
-
-    chosen: np.ndarray
-    rejected: np.ndarray
-    chosen_counts: np.ndarray
-    rejected_counts: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.chosen)
-
-    def lookup(self, pair_ids_BxP: np.ndarray) -> dict[str, np.ndarray]:
-        """`ref_chosen_logps`, `ref_rejected_logps` [B, P] float32 for a batch's pair ids (0 for -1)."""
-        ids = np.asarray(pair_ids_BxP)
-        safe = np.where(ids >= 0, ids, 0)
-        valid = ids >= 0
-        return {
-            "ref_chosen_logps": np.where(valid, self.chosen[safe], 0.0).astype(np.float32),
-            "ref_rejected_logps": np.where(valid, self.rejected[safe], 0.0).astype(np.float32),
-        }
-
-    def save(self, directory: Path, manifest: dict) -> None:
-        """Atomically write this entry to `directory` (a sibling temporary directory, then rename)."""
-        directory = Path(directory)
-        tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        np.savez(tmp / ARRAYS, **dataclasses.asdict(self))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-        if directory.exists():  # another process won the race with identical content
-            shutil.rmtree(tmp)
-            return
-        tmp.rename(directory)
-
-    @classmethod
-    def load(cls, directory: Path) -> RefLogps:
-        with np.load(Path(directory) / ARRAYS) as z:
-            return cls(**{f.name: z[f.name] for f in dataclasses.fields(cls)})
+def save_entry(directory: Path, logps: PairLogps, manifest: dict) -> None:
+    """Atomically write one entry to `directory` (a sibling temporary directory, then rename)."""
+    directory = Path(directory)
+    tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    logps.save(tmp / ARRAYS)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    if directory.exists():  # another process won the race with identical content
+        shutil.rmtree(tmp)
+        return
+    tmp.rename(directory)
 
 
-def compute(forward: Callable[[dict], dict], batches: Iterable[dict], num_pairs: int) -> RefLogps:
-    """Run `forward` (a jitted `pair_logprobs` of the frozen weights) over `batches` (one pass over a
-    split; host-side dicts with `pair_ids` [B, P]) and scatter the results by pair id.
-
-    On a multi-host run every process passes its own rows; the results are gathered so that every
-    process holds the whole split's arrays. Pairs the batches never hold (longer than a row, so never
-    trained on either) get NaN log-probs: looking one up by mistake fails loudly as a NaN loss.
-    """
-    out = RefLogps(
-        chosen=np.full(num_pairs, np.nan, np.float32),
-        rejected=np.full(num_pairs, np.nan, np.float32),
-        chosen_counts=np.zeros(num_pairs, np.int32),
-        rejected_counts=np.zeros(num_pairs, np.int32),
-    )
-    pending = None
-    for batch in batches:
-        # Keep one batch in flight: dispatch the next forward before pulling the previous to the host.
-        result = (batch["pair_ids"], forward(batch))
-        if pending is not None:
-            _scatter(out, *pending)
-        pending = result
-    if pending is not None:
-        _scatter(out, *pending)
-    return out
-
-
-def _scatter(out: RefLogps, pair_ids_BxP, res: dict) -> None:
-    from jax.experimental import multihost_utils
-
-    ids = np.asarray(pair_ids_BxP)
-    if jax.process_count() > 1:
-        # Host-local pair ids are this host's rows; the forward's outputs are global arrays. Gathered,
-        # both come back whole (rows in process order) on every process.
-        ids = np.asarray(multihost_utils.process_allgather(ids, tiled=True))
-        res = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in res.items()}
-    else:
-        res = {k: np.asarray(jax.device_get(v)) for k, v in res.items()}
-    if res["chosen"].shape[0] != ids.shape[0]:
-        raise ValueError(
-            f"forward returned {res['chosen'].shape[0]} rows for {ids.shape[0]} rows of pair ids"
-        )
-    valid = ids >= 0
-    sel = ids[valid]
-    out.chosen[sel] = res["chosen"][valid]
-    out.rejected[sel] = res["rejected"][valid]
-    out.chosen_counts[sel] = np.rint(res["chosen_counts"][valid]).astype(np.int32)
-    out.rejected_counts[sel] = np.rint(res["rejected_counts"][valid]).astype(np.int32)
+def load_entry(directory: Path) -> PairLogps:
+    return PairLogps.load(Path(directory) / ARRAYS)
 
 
 def load_or_compute(
     cache_dir: str | Path,
     key: str,
     num_pairs: int,
-    make_batches: Callable[[], Iterable[dict]],
-    forward: Callable[[dict], dict],
+    compute: Callable[[], PairLogps],
     *,
     describe: dict | None = None,
-) -> tuple[RefLogps, bool]:
-    """The cached entry `<cache_dir>/<key>` if it exists, else compute it and save it (process 0).
+) -> tuple[PairLogps, bool]:
+    """The cached entry `<cache_dir>/<key>` if it exists, else `compute()` it (the reference pass:
+    `jdpo.forward.over_split` of the frozen weights) and save it (process 0).
 
     Returns (ref_logps, reused). `describe` (the key's ingredients, JSON-able) goes in the manifest.
     """
     from jdpo import distributed
 
     directory = Path(cache_dir) / key
-    ref = RefLogps.load(directory) if (directory / MANIFEST).exists() else None
+    ref = load_entry(directory) if (directory / MANIFEST).exists() else None
     # Joint decision: a process that cannot see the entry (cache dir not shared, or stale) would
     # compute while the others skip ahead, and the pass's collectives would hang.
     if not distributed.any_process(ref is None or len(ref) != num_pairs):
         return ref, True
     t0 = time.time()
-    ref = compute(forward, make_batches(), num_pairs)
+    ref = compute()
     if jax.process_index() == 0:
         manifest = {
             "key": key,
@@ -296,7 +177,7 @@ def load_or_compute(
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "ingredients": describe or {},
         }
-        ref.save(directory, manifest)
+        save_entry(directory, ref, manifest)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -308,13 +189,12 @@ def for_split(
     params: Any,
     pairs: Any,
     *,
-    forward: Callable[[dict], dict],
-    batches: Callable[[], Iterable[dict]],
+    compute: Callable[[], PairLogps],
     cache_dir: str | Path,
     model_config: dict,
     tokenizer: Any,
     settings: dict,
-) -> tuple[RefLogps, bool, str]:
+) -> tuple[PairLogps, bool, str]:
     """Reference log-probs of one split (`pairs`, a TokenizedPairs) under `params`: the key from
     `ingredients`, then `load_or_compute`. Returns (ref_logps, reused, key)."""
     parts = ingredients(
@@ -322,7 +202,7 @@ def for_split(
     )
     key = cache_key(**parts)
     ref, reused = load_or_compute(
-        cache_dir, key, len(pairs), batches, forward, describe={**parts, "num_pairs": len(pairs)}
+        cache_dir, key, len(pairs), compute, describe={**parts, "num_pairs": len(pairs)}
     )
     log.info("reference log-probs (%s, %d pairs): %s %s", settings.get("split"), len(pairs),
              "reused" if reused else "computed", Path(cache_dir) / key)  # fmt: skip

@@ -106,9 +106,49 @@ def named_sharding(mesh: Mesh, names: Sequence[str | None] | None, shape: Sequen
     return NamedSharding(mesh, logical_to_spec(names, shape, mesh))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Rows over ("data", "fsdp"), every other dimension replicated: for [B, T, ...] batch arrays."""
-    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), mesh=mesh))
+def batch_sharding(mesh: Mesh, ndim: int = 2, *, accum: bool = False) -> NamedSharding:
+    """Rows over ("data", "fsdp"), every other dimension replicated: for [B, T, ...] batch arrays; with
+    `accum` a leading micro-batch axis [A, B, T, ...] that is not sharded."""
+    spec = logical_to_spec(("batch",) + (None,) * (ndim - 1), mesh=mesh)
+    return NamedSharding(mesh, PartitionSpec(None, *spec) if accum else spec)
+
+
+def row_shards(mesh: Mesh | None) -> int:
+    """Into how many shards a mesh splits batch rows (the product of the mesh axes "batch" maps to; 1
+    without a mesh). A global batch's row count must divide by it."""
+    if mesh is None:
+        return 1
+    return spec_entry_size(mesh, logical_to_spec(("batch",), mesh=mesh)[0])
+
+
+def round_rows(rows: int, mesh: Mesh | None) -> int:
+    """`rows` rounded up to a multiple of `row_shards(mesh)` (callers fill the extra rows with padding)."""
+    shards = row_shards(mesh)
+    return -(-rows // shards) * shards
+
+
+class OnMesh:
+    """A jitted function that is always traced and run with its mesh set (`jax.set_mesh`), so the
+    model's logical activation constraints resolve against it. Other attributes (e.g. `lower`,
+    `_cache_size`) are the jitted function's."""
+
+    def __init__(self, fn, mesh: Mesh | None):
+        self.fn, self.mesh = fn, mesh
+
+    def __call__(self, *args):
+        if self.mesh is None:
+            return self.fn(*args)
+        with jax.set_mesh(self.mesh):
+            return self.fn(*args)
+
+    def __getattr__(self, name: str):
+        return getattr(self.fn, name)
+
+
+def jit_on_mesh(fn, mesh: Mesh | None, **jit_kwargs) -> OnMesh:
+    """`jax.jit(fn, **jit_kwargs)`, traced and run under `mesh` (no mesh: a plain jit). The one way every
+    jitted entry point (train, eval, the reference pass, generation) is set up."""
+    return OnMesh(jax.jit(fn, **jit_kwargs), mesh)
 
 
 def _current_mesh():
@@ -120,12 +160,10 @@ def _current_mesh():
 
 
 def batch_shards(num_rows: int) -> int:
-    """Into how many shards the current mesh (`jax.set_mesh`) splits `num_rows` batch rows: the product
-    of the mesh axes "batch" maps to, 1 without a mesh or when the rows do not divide (replicated)."""
-    mesh = _current_mesh()
-    if mesh is None:
-        return 1
-    return spec_entry_size(mesh, logical_to_spec(("batch",), (num_rows,), mesh)[0])
+    """Into how many shards the current mesh (`jax.set_mesh`) splits `num_rows` batch rows inside a
+    traced function: `row_shards`, or 1 without a mesh or when the rows do not divide (replicated)."""
+    shards = row_shards(_current_mesh())
+    return shards if num_rows % shards == 0 else 1
 
 
 def spec_entry_size(mesh, entry) -> int:

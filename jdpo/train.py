@@ -41,14 +41,16 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jdpo import losses, metrics, refcache
+from jdpo.batch import Batch
 from jdpo.checkpoint import Checkpointer, abstract_like, from_checkpoint, to_checkpoint
-from jdpo.config import Config
+from jdpo.config import Config, DPOSection, OptimSection
 from jdpo.flops import batch_token_stats, throughput_metrics, total_peak_flops, train_flops
+from jdpo.forward import PairLogps, over_split, pair_logprobs, split_metrics
+from jdpo.sharding import batch_sharding, jit_on_mesh
 
 log = logging.getLogger(__name__)
 
 MAX_PAIRS_PER_ROW = 16
-TOKEN_KEYS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask")  # the [B, T] batch arrays
 OVERFIT_ACCURACY = 0.8  # eval preference accuracy above this is suspicious on real preference data
 
 
@@ -105,14 +107,8 @@ class StepSettings:
     graphdef: Any
     mesh: Any
     abstract_params: tuple  # (treedef, leaves): ShapeDtypeStructs carrying the parameter shardings
-    loss_type: tuple[str, ...]
-    loss_weights: tuple[float, ...]
-    beta: float
-    label_smoothing: float
-    simpo_gamma: float
-    f_alpha: float
-    reference: str
-    optim: Any  # the OptimSection
+    dpo: DPOSection  # the loss and reference settings, whole
+    optim: OptimSection
     total_steps: int
     chunk_size: int = LOGPROB_CHUNK
 
@@ -123,34 +119,26 @@ class StepSettings:
         return jax.tree.map(lambda x: x.sharding, self.params_like())
 
 
-def _micro_loss(s: StepSettings, params, ref_params, batch):
+def _micro_loss(s: StepSettings, params, ref_params, batch: Batch):
     """Summed per-pair loss of one micro-batch and the sums its metrics are made of (pair count in
     "pairs"). Sums, not means: the caller divides by the step's total pair count once."""
-    model = nnx.merge(s.graphdef, params)
-    out = refcache.pair_logprobs(model, batch, chunk_size=s.chunk_size)
-    if s.reference == "online":
-        ref = refcache.pair_logprobs(nnx.merge(s.graphdef, ref_params), batch, chunk_size=s.chunk_size)
+    out = pair_logprobs(nnx.merge(s.graphdef, params), batch, chunk_size=s.chunk_size)
+    if s.dpo.reference == "online":
+        ref = pair_logprobs(nnx.merge(s.graphdef, ref_params), batch, chunk_size=s.chunk_size)
         ref_c, ref_r = jax.lax.stop_gradient(ref["chosen"]), jax.lax.stop_gradient(ref["rejected"])
-    elif s.reference == "cached":
-        ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-    else:
-        ref_c = ref_r = None
-    valid_BxP = (batch["pair_ids"] >= 0).astype(jnp.float32)
+    else:  # cached: looked up on the host and attached to the batch; none: reference-free losses
+        ref_c, ref_r = batch.ref_chosen_logps, batch.ref_rejected_logps
+    valid_BxP = batch.valid_pairs.astype(jnp.float32)
     loss_BxP, m = losses.dpo_loss(
         out["chosen"],
         out["rejected"],
         ref_c,
         ref_r,
-        beta=s.beta,
-        loss_type=s.loss_type,
-        loss_weights=s.loss_weights or None,
-        label_smoothing=s.label_smoothing,
         chosen_lengths=out["chosen_counts"],
         rejected_lengths=out["rejected_counts"],
         weights=valid_BxP,
         reduction="none",
-        simpo_gamma=s.simpo_gamma,
-        f_alpha=s.f_alpha,
+        **s.dpo.loss_kwargs(),
     )
     sums = {k: jnp.sum(v) for k, v in m.items()}
     sums["loss"] = jnp.sum(loss_BxP)
@@ -164,41 +152,16 @@ def _means(sums: dict) -> dict:
     return {k: (v if k == "pairs" else v / n) for k, v in sums.items()}
 
 
-def batch_sharding(mesh, accum: bool) -> NamedSharding:
-    """Rows over ("data", "fsdp"); with `accum` a leading micro-batch axis A that is not sharded."""
-    from jdpo.sharding import batch_sharding as rows
-
-    spec = rows(mesh, 2).spec
-    return NamedSharding(mesh, PartitionSpec(None, *spec) if accum else spec)
-
-
 @dataclasses.dataclass(frozen=True)
 class Steps:
     """The jitted functions of one StepSettings (see `compiled_steps`)."""
 
-    train_step: Callable  # (state, batch[A, B, T]) -> (state, metrics); state donated
-    eval_step: Callable  # (params, ref_params | None, batch[B, T]) -> metric sums
-    forward: Callable  # (params, batch[B, T]) -> per-pair log-probs / counts [B, P] (reference pass)
+    train_step: Callable  # (state, Batch[A, B, T]) -> (state, metrics); state donated
+    forward: Callable  # (params, Batch[B, T]) -> per-pair log-probs / counts [B, P] (reference, eval)
     init_opt: Callable  # params -> optimizer state, born sharded like the params
     copy_params: Callable  # params -> a copy in fresh buffers (the frozen online reference)
     schedule: Callable
     state_shardings: dict
-
-
-class _OnMesh:
-    """A jitted function that is always traced and run with its mesh set (`jax.set_mesh`), so the
-    model's logical activation constraints resolve against it. Other attributes (e.g. `lower`,
-    `_cache_size`) are the jitted function's."""
-
-    def __init__(self, fn: Callable, mesh):
-        self.fn, self.mesh = fn, mesh
-
-    def __call__(self, *args):
-        with jax.set_mesh(self.mesh):
-            return self.fn(*args)
-
-    def __getattr__(self, name: str):
-        return getattr(self.fn, name)
 
 
 @functools.lru_cache(maxsize=8)
@@ -240,24 +203,20 @@ def compiled_steps(s: StepSettings) -> Steps:
         out["learning_rate"] = schedule(state["step"])
         return new_state, out
 
-    def eval_step(params, ref_params, batch):
-        return _micro_loss(s, params, ref_params, batch)[1]
-
     def forward(params, batch):
-        return refcache.pair_logprobs(nnx.merge(s.graphdef, params), batch, chunk_size=s.chunk_size)
+        return pair_logprobs(nnx.merge(s.graphdef, params), batch, chunk_size=s.chunk_size)
 
     abstract_opt = jax.eval_shape(tx.init, s.params_like())
     opt_sh = optax.tree_map_params(
         tx, lambda _, sh: sh, abstract_opt, param_sh, transform_non_params=lambda _: replicated
     )
     state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated, "rng": replicated}
-    if s.reference == "online":
+    if s.dpo.reference == "online":
         state_sh["ref_params"] = param_sh
-    rows_acc, rows = batch_sharding(s.mesh, accum=True), batch_sharding(s.mesh, accum=False)
-    ref_sh = param_sh if s.reference == "online" else None
+    rows_acc, rows = batch_sharding(s.mesh, accum=True), batch_sharding(s.mesh)
 
     def on_mesh(fn, **kw):
-        return _OnMesh(jax.jit(fn, **kw), s.mesh)
+        return jit_on_mesh(fn, s.mesh, **kw)
 
     return Steps(
         train_step=on_mesh(
@@ -266,7 +225,6 @@ def compiled_steps(s: StepSettings) -> Steps:
             out_shardings=(state_sh, replicated),
             donate_argnums=0,
         ),
-        eval_step=on_mesh(eval_step, in_shardings=(param_sh, ref_sh, rows), out_shardings=replicated),
         forward=on_mesh(forward, in_shardings=(param_sh, rows), out_shardings=rows),
         init_opt=on_mesh(tx.init, in_shardings=(param_sh,), out_shardings=opt_sh),
         copy_params=on_mesh(
@@ -294,11 +252,6 @@ def pairs_per_row(row_length: int, pair_lengths: Sequence[np.ndarray]) -> int:
     (slots cost a [B, T, 2P] one-hot in the per-segment sums, so no more than can ever be filled)."""
     shortest = min((int(x.min()) for x in pair_lengths if len(x)), default=row_length)
     return int(max(1, min(MAX_PAIRS_PER_ROW, row_length // max(shortest, 1))))
-
-
-def _pad_length(x_BxT: np.ndarray, T: int) -> np.ndarray:
-    """Right-pad a [B, t] batch array with zeros to [B, T] (zeros are padding in every batch key)."""
-    return np.pad(x_BxT, ((0, 0), (0, T - x_BxT.shape[1])))
 
 
 class Trainer:
@@ -376,13 +329,7 @@ class Trainer:
             graphdef=self.graphdef,
             mesh=self.mesh,
             abstract_params=(jax.tree.structure(abstract), tuple(jax.tree.leaves(abstract))),
-            loss_type=tuple(c.dpo.loss_type),
-            loss_weights=tuple(c.dpo.loss_weights),
-            beta=c.dpo.beta,
-            label_smoothing=c.dpo.label_smoothing,
-            simpo_gamma=c.dpo.simpo_gamma,
-            f_alpha=c.dpo.f_alpha,
-            reference=c.dpo.reference,
+            dpo=c.dpo,
             optim=c.optim,
             total_steps=self.total_steps,
         )
@@ -434,18 +381,15 @@ class Trainer:
     def cache_dir(self) -> Path:
         return Path(self.config.dpo.cache_dir or (self.output_dir.parent / ".jdpo_refcache"))
 
-    def _reference(self, params, pairs, split: str) -> refcache.RefLogps:
+    def _reference(self, params, pairs, split: str) -> PairLogps:
         """Per-pair reference log-probs of one split, from the on-disk cache when its key matches."""
-        from jdpo import data as jdata
-
-        d, m, rows = self.config.data, self.config.model, batch_sharding(self.mesh, accum=False)
+        d, m = self.config.data, self.config.model
         settings = {"max_length": d.max_length, "max_prompt_length": d.max_prompt_length, "split": split,
                     "dtype": jnp.dtype(self.dtype).name, "param_dtype": m.param_dtype}  # fmt: skip
         ref, reused, key = refcache.for_split(
             params,
             pairs,
-            forward=lambda batch: self.steps.forward(params, self._to_device(batch, rows)),
-            batches=lambda: jdata.one_pass(pairs, **self.batch_kw),
+            compute=lambda: self.logprobs(pairs, params),
             cache_dir=self.cache_dir(),
             model_config=self.model_config.to_hf(),
             tokenizer=self.tokenizer,
@@ -456,53 +400,39 @@ class Trainer:
 
     # -- batches -------------------------------------------------------------------------------------
 
-    def _with_reference(self, batch: dict, ref: refcache.RefLogps | None) -> dict:
-        batch = {
-            k: batch[k] for k in ("input_ids", "positions", "segment_ids", "targets", "loss_mask", "pair_ids")
-        }
-        if self.config.dpo.reference == "cached":
-            batch.update(ref.lookup(batch["pair_ids"]))
-        return batch
+    def one_pass(self, pairs):
+        """Every pair of a split once, in order, as this run's training batches lay them out."""
+        from jdpo import data as jdata
 
-    @staticmethod
-    def _to_device(batch: dict, sharding: NamedSharding) -> dict:
-        """Host-local numpy rows -> global arrays sharded over the mesh (rows of every host together)."""
-        return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+        return jdata.one_pass(pairs, **self.batch_kw)
 
-    def next_step_batches(self) -> tuple[dict, list[dict]]:
+    def logprobs(self, pairs, params=None) -> PairLogps:
+        """Per-pair log-probs of every pair of a split under `params` (default: the current policy)."""
+        params = self.state["params"] if params is None else params
+        return over_split(self.steps.forward, params, self.one_pass(pairs), len(pairs), mesh=self.mesh)
+
+    def next_step_batches(self) -> tuple[Batch, list[Batch]]:
         """The next optimizer step's micro-batches: (device batch [A, B, ...], host batches)."""
-        host = [
-            self._with_reference(next(self.batches), self.ref_train)
-            for _ in range(self.config.train.grad_accum)
-        ]
-        # Without packing, micro-batches come from length buckets; the step's stack takes the longest
-        # of them (padding is segment 0, scored nowhere), so shapes still come from the bucket list.
-        T = max(b["input_ids"].shape[1] for b in host)
-        stacked = {
-            k: np.stack([_pad_length(b[k], T) if k in TOKEN_KEYS else b[k] for b in host]) for k in host[0]
-        }
-        return self._to_device(stacked, batch_sharding(self.mesh, accum=True)), host
+        host = [next(self.batches) for _ in range(self.config.train.grad_accum)]
+        if self.config.dpo.reference == "cached":
+            host = [self.ref_train.attach(b) for b in host]
+        return Batch.stack(host).on_mesh(self.mesh, accum=True), host
 
     # -- evaluation ----------------------------------------------------------------------------------
 
     def evaluate(self, params=None) -> dict[str, float]:
-        """Metrics (eval/ names, TRL's) over the whole held-out split; {} when there is none."""
-        from jdpo import data as jdata
-
+        """The loss and TRL's metrics (eval/ names) of the run's loss settings over the whole held-out
+        split; {} when there is none."""
         if self.eval_pairs is None:
             return {}
-        params = self.state["params"] if params is None else params
-        rows = batch_sharding(self.mesh, accum=False)
-        total = None
-        for batch in jdata.one_pass(self.eval_pairs, **self.batch_kw):
-            sums = self.steps.eval_step(
-                params,
-                self.state.get("ref_params"),
-                self._to_device(self._with_reference(batch, self.ref_eval), rows),
-            )
-            total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-        means = jax.device_get(_means(total))
-        return {metrics.eval_name(k): float(v) for k, v in means.items() if k != "pairs"}
+        policy = self.logprobs(self.eval_pairs, params)
+        if self.config.dpo.reference == "cached":
+            ref = self.ref_eval
+        elif self.config.dpo.reference == "online":
+            ref = self.logprobs(self.eval_pairs, self.state["ref_params"])
+        else:
+            ref = None
+        return split_metrics(policy, ref, self.config.dpo)
 
     def describe(self, start: int = 0) -> str:
         """A few lines on what this run is about to do (printed at the start of `fit`)."""

@@ -45,6 +45,9 @@ def test_dump_round_trips(tmp_path):
         (["--data.max_prompt_length", "2048"], "data.max_prompt_length (2048) must be < data.max_length"),
         (["--mesh.data", "-1", "--mesh.fsdp", "-1"], "at most one of mesh"),
         (["--optim.learning_rate", "0"], "optim.learning_rate must be > 0"),
+        (["--dpo.beta", "nan"], "dpo.beta must be > 0"),
+        (["--dpo.loss_type", "robust", "--dpo.label_smoothing", "0.5"], "needs dpo.label_smoothing < 0.5"),
+        (["--dpo.loss_type", "discopop", "--dpo.discopop_tau", "0"], "dpo.discopop_tau must be > 0"),
         (["--model.attention", "cudnn", "--model.dtype", "float32"], "model.attention=cudnn needs"),
         (["dpo.beta", "1"], "expected --section.field VALUE"),
         (["--dpo.beta"], "needs a value"),
@@ -73,3 +76,29 @@ def test_every_field_has_help():
     assert len(rows) > 40
     for name, _tp, _default, text in rows:
         assert text and text[0].isupper(), name
+
+
+def test_every_loss_option_is_a_config_field_with_the_library_default():
+    """`dpo_loss`'s options are `dpo.*` fields with --help text and the library's defaults, and
+    `loss_kwargs` hands every one of them to the loss."""
+    import dataclasses
+    import inspect
+
+    from jdpo.config import DPOSection
+    from jdpo.losses import dpo_loss
+
+    per_call = {"chosen_lengths", "rejected_lengths", "weights", "reduction"}  # set by the caller
+    options = {
+        name: p.default
+        for name, p in inspect.signature(dpo_loss).parameters.items()
+        if p.kind is p.KEYWORD_ONLY and name not in per_call
+    }
+    fields = {f.name: f for f in dataclasses.fields(DPOSection)}
+    section = DPOSection()
+    assert set(section.loss_kwargs()) == set(options)
+    for name, default in options.items():
+        assert name in fields and fields[name].metadata["help"], name
+        got = section.loss_kwargs()[name]
+        assert got == (tuple([default]) if name == "loss_type" else default), name
+    custom = load_config(None, ["--dpo.discopop_tau", "0.2", "--dpo.orpo_include_nll", "false"]).dpo
+    assert custom.loss_kwargs()["discopop_tau"] == 0.2 and custom.loss_kwargs()["orpo_include_nll"] is False

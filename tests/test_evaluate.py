@@ -97,6 +97,12 @@ def test_metrics_equal_an_independent_computation(dirs):
     assert m["eval/rewards/chosen"] == pytest.approx(np.mean(chosen), abs=1e-4)
     expected_loss = np.mean(np.log1p(np.exp(-margins)))
     assert m["eval/loss"] == pytest.approx(expected_loss, abs=1e-5)
+    # The loss of another loss type (a run's own): SLiC's hinge relu(1 - beta z) over the same pairs.
+    from jdpo.config import DPOSection
+
+    hinge = E.preference_metrics(policy, reference, pairs, dpo=DPOSection(loss_type=("hinge",), beta=BETA))
+    assert hinge["eval/loss"] == pytest.approx(np.mean(np.maximum(0.0, 1.0 - margins)), abs=1e-5)
+    assert hinge["eval/rewards/margins"] == pytest.approx(m["eval/rewards/margins"], abs=1e-6)
 
     # KL: each sample's term is the summed log-ratio of its sampled tokens, recomputed here.
     prompt_ids = policy.encode_prompts(["1+2=", "3+4=", "12+30="])  # the data's first three prompts

@@ -11,6 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jdpo import config as jconfig
 from jdpo import demo, logprobs, refcache, train
+from jdpo.forward import PairLogps
 from jdpo.sharding import make_mesh
 
 
@@ -117,7 +118,7 @@ def test_weights_fingerprint_is_sharding_invariant_and_sensitive():
 
 
 def test_lookup_and_save_roundtrip(tmp_path):
-    ref = refcache.RefLogps(
+    ref = PairLogps(
         chosen=np.asarray([-1.0, -2.0, -3.0], np.float32),
         rejected=np.asarray([-4.0, -5.0, -6.0], np.float32),
         chosen_counts=np.asarray([1, 2, 3], np.int32),
@@ -126,8 +127,8 @@ def test_lookup_and_save_roundtrip(tmp_path):
     got = ref.lookup(np.asarray([[2, -1], [0, 1]], np.int32))
     np.testing.assert_array_equal(got["ref_chosen_logps"], [[-3.0, 0.0], [-1.0, -2.0]])
     np.testing.assert_array_equal(got["ref_rejected_logps"], [[-6.0, 0.0], [-4.0, -5.0]])
-    ref.save(tmp_path / "k", {"key": "k"})
+    refcache.save_entry(tmp_path / "k", ref, {"key": "k"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k"]  # no temporary directory left behind
-    back = refcache.RefLogps.load(tmp_path / "k")
+    back = refcache.load_entry(tmp_path / "k")
     for f in ("chosen", "rejected", "chosen_counts", "rejected_counts"):
         np.testing.assert_array_equal(getattr(back, f), getattr(ref, f))

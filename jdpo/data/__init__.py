@@ -8,8 +8,8 @@ batch = next(batches)        # this host's rows of the global batch; see batchin
 position = batches.state()   # {"epoch", "batch", ...}; batches.restore(position) resumes exactly
 """
 
+from jdpo.batch import BATCH_KEYS, Batch
 from jdpo.data.batching import (
-    BATCH_KEYS,
     PreferenceBatches,
     compare_padding,
     make_batch,
@@ -32,6 +32,7 @@ from jdpo.data.tokenize import TokenizedPairs, TokenizeReport, tokenize_preferen
 
 __all__ = [
     "BATCH_KEYS",
+    "Batch",
     "FORMATS",
     "DataError",
     "LoadReport",

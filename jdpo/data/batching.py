@@ -1,14 +1,7 @@
 """Fixed-shape batches of whole preference pairs: packing, length buckets, a resumable per-host iterator.
 
-Batch layout (a dict of numpy arrays; B = this host's rows, T = row length, P = pair slots per row):
-
-  input_ids   [B, T] int32    tokens; 0 in padding
-  positions   [B, T] int32    position within the segment (restarts at 0 in every segment)
-  segment_ids [B, T] int32    0 = padding; pair slot k of a row: chosen (prompt + chosen) in segment
-                              2k+1, rejected (prompt + rejected) in segment 2k+2
-  targets     [B, T] int32    targets[t] = input_ids[t+1] when t+1 is in the same segment, else 0
-  loss_mask   [B, T] float32  1 where targets[t] is a completion token (chosen / rejected incl. EOS)
-  pair_ids    [B, P] int32    pair index in the TokenizedPairs of slot k, -1 for an empty slot
+Batches are `jdpo.batch.Batch`es of numpy arrays (B = this host's rows, T = row length, P = pair slots
+per row; the field layout is in `jdpo/batch.py`); `pair_ids` index the TokenizedPairs of the split.
 
 A row holds whole pairs only, so per-pair reductions are row-local. With S = 2P segments and
 `logps_BxS` the per-segment sums, chosen_BxP = logps_BxS[:, 0::2], rejected_BxP = logps_BxS[:, 1::2],
@@ -39,10 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from jdpo.batch import Batch
 from jdpo.data.tokenize import TokenizedPairs
-
-BATCH_KEYS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask", "pair_ids")
-
 
 # ----------------------------------------------------------------------------------------------------
 # Packing
@@ -83,7 +74,7 @@ def pack_rows(
 
 def make_batch(
     pairs: TokenizedPairs, rows: Sequence[Sequence[int]], row_length: int, max_pairs_per_row: int
-) -> dict[str, np.ndarray]:
+) -> Batch:
     """Lay out `rows` (lists of pair ids, [] for an empty row) as one fixed-shape batch (layout above)."""
     B, T, P = len(rows), row_length, max_pairs_per_row
     input_ids = np.zeros((B, T), np.int32)
@@ -112,17 +103,17 @@ def make_batch(
                 # Output at t scores token t+1: completion tokens sit at [len(prompt), n).
                 loss_mask[b, t + max(len(prompt) - 1, 0) : t + n - 1] = 1.0
                 t += n
-    return {
-        "input_ids": input_ids,
-        "positions": positions,
-        "segment_ids": segment_ids,
-        "targets": targets,
-        "loss_mask": loss_mask,
-        "pair_ids": pair_ids,
-    }
+    return Batch(
+        input_ids=input_ids,
+        positions=positions,
+        segment_ids=segment_ids,
+        targets=targets,
+        loss_mask=loss_mask,
+        pair_ids=pair_ids,
+    )
 
 
-def unpack_batch(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+def unpack_batch(batch: Batch) -> list[dict[str, Any]]:
     """The inverse of `make_batch`, for tests and debugging: one dict per filled slot with pair_id,
     chosen / rejected (the full segment tokens) and chosen_scored / rejected_scored (the targets under
     loss_mask, i.e. the completion tokens as scored)."""
@@ -335,10 +326,10 @@ class PreferenceBatches:
 
     # -- iteration -----------------------------------------------------------------------------------
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    def __iter__(self) -> Iterator[Batch]:
         return self
 
-    def __next__(self) -> dict[str, np.ndarray]:
+    def __next__(self) -> Batch:
         if not len(self._fit_ids):
             raise StopIteration
         while True:

@@ -1,0 +1,183 @@
+"""The policy forward: per-pair log-probs of a typed batch, and of every pair of a split.
+
+`pair_logprobs` is the one forward of a model over a `jdpo.batch.Batch` (the train step, the eval pass
+and the reference pass all run it); `over_split` is the one loop that runs a jitted forward over every
+batch of a split once and collects its per-pair results by pair id (the reference pass, in-training
+eval, `jdpo eval`, the demo and `jdpo bench` use it); `split_metrics` turns a split's policy and
+reference log-probs into the loss and TRL's metrics of a run's own loss settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdpo import logprobs
+from jdpo.batch import Batch
+from jdpo.sharding import batch_shards
+
+
+def pair_logprobs(model: Any, batch: Batch, *, chunk_size: int = 1024) -> dict[str, jax.Array]:
+    """Summed completion log-probs and token counts of every pair slot of a packed batch.
+
+    One forward over chosen and rejected together (they are segments of the same rows), float32
+    log-probs computed from the final hidden states in chunks of positions (never a [B, T, V] float32
+    tensor), of the completion tokens only: positions with `loss_mask` = 0 are not projected onto the
+    vocabulary (`logprobs.token_logprobs_from_hidden`'s `mask_BxT`). Pair k of a row has its chosen
+    sequence in segment 2k+1 and its rejected in 2k+2.
+
+    Args:
+      model: a `jdpo.models.Transformer` (inside jit: merged from graphdef + params).
+      batch: a `Batch` ([B, T] token arrays, pair_ids [B, P]).
+    Returns `chosen`, `rejected` [B, P] float32 summed log-probs and `chosen_counts`,
+    `rejected_counts` [B, P] float32 completion token counts (0 in empty slots).
+    """
+    P = batch.pair_ids.shape[1]
+    hidden_BxTxD = model.hidden_states(batch.input_ids, batch.positions, batch.segment_ids)
+    logp_BxT = logprobs.token_logprobs_from_hidden(
+        hidden_BxTxD,
+        model.unembedding(),
+        batch.targets,
+        mask_BxT=batch.loss_mask,
+        chunk_size=chunk_size,
+        logit_soft_cap=model.config.final_logit_softcapping,
+        # One group of rows per batch shard: each device sorts and chunks its own rows' scored positions.
+        row_groups=batch_shards(batch.input_ids.shape[0]),
+    )
+    logps_BxS, counts_BxS = logprobs.segment_logprobs(logp_BxT, batch.loss_mask, batch.segment_ids, 2 * P)
+    return {
+        "chosen": logps_BxS[:, 0::2],
+        "rejected": logps_BxS[:, 1::2],
+        "chosen_counts": counts_BxS[:, 0::2].astype(jnp.float32),
+        "rejected_counts": counts_BxS[:, 1::2].astype(jnp.float32),
+    }
+
+
+@dataclasses.dataclass
+class PairLogps:
+    """Per-pair log-probs of one split, indexed by pair id: chosen / rejected [N] float32 (summed over
+    the completion) and chosen_counts / rejected_counts [N] int32. Pairs the batches never held (longer
+    than a row, so never trained on either) have NaN log-probs: looking one up by mistake fails loudly
+    as a NaN loss."""
+
+    chosen: np.ndarray
+    rejected: np.ndarray
+    chosen_counts: np.ndarray
+    rejected_counts: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    @property
+    def computed(self) -> np.ndarray:
+        """[N] bool: the pairs a forward ran over."""
+        return ~(np.isnan(self.chosen) | np.isnan(self.rejected))
+
+    def lookup(self, pair_ids_BxP: np.ndarray) -> dict[str, np.ndarray]:
+        """`ref_chosen_logps`, `ref_rejected_logps` [B, P] float32 for a batch's pair ids (0 for -1)."""
+        ids = np.asarray(pair_ids_BxP)
+        safe = np.where(ids >= 0, ids, 0)
+        valid = ids >= 0
+        return {
+            "ref_chosen_logps": np.where(valid, self.chosen[safe], 0.0).astype(np.float32),
+            "ref_rejected_logps": np.where(valid, self.rejected[safe], 0.0).astype(np.float32),
+        }
+
+    def attach(self, batch: Batch) -> Batch:
+        """`batch` with these log-probs of its slots attached as its reference."""
+        ref = self.lookup(batch.pair_ids)
+        return batch.with_reference(ref["ref_chosen_logps"], ref["ref_rejected_logps"])
+
+    def save(self, path: Path) -> None:
+        np.savez(path, **dataclasses.asdict(self))
+
+    @classmethod
+    def load(cls, path: Path) -> PairLogps:
+        with np.load(path) as z:
+            return cls(**{f.name: z[f.name] for f in dataclasses.fields(cls)})
+
+    @classmethod
+    def empty(cls, num_pairs: int) -> PairLogps:
+        return cls(
+            chosen=np.full(num_pairs, np.nan, np.float32),
+            rejected=np.full(num_pairs, np.nan, np.float32),
+            chosen_counts=np.zeros(num_pairs, np.int32),
+            rejected_counts=np.zeros(num_pairs, np.int32),
+        )
+
+
+def over_split(
+    forward: Callable[[Any, Batch], dict], params: Any, batches: Iterable[Batch], num_pairs: int, *, mesh
+) -> PairLogps:
+    """Run `forward(params, device batch)` (a jitted `pair_logprobs`) over `batches` (one pass over a
+    split: host-side `Batch`es, each process its own rows) and scatter the results by pair id.
+
+    One batch stays in flight: the next forward is dispatched before the previous result is pulled to
+    the host. On a multi-host run the results are gathered so that every process holds the whole
+    split's arrays.
+    """
+    out = PairLogps.empty(num_pairs)
+    pending = None
+    for batch in batches:
+        result = (batch.pair_ids, forward(params, batch.without_reference().on_mesh(mesh)))
+        if pending is not None:
+            _scatter(out, *pending)
+        pending = result
+    if pending is not None:
+        _scatter(out, *pending)
+    return out
+
+
+def _scatter(out: PairLogps, pair_ids_BxP, res: dict) -> None:
+    from jax.experimental import multihost_utils
+
+    ids = np.asarray(pair_ids_BxP)
+    if jax.process_count() > 1:
+        # Host-local pair ids are this host's rows; the forward's outputs are global arrays. Gathered,
+        # both come back whole (rows in process order) on every process.
+        ids = np.asarray(multihost_utils.process_allgather(ids, tiled=True))
+        res = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in res.items()}
+    else:
+        res = {k: np.asarray(jax.device_get(v)) for k, v in res.items()}
+    if res["chosen"].shape[0] != ids.shape[0]:
+        raise ValueError(
+            f"forward returned {res['chosen'].shape[0]} rows for {ids.shape[0]} rows of pair ids"
+        )
+    valid = ids >= 0
+    sel = ids[valid]
+    out.chosen[sel] = res["chosen"][valid]
+    out.rejected[sel] = res["rejected"][valid]
+    out.chosen_counts[sel] = np.rint(res["chosen_counts"][valid]).astype(np.int32)
+    out.rejected_counts[sel] = np.rint(res["rejected_counts"][valid]).astype(np.int32)
+
+
+def split_metrics(policy: PairLogps, reference: PairLogps | None, dpo) -> dict[str, float]:
+    """The loss and TRL's metrics (eval/ names) of a whole split, with the loss settings of `dpo` (a
+    `jdpo.config.DPOSection`): the mean over every pair both forwards computed.
+    `reference` may be None for the reference-free losses."""
+    from jdpo import losses, metrics
+
+    valid = policy.computed & (reference.computed if reference is not None else True)
+
+    def z(x):  # uncomputed pairs are weighted 0; zeros keep their (unused) terms finite
+        return jnp.asarray(np.where(valid, x, 0.0), jnp.float32)
+
+    loss, m = losses.dpo_loss(
+        z(policy.chosen),
+        z(policy.rejected),
+        None if reference is None else z(reference.chosen),
+        None if reference is None else z(reference.rejected),
+        chosen_lengths=jnp.asarray(policy.chosen_counts, jnp.float32),
+        rejected_lengths=jnp.asarray(policy.rejected_counts, jnp.float32),
+        weights=jnp.asarray(valid, jnp.float32),
+        **dpo.loss_kwargs(),
+    )
+    out = {metrics.eval_name(k): float(v) for k, v in m.items()}
+    out[metrics.eval_name("loss")] = float(loss)
+    return out

@@ -1,0 +1,15 @@
+"""Defaults of `jdpo.dpo_loss`'s hyper-parameters: the one place they are written.
+
+A module of its own, without jax, so that the config's `dpo` section (and so `jdpo --help`) takes its
+defaults from the loss library without loading it.
+"""
+
+DEFAULTS: dict[str, float | bool] = {
+    "beta": 0.1,
+    "label_smoothing": 0.0,
+    "simpo_gamma": 0.5,
+    "f_alpha": 1.0,
+    "discopop_tau": 0.05,
+    "bco_delta": 0.0,
+    "orpo_include_nll": True,
+}
