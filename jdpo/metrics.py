@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import numbers
 import os
-import socket
-import struct
 import sys
 import time
 from collections.abc import Mapping
@@ -258,145 +256,43 @@ class ConsoleWriter:
         pass
 
 
-# TensorBoard: event files written directly (TFRecord framing around hand-encoded Event protos).
-# Scalars only need five protobuf fields, so this stays exact without a tensorboard dependency.
-
-
-def _crc32c_table() -> list[int]:
-    poly = 0x82F63B78  # Castagnoli, reflected
-    table = []
-    for n in range(256):
-        c = n
-        for _ in range(8):
-            c = (c >> 1) ^ poly if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_CRC32C_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli) of ``data``; ``crc32c(b"123456789") == 0xE3069283``."""
-    crc = 0xFFFFFFFF
-    table = _CRC32C_TABLE
-    for b in data:
-        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-    """TFRecord's masked CRC, which keeps CRCs of CRC-bearing data from looking like data."""
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def tfrecord(data: bytes) -> bytes:
-    """One TFRecord: uint64 length, masked CRC of the length, the data, masked CRC of the data."""
-    length = struct.pack("<Q", len(data))
-    return length + struct.pack("<I", _masked_crc(length)) + data + struct.pack("<I", _masked_crc(data))
-
-
-def _varint(n: int) -> bytes:
-    n &= (1 << 64) - 1  # negative int64 values are ten-byte two's complement varints
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _field_bytes(number: int, payload: bytes) -> bytes:  # wire type 2: length-delimited
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def encode_event(
-    wall_time: float,
-    step: int,
-    *,
-    scalars: Mapping[str, float] | None = None,
-    file_version: str | None = None,
-    session_start: bool = False,
-) -> bytes:
-    """Serialise a ``tensorboard.Event`` with one of: scalar summary values, a file version, or a
-    ``SessionLog(status=START)`` (which tells TensorBoard to discard events after ``step`` from an
-    earlier attempt of a resumed run).
-
-    Field numbers: Event{wall_time=1 double, step=2 int64, file_version=3, summary=5, session_log=7},
-    Summary{value=1}, Summary.Value{tag=1, simple_value=2 float}, SessionLog{status=1, START=1}.
-    """
-    out = bytearray(b"\x09" + struct.pack("<d", wall_time))  # field 1, wire type 1 (64-bit)
-    out += b"\x10" + _varint(step)  # field 2, wire type 0 (varint)
-    if file_version is not None:
-        out += _field_bytes(3, file_version.encode())
-    if scalars:
-        values = b"".join(
-            _field_bytes(1, _field_bytes(1, tag.encode()) + b"\x15" + struct.pack("<f", value))
-            for tag, value in scalars.items()
-        )
-        out += _field_bytes(5, values)
-    if session_start:
-        out += _field_bytes(7, b"\x08\x01")
-    return bytes(out)
+# TensorBoard
 
 
 class TensorBoardWriter:
-    """Scalar event file ``<output_dir>/tensorboard/events.out.tfevents.<time>.<host>.<pid>``.
+    """Scalar event files under ``<output_dir>/tensorboard``, written by tensorboardX.
 
     View with ``tensorboard --logdir <output_dir>``. Tags are the metric names, so TensorBoard groups
-    ``rewards/*``, ``logps/*`` and ``eval/*`` into sections. Non-numeric values are skipped.
+    ``rewards/*``, ``logps/*`` and ``eval/*`` into sections. Non-numeric values are skipped. A resumed
+    run (``resume_step=N``) starts its file with a session-start marker at step ``N + 1``, which tells
+    TensorBoard to drop the points an interrupted attempt logged after the checkpoint. tensorboardX
+    writes from a background thread and flushes every two minutes and on :meth:`close`.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, *, resume_step: int | None = None, clock=time.time):
+    def __init__(self, output_dir: str | os.PathLike, *, resume_step: int | None = None):
+        # Imported here: tensorboardX imports torch whenever it is installed (over a second), a cost
+        # that `jdpo plot` and the other commands that never write events should not pay.
+        from tensorboardX import SummaryWriter
+
         self.dir = Path(output_dir) / "tensorboard"
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.clock = clock
-        now = clock()
-        name = f"events.out.tfevents.{int(now)}.{socket.gethostname()}.{os.getpid()}"
-        n = 0
-        while (self.dir / (name + (f".{n}" if n else ""))).exists():  # a second writer in the same second
-            n += 1
-        self.path = self.dir / (name + (f".{n}" if n else ""))
-        self._file = self.path.open("xb")
-        self._file.write(tfrecord(encode_event(now, 0, file_version="brain.Event:2")))
-        if resume_step is not None:
-            # Events an interrupted attempt wrote after the checkpoint are superseded by this run.
-            self._file.write(tfrecord(encode_event(now, resume_step + 1, session_start=True)))
-        self._file.flush()
+        # tensorboardX names a file by the second and the host and opens it with "wb", so a writer
+        # started in the same second as the last one (a quick resume) would truncate its file. A
+        # count of the files already there keeps the name new and sorts the new file after them.
+        n = sum(1 for _ in self.dir.glob("events.out.tfevents.*"))
+        self._writer = SummaryWriter(
+            str(self.dir),
+            purge_step=None if resume_step is None else resume_step + 1,
+            filename_suffix=f".{n:03d}",
+        )
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-        scalars = {
-            k: float(v) for k, v in metrics.items() if isinstance(v, numbers.Real) and not isinstance(v, bool)
-        }
-        scalars.pop(STEP, None)
-        if scalars:
-            self._file.write(tfrecord(encode_event(self.clock(), step, scalars=scalars)))
-            self._file.flush()
+        for tag, value in metrics.items():
+            if tag != STEP and isinstance(value, numbers.Real) and not isinstance(value, bool):
+                self._writer.add_scalar(tag, float(value), step)
 
     def close(self) -> None:
-        self._file.close()
-
-
-def read_tfrecords(path: str | os.PathLike) -> list[bytes]:
-    """The payloads of a TFRecord file, with both CRCs of every record checked."""
-    data = Path(path).read_bytes()
-    out, pos = [], 0
-    while pos < len(data):
-        (length,) = struct.unpack_from("<Q", data, pos)
-        (len_crc,) = struct.unpack_from("<I", data, pos + 8)
-        if len_crc != _masked_crc(data[pos : pos + 8]):
-            raise ValueError(f"{path}: bad length CRC at byte {pos}")
-        payload = data[pos + 12 : pos + 12 + length]
-        (data_crc,) = struct.unpack_from("<I", data, pos + 12 + length)
-        if data_crc != _masked_crc(payload):
-            raise ValueError(f"{path}: bad data CRC at byte {pos}")
-        out.append(payload)
-        pos += 12 + length + 4
-    return out
+        self._writer.close()  # flushes what is still queued
 
 
 # Weights & Biases (optional, imported only when asked for)

@@ -1,9 +1,8 @@
-"""Metric writers (JSONL + resume, console, TensorBoard framing, W&B) and plots."""
+"""Metric writers (JSONL + resume, console, TensorBoard events, W&B) and plots."""
 
 import io
 import json
 import math
-import struct
 
 import numpy as np
 import pytest
@@ -105,77 +104,67 @@ def test_console_eta_uses_wall_clock_after_the_first_log():
     assert lines[0].startswith("step  20/100  20% | loss 0.5000") and lines[1] == "eval @ 20 | loss 0.6000"
 
 
-def _parse_scalar_events(payload):
-    """Minimal protobuf reader for the fields TensorBoardWriter writes (independent of its encoder)."""
+def _tb_files(out):
+    return sorted((out / "tensorboard").glob("events.out.tfevents.*"))
 
-    def varint(buf, i):
-        shift = n = 0
-        while True:
-            b = buf[i]
-            n |= (b & 0x7F) << shift
-            i += 1
-            shift += 7
-            if not b & 0x80:
-                return n, i
 
-    def fields(buf):
-        i = 0
-        while i < len(buf):
-            key, i = varint(buf, i)
-            num, wire = key >> 3, key & 7
-            if wire == 0:
-                val, i = varint(buf, i)
-            elif wire == 1:
-                val, i = buf[i : i + 8], i + 8
-            elif wire == 5:
-                val, i = buf[i : i + 4], i + 4
-            else:
-                n, i = varint(buf, i)
-                val, i = buf[i : i + n], i + n
-            yield num, val
+def _tb_events(path):
+    """The events of one file, read by TensorBoard's own loader (which stops at a record whose CRC fails)."""
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 
-    event = {"scalars": {}}
-    for num, val in fields(payload):
-        if num == 1:
-            event["wall_time"] = struct.unpack("<d", val)[0]
-        elif num == 2:
-            event["step"] = val
-        elif num == 3:
-            event["file_version"] = val.decode()
-        elif num == 5:
-            for _, value in fields(val):
-                v = dict(fields(value))
-                event["scalars"][v[1].decode()] = struct.unpack("<f", v[2])[0]
-        elif num == 7:
-            event["session_start"] = dict(fields(val)).get(1) == 1
-    return event
+    return list(LegacyEventFileLoader(str(path)).Load())
 
 
 def test_tensorboard_event_file(tmp_path):
-    assert M.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-    _log_steps(tmp_path, range(1, 4))
-    (path,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
-    events = [_parse_scalar_events(r) for r in M.read_tfrecords(path)]  # checks both CRCs per record
-    assert events[0]["file_version"] == "brain.Event:2"
-    assert [e["step"] for e in events[1:]] == [1, 2, 3]
-    assert events[2]["scalars"] == pytest.approx({"loss": 0.5, "rewards/accuracies": 0.5, "epoch": 0.2})
-    # A resumed writer marks the restart so TensorBoard drops the old attempt's later points.
+    from tensorboard.compat.proto.event_pb2 import SessionLog
+
+    with M.MetricsLogger(tmp_path, console=False, jsonl=False, is_main=True) as lg:
+        for s in range(1, 4):
+            lg.log(
+                s,
+                {
+                    M.LOSS: 1.0 / s,
+                    M.REWARDS_ACCURACIES: np.float32(0.5),
+                    M.EPOCH: s / 10,
+                    "s": "x",
+                    "b": True,
+                },
+            )
+    (path,) = _tb_files(tmp_path)
+    events = _tb_events(path)
+    assert events[0].file_version == "brain.Event:2"
+    scalars = {}  # step -> {tag: value}
+    for e in events[1:]:
+        assert e.HasField("summary")
+        for v in e.summary.value:
+            scalars.setdefault(e.step, {})[v.tag] = v.simple_value
+    assert sorted(scalars) == [1, 2, 3]
+    for s in (1, 2, 3):  # strings and bools are not scalars
+        assert scalars[s] == pytest.approx({"loss": 1.0 / s, "rewards/accuracies": 0.5, "epoch": s / 10})
+    # A resumed writer marks the restart so TensorBoard drops the old attempt's later points; started
+    # within the same second, it must still leave the first file whole.
     _log_steps(tmp_path, [3], resume_step=2)
-    second = sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*"))[-1]
-    resumed = [_parse_scalar_events(r) for r in M.read_tfrecords(second)]
-    assert resumed[1]["session_start"] and resumed[1]["step"] == 3
+    first, second = _tb_files(tmp_path)
+    assert first == path and len(_tb_events(first)) == len(events)
+    restarts = [(e.step, e.session_log.status) for e in _tb_events(second) if e.HasField("session_log")]
+    assert restarts == [(3, SessionLog.START)]
 
 
-def test_tensorboard_reads_it_when_installed(tmp_path):
-    ea_mod = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    _log_steps(tmp_path, range(1, 4))
-    ea = ea_mod.EventAccumulator(str(tmp_path / "tensorboard"))
+def test_tensorboard_shows_a_resumed_run_once(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _log_steps(tmp_path, range(1, 6))  # an attempt interrupted after step 5, checkpointed at 3
+    _log_steps(tmp_path, range(4, 7), resume_step=3, value=lambda s: 10.0 * s)
+    ea = EventAccumulator(str(tmp_path / "tensorboard"))
     ea.Reload()
-    assert [(e.step, e.value) for e in ea.Scalars("loss")] == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
-
-
-def test_negative_step_varint_roundtrip():
-    assert _parse_scalar_events(M.encode_event(0.0, -1))["step"] == (1 << 64) - 1  # int64 two's complement
+    assert [(e.step, e.value) for e in ea.Scalars("loss")] == [
+        (1, 1.0),
+        (2, 0.5),
+        (3, pytest.approx(1 / 3)),
+        (4, 40.0),
+        (5, 50.0),
+        (6, 60.0),
+    ]
 
 
 def test_plot_writes_pngs(tmp_path):
