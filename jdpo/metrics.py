@@ -219,7 +219,9 @@ def format_eval(step: int, metrics: Mapping[str, Any]) -> str:
 
 
 class ConsoleWriter:
-    """Prints one progress line per logged training step and one per eval.
+    """Shows training progress: a live ``tqdm`` bar when the stream is a terminal, otherwise one
+    :func:`format_progress` line per logged training step (log files, CI). An eval is one
+    :func:`format_eval` line either way, written above the bar when there is one.
 
     The ETA uses the wall clock between the first logged step and now, so data loading, eval and
     checkpoint time (real costs of the remaining steps) count and compilation (which lands before
@@ -231,8 +233,11 @@ class ConsoleWriter:
         self.stream = stream
         self.clock = clock
         self._anchor: tuple[int, float] | None = None
+        self._bar = None
 
     def eta(self, step: int) -> float | None:
+        """Seconds left after ``step`` at the average pace since the first logged step (None before
+        a second step was logged or without a total)."""
         if not self.total_steps:
             return None
         remaining = max(0, self.total_steps - step)
@@ -246,14 +251,39 @@ class ConsoleWriter:
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         stream = self.stream or sys.stdout
+        if stream.isatty():
+            self._write_bar(stream, step, metrics)
+            return
         if any(not is_eval(k) for k in metrics):
             print(format_progress(step, self.total_steps, metrics, self.eta(step)), file=stream)
         if any(is_eval(k) for k in metrics):
             print(format_eval(step, metrics), file=stream)
         stream.flush()
 
+    def _write_bar(self, stream: TextIO, step: int, metrics: Mapping[str, Any]) -> None:
+        from tqdm import tqdm  # imported only for a terminal: runs that log to files never pay for it
+
+        if any(not is_eval(k) for k in metrics):
+            if self._bar is None:
+                # Started at the first logged step, with the rate averaged over every step since
+                # (smoothing=0): the plain lines' ETA, compilation left out.
+                self._bar = tqdm(
+                    total=self.total_steps,
+                    initial=step,
+                    unit="step",
+                    file=stream,
+                    smoothing=0,
+                    dynamic_ncols=True,
+                )
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix_str(" | ".join(_console_fields(metrics)))
+        if any(is_eval(k) for k in metrics):
+            tqdm.write(format_eval(step, metrics), file=stream)  # clears the bar, prints, redraws it
+
     def close(self) -> None:
-        pass
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 # TensorBoard
@@ -351,7 +381,7 @@ class MetricsLogger:
       jsonl, tensorboard, console, wandb: which writers to enable. W&B is off by default.
       wandb_project, wandb_run_name, run_config: passed to ``wandb.init``.
       is_main: override the ``jax.process_index() == 0`` check (tests, custom launchers).
-      stream: console stream (default ``sys.stdout``).
+      stream: console stream (default ``sys.stdout``); a terminal gets a live progress bar.
     """
 
     def __init__(

@@ -3,6 +3,7 @@
 import io
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -102,6 +103,66 @@ def test_console_eta_uses_wall_clock_after_the_first_log():
     w.write(20, {M.LOSS: 0.5, "eval/loss": 0.6})
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("step  20/100  20% | loss 0.5000") and lines[1] == "eval @ 20 | loss 0.6000"
+
+
+class _Stdout(io.StringIO):
+    """A captured stdout that says whether it is a terminal."""
+
+    def __init__(self, tty):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+def _log_to_console(monkeypatch, tmp_path, tty):
+    out = _Stdout(tty)
+    monkeypatch.setattr(sys, "stdout", out)
+    with M.MetricsLogger(tmp_path, total_steps=10, jsonl=False, tensorboard=False, is_main=True) as lg:
+        held = lg.writers  # kept alive, so that only close(), not garbage collection, can end the bar
+        for s in (1, 2, 3):
+            lg.log(s, {M.LOSS: 1.0 / s, M.REWARDS_ACCURACIES: 0.5})
+            if s == 2:
+                lg.log(s, {"eval/loss": 0.6})
+    text = out.getvalue()
+    del held
+    return text
+
+
+def test_console_plain_lines_when_stdout_is_not_a_terminal(monkeypatch, tmp_path):
+    lines = _log_to_console(monkeypatch, tmp_path, tty=False).splitlines()
+    assert lines[0] == "step  1/10  10% | loss 1.0000 | acc 0.500"  # no ETA yet: its timing has compilation
+    assert lines[1].startswith("step  2/10  20% | loss 0.5000 | acc 0.500 | eta ")
+    assert lines[2] == "eval @ 2 | loss 0.6000"
+    assert lines[3].startswith("step  3/10  30% | loss 0.3333 | acc 0.500 | eta ")
+    assert len(lines) == 4
+
+
+def test_console_bar_when_stdout_is_a_terminal(monkeypatch, tmp_path):
+    out = _log_to_console(monkeypatch, tmp_path, tty=True)
+    assert not any(line.startswith("step ") for line in out.splitlines())  # no plain lines
+    assert "\r" in out  # the bar redraws itself in place
+    # What the terminal is left showing: each line's text after its last carriage return.
+    screen = [line.rsplit("\r", 1)[-1] for line in out.split("\n")]
+    assert screen[0] == "eval @ 2 | loss 0.6000"  # a line of its own above the bar, not torn into it
+    assert "3/10" in screen[1] and "loss 0.3333 | acc 0.500" in screen[1]
+    assert screen[2:] == [""]  # closed with the logger: the bar is finished, the cursor below it
+
+
+def test_console_bar_eta_is_the_plain_lines_eta(monkeypatch):
+    t = [0.0]
+    monkeypatch.setattr("tqdm.std.time", lambda: t[0])
+    bar, plain = _Stdout(tty=True), _Stdout(tty=False)
+    writers = [M.ConsoleWriter(101, stream=bar), M.ConsoleWriter(101, stream=plain, clock=lambda: t[0])]
+    for step, now in ((1, 100.0), (11, 130.0), (21, 190.0)):  # 3 s/step, then 6 s/step
+        t[0] = now
+        for w in writers:
+            w.write(step, {M.LOSS: 0.5})
+    # Both: the average pace since the first log (90 s for 20 steps) times the 80 steps left.
+    assert plain.getvalue().splitlines()[-1].endswith("| eta 0:06:00")
+    assert "21/101 [01:30<06:00," in bar.getvalue().rsplit("\r", 1)[-1]
+    writers[0].close()
 
 
 def _tb_files(out):
