@@ -1,4 +1,5 @@
-"""Tokenisation: the prompt / completion boundary, BOS / EOS counts, truncation, drops, report, speed."""
+"""Tokenisation: the prompt / completion boundary, BOS / EOS counts, truncation, drops, report, speed, and
+prompts alone (`encode_prompts`, for generation) getting the ids a record's prompt gets."""
 
 import time
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from helpers_tokenizer import make_tokenizer, save_tokenizer
 
-from jdpo.data import tokenize_preferences
+from jdpo.data import encode_prompt, encode_prompts, end_of_turn_id, tokenize_preferences
 
 TEXT = [
     {"prompt": "hello world, the answer is", "chosen": " forty two.", "rejected": " the lazy dog."},
@@ -214,3 +215,121 @@ def test_chat_template_errors_name_the_record_or_are_skipped():
         tokenize_preferences([CHAT[0], bad], tok)
     pairs, report = tokenize_preferences([CHAT[0], bad], tok, skip_bad_rows=True)
     assert len(pairs) == 1 and report.dropped["chat template error"] == 1 and "record 1" in str(report)
+
+
+LONG = "The quick brown fox jumps over the lazy dog. " * 6
+PROMPTS = [
+    "hello world, the answer is",
+    "hel",
+    "",
+    LONG,
+    "Human: how do I bake bread?\n\nAssistant:",
+    [msg("user", "hello there")],
+    [msg("system", "Be brief."), msg("user", "hello world")],
+    [msg("user", "hi"), msg("assistant", "hello"), msg("user", "the answer?")],
+    [msg("user", LONG)],
+    [],
+]
+
+
+def bos_is_eos_tokenizer():
+    """GPT-2 style: one token is both BOS and EOS, and the tokenizer adds neither."""
+    from transformers import PreTrainedTokenizerFast
+
+    base = make_tokenizer("chatml", add_bos=False)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=base.backend_tokenizer,
+        bos_token="</s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    tok.chat_template = base.chat_template
+    return tok
+
+
+TOKENIZERS = {
+    f"{t}-{'bos' if b else 'nobos'}{'-spm' if m else ''}": (
+        lambda t=t, b=b, m=m: make_tokenizer(t, add_bos=b, metaspace=m)
+    )
+    for t in (None, "chatml", "chatml_bos")
+    for b in (True, False)
+    for m in (False, True)
+} | {"bos_is_eos": bos_is_eos_tokenizer}
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+@pytest.mark.parametrize("max_prompt_length", [None, 1, 6])
+def test_encode_prompts_gives_the_prompt_ids_of_tokenize_preferences(name, max_prompt_length):
+    tok = TOKENIZERS[name]()
+    records = [{"prompt": p, "chosen": " forty two.", "rejected": " lazy."} for p in PROMPTS]
+    pairs, report = tokenize_preferences(records, tok, max_prompt_length=max_prompt_length)
+    assert report.pairs_kept == len(records)
+    got = encode_prompts(tok, PROMPTS, max_prompt_length=max_prompt_length)
+    assert all(g.dtype == np.int32 for g in got)
+    assert [g.tolist() for g in got] == [p.tolist() for p in pairs.prompt_ids]
+    for p, g in zip(PROMPTS, got, strict=True):
+        assert encode_prompt(tok, p, max_prompt_length=max_prompt_length).tolist() == g.tolist()
+    if max_prompt_length is not None:
+        assert report.prompts_truncated > 0 and max(map(len, got)) == max_prompt_length
+        full = encode_prompts(tok, PROMPTS)
+        for f, g in zip(full, got, strict=True):
+            # Longer prompts keep their end (and their BOS).
+            has_bos = int(bool(len(f)) and f[0] == tok.bos_token_id)
+            keep = max_prompt_length - has_bos
+            want = (
+                f.tolist()
+                if len(f) <= max_prompt_length
+                else f[:has_bos].tolist() + f[len(f) - keep :].tolist()
+            )
+            assert g.tolist() == want
+
+
+@pytest.mark.parametrize("template", [None, "chatml", "chatml_bos"])
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_encode_prompts_bos_and_template_rules(template, add_bos):
+    tok = make_tokenizer(template, add_bos=add_bos)
+    bos = tok.bos_token_id
+    text, chat = encode_prompts(tok, ["hello there", [msg("user", "hello there")]])
+    assert text.tolist() == [bos] * add_bos + ids(tok, "hello there")  # text as is
+    if template:
+        rendered = tok.apply_chat_template(
+            [msg("user", "hello there")], tokenize=False, add_generation_prompt=True
+        )
+        want = ids(tok, rendered)
+        assert chat.tolist() == ([bos] + want if add_bos and want[0] != bos else want)
+    else:
+        assert tok.decode(chat.tolist()).removeprefix("<s>") == "\n\nHuman: hello there\n\nAssistant:"
+    assert chat.tolist().count(bos) == int(add_bos or template == "chatml_bos")  # exactly one BOS
+
+
+def test_encode_prompts_names_bad_prompts():
+    tok = make_tokenizer("chatml")
+    with pytest.raises(TypeError, match="prompt 1: a prompt is a string or a list of .*messages, got int"):
+        encode_prompts(tok, ["fine", 42])
+    with pytest.raises(TypeError, match="got dict \\(a preference record\\? pass its 'prompt'\\)"):
+        encode_prompt(tok, {"prompt": "hi", "chosen": "a", "rejected": "b"})
+    with pytest.raises(
+        TypeError, match="prompt 0: message 1 must be a dict with 'role' and 'content' strings"
+    ):
+        encode_prompt(tok, [msg("user", "hi"), {"role": "assistant"}])
+    strict = (
+        "{% for m in messages %}{% if m['role'] == 'robot' %}{{ raise_exception('unknown role') }}{% endif %}"
+        "{% endfor %}"
+    )
+    with pytest.raises(
+        ValueError, match="prompt 0: the tokenizer's chat template rejected it .*unknown role"
+    ):
+        encode_prompt(make_tokenizer(strict), [msg("robot", "beep")])
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        encode_prompts(None, ["hi"])
+
+
+@pytest.mark.parametrize("template", [None, "chatml", "chatml_bos"])
+def test_end_of_turn_id_is_what_chat_completions_end_with(template):
+    tok = make_tokenizer(template)
+    if template is None:
+        assert end_of_turn_id(tok) is None
+        return
+    pairs, _ = tokenize_preferences(CHAT, tok)
+    assert end_of_turn_id(tok) == tok.convert_tokens_to_ids("<|im_end|>") == pairs.chosen_ids[0][-1]

@@ -3,6 +3,7 @@
 records = load_preferences("data/hh.jsonl:0.5,data/shp.parquet:5000", seed=0)
 train, held = split_eval(records, 0.02, seed=0)
 pairs, report = tokenize_preferences(train, tokenizer, max_length=1024, max_prompt_length=512)
+prompt_ids = encode_prompts(tokenizer, ["2+2="], max_prompt_length=512)  # as a record's prompt_ids
 batches = PreferenceBatches(pairs, rows_per_batch=64, row_length=2048, seed=0)
 batch = next(batches)        # this host's rows of the global batch; see batching.py for the layout
 position = batches.state()   # {"epoch", "batch", ...}; batches.restore(position) resumes exactly
@@ -28,7 +29,14 @@ from jdpo.data.formats import (
     split_eval,
 )
 from jdpo.data.sources import DataError, parse_source_spec, read_rows
-from jdpo.data.tokenize import TokenizedPairs, TokenizeReport, tokenize_preferences
+from jdpo.data.tokenize import (
+    TokenizedPairs,
+    TokenizeReport,
+    encode_prompt,
+    encode_prompts,
+    end_of_turn_id,
+    tokenize_preferences,
+)
 
 __all__ = [
     "BATCH_KEYS",
@@ -42,6 +50,9 @@ __all__ = [
     "TokenizedPairs",
     "compare_padding",
     "detect_format",
+    "encode_prompt",
+    "encode_prompts",
+    "end_of_turn_id",
     "extract_prompt",
     "load_preferences",
     "make_batch",

@@ -22,10 +22,15 @@ Rules (tested in tests/test_data_tokenize.py):
   kept too), completions from the right to `max_length - len(prompt)`. A pair with no room left for a
   completion, an empty completion, or chosen == rejected (before or after truncation) is dropped and
   counted in the report.
+
+`encode_prompts` is the prompt side on its own (for generation): the same rendering, BOS and truncation
+code that `tokenize_preferences` runs on a record's prompt, so a prompt generates from the ids it was
+trained with. `end_of_turn_id` is the token a chat completion ends with (a stop token for generation).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import Counter
 from collections.abc import Sequence
@@ -183,21 +188,30 @@ class _Renderer:
             text = stripped  # whitespace after the end-of-turn token is never generated
         return text
 
+    def prompt(self, prompt: str | list[dict]) -> str:
+        """The text of a prompt: text as is; messages through the chat template with
+        add_generation_prompt=True (an empty list renders as ""), or without a template as plain turns
+        ending with the assistant header (the completion then starts with its space)."""
+        if not _is_messages(prompt):
+            return prompt
+        if not self.has_template:
+            return render_plain(prompt) + _HEAD
+        return self._template(prompt, True) if prompt else ""
+
     def __call__(self, rec: dict) -> tuple[str, str, str, bool]:
         prompt, chosen, rejected = rec["prompt"], rec["chosen"], rec["rejected"]
         chat = _is_messages(chosen) or _is_messages(prompt)
         if not chat:
-            return prompt, chosen, rejected, False
+            return self.prompt(prompt), chosen, rejected, False
         as_msgs = lambda x, role: x if isinstance(x, list) else [{"role": role, "content": x}]  # noqa: E731
         prompt, chosen, rejected = (
             as_msgs(prompt, "user"),
             as_msgs(chosen, "assistant"),
             as_msgs(rejected, "assistant"),
         )
+        p = self.prompt(prompt)
         if not self.has_template:
-            # The prompt ends with the assistant header; the completion starts with its space.
-            return render_plain(prompt) + _HEAD, _plain_completion(chosen), _plain_completion(rejected), False
-        p = self._template(prompt, True) if prompt else ""
+            return p, _plain_completion(chosen), _plain_completion(rejected), False
         return p, self._completion(prompt, p, chosen), self._completion(prompt, p, rejected), True
 
 
@@ -240,6 +254,139 @@ def _encode_continuations(tokenizer: Any, texts: list[str], batch_size: int) -> 
     return out
 
 
+def _finish_completion(
+    ids: list[int], chat: bool, *, bos: int | None, eos: int | None, special_ids: set[int]
+) -> tuple[list[int], bool]:
+    """(completion ids ending in EOS / end-of-turn, whether a leading BOS was removed)."""
+    had_bos = bos is not None and bool(ids) and ids[0] == bos
+    if had_bos:
+        ids = ids[1:]  # a template that writes BOS into every render (only with an empty prompt)
+    if eos is None:
+        return ids, had_bos
+    if chat:
+        return (ids if any(t in special_ids for t in ids) else ids + [eos]), had_bos
+    return (ids if ids and ids[-1] == eos else ids + [eos]), had_bos
+
+
+def _prompt_ids(
+    tokenizer: Any,
+    texts: list[str],
+    *,
+    max_prompt_length: int | None,
+    batch_size: int,
+    bos_elsewhere: Sequence[bool] | None = None,
+) -> tuple[list[list[int]], list[bool]]:
+    """Token ids of rendered prompt texts under the BOS and truncation rules (module docstring), and
+    whether each was truncated. `bos_elsewhere[k]`: the chat template wrote a BOS outside prompt k's text
+    (into its completion's render, which happens only for an empty prompt); the prompt gets it."""
+    bos, wants_bos, _ = bos_eos(tokenizer)
+    out, truncated = [], []
+    for k, p in enumerate(_encode(tokenizer, texts, batch_size)):
+        elsewhere = bos_elsewhere is not None and bos_elsewhere[k]
+        has_bos = bos is not None and (wants_bos or elsewhere or (bool(p) and p[0] == bos))
+        while bos is not None and p and p[0] == bos:
+            p = p[1:]
+        if has_bos:
+            p = [bos] + p
+        cut = max_prompt_length is not None and len(p) > max_prompt_length
+        if cut:
+            head = p[:1] if has_bos else []
+            p = head + p[len(p) - (max_prompt_length - len(head)) :]
+        out.append(p)
+        truncated.append(cut)
+    return out, truncated
+
+
+def _check_prompt(prompt: Any, k: int) -> None:
+    if isinstance(prompt, str):
+        return
+    if not isinstance(prompt, list):
+        hint = " (a preference record? pass its 'prompt')" if isinstance(prompt, dict) else ""
+        raise TypeError(
+            f"prompt {k}: a prompt is a string or a list of {{'role': ..., 'content': ...}} messages, "
+            f"got {type(prompt).__name__}{hint}"
+        )
+    for i, m in enumerate(prompt):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise TypeError(
+                f"prompt {k}: message {i} must be a dict with 'role' and 'content' strings, got {m!r:.100}"
+            )
+
+
+def encode_prompts(
+    tokenizer: Any,
+    prompts: Sequence[str | list[dict]],
+    *,
+    max_prompt_length: int | None = None,
+    batch_size: int = 2048,
+) -> list[np.ndarray]:
+    """Token ids (int32) of prompts to generate from, built by the code that builds a record's prompt ids
+    in `tokenize_preferences`: text as is; a message list through the tokenizer's chat template with
+    add_generation_prompt=True (without a template: plain "\\n\\nHuman: ...\\n\\nAssistant:" turns, as
+    training renders them); exactly one BOS when the tokenizer adds one or the template writes one; a
+    prompt over `max_prompt_length` tokens keeps its end (and its BOS).
+
+    A text prompt stays text, also where training made it a user turn (records whose completions are
+    messages); pass `[{"role": "user", "content": text}]` for that prompt. Raises TypeError for a prompt
+    that is neither, ValueError where the chat template rejects a message list.
+    """
+    if tokenizer is None:
+        raise ValueError("encoding prompts needs a tokenizer")
+    render = _Renderer(tokenizer)
+    texts, bos_elsewhere = [], []
+    for k, prompt in enumerate(prompts):
+        _check_prompt(prompt, k)
+        try:
+            texts.append(render.prompt(prompt))
+        except Exception as e:  # the template's own checks (role order, unknown roles, ...)
+            raise ValueError(
+                f"prompt {k}: the tokenizer's chat template rejected it ({type(e).__name__}: {e}); give the "
+                "roles in an order the template accepts, or pass the prompt as text"
+            ) from None
+        # An empty message list renders as "": the BOS a template writes reaches it as in training, where
+        # it arrives with the completion's render.
+        bos_elsewhere.append(prompt == [] and render.has_template and _template_writes_bos(render))
+    ids, _ = _prompt_ids(
+        tokenizer,
+        texts,
+        max_prompt_length=max_prompt_length,
+        batch_size=batch_size,
+        bos_elsewhere=bos_elsewhere,
+    )
+    return [np.asarray(p, np.int32) for p in ids]
+
+
+def encode_prompt(
+    tokenizer: Any, prompt: str | list[dict], *, max_prompt_length: int | None = None
+) -> np.ndarray:
+    """`encode_prompts` for one prompt."""
+    return encode_prompts(tokenizer, [prompt], max_prompt_length=max_prompt_length)[0]
+
+
+def _template_writes_bos(render: _Renderer) -> bool:
+    bos = render.tok.bos_token_id
+    ids = _encode(render.tok, [render._template([{"role": "user", "content": "x"}], True)], 1)[0]
+    return bos is not None and bool(ids) and ids[0] == bos
+
+
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The special token an assistant turn ends with under the tokenizer's chat template (`<|im_end|>`,
+    `<|eot_id|>`, ...: what a chat completion ends with in training and what generation stops on), or
+    None without a chat template or when the turn ends with no special token."""
+    render = _Renderer(tokenizer)
+    if not render.has_template:
+        return None
+    prompt = [{"role": "user", "content": "hi"}]
+    text = render._completion(prompt, render.prompt(prompt), [{"role": "assistant", "content": "a"}])
+    encode = _encode_continuations if _needs_anchor(tokenizer) else _encode
+    bos, _, eos = bos_eos(tokenizer)
+    special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    ids, _ = _finish_completion(
+        encode(tokenizer, [text], 1)[0], True, bos=bos, eos=eos, special_ids=special_ids
+    )
+    return int(ids[-1]) if ids and ids[-1] in special_ids else None
+
+
 def tokenize_preferences(
     records: Sequence[dict],
     tokenizer: Any,
@@ -261,7 +408,7 @@ def tokenize_preferences(
     """
     report = TokenizeReport(pairs_read=len(records))
     render = _Renderer(tokenizer)
-    bos, wants_bos, eos = bos_eos(tokenizer)
+    bos, _, eos = bos_eos(tokenizer)
     if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
         raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
 
@@ -290,39 +437,23 @@ def tokenize_preferences(
         chat_flags.append(chat)
     report.template_fallbacks = render.fallbacks
 
-    ids_p = _encode(tokenizer, texts_p, batch_size)
     encode_completions = _encode_continuations if _needs_anchor(tokenizer) else _encode
-    ids_c = encode_completions(tokenizer, texts_c, batch_size)
-    ids_r = encode_completions(tokenizer, texts_r, batch_size)
     special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
-
-    def finish_completion(ids: list[int], chat: bool) -> tuple[list[int], bool]:
-        """(completion ids ending in EOS / end-of-turn, whether a leading BOS was removed)."""
-        had_bos = bos is not None and bool(ids) and ids[0] == bos
-        if had_bos:
-            ids = ids[1:]  # a template that writes BOS into every render (only with an empty prompt)
-        if eos is None:
-            return ids, had_bos
-        if chat:
-            return (ids if any(t in special_ids for t in ids) else ids + [eos]), had_bos
-        return (ids if ids and ids[-1] == eos else ids + [eos]), had_bos
+    finish = functools.partial(_finish_completion, bos=bos, eos=eos, special_ids=special_ids)
+    done_c = list(map(finish, encode_completions(tokenizer, texts_c, batch_size), chat_flags))
+    done_r = list(map(finish, encode_completions(tokenizer, texts_r, batch_size), chat_flags))
+    ids_p, cut_p = _prompt_ids(
+        tokenizer,
+        texts_p,
+        max_prompt_length=max_prompt_length,
+        batch_size=batch_size,
+        bos_elsewhere=[c_bos or r_bos for (_, c_bos), (_, r_bos) in zip(done_c, done_r, strict=True)],
+    )
+    report.prompts_truncated = sum(cut_p)
 
     out_p, out_c, out_r, out_src = [], [], [], []
     for j, i in enumerate(keep):
-        p = ids_p[j]
-        (c, c_bos), (r, r_bos) = (
-            finish_completion(ids_c[j], chat_flags[j]),
-            finish_completion(ids_r[j], chat_flags[j]),
-        )
-        had_bos = bos is not None and (bool(p) and p[0] == bos or c_bos or r_bos)
-        while bos is not None and p and p[0] == bos:
-            p = p[1:]
-        if wants_bos or had_bos:
-            p = [bos] + p
-        if max_prompt_length is not None and len(p) > max_prompt_length:
-            head = p[:1] if (wants_bos or had_bos) else []
-            p = head + p[len(p) - (max_prompt_length - len(head)) :]
-            report.prompts_truncated += 1
+        p, (c, _), (r, _) = ids_p[j], done_c[j], done_r[j]
         if max_length is not None:
             room = max_length - len(p)
             if room < 1:
