@@ -21,8 +21,8 @@ the batch it landed in or the mesh. A row stops at its first stop token (the tok
 model config's / generation_config.json's eos ids and, with a chat template, the template's end-of-turn
 token); the stop token is part of the output and later steps emit the pad id.
 
-Prompts are tokenised by `jdpo.data.tokenize_preferences`, the training path itself: text as is, message
-lists through the tokenizer's chat template with add_generation_prompt=True, exactly one BOS.
+Prompts are tokenised by `jdpo.data.encode_prompts`, the code that builds training's prompt ids: text as
+is, message lists through the tokenizer's chat template with add_generation_prompt=True, exactly one BOS.
 
 Sharding: with a mesh the rows are split over ("data", "fsdp") (the batch is padded with copies of the
 first prompt up to a multiple of that), the parameters stay as loaded and the cache is constrained like
@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from jdpo.data import encode_prompts, end_of_turn_id
 
 Prompt = str | list[dict]
 
@@ -264,44 +266,21 @@ class Generator:
         if tok is not None:
             if tok.eos_token_id is not None:
                 ids.append(tok.eos_token_id)
-            if getattr(tok, "chat_template", None):
-                # The last token of a rendered assistant turn is the template's end-of-turn token (what the
-                # training completions end with, see jdpo.data.tokenize).
-                from jdpo.data import tokenize_preferences
-
-                rec = {
-                    "prompt": [{"role": "user", "content": "hi"}],
-                    "chosen": "a",
-                    "rejected": self._filler()[1],
-                }
-                pairs, _ = tokenize_preferences([rec], tok)
-                if len(pairs) and len(pairs.chosen_ids[0]):
-                    last = int(pairs.chosen_ids[0][-1])
-                    if last in set(getattr(tok, "all_special_ids", []) or []):
-                        ids.append(last)
+            # The last token of a rendered assistant turn is the template's end-of-turn token (what the
+            # training completions end with, see jdpo.data.tokenize).
+            end_of_turn = end_of_turn_id(tok)
+            if end_of_turn is not None:
+                ids.append(end_of_turn)
         return ids
-
-    def _filler(self) -> tuple[str, str]:
-        """Two completions that tokenise differently with any tokenizer (so `tokenize_preferences` keeps the
-        pair; only its prompt ids are used): one and two EOS tokens."""
-        eos = getattr(self.tokenizer, "eos_token", None)
-        return (eos, eos * 2) if eos else ("a", "a a")
 
     def encode_prompts(
         self, prompts: Sequence[Prompt], *, max_prompt_length: int | None = None
     ) -> list[np.ndarray]:
-        """Prompt token ids as training tokenises them (`jdpo.data.tokenize_preferences`): text as is,
-        message lists through the chat template with add_generation_prompt=True; one BOS."""
-        from jdpo.data import tokenize_preferences
-
+        """Prompt token ids as training builds them (`jdpo.data.encode_prompts`): text as is, message lists
+        through the chat template with add_generation_prompt=True; one BOS; long prompts keep their end."""
         if self.tokenizer is None:
             raise ValueError("text prompts need a tokenizer: pass one to Generator or use generate_ids")
-        chosen, rejected = self._filler()
-        records = [{"prompt": p, "chosen": chosen, "rejected": rejected} for p in prompts]
-        pairs, report = tokenize_preferences(records, self.tokenizer, max_prompt_length=max_prompt_length)
-        if len(pairs) != len(prompts):
-            raise ValueError(f"could not tokenise every prompt:\n{report}")
-        return list(pairs.prompt_ids)
+        return encode_prompts(self.tokenizer, prompts, max_prompt_length=max_prompt_length)
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(t) for t in ids], skip_special_tokens=True)

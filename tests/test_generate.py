@@ -205,6 +205,28 @@ def test_chat_prompts_use_the_template_with_one_bos(llama):
     assert pieces == out[1]["completion"]
 
 
+@pytest.mark.parametrize("template", [None, "chatml", "chatml_bos"])
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_encode_prompts_are_the_prompt_ids_training_sees(llama, template, add_bos):
+    from jdpo.data import encode_prompts, tokenize_preferences
+
+    tok = make_tokenizer(chat_template=template, add_bos=add_bos)
+    user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+    long = "The quick brown fox jumps over the lazy dog. " * 6
+    prompts = ["12+35=", long, user("hello there"), user(long), [{"role": "system", "content": "Be brief."}]]
+    records = [{"prompt": p, "chosen": " yes", "rejected": " no"} for p in prompts]
+    gen = Generator(llama, tok)
+    for max_prompt_length in (None, 8):
+        pairs, _ = tokenize_preferences(records, tok, max_prompt_length=max_prompt_length)
+        got = gen.encode_prompts(prompts, max_prompt_length=max_prompt_length)
+        assert [g.tolist() for g in got] == [p.tolist() for p in pairs.prompt_ids]
+        assert [g.tolist() for g in got] == [
+            p.tolist() for p in encode_prompts(tok, prompts, max_prompt_length=max_prompt_length)
+        ]
+    with pytest.raises(TypeError, match="prompt 0: a prompt is a string or a list"):
+        gen.encode_prompts([("user", "hi")])
+
+
 def test_sampler_filters():
     logits = jnp.asarray(np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 256, np.float32)))
     keys = jax.random.split(jax.random.key(0), 256)
