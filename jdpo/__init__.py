@@ -22,6 +22,7 @@ _LAZY = {
     "load_preferences": "jdpo.data",
     "load_config": "jdpo.config",
     "Config": "jdpo.config",
+    "Trainer": "jdpo.train",
 }
 
 __all__ = sorted(_LAZY)

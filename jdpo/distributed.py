@@ -444,6 +444,19 @@ def any_process(flag: bool) -> bool:
     return bool(np.max(flags))
 
 
+def sum_over_processes(values):
+    """Elementwise sum over all processes of a small vector of counts (a collective: call it on every
+    process at the same point), e.g. the tokens each host fed into a step. int32: per-step counts."""
+    import numpy as np
+
+    local = np.asarray(values, np.int32)
+    if process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(local)).reshape(-1, *local.shape).sum(axis=0)
+
+
 def main_process_only(fn: Callable[..., T]) -> Callable[..., T | None]:
     """Decorator: run `fn` on process 0 only; other processes get None right away.
 

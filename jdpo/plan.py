@@ -34,7 +34,7 @@ they divide by it):
                   final hidden states and their norm input 2D * b per token
   log-prob chunk  chunk x V float32 logits of the chunked log-prob scan, chunk = min(LOGPROB_CHUNK,
                   B * T): this device's rows are laid end to end as one group and scanned one chunk of
-                  positions at a time (`jdpo.train.LOGPROB_CHUNK`, the train step's chunk size)
+                  positions at a time (`jdpo.step.LOGPROB_CHUNK`, the train step's chunk size)
   batch           the step's [A, B, T] int32/float32 input arrays (5 per token)
   reference cache on host / disk, not on the device: 16 bytes per pair (two float32 log-probs and
                   two int32 token counts), train + eval pairs
@@ -269,7 +269,7 @@ def plan_memory(
     import jax.numpy as jnp
     import optax
 
-    from jdpo.train import LOGPROB_CHUNK, make_optimizer
+    from jdpo.step import LOGPROB_CHUNK, make_optimizer
 
     data, fsdp, tensor = resolve_mesh(cfg.mesh, num_devices)
     mesh = _MeshShape(data, fsdp, tensor)

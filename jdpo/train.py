@@ -1,17 +1,17 @@
-"""DPO training: the train state, the pure jitted train step, evaluation, and the loop around them.
+"""DPO training: a run's set-up and the loop around the jitted step (`jdpo.step`).
 
     result = jdpo.train.run(config, callbacks=[lambda m: print(m["step"], m.get("loss"))])
     result.final_dir   # <output_dir>/final, a Hugging Face checkpoint of the trained policy
 
-The state is a plain pytree {"params", "opt_state", "step", "rng"} (plus "ref_params" with an online
-reference): the model's graph definition is static and lives outside it (`nnx.split` / `nnx.merge` at
-the jit boundary), so the step is `train_step(state, batch) -> (state, metrics)` under `jax.jit` with
-explicit in / out shardings over the ("data", "fsdp", "tensor") mesh and the state donated. The
-optimizer state is sharded like the parameters.
+    trainer = jdpo.Trainer(config)            # model, data, reference log-probs, compiled step, state
+    trainer.fit(callbacks=[...])              # train (or continue) to the configured number of steps
+    trainer.evaluate()                        # eval/ metrics of the current policy on the held-out split
+    trainer.generate(["2+2="])                # completions of the current policy
+    jdpo.Trainer.from_checkpoint("runs/x")    # a run's newest checkpoint (or runs/x/checkpoints/<step>)
 
-One step = `grad_accum` micro-batches [A, B, T] scanned inside the jit; each contributes the SUM of
-its per-pair losses and its number of valid pairs, and the gradient is divided by the step's total
-pair count once, so 1 x 8 and 8 x 1 accumulation are the same optimisation (up to float rounding).
+Set-up reads top to bottom: model and tokenizer, data (records -> token ids -> packed batches), the
+compiled step functions, the reference log-probs of the initial weights, the initial state. The loop
+asks the policies of `jdpo.guards` (cadences, early stop, SIGTERM, non-finite loss) what to do.
 
 Resume: `run` on an output directory with checkpoints continues from the newest one (parameters,
 optimizer state, step, data-iterator position, early-stop bookkeeping), and the metrics it logs are
@@ -22,13 +22,9 @@ loss raises `NonFiniteLossError` naming the step and keeps the last good checkpo
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
-import signal
-import threading
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,31 +32,27 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
-from jdpo import losses, metrics, refcache
+from jdpo import metrics, refcache
 from jdpo.batch import Batch
 from jdpo.checkpoint import Checkpointer, abstract_like, from_checkpoint, to_checkpoint
-from jdpo.config import Config, DPOSection, OptimSection
+from jdpo.config import Config
 from jdpo.flops import batch_token_stats, throughput_metrics, total_peak_flops, train_flops
-from jdpo.forward import PairLogps, over_split, pair_logprobs, split_metrics
-from jdpo.sharding import batch_sharding, jit_on_mesh
+from jdpo.forward import PairLogps, over_split, split_metrics
+from jdpo.guards import EarlyStopping, NonFiniteLossError, Preemption, check_finite, due
+from jdpo.step import StepSettings, compiled_steps
+
+__all__ = ["NonFiniteLossError", "RunResult", "Trainer", "pairs_per_row", "resolve_dtype", "run"]
 
 log = logging.getLogger(__name__)
 
 MAX_PAIRS_PER_ROW = 16
-OVERFIT_ACCURACY = 0.8  # eval preference accuracy above this is suspicious on real preference data
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN / inf; the message names the step and the last good checkpoint."""
 
 
 @dataclasses.dataclass
 class RunResult:
-    """What `run` returns."""
+    """What `run` and `Trainer.fit` return."""
 
     step: int  # the last completed optimizer step
     metrics: dict[str, Any]  # the last logged train metrics
@@ -70,169 +62,6 @@ class RunResult:
     metrics_path: Path
     checkpoint_dir: Path
     stop_reason: str  # completed | early_stop | sigterm | callback
-
-
-# ------------------------------------------------------------------------------------------------
-# The optimizer and the pure step functions
-# ------------------------------------------------------------------------------------------------
-
-
-def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with linear warmup over `warmup_ratio` of the steps then cosine decay to 0, after
-    global-norm clipping. Returns (optimizer, learning-rate schedule)."""
-    warmup = int(cfg.warmup_ratio * total_steps)
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=cfg.learning_rate,
-        warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1),
-        end_value=0.0,
-    )
-    adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    if cfg.max_grad_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw), schedule
-    return adamw, schedule
-
-
-# Positions per chunk of the log-prob scan (each device's rows are one group, so a chunk's float32 logits
-# are LOGPROB_CHUNK x V): 256 ran the bench's log-prob fwd+bwd in 802 ms vs 849 ms at 128, 782 ms at 512.
-LOGPROB_CHUNK = 256
-
-
-@dataclasses.dataclass(frozen=True)
-class StepSettings:
-    """Everything static the step functions close over. Hashable: compiled functions are shared
-    between runs with equal settings (repeated runs in one process, test suites) via `compiled_steps`."""
-
-    graphdef: Any
-    mesh: Any
-    abstract_params: tuple  # (treedef, leaves): ShapeDtypeStructs carrying the parameter shardings
-    dpo: DPOSection  # the loss and reference settings, whole
-    optim: OptimSection
-    total_steps: int
-    chunk_size: int = LOGPROB_CHUNK
-
-    def params_like(self):
-        return jax.tree.unflatten(*self.abstract_params)
-
-    def param_shardings(self):
-        return jax.tree.map(lambda x: x.sharding, self.params_like())
-
-
-def _micro_loss(s: StepSettings, params, ref_params, batch: Batch):
-    """Summed per-pair loss of one micro-batch and the sums its metrics are made of (pair count in
-    "pairs"). Sums, not means: the caller divides by the step's total pair count once."""
-    out = pair_logprobs(nnx.merge(s.graphdef, params), batch, chunk_size=s.chunk_size)
-    if s.dpo.reference == "online":
-        ref = pair_logprobs(nnx.merge(s.graphdef, ref_params), batch, chunk_size=s.chunk_size)
-        ref_c, ref_r = jax.lax.stop_gradient(ref["chosen"]), jax.lax.stop_gradient(ref["rejected"])
-    else:  # cached: looked up on the host and attached to the batch; none: reference-free losses
-        ref_c, ref_r = batch.ref_chosen_logps, batch.ref_rejected_logps
-    valid_BxP = batch.valid_pairs.astype(jnp.float32)
-    loss_BxP, m = losses.dpo_loss(
-        out["chosen"],
-        out["rejected"],
-        ref_c,
-        ref_r,
-        chosen_lengths=out["chosen_counts"],
-        rejected_lengths=out["rejected_counts"],
-        weights=valid_BxP,
-        reduction="none",
-        **s.dpo.loss_kwargs(),
-    )
-    sums = {k: jnp.sum(v) for k, v in m.items()}
-    sums["loss"] = jnp.sum(loss_BxP)
-    sums["pairs"] = jnp.sum(valid_BxP)
-    return sums["loss"], sums
-
-
-def _means(sums: dict) -> dict:
-    """Sums over pairs -> means over pairs (the pair count stays as "pairs")."""
-    n = jnp.maximum(sums["pairs"], 1.0)
-    return {k: (v if k == "pairs" else v / n) for k, v in sums.items()}
-
-
-@dataclasses.dataclass(frozen=True)
-class Steps:
-    """The jitted functions of one StepSettings (see `compiled_steps`)."""
-
-    train_step: Callable  # (state, Batch[A, B, T]) -> (state, metrics); state donated
-    forward: Callable  # (params, Batch[B, T]) -> per-pair log-probs / counts [B, P] (reference, eval)
-    init_opt: Callable  # params -> optimizer state, born sharded like the params
-    copy_params: Callable  # params -> a copy in fresh buffers (the frozen online reference)
-    schedule: Callable
-    state_shardings: dict
-
-
-@functools.lru_cache(maxsize=8)
-def compiled_steps(s: StepSettings) -> Steps:
-    """The step functions under `jax.jit` with explicit in / out shardings (and donation of the state)."""
-    tx, schedule = make_optimizer(s.optim, s.total_steps)
-    replicated = NamedSharding(s.mesh, PartitionSpec())
-    param_sh = s.param_shardings()
-
-    def train_step(state, batch):
-        params, ref_params = state["params"], state.get("ref_params")
-        grad_fn = jax.grad(functools.partial(_micro_loss, s), has_aux=True)
-
-        def micro(carry, mb):
-            g_acc, sums_acc = carry
-            g, sums = grad_fn(params, ref_params, mb)
-            g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-            return (g_acc, jax.tree.map(jnp.add, sums_acc, sums)), None
-
-        first = jax.tree.map(lambda x: x[0], batch)
-        sums_shape = jax.eval_shape(lambda: _micro_loss(s, params, ref_params, first)[1])
-        carry0 = (
-            jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
-            jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), sums_shape),
-        )
-        (grads, sums), _ = jax.lax.scan(micro, carry0, batch)
-        # Divide once by the step's pair count: every pair weighs the same however the rows were split.
-        n = jnp.maximum(sums["pairs"], 1.0)
-        grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grads, params)
-        grads = jax.lax.with_sharding_constraint(grads, param_sh)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
-        # The RNG advances every step so that anything stochastic added to the step (dropout, sampled
-        # losses) gets fresh, checkpointed randomness; the built-in losses use none.
-        rng = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"]))
-        new_state = dict(state, params=new_params, opt_state=opt_state, step=state["step"] + 1, rng=rng)
-        out = _means(sums)
-        out["grad_norm"] = optax.tree.norm(grads)
-        out["learning_rate"] = schedule(state["step"])
-        return new_state, out
-
-    def forward(params, batch):
-        return pair_logprobs(nnx.merge(s.graphdef, params), batch, chunk_size=s.chunk_size)
-
-    abstract_opt = jax.eval_shape(tx.init, s.params_like())
-    opt_sh = optax.tree_map_params(
-        tx, lambda _, sh: sh, abstract_opt, param_sh, transform_non_params=lambda _: replicated
-    )
-    state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated, "rng": replicated}
-    if s.dpo.reference == "online":
-        state_sh["ref_params"] = param_sh
-    rows_acc, rows = batch_sharding(s.mesh, accum=True), batch_sharding(s.mesh)
-
-    def on_mesh(fn, **kw):
-        return jit_on_mesh(fn, s.mesh, **kw)
-
-    return Steps(
-        train_step=on_mesh(
-            train_step,
-            in_shardings=(state_sh, rows_acc),
-            out_shardings=(state_sh, replicated),
-            donate_argnums=0,
-        ),
-        forward=on_mesh(forward, in_shardings=(param_sh, rows), out_shardings=rows),
-        init_opt=on_mesh(tx.init, in_shardings=(param_sh,), out_shardings=opt_sh),
-        copy_params=on_mesh(
-            lambda p: jax.tree.map(jnp.copy, p), in_shardings=(param_sh,), out_shardings=param_sh
-        ),
-        schedule=schedule,
-        state_shardings=state_sh,
-    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -259,10 +88,6 @@ class Trainer:
     compiled step functions and the initial train state. `fit()` runs the loop."""
 
     def __init__(self, config: Config, *, mesh=None):
-        from transformers import AutoTokenizer
-
-        from jdpo import data as jdata
-        from jdpo.models import from_pretrained
         from jdpo.sharding import make_mesh
 
         self.config = c = config
@@ -271,21 +96,55 @@ class Trainer:
         self.mesh = mesh if mesh is not None else make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
         self.output_dir = Path(c.train.output_dir)
         self.dtype = resolve_dtype(c.model.dtype)
-        self.tokenizer = AutoTokenizer.from_pretrained(c.model.path)
-        model, self.model_config = from_pretrained(
-            c.model.path,
-            dtype=self.dtype,
-            param_dtype=jnp.dtype(c.model.param_dtype),
+        params = self._load_model()
+        self._load_data()
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
+        self.settings = StepSettings(
+            graphdef=self.graphdef,
             mesh=self.mesh,
-            remat=c.model.remat,
-            scan_layers=c.model.scan_layers,
-            attention=c.model.attention,
-            attention_block=c.model.attention_block,
+            abstract_params=(jax.tree.structure(abstract), tuple(jax.tree.leaves(abstract))),
+            dpo=c.dpo,
+            optim=c.optim,
+            total_steps=self.total_steps,
+        )
+        self.steps = compiled_steps(self.settings)
+        # Reference log-probs of the initial weights, before the first step donates them.
+        self._prepare_reference(params)
+        self.state = self._initial_state(params)
+        self.step = 0  # the last completed optimizer step (a restored checkpoint's)
+        self.early_stopping = EarlyStopping(c.train, c.dpo.loss_type)
+        self._restored = False
+        self._checkpointer: Checkpointer | None = None
+
+    # -- set-up ------------------------------------------------------------------------------------
+
+    def _load_model(self):
+        """Tokenizer and policy from `model.path`; returns the parameters (born sharded)."""
+        from transformers import AutoTokenizer
+
+        from jdpo.models import from_pretrained
+
+        m = self.config.model
+        self.tokenizer = AutoTokenizer.from_pretrained(m.path)
+        model, self.model_config = from_pretrained(
+            m.path,
+            dtype=self.dtype,
+            param_dtype=jnp.dtype(m.param_dtype),
+            mesh=self.mesh,
+            remat=m.remat,
+            scan_layers=m.scan_layers,
+            attention=m.attention,
+            attention_block=m.attention_block,
         )
         self.graphdef, params = nnx.split(model)
+        return params
 
-        # Data: records -> (train, eval) -> token ids -> fixed-shape batches.
-        d = c.data
+    def _load_data(self) -> None:
+        """Records -> (train, eval) -> token ids -> the packed train batches, and the step count."""
+        from jdpo import data as jdata
+        from jdpo.sharding import row_shards
+
+        c, d = self.config, self.config.data
         records = jdata.load_preferences(
             list(d.train), d.format, seed=c.train.seed, skip_bad_rows=d.skip_bad_rows
         )
@@ -305,7 +164,7 @@ class Trainer:
         if self.eval_pairs is not None:
             lengths.append(self.eval_pairs.pair_lengths())
         self.max_pairs = pairs_per_row(self.row_length, lengths) if d.packing else 1
-        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        shards = row_shards(self.mesh)
         if c.train.batch_rows % shards:
             raise ValueError(f"train.batch_rows={c.train.batch_rows} must divide over the {shards} row "
                              f"shards of the mesh (data x fsdp = {dict(self.mesh.shape)})")  # fmt: skip
@@ -319,44 +178,35 @@ class Trainer:
         if self.batches.dropped_too_long:
             log.warning("%d train pairs are longer than a row (%d tokens) and are left out",
                         self.batches.dropped_too_long, self.row_length)  # fmt: skip
-        A = c.train.grad_accum
         self.batches_per_epoch = self.batches.num_batches(0)
-        self.steps_per_epoch = self.batches_per_epoch / A
+        self.steps_per_epoch = self.batches_per_epoch / c.train.grad_accum
         self.total_steps = c.train.max_steps or max(1, math.ceil(c.train.num_epochs * self.steps_per_epoch))
 
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
-        self.settings = StepSettings(
-            graphdef=self.graphdef,
-            mesh=self.mesh,
-            abstract_params=(jax.tree.structure(abstract), tuple(jax.tree.leaves(abstract))),
-            dpo=c.dpo,
-            optim=c.optim,
-            total_steps=self.total_steps,
-        )
-        self.steps = compiled_steps(self.settings)
-
-        # Reference log-probs of the initial weights (before the first step donates them).
+    def _prepare_reference(self, params) -> None:
+        """`dpo.reference: cached`: the reference log-probs of both splits (from the on-disk cache when
+        its key matches). `online` keeps a frozen copy of the weights in the state instead."""
         self.ref_train = self.ref_eval = None
         self.ref_reused: dict[str, bool] = {}
         self.ref_keys: dict[str, str] = {}
-        if c.dpo.reference == "cached":
-            ref_params = self._reference_params(params)
-            self.ref_train = self._reference(ref_params, self.train_pairs, "train")
-            if self.eval_pairs is not None:
-                self.ref_eval = self._reference(ref_params, self.eval_pairs, "eval")
-            if ref_params is not params:
-                del ref_params
+        if self.config.dpo.reference != "cached":
+            return
+        ref_params = self._reference_params(params)
+        self.ref_train = self._reference(ref_params, self.train_pairs, "train")
+        if self.eval_pairs is not None:
+            self.ref_eval = self._reference(ref_params, self.eval_pairs, "eval")
+
+    def _initial_state(self, params) -> dict:
         state = {
             "params": params,
             "opt_state": self.steps.init_opt(params),
             "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(jax.random.key(c.train.seed)),
+            "rng": jax.random.key_data(jax.random.key(self.config.train.seed)),
         }
-        if c.dpo.reference == "online":
+        if self.config.dpo.reference == "online":
             state["ref_params"] = self.steps.copy_params(self._reference_params(params))
         # Committed to exactly the shardings the step returns: an uncommitted scalar here would make
         # step 2 (whose inputs are step 1's outputs) compile a second time.
-        self.state = jax.device_put(state, self.steps.state_shardings)
+        return jax.device_put(state, self.steps.state_shardings)
 
     # -- reference ---------------------------------------------------------------------------------
 
@@ -452,32 +302,97 @@ class Trainer:
             f"({self.steps_per_epoch:.1f} steps / epoch)" + (f"; resuming at step {start}" if start else ""),
         ])  # fmt: skip
 
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    def _checkpoints(self) -> Checkpointer:
+        if self._checkpointer is None:
+            self._checkpointer = Checkpointer(self.checkpoint_dir, keep=self.config.train.keep_checkpoints)
+        return self._checkpointer
+
+    def restore(self, step: int | None = None) -> int:
+        """Load checkpoint `step` (default: the newest) of this run into the trainer: parameters,
+        optimizer state, data position and early-stop bookkeeping. Returns its step (0: none)."""
+        ckpt = self._checkpoints()
+        step = ckpt.latest_step() if step is None else int(step)
+        if step is None:
+            return 0
+        if step not in ckpt.steps():
+            raise FileNotFoundError(f"no checkpoint at step {step} in {ckpt.directory}; have {ckpt.steps()}")
+        saved, meta = ckpt.restore(abstract_like(to_checkpoint(self.state)), step)
+        self.state = from_checkpoint(saved, self.state)
+        self.batches.restore(meta["data"])
+        self.early_stopping.restore(meta.get("tracker", {}))
+        self.step, self._restored = int(meta["step"]), True
+        log.info("resumed from %s at step %d", ckpt.directory / str(self.step), self.step)
+        return self.step
+
+    def save(self, step: int) -> None:
+        """Checkpoint the state, the data position and the early-stop bookkeeping at `step`."""
+        meta = {"step": step, "data": self.batches.state(), "tracker": self.early_stopping.state()}
+        self._checkpoints().save(step, to_checkpoint(self.state), meta)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, *, mesh=None) -> Trainer:
+        """The trainer of a run, restored: `path` is its output directory (the newest checkpoint) or one
+        of its checkpoints (`<output_dir>/checkpoints/<step>`). The config is the run's config.yaml,
+        with `train.output_dir` pointing at where the run is now. `fit()` continues it."""
+        from jdpo.config import load_config, replace
+
+        path = Path(path)
+        step = None
+        if path.parent.name == "checkpoints" and path.name.isdigit():
+            path, step = path.parent.parent, int(path.name)
+        if not (path / "config.yaml").exists():
+            raise FileNotFoundError(
+                f"{path} is neither a run's output directory (with config.yaml) nor one of its "
+                "checkpoints (<output_dir>/checkpoints/<step>)"
+            )
+        config = replace(load_config(path / "config.yaml"), **{"train.output_dir": str(path)})
+        trainer = cls(config, mesh=mesh)
+        if trainer.restore(step) == 0 and step is None:
+            log.warning("%s has no checkpoint yet: the trainer starts at step 0", path)
+        return trainer
+
+    # -- generation ----------------------------------------------------------------------------------
+
+    def generate(self, prompts, sampling=None, **kwargs) -> list[dict]:
+        """Completions of the current policy for text / message prompts (`jdpo.generate.Generator.generate`:
+        `sampling` a SamplingParams, default greedy; `batch_size`, `max_prompt_length`)."""
+        from jdpo.generate import Generator, SamplingParams
+
+        model = nnx.merge(self.graphdef, self.state["params"])
+        gen = Generator(model, self.tokenizer, mesh=self.mesh, model_dir=self.config.model.path)
+        return gen.generate(prompts, sampling or SamplingParams(), **kwargs)
+
     # -- the loop ------------------------------------------------------------------------------------
 
     def fit(self, callbacks: Sequence[Callable[[dict], Any]] = ()) -> RunResult:
-        """Train to `total_steps` (resuming from the newest checkpoint in the output directory)."""
+        """Train to `total_steps`, resuming from the newest checkpoint in the output directory (or from
+        the one `restore` / `from_checkpoint` loaded).
+
+        callbacks: called with every logged record (train and eval, each with its "step"); one returning
+        True stops the run after that step (a checkpoint is saved)."""
         from jdpo.config import dump
-        from jdpo.distributed import any_process
-        from jdpo.models import save_pretrained
 
         c, t = self.config, self.config.train
-        main = jax.process_index() == 0
-        out = self.output_dir
-        out.mkdir(parents=True, exist_ok=True)
-        if main:
-            dump(c, out / "config.yaml")
-        ckpt = Checkpointer(out / "checkpoints", keep=t.keep_checkpoints)
-        tracker = {"best": -1.0, "since_best": 0, "warned": False}
-        start = 0
-        if ckpt.latest_step() is not None:
-            saved, meta = ckpt.restore(abstract_like(to_checkpoint(self.state)))
-            self.state = from_checkpoint(saved, self.state)
-            self.batches.restore(meta["data"])
-            tracker.update(meta.get("tracker", {}))
-            start = int(meta["step"])
-            log.info("resumed from %s at step %d", ckpt.directory / str(start), start)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:
+            dump(c, self.output_dir / "config.yaml")
+        ckpt = self._checkpoints()
+        start = self.step if self._restored else self.restore()
+        newest = ckpt.latest_step()
+        if newest is not None and newest > start:
+            raise ValueError(
+                f"the trainer is at step {start} but {ckpt.directory} has checkpoints up to step {newest}: "
+                "continuing would overwrite them; continue from the newest (Trainer.from_checkpoint on the "
+                "output directory) or copy the run to a new output directory first"
+            )
         logger = metrics.MetricsLogger(
-            out,
+            self.output_dir,
             total_steps=self.total_steps,
             resume_step=start or None,
             console=c.logging.console,
@@ -486,133 +401,101 @@ class Trainer:
             wandb_project=c.logging.wandb_project,
             run_config=None,
         )
-        hf_cfg = self.model_config.to_hf()
-        peak = total_peak_flops(list(self.mesh.devices.flat))
-        stop = {"reason": None}
-        last: dict[str, Any] = {}
-        last_eval: dict[str, Any] = {}
+        self._last, self._last_eval, self._stop = {}, {}, None
 
         def emit(step: int, record: dict) -> None:
             logger.log(step, record)
             for cb in callbacks:
-                if cb({"step": step, **record}) is True and stop["reason"] is None:
-                    stop["reason"] = "callback"
-
-        def save(step: int) -> None:
-            meta = {"step": step, "data": self.batches.state(), "tracker": tracker}
-            ckpt.save(step, to_checkpoint(self.state), meta)
+                if cb({"step": step, **record}) is True and self._stop is None:
+                    self._stop = "callback"
 
         def run_eval(step: int) -> None:
-            nonlocal last_eval
             ev = self.evaluate()
-            if not ev:
-                return
-            last_eval = ev
-            emit(step, ev)
-            acc = ev.get("eval/rewards/accuracies", 0.0)
-            if round(acc, 4) > OVERFIT_ACCURACY and not tracker["warned"] and set(c.dpo.loss_type) != {"sft"}:
-                tracker["warned"] = True
-                warnings.warn(
-                    f"eval preference accuracy {acc:.2%} at step {step} is above {OVERFIT_ACCURACY:.0%}: "
-                    "on real preference data that usually means overfitting (or an easy / leaky eval split)",
-                    stacklevel=2,
-                )
-            if step == 0:
-                return
-            if acc > tracker["best"]:
-                tracker["best"], tracker["since_best"] = acc, 0
-            else:
-                tracker["since_best"] += 1
-            if t.early_stop_accuracy and acc >= t.early_stop_accuracy:
-                stop["reason"] = "early_stop"
-                log.info(
-                    "early stop: eval accuracy %.3f >= %.3f at step %d", acc, t.early_stop_accuracy, step
-                )
-            elif t.early_stop_patience and tracker["since_best"] >= t.early_stop_patience:
-                stop["reason"] = "early_stop"
-                log.info("early stop: no eval accuracy improvement in %d evals", t.early_stop_patience)
+            if ev:
+                self._last_eval = ev
+                emit(step, ev)
+                if self.early_stopping.observe(step, ev) and self._stop is None:
+                    self._stop = "early_stop"
 
-        sigterm = threading.Event()
-        previous = None
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGTERM, lambda *_: sigterm.set())
         step = start
-        if main and c.logging.console:
+        if jax.process_index() == 0 and c.logging.console:
             print(self.describe(start), flush=True)
         try:
-            if start == 0:
-                run_eval(0)  # the "before" numbers (policy == reference)
-            while step < self.total_steps and stop["reason"] is None:
-                t0 = time.perf_counter()  # step time includes building the batch (input-bound runs show it)
-                batch, host = self.next_step_batches()
-                self.state, m = self.steps.train_step(self.state, batch)
-                m = jax.device_get(m)
-                step_time = time.perf_counter() - t0
-                step += 1
-                if not math.isfinite(float(m["loss"])):
-                    ckpt.wait()
-                    good = ckpt.latest_step()
-                    where = (
-                        f"checkpoint at step {good} in {ckpt.directory}"
-                        if good is not None
-                        else "no checkpoint"
-                    )
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({float(m['loss'])}) at step {step}; stopping. Last good: {where}"
-                    )
-                if step % t.log_every == 0 or step == self.total_steps:
-                    stats = [
-                        batch_token_stats(b, sliding_window=self.model_config.sliding_window) for b in host
-                    ]
-                    tokens = sum(s["tokens"] for s in stats) * jax.process_count()
-                    keys = sum(s["attended_keys"] for s in stats) * jax.process_count()
-                    slots = sum(s["slots"] for s in stats) * jax.process_count()
-                    flops = train_flops(
-                        hf_cfg,
-                        tokens=tokens,
-                        attended_keys=keys,
-                        reference_forward=c.dpo.reference == "online",
-                    )
-                    last = {k: float(v) for k, v in m.items() if k != "pairs"}
-                    last["epoch"] = step / self.steps_per_epoch
-                    last.update(throughput_metrics(
-                        step_time=step_time, tokens=tokens, slots=slots, flops=flops, peak_flops=peak
-                    ))  # fmt: skip
-                    emit(step, last)
-                if (t.eval_every and step % t.eval_every == 0) or step == self.total_steps:
-                    run_eval(step)
-                # Unanimous across processes: a pod's workers may get the signal at different steps.
-                if any_process(sigterm.is_set()) and stop["reason"] is None:
-                    stop["reason"] = "sigterm"
-                if (t.save_every and step % t.save_every == 0) or stop["reason"] is not None:
-                    save(step)
-            if step > 0:
-                save(step)  # the final state (a no-op when this step was just saved)
-            ckpt.wait()
+            with Preemption() as preemption:
+                if start == 0:
+                    run_eval(0)  # the "before" numbers (policy == reference)
+                while step < self.total_steps and self._stop is None:
+                    t0 = (
+                        time.perf_counter()
+                    )  # step time includes building the batch (input-bound runs show it)
+                    batch, host = self.next_step_batches()
+                    self.state, m = self.steps.train_step(self.state, batch)
+                    m = jax.device_get(m)
+                    step_time = time.perf_counter() - t0
+                    step = self.step = step + 1
+                    check_finite(float(m["loss"]), step, ckpt)
+                    if due(t.log_every, step, self.total_steps):
+                        self._last = self._train_record(step, m, host, step_time)
+                        emit(step, self._last)
+                    if due(t.eval_every, step, self.total_steps):
+                        run_eval(step)
+                    if preemption.requested() and self._stop is None:
+                        self._stop = "sigterm"
+                    if due(t.save_every, step, self.total_steps) or self._stop is not None:
+                        self.save(step)
+                if step > start:
+                    self.save(step)  # the final state (a no-op when this step was just saved)
+                ckpt.wait()
         finally:
             ckpt.close()
+            self._checkpointer = None
             logger.close()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-
-        final_dir = None
-        reason = stop["reason"] or "completed"
-        if t.export and reason != "sigterm":
-            final_dir = out / "final"
-            # Every process takes part in gathering the shards; only process 0 writes.
-            save_pretrained(
-                nnx.merge(self.graphdef, self.state["params"]), final_dir, tokenizer=self.tokenizer
-            )
+        reason = self._stop or "completed"
         return RunResult(
             step=step,
-            metrics=last,
-            eval_metrics=last_eval,
-            output_dir=out,
-            final_dir=final_dir,
-            metrics_path=out / metrics.METRICS_FILE,
-            checkpoint_dir=out / "checkpoints",
+            metrics=self._last,
+            eval_metrics=self._last_eval,
+            output_dir=self.output_dir,
+            final_dir=self.export() if t.export and reason != "sigterm" else None,
+            metrics_path=self.output_dir / metrics.METRICS_FILE,
+            checkpoint_dir=self.checkpoint_dir,
             stop_reason=reason,
         )
+
+    def _train_record(self, step: int, m: dict, host: list[Batch], step_time: float) -> dict[str, float]:
+        """One logged train record: the step's metrics, its epoch, and throughput over all processes."""
+        from jdpo.distributed import sum_over_processes
+
+        stats = [batch_token_stats(b, sliding_window=self.model_config.sliding_window) for b in host]
+        # Each process counts its own rows; summed, the counters are the global batch's.
+        tokens, keys, slots = (
+            int(x)
+            for x in sum_over_processes(
+                [sum(s[k] for s in stats) for k in ("tokens", "attended_keys", "slots")]
+            )
+        )
+        flops = train_flops(
+            self.model_config.to_hf(),
+            tokens=tokens,
+            attended_keys=keys,
+            reference_forward=self.config.dpo.reference == "online",
+        )
+        record = {k: float(v) for k, v in m.items() if k != "pairs"}
+        record["epoch"] = step / self.steps_per_epoch
+        peak = total_peak_flops(list(self.mesh.devices.flat))
+        record.update(
+            throughput_metrics(step_time=step_time, tokens=tokens, slots=slots, flops=flops, peak_flops=peak)
+        )
+        return record
+
+    def export(self) -> Path:
+        """The current policy as a Hugging Face checkpoint in `<output_dir>/final`. Every process takes
+        part in gathering the shards; only process 0 writes."""
+        from jdpo.models import save_pretrained
+
+        final_dir = self.output_dir / "final"
+        save_pretrained(nnx.merge(self.graphdef, self.state["params"]), final_dir, tokenizer=self.tokenizer)
+        return final_dir
 
 
 def run(config: Config, callbacks: Sequence[Callable[[dict], Any]] = (), *, mesh=None) -> RunResult:

@@ -378,6 +378,22 @@ def test_two_process_training_logs_the_single_process_losses(results):
     assert (results["single_run"].step, results["single_run"].stop_reason) == (STOP_AT, "callback")
 
 
+def test_two_process_counters_are_summed_over_processes(results):
+    """tokens_per_sec and padding_fraction count the rows of every process (each host feeds different
+    rows), not process 0's rows times the process count: the pair's global counts equal one process's."""
+    from jdpo import metrics
+
+    def counted(path):
+        return [
+            (r["step"], round(r["tokens_per_sec"] * r["step_time"]), round(r["padding_fraction"], 9))
+            for r in metrics.read_metrics(path)
+            if "tokens_per_sec" in r
+        ]
+
+    want = counted(results["single_run"].metrics_path)
+    assert len(want) == STOP_AT and counted(results["pair_out"] / "train" / "run" / "metrics.jsonl") == want
+
+
 def test_a_sigterm_on_one_worker_stops_both_at_the_same_step(results):
     for r in results["reports"]:
         assert (r["train"]["step"], r["train"]["stop_reason"]) == (STOP_AT, "sigterm")

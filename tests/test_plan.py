@@ -11,7 +11,7 @@ import pytest
 from jdpo import cli, plan
 from jdpo import config as C
 from jdpo.models import ModelConfig
-from jdpo.train import LOGPROB_CHUNK
+from jdpo.step import LOGPROB_CHUNK
 
 # V=100, D=16, F=32, L=2, N=4, K=2, H=4, untied.
 TINY = ModelConfig(

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from jdpo import config as jconfig
-from jdpo import demo, metrics, train
+from jdpo import demo, metrics, step, train
 from jdpo.sharding import make_mesh
 
 TIMING = {"step_time", "tokens_per_sec", "mfu"}
@@ -125,7 +125,7 @@ def test_accumulation_1x8_equals_8x1(assets, tmp_path):
 def test_step_compiles_once(assets, tmp_path):
     # Fresh compiled functions: shared ones would already hold what other tests compiled (e.g. step
     # 2's signature), hiding a second compilation.
-    train.compiled_steps.cache_clear()
+    step.compiled_steps.cache_clear()
     tr = train.Trainer(make_config(assets, tmp_path / "run"), mesh=one_device())
     steps(tr, 1)
     tr.evaluate()  # the eval step compiles on its first use
@@ -267,3 +267,35 @@ def test_batch_rows_must_divide_over_the_mesh(assets, tmp_path):
         train.Trainer(
             make_config(assets, tmp_path / "run", **{"train.batch_rows": 6}), mesh=make_mesh(2, 2, 2)
         )
+
+
+def test_python_api_callbacks_from_checkpoint_evaluate_generate(assets, tmp_path):
+    """The notebook API: jdpo.Trainer(config).fit(callbacks=...), evaluate(), generate(), and
+    Trainer.from_checkpoint on the output directory (newest) or on one checkpoint directory."""
+    import jdpo
+    from jdpo.generate import Generator, SamplingParams
+
+    out = tmp_path / "run"
+    cfg = make_config(assets, out, **{"train.max_steps": 3, "train.save_every": 1})
+    seen = []
+    tr = jdpo.Trainer(cfg, mesh=one_device())
+    result = tr.fit(callbacks=[lambda m: seen.append((m["step"], "loss" in m))])
+    assert [s for s, is_train in seen if is_train] == [1, 2, 3] and (0, False) in seen
+    again = jdpo.Trainer.from_checkpoint(out, mesh=one_device())
+    assert again.step == 3 and int(again.state["step"]) == 3
+    for a, b in zip(jax.tree.leaves(tr.state["params"]), jax.tree.leaves(again.state["params"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert again.evaluate() == pytest.approx(result.eval_metrics, rel=1e-6, abs=1e-7)
+    greedy = SamplingParams(max_new_tokens=4, temperature=0.0)
+    want = Generator.from_pretrained(result.final_dir).generate(["12+7="], greedy)
+    assert again.generate(["12+7="], greedy)[0]["completion"] == want[0]["completion"]
+    # An older checkpoint can be inspected, but continuing it would overwrite the newer ones.
+    two = jdpo.Trainer.from_checkpoint(out / "checkpoints" / "2", mesh=one_device())
+    assert two.step == 2 and not np.array_equal(
+        np.asarray(jax.tree.leaves(two.state["params"])[0]),
+        np.asarray(jax.tree.leaves(tr.state["params"])[0]),
+    )
+    with pytest.raises(ValueError, match="would overwrite them"):
+        two.fit()
+    with pytest.raises(FileNotFoundError, match="neither a run's output directory"):
+        jdpo.Trainer.from_checkpoint(tmp_path, mesh=one_device())
