@@ -64,7 +64,7 @@ def arithmetic_checker(prompt: Any, completion: str) -> bool | None:
 @functools.lru_cache(maxsize=8)
 def _token_logprobs_fn(graphdef, mesh):
     from jdpo import logprobs
-    from jdpo.sharding import batch_shards
+    from jdpo.sharding import batch_shards, jit_on_mesh
 
     def fn(params, ids_BxT, targets_BxT, segment_ids_BxT):
         model = nnx.merge(graphdef, params)
@@ -77,15 +77,7 @@ def _token_logprobs_fn(graphdef, mesh):
             row_groups=batch_shards(ids_BxT.shape[0]),
         )
 
-    jitted = jax.jit(fn)
-    if mesh is None:
-        return jitted
-
-    def run(*args):
-        with jax.set_mesh(mesh):
-            return jitted(*args)
-
-    return run
+    return jit_on_mesh(fn, mesh)
 
 
 def completion_logprobs(
@@ -98,12 +90,13 @@ def completion_logprobs(
 ) -> list[np.ndarray]:
     """Per-token log-probs (float32, one array per completion) of each completion given its prompt,
     from one full forward (right-padded rows, padding in segment 0 so it is never attended)."""
+    from jdpo.sharding import batch_sharding, round_rows
+
     fn = _token_logprobs_fn(gen.graphdef, gen.mesh)
-    shards = 1 if gen.mesh is None else int(gen.mesh.shape["data"] * gen.mesh.shape["fsdp"])
+    B = round_rows(batch_size, gen.mesh)
     out: list[np.ndarray] = []
     for lo in range(0, len(prompt_ids), batch_size):
         ps, cs = prompt_ids[lo : lo + batch_size], completion_ids[lo : lo + batch_size]
-        B = -(-batch_size // shards) * shards
         T = max(len(p) + len(c) for p, c in zip(ps, cs, strict=True))
         T = -(-T // length_bucket) * length_bucket
         ids_BxT = np.zeros((B, T), np.int32)
@@ -116,9 +109,7 @@ def completion_logprobs(
             seg_BxT[b, : len(row)] = 1
         args = [ids_BxT, targets_BxT, seg_BxT]
         if gen.mesh is not None:
-            from jdpo.sharding import batch_sharding
-
-            args = [jax.device_put(a, batch_sharding(gen.mesh, 2)) for a in args]
+            args = [jax.device_put(a, batch_sharding(gen.mesh)) for a in args]
         logp_BxT = np.asarray(jax.device_get(fn(gen.params, *args)))
         for b, (p, c) in enumerate(zip(ps, cs, strict=True)):
             # Output at position t predicts token t + 1: completion tokens are predicted from len(p) - 1 on.

@@ -124,9 +124,9 @@ def attended_keys(positions, segment_ids, *, sliding_window: int | None = None) 
 
 def batch_token_stats(batch: Mapping[str, Any], *, sliding_window: int | None = None) -> dict[str, int]:
     """``tokens`` (non-pad), ``slots`` (B * T), ``attended_keys`` and ``scored`` (positions with
-    ``loss_mask`` > 0, the completion tokens whose logits DPO needs) of one host-side batch dict
-    (``segment_ids``, ``positions`` and ``loss_mask`` as defined in DESIGN.md). Per host: multiply by
-    the process count (or sum across hosts) for global numbers."""
+    ``loss_mask`` > 0, the completion tokens whose logits DPO needs) of one host-side batch (a
+    `jdpo.batch.Batch` or a dict with its ``segment_ids``, ``positions`` and ``loss_mask``). Per host:
+    sum across hosts (`jdpo.distributed.sum_over_processes`) for global numbers."""
     import numpy as np
 
     if "loss_mask" not in batch:

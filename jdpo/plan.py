@@ -10,7 +10,7 @@ fallback), on a mesh of the configured ("data", "fsdp", "tensor") sizes. So a pl
 replicates exactly what the real run would replicate.
 
 What is counted, per device (B = rows per device of one micro-batch, T = row length, b = bytes of the
-compute dtype; D, N, K, H, F, V, L as in DESIGN.md; N, K, F and V are divided by the tensor axis when
+compute dtype; D, N, K, H, F, V, L as in docs/DESIGN.md; N, K, F and V are divided by the tensor axis when
 they divide by it):
 
   parameters      every parameter in `model.param_dtype`, sharded by the rules
