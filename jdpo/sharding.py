@@ -141,6 +141,13 @@ class OnMesh:
         with jax.set_mesh(self.mesh):
             return self.fn(*args)
 
+    def lower(self, *args):
+        """Ahead-of-time lowering, under the mesh like a call."""
+        if self.mesh is None:
+            return self.fn.lower(*args)
+        with jax.set_mesh(self.mesh):
+            return self.fn.lower(*args)
+
     def __getattr__(self, name: str):
         return getattr(self.fn, name)
 
