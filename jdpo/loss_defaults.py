@@ -1,4 +1,4 @@
-"""Defaults of `jdpo.dpo_loss`'s hyper-parameters: the one place they are written.
+"""Defaults of the loss hyper-parameters (`jdpo.dpo_loss`, `jdpo.kto_loss`): the one place they are written.
 
 A module of its own, without jax, so that the config's `dpo` section (and so `jdpo --help`) takes its
 defaults from the loss library without loading it.
@@ -12,4 +12,8 @@ DEFAULTS: dict[str, float | bool] = {
     "discopop_tau": 0.05,
     "bco_delta": 0.0,
     "orpo_include_nll": True,
+    # kto_loss (KTO / BCO / APO-zero unpaired): the class weights lambda_D, lambda_U of the KTO paper; 1 = TRL's
+    # KTOConfig defaults. beta above is shared (TRL's KTOConfig and BCOConfig default to 0.1 too).
+    "desirable_weight": 1.0,
+    "undesirable_weight": 1.0,
 }
