@@ -12,8 +12,8 @@ DEFAULTS: dict[str, float | bool] = {
     "discopop_tau": 0.05,
     "bco_delta": 0.0,
     "orpo_include_nll": True,
-    # kto_loss (KTO / BCO / APO-zero unpaired): the class weights lambda_D, lambda_U of the KTO paper; 1 = TRL's
-    # KTOConfig defaults. beta above is shared (TRL's KTOConfig and BCOConfig default to 0.1 too).
+    # kto_loss (KTO / BCO / APO-zero unpaired): the class weights lambda_D, lambda_U of the KTO paper, 1 as
+    # TRL's KTOConfig. beta above is shared (TRL's KTOConfig and BCOConfig default to 0.1 too).
     "desirable_weight": 1.0,
     "undesirable_weight": 1.0,
 }
