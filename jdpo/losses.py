@@ -1,5 +1,8 @@
 """Pure preference losses over summed completion log-probabilities (``dpo_loss``).
 
+Pairs only: the unpaired losses (one completion labelled desirable or not: kto, apo_zero_unpaired, bco) are
+``jdpo.unpaired_losses.kto_loss``, with their table there.
+
 Imports only jax so that it loads fast and can be used without flax or transformers. The log-probs
 themselves (from logits or, chunked, from hidden states; per segment of packed rows; WPO weights) are
 computed by ``jdpo.logprobs``.

@@ -530,3 +530,33 @@ def test_defaults_come_from_loss_defaults():
     params = inspect.signature(U.check_unpaired_options).parameters
     for name in ("beta", "desirable_weight", "undesirable_weight"):
         assert params[name].default == DEFAULTS[name], name
+
+
+NEW_NAMES = (
+    "kto_loss",
+    "kto_kl",
+    "kl_mismatch_order",
+    "kto_metric_means",
+    "running_moments_init",
+    "running_moments_update",
+    "check_unpaired_options",
+    "UNPAIRED_LOSS_TYPES",
+)
+
+
+def test_top_level_exports_load_only_jax():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, jdpo; "
+        + "; ".join(f"jdpo.{n}" for n in NEW_NAMES)
+        + "; print([m for m in ('flax', 'transformers', 'torch', 'optax', 'orbax') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    import jdpo
+
+    for name in NEW_NAMES:
+        assert getattr(jdpo, name) is getattr(U, name), name
+        assert name in jdpo.__all__
