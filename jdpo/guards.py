@@ -99,11 +99,16 @@ class Preemption:
         return any_process(self._event.is_set())
 
 
-def check_finite(loss: float, step: int, checkpointer) -> None:
-    """Raise NonFiniteLossError naming the step and the last good checkpoint when `loss` is NaN / inf."""
-    if math.isfinite(loss):
+def check_finite(loss: float, state_finite: bool, step: int, checkpointer) -> None:
+    """Raise NonFiniteLossError naming the step and the last good checkpoint when the step's loss is
+    NaN / inf or it left non-finite parameters or optimizer state (checked before anything is saved,
+    so every checkpoint on disk holds finite weights)."""
+    if math.isfinite(loss) and state_finite:
         return
     checkpointer.wait()
     good = checkpointer.latest_step()
     where = f"checkpoint at step {good} in {checkpointer.directory}" if good is not None else "no checkpoint"
-    raise NonFiniteLossError(f"non-finite loss ({loss}) at step {step}; stopping. Last good: {where}")
+    what = (
+        f"non-finite loss ({loss})" if not math.isfinite(loss) else "non-finite parameters or optimizer state"
+    )
+    raise NonFiniteLossError(f"{what} at step {step}; stopping. Last good: {where}")

@@ -100,6 +100,15 @@ def _micro_loss(s: StepSettings, params, ref_params, batch: Batch):
     return sums["loss"], sums
 
 
+STATE_FINITE = "state_finite"  # a train-step output, not a logged metric
+
+
+def _all_finite(tree) -> jax.Array:
+    """One bool: every floating-point leaf of `tree` is finite (one fused reduction per leaf)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def _means(sums: dict) -> dict:
     """Sums over pairs -> means over pairs (the pair count stays as "pairs")."""
     n = jnp.maximum(sums["pairs"], 1.0)
@@ -153,6 +162,9 @@ def compiled_steps(s: StepSettings) -> Steps:
         rng = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"]))
         new_state = dict(state, params=new_params, opt_state=opt_state, step=state["step"] + 1, rng=rng)
         out = _means(sums)
+        # Checked by the loop before the state is checkpointed: a finite loss can still come with
+        # non-finite weights (e.g. an overflowing update), and such a checkpoint must never be "good".
+        out[STATE_FINITE] = _all_finite((new_params, opt_state))
         out["grad_norm"] = optax.tree.norm(grads)
         out["learning_rate"] = schedule(state["step"])
         return new_state, out

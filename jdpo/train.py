@@ -41,7 +41,7 @@ from jdpo.config import Config
 from jdpo.flops import batch_token_stats, throughput_metrics, total_peak_flops, train_flops
 from jdpo.forward import PairLogps, over_split, split_metrics
 from jdpo.guards import EarlyStopping, NonFiniteLossError, Preemption, check_finite, due
-from jdpo.step import StepSettings, compiled_steps
+from jdpo.step import STATE_FINITE, StepSettings, compiled_steps
 
 __all__ = ["NonFiniteLossError", "RunResult", "Trainer", "pairs_per_row", "resolve_dtype", "run"]
 
@@ -433,7 +433,7 @@ class Trainer:
                     m = jax.device_get(m)
                     step_time = time.perf_counter() - t0
                     step = self.step = step + 1
-                    check_finite(float(m["loss"]), step, ckpt)
+                    check_finite(float(m["loss"]), bool(m.pop(STATE_FINITE)), step, ckpt)
                     if due(t.log_every, step, self.total_steps):
                         self._last = self._train_record(step, m, host, step_time)
                         emit(step, self._last)

@@ -199,6 +199,28 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(assets, tmp_pa
     assert not (tmp_path / "run" / "final").exists()
 
 
+def test_non_finite_weights_with_a_finite_loss_are_never_checkpointed(assets, tmp_path):
+    """A step whose loss is finite but whose update left NaN weights (the loss of the NEXT step would
+    show it) stops at that step, before it is saved: every checkpoint on disk holds finite weights."""
+    cfg = make_config(assets, tmp_path / "run", **{"train.save_every": 1, "train.max_steps": 6})
+    tr = train.Trainer(cfg, mesh=one_device())
+    real = tr.steps.train_step
+
+    def overflowing(state, batch):
+        if int(state["step"]) == 2:
+            # Adam's second moment made negative: step 3's loss (of finite weights) is finite, but its
+            # update divides by sqrt(nu) < 0 and leaves NaN weights.
+            clip, (adam, *rest) = state["opt_state"]
+            adam = adam._replace(nu=jax.tree.map(lambda x: -np.ones_like(x), adam.nu))
+            state = dict(state, opt_state=(clip, (adam, *rest)))
+        return real(state, batch)
+
+    tr.steps = train.dataclasses.replace(tr.steps, train_step=overflowing)
+    with pytest.raises(train.NonFiniteLossError, match=r"parameters or optimizer state at step 3\b.*step 2"):
+        tr.fit()
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1", "2"]
+
+
 def test_export_loads_in_transformers_with_the_same_logits(assets, tmp_path):
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM, AutoTokenizer
