@@ -375,7 +375,14 @@ class Trainer:
         the one `restore` / `from_checkpoint` loaded).
 
         callbacks: called with every logged record (train and eval, each with its "step"); one returning
-        True stops the run after that step (a checkpoint is saved)."""
+        True stops the run after that step (a checkpoint is saved). The output directory is locked for
+        the run's life (`jdpo.runlock`): a second run on it refuses to start."""
+        from jdpo.runlock import RunLock
+
+        with RunLock(self.output_dir, main_process=jax.process_index() == 0):
+            return self._fit(callbacks)
+
+    def _fit(self, callbacks: Sequence[Callable[[dict], Any]]) -> RunResult:
         from jdpo.config import dump
 
         c, t = self.config, self.config.train

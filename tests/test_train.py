@@ -321,3 +321,27 @@ def test_python_api_callbacks_from_checkpoint_evaluate_generate(assets, tmp_path
         two.fit()
     with pytest.raises(FileNotFoundError, match="neither a run's output directory"):
         jdpo.Trainer.from_checkpoint(tmp_path, mesh=one_device())
+
+
+def test_a_second_run_on_a_locked_output_directory_refuses_and_a_dead_runs_lock_is_taken_over(
+    assets, tmp_path, caplog
+):
+    """Two runs in one output directory would interleave metrics and checkpoints: the second refuses,
+    naming the first; the lock file a killed run leaves behind does not block the next one."""
+    import json as _json
+
+    from jdpo.runlock import LOCK_FILE, RunLock, RunLockedError
+
+    out = tmp_path / "run"
+    cfg = make_config(assets, out, **{"train.max_steps": 1, "train.export": False})
+    tr = train.Trainer(cfg, mesh=one_device())
+    with RunLock(out):  # a live run holds the directory
+        with pytest.raises(RunLockedError, match=rf"{out} is in use by another jdpo run: pid {os.getpid()}"):
+            tr.fit()
+    assert not (out / "metrics.jsonl").exists()  # refused before writing anything
+    # A run killed with SIGKILL leaves its record but no lock (the kernel dropped it).
+    (out / LOCK_FILE).write_text(_json.dumps({"host": "h", "pid": 2**22 + 7, "started": "then"}))
+    with caplog.at_level("WARNING", logger="jdpo.runlock"):
+        assert tr.fit().step == 1
+    assert "taking over the lock left by pid 4194311" in caplog.text
+    assert (out / LOCK_FILE).read_text() == ""  # released on exit

@@ -1,0 +1,119 @@
+"""One run per output directory: an exclusive lock held for the life of `Trainer.fit`.
+
+Two runs writing one output directory interleave their metrics.jsonl lines, checkpoints and
+config.yaml, and both exit 0. The lock is `<output_dir>/.jdpo.lock`, held with `fcntl.flock` by
+process 0 of the run (the processes of one multi-host run share it; the decision to refuse is
+unanimous, so no worker is left waiting in a collective). The file records who holds it (host, pid,
+start time) for the message a second run gets.
+
+What is guaranteed: on a local filesystem, and on a network filesystem whose `flock` is honoured
+across hosts (NFSv4, Lustre, GPFS and Filestore do), a second run refuses to start while the first
+lives, and the lock is released on any exit (the kernel drops it when the process dies, even on
+SIGKILL), so a dead run's lock never blocks; its leftover file is taken over with a message. What is not:
+on an object store (gs://, s3://) there is no lock at all (a warning says so), and on a network
+filesystem that ignores `flock` across hosts, two runs on two hosts are not detected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".jdpo.lock"
+
+
+class RunLockedError(RuntimeError):
+    """Another live run holds the output directory; the message names it."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+class RunLock:
+    """`with RunLock(output_dir): ...` holds the directory's lock (on process 0; a no-op elsewhere)."""
+
+    def __init__(self, output_dir, *, main_process: bool = True):
+        self.output_dir = output_dir
+        self.main_process = main_process
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        from jdpo.distributed import any_process
+
+        error = self._acquire() if self.main_process else None
+        if any_process(error is not None):  # every process of the run refuses together
+            raise RunLockedError(error or f"{self.output_dir} is locked by another run (see process 0)")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _acquire(self) -> str | None:
+        """Take the lock; the refusal message when another live run holds it, else None."""
+        import fcntl
+
+        if "://" in str(self.output_dir) and not str(self.output_dir).startswith("file://"):
+            log.warning("%s is on an object store: no run lock is taken; start one run per directory",
+                        self.output_dir)  # fmt: skip
+            return None
+        path = Path(str(self.output_dir).removeprefix("file://")) / LOCK_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read(fd)
+            os.close(fd)
+            who = (
+                f"pid {holder.get('pid')} on {holder.get('host')} (started {holder.get('started')})"
+                if holder
+                else "another process"
+            )
+            return (
+                f"{self.output_dir} is in use by another jdpo run: {who}. Wait for it to finish, stop "
+                "it, or give this run another train.output_dir"
+            )
+        previous = _read(fd)
+        if previous:
+            same_host = previous.get("host") == socket.gethostname()
+            state = "not running" if same_host and not _alive(int(previous.get("pid", 0))) else "exited"
+            log.warning("%s: taking over the lock left by pid %s on %s (%s)", path, previous.get("pid"),
+                        previous.get("host"), state)  # fmt: skip
+        os.ftruncate(fd, 0)
+        holder = {"host": socket.gethostname(), "pid": os.getpid(),
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        self._fd, self._path = fd, path
+        return None
+
+    def release(self) -> None:
+        """Drop the lock and clear its record (a clean exit leaves nothing to take over)."""
+        import fcntl
+
+        if self._fd is None:
+            return
+        os.ftruncate(self._fd, 0)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+
+def _read(fd: int) -> dict:
+    try:
+        raw = os.pread(fd, 4096, 0)
+        return json.loads(raw) if raw.strip() else {}
+    except (OSError, ValueError):
+        return {}
