@@ -22,10 +22,11 @@ The held-out preference accuracy and reward margins are printed before and after
 Two digits everywhere (fixed positions) and a learning rate of 1e-3 are what let the tiny model learn
 carries in a few hundred steps (unpadded or at 3e-3 it stalled at ~20% right).
 
-Measured (seed 0, the default; deterministic on CPU): held-out greedy answers 41.2% right (reference) ->
-78.4% (policy); carry sums 9% -> 91%, but sums without a carry 100% -> 56%: DPO also lowers the tokens
-that the right and the slipped answer share (the ones digit, EOS), and some no-carry answers break.
-Other seeds give other figures.
+Measured (seed 0, the default; deterministic on one machine, a little different on another processor:
+README.md has both): held-out greedy answers 39.2% right (reference) -> 75.2% (policy); carry sums
+6% -> 90%, but sums without a carry 100% -> 49%: DPO also lowers the tokens that the right and the
+slipped answer share (the ones digit, EOS), and some no-carry answers break. Other seeds give other
+figures.
 
     from jdpo.demo import run_demo
     summary = run_demo("runs/demo")       # or: jdpo demo --output-dir runs/demo
