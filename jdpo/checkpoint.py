@@ -87,6 +87,11 @@ class Checkpointer:
         out = self._ckptr.load_checkpointables(step, {STATE: abstract_state, META: None})
         return out[STATE], dict(out[META])
 
+    def meta(self, step: int | None = None) -> dict[str, Any]:
+        """The `meta` item alone of checkpoint `step` (default: the newest): cheap, no arrays read."""
+        self.wait()
+        return dict(self._ckptr.load_checkpointables(step, {META: None})[META])
+
     def wait(self) -> None:
         """Block until the pending save (if any) has been committed to disk."""
         self._ckptr.wait()

@@ -157,6 +157,11 @@ class TrainSection:
     early_stop_patience: int = _f(0, "Stop after N evals without eval accuracy improvement (0: never).")
     early_stop_accuracy: float = _f(0.0, "Stop once eval accuracy reaches this (0: never).")
     export: bool = _f(True, "Export the final policy in Hugging Face format to <output_dir>/final.")
+    allow_config_change: bool = _f(
+        False,
+        "Resume although settings that change the optimisation (loss, lr, steps, data, model...) differ "
+        "from the checkpoint's; every config a run was started with is kept (config.<step>.yaml).",
+    )
 
 
 @dataclass(frozen=True)
@@ -408,6 +413,30 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"mesh.{name} must be a positive size or -1 (all remaining devices), got {v}")
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
         raise ConfigError("at most one of mesh.data / mesh.fsdp / mesh.tensor may be -1")
+
+
+# Settings a resumed run may change freely: they decide what is logged, saved, where, and how the same
+# computation is laid out on devices, not what is computed (the attention kernels agree to float rounding).
+RESUMABLE_CHANGES = frozenset({
+    "train.output_dir", "train.eval_every", "train.save_every", "train.keep_checkpoints",
+    "train.log_every", "train.export", "train.early_stop_patience", "train.early_stop_accuracy",
+    "train.allow_config_change", "dpo.cache_dir", "model.remat", "model.attention",
+    "model.attention_block", "mesh.data", "mesh.fsdp", "mesh.tensor", "logging.console",
+    "logging.tensorboard", "logging.wandb", "logging.wandb_project",
+})  # fmt: skip
+
+
+def config_changes(saved: dict[str, dict[str, Any]], cfg: Config) -> list[tuple[str, Any, Any]]:
+    """(dotted name, saved value, new value) for every field of `cfg` that differs from `saved` (a
+    `to_dict` of the config a run was started or last resumed with). Fields `saved` lacks (a config
+    from an older jdpo) count as unchanged."""
+    new = to_dict(cfg)
+    return [
+        (f"{s}.{k}", saved[s][k], v)
+        for s, fields in new.items()
+        for k, v in fields.items()
+        if s in saved and k in saved[s] and saved[s][k] != v
+    ]
 
 
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:

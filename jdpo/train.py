@@ -96,6 +96,7 @@ class Trainer:
         self.mesh = mesh if mesh is not None else make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
         self.output_dir = Path(c.train.output_dir)
         self.dtype = resolve_dtype(c.model.dtype)
+        self._checkpointer: Checkpointer | None = None
         params = self._load_model()
         self._load_data()
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
@@ -108,13 +109,13 @@ class Trainer:
             total_steps=self.total_steps,
         )
         self.steps = compiled_steps(self.settings)
+        self._check_resumable()  # before the reference pass: a refused resume costs no forward pass
         # Reference log-probs of the initial weights, before the first step donates them.
         self._prepare_reference(params)
         self.state = self._initial_state(params)
         self.step = 0  # the last completed optimizer step (a restored checkpoint's)
         self.early_stopping = EarlyStopping(c.train, c.dpo.loss_type)
         self._restored = False
-        self._checkpointer: Checkpointer | None = None
 
     # -- set-up ------------------------------------------------------------------------------------
 
@@ -331,9 +332,39 @@ class Trainer:
         return self.step
 
     def save(self, step: int) -> None:
-        """Checkpoint the state, the data position and the early-stop bookkeeping at `step`."""
-        meta = {"step": step, "data": self.batches.state(), "tracker": self.early_stopping.state()}
+        """Checkpoint the state, the data position, the early-stop bookkeeping and the config at `step`."""
+        from jdpo.config import to_dict
+
+        meta = {"step": step, "data": self.batches.state(), "tracker": self.early_stopping.state(),
+                "config": to_dict(self.config)}  # fmt: skip
         self._checkpoints().save(step, to_checkpoint(self.state), meta)
+
+    def _check_resumable(self) -> None:
+        """When the output directory has checkpoints, refuse (before any forward pass) a config whose
+        optimisation settings differ from the newest checkpoint's, unless `train.allow_config_change`,
+        and data or batch settings the saved data position does not belong to."""
+        from jdpo.config import RESUMABLE_CHANGES, ConfigError, config_changes
+
+        if not self.checkpoint_dir.exists() or self._checkpoints().latest_step() is None:
+            return
+        meta = self._checkpoints().meta()
+        where = f"{self.checkpoint_dir / str(meta['step'])}"
+        changed = [
+            c for c in config_changes(meta.get("config", {}), self.config) if c[0] not in RESUMABLE_CHANGES
+        ]
+        if changed and not self.config.train.allow_config_change:
+            diff = "\n".join(f"  {name}: {old!r} -> {new!r}" for name, old, new in changed)
+            raise ConfigError(
+                f"{self.output_dir} holds a run whose settings differ from this config ({where}):\n"
+                f"{diff}\nResume with the run's settings, give another train.output_dir, or pass "
+                "--train.allow_config_change true to continue with the new ones"
+            )
+        if meta["data"]["layout"] != self.batches.state()["layout"]:
+            raise ConfigError(
+                f"the data or batch settings differ from those of checkpoint {where} (its data position "
+                "belongs to other pairs, another seed or other batch settings): resume with the run's "
+                "data, or give another train.output_dir"
+            )
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, mesh=None) -> Trainer:
@@ -383,14 +414,12 @@ class Trainer:
             return self._fit(callbacks)
 
     def _fit(self, callbacks: Sequence[Callable[[dict], Any]]) -> RunResult:
-        from jdpo.config import dump
-
         c, t = self.config, self.config.train
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        if jax.process_index() == 0:
-            dump(c, self.output_dir / "config.yaml")
         ckpt = self._checkpoints()
         start = self.step if self._restored else self.restore()
+        if jax.process_index() == 0:
+            self._keep_config(start)
         newest = ckpt.latest_step()
         if newest is not None and newest > start:
             raise ValueError(
@@ -468,6 +497,17 @@ class Trainer:
             checkpoint_dir=self.checkpoint_dir,
             stop_reason=reason,
         )
+
+    def _keep_config(self, start: int) -> None:
+        """config.yaml is the config the run was started with; a resume with another config (only
+        what `train.allow_config_change` or RESUMABLE_CHANGES admit gets here) adds config.<step>.yaml."""
+        from jdpo.config import config_changes, dump, load_config, to_dict
+
+        first = self.output_dir / "config.yaml"
+        if start == 0 or not first.exists():
+            dump(self.config, first)
+        elif config_changes(to_dict(load_config(first)), self.config):
+            dump(self.config, self.output_dir / f"config.{start}.yaml")
 
     def _train_record(self, step: int, m: dict, host: list[Batch], step_time: float) -> dict[str, float]:
         """One logged train record: the step's metrics, its epoch, and throughput over all processes."""

@@ -345,3 +345,34 @@ def test_a_second_run_on_a_locked_output_directory_refuses_and_a_dead_runs_lock_
         assert tr.fit().step == 1
     assert "taking over the lock left by pid 4194311" in caplog.text
     assert (out / LOCK_FILE).read_text() == ""  # released on exit
+
+
+def test_resume_refuses_a_changed_config_before_the_reference_pass_and_keeps_every_config(assets, tmp_path):
+    """A resume with other optimisation settings is refused with a diff (before any forward pass) unless
+    train.allow_config_change; then config.yaml stays the first run's and config.<step>.yaml is added.
+    Other data is refused too, also before the reference pass."""
+    out = tmp_path / "run"
+    data = tmp_path / "train.jsonl"
+    data.write_text(assets.train_path.read_text())
+    base = {"train.max_steps": 2, "train.export": False, "data.train": [str(data)]}
+    train.Trainer(make_config(assets, out, **base), mesh=one_device()).fit()
+    cache = tmp_path / "refcache"
+    entries = sorted(p.name for p in cache.iterdir())
+    changed = make_config(
+        assets, out, **{**base, "train.max_steps": 3, "dpo.beta": 0.2, "train.log_every": 2}
+    )
+    with pytest.raises(
+        jconfig.ConfigError, match=r"(?s)dpo\.beta: 0\.1 -> 0\.2.*train\.max_steps: 2 -> 3"
+    ) as e:
+        train.Trainer(changed, mesh=one_device())
+    assert "log_every" not in str(e.value)  # logging cadence may change on resume
+    lines = data.read_text().splitlines(keepends=True)
+    data.write_text("".join(lines[:-5]))  # the same file, other pairs
+    with pytest.raises(jconfig.ConfigError, match="data or batch settings differ"):
+        train.Trainer(make_config(assets, out, **base), mesh=one_device())
+    data.write_text("".join(lines))
+    assert sorted(p.name for p in cache.iterdir()) == entries  # refused before any reference pass
+    allowed = jconfig.replace(changed, **{"train.allow_config_change": True})
+    assert train.Trainer(allowed, mesh=one_device()).fit().step == 3
+    assert jconfig.load_config(out / "config.yaml").dpo.beta == 0.1  # the first run's, kept
+    assert jconfig.load_config(out / "config.2.yaml").dpo.beta == 0.2  # the resume's, added
