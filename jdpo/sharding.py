@@ -158,7 +158,7 @@ def jit_on_mesh(fn, mesh: Mesh | None, **jit_kwargs) -> OnMesh:
     return OnMesh(jax.jit(fn, **jit_kwargs), mesh)
 
 
-def _current_mesh():
+def current_mesh():
     """The mesh set with `jax.set_mesh` (or None when there is none or it is empty)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
@@ -169,7 +169,7 @@ def _current_mesh():
 def batch_shards(num_rows: int) -> int:
     """Into how many shards the current mesh (`jax.set_mesh`) splits `num_rows` batch rows inside a
     traced function: `row_shards`, or 1 without a mesh or when the rows do not divide (replicated)."""
-    shards = row_shards(_current_mesh())
+    shards = row_shards(current_mesh())
     return shards if num_rows % shards == 0 else 1
 
 
@@ -185,7 +185,7 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     Used on activations inside the model so XLA keeps batch rows on data x fsdp and the wide dimensions
     on tensor instead of guessing.
     """
-    mesh = _current_mesh()
+    mesh = current_mesh()
     if mesh is None:
         return x
     spec = logical_to_spec(names, x.shape, mesh)

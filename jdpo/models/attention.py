@@ -227,7 +227,7 @@ def blocked_attention(
       block: positions per tile (query and key blocks alike).
     Returns [B, T, N, H] in the dtype of q.
     """
-    from jdpo.sharding import _current_mesh, logical_to_spec, spec_entry_size
+    from jdpo.sharding import current_mesh, logical_to_spec, spec_entry_size
 
     fn = functools.partial(_local, scale=scale, softcap=softcap, block=block)
     args = (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
@@ -235,7 +235,7 @@ def blocked_attention(
         fn = functools.partial(fn, window=None)
     else:
         args = (*args, jnp.asarray(window, jnp.int32))
-    mesh = _current_mesh()
+    mesh = current_mesh()
     if mesh is None:
         return fn(*args)
     # Per device: its rows (batch over data x fsdp) and its heads (over tensor; query heads N and key
