@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jdpo.models import ModelConfig, Transformer
+from jdpo.models import AttentionMask, ModelConfig, Transformer
 from jdpo.models.attention import _layout, blocked_attention
 
 
@@ -61,12 +61,13 @@ def test_blocked_equals_dense_in_values_and_grads(name):
     q, k, v = qkv(B, T, N, K, H)
     seg = jnp.asarray(packed_segments(np.random.default_rng(1), B, T))
     kw = dict(scale=H**-0.5, **c)
+    window = kw.pop("window", None)
 
     def blocked(q, k, v):
-        return blocked_attention(q, k, v, seg, block=block, **kw)
+        return blocked_attention(q, k, v, AttentionMask(seg, window=window), block=block, **kw)
 
     def dense(q, k, v):
-        return dense_reference(q, k, v, seg, **kw)
+        return dense_reference(q, k, v, seg, window=window, **kw)
 
     np.testing.assert_allclose(blocked(q, k, v), dense(q, k, v), atol=2e-6)
     w = jax.random.normal(jax.random.key(9), (B, T, N, H))
@@ -86,9 +87,9 @@ def test_traced_window_and_non_contiguous_segments():
     seg[1, 40:] = 0
     seg = jnp.asarray(seg)
     for window in (5, T + 1):
-        got = jax.jit(lambda q, k, v, w: blocked_attention(q, k, v, seg, scale=0.3, window=w, block=8))(
-            q, k, v, jnp.int32(window)
-        )
+        got = jax.jit(
+            lambda q, k, v, w: blocked_attention(q, k, v, AttentionMask(seg, window=w), scale=0.3, block=8)
+        )(q, k, v, jnp.int32(window))
         np.testing.assert_allclose(got, dense_reference(q, k, v, seg, scale=0.3, window=window), atol=2e-6)
 
 
@@ -97,7 +98,8 @@ def test_padding_rows_are_finite_in_values_and_grads():
     q, k, v = qkv(B, T, N, K, H, seed=4)
     seg = jnp.asarray(np.stack([np.zeros(T, np.int32), packed_segments(np.random.default_rng(0), 1, T)[0]]))
     grads = jax.grad(
-        lambda *a: jnp.sum(blocked_attention(*a, seg, scale=0.3, block=8) ** 2), argnums=(0, 1, 2)
+        lambda *a: jnp.sum(blocked_attention(*a, AttentionMask(seg), scale=0.3, block=8) ** 2),
+        argnums=(0, 1, 2),
     )(q, k, v)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
 
@@ -106,8 +108,9 @@ def test_bf16_inputs_match_float32_closely():
     B, T, N, K, H = 1, 64, 4, 2, 16
     q, k, v = qkv(B, T, N, K, H, seed=5)
     seg = jnp.asarray(packed_segments(np.random.default_rng(2), B, T))
-    ref = blocked_attention(q, k, v, seg, scale=0.25, block=16)
-    low = blocked_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), seg, scale=0.25, block=16)
+    mask = AttentionMask(seg)
+    ref = blocked_attention(q, k, v, mask, scale=0.25, block=16)
+    low = blocked_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), mask, scale=0.25, block=16)
     assert low.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(low, np.float32), ref, atol=5e-2)
 
@@ -207,7 +210,8 @@ def test_no_T_by_T_intermediate_forward_or_backward():
     q, k, v = qkv(B, T, N, K, H)
     seg = jnp.asarray(packed_segments(np.random.default_rng(8), B, T))
     f = jax.grad(
-        lambda q, k, v: jnp.sum(blocked_attention(q, k, v, seg, scale=0.3, block=64) ** 2), (0, 1, 2)
+        lambda q, k, v: jnp.sum(blocked_attention(q, k, v, AttentionMask(seg), scale=0.3, block=64) ** 2),
+        (0, 1, 2),
     )
 
     all_sizes = intermediate_sizes(jax.make_jaxpr(f)(q, k, v).jaxpr)

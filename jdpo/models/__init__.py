@@ -2,10 +2,12 @@
 
 from jdpo.models.families import FAMILIES, config_from_hf, config_to_hf, weight_table
 from jdpo.models.hf import CheckpointError, from_pretrained, init_model, save_pretrained
+from jdpo.models.masks import AttentionMask
 from jdpo.models.transformer import ModelConfig, Transformer
 
 __all__ = [
     "FAMILIES",
+    "AttentionMask",
     "CheckpointError",
     "ModelConfig",
     "Transformer",

@@ -12,9 +12,10 @@ written by hand (`jax.custom_vjp`) over the same blocks, recomputing the tiles f
 log-sum-exp. The block ranges are data-dependent loop bounds (`lax.fori_loop` with traced bounds),
 which is why the backward cannot come from autodiff.
 
-Visibility (the same function as the dense `attention_masks`, for every non-padding query): key t' is
-visible from query t of the same row when segment_ids[t'] == segment_ids[t] != 0, t' <= t, and
-t - t' < window. A padding query (segment 0) sees only itself: finite junk that the loss masks out.
+Visibility is the rule of `jdpo.models.masks.AttentionMask` (read from its segment ids and window), the
+same as its dense form for every non-padding query: key t' is visible from query t of the same row when
+segment_ids[t'] == segment_ids[t] != 0, t' <= t, and t - t' < window. A padding query (segment 0) sees
+only itself: finite junk that the loss masks out.
 
 All rows are laid end to end (rows never share a block: T is padded to a multiple of `block`), so the
 block ranges are per row, not the union over the batch. Under a mesh the kernel runs per device on its
@@ -28,6 +29,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from jdpo.models.masks import AttentionMask
 
 # Positions per tile. On the 2-core CPU bench (B=4, T=1024, 8 heads of 64, segments ~160): attention
 # fwd+bwd 64 ms at 32 and 64, 78 ms at 128, 113 ms at 256 (dense: 625 ms). Accelerators want larger
@@ -210,31 +213,33 @@ def blocked_attention(
     q_BxTxNxH,
     k_BxTxKxH,
     v_BxTxKxH,
-    segment_ids_BxT,
+    mask: AttentionMask,
     *,
     scale: float,
     softcap: float | None = None,
-    window=None,
     block: int = DEFAULT_BLOCK,
 ):
     """Exact attention of packed rows, visiting only the key blocks a query block can see.
 
     Args:
       q_BxTxNxH: queries; k_BxTxKxH, v_BxTxKxH: keys and values (K divides N: grouped-query).
-      segment_ids_BxT: int32, 0 = padding (see the module docstring for visibility).
+      mask: the rows' causal self-attention mask (no KV cache); its segment ids (0 = padding) and sliding
+        window (None, an int, or a traced int32 scalar under a layer scan) decide the block ranges.
       scale: score scale. softcap: tanh soft-cap of the scores (gemma2) or None.
-      window: sliding window (int, or a traced int32 scalar under a layer scan), None for none.
       block: positions per tile (query and key blocks alike).
     Returns [B, T, N, H] in the dtype of q.
     """
     from jdpo.sharding import current_mesh, logical_to_spec, spec_entry_size
 
+    # The block ranges assume keys == queries and causality (key blocks [first_i, i] only).
+    if not (mask.self_attention and mask.causal):
+        raise ValueError("blocked_attention takes causal self-attention masks (no KV cache)")
     fn = functools.partial(_local, scale=scale, softcap=softcap, block=block)
-    args = (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
-    if window is None:
+    args = (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask.segment_ids_BxT)
+    if mask.window is None:
         fn = functools.partial(fn, window=None)
     else:
-        args = (*args, jnp.asarray(window, jnp.int32))
+        args = (*args, jnp.asarray(mask.window, jnp.int32))
     mesh = current_mesh()
     if mesh is None:
         return fn(*args)

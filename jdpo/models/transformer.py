@@ -8,11 +8,14 @@ Parameter layouts (x @ W convention, per-head shapes so heads can be sharded wit
   o_proj.kernel [N, H, D]         gate_proj/up_proj.kernel [D, F]   down_proj.kernel [F, D]
   lm_head.kernel [D, V] (untied only; tied models reuse the embedding matrix transposed)
 With `scan_layers=True` the layer parameters are stacked with a leading [L] axis ("layers").
+
+Which keys a query sees is `jdpo.models.masks.AttentionMask`, built once per forward and handed to every
+layer; each attention call reads it in the form its kernel needs.
 """
 
 import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jdpo.models.attention import DEFAULT_BLOCK, blocked_attention
+from jdpo.models.masks import AttentionMask
 from jdpo.sharding import constrain
 
 REMAT_POLICIES = ("none", "full", "dots_saveable")
@@ -29,7 +33,7 @@ REMAT_POLICIES = ("none", "full", "dots_saveable")
 #   "xla":     jax.nn.dot_product_attention with a dense [B, 1, T, T] mask (any device).
 #   "cudnn":   cuDNN flash attention via jax.nn.dot_product_attention (NVIDIA GPUs, bf16/fp16 compute);
 #              jax 0.10 never picks cuDNN by itself, so it is an explicit choice.
-# The KV-cache path (`extend`: generation) always uses the dense "xla" form.
+# The KV-cache path (`extend`: generation) always takes the dense mask: "blocked" runs it as "xla".
 ATTENTION_IMPLS = ("blocked", "xla", "cudnn")
 
 
@@ -196,39 +200,6 @@ def apply_rope(x_BxTxNxH, cos, sin):
     return x_BxTxNxH * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
-def attention_masks(segment_ids_BxT, T: int, sliding_window: int | None):
-    """Boolean masks [B, 1, T, T]: (full, sliding or None).
-
-    A query sees keys of its own segment at or before it. Padding (segment 0) also sees earlier padding,
-    so no query row is ever fully masked: padded rows give finite junk (dropped by the loss mask) and
-    finite gradients, never NaN. Non-pad tokens never see padding because ids differ.
-    """
-    q_idx = jnp.arange(T)[:, None]
-    k_idx = jnp.arange(T)[None, :]
-    causal_TxT = q_idx >= k_idx
-    if segment_ids_BxT is None:
-        full = causal_TxT[None, None]
-    else:
-        same_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
-        full = (same_BxTxT & causal_TxT[None])[:, None]
-    sliding = None if sliding_window is None else full & (q_idx - k_idx < sliding_window)[None, None]
-    return full, sliding
-
-
-class Segments(NamedTuple):
-    """What the blocked kernel needs instead of a dense mask: segment ids [B, T] (0 = padding) and the
-    sliding window of the layer (None, an int, or a traced int32 under a layer scan)."""
-
-    ids_BxT: jax.Array
-    window: Any = None
-
-
-def segment_visibility(segment_ids_BxT, sliding_window: int | None):
-    """(full, sliding or None) for the blocked kernel: the `Segments` counterpart of `attention_masks`."""
-    full = Segments(segment_ids_BxT)
-    return full, None if sliding_window is None else Segments(segment_ids_BxT, sliding_window)
-
-
 class Embedding(nnx.Module):
     """Token embedding table [V, D]; also the unembedding when embeddings are tied."""
 
@@ -292,19 +263,19 @@ class Attention(nnx.Module):
         v_BxTxKxH = constrain(v_BxTxKxH, ("batch", "length", "act_kv_heads", None))
         return q_BxTxNxH, k_BxTxKxH, v_BxTxKxH
 
-    def _attend(self, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS):
+    def _attend(self, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: AttentionMask):
         """Attention of T queries over S keys (S == T without a cache), then the output projection.
-        `mask_Bx1xTxS` is a dense boolean mask, or `Segments` for the blocked kernel (S == T)."""
+        The blocked kernel reads `mask` as segment ids and a window (self-attention only); the dense
+        kernels materialise it here as a boolean [B, 1, T, S] array."""
         c = self.config
-        if isinstance(mask_Bx1xTxS, Segments):
+        if self.attention == "blocked" and mask.self_attention:
             out_BxTxNxH = blocked_attention(
                 q_BxTxNxH,
                 k_BxSxKxH,
                 v_BxSxKxH,
-                mask_Bx1xTxS.ids_BxT,
+                mask,
                 scale=c.attention_scale,
                 softcap=c.attn_logit_softcapping,
-                window=mask_Bx1xTxS.window,
                 block=self.attention_block,
             )
         elif c.attn_logit_softcapping is None:
@@ -312,21 +283,21 @@ class Attention(nnx.Module):
                 q_BxTxNxH,
                 k_BxSxKxH,
                 v_BxSxKxH,
-                mask=mask_Bx1xTxS,
+                mask=mask.dense(),
                 scale=c.attention_scale,
                 implementation="cudnn" if self.attention == "cudnn" else "xla",
             )
         else:
             out_BxTxNxH = _softcapped_attention(
-                q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, c.attention_scale, c.attn_logit_softcapping
+                q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask.dense(), c.attention_scale, c.attn_logit_softcapping
             )
         return self.o_proj(out_BxTxNxH, self.dtype)
 
-    def __call__(self, x_BxTxD, cos, sin, mask_Bx1xTxT):
+    def __call__(self, x_BxTxD, cos, sin, mask: AttentionMask):
         q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = self._qkv(x_BxTxD, cos, sin)
-        return self._attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_Bx1xTxT)
+        return self._attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask)
 
-    def extend(self, x_BxTxD, cos, sin, mask_Bx1xTxS, k_BxSxKxH, v_BxSxKxH, slot):
+    def extend(self, x_BxTxD, cos, sin, mask: AttentionMask, k_BxSxKxH, v_BxSxKxH, slot):
         """T new tokens written at cache slots [slot, slot + T) of this layer's cache, then attended over
         all S slots (the mask hides unwritten slots and padding). Returns (out [B, T, D], new k, new v
         [B, T, K, H]); the caller stores the new k / v in its (possibly layer-stacked) cache."""
@@ -337,9 +308,7 @@ class Attention(nnx.Module):
         v_BxSxKxH = jax.lax.dynamic_update_slice_in_dim(
             v_BxSxKxH, v_new.astype(v_BxSxKxH.dtype), slot, axis=1
         )
-        out_BxTxD = self._attend(
-            q_BxTxNxH, k_BxSxKxH.astype(self.dtype), v_BxSxKxH.astype(self.dtype), mask_Bx1xTxS
-        )
+        out_BxTxD = self._attend(q_BxTxNxH, k_BxSxKxH.astype(self.dtype), v_BxSxKxH.astype(self.dtype), mask)
         return out_BxTxD, k_new, v_new
 
 
@@ -414,14 +383,14 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.sandwich = c.sandwich_norm
 
-    def __call__(self, x_BxTxD, cos, sin, mask_Bx1xTxT):
-        attn_BxTxD = self.self_attn(self.input_layernorm(x_BxTxD), cos, sin, mask_Bx1xTxT)
+    def __call__(self, x_BxTxD, cos, sin, mask: AttentionMask):
+        attn_BxTxD = self.self_attn(self.input_layernorm(x_BxTxD), cos, sin, mask)
         return self._finish(x_BxTxD, attn_BxTxD)
 
-    def extend(self, x_BxTxD, cos, sin, mask_Bx1xTxS, k_BxSxKxH, v_BxSxKxH, slot):
+    def extend(self, x_BxTxD, cos, sin, mask: AttentionMask, k_BxSxKxH, v_BxSxKxH, slot):
         """The layer on T new tokens with a KV cache (see `Attention.extend`): (x, new k, new v)."""
         attn_BxTxD, k_new, v_new = self.self_attn.extend(
-            self.input_layernorm(x_BxTxD), cos, sin, mask_Bx1xTxS, k_BxSxKxH, v_BxSxKxH, slot
+            self.input_layernorm(x_BxTxD), cos, sin, mask, k_BxSxKxH, v_BxSxKxH, slot
         )
         return self._finish(x_BxTxD, attn_BxTxD), k_new, v_new
 
@@ -446,26 +415,13 @@ def _remat(fn, policy: str):
     raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {policy!r}")
 
 
-def _layer_mask(full, sliding, is_sliding):
-    """The attention mask of one layer: `sliding` on local layers, `full` otherwise. `is_sliding` is a
-    Python bool in a layer loop and a traced bool under scan (one compiled body for both kinds). Masks
-    are dense boolean arrays or `Segments` (a traced window; T + 1 or more restricts nothing)."""
-    if sliding is None:
-        return full
-    if isinstance(is_sliding, bool):
-        return sliding if is_sliding else full
-    if isinstance(full, Segments):
-        no_window = full.ids_BxT.shape[1] + 1
-        return Segments(full.ids_BxT, jnp.where(is_sliding, sliding.window, no_window).astype(jnp.int32))
-    return jnp.where(is_sliding, sliding, full)
-
-
 class Transformer(nnx.Module):
     """Decoder-only LM. `model(ids)` -> float32 logits; `hidden_states` + `unembedding` for chunked log-probs.
 
     scan_layers=True stacks the layers ([L, ...] parameters) and runs them with `jax.lax.scan`, so deep
     models compile once per layer instead of once per depth. gemma2's alternating local/global layers
-    scan too: a per-layer boolean array picks the sliding or the full mask inside the scanned body.
+    scan too: a per-layer boolean array picks the layer's mask (`AttentionMask.for_layer`) inside the
+    scanned body.
     """
 
     def __init__(
@@ -542,15 +498,13 @@ class Transformer(nnx.Module):
         x_BxTxD = self._embed(input_ids_BxT)
         cos, sin = rope_cos_sin(positions_BxT, c, self.dtype)
         flags = c.sliding_layers
-        if self.attention == "blocked":
-            ids_BxT = jnp.ones((B, T), jnp.int32) if segment_ids_BxT is None else segment_ids_BxT
-            full, sliding = segment_visibility(ids_BxT, c.sliding_window if any(flags) else None)
-        else:
-            full, sliding = attention_masks(segment_ids_BxT, T, c.sliding_window if any(flags) else None)
+        # Without segment ids the row is one sequence (segment 1 everywhere).
+        ids_BxT = jnp.ones((B, T), jnp.int32) if segment_ids_BxT is None else segment_ids_BxT
+        mask = AttentionMask(ids_BxT, window=c.sliding_window if any(flags) else None)
 
         def layer_fn(graphdef, state, x, is_sliding):
             layer = nnx.merge(graphdef, state)
-            return layer(x, cos, sin, _layer_mask(full, sliding, is_sliding))
+            return layer(x, cos, sin, mask.for_layer(is_sliding))
 
         if self.scan_layers:
             graphdef, state = nnx.split(self.layers)
@@ -603,8 +557,9 @@ class Transformer(nnx.Module):
         fixed shapes: prefill is one call with T = prompt length at slot 0, decoding calls with T = 1 at
         slot = prompt length + step). A query sees the slots at or before its own that hold real tokens
         (padding is never attended; a padding query sees only padding, so nothing is NaN), within the
-        sliding window on sliding layers (slot distance == position distance for real tokens). The whole
-        cache stays resident on sliding layers too (masked, not a ring buffer).
+        sliding window on sliding layers (slot distance == position distance for real tokens): the mask
+        is `AttentionMask.kv_cache`. The whole cache stays resident on sliding layers too (masked, not a
+        ring buffer).
 
         Args:
           input_ids_BxT: int32 token ids. cache: from `init_cache` (or a previous `extend`).
@@ -615,23 +570,14 @@ class Transformer(nnx.Module):
         B, T = input_ids_BxT.shape
         S = cache["k"].shape[2]
         q_slot_T = slot + jnp.arange(T, dtype=jnp.int32)
-        k_slot_S = jnp.arange(S, dtype=jnp.int32)
         positions_BxT = jnp.maximum(q_slot_T[None, :] - start_B[:, None], 0)
         x_BxTxD = self._embed(input_ids_BxT)
         cos, sin = rope_cos_sin(positions_BxT, c, self.dtype)
-        real_q_BxT = q_slot_T[None, :] >= start_B[:, None]
-        real_k_BxS = k_slot_S[None, :] >= start_B[:, None]
-        causal_TxS = k_slot_S[None, :] <= q_slot_T[:, None]
-        full = (causal_TxS[None] & (real_q_BxT[:, :, None] == real_k_BxS[:, None, :]))[:, None]
         flags = c.sliding_layers
-        sliding = None
-        if any(flags):
-            in_window_TxS = q_slot_T[:, None] - k_slot_S[None, :] < c.sliding_window
-            sliding = full & in_window_TxS[None, None]
+        mask = AttentionMask.kv_cache(start_B, slot, T, S, window=c.sliding_window if any(flags) else None)
 
         def layer_fn(layer, x, k_BxSxKxH, v_BxSxKxH, is_sliding):
-            mask = _layer_mask(full, sliding, is_sliding)
-            return layer.extend(x, cos, sin, mask, k_BxSxKxH, v_BxSxKxH, slot)
+            return layer.extend(x, cos, sin, mask.for_layer(is_sliding), k_BxSxKxH, v_BxSxKxH, slot)
 
         k_all, v_all = cache["k"], cache["v"]
 
