@@ -27,6 +27,7 @@ _LAZY = {
     "segment_logprobs": "jdpo.logprobs",
     "wpo_weights": "jdpo.logprobs",
     "from_pretrained": "jdpo.models",
+    "ModelOptions": "jdpo.models",
     "save_pretrained": "jdpo.models",
     "load_preferences": "jdpo.data",
     "load_config": "jdpo.config",

@@ -240,13 +240,14 @@ class Generator:
         self.pad_id = int(pad_id)
 
     @classmethod
-    def from_pretrained(cls, path, *, mesh=None, dtype=jnp.float32, scan_layers: bool = False, **kwargs):
-        """Model and tokenizer from a Hugging Face checkpoint directory (e.g. a run's `final/`)."""
+    def from_pretrained(cls, path, *, mesh=None, options=None, **kwargs):
+        """Model and tokenizer from a Hugging Face checkpoint directory (e.g. a run's `final/`). `options`:
+        a `jdpo.models.ModelOptions` (None: float32, the loop layout); `kwargs` go to `Generator`."""
         from transformers import AutoTokenizer
 
         from jdpo.models import from_pretrained
 
-        model, _ = from_pretrained(path, dtype=dtype, param_dtype=dtype, mesh=mesh, scan_layers=scan_layers)
+        model, _ = from_pretrained(path, options=options, mesh=mesh)
         tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(model, tokenizer, mesh=mesh, model_dir=path, **kwargs)
 

@@ -154,13 +154,10 @@ def abstract_params(model_config, *, param_dtype: str = "float32", scan_layers: 
     import jax.numpy as jnp
     from flax import nnx
 
-    from jdpo.models import Transformer
+    from jdpo.models import ModelOptions, Transformer
 
-    model = nnx.eval_shape(
-        lambda: Transformer(
-            model_config, param_dtype=jnp.dtype(param_dtype), rngs=nnx.Rngs(0), scan_layers=scan_layers
-        )
-    )
+    options = ModelOptions(param_dtype=jnp.dtype(param_dtype), scan_layers=scan_layers)
+    model = nnx.eval_shape(lambda: Transformer(model_config, options=options, rngs=nnx.Rngs(0)))
     out = []
     for path, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Param):

@@ -123,19 +123,12 @@ class Trainer:
         """Tokenizer and policy from `model.path`; returns the parameters (born sharded)."""
         from transformers import AutoTokenizer
 
-        from jdpo.models import from_pretrained
+        from jdpo.models import ModelOptions, from_pretrained
 
         m = self.config.model
         self.tokenizer = AutoTokenizer.from_pretrained(m.path)
         model, self.model_config = from_pretrained(
-            m.path,
-            dtype=self.dtype,
-            param_dtype=jnp.dtype(m.param_dtype),
-            mesh=self.mesh,
-            remat=m.remat,
-            scan_layers=m.scan_layers,
-            attention=m.attention,
-            attention_block=m.attention_block,
+            m.path, options=ModelOptions.from_section(m, dtype=self.dtype), mesh=self.mesh
         )
         self.graphdef, params = nnx.split(model)
         return params
@@ -213,18 +206,14 @@ class Trainer:
 
     def _reference_params(self, params):
         """The reference weights: the initial policy, or `dpo.reference_path` when given."""
-        from jdpo.models import from_pretrained
+        from jdpo.models import ModelOptions, from_pretrained
 
         path = self.config.dpo.reference_path
         if not path or Path(path).resolve() == Path(self.config.model.path).resolve():
             return params
-        ref_model, ref_cfg = from_pretrained(
-            path,
-            dtype=self.dtype,
-            param_dtype=jnp.dtype(self.config.model.param_dtype),
-            mesh=self.mesh,
-            scan_layers=self.config.model.scan_layers,  # the same parameter layout as the policy
-        )
+        # The policy's options: the same parameter dtype and layout (only the parameters are used).
+        options = ModelOptions.from_section(self.config.model, dtype=self.dtype)
+        ref_model, ref_cfg = from_pretrained(path, options=options, mesh=self.mesh)
         if ref_cfg != self.model_config:
             raise ValueError(f"dpo.reference_path {path} has another architecture than model.path")
         return nnx.split(ref_model)[1]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jdpo.models import AttentionMask, ModelConfig, Transformer
+from jdpo.models import AttentionMask, ModelConfig, ModelOptions, Transformer
 from jdpo.models.attention import _layout, blocked_attention
 
 
@@ -149,9 +149,8 @@ def test_model_blocked_equals_xla_attention(family, scan_layers):
     config = ModelConfig.from_hf(hf)
     models = {}
     for attention in ("blocked", "xla"):
-        models[attention] = Transformer(
-            config, rngs=nnx.Rngs(0), scan_layers=scan_layers, attention=attention
-        )
+        options = ModelOptions(scan_layers=scan_layers, attention=attention)
+        models[attention] = Transformer(config, options=options, rngs=nnx.Rngs(0))
     B, T = 2, 40
     seg = packed_segments(np.random.default_rng(3), B, T)
     pos = np.zeros_like(seg)
@@ -182,13 +181,15 @@ def test_attention_block_is_a_tiling_choice_only():
     ids = jnp.asarray(np.random.default_rng(5).integers(0, 64, (2, 24)), jnp.int32)
     seg = jnp.asarray(packed_segments(np.random.default_rng(6), 2, 24))
     logits = [
-        nnx.jit(lambda m: m(ids, None, seg))(Transformer(config, rngs=nnx.Rngs(0), attention_block=b))
+        nnx.jit(lambda m: m(ids, None, seg))(
+            Transformer(config, options=ModelOptions(attention_block=b), rngs=nnx.Rngs(0))
+        )
         for b in (4, 64)
     ]
     real = np.asarray(seg) > 0
     np.testing.assert_allclose(np.asarray(logits[0])[real], np.asarray(logits[1])[real], atol=1e-5)
     with pytest.raises(ValueError, match="attention_block must be >= 1"):
-        Transformer(config, rngs=nnx.Rngs(0), attention_block=0)
+        Transformer(config, options=ModelOptions(attention_block=0), rngs=nnx.Rngs(0))
 
 
 def test_first_of_id_matches_a_scan_for_ids_in_any_order():

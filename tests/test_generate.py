@@ -11,7 +11,7 @@ from flax import nnx
 from helpers_tokenizer import make_tokenizer
 
 from jdpo.generate import Generator, SamplingParams, read_prompts, sample_logits, step_cache_size
-from jdpo.models import ModelConfig, Transformer, from_pretrained, save_pretrained
+from jdpo.models import ModelConfig, ModelOptions, Transformer, from_pretrained, save_pretrained
 
 V = 320  # the test BPE tokenizer has 300 ids; a little room on top like real vocabularies
 TINY = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
@@ -38,7 +38,8 @@ GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0)
 def random_model(name: str, *, scan_layers: bool = False, seed: int = 0) -> Transformer:
     """A tiny model with numpy-random weights (norm weights near their identity so activations stay sane)."""
     config = ModelConfig.from_hf(CONFIGS[name])
-    model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), scan_layers=scan_layers))
+    options = ModelOptions(scan_layers=scan_layers)
+    model = nnx.eval_shape(lambda: Transformer(config, options=options, rngs=nnx.Rngs(0)))
     rng = np.random.RandomState(seed)
     for path, v in nnx.iter_graph(model):
         if isinstance(v, nnx.Param):

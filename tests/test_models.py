@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 from jdpo.models import (
     CheckpointError,
     ModelConfig,
+    ModelOptions,
     Transformer,
     from_pretrained,
     save_pretrained,
@@ -43,7 +44,8 @@ def random_model(config, seed=0, scan_layers=False):
     Filled from numpy rather than `init_model` because compiling jax's RNG for every parameter shape
     dominates the runtime of these tiny tests; `init_model` has its own tests in test_sharding.py.
     """
-    model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), scan_layers=scan_layers))
+    options = ModelOptions(scan_layers=scan_layers)
+    model = nnx.eval_shape(lambda: Transformer(config, options=options, rngs=nnx.Rngs(0)))
     rng = np.random.RandomState(seed)
     for path, v in nnx.iter_graph(model):
         if isinstance(v, nnx.Param):
@@ -123,12 +125,30 @@ def test_attention_kernel_choice_is_checked():
     """cuDNN is an explicit opt-in (GPU only, no soft-cap); bad choices fail at construction."""
     llama = ModelConfig.from_hf(TINY_CONFIGS["llama"])
     with pytest.raises(ValueError, match="attention must be one of"):
-        nnx.eval_shape(lambda: Transformer(llama, rngs=nnx.Rngs(0), attention="flash"))
+        nnx.eval_shape(lambda: Transformer(llama, options=ModelOptions(attention="flash"), rngs=nnx.Rngs(0)))
     gemma2 = ModelConfig.from_hf(TINY_CONFIGS["gemma2"])
     with pytest.raises(ValueError, match="cannot soft-cap attention logits"):
-        nnx.eval_shape(lambda: Transformer(gemma2, rngs=nnx.Rngs(0), attention="cudnn"))
+        nnx.eval_shape(lambda: Transformer(gemma2, options=ModelOptions(attention="cudnn"), rngs=nnx.Rngs(0)))
     # Constructing a cuDNN llama works anywhere (it only fails when run without a GPU).
-    nnx.eval_shape(lambda: Transformer(llama, rngs=nnx.Rngs(0), attention="cudnn"))
+    nnx.eval_shape(lambda: Transformer(llama, options=ModelOptions(attention="cudnn"), rngs=nnx.Rngs(0)))
+
+
+def test_model_options_from_the_config_section():
+    """A run's `model:` section becomes one ModelOptions, every run-time field carried (a new config
+    field that does not reach the model fails here); bad values fail when the options are built."""
+    import dataclasses
+
+    from jdpo.config import ModelSection
+
+    section = ModelSection(
+        path="x", param_dtype="bfloat16", remat="full", scan_layers=True, attention="xla", attention_block=32
+    )
+    got = ModelOptions.from_section(section, dtype=jnp.bfloat16)
+    assert got == ModelOptions(jnp.bfloat16, jnp.dtype("bfloat16"), "full", True, "xla", 32)
+    fields = {f.name for f in dataclasses.fields(ModelOptions)}
+    assert fields == {f.name for f in dataclasses.fields(ModelSection)} - {"path"}
+    with pytest.raises(ValueError, match="remat must be one of"):
+        ModelOptions(remat="some")
 
 
 def test_hidden_states_and_unembedding_give_logits(ckpt):
@@ -150,10 +170,10 @@ def test_remat_policies_keep_loss_and_grads(ckpt):
     def loss(m):
         return jnp.mean(jax.nn.log_softmax(m(ids))[..., 0])
 
-    ref_model, _ = from_pretrained(ckpt[0], scan_layers=scan_layers)
+    ref_model, _ = from_pretrained(ckpt[0], options=ModelOptions(scan_layers=scan_layers))
     ref_value, ref_grads = nnx.jit(nnx.value_and_grad(loss))(ref_model)
     for remat in ("full", "dots_saveable"):
-        model, _ = from_pretrained(ckpt[0], scan_layers=scan_layers, remat=remat)
+        model, _ = from_pretrained(ckpt[0], options=ModelOptions(scan_layers=scan_layers, remat=remat))
         value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
         np.testing.assert_allclose(float(value), float(ref_value), atol=1e-6)
         for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
@@ -164,9 +184,10 @@ def test_bf16_compute_and_params(ckpt, tmp_path):
     path, _ = ckpt
     ids = jnp.arange(10, dtype=jnp.int32)[None]
     ref = np.asarray(forward(from_pretrained(path)[0], ids))
-    mixed, _ = from_pretrained(path, dtype=jnp.bfloat16)
+    mixed, _ = from_pretrained(path, options=ModelOptions(dtype=jnp.bfloat16))
     assert mixed.embed_tokens.embedding.get_value().dtype == jnp.float32
-    pure, _ = from_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, scan_layers=True)
+    pure_bf16 = ModelOptions(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, scan_layers=True)
+    pure, _ = from_pretrained(path, options=pure_bf16)
     assert pure.layers.mlp.up_proj.kernel.get_value().dtype == jnp.bfloat16
     for m in (mixed, pure):
         out = np.asarray(forward(m, ids))
@@ -174,7 +195,7 @@ def test_bf16_compute_and_params(ckpt, tmp_path):
     save_pretrained(pure, tmp_path)  # bf16 export keeps bf16 and reloads
     with open(tmp_path / "config.json") as f:
         assert json.load(f)["dtype"] == "bfloat16"
-    again, _ = from_pretrained(tmp_path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, scan_layers=True)
+    again, _ = from_pretrained(tmp_path, options=pure_bf16)
     np.testing.assert_array_equal(np.asarray(forward(again, ids)), np.asarray(forward(pure, ids)))
 
 
@@ -208,7 +229,7 @@ def test_wrong_shape_is_an_error_naming_key_and_file(ckpt, tmp_path):
     key = "model.layers.0.self_attn.k_proj.weight"
     path = _edit_checkpoint(ckpt[0], tmp_path / "c", lambda t: t.update({key: t[key][:-1]}))
     with pytest.raises(CheckpointError, match=rf"'{key}' in file model\.safetensors has shape \(15, 32\)"):
-        from_pretrained(path, scan_layers=True)
+        from_pretrained(path, options=ModelOptions(scan_layers=True))
 
 
 def test_index_pointing_at_missing_file_is_an_error(ckpt, tmp_path):
@@ -290,7 +311,7 @@ def test_real_size_parameter_counts(name):
     config = ModelConfig.from_hf(hf)
     for scan_layers in (False, True):
         abstract = nnx.eval_shape(
-            lambda sl=scan_layers: Transformer(config, rngs=nnx.Rngs(0), scan_layers=sl)
+            lambda sl=scan_layers: Transformer(config, options=ModelOptions(scan_layers=sl), rngs=nnx.Rngs(0))
         )
         leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
         assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)  # nothing was allocated

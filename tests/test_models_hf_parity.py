@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jdpo.models import ModelConfig, from_pretrained, save_pretrained  # noqa: E402
+from jdpo.models import ModelConfig, ModelOptions, from_pretrained, save_pretrained  # noqa: E402
 
 TOL = 1e-4
 B, T, V = 3, 16, 160
@@ -130,7 +130,7 @@ def _jdpo_logits(model, case):
 
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["loop", "scan"])
 def test_logits_match_transformers(case, scan_layers):
-    model, config = from_pretrained(case["path"], scan_layers=scan_layers)
+    model, config = from_pretrained(case["path"], options=ModelOptions(scan_layers=scan_layers))
     diff = _max_diff(_jdpo_logits(model, case), case["ref"], case["mask"])
     print(f"{case['name']} scan={scan_layers}: max |logit diff| = {diff:.2e}")
     assert diff <= TOL, f"{case['name']}: max abs logit difference {diff}"
@@ -149,7 +149,7 @@ def test_checkpoint_layout(case):
 
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["loop", "scan"])
 def test_export_reloads_in_transformers(case, scan_layers, tmp_path):
-    model, config = from_pretrained(case["path"], scan_layers=scan_layers)
+    model, config = from_pretrained(case["path"], options=ModelOptions(scan_layers=scan_layers))
     # a small shard size exercises the multi-file export and its index
     save_pretrained(model, tmp_path, max_shard_size="40KB" if scan_layers else "5GB")
     assert ModelConfig.from_hf(tmp_path) == config
@@ -157,5 +157,5 @@ def test_export_reloads_in_transformers(case, scan_layers, tmp_path):
     diff = _max_diff(_hf_logits(reloaded, case["ids"], case["mask"]), case["ref"], case["mask"])
     assert diff <= TOL, f"{case['name']}: exported model differs by {diff}"
     # and jdpo reads its own export back
-    again, _ = from_pretrained(tmp_path, scan_layers=not scan_layers)
+    again, _ = from_pretrained(tmp_path, options=ModelOptions(scan_layers=not scan_layers))
     assert _max_diff(_jdpo_logits(again, case), case["ref"], case["mask"]) <= TOL

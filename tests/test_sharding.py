@@ -8,7 +8,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from test_models import random_model  # numpy-filled weights: no RNG compiles
 
-from jdpo.models import ModelConfig, from_pretrained, init_model, save_pretrained
+from jdpo.models import ModelConfig, ModelOptions, from_pretrained, init_model, save_pretrained
 from jdpo.sharding import (
     LOGICAL_AXIS_RULES,
     batch_sharding,
@@ -140,7 +140,9 @@ COMBOS = [
 @pytest.mark.parametrize("reference, mesh_name, scan_layers", COMBOS, indirect=["reference"])
 def test_sharded_model_matches_one_device(reference, mesh_name, scan_layers):
     mesh = make_mesh(*MESHES[mesh_name])
-    model, config = from_pretrained(reference["path"], mesh=mesh, scan_layers=scan_layers)
+    model, config = from_pretrained(
+        reference["path"], options=ModelOptions(scan_layers=scan_layers), mesh=mesh
+    )
     q_kernel = (
         model.layers.self_attn if scan_layers else model.layers[0].self_attn
     ).q_proj.kernel.get_value()
@@ -162,11 +164,12 @@ def test_sharded_model_matches_one_device(reference, mesh_name, scan_layers):
 def test_init_model_is_born_sharded_and_sharding_invariant():
     config = ModelConfig.from_hf(HF_CONFIGS["llama"])
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
-    sharded = init_model(config, seed=3, mesh=mesh, scan_layers=True)
+    scanned = ModelOptions(scan_layers=True)
+    sharded = init_model(config, options=scanned, seed=3, mesh=mesh)
     up = sharded.layers.mlp.up_proj.kernel.get_value()
     assert up.sharding.spec == P(None, "fsdp", "tensor")
     assert sharded.embed_tokens.embedding.get_value().sharding.spec == P("tensor", "fsdp")
-    single = init_model(config, seed=3, scan_layers=True)
+    single = init_model(config, options=scanned, seed=3)
     for a, b in zip(jax.tree.leaves(nnx.state(sharded)), jax.tree.leaves(nnx.state(single)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert np.asarray(up).std() > 0.01  # really random

@@ -3,13 +3,14 @@
 from jdpo.models.families import FAMILIES, config_from_hf, config_to_hf, weight_table
 from jdpo.models.hf import CheckpointError, from_pretrained, init_model, save_pretrained
 from jdpo.models.masks import AttentionMask
-from jdpo.models.transformer import ModelConfig, Transformer
+from jdpo.models.transformer import ModelConfig, ModelOptions, Transformer
 
 __all__ = [
     "FAMILIES",
     "AttentionMask",
     "CheckpointError",
     "ModelConfig",
+    "ModelOptions",
     "Transformer",
     "config_from_hf",
     "config_to_hf",

@@ -20,9 +20,8 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jdpo.models.attention import DEFAULT_BLOCK
 from jdpo.models.families import WeightSpec, weight_table
-from jdpo.models.transformer import ModelConfig, Transformer
+from jdpo.models.transformer import ModelConfig, ModelOptions, Transformer
 from jdpo.sharding import named_sharding, param_shardings
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -87,19 +86,8 @@ def _model_params(model) -> dict[str, nnx.Variable]:
     return {".".join(map(str, path)): v for path, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
 
 
-def _abstract_model(config, dtype, param_dtype, remat, scan_layers, attention, attention_block):
-    return nnx.eval_shape(
-        lambda: Transformer(
-            config,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=nnx.Rngs(0),
-            remat=remat,
-            scan_layers=scan_layers,
-            attention=attention,
-            attention_block=attention_block,
-        )
-    )
+def _abstract_model(config: ModelConfig, options: ModelOptions) -> Transformer:
+    return nnx.eval_shape(lambda: Transformer(config, options=options, rngs=nnx.Rngs(0)))
 
 
 def _sharding_for(var: nnx.Variable, mesh):
@@ -109,25 +97,18 @@ def _sharding_for(var: nnx.Variable, mesh):
     return named_sharding(mesh, var.get_metadata().get("out_sharding"), shape)
 
 
-def from_pretrained(
-    path,
-    *,
-    dtype=jnp.float32,
-    param_dtype=jnp.float32,
-    mesh=None,
-    remat: str = "none",
-    scan_layers: bool = False,
-    attention: str = "blocked",
-    attention_block: int = DEFAULT_BLOCK,
-):
+def from_pretrained(path, *, options: ModelOptions | None = None, mesh=None):
     """Load a HF checkpoint directory (config.json + safetensors) straight into its target shardings.
 
-    Returns (model, config). `dtype` is the compute dtype, `param_dtype` the stored one; with `mesh`
-    the parameters are placed by `jdpo.sharding.LOGICAL_AXIS_RULES`, else on the first device.
+    Returns (model, config). `options` says how to run it (dtypes, remat, layer layout, attention kernel;
+    None: `ModelOptions()`); the parameters are stored in `options.param_dtype`. With `mesh` they are
+    placed by `jdpo.sharding.LOGICAL_AXIS_RULES`, else on the first device.
     """
+    options = ModelOptions() if options is None else options
     path = os.fspath(path)
     config = ModelConfig.from_hf(path)
-    model = _abstract_model(config, dtype, param_dtype, remat, scan_layers, attention, attention_block)
+    model = _abstract_model(config, options)
+    scan_layers, param_dtype = options.scan_layers, options.param_dtype
     params = _model_params(model)
     key_to_file = _checkpoint_files(path)
     L = config.num_layers
@@ -214,30 +195,13 @@ def _load_array(var, tensors, spec: WeightSpec, *, stacked: bool, mesh, param_dt
 
 
 def init_model(
-    config: ModelConfig,
-    *,
-    seed: int = 0,
-    mesh=None,
-    dtype=jnp.float32,
-    param_dtype=jnp.float32,
-    remat: str = "none",
-    scan_layers: bool = False,
-    attention: str = "blocked",
-    attention_block: int = DEFAULT_BLOCK,
+    config: ModelConfig, *, options: ModelOptions | None = None, seed: int = 0, mesh=None
 ) -> Transformer:
-    """Random init, born sharded: eval_shape -> shardings from the rules table -> jit(init, out_shardings)."""
+    """Random init, born sharded: eval_shape -> shardings from the rules table -> jit(init, out_shardings).
+    `options` as in `from_pretrained`."""
 
     def make():
-        return Transformer(
-            config,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=nnx.Rngs(seed),
-            remat=remat,
-            scan_layers=scan_layers,
-            attention=attention,
-            attention_block=attention_block,
-        )
+        return Transformer(config, options=options, rngs=nnx.Rngs(seed))
 
     graphdef, abstract_state = nnx.split(nnx.eval_shape(make))
     init = jax.jit(lambda: nnx.state(make()), out_shardings=param_shardings(abstract_state, mesh))
@@ -278,7 +242,7 @@ def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_size=
     for spec in weight_table(config):
         if "{i}" not in spec.model_path:
             entries.append((spec.hf_key, lambda s=spec: _to_hf_layout(params[s.model_path].get_value(), s)))
-        elif model.scan_layers:
+        elif model.options.scan_layers:
             stack = params[spec.model_path.replace(".{i}", "")]
             for i in range(L):
                 fetch = lambda s=spec, i=i, v=stack: _to_hf_layout(v.get_value()[i], s)  # noqa: E731

@@ -7,7 +7,7 @@ Parameter layouts (x @ W convention, per-head shapes so heads can be sharded wit
   embed_tokens.embedding [V, D]   q_proj.kernel [D, N, H]   k_proj/v_proj.kernel [D, K, H]
   o_proj.kernel [N, H, D]         gate_proj/up_proj.kernel [D, F]   down_proj.kernel [F, D]
   lm_head.kernel [D, V] (untied only; tied models reuse the embedding matrix transposed)
-With `scan_layers=True` the layer parameters are stacked with a leading [L] axis ("layers").
+With `ModelOptions.scan_layers` the layer parameters are stacked with a leading [L] axis ("layers").
 
 Which keys a query sees is `jdpo.models.masks.AttentionMask`, built once per forward and handed to every
 layer; each attention call reads it in the form its kernel needs.
@@ -115,6 +115,45 @@ class ModelConfig:
         return V * D * (1 if self.tie_word_embeddings else 2) + D + L * (attn + 3 * D * F + norms)
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """How to run a decoder, as opposed to what it is (`ModelConfig`): dtypes, memory and kernel choices.
+
+    One frozen object handed whole to `Transformer`, `from_pretrained`, `init_model` and on to the layers,
+    so a new option is one field here, not a keyword threaded through every call site. None of them
+    changes what the model computes, only its precision (dtypes) and how (memory, layout, kernel, tiles):
+    results agree to float rounding.
+    """
+
+    dtype: Any = jnp.float32  # compute dtype of activations and matmuls
+    param_dtype: Any = jnp.float32  # dtype the parameters are stored in
+    remat: str = "none"  # REMAT_POLICIES: what a layer saves for the backward pass
+    scan_layers: bool = False  # stacked [L, ...] layer parameters run by lax.scan (one compiled layer)
+    attention: str = "blocked"  # ATTENTION_IMPLS: the kernel without a KV cache
+    attention_block: int = DEFAULT_BLOCK  # positions per tile of the blocked kernel
+
+    def __post_init__(self):
+        if self.attention_block < 1:
+            raise ValueError(f"attention_block must be >= 1, got {self.attention_block}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
+
+    @classmethod
+    def from_section(cls, section, *, dtype) -> "ModelOptions":
+        """From a run's `jdpo.config.ModelSection`; `dtype` is its compute dtype already resolved (its
+        "auto" depends on the device, see `jdpo.train.resolve_dtype`)."""
+        return cls(
+            dtype=dtype,
+            param_dtype=jnp.dtype(section.param_dtype),
+            remat=section.remat,
+            scan_layers=section.scan_layers,
+            attention=section.attention,
+            attention_block=section.attention_block,
+        )
+
+
 def _param(key, shape, names, param_dtype, init: str, std: float):
     """A Param carrying logical axis names; placement is decided later by jdpo.sharding."""
     if init == "normal":
@@ -213,17 +252,8 @@ class Embedding(nnx.Module):
 class Attention(nnx.Module):
     """Grouped-query attention with optional q/k bias, q/k norm, sliding window and logit soft-capping."""
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        *,
-        dtype,
-        param_dtype,
-        rngs: nnx.Rngs,
-        attention: str = "blocked",
-        attention_block: int = DEFAULT_BLOCK,
-    ):
-        c = config
+    def __init__(self, config: ModelConfig, options: ModelOptions, *, rngs: nnx.Rngs):
+        c, param_dtype = config, options.param_dtype
         D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         kw = dict(param_dtype=param_dtype, std=c.initializer_range)
         self.q_proj = Dense(
@@ -245,10 +275,13 @@ class Attention(nnx.Module):
             **kw,
         )
         if c.qk_norm:
-            norm_kw = dict(eps=c.rms_norm_eps, offset=c.norm_offset, dtype=dtype, param_dtype=param_dtype)
+            norm_kw = dict(
+                eps=c.rms_norm_eps, offset=c.norm_offset, dtype=options.dtype, param_dtype=param_dtype
+            )
             self.q_norm = RMSNorm(H, names=("head_dim",), **norm_kw)
             self.k_norm = RMSNorm(H, names=("head_dim",), **norm_kw)
-        self.config, self.dtype, self.attention, self.attention_block = c, dtype, attention, attention_block
+        self.config, self.dtype = c, options.dtype
+        self.attention, self.attention_block = options.attention, options.attention_block
 
     def _qkv(self, x_BxTxD, cos, sin):
         """q [B, T, N, H], k and v [B, T, K, H] of new tokens (q/k norm and RoPE applied)."""
@@ -328,13 +361,13 @@ def _softcapped_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale, 
 class MLP(nnx.Module):
     """Gated MLP: down(act(gate(x)) * up(x))."""
 
-    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, options: ModelOptions, *, rngs: nnx.Rngs):
         D, F = config.hidden_size, config.intermediate_size
-        kw = dict(bias=False, param_dtype=param_dtype, std=config.initializer_range)
+        kw = dict(bias=False, param_dtype=options.param_dtype, std=config.initializer_range)
         self.gate_proj = Dense(rngs.params(), (D,), (F,), ("embed", "mlp"), **kw)
         self.up_proj = Dense(rngs.params(), (D,), (F,), ("embed", "mlp"), **kw)
         self.down_proj = Dense(rngs.params(), (F,), (D,), ("mlp", "embed"), **kw)
-        self.act, self.dtype = config.hidden_act, dtype
+        self.act, self.dtype = config.hidden_act, options.dtype
 
     def __call__(self, x_BxTxD):
         gate_BxTxF = self.gate_proj(x_BxTxD, self.dtype)
@@ -349,38 +382,26 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Pre-norm block; gemma2 adds norms on the attention and MLP outputs ("sandwich")."""
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        *,
-        dtype,
-        param_dtype,
-        rngs: nnx.Rngs,
-        attention: str = "blocked",
-        attention_block: int = DEFAULT_BLOCK,
-    ):
+    def __init__(self, config: ModelConfig, options: ModelOptions, *, rngs: nnx.Rngs):
         c = config
 
         def norm():
             return RMSNorm(
-                c.hidden_size, eps=c.rms_norm_eps, offset=c.norm_offset, dtype=dtype, param_dtype=param_dtype
+                c.hidden_size,
+                eps=c.rms_norm_eps,
+                offset=c.norm_offset,
+                dtype=options.dtype,
+                param_dtype=options.param_dtype,
             )
 
         self.input_layernorm = norm()
-        self.self_attn = Attention(
-            c,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-            attention=attention,
-            attention_block=attention_block,
-        )
+        self.self_attn = Attention(c, options, rngs=rngs)
         # llama naming: post_attention_layernorm is the pre-MLP norm; gemma2: it normalises attn output.
         self.post_attention_layernorm = norm()
         if c.sandwich_norm:
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
-        self.mlp = MLP(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = MLP(c, options, rngs=rngs)
         self.sandwich = c.sandwich_norm
 
     def __call__(self, x_BxTxD, cos, sin, mask: AttentionMask):
@@ -418,50 +439,31 @@ def _remat(fn, policy: str):
 class Transformer(nnx.Module):
     """Decoder-only LM. `model(ids)` -> float32 logits; `hidden_states` + `unembedding` for chunked log-probs.
 
-    scan_layers=True stacks the layers ([L, ...] parameters) and runs them with `jax.lax.scan`, so deep
-    models compile once per layer instead of once per depth. gemma2's alternating local/global layers
-    scan too: a per-layer boolean array picks the layer's mask (`AttentionMask.for_layer`) inside the
-    scanned body.
+    `options.scan_layers` stacks the layers ([L, ...] parameters) and runs them with `jax.lax.scan`, so
+    deep models compile once per layer instead of once per depth. gemma2's alternating local/global
+    layers scan too: a per-layer boolean array picks the layer's mask (`AttentionMask.for_layer`) inside
+    the scanned body.
     """
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        *,
-        dtype=jnp.float32,
-        param_dtype=jnp.float32,
-        rngs: nnx.Rngs,
-        remat: str = "none",
-        scan_layers: bool = False,
-        attention: str = "blocked",
-        attention_block: int = DEFAULT_BLOCK,
-    ):
-        c = config
-        if attention_block < 1:
-            raise ValueError(f"attention_block must be >= 1, got {attention_block}")
-        if remat not in REMAT_POLICIES:
-            raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
-        if attention not in ATTENTION_IMPLS:
-            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
-        if attention == "cudnn" and c.attn_logit_softcapping is not None:
+    def __init__(self, config: ModelConfig, *, options: ModelOptions | None = None, rngs: nnx.Rngs):
+        options = ModelOptions() if options is None else options  # None: the defaults
+        c, dtype, param_dtype = config, options.dtype, options.param_dtype
+        if options.attention == "cudnn" and c.attn_logit_softcapping is not None:
             raise ValueError(
                 f"attention='cudnn' cannot soft-cap attention logits ({c.family} has "
                 f"attn_logit_softcapping={c.attn_logit_softcapping}); use attention='xla'"
             )
         self.embed_tokens = Embedding(c, param_dtype=param_dtype, rngs=rngs)
-        layer_kw = dict(
-            dtype=dtype, param_dtype=param_dtype, attention=attention, attention_block=attention_block
-        )
-        if scan_layers:
+        if options.scan_layers:
 
             @nnx.split_rngs(splits=c.num_layers)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def make_stack(rngs):
-                return DecoderLayer(c, rngs=rngs, **layer_kw)
+                return DecoderLayer(c, options, rngs=rngs)
 
             self.layers = make_stack(rngs)
         else:
-            self.layers = nnx.List([DecoderLayer(c, rngs=rngs, **layer_kw) for _ in range(c.num_layers)])
+            self.layers = nnx.List([DecoderLayer(c, options, rngs=rngs) for _ in range(c.num_layers)])
         self.norm = RMSNorm(
             c.hidden_size, eps=c.rms_norm_eps, offset=c.norm_offset, dtype=dtype, param_dtype=param_dtype
         )
@@ -475,18 +477,19 @@ class Transformer(nnx.Module):
                 param_dtype=param_dtype,
                 std=c.initializer_range,
             )
-        self.config, self.dtype, self.remat, self.scan_layers = c, dtype, remat, scan_layers
-        self.attention = attention
+        self.config, self.options = c, options
 
     def _embed(self, input_ids_BxT):
         """Token embeddings [B, T, D] in the compute dtype (gemma: scaled by sqrt(D))."""
         # The lookup gathers rows of a vocab-sharded table: gather the model dim (fsdp) first so XLA does a
         # local gather + all-reduce over tensor instead of replicating the table.
-        table_VxD = constrain(self.embed_tokens.embedding[...].astype(self.dtype), ("act_vocab", "act_embed"))
+        table_VxD = constrain(
+            self.embed_tokens.embedding[...].astype(self.options.dtype), ("act_vocab", "act_embed")
+        )
         x_BxTxD = table_VxD[input_ids_BxT]
         if self.config.scale_embeddings:
             # HF gemma rounds sqrt(D) to the compute dtype before multiplying; so do we.
-            x_BxTxD = x_BxTxD * jnp.asarray(self.config.hidden_size**0.5, self.dtype)
+            x_BxTxD = x_BxTxD * jnp.asarray(self.config.hidden_size**0.5, self.options.dtype)
         return constrain(x_BxTxD, ("batch", "length", "act_embed"))
 
     def hidden_states(self, input_ids_BxT, positions_BxT=None, segment_ids_BxT=None):
@@ -496,7 +499,7 @@ class Transformer(nnx.Module):
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         x_BxTxD = self._embed(input_ids_BxT)
-        cos, sin = rope_cos_sin(positions_BxT, c, self.dtype)
+        cos, sin = rope_cos_sin(positions_BxT, c, self.options.dtype)
         flags = c.sliding_layers
         # Without segment ids the row is one sequence (segment 1 everywhere).
         ids_BxT = jnp.ones((B, T), jnp.int32) if segment_ids_BxT is None else segment_ids_BxT
@@ -506,22 +509,23 @@ class Transformer(nnx.Module):
             layer = nnx.merge(graphdef, state)
             return layer(x, cos, sin, mask.for_layer(is_sliding))
 
-        if self.scan_layers:
+        remat = self.options.remat
+        if self.options.scan_layers:
             graphdef, state = nnx.split(self.layers)
-            body = _remat(lambda x, xs: (layer_fn(graphdef, xs[0], x, xs[1]), None), self.remat)
+            body = _remat(lambda x, xs: (layer_fn(graphdef, xs[0], x, xs[1]), None), remat)
             x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, (state, jnp.asarray(flags)))
         else:
             for layer, is_sliding in zip(self.layers, flags, strict=True):
                 graphdef, state = nnx.split(layer)
-                fn = _remat(lambda s, x, gd=graphdef, f=is_sliding: layer_fn(gd, s, x, f), self.remat)
+                fn = _remat(lambda s, x, gd=graphdef, f=is_sliding: layer_fn(gd, s, x, f), remat)
                 x_BxTxD = fn(state, x_BxTxD)
         return self.norm(x_BxTxD)
 
     def unembedding(self):
         """Unembedding [D, V] in the compute dtype (tied: the embedding matrix transposed)."""
         if self.config.tie_word_embeddings:
-            return self.embed_tokens.embedding[...].T.astype(self.dtype)
-        return self.lm_head.kernel[...].astype(self.dtype)
+            return self.embed_tokens.embedding[...].T.astype(self.options.dtype)
+        return self.lm_head.kernel[...].astype(self.options.dtype)
 
     def logits(self, h_BxTxD):
         """Logits [B, T, V] in float32 from final hidden states (final soft-cap applied when configured)."""
@@ -542,7 +546,7 @@ class Transformer(nnx.Module):
         dtype), layer-stacked for both layer layouts. See `extend` for how it is filled."""
         c = self.config
         shape = (c.num_layers, batch_size, max_length, c.num_kv_heads, c.head_dim)
-        dtype = self.dtype if dtype is None else dtype
+        dtype = self.options.dtype if dtype is None else dtype
         names = ("layers", "batch", "length", "act_kv_heads", None)
         return {
             "k": constrain(jnp.zeros(shape, dtype), names),
@@ -572,7 +576,7 @@ class Transformer(nnx.Module):
         q_slot_T = slot + jnp.arange(T, dtype=jnp.int32)
         positions_BxT = jnp.maximum(q_slot_T[None, :] - start_B[:, None], 0)
         x_BxTxD = self._embed(input_ids_BxT)
-        cos, sin = rope_cos_sin(positions_BxT, c, self.dtype)
+        cos, sin = rope_cos_sin(positions_BxT, c, self.options.dtype)
         flags = c.sliding_layers
         mask = AttentionMask.kv_cache(start_B, slot, T, S, window=c.sliding_window if any(flags) else None)
 
@@ -588,7 +592,7 @@ class Transformer(nnx.Module):
                 all_LxBxSxKxH, new_BxTxKxH[None].astype(all_LxBxSxKxH.dtype), start
             )
 
-        if self.scan_layers:
+        if self.options.scan_layers:
             graphdef, state = nnx.split(self.layers)
 
             def body(carry, xs):
