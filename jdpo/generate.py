@@ -44,6 +44,7 @@ import numpy as np
 from flax import nnx
 
 from jdpo.data import encode_prompts, end_of_turn_id
+from jdpo.sharding import batch_sharding, jit_on_mesh, round_rows
 
 Prompt = str | list[dict]
 
@@ -115,11 +116,6 @@ class _Settings:
     return_logits: bool
 
 
-def _rows(mesh) -> int:
-    """How many ways the batch rows are split on this mesh (data x fsdp)."""
-    return 1 if mesh is None else int(mesh.shape["data"] * mesh.shape["fsdp"])
-
-
 @functools.lru_cache(maxsize=16)
 def _compiled(s: _Settings):
     """(prefill, step, loop): jitted functions over a decode state dict (see `_step`)."""
@@ -179,23 +175,10 @@ def _compiled(s: _Settings):
             state,
         )
 
-    def on_mesh(fn, **kw):
-        jitted = jax.jit(fn, **kw)
-        if s.mesh is None:
-            return jitted
-
-        @functools.wraps(fn)
-        def run(*args, **kwargs):
-            with jax.set_mesh(s.mesh):
-                return jitted(*args, **kwargs)
-
-        run.jitted = jitted
-        return run
-
     return (
-        on_mesh(prefill, static_argnames=("max_new",)),
-        on_mesh(step, donate_argnums=1),
-        on_mesh(loop, donate_argnums=1),
+        jit_on_mesh(prefill, s.mesh, static_argnames=("max_new",)),
+        jit_on_mesh(step, s.mesh, donate_argnums=1),
+        jit_on_mesh(loop, s.mesh, donate_argnums=1),
     )
 
 
@@ -309,8 +292,7 @@ class Generator:
         if min(lengths) == 0:
             raise ValueError("an empty prompt (no tokens and no BOS) has nothing to condition on")
         B_real = len(prompt_ids)
-        shards = _rows(self.mesh)
-        B = -(-B_real // shards) * shards
+        B = round_rows(B_real, self.mesh)
         T = -(-max(lengths) // self.length_bucket) * self.length_bucket
         ids_BxT = np.full((B, T), self.pad_id, np.int32)
         start_B = np.zeros((B,), np.int32)
@@ -322,8 +304,6 @@ class Generator:
             rows_B[b] = rows[b] if b < B_real else rows[0]
         args = [ids_BxT, start_B, rows_B]
         if self.mesh is not None:
-            from jdpo.sharding import batch_sharding
-
             args = [jax.device_put(a, batch_sharding(self.mesh, a.ndim)) for a in args]
         prefill, _, _ = _compiled(settings)
         state = prefill(self.params, *args, jnp.uint32(sampling.seed), max_new=sampling.max_new_tokens)
@@ -411,7 +391,7 @@ def step_cache_size(generator: Generator, sampling: SamplingParams) -> int:
     """How many programs the one-token step has compiled for these settings (a test hook: decoding any
     number of tokens must compile it once)."""
     step = _compiled(generator._settings(sampling, False))[1]
-    return getattr(step, "jitted", step)._cache_size()
+    return step._cache_size()
 
 
 def read_prompts(path) -> list[Prompt]:

@@ -69,7 +69,7 @@ Array = jax.Array
 # exp(50) ~ 5e21: large enough never to matter for real log-ratios, small enough that sums over many pairs
 # and division by a small alpha stay finite in float32.
 _MAX_EXP = 50.0
-_TINY = float(jnp.finfo(jnp.float32).tiny)
+TINY = float(jnp.finfo(jnp.float32).tiny)
 
 # ----------------------------------------------------------------------------------------------------------
 # Preference losses
@@ -281,7 +281,8 @@ REFERENCE_FREE_LOSS_TYPES: tuple[str, ...] = tuple(k for k, v in _LOSSES.items()
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _is_number(x: Any) -> bool:
+def is_number(x: Any) -> bool:
+    """A Python number (a hyper-parameter to check now), not a traced or array value."""
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
@@ -327,22 +328,23 @@ def check_options(
                 f"need a reference (in jdpo train: dpo.reference cached or online); only "
                 f"{', '.join(REFERENCE_FREE_LOSS_TYPES)} are reference-free"
             )
-    if _is_number(beta) and not beta > 0:
+    if is_number(beta) and not beta > 0:
         raise ValueError(f"{prefix}beta must be > 0, got {beta}")
-    if _is_number(label_smoothing):
+    if is_number(label_smoothing):
         if not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(f"{prefix}label_smoothing must be in [0, 1], got {label_smoothing}")
         if "robust" in types and label_smoothing >= 0.5:
             raise ValueError(f"loss_type 'robust' needs {prefix}label_smoothing < 0.5, got {label_smoothing}")
         if "exo_pair" in types and label_smoothing >= 1.0:
             raise ValueError(f"loss_type 'exo_pair' needs {prefix}label_smoothing < 1, got {label_smoothing}")
-    if "alpha_divergence" in types and _is_number(f_alpha) and not f_alpha > 0:
+    if "alpha_divergence" in types and is_number(f_alpha) and not f_alpha > 0:
         raise ValueError(f"{prefix}f_alpha must be > 0 for 'alpha_divergence', got {f_alpha}")
-    if "discopop" in types and _is_number(discopop_tau) and not discopop_tau > 0:
+    if "discopop" in types and is_number(discopop_tau) and not discopop_tau > 0:
         raise ValueError(f"{prefix}discopop_tau must be > 0, got {discopop_tau}")
 
 
-def _f32(x: Any) -> Array | None:
+def as_float32(x: Any) -> Array | None:
+    """`x` as a float32 array (None stays None): every loss computes in float32."""
     return None if x is None else jnp.asarray(x).astype(jnp.float32)
 
 
@@ -405,16 +407,16 @@ def dpo_loss(
         ref_missing=ref_missing,
     )
 
-    pc, pr = _f32(policy_chosen_logps), _f32(policy_rejected_logps)
+    pc, pr = as_float32(policy_chosen_logps), as_float32(policy_rejected_logps)
     shape = jnp.broadcast_shapes(pc.shape, pr.shape)
-    w = jnp.ones(shape, jnp.float32) if weights is None else jnp.broadcast_to(_f32(weights), shape)
+    w = jnp.ones(shape, jnp.float32) if weights is None else jnp.broadcast_to(as_float32(weights), shape)
     c = _Ctx(
         pc=pc,
         pr=pr,
-        rc=_f32(ref_chosen_logps),
-        rr=_f32(ref_rejected_logps),
-        lc=_f32(chosen_lengths),
-        lr=_f32(rejected_lengths),
+        rc=as_float32(ref_chosen_logps),
+        rr=as_float32(ref_rejected_logps),
+        lc=as_float32(chosen_lengths),
+        lr=as_float32(rejected_lengths),
         beta=beta,
         label_smoothing=label_smoothing,
         simpo_gamma=simpo_gamma,
@@ -435,7 +437,7 @@ def dpo_loss(
         if reduction == "none":
             return w * x
         total = jnp.sum(w * x)
-        return total if reduction == "sum" else total / jnp.maximum(jnp.sum(w), _TINY)
+        return total if reduction == "sum" else total / jnp.maximum(jnp.sum(w), TINY)
 
     def describe(x: Array) -> Array:
         x = jax.lax.stop_gradient(x)

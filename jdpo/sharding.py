@@ -135,11 +135,11 @@ class OnMesh:
     def __init__(self, fn, mesh: Mesh | None):
         self.fn, self.mesh = fn, mesh
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         if self.mesh is None:
-            return self.fn(*args)
+            return self.fn(*args, **kwargs)
         with jax.set_mesh(self.mesh):
-            return self.fn(*args)
+            return self.fn(*args, **kwargs)
 
     def lower(self, *args):
         """Ahead-of-time lowering, under the mesh like a call."""

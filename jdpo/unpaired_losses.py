@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdpo.loss_defaults import DEFAULTS
-from jdpo.losses import _TINY, REDUCTIONS, _f32, _is_number
+from jdpo.losses import REDUCTIONS, TINY, as_float32, is_number
 
 Array = jax.Array
 
@@ -106,14 +106,14 @@ def check_unpaired_options(
         )
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; valid options: {', '.join(REDUCTIONS)}")
-    if _is_number(beta) and not (beta > 0 and math.isfinite(beta)):
+    if is_number(beta) and not (beta > 0 and math.isfinite(beta)):
         raise ValueError(f"{prefix}beta must be > 0 and finite, got {beta}")
     for name, value in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
-        if _is_number(value) and not (value >= 0 and math.isfinite(value)):
+        if is_number(value) and not (value >= 0 and math.isfinite(value)):
             raise ValueError(f"{prefix}{name} must be >= 0 and finite, got {value}")
     if (
-        _is_number(desirable_weight)
-        and _is_number(undesirable_weight)
+        is_number(desirable_weight)
+        and is_number(undesirable_weight)
         and desirable_weight == undesirable_weight == 0
     ):
         raise ValueError(
@@ -136,7 +136,7 @@ def check_unpaired_options(
         if loss_type != "bco" and delta is not None:
             raise ValueError(f"delta is given but loss_type {loss_type!r} does not use it (only 'bco' does)")
     for name, value in (("kl", kl), ("delta", delta)):
-        if _is_number(value) and not math.isfinite(value):
+        if is_number(value) and not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
 
     if policy_logps is None:
@@ -227,9 +227,9 @@ def kto_loss(
         weights=weights,
         needs_inputs=True,
     )
-    pol, ref = _f32(policy_logps), _f32(ref_logps)
+    pol, ref = as_float32(policy_logps), as_float32(ref_logps)
     shape = pol.shape
-    w = jnp.ones(shape, jnp.float32) if weights is None else jnp.broadcast_to(_f32(weights), shape)
+    w = jnp.ones(shape, jnp.float32) if weights is None else jnp.broadcast_to(as_float32(weights), shape)
     valid = w > 0
     lab = jnp.asarray(labels)
     desirable = lab if lab.dtype == jnp.bool_ else lab != 0
@@ -238,13 +238,13 @@ def kto_loss(
     br = beta * r
 
     if loss_type == "kto":
-        z0 = jnp.broadcast_to(jax.lax.stop_gradient(_f32(kl)), shape)
+        z0 = jnp.broadcast_to(jax.lax.stop_gradient(as_float32(kl)), shape)
         # 1 - s(x) = s(-x): desirable s(-b (r - kl)), undesirable s(-b (kl - r)).
         per_class = jnp.where(desirable, jax.nn.sigmoid(beta * (z0 - r)), jax.nn.sigmoid(beta * (r - z0)))
     elif loss_type == "apo_zero_unpaired":
         per_class = jnp.where(desirable, jax.nn.sigmoid(-br), jax.nn.sigmoid(br))
     else:  # bco
-        d = jnp.broadcast_to(jax.lax.stop_gradient(_f32(delta)), shape)
+        d = jnp.broadcast_to(jax.lax.stop_gradient(as_float32(delta)), shape)
         per_class = jnp.where(desirable, -jax.nn.log_sigmoid(br - d), -jax.nn.log_sigmoid(-(br - d)))
     losses = jnp.where(desirable, desirable_weight, undesirable_weight) * per_class
 
@@ -252,7 +252,7 @@ def kto_loss(
         loss = w * losses
     else:
         total = jnp.sum(w * losses)
-        loss = total if reduction == "sum" else total / jnp.maximum(jnp.sum(w), _TINY)
+        loss = total if reduction == "sum" else total / jnp.maximum(jnp.sum(w), TINY)
 
     chosen = (valid & desirable).astype(jnp.float32)
     rejected = (valid & ~desirable).astype(jnp.float32)
@@ -303,9 +303,9 @@ def kto_kl(policy_kl_logps: Array, ref_kl_logps: Array, weights: Array | None = 
     over processes (equal when the processes hold equal counts); here it is one mean over all valid examples,
     which under jit over a sharded batch is the global one.
     """
-    p, r = _f32(policy_kl_logps), _f32(ref_kl_logps)
+    p, r = as_float32(policy_kl_logps), as_float32(ref_kl_logps)
     shape = jnp.broadcast_shapes(p.shape, r.shape)
-    valid = jnp.ones(shape, bool) if weights is None else jnp.broadcast_to(_f32(weights), shape) > 0
+    valid = jnp.ones(shape, bool) if weights is None else jnp.broadcast_to(as_float32(weights), shape) > 0
     n = jnp.sum(valid.astype(jnp.float32))
     mean = jnp.sum(jnp.where(valid, p - r, 0.0)) / jnp.maximum(n, 1.0)
     return jax.lax.stop_gradient(jnp.maximum(mean, 0.0))
@@ -370,15 +370,15 @@ def running_moments_update(
     updating). TRL updates once per forward call, i.e. per micro-batch under gradient accumulation; the
     merged moments do not depend on that split, the delta each micro-batch sees does.
     """
-    x = jax.lax.stop_gradient(_f32(values))
-    valid = jnp.ones(x.shape, bool) if weights is None else jnp.broadcast_to(_f32(weights), x.shape) > 0
+    x = jax.lax.stop_gradient(as_float32(values))
+    valid = jnp.ones(x.shape, bool) if weights is None else jnp.broadcast_to(as_float32(weights), x.shape) > 0
     n = jnp.sum(valid.astype(jnp.float32))
     safe_n = jnp.maximum(n, 1.0)
     m = jnp.sum(jnp.where(valid, x, 0.0)) / safe_n
     v = jnp.sum(jnp.where(valid, (x - m) ** 2, 0.0)) / safe_n
 
-    mean, var = _f32(moments["mean"]), _f32(moments["var"])
-    count = _f32(moments["count"])
+    mean, var = as_float32(moments["mean"]), as_float32(moments["var"])
+    count = as_float32(moments["count"])
     tot = jnp.maximum(count + n, 1.0)
     d = m - mean
     new_mean = mean + d * n / tot
