@@ -147,16 +147,16 @@ def _add_plot(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="Write PNG curves (loss, accuracy, margins, rewards, eval) from a run's metrics.jsonl.",
         description="Write PNG training curves from OUTPUT_DIR/metrics.jsonl to OUTPUT_DIR/plots/.",
     )
-    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="A run's output directory.")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="A run's output directory (local or gs://).")
     p.add_argument("--out", default=None, help="Directory for the PNGs (default: OUTPUT_DIR/plots).")
     p.set_defaults(func=lambda args, parser: _plot(args.output_dir, args.out, parser))
     return p
 
 
 def _plot(output_dir: str, out: str | None, parser: argparse.ArgumentParser | None = None) -> int:
-    from pathlib import Path
+    from jdpo.paths import as_path
 
-    if not (Path(output_dir) / "metrics.jsonl").exists():
+    if not (as_path(output_dir) / "metrics.jsonl").exists():  # a local directory or a gs:// URL
         msg = f"{output_dir}/metrics.jsonl does not exist (is {output_dir} a run's output_dir?)"
         if parser is not None:
             parser.error(msg)

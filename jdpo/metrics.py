@@ -10,7 +10,8 @@ every enabled writer:
 
 Only process 0 writes anything on a multi-host run. This module never imports JAX (it asks JAX for
 the process index only when the caller has already imported it) so that ``jdpo plot`` and the CLI
-stay fast. FLOPs, peak FLOP/s and MFU are counted in :mod:`jdpo.flops`.
+stay fast. FLOPs, peak FLOP/s and MFU are counted in :mod:`jdpo.flops`. The output directory may be
+an object store (``gs://bucket/run``): the files are then uploaded whole at sync points (``flush``).
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import json
 import numbers
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, TextIO
+
+from jdpo.paths import as_path, copy_file, is_local
 
 # Metric names
 
@@ -106,12 +109,13 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file (or of ``<dir>/metrics.jsonl``), in file order.
+    """The records of a ``metrics.jsonl`` file (or of ``<dir>/metrics.jsonl``), in file order; `path`
+    may be a gs:// (any :func:`jdpo.paths.as_path`) URL.
 
     A torn last line (the process died mid-write) is skipped rather than raised on; a malformed line
     anywhere else raises ``ValueError`` naming the file and line number.
     """
-    path = Path(path)
+    path = as_path(path)
     if path.is_dir():
         path = path / METRICS_FILE
     lines = path.read_text().splitlines()
@@ -128,6 +132,12 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
+#: On an object store, the least number of seconds between two uploads of the metrics files (they are
+#: uploaded whole; the writers' default `sync_seconds`); `MetricsLogger.flush` (called at every
+#: checkpoint) and `close` upload at once.
+REMOTE_SYNC_SECONDS = 60.0
+
+
 class JsonlWriter:
     """One JSON object per ``write`` call, appended to ``<output_dir>/metrics.jsonl`` and flushed.
 
@@ -136,13 +146,33 @@ class JsonlWriter:
     then appends, so a resumed run's file has the same records as an uninterrupted run's. Non-finite
     floats are written as ``NaN`` / ``Infinity`` (Python's json reads them; a diverged loss should
     stay visible rather than become ``null``).
+
+    On an object store (gs://...), which cannot append, the file is held in memory and uploaded whole
+    (one atomic object write, so a reader never sees a torn line) at most every ``sync_seconds``, on
+    :meth:`flush` and on :meth:`close`; a crash loses the lines logged since the last upload, and the
+    trainer flushes at every checkpoint, so the records up to the checkpoint a run resumes from are there.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, *, resume_step: int | None = None):
-        self.path = Path(output_dir) / METRICS_FILE
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        *,
+        resume_step: int | None = None,
+        sync_seconds: float | None = None,
+        clock=time.monotonic,
+    ):
+        self.path = as_path(output_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = None
         if resume_step is not None and self.path.exists():
             kept = [r for r in read_metrics(self.path) if r.get(STEP, 0) <= resume_step]
+        self._file = None
+        if not is_local(self.path):
+            self._lines = [json.dumps(r) + "\n" for r in kept or ()]
+            self._sync_seconds = REMOTE_SYNC_SECONDS if sync_seconds is None else sync_seconds
+            self._clock, self._synced_at = clock, clock()
+            self.flush()  # the kept history (or an empty file) right away, as a local run's file is
+        elif kept is not None:
             # Rewrite through a temporary file so a crash here cannot lose the kept history.
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -153,11 +183,27 @@ class JsonlWriter:
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         record = {STEP: int(step), **{k: v for k, v in metrics.items() if k != STEP}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+            return
+        self._lines.append(json.dumps(record) + "\n")
+        if self._clock() - self._synced_at >= self._sync_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Make every record written so far visible in the file (uploads it on an object store)."""
+        if self._file is not None:
+            self._file.flush()
+            return
+        self.path.write_text("".join(self._lines))
+        self._synced_at = self._clock()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+        else:
+            self.flush()
 
 
 # Console
@@ -296,22 +342,37 @@ class TensorBoardWriter:
     ``rewards/*``, ``logps/*`` and ``eval/*`` into sections. Non-numeric values are skipped. A resumed
     run (``resume_step=N``) starts its file with a session-start marker at step ``N + 1``, which tells
     TensorBoard to drop the points an interrupted attempt logged after the checkpoint. tensorboardX
-    writes from a background thread and flushes every two minutes and on :meth:`close`.
+    writes from a background thread and flushes every two minutes, on :meth:`flush` and on :meth:`close`.
+
+    On an object store the events go to a local temporary file (tensorboardX writes gs:// only through
+    google-cloud-storage, s3:// through boto3, and neither appends), which is uploaded whole, as the
+    metrics file is (:class:`JsonlWriter`): at most every ``sync_seconds``, on :meth:`flush` and on
+    :meth:`close`.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, *, resume_step: int | None = None):
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        *,
+        resume_step: int | None = None,
+        sync_seconds: float | None = None,
+        clock=time.monotonic,
+    ):
         # Imported here: tensorboardX imports torch whenever it is installed (over a second), a cost
         # that `jdpo plot` and the other commands that never write events should not pay.
         from tensorboardX import SummaryWriter
 
-        self.dir = Path(output_dir) / "tensorboard"
+        self.dir = as_path(output_dir) / "tensorboard"
         self.dir.mkdir(parents=True, exist_ok=True)
         # tensorboardX names a file by the second and the host and opens it with "wb", so a writer
         # started in the same second as the last one (a quick resume) would truncate its file. A
         # count of the files already there keeps the name new and sorts the new file after them.
         n = sum(1 for _ in self.dir.glob("events.out.tfevents.*"))
+        self._staging = None if is_local(self.dir) else tempfile.TemporaryDirectory(prefix="jdpo-tb-")
+        self._sync_seconds = REMOTE_SYNC_SECONDS if sync_seconds is None else sync_seconds
+        self._clock, self._synced_at = clock, clock()
         self._writer = SummaryWriter(
-            str(self.dir),
+            self._staging.name if self._staging else os.fspath(self.dir),
             purge_step=None if resume_step is None else resume_step + 1,
             filename_suffix=f".{n:03d}",
         )
@@ -320,9 +381,25 @@ class TensorBoardWriter:
         for tag, value in metrics.items():
             if tag != STEP and isinstance(value, numbers.Real) and not isinstance(value, bool):
                 self._writer.add_scalar(tag, float(value), step)
+        if self._staging and self._clock() - self._synced_at >= self._sync_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the queued events to the file (and upload it on an object store)."""
+        self._writer.flush()
+        if self._staging:
+            self._upload()
+
+    def _upload(self) -> None:
+        for name in os.listdir(self._staging.name):
+            copy_file(os.path.join(self._staging.name, name), self.dir / name)
+        self._synced_at = self._clock()
 
     def close(self) -> None:
         self._writer.close()  # flushes what is still queued
+        if self._staging:
+            self._upload()
+            self._staging.cleanup()
 
 
 # Weights & Biases (optional, imported only when asked for)
@@ -348,7 +425,7 @@ class WandbWriter:
             raise ImportError(
                 "wandb logging was asked for but wandb is not installed: pip install wandb"
             ) from e
-        id_file = Path(output_dir) / "wandb_run_id"
+        id_file = as_path(output_dir) / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
         id_file.write_text(run_id)
         self._run = wandb.init(
@@ -356,7 +433,7 @@ class WandbWriter:
             name=run_name,
             id=run_id,
             resume="allow",
-            dir=str(output_dir),
+            dir=os.fspath(as_path(output_dir)) if is_local(output_dir) else None,  # wandb's files are local
             config=dict(config) if config else None,
         )
 
@@ -374,7 +451,8 @@ class MetricsLogger:
     """Fans metrics out to the enabled writers; a no-op on every process but process 0.
 
     Args:
-      output_dir: run directory; ``metrics.jsonl`` and ``tensorboard/`` go here.
+      output_dir: run directory, local or an object-store URL (:func:`jdpo.paths.as_path`);
+        ``metrics.jsonl`` and ``tensorboard/`` go here.
       total_steps: for the console's ``step/total`` and ETA.
       resume_step: the step of the checkpoint being resumed, or None for a fresh run (see
         :class:`JsonlWriter` for what it does to the history).
@@ -400,7 +478,7 @@ class MetricsLogger:
         is_main: bool | None = None,
         stream: TextIO | None = None,
     ):
-        self.output_dir = Path(output_dir)
+        self.output_dir = as_path(output_dir)
         self.is_main = _is_main_process() if is_main is None else is_main
         self.writers: list[Any] = []
         if not self.is_main:
@@ -425,6 +503,14 @@ class MetricsLogger:
         clean = {k: to_python(v) for k, v in metrics.items() if k != STEP}
         for writer in self.writers:
             writer.write(int(step), clean)
+
+    def flush(self) -> None:
+        """Make everything logged so far visible in the output directory (on an object store: upload
+        metrics.jsonl and the events now rather than at the next sync). The trainer calls it at every
+        checkpoint."""
+        for writer in self.writers:
+            if hasattr(writer, "flush"):
+                writer.flush()
 
     def close(self) -> None:
         for writer in self.writers:

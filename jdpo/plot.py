@@ -1,4 +1,4 @@
-"""PNG training curves from a run's ``metrics.jsonl`` (``jdpo plot OUTPUT_DIR``).
+"""PNG training curves from a run's ``metrics.jsonl`` (``jdpo plot OUTPUT_DIR``; a gs:// URL works too).
 
 matplotlib is imported here only, with the headless Agg backend, so training never needs it and the
 command works on machines without a display.
@@ -6,12 +6,17 @@ command works on machines without a display.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jdpo import metrics as M
+from jdpo.paths import as_path, is_local
+
+if TYPE_CHECKING:
+    from etils import epath
 
 # (file stem, title, y label, [(metric, legend label)]). Each panel shows the train series as a faint
 # raw line plus a smoothed line, and the matching eval/ series as markers.
@@ -91,17 +96,28 @@ def _draw_panel(ax, records, title: str, ylabel: str, entries) -> bool:
     return drawn
 
 
-def plot_run(output_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
+def _save(fig, path: epath.Path) -> None:
+    """Save a figure as PNG on any backend (matplotlib writes local files or file objects)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    path.write_bytes(buf.getvalue())
+
+
+def plot_run(
+    output_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None
+) -> list[Path | epath.Path]:
     """Write one PNG per panel that has data, plus ``summary.png`` (all of them in a grid), to
-    ``out_dir`` (default ``<output_dir>/plots``). Returns the written paths."""
+    ``out_dir`` (default ``<output_dir>/plots``); either may be an object-store URL. Returns the
+    written paths: `pathlib.Path` for a local ``out_dir``, `epath.Path` URLs on an object store."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = M.read_metrics(output_dir)
-    out = Path(out_dir) if out_dir is not None else Path(output_dir) / "plots"
+    out = as_path(out_dir) if out_dir is not None else as_path(output_dir) / "plots"
     out.mkdir(parents=True, exist_ok=True)
+    local = is_local(out)
     written, present = [], []
     for stem, title, ylabel, entries in PANELS:
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
@@ -110,8 +126,8 @@ def plot_run(output_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
                 ax.set_yscale("log")  # grad norm and learning rate differ by orders of magnitude
             fig.tight_layout()
             path = out / f"{stem}.png"
-            fig.savefig(path)
-            written.append(path)
+            _save(fig, path)
+            written.append(Path(path) if local else path)
             present.append((stem, title, ylabel, entries))
         plt.close(fig)
     if present:
@@ -124,10 +140,11 @@ def plot_run(output_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
                 ax.set_yscale("log")
         for ax in list(axes.flat)[len(present) :]:
             ax.axis("off")
-        fig.suptitle(str(Path(output_dir).resolve().name))
+        run = as_path(output_dir)
+        fig.suptitle(str(Path(run).resolve().name if is_local(run) else run.name))
         fig.tight_layout()
         path = out / "summary.png"
-        fig.savefig(path)
+        _save(fig, path)
         plt.close(fig)
-        written.append(path)
+        written.append(Path(path) if local else path)
     return written
