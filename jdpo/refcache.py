@@ -10,23 +10,28 @@ architecture (e.g. rope_theta changes the logits without changing a weight), the
 tokenised pairs (their ids, in order) and the length / dtype settings. Same key: the cache is reused
 (by a later run or a resumed one); any change: a new key, never a stale cache.
 
-Layout of one cache entry (written to a temporary directory and renamed, so a half-written cache never
-looks complete):
+Layout of one cache entry (locally written to a temporary directory and renamed, so a half-written
+cache never looks complete):
     <cache_dir>/<key>/arrays.npz      chosen_logps, rejected_logps [N] float32, chosen_counts,
                                       rejected_counts [N] int32, indexed by pair id
     <cache_dir>/<key>/manifest.json   key, number of pairs, the key's ingredients (for humans), timing
+
+The cache directory may be on an object store (gs://...). There is no rename there (fsspec copies and
+deletes, which a reader can see half-way), but each object is written whole or not at all, so the entry
+is written in place with the manifest last: an entry counts only once its manifest exists, and then
+arrays.npz is complete. Two processes writing the same key write identical bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -34,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdpo.forward import PairLogps
+from jdpo.paths import as_path, is_local
 
 log = logging.getLogger(__name__)
 
@@ -127,26 +133,37 @@ def cache_key(*, weights: str, model_config: dict, tokenizer: str, pairs: str, s
 # ------------------------------------------------------------------------------------------------
 
 
-def save_entry(directory: Path, logps: PairLogps, manifest: dict) -> None:
-    """Atomically write one entry to `directory` (a sibling temporary directory, then rename)."""
-    directory = Path(directory)
+def save_entry(directory: str | os.PathLike, logps: PairLogps, manifest: dict) -> None:
+    """Write one entry to `directory` so that it never looks complete half-written: locally into a
+    sibling temporary directory, then renamed; on an object store in place, the manifest last."""
+    directory = as_path(directory)
+    buf = io.BytesIO()  # np.savez into memory: the same bytes on every backend (an entry is ~16 B a pair)
+    logps.save(buf)
+    text = json.dumps(manifest, indent=2, sort_keys=True, default=str)
+    if not is_local(directory):
+        if (directory / MANIFEST).exists():  # another process won the race with identical content
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / ARRAYS).write_bytes(buf.getvalue())
+        (directory / MANIFEST).write_text(text)  # the commit marker: written after the arrays
+        return
     tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    logps.save(tmp / ARRAYS)
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    (tmp / ARRAYS).write_bytes(buf.getvalue())
+    (tmp / MANIFEST).write_text(text)
     if directory.exists():  # another process won the race with identical content
         shutil.rmtree(tmp)
         return
     tmp.rename(directory)
 
 
-def load_entry(directory: Path) -> PairLogps:
-    return PairLogps.load(Path(directory) / ARRAYS)
+def load_entry(directory: str | os.PathLike) -> PairLogps:
+    return PairLogps.load(io.BytesIO((as_path(directory) / ARRAYS).read_bytes()))
 
 
 def load_or_compute(
-    cache_dir: str | Path,
+    cache_dir: str | os.PathLike,
     key: str,
     num_pairs: int,
     compute: Callable[[], PairLogps],
@@ -160,7 +177,7 @@ def load_or_compute(
     """
     from jdpo import distributed
 
-    directory = Path(cache_dir) / key
+    directory = as_path(cache_dir) / key
     ref = load_entry(directory) if (directory / MANIFEST).exists() else None
     # Joint decision: a process that cannot see the entry (cache dir not shared, or stale) would
     # compute while the others skip ahead, and the pass's collectives would hang.
@@ -190,7 +207,7 @@ def for_split(
     pairs: Any,
     *,
     compute: Callable[[], PairLogps],
-    cache_dir: str | Path,
+    cache_dir: str | os.PathLike,
     model_config: dict,
     tokenizer: Any,
     settings: dict,
@@ -205,5 +222,5 @@ def for_split(
         cache_dir, key, len(pairs), compute, describe={**parts, "num_pairs": len(pairs)}
     )
     log.info("reference log-probs (%s, %d pairs): %s %s", settings.get("split"), len(pairs),
-             "reused" if reused else "computed", Path(cache_dir) / key)  # fmt: skip
+             "reused" if reused else "computed", as_path(cache_dir) / key)  # fmt: skip
     return ref, reused, key
