@@ -8,18 +8,23 @@ A checkpoint is one step directory `<output_dir>/checkpoints/<step>/` holding tw
 
 Saves are asynchronous (the device-to-host copy happens before `save` returns, so the caller may
 donate the arrays right after) and atomic (orbax writes to a temporary directory and renames it on
-commit, so a crash mid-save leaves the previous checkpoint as the latest). Only the newest `keep`
-checkpoints are kept. All methods must be called on every process of a multi-host job (orbax
-coordinates the processes itself).
+commit, so a crash mid-save leaves the previous checkpoint as the latest; on gs://, which has no
+rename, orbax writes the step directory in place with a commit_success.txt last and counts only the
+checkpoints that have one). Only the newest `keep` checkpoints are kept. The directory is local or
+gs://bucket/... (orbax takes `etils.epath` paths and tensorstore writes to GCS itself; see
+`jdpo.paths.check_checkpoint_dir`). All methods must be called on every process of a multi-host job
+(orbax coordinates the processes itself).
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
+
+from jdpo import paths
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +52,14 @@ class Checkpointer:
         ckpt.close()   # waits for the pending save
     """
 
-    def __init__(self, directory: str | Path, *, keep: int = 2):
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 2):
         ocp = _ocp()
-        # Absolute: orbax's tensorstore writer refuses relative paths, and `train.output_dir` is usually
-        # given relative to where the command runs (e.g. the demo's runs/demo).
-        self.directory = Path(directory).absolute()
+        paths.check_checkpoint_dir(directory)
+        self.directory = paths.as_path(directory)
+        if paths.is_local(self.directory):
+            # Absolute: orbax's tensorstore writer refuses relative paths, and `train.output_dir` is
+            # usually given relative to where the command runs (e.g. the demo's runs/demo).
+            self.directory = self.directory.absolute()
         self.keep = keep
         self._ckptr = ocp.training.Checkpointer(
             self.directory,

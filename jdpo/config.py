@@ -144,7 +144,10 @@ class OptimSection:
 class TrainSection:
     """Steps, batch sizes, evaluation, checkpoints."""
 
-    output_dir: str = _f("runs/jdpo", "Where checkpoints, metrics.jsonl, plots and the final export go.")
+    output_dir: str = _f(
+        "runs/jdpo",
+        "Where checkpoints, metrics.jsonl, plots and the final export go: a local path or a gs:// URL.",
+    )
     seed: int = _f(0, "Seed of data order and any randomness.")
     batch_rows: int = _f(8, "Rows (packed sequences) per micro-batch, over all hosts.")
     grad_accum: int = _f(1, "Micro-batches per optimizer step.")
@@ -333,7 +336,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | list[tupl
 
     cfg = Config()
     if path is not None:
-        path = Path(path)
+        from jdpo.paths import as_path
+
+        path = as_path(path)  # a local file or a URL (a run's config.yaml on gs://)
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except FileNotFoundError:
@@ -451,4 +456,6 @@ def dump(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (it loads back with load_config to an equal Config)."""
     import yaml
 
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from jdpo.paths import as_path
+
+    as_path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))  # local or gs:// (epath)

@@ -24,17 +24,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jdpo import metrics, refcache
+from jdpo import metrics, paths, refcache
 from jdpo.batch import Batch
 from jdpo.checkpoint import Checkpointer, abstract_like, from_checkpoint, to_checkpoint
 from jdpo.config import Config
@@ -42,6 +43,9 @@ from jdpo.flops import batch_token_stats, throughput_metrics, total_peak_flops, 
 from jdpo.forward import PairLogps, over_split, split_metrics
 from jdpo.guards import EarlyStopping, NonFiniteLossError, Preemption, check_finite, due
 from jdpo.step import STATE_FINITE, StepSettings, compiled_steps
+
+if TYPE_CHECKING:
+    from etils import epath
 
 __all__ = ["NonFiniteLossError", "RunResult", "Trainer", "pairs_per_row", "resolve_dtype", "run"]
 
@@ -57,10 +61,12 @@ class RunResult:
     step: int  # the last completed optimizer step
     metrics: dict[str, Any]  # the last logged train metrics
     eval_metrics: dict[str, Any]  # the last eval metrics (eval/ names), {} without an eval split
-    output_dir: Path
-    final_dir: Path | None  # the Hugging Face export, None when not exported
-    metrics_path: Path
-    checkpoint_dir: Path
+    # etils.epath paths (`jdpo.paths.as_path`): a local one compares equal to the pathlib.Path of the
+    # same string; on an object store they are gs://... URLs.
+    output_dir: epath.Path
+    final_dir: epath.Path | None  # the Hugging Face export, None when not exported
+    metrics_path: epath.Path
+    checkpoint_dir: epath.Path
     stop_reason: str  # completed | early_stop | sigterm | callback
 
 
@@ -94,7 +100,9 @@ class Trainer:
         if not c.model.path:
             raise ValueError("model.path is empty: give a Hugging Face checkpoint directory")
         self.mesh = mesh if mesh is not None else make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-        self.output_dir = Path(c.train.output_dir)
+        # A local path or an object-store URL (gs://bucket/run): every file of the run goes through it.
+        self.output_dir = paths.as_path(c.train.output_dir)
+        paths.check_checkpoint_dir(self.output_dir)  # before the reference pass, not at the first save
         self.dtype = resolve_dtype(c.model.dtype)
         self._checkpointer: Checkpointer | None = None
         params = self._load_model()
@@ -116,6 +124,7 @@ class Trainer:
         self.step = 0  # the last completed optimizer step (a restored checkpoint's)
         self.early_stopping = EarlyStopping(c.train, c.dpo.loss_type)
         self._restored = False
+        self._logger: metrics.MetricsLogger | None = None  # while `fit` runs
 
     # -- set-up ------------------------------------------------------------------------------------
 
@@ -218,8 +227,8 @@ class Trainer:
             raise ValueError(f"dpo.reference_path {path} has another architecture than model.path")
         return nnx.split(ref_model)[1]
 
-    def cache_dir(self) -> Path:
-        return Path(self.config.dpo.cache_dir or (self.output_dir.parent / ".jdpo_refcache"))
+    def cache_dir(self) -> epath.Path:
+        return paths.as_path(self.config.dpo.cache_dir or (self.output_dir.parent / ".jdpo_refcache"))
 
     def _reference(self, params, pairs, split: str) -> PairLogps:
         """Per-pair reference log-probs of one split, from the on-disk cache when its key matches."""
@@ -295,7 +304,7 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------
 
     @property
-    def checkpoint_dir(self) -> Path:
+    def checkpoint_dir(self) -> epath.Path:
         return self.output_dir / "checkpoints"
 
     def _checkpoints(self) -> Checkpointer:
@@ -327,6 +336,10 @@ class Trainer:
         meta = {"step": step, "data": self.batches.state(), "tracker": self.early_stopping.state(),
                 "config": to_dict(self.config)}  # fmt: skip
         self._checkpoints().save(step, to_checkpoint(self.state), meta)
+        if self._logger is not None:
+            # On an object store metrics.jsonl is uploaded at sync points: make this one of them, so
+            # the file holds every record up to any checkpoint a later run resumes from.
+            self._logger.flush()
 
     def _check_resumable(self) -> None:
         """When the output directory has checkpoints, refuse (before any forward pass) a config whose
@@ -358,11 +371,12 @@ class Trainer:
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, mesh=None) -> Trainer:
         """The trainer of a run, restored: `path` is its output directory (the newest checkpoint) or one
-        of its checkpoints (`<output_dir>/checkpoints/<step>`). The config is the run's config.yaml,
-        with `train.output_dir` pointing at where the run is now. `fit()` continues it."""
+        of its checkpoints (`<output_dir>/checkpoints/<step>`), local or an object-store URL. The config
+        is the run's config.yaml, with `train.output_dir` pointing at where the run is now. `fit()`
+        continues it."""
         from jdpo.config import load_config, replace
 
-        path = Path(path)
+        path = paths.as_path(path)
         step = None
         if path.parent.name == "checkpoints" and path.name.isdigit():
             path, step = path.parent.parent, int(path.name)
@@ -426,6 +440,7 @@ class Trainer:
             wandb_project=c.logging.wandb_project,
             run_config=None,
         )
+        self._logger = logger
         self._last, self._last_eval, self._stop = {}, {}, None
 
         def emit(step: int, record: dict) -> None:
@@ -474,6 +489,7 @@ class Trainer:
         finally:
             ckpt.close()
             self._checkpointer = None
+            self._logger = None
             logger.close()
         reason = self._stop or "completed"
         return RunResult(
@@ -524,14 +540,25 @@ class Trainer:
         )
         return record
 
-    def export(self) -> Path:
+    def export(self) -> epath.Path:
         """The current policy as a Hugging Face checkpoint in `<output_dir>/final`. Every process takes
         part in gathering the shards; only process 0 writes."""
         from jdpo.models import save_pretrained
 
         final_dir = self.output_dir / "final"
-        save_pretrained(nnx.merge(self.graphdef, self.state["params"]), final_dir, tokenizer=self.tokenizer)
+        model = nnx.merge(self.graphdef, self.state["params"])
+        # safetensors' save_file and tokenizer.save_pretrained write local files only: on an object store
+        # the export is written to a local temporary directory, then copied over file by file (process 0;
+        # the weight shards of an earlier export that this one does not overwrite are then deleted, as
+        # save_pretrained does locally). Readers may see a half-copied final/ while that runs.
+        with paths.staged_dir(final_dir, upload=jax.process_index() == 0, prune=_is_weight_file) as local:
+            save_pretrained(model, local, tokenizer=self.tokenizer)
         return final_dir
+
+
+def _is_weight_file(name: str) -> bool:
+    """An exported weight file (`model.safetensors`, `model-00001-of-00002.safetensors`, the index)."""
+    return re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", name) is not None
 
 
 def run(config: Config, callbacks: Sequence[Callable[[dict], Any]] = (), *, mesh=None) -> RunResult:
