@@ -55,7 +55,7 @@ launch:
   --output-dir DIR          Adds --train.output_dir DIR. Must be one directory every worker sees (all of
                             them write the checkpoints): a shared mount (Filestore / NFS / gcsfuse) at
                             the same path on every worker, or a gs:// path (passed through unchanged;
-                            needs a jdpo whose output paths support gs://). Never a worker's local disk.
+                            jdpo writes it through etils.epath + gcsfs). Never a worker's local disk.
   --env KEY=VALUE           Environment variable for the run on every worker (repeatable), e.g. HF_HOME.
   --no-validate             Skip loading --config + overrides with the local `jdpo` first (when jdpo is
                             installed here, a typo in an override fails before any worker starts).
