@@ -19,8 +19,9 @@ What an object store guarantees, and what jdpo does about it:
   become "write the data, then the marker last" (the reference cache's manifest.json, orbax's
   commit_success file), and append-only files (metrics.jsonl, TensorBoard events) are rewritten whole
   from a local copy at `sync` points (see `jdpo.metrics`).
-- Libraries that can only write local files (safetensors, tokenizers, tensorboardX without its own
-  gs:// client) write into a local temporary directory that is then copied over (`staged_dir`).
+- Libraries that can only write local files (safetensors, tokenizers; tensorboardX, whose own gs://
+  writer needs google-cloud-storage) write into a local temporary directory whose files are then
+  copied over (`staged_dir` for the export, the TensorBoard writer's own for its events).
 - A directory is only a name prefix: `mkdir` is a no-op on GCS and a directory "exists" once it holds
   an object.
 

@@ -28,11 +28,12 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from jdpo import metrics, paths, refcache
@@ -43,9 +44,6 @@ from jdpo.flops import batch_token_stats, throughput_metrics, total_peak_flops, 
 from jdpo.forward import PairLogps, over_split, split_metrics
 from jdpo.guards import EarlyStopping, NonFiniteLossError, Preemption, check_finite, due
 from jdpo.step import STATE_FINITE, StepSettings, compiled_steps
-
-if TYPE_CHECKING:
-    from etils import epath
 
 __all__ = ["NonFiniteLossError", "RunResult", "Trainer", "pairs_per_row", "resolve_dtype", "run"]
 
