@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -62,28 +61,30 @@ def pair_logprobs(model: Any, batch: Batch, *, chunk_size: int = 1024) -> dict[s
 @dataclasses.dataclass
 class PairLogps:
     """Per-pair log-probs of one split, indexed by pair id: chosen / rejected [N] float32 (summed over
-    the completion) and chosen_counts / rejected_counts [N] int32. Pairs the batches never held (longer
-    than a row, so never trained on either) have NaN log-probs: looking one up by mistake fails loudly
-    as a NaN loss."""
+    the completion), chosen_counts / rejected_counts [N] int32, and computed [N] bool: the pairs a
+    forward ran over. Pairs the batches never held (longer than a row, so never trained on either) are
+    not computed: their entries are 0, never a value, and looking one up is an error."""
 
     chosen: np.ndarray
     rejected: np.ndarray
     chosen_counts: np.ndarray
     rejected_counts: np.ndarray
+    computed: np.ndarray
 
     def __len__(self) -> int:
         return len(self.chosen)
-
-    @property
-    def computed(self) -> np.ndarray:
-        """[N] bool: the pairs a forward ran over."""
-        return ~(np.isnan(self.chosen) | np.isnan(self.rejected))
 
     def lookup(self, pair_ids_BxP: np.ndarray) -> dict[str, np.ndarray]:
         """`ref_chosen_logps`, `ref_rejected_logps` [B, P] float32 for a batch's pair ids (0 for -1)."""
         ids = np.asarray(pair_ids_BxP)
         safe = np.where(ids >= 0, ids, 0)
         valid = ids >= 0
+        missing = valid & ~self.computed[safe]
+        if missing.any():
+            raise ValueError(
+                f"no reference log-probs for pairs {sorted(set(ids[missing].tolist()))[:8]}: the reference "
+                "pass did not hold them (a cache made with other row / packing settings?)"
+            )
         return {
             "ref_chosen_logps": np.where(valid, self.chosen[safe], 0.0).astype(np.float32),
             "ref_rejected_logps": np.where(valid, self.rejected[safe], 0.0).astype(np.float32),
@@ -94,21 +95,24 @@ class PairLogps:
         ref = self.lookup(batch.pair_ids)
         return batch.with_reference(ref["ref_chosen_logps"], ref["ref_rejected_logps"])
 
-    def save(self, path: Path) -> None:
-        np.savez(path, **dataclasses.asdict(self))
+    def save(self, file) -> None:
+        """np.savez to a path or a binary file object."""
+        np.savez(file, **dataclasses.asdict(self))
 
     @classmethod
-    def load(cls, path: Path) -> PairLogps:
-        with np.load(path) as z:
+    def load(cls, file) -> PairLogps:
+        """From a path or a binary file object written by `save`; KeyError when a field is missing."""
+        with np.load(file) as z:
             return cls(**{f.name: z[f.name] for f in dataclasses.fields(cls)})
 
     @classmethod
     def empty(cls, num_pairs: int) -> PairLogps:
         return cls(
-            chosen=np.full(num_pairs, np.nan, np.float32),
-            rejected=np.full(num_pairs, np.nan, np.float32),
+            chosen=np.zeros(num_pairs, np.float32),
+            rejected=np.zeros(num_pairs, np.float32),
             chosen_counts=np.zeros(num_pairs, np.int32),
             rejected_counts=np.zeros(num_pairs, np.int32),
+            computed=np.zeros(num_pairs, bool),
         )
 
 
@@ -155,6 +159,7 @@ def _scatter(out: PairLogps, pair_ids_BxP, res: dict) -> None:
     out.rejected[sel] = res["rejected"][valid]
     out.chosen_counts[sel] = np.rint(res["chosen_counts"][valid]).astype(np.int32)
     out.rejected_counts[sel] = np.rint(res["rejected_counts"][valid]).astype(np.int32)
+    out.computed[sel] = True
 
 
 def split_metrics(policy: PairLogps, reference: PairLogps | None, dpo) -> dict[str, float]:

@@ -7,14 +7,19 @@ training, so no reference model is resident while the policy trains.
 
 The key is a SHA-256 over everything the numbers depend on: a fingerprint of the weights, the model
 architecture (e.g. rope_theta changes the logits without changing a weight), the tokenizer, the
-tokenised pairs (their ids, in order) and the length / dtype settings. Same key: the cache is reused
-(by a later run or a resumed one); any change: a new key, never a stale cache.
+tokenised pairs (their ids, in order), the length / dtype settings and which pairs a row holds (row
+length, packing, slots per row) and the attention kernel. Same key: the cache is reused (by a later run
+or a resumed one); any change: a new key. An entry is verified before use (its checksum, its number of
+pairs, the set of computed pairs against the pairs the batches hold, finite values) and recomputed and
+replaced when it fails.
 
 Layout of one cache entry (locally written to a temporary directory and renamed, so a half-written
 cache never looks complete):
-    <cache_dir>/<key>/arrays.npz      chosen_logps, rejected_logps [N] float32, chosen_counts,
-                                      rejected_counts [N] int32, indexed by pair id
-    <cache_dir>/<key>/manifest.json   key, number of pairs, the key's ingredients (for humans), timing
+    <cache_dir>/<key>/arrays.npz      chosen, rejected [N] float32, chosen_counts, rejected_counts [N]
+                                      int32, computed [N] bool (0 values for pairs no batch held),
+                                      indexed by pair id
+    <cache_dir>/<key>/manifest.json   key, number of pairs, SHA-256 of arrays.npz, the key's
+                                      ingredients (for humans), timing
 
 The cache directory may be on an object store (gs://...). There is no rename there (fsspec copies and
 deletes, which a reader can see half-way), but each object is written whole or not at all, so the entry
@@ -31,6 +36,7 @@ import logging
 import os
 import shutil
 import time
+import zipfile
 from collections.abc import Callable
 from typing import Any
 
@@ -45,7 +51,7 @@ log = logging.getLogger(__name__)
 
 ARRAYS = "arrays.npz"
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a `computed` mask instead of NaN for pairs no batch held; a checksum
 
 
 # ------------------------------------------------------------------------------------------------
@@ -133,33 +139,72 @@ def cache_key(*, weights: str, model_config: dict, tokenizer: str, pairs: str, s
 # ------------------------------------------------------------------------------------------------
 
 
-def save_entry(directory: str | os.PathLike, logps: PairLogps, manifest: dict) -> None:
+def save_entry(
+    directory: str | os.PathLike, logps: PairLogps, manifest: dict, *, replace: bool = False
+) -> None:
     """Write one entry to `directory` so that it never looks complete half-written: locally into a
-    sibling temporary directory, then renamed; on an object store in place, the manifest last."""
+    sibling temporary directory, then renamed; on an object store in place, the manifest last. The
+    manifest records the SHA-256 of arrays.npz. `replace`: an existing (damaged) entry is swapped out
+    (locally by two renames, so a reader sees the old or the new entry, never a mix); otherwise an
+    existing entry is another process's identical result and is kept."""
     directory = as_path(directory)
     buf = io.BytesIO()  # np.savez into memory: the same bytes on every backend (an entry is ~16 B a pair)
     logps.save(buf)
-    text = json.dumps(manifest, indent=2, sort_keys=True, default=str)
+    raw = buf.getvalue()
+    text = json.dumps({**manifest, "sha256": hashlib.sha256(raw).hexdigest()}, indent=2, sort_keys=True,
+                      default=str)  # fmt: skip
     if not is_local(directory):
-        if (directory / MANIFEST).exists():  # another process won the race with identical content
+        if (directory / MANIFEST).exists() and not replace:
             return
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / ARRAYS).write_bytes(buf.getvalue())
+        (directory / ARRAYS).write_bytes(raw)
         (directory / MANIFEST).write_text(text)  # the commit marker: written after the arrays
         return
     tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    (tmp / ARRAYS).write_bytes(buf.getvalue())
+    (tmp / ARRAYS).write_bytes(raw)
     (tmp / MANIFEST).write_text(text)
-    if directory.exists():  # another process won the race with identical content
-        shutil.rmtree(tmp)
+    if directory.exists():
+        if not replace:
+            shutil.rmtree(tmp)
+            return
+        bad = directory.with_name(f"{directory.name}.bad-{os.getpid()}")
+        shutil.rmtree(bad, ignore_errors=True)
+        directory.rename(bad)
+        tmp.rename(directory)
+        shutil.rmtree(bad, ignore_errors=True)
         return
     tmp.rename(directory)
 
 
-def load_entry(directory: str | os.PathLike) -> PairLogps:
-    return PairLogps.load(io.BytesIO((as_path(directory) / ARRAYS).read_bytes()))
+def load_entry(directory: str | os.PathLike, num_pairs: int, expected: np.ndarray | None = None):
+    """The verified entry at `directory`: (PairLogps, None), or (None, why it cannot be used) when it is
+    damaged or stale: unreadable or truncated files, a checksum that does not match, another number of
+    pairs, another set of computed pairs than `expected` ([N] bool, the pairs the batches hold), or a
+    non-finite value of a computed pair. (None, None) when there is no entry."""
+    directory = as_path(directory)
+    if not (directory / MANIFEST).exists():
+        return None, None
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+        raw = (directory / ARRAYS).read_bytes()
+        if hashlib.sha256(raw).hexdigest() != manifest.get("sha256"):
+            return None, "arrays.npz does not match the checksum in manifest.json (damaged or rewritten)"
+        ref = PairLogps.load(io.BytesIO(raw))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        return None, f"unreadable ({type(e).__name__}: {e})"
+    if len(ref) != num_pairs:
+        return None, f"it holds {len(ref)} pairs, the split has {num_pairs}"
+    if expected is not None and not np.array_equal(ref.computed, expected):
+        return (
+            None,
+            f"it has {int(ref.computed.sum())} pairs computed, the batches hold {int(expected.sum())}",
+        )
+    values = np.stack([ref.chosen, ref.rejected])[:, ref.computed]
+    if not np.isfinite(values).all():
+        return None, "it holds non-finite log-probs"
+    return ref, None
 
 
 def load_or_compute(
@@ -168,20 +213,24 @@ def load_or_compute(
     num_pairs: int,
     compute: Callable[[], PairLogps],
     *,
+    expected: np.ndarray | None = None,
     describe: dict | None = None,
 ) -> tuple[PairLogps, bool]:
-    """The cached entry `<cache_dir>/<key>` if it exists, else `compute()` it (the reference pass:
-    `jdpo.forward.over_split` of the frozen weights) and save it (process 0).
+    """The cached entry `<cache_dir>/<key>` if it exists and verifies (`load_entry`), else `compute()`
+    it (the reference pass: `jdpo.forward.over_split` of the frozen weights) and save it (process 0),
+    replacing a damaged or stale entry.
 
     Returns (ref_logps, reused). `describe` (the key's ingredients, JSON-able) goes in the manifest.
     """
     from jdpo import distributed
 
     directory = as_path(cache_dir) / key
-    ref = load_entry(directory) if (directory / MANIFEST).exists() else None
+    ref, problem = load_entry(directory, num_pairs, expected)
+    if problem:
+        log.warning("reference cache %s is not usable: %s; recomputing it", directory, problem)
     # Joint decision: a process that cannot see the entry (cache dir not shared, or stale) would
     # compute while the others skip ahead, and the pass's collectives would hang.
-    if not distributed.any_process(ref is None or len(ref) != num_pairs):
+    if not distributed.any_process(ref is None):
         return ref, True
     t0 = time.time()
     ref = compute()
@@ -194,7 +243,7 @@ def load_or_compute(
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "ingredients": describe or {},
         }
-        save_entry(directory, ref, manifest)
+        save_entry(directory, ref, manifest, replace=problem is not None)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -211,15 +260,17 @@ def for_split(
     model_config: dict,
     tokenizer: Any,
     settings: dict,
+    expected: np.ndarray | None = None,
 ) -> tuple[PairLogps, bool, str]:
     """Reference log-probs of one split (`pairs`, a TokenizedPairs) under `params`: the key from
-    `ingredients`, then `load_or_compute`. Returns (ref_logps, reused, key)."""
+    `ingredients`, then `load_or_compute` (`expected`: [N] bool, the pairs the batches hold).
+    Returns (ref_logps, reused, key)."""
     parts = ingredients(
         params, model_config=model_config, tokenizer=tokenizer, pairs=pairs, settings=settings
     )
     key = cache_key(**parts)
     ref, reused = load_or_compute(
-        cache_dir, key, len(pairs), compute, describe={**parts, "num_pairs": len(pairs)}
+        cache_dir, key, len(pairs), compute, expected=expected, describe={**parts, "num_pairs": len(pairs)}
     )
     log.info("reference log-probs (%s, %d pairs): %s %s", settings.get("split"), len(pairs),
              "reused" if reused else "computed", as_path(cache_dir) / key)  # fmt: skip

@@ -231,11 +231,16 @@ class Trainer:
     def _reference(self, params, pairs, split: str) -> PairLogps:
         """Per-pair reference log-probs of one split, from the on-disk cache when its key matches."""
         d, m = self.config.data, self.config.model
+        # Everything the values depend on: which pairs a row holds (row length, packing, slots per row)
+        # and the kernel (the attention kernels agree to float rounding, not bit for bit).
         settings = {"max_length": d.max_length, "max_prompt_length": d.max_prompt_length, "split": split,
-                    "dtype": jnp.dtype(self.dtype).name, "param_dtype": m.param_dtype}  # fmt: skip
+                    "dtype": jnp.dtype(self.dtype).name, "param_dtype": m.param_dtype,
+                    "row_length": self.row_length, "packing": d.packing, "max_pairs_per_row": self.max_pairs,
+                    "attention": m.attention, "attention_block": m.attention_block}  # fmt: skip
         ref, reused, key = refcache.for_split(
             params,
             pairs,
+            expected=self.one_pass(pairs).fits,
             compute=lambda: self.logprobs(pairs, params),
             cache_dir=self.cache_dir(),
             model_config=self.model_config.to_hf(),

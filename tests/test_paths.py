@@ -166,6 +166,7 @@ def test_reference_cache_entry_on_an_object_store(bucket):
         rejected=np.asarray([-3.0, -4.0], np.float32),
         chosen_counts=np.asarray([1, 2], np.int32),
         rejected_counts=np.asarray([3, 4], np.int32),
+        computed=np.asarray([True, True]),
     )
     calls = []
 

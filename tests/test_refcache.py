@@ -119,16 +119,58 @@ def test_weights_fingerprint_is_sharding_invariant_and_sensitive():
 
 def test_lookup_and_save_roundtrip(tmp_path):
     ref = PairLogps(
-        chosen=np.asarray([-1.0, -2.0, -3.0], np.float32),
-        rejected=np.asarray([-4.0, -5.0, -6.0], np.float32),
-        chosen_counts=np.asarray([1, 2, 3], np.int32),
-        rejected_counts=np.asarray([4, 5, 6], np.int32),
+        chosen=np.asarray([-1.0, -2.0, -3.0, 0.0], np.float32),
+        rejected=np.asarray([-4.0, -5.0, -6.0, 0.0], np.float32),
+        chosen_counts=np.asarray([1, 2, 3, 0], np.int32),
+        rejected_counts=np.asarray([4, 5, 6, 0], np.int32),
+        computed=np.asarray([True, True, True, False]),  # pair 3: no batch held it
     )
     got = ref.lookup(np.asarray([[2, -1], [0, 1]], np.int32))
     np.testing.assert_array_equal(got["ref_chosen_logps"], [[-3.0, 0.0], [-1.0, -2.0]])
     np.testing.assert_array_equal(got["ref_rejected_logps"], [[-6.0, 0.0], [-4.0, -5.0]])
+    with pytest.raises(ValueError, match=r"no reference log-probs for pairs \[3\]"):
+        ref.lookup(np.asarray([[3, 0]], np.int32))
     refcache.save_entry(tmp_path / "k", ref, {"key": "k"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k"]  # no temporary directory left behind
-    back = refcache.load_entry(tmp_path / "k")
-    for f in ("chosen", "rejected", "chosen_counts", "rejected_counts"):
+    back, problem = refcache.load_entry(tmp_path / "k", 4, ref.computed)
+    assert problem is None
+    for f in ("chosen", "rejected", "chosen_counts", "rejected_counts", "computed"):
         np.testing.assert_array_equal(getattr(back, f), getattr(ref, f))
+    # Verification: every way an entry can be wrong is named, and none is used.
+    assert "pairs computed" in refcache.load_entry(tmp_path / "k", 4, np.ones(4, bool))[1]
+    assert "holds 4 pairs, the split has 5" in refcache.load_entry(tmp_path / "k", 5)[1]
+    raw = (tmp_path / "k" / refcache.ARRAYS).read_bytes()
+    (tmp_path / "k" / refcache.ARRAYS).write_bytes(raw[: len(raw) // 2])  # truncated
+    assert "checksum" in refcache.load_entry(tmp_path / "k", 4)[1]
+    manifest = json.loads((tmp_path / "k" / refcache.MANIFEST).read_text())
+    import hashlib
+
+    (tmp_path / "k" / refcache.MANIFEST).write_text(
+        json.dumps({**manifest, "sha256": hashlib.sha256(raw[: len(raw) // 2]).hexdigest()})
+    )
+    assert "unreadable (BadZipFile" in refcache.load_entry(tmp_path / "k", 4)[1]
+
+
+def test_a_stale_or_damaged_entry_is_never_used_and_is_replaced(assets, tmp_path):
+    """The issue's case: a run with short rows left pairs out of its cache; a run with the default rows
+    must not reuse it (and die with a NaN loss). A truncated or bit-flipped entry of the right key is
+    recomputed and replaced on disk, not crashed on (BadZipFile) or silently loaded."""
+    a, _, _ = assets
+    cache = tmp_path / "cache"
+    short = trainer(a, cache, **{"data.row_length": 15, "train.export": False})
+    assert short.batches.dropped_too_long > 0 and not short.ref_train.computed.all()
+    full = trainer(a, cache, **{"train.export": False})
+    assert full.ref_reused == {"train": False, "eval": False}  # row settings are in the key
+    assert full.ref_train.computed.all()
+    assert np.isfinite(full.fit().metrics["loss"])
+    entry = cache / full.ref_keys["train"] / refcache.ARRAYS
+    good = entry.read_bytes()
+    for damage in (good[:100], good[:-40] + bytes(40)):  # truncated; same length, other bytes
+        entry.write_bytes(damage)
+        again = trainer(a, cache, **{"train.export": False})
+        assert again.ref_reused["train"] is False and again.ref_reused["eval"] is True
+        np.testing.assert_array_equal(again.ref_train.chosen, full.ref_train.chosen)
+        assert entry.read_bytes() == good  # replaced with a verified entry
+        assert sorted(p.name for p in cache.iterdir()) == sorted(
+            {*short.ref_keys.values(), *full.ref_keys.values()}
+        )  # no temporary or stale directories left behind

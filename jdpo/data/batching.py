@@ -270,6 +270,7 @@ class PreferenceBatches:
         self.lengths_N = pairs.pair_lengths()
         fits = self.lengths_N <= self.row_length
         self.dropped_too_long = int((~fits).sum())
+        self.fits = fits  # [N] bool: the pairs a batch can hold (the others are left out everywhere)
         self._fit_ids = np.flatnonzero(fits)
         self.epoch, self.batch = 0, 0
         self.last_global_pairs = 0  # pairs in the whole global batch last returned (all hosts)
