@@ -259,7 +259,7 @@ def run_bench(
 
 def format_bench(r: dict[str, Any]) -> str:
     """The console table of a `run_bench` result."""
-    from jdpo.metrics import _si
+    from jdpo.metrics import si_number
     from jdpo.plan import human
 
     def pct(x):
@@ -277,7 +277,7 @@ def format_bench(r: dict[str, Any]) -> str:
             f"<= {r['max_pairs_per_row']} pairs/row; {r['num_pairs']:,} pairs, "
             f"{r['steps_per_epoch']:.1f} steps/epoch",
         ),  # fmt: skip
-        ("peak FLOP/s", f"{_si(r['peak_flops'] or 0)}FLOP/s ({r['peak_flops_source']})"),
+        ("peak FLOP/s", f"{si_number(r['peak_flops'] or 0)}FLOP/s ({r['peak_flops_source']})"),
         ("reference pass", f"{sec(r['ref_pass_s'])} warm, {sec(r['ref_pass_first_s'])} with compile"),
         ("compile", sec(r["compile_s"])),
         (
@@ -287,7 +287,7 @@ def format_bench(r: dict[str, Any]) -> str:
             f"device {r['device_step_time'] * 1e3:.1f})",
         ),  # fmt: skip
         ("pairs/s", f"{r['pairs_per_s']:.2f} ({r['pairs_per_step']:.1f} pairs/step)"),
-        ("tokens/s", f"{_si(r['tokens_per_s'])} non-pad"),
+        ("tokens/s", f"{si_number(r['tokens_per_s'])} non-pad"),
         ("MFU", pct(r["mfu"])),
         (
             "MFU, head on scored",
@@ -301,7 +301,7 @@ def format_bench(r: dict[str, Any]) -> str:
                 "pairs/s incl. ref",
                 f"{r['pairs_per_s_incl_ref']:.2f} (reference pass amortised over {r['total_steps']} steps)",
             ),  # fmt: skip
-            ("tokens/s incl. ref", f"{_si(r['tokens_per_s_incl_ref'])}"),
+            ("tokens/s incl. ref", f"{si_number(r['tokens_per_s_incl_ref'])}"),
             # One line for both: a separate "head on scored" key would widen the whole table's key column.
             (
                 "MFU incl. ref",

@@ -209,7 +209,7 @@ class JsonlWriter:
 # Console
 
 
-def _si(x: float) -> str:
+def si_number(x: float) -> str:
     """Compact number with an SI suffix: 1234 -> '1.23k', 5.6e6 -> '5.60M'."""
     for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(x) >= div:
@@ -232,7 +232,7 @@ _CONSOLE_FIELDS = (
     (REWARDS_MARGINS, lambda v: f"margin {v:.3f}"),
     (GRAD_NORM, lambda v: f"gnorm {v:.3f}"),
     (LEARNING_RATE, lambda v: f"lr {v:.2e}"),
-    (TOKENS_PER_SEC, lambda v: f"{_si(v)} tok/s"),
+    (TOKENS_PER_SEC, lambda v: f"{si_number(v)} tok/s"),
     (MFU, lambda v: f"mfu {100 * v:.1f}%"),
 )
 
