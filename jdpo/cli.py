@@ -13,6 +13,7 @@ command that needs them, so ``jdpo --help`` and argument errors are instant.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -101,7 +102,12 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         print(f"[jdpo] {info}")
     from jdpo import train
 
-    train.run(cfg)
+    result = train.run(cfg)
+    if result.stop_reason == "sigterm":
+        if distributed.is_main_process():
+            print(f"[jdpo] SIGTERM: checkpointed at step {result.step} in {result.checkpoint_dir}; the same "
+                  f"command resumes it (exit status {EXIT_PREEMPTED})", flush=True)  # fmt: skip
+        return EXIT_PREEMPTED
     return 0
 
 
@@ -518,10 +524,32 @@ def _version() -> str:
         return "unknown"
 
 
+def _attach_negative_values(argv: Sequence[str]) -> list[str]:
+    """`--section.field -1e-3` -> `--section.field=-1e-3`: argparse reads a value that starts with '-'
+    as an option and would say "expected one argument" instead of letting the config validator name
+    the field and its range."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if (arg.startswith("--") and "." in arg and "=" not in arg and i + 1 < len(argv)
+                and _NEGATIVE_NUMBER.match(argv[i + 1])):  # fmt: skip
+            out.append(f"{arg}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.IGNORECASE)
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: a preempted run checkpointed and stopped; rerun to continue
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``jdpo`` console script; returns the exit status."""
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(_attach_negative_values(sys.argv[1:] if argv is None else argv))
     subparser = args._parser
     if extra:
         if args.command != "train":

@@ -86,12 +86,35 @@ def test_train_dispatches_the_resolved_config(capsys, monkeypatch, tmp_path):
 
     seen = []
     fake = types.ModuleType("jdpo.train")
-    fake.run = seen.append
+    fake.run = lambda cfg: seen.append(cfg) or types.SimpleNamespace(stop_reason="completed")
     monkeypatch.setitem(sys.modules, "jdpo.train", fake)
     monkeypatch.setattr("jdpo.train", fake, raising=False)
     code, _, _ = _run(capsys, "train", "--train.max_steps", "3", "--train.output_dir", str(tmp_path))
     assert code == 0 and len(seen) == 1
     assert seen[0].train.max_steps == 3 and seen[0].train.output_dir == str(tmp_path)
+
+
+def test_a_preempted_train_says_so_and_exits_143(capsys, monkeypatch):
+    """A SIGTERM-stopped run is not mistaken for a finished one: it says where it checkpointed and
+    exits with 128 + SIGTERM."""
+    import types
+
+    fake = types.ModuleType("jdpo.train")
+    fake.run = lambda cfg: types.SimpleNamespace(
+        stop_reason="sigterm", step=7, checkpoint_dir="out/checkpoints"
+    )
+    monkeypatch.setitem(sys.modules, "jdpo.train", fake)
+    monkeypatch.setattr("jdpo.train", fake, raising=False)
+    code, out, _ = _run(capsys, "train")
+    assert code == cli.EXIT_PREEMPTED == 143
+    assert "SIGTERM: checkpointed at step 7 in out/checkpoints" in out
+
+
+def test_a_negative_number_reaches_the_validator(capsys):
+    code, _, err = _run(capsys, "train", "--optim.learning_rate", "-1e-3")
+    assert code == 2 and "optim.learning_rate must be > 0, got -0.001" in err
+    code, _, err = _run(capsys, "train", "--train.max_steps", "-2")
+    assert code == 2 and "train.max_steps must be >= 0" in err
 
 
 def test_demo_dispatches_with_only_the_given_options(capsys, monkeypatch, tmp_path):
