@@ -25,11 +25,13 @@ from typing import Any
 import jax
 
 from jdpo import paths
+from jdpo.fingerprint import weights_fingerprint
 
 log = logging.getLogger(__name__)
 
 STATE = "state"
 META = "meta"
+FINGERPRINT = "state_fingerprint"  # in meta: `jdpo.fingerprint.weights_fingerprint` of the state item
 
 
 def _ocp():
@@ -53,7 +55,6 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 2):
-        ocp = _ocp()
         paths.check_checkpoint_dir(directory)
         self.directory = paths.as_path(directory)
         if paths.is_local(self.directory):
@@ -61,9 +62,13 @@ class Checkpointer:
             # usually given relative to where the command runs (e.g. the demo's runs/demo).
             self.directory = self.directory.absolute()
         self.keep = keep
+        self._open()
+
+    def _open(self) -> None:
+        ocp = _ocp()
         self._ckptr = ocp.training.Checkpointer(
             self.directory,
-            preservation_policy=ocp.training.preservation_policies.LatestN(keep),
+            preservation_policy=ocp.training.preservation_policies.LatestN(self.keep),
             # Every save below is forced: the training loop decides when to save, not orbax.
             save_decision_policy=ocp.training.save_decision_policies.FixedIntervalPolicy(1),
             cleanup_tmp_directories=True,
@@ -86,19 +91,73 @@ class Checkpointer:
         """
         if step in self.steps():
             return
+        # What the arrays hash to, so a restore can tell when bytes changed on disk (orbax would load
+        # flipped bytes of a chunk silently).
+        meta = {**meta, FINGERPRINT: weights_fingerprint(state)}
         self._ckptr.save_checkpointables_async(step, {STATE: state, META: meta}, force=True)
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
         """Load checkpoint `step` (default: the newest) into the shapes, dtypes and shardings of
         `abstract_state` (a pytree of `jax.ShapeDtypeStruct` with `.sharding`). Returns (state, meta)."""
+        state, meta = self._load(abstract_state, step)
+        meta.pop(FINGERPRINT, None)  # the checkpoint's own bookkeeping, not the caller's meta
+        return state, meta
+
+    def _load(self, abstract_state: Any, step: int | None) -> tuple[Any, dict[str, Any]]:
         self.wait()
         out = self._ckptr.load_checkpointables(step, {STATE: abstract_state, META: None})
         return out[STATE], dict(out[META])
 
+    def restore_intact(
+        self, abstract_state: Any, step: int | None = None
+    ) -> tuple[Any, dict[str, Any], list[tuple[int, str]]]:
+        """The newest checkpoint (at or before `step`) that loads and whose arrays match the fingerprint
+        saved with them. Newer damaged ones (missing or truncated files, changed bytes) are moved aside
+        to `<directory>.damaged/<step>`, never deleted, and returned as `skipped` [(step, why)].
+        A joint decision on a multi-host run: a checkpoint damaged on any process is skipped by all."""
+        from jdpo.distributed import any_process
+
+        self.wait()
+        skipped: list[tuple[int, str]] = []
+        for s in [s for s in reversed(self.steps()) if step is None or s <= step]:
+            problem = None
+            try:
+                state, meta = self._load(abstract_state, s)
+                want = meta.pop(FINGERPRINT, None)
+                if want is not None and weights_fingerprint(state) != want:
+                    problem = "its arrays do not match the fingerprint saved with them (changed on disk)"
+            except Exception as e:  # orbax raises many kinds for missing or truncated files
+                problem = f"it does not load ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})"
+            if not any_process(problem is not None):
+                return state, meta, skipped
+            skipped.append((s, problem or "it does not load on another process"))
+            self._move_aside(s)
+        raise FileNotFoundError(
+            f"no intact checkpoint in {self.directory}: "
+            + "; ".join(f"step {s}: {why}" for s, why in skipped)
+        )
+
+    def _move_aside(self, step: int) -> None:
+        from jdpo.distributed import is_main_process, sync
+
+        if is_main_process():
+            aside = self.directory.parent / f"{self.directory.name}.damaged"
+            aside.mkdir(parents=True, exist_ok=True)
+            target = aside / str(step)
+            n = 1
+            while target.exists():
+                target, n = aside / f"{step}.{n}", n + 1
+            (self.directory / str(step)).rename(target)
+        sync(f"jdpo checkpoint {step} moved aside")
+        self._ckptr.close()
+        self._open()  # orbax lists the steps once; it must see the directory without the damaged one
+
     def meta(self, step: int | None = None) -> dict[str, Any]:
         """The `meta` item alone of checkpoint `step` (default: the newest): cheap, no arrays read."""
         self.wait()
-        return dict(self._ckptr.load_checkpointables(step, {META: None})[META])
+        meta = dict(self._ckptr.load_checkpointables(step, {META: None})[META])
+        meta.pop(FINGERPRINT, None)
+        return meta
 
     def wait(self) -> None:
         """Block until the pending save (if any) has been committed to disk."""

@@ -324,7 +324,10 @@ class Trainer:
             return 0
         if step not in ckpt.steps():
             raise FileNotFoundError(f"no checkpoint at step {step} in {ckpt.directory}; have {ckpt.steps()}")
-        saved, meta = ckpt.restore(abstract_like(to_checkpoint(self.state)), step)
+        saved, meta, skipped = ckpt.restore_intact(abstract_like(to_checkpoint(self.state)), step)
+        for bad, why in skipped:
+            log.warning("checkpoint at step %d is damaged: %s; moved aside to %s.damaged/, resuming from "
+                        "step %d", bad, why, ckpt.directory, meta["step"])  # fmt: skip
         self.state = from_checkpoint(saved, self.state)
         self.batches.restore(meta["data"])
         self.early_stopping.restore(meta.get("tracker", {}))
@@ -352,7 +355,15 @@ class Trainer:
 
         if not self.checkpoint_dir.exists() or self._checkpoints().latest_step() is None:
             return
-        meta = self._checkpoints().meta()
+        meta = None
+        for step in reversed(self._checkpoints().steps()):  # a damaged newest one is skipped on restore
+            try:
+                meta = self._checkpoints().meta(step)
+                break
+            except Exception as e:  # orbax raises many kinds for missing or truncated files
+                log.warning("checkpoint at step %d: metadata unreadable (%s)", step, type(e).__name__)
+        if meta is None:
+            return
         where = f"{self.checkpoint_dir / str(meta['step'])}"
         changed = [
             c for c in config_changes(meta.get("config", {}), self.config) if c[0] not in RESUMABLE_CHANGES

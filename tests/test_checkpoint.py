@@ -57,3 +57,26 @@ def test_relative_directory_saves_and_restores(tmp_path, monkeypatch):
         np.testing.assert_array_equal(
             np.asarray(state["params"]["w"]), np.asarray(_state(mesh, 1)["params"]["w"])
         )
+
+
+def test_restore_intact_skips_a_checkpoint_whose_arrays_changed(tmp_path, monkeypatch):
+    """The fingerprint saved with the state is compared on restore: a checkpoint whose arrays no longer
+    hash to it is moved aside (not deleted) and the previous one is restored."""
+    from jdpo import checkpoint
+
+    mesh = jax.make_mesh((1, 8, 1), ("data", "fsdp", "tensor"))
+    with Checkpointer(tmp_path / "ckpt", keep=3) as ck:
+        for step in (1, 2):
+            ck.save(step, _state(mesh, step), {"step": step})
+        ck.wait()
+    real = checkpoint.weights_fingerprint
+    # As if step 2's bytes had changed on disk after it was written: its arrays hash to something else.
+    monkeypatch.setattr(
+        checkpoint, "weights_fingerprint", lambda t: "changed" if float(t["step"]) == 2 else real(t)
+    )
+    with Checkpointer(tmp_path / "ckpt", keep=3) as ck:
+        state, meta, skipped = ck.restore_intact(abstract_like(_state(mesh, 0)))
+        assert meta == {"step": 1} and int(state["step"]) == 1
+        assert [s for s, _ in skipped] == [2] and "fingerprint" in skipped[0][1]
+        assert ck.steps() == [1]
+    assert (tmp_path / "ckpt.damaged" / "2").is_dir()

@@ -376,3 +376,33 @@ def test_resume_refuses_a_changed_config_before_the_reference_pass_and_keeps_eve
     assert train.Trainer(allowed, mesh=one_device()).fit().step == 3
     assert jconfig.load_config(out / "config.yaml").dpo.beta == 0.1  # the first run's, kept
     assert jconfig.load_config(out / "config.2.yaml").dpo.beta == 0.2  # the resume's, added
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(assets, tmp_path, caplog, damage):
+    """A truncated file (orbax cannot load it) or changed bytes (orbax would load them silently; the
+    fingerprint saved with the state catches them) in the newest checkpoint: the resume says which step
+    it skipped and why, moves it aside (not deleted) and continues from the previous one, reaching the
+    uninterrupted run's metrics."""
+    out = tmp_path / "run"
+    every_step = {"train.max_steps": 3, "train.save_every": 1, "train.keep_checkpoints": 3}
+    cfg = make_config(assets, out, **every_step, **{"train.export": False})
+    full = train.Trainer(cfg, mesh=one_device()).fit()
+    data = max((out / "checkpoints" / "3" / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    if damage == "truncate":
+        data.write_bytes(raw[: len(raw) // 3])
+    else:
+        mid = len(raw) // 2
+        raw[mid : mid + 8] = bytes(b ^ 0x5A for b in raw[mid : mid + 8])
+        data.write_bytes(raw)
+    (out / "metrics.jsonl").unlink()
+    with caplog.at_level("WARNING", logger="jdpo.train"):
+        tr = train.Trainer(cfg, mesh=one_device())
+        resumed = tr.fit()
+    assert "checkpoint at step 3 is damaged" in caplog.text and "resuming from step 2" in caplog.text
+    assert (out / "checkpoints.damaged" / "3").is_dir()  # kept for a post-mortem
+    assert resumed.step == 3 and resumed.stop_reason == "completed"
+    assert {k: v for k, v in resumed.metrics.items() if k not in TIMING} == pytest.approx(
+        {k: v for k, v in full.metrics.items() if k not in TIMING}, rel=1e-6, abs=1e-7
+    )
