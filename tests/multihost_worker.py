@@ -8,7 +8,8 @@ global), then runs the tasks and writes `DIR/<task>.p<process>.npz` / `.json` fo
 a single-process run of the same functions (`model_task`, `train_config`).
 
 Nothing heavy is imported at module level: the device count has to be set before JAX starts, and the
-test process (8 devices, from conftest.py) imports this module for the shared helpers.
+test process (8 devices, from conftest.py) imports this module for the shared helpers. The tiny model
+comes from tests/helpers.py (importable: a script's own folder is on sys.path).
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ ROWS, LENGTH = 8, 16  # the global batch of the model task: [B, T]
 
 def tiny_config():
     """A tiny Llama (GQA, untied) for the model task."""
+    from helpers import tiny_hf_config
+
     from jdpo.models import ModelConfig
 
-    return ModelConfig(
-        family="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, max_position_embeddings=64,
-    )  # fmt: skip
+    return ModelConfig.from_hf(
+        tiny_hf_config("llama", vocab_size=64, rms_norm_eps=1e-5, max_position_embeddings=64)
+    )
 
 
 def global_batch(seed: int = 0) -> dict:

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import tiny_hf_config
 
 from jdpo.models import AttentionMask, ModelConfig, ModelOptions, Transformer
 from jdpo.models.attention import _layout, blocked_attention
@@ -134,7 +135,14 @@ def test_only_visible_key_blocks_are_visited():
     np.testing.assert_array_equal(np.asarray(first_w)[4:], [4, 4, 5, 6])
 
 
-TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+SIZES = dict(vocab_size=64, intermediate_size=48)  # on top of helpers.tiny_hf_config's sizes
+HF_CONFIGS = {
+    "llama": tiny_hf_config("llama", **SIZES),
+    # A window of 5, the attention soft-cap only, SiLU.
+    "gemma2": tiny_hf_config(
+        "gemma2", sliding_window=5, final_logit_softcapping=None, hidden_activation="silu", **SIZES
+    ),
+}
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
@@ -143,10 +151,7 @@ def test_model_blocked_equals_xla_attention(family, scan_layers):
     """The whole model with attention="blocked" (default) and "xla" (dense masks): same logits and
     parameter gradients on a packed batch with padding (gemma2: soft-capping and a sliding window on
     alternate layers, traced under scan)."""
-    hf = dict(model_type=family, num_key_value_heads=2, **TINY)
-    if family == "gemma2":
-        hf.update(head_dim=8, sliding_window=5, attn_logit_softcapping=4.0, query_pre_attn_scalar=8)
-    config = ModelConfig.from_hf(hf)
+    config = ModelConfig.from_hf(HF_CONFIGS[family])
     models = {}
     for attention in ("blocked", "xla"):
         options = ModelOptions(scan_layers=scan_layers, attention=attention)
@@ -177,7 +182,7 @@ def test_model_blocked_equals_xla_attention(family, scan_layers):
 
 def test_attention_block_is_a_tiling_choice_only():
     """model.attention_block changes the tiles, not the numbers; a non-positive block is refused."""
-    config = ModelConfig.from_hf(dict(model_type="llama", num_key_value_heads=2, **TINY))
+    config = ModelConfig.from_hf(HF_CONFIGS["llama"])
     ids = jnp.asarray(np.random.default_rng(5).integers(0, 64, (2, 24)), jnp.int32)
     seg = jnp.asarray(packed_segments(np.random.default_rng(6), 2, 24))
     logits = [

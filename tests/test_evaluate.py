@@ -7,23 +7,24 @@ import math
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import random_model, tiny_hf_config
 from helpers_tokenizer import make_tokenizer
-from test_generate import random_model
 
 from jdpo import evaluate as E
 from jdpo.generate import Generator
-from jdpo.models import save_pretrained
+from jdpo.models import ModelConfig, save_pretrained
 
 BETA = 0.1
 
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    """(policy dir, reference dir, data JSONL) with two different tiny random llamas."""
+    """(policy dir, reference dir, data JSONL) with two different tiny random llamas (test_generate's)."""
     root = tmp_path_factory.mktemp("eval")
     tok = make_tokenizer()
+    llama = ModelConfig.from_hf(tiny_hf_config("llama", vocab_size=320))  # the tokenizer's 300 ids and more
     for name, seed in (("policy", 0), ("reference", 1)):
-        save_pretrained(random_model("llama", seed=seed), root / name, tokenizer=tok)
+        save_pretrained(random_model(llama, seed=seed, scale=0.2), root / name, tokenizer=tok)
     rows = [
         {"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)}
         for a, b in [(1, 2), (3, 4), (12, 30), (7, 7), (20, 22), (5, 9)]

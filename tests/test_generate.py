@@ -8,52 +8,27 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import random_model, tiny_hf_config
 from helpers_tokenizer import make_tokenizer
 
 from jdpo.generate import Generator, SamplingParams, read_prompts, sample_logits, step_cache_size
-from jdpo.models import ModelConfig, ModelOptions, Transformer, from_pretrained, save_pretrained
+from jdpo.models import ModelConfig, Transformer, from_pretrained, save_pretrained
 
 V = 320  # the test BPE tokenizer has 300 ids; a little room on top like real vocabularies
-TINY = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-CONFIGS = {
-    "llama": dict(model_type="llama", num_key_value_heads=2, tie_word_embeddings=False, **TINY),
-    # window 3 is far below the prompt + generated length, on alternating local/global layers
-    "gemma2": dict(
-        model_type="gemma2",
-        num_key_value_heads=2,
-        head_dim=8,
-        sliding_window=3,
-        query_pre_attn_scalar=8,
-        attn_logit_softcapping=4.0,
-        final_logit_softcapping=3.0,
-        hidden_activation="gelu_pytorch_tanh",
-        **TINY,
-    ),
-    "qwen3": dict(model_type="qwen3", num_key_value_heads=1, head_dim=8, tie_word_embeddings=True, **TINY),
-}
+# gemma2's window of 3 is far below the prompt + generated length, on alternating local/global layers.
+CONFIGS = {family: tiny_hf_config(family, vocab_size=V) for family in ("llama", "gemma2", "qwen3")}
 PROMPTS = [np.array([1, 17, 99, 4, 250, 31, 77], np.int32), np.array([1, 5], np.int32), np.arange(1, 12)]
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0)
 
 
-def random_model(name: str, *, scan_layers: bool = False, seed: int = 0) -> Transformer:
-    """A tiny model with numpy-random weights (norm weights near their identity so activations stay sane)."""
-    config = ModelConfig.from_hf(CONFIGS[name])
-    options = ModelOptions(scan_layers=scan_layers)
-    model = nnx.eval_shape(lambda: Transformer(config, options=options, rngs=nnx.Rngs(0)))
-    rng = np.random.RandomState(seed)
-    for path, v in nnx.iter_graph(model):
-        if isinstance(v, nnx.Param):
-            x = v.get_value()
-            value = 0.2 * rng.standard_normal(x.shape)
-            if path[-1] == "weight" and not config.norm_offset:
-                value += 1.0
-            v.set_value(jnp.asarray(value, x.dtype))
-    return model
+def tiny_model(name: str, *, scan_layers: bool = False, seed: int = 0) -> Transformer:
+    """A model of CONFIGS[name] with numpy-random weights N(0, 0.2^2) (`helpers.random_model`)."""
+    return random_model(ModelConfig.from_hf(CONFIGS[name]), seed=seed, scale=0.2, scan_layers=scan_layers)
 
 
 @pytest.fixture(scope="module")
 def llama():
-    return random_model("llama")
+    return tiny_model("llama")
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +54,7 @@ def _full_logits(model, prompts, tokens_BxN):
     "name,scan", [("llama", False), ("gemma2", False), ("qwen3", False), ("gemma2", True)]
 )
 def test_cache_equals_full_recomputation(name, scan):
-    model = random_model(name, scan_layers=scan)
+    model = tiny_model(name, scan_layers=scan)
     gen = Generator(model, stop_ids=[], pad_id=0)
     out = gen.generate_ids(PROMPTS, GREEDY, return_logits=True)
     full = _full_logits(model, PROMPTS, out.tokens)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import random_model, tiny_hf_config
 from safetensors.numpy import load_file, save_file
 
 from jdpo.models import (
@@ -21,40 +22,7 @@ from jdpo.models import (
     save_pretrained,
 )
 
-TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4)
-TINY_CONFIGS = {
-    "llama": dict(model_type="llama", num_key_value_heads=2, tie_word_embeddings=False, **TINY),
-    "gemma2": dict(
-        model_type="gemma2",
-        num_key_value_heads=2,
-        head_dim=8,
-        sliding_window=3,
-        query_pre_attn_scalar=8,
-        attn_logit_softcapping=4.0,
-        final_logit_softcapping=3.0,
-        hidden_activation="gelu_pytorch_tanh",
-        **TINY,
-    ),
-}
-
-
-def random_model(config, seed=0, scan_layers=False):
-    """A model with numpy-random parameters (norm weights near 1, everything else N(0, 0.1^2)).
-
-    Filled from numpy rather than `init_model` because compiling jax's RNG for every parameter shape
-    dominates the runtime of these tiny tests; `init_model` has its own tests in test_sharding.py.
-    """
-    options = ModelOptions(scan_layers=scan_layers)
-    model = nnx.eval_shape(lambda: Transformer(config, options=options, rngs=nnx.Rngs(0)))
-    rng = np.random.RandomState(seed)
-    for path, v in nnx.iter_graph(model):
-        if isinstance(v, nnx.Param):
-            x = v.get_value()
-            value = 0.1 * rng.standard_normal(x.shape)
-            if path[-1] == "weight" and not config.norm_offset:
-                value += 1.0
-            v.set_value(jnp.asarray(value, x.dtype))
-    return model
+TINY_CONFIGS = {family: tiny_hf_config(family, num_hidden_layers=3) for family in ("llama", "gemma2")}
 
 
 @nnx.jit
