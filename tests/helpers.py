@@ -1,9 +1,13 @@
-"""Shared test set-up: tiny models.
+"""Shared test set-up: tiny models, the tiny demo task, config builders and the one-device mesh.
 
     from helpers import tiny_hf_config, random_model  # tests/ is on sys.path under pytest
     hf = tiny_hf_config("gemma2", vocab_size=320)     # a config.json dict: hidden 32, 2 layers, 4 heads
     model = random_model(ModelConfig.from_hf(hf))     # numpy-random weights, no RNG compiles
+    assets = build_tiny_assets(d, max_operand=9, eval_pairs=20)  # demo task + a random tiny model
+    cfg = tiny_config(assets, **{"train.max_steps": 2})          # a Config that trains on it
+    cfg = run_config(assets, out)  # + output dir, reference cache beside it, lr 1e-3, no console
 
+The session-wide `assets` fixture (conftest.py) is `build_tiny_assets` of the size most tests train on.
 Nothing heavy is imported at module level: tests/multihost_worker.py imports this module before it sets
 its device count. The BPE tokenizer is in helpers_tokenizer.py, the jaxpr walk in helpers_jaxpr.py.
 """
@@ -30,6 +34,11 @@ TINY_HF_FAMILIES = {
     ),
     "qwen3": dict(num_key_value_heads=1, head_dim=8, tie_word_embeddings=True),
 }
+
+# The random model of the demo task's assets (`build_tiny_assets`): jdpo.demo.make_model_dir sizes.
+TINY_DEMO_MODEL = dict(
+    hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=128
+)
 
 
 def tiny_hf_config(family: str, **overrides: Any) -> dict:
@@ -61,3 +70,54 @@ def random_model(config, *, seed: int = 0, scale: float = 0.1, scan_layers: bool
                 value += 1.0
             v.set_value(jnp.asarray(value, x.dtype))
     return model
+
+
+def build_tiny_assets(directory, *, max_operand: int, eval_pairs: int, seed: int = 0):
+    """`jdpo.demo.build_assets` with the tiny model (TINY_DEMO_MODEL): the a+b task's train / eval JSONL
+    (`eval_pairs` held out of the (max_operand + 1)^2 sums), its tokenizer and a random model."""
+    from jdpo import demo
+
+    return demo.build_assets(
+        directory, max_operand=max_operand, eval_pairs=eval_pairs, seed=seed, **TINY_DEMO_MODEL
+    )
+
+
+def tiny_config(assets, **overrides: Any):
+    """A float32 Config that trains on `assets` (anything with model_dir, train_path and eval_path; no
+    eval split when eval_path is None): pairs of at most 16 tokens (prompt 8) packed in rows of 48, 8 rows
+    a step. `overrides` are dotted field names, as `jdpo.config.replace` takes them."""
+    from jdpo import config as jconfig
+
+    base = {
+        "model.path": str(assets.model_dir),
+        "model.dtype": "float32",
+        "data.train": [str(assets.train_path)],
+        "data.eval": [str(assets.eval_path)] if assets.eval_path else [],
+        "data.max_length": 16,
+        "data.max_prompt_length": 8,
+        "data.row_length": 48,
+        "train.batch_rows": 8,
+    }
+    return jconfig.replace(jconfig.Config(), **{**base, **overrides})
+
+
+def run_config(assets, out, **overrides: Any):
+    """`tiny_config` of a training run in `out`: the reference cache beside it (out/../refcache), learning
+    rate 1e-3, nothing on the console or in TensorBoard."""
+    base = {
+        "dpo.cache_dir": str(out.parent / "refcache"),
+        "optim.learning_rate": 1e-3,
+        "train.output_dir": str(out),
+        "logging.console": False,
+        "logging.tensorboard": False,
+    }
+    return tiny_config(assets, **{**base, **overrides})
+
+
+def one_device():
+    """A data=fsdp=tensor=1 mesh on the first of the simulated CPU devices: the single-device reference."""
+    import jax
+
+    from jdpo.sharding import make_mesh
+
+    return make_mesh(1, 1, 1, devices=jax.devices()[:1])

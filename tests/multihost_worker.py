@@ -8,8 +8,8 @@ global), then runs the tasks and writes `DIR/<task>.p<process>.npz` / `.json` fo
 a single-process run of the same functions (`model_task`, `train_config`).
 
 Nothing heavy is imported at module level: the device count has to be set before JAX starts, and the
-test process (8 devices, from conftest.py) imports this module for the shared helpers. The tiny model
-comes from tests/helpers.py (importable: a script's own folder is on sys.path).
+test process (8 devices, from conftest.py) imports this module for the shared helpers. The tiny model and
+run config come from tests/helpers.py (importable: a script's own folder is on sys.path).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 T0 = time.perf_counter()
 
@@ -102,30 +103,13 @@ def model_task(mesh) -> dict:
     return {"loss": np.asarray(loss), "logps": np.asarray(logps_B), "grads": flat, "spread": sharded_over}
 
 
-def train_config(model_dir, train_path, eval_path, out_dir, cache_dir, steps: int = 3):
-    """The tiny DPO run both the process pair and the single-process reference train (float32)."""
-    from jdpo import config as jconfig
+def train_config(assets, out_dir, steps: int = 3):
+    """The tiny DPO run both the process pair and the single-process reference train (float32): `assets`
+    has model_dir, train_path and eval_path; the reference cache goes beside `out_dir`."""
+    from helpers import run_config
 
-    return jconfig.replace(
-        jconfig.Config(),
-        **{
-            "model.path": str(model_dir),
-            "model.dtype": "float32",
-            "data.train": [str(train_path)],
-            "data.eval": [str(eval_path)] if eval_path else [],
-            "data.max_length": 16,
-            "data.max_prompt_length": 8,
-            "data.row_length": 48,
-            "dpo.cache_dir": str(cache_dir),
-            "optim.learning_rate": 1e-3,
-            "train.output_dir": str(out_dir),
-            "train.batch_rows": 8,
-            "train.max_steps": steps,
-            "train.save_every": steps,
-            "train.export": False,
-            "logging.console": False,
-            "logging.tensorboard": False,
-        },
+    return run_config(
+        assets, out_dir, **{"train.max_steps": steps, "train.save_every": steps, "train.export": False}
     )
 
 
@@ -181,10 +165,8 @@ def main(argv=None) -> int:
         elif task == "train":
             from jdpo import train
 
-            base = out / "train"
-            cfg = train_config(
-                args.model_dir, args.train, args.eval, base / "run", base / "refcache", steps=args.steps
-            )
+            assets = SimpleNamespace(model_dir=args.model_dir, train_path=args.train, eval_path=args.eval)
+            cfg = train_config(assets, out / "train" / "run", steps=args.steps)
 
             def preempt(m):
                 # A stop request that reaches one worker only: the loop must still stop both together.

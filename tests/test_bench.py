@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 import math
 
-import jax
 import pytest
+from helpers import build_tiny_assets, one_device, tiny_config
 
-from jdpo import bench, cli, demo
-from jdpo import config as C
-from jdpo.sharding import make_mesh
+from jdpo import bench, cli
 
 FIELDS = {
     "platform", "device", "num_devices", "model_params", "matmul_params", "dtype", "batch_rows", "grad_accum",
@@ -28,32 +26,17 @@ FIELDS = {
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    d = tmp_path_factory.mktemp("bench_assets")
-    return demo.build_assets(
-        d, max_operand=9, eval_pairs=10, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        num_kv_heads=2, vocab_size=128,
-    )  # fmt: skip
+    """Smaller than conftest's `assets`: the bench only needs a few steps of train pairs."""
+    return build_tiny_assets(tmp_path_factory.mktemp("bench_assets"), max_operand=9, eval_pairs=10)
 
 
-def tiny_config(assets):
-    return C.replace(
-        C.Config(),
-        **{
-            "model.path": str(assets.model_dir),
-            "model.dtype": "float32",
-            "data.train": [str(assets.train_path)],
-            "data.max_length": 16,
-            "data.max_prompt_length": 8,
-            "data.row_length": 48,
-            "train.batch_rows": 4,
-        },
-    )
+def bench_config(assets):
+    return tiny_config(assets, **{"data.eval": [], "train.batch_rows": 4})
 
 
 def test_bench_two_steps_writes_sane_json(assets, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    r = bench.run_bench(tiny_config(assets), steps=2, warmup=1, out_json=out, mesh=mesh)
+    r = bench.run_bench(bench_config(assets), steps=2, warmup=1, out_json=out, mesh=one_device())
     saved = json.loads(out.read_text())
     assert set(saved) == FIELDS == set(r)
     for k in ("pairs_per_s", "tokens_per_s", "step_time", "compile_s", "ref_pass_s", "peak_flops",

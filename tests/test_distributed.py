@@ -26,6 +26,7 @@ import jax
 import multihost_worker as worker
 import numpy as np
 import pytest
+from helpers import build_tiny_assets, one_device
 
 from jdpo import distributed as D
 
@@ -283,22 +284,13 @@ def test_a_failed_worker_fails_the_test_and_no_process_is_left(tmp_path):
     assert all(p.poll() is not None for p in pair.procs)  # process 0 (waiting in a barrier) is gone too
 
 
-def one_device():
-    from jdpo.sharding import make_mesh
-
-    return make_mesh(1, 1, 1, devices=jax.devices()[:1])
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """Start the pair, compute the single-process references meanwhile, then collect the pair's output."""
-    from jdpo import demo, train
+    from jdpo import train
 
     tmp = tmp_path_factory.mktemp("multihost")
-    assets = demo.build_assets(
-        tmp / "assets", max_operand=19, eval_pairs=16, hidden_size=32, intermediate_size=64, num_layers=2,
-        num_heads=4, num_kv_heads=2, vocab_size=128,
-    )  # fmt: skip
+    assets = build_tiny_assets(tmp / "assets", max_operand=19, eval_pairs=16)
     out = tmp / "pair"
     out.mkdir()
     pair = Pair(
@@ -309,14 +301,7 @@ def results(tmp_path_factory):
     try:
         # The same computations in this process on one device, while the workers run.
         single_model = worker.model_task(one_device())
-        cfg = worker.train_config(
-            assets.model_dir,
-            assets.train_path,
-            assets.eval_path,
-            tmp / "single",
-            tmp / "refcache",
-            TRAIN_STEPS,
-        )
+        cfg = worker.train_config(assets, tmp / "single", TRAIN_STEPS)
         trainer = train.Trainer(cfg, mesh=one_device())
         single_run = trainer.fit(callbacks=[lambda m: m["step"] == STOP_AT and "loss" in m])
     except BaseException:

@@ -7,21 +7,20 @@ import json
 import jax
 import numpy as np
 import pytest
+from helpers import build_tiny_assets, one_device, tiny_config
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jdpo import config as jconfig
-from jdpo import demo, logprobs, refcache, train
+from jdpo import logprobs, refcache, train
 from jdpo.forward import PairLogps
 from jdpo.sharding import make_mesh
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
+    """(assets, assets of another seed, a train file one pair shorter): smaller than conftest's `assets`."""
     d = tmp_path_factory.mktemp("refcache_assets")
-    kw = dict(max_operand=9, eval_pairs=20, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-              num_kv_heads=2, vocab_size=128)  # fmt: skip
-    a = demo.build_assets(d, **kw)
-    other = demo.build_assets(d / "other_seed", **{**kw, "seed": 1})  # other weights (and pairs)
+    a = build_tiny_assets(d, max_operand=9, eval_pairs=20)
+    other = build_tiny_assets(d / "other_seed", max_operand=9, eval_pairs=20, seed=1)  # other weights, pairs
     # Same train pairs as `a` but one fewer: changes the train data, not the eval data.
     lines = a.train_path.read_text().splitlines()
     (d / "train_minus_one.jsonl").write_text("\n".join(lines[:-1]) + "\n")
@@ -29,22 +28,12 @@ def assets(tmp_path_factory):
 
 
 def trainer(assets, cache_dir, **overrides):
-    a = assets
     base = {
-        "model.path": str(a.model_dir),
-        "model.dtype": "float32",
-        "data.train": [str(a.train_path)],
-        "data.eval": [str(a.eval_path)],
-        "data.max_length": 16,
-        "data.max_prompt_length": 8,
-        "data.row_length": 48,
         "dpo.cache_dir": str(cache_dir),
-        "train.batch_rows": 8,
         "train.max_steps": 2,
         "train.output_dir": str(cache_dir.parent / "run"),
     }
-    cfg = jconfig.replace(jconfig.Config(), **{**base, **overrides})
-    return train.Trainer(cfg, mesh=make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    return train.Trainer(tiny_config(assets, **{**base, **overrides}), mesh=one_device())
 
 
 def test_key_changes_with_weights_data_and_lengths_and_is_reused_otherwise(assets, tmp_path):

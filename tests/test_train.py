@@ -2,8 +2,9 @@
 compilation), the loop's guarantees (bit-identical resume, SIGTERM checkpoint, NaN stop), the HF export,
 and a sharded run on 8 simulated CPU devices matching 1 device.
 
-All runs share one tiny model (hidden 32, 2 layers, vocab 128) and one tiny arithmetic task, so the
-compiled step functions are shared between tests (`compiled_steps` is cached on its settings).
+All runs share one tiny model (hidden 32, 2 layers, vocab 128) and one tiny arithmetic task (conftest's
+`assets`), so the compiled step functions are shared between tests (`compiled_steps` is cached on its
+settings).
 """
 
 from __future__ import annotations
@@ -15,46 +16,16 @@ import signal
 import jax
 import numpy as np
 import pytest
+from helpers import one_device, run_config
 
-from jdpo import config as jconfig
-from jdpo import demo, metrics, step, train
+from jdpo import metrics, step, train
 from jdpo.sharding import make_mesh
 
 TIMING = {"step_time", "tokens_per_sec", "mfu"}
 
 
-@pytest.fixture(scope="session")
-def assets(tmp_path_factory):
-    d = tmp_path_factory.mktemp("train_assets")
-    return demo.build_assets(
-        d, max_operand=19, eval_pairs=40, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        num_kv_heads=2, vocab_size=128,
-    )  # fmt: skip
-
-
-def one_device():
-    return make_mesh(1, 1, 1, devices=jax.devices()[:1])
-
-
 def make_config(assets, out, **overrides):
-    base = {
-        "model.path": str(assets.model_dir),
-        "model.dtype": "float32",
-        "data.train": [str(assets.train_path)],
-        "data.eval": [str(assets.eval_path)],
-        "data.max_length": 16,
-        "data.max_prompt_length": 8,
-        "data.row_length": 48,
-        "dpo.cache_dir": str(out.parent / "refcache"),
-        "optim.learning_rate": 1e-3,
-        "train.output_dir": str(out),
-        "train.batch_rows": 8,
-        "train.max_steps": 6,
-        "train.log_every": 1,
-        "logging.console": False,
-        "logging.tensorboard": False,
-    }
-    return jconfig.replace(jconfig.Config(), **{**base, **overrides})
+    return run_config(assets, out, **{"train.max_steps": 6, "train.log_every": 1, **overrides})
 
 
 def steps(trainer, n):
