@@ -21,7 +21,9 @@ from typing import Any
 from jdpo import config as C
 
 
-def _format_default(value: Any) -> str:
+def format_default(value: Any) -> str:
+    """A config default as `--help` shows it: tuples comma-joined, strings quoted, booleans lower-case,
+    an empty one as "(empty)"."""
     if isinstance(value, tuple):
         return ",".join(map(str, value)) if value else "(empty)"
     if isinstance(value, str):
@@ -52,7 +54,7 @@ def _add_config_fields(parser: argparse.ArgumentParser) -> None:
                 dest=name,
                 metavar=metavar,
                 default=argparse.SUPPRESS,
-                help=f"{help_text} (default: {_format_default(default)})".replace("%", "%%"),
+                help=f"{help_text} (default: {format_default(default)})".replace("%", "%%"),
             )
 
 

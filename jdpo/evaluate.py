@@ -324,7 +324,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     )
 
 
-def _cell(x: Any) -> str:
+def markdown_cell(x: Any) -> str:
     """Markdown table cell: escaped HTML (special tokens stay visible), pipes escaped, newlines as <br>."""
     if isinstance(x, list):  # messages
         x = "\n".join(f"**{m.get('role', '?')}**: {m.get('content', '')}" for m in x)
@@ -359,12 +359,12 @@ def render_markdown(rows: Sequence[dict], summary: dict, *, title: str, metrics:
     for i, r in enumerate(rows):
         cells = [
             str(i),
-            _cell(r["prompt"]),
-            _cell(r["reference"]) + _mark(r.get("reference_correct")),
-            _cell(r["policy"]) + _mark(r.get("policy_correct")),
+            markdown_cell(r["prompt"]),
+            markdown_cell(r["reference"]) + _mark(r.get("reference_correct")),
+            markdown_cell(r["policy"]) + _mark(r.get("policy_correct")),
         ]
         if has_answer:
-            cells.append(_cell(r.get("answer", "")))
+            cells.append(markdown_cell(r.get("answer", "")))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -76,7 +76,7 @@ TINY = float(jnp.finfo(jnp.float32).tiny)
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _log1mexp(x: Array) -> Array:
+def log1mexp(x: Array) -> Array:
     """log(1 - exp(x)) for x < 0, stable at both ends (Maechler 2012); x is clamped to <= -1e-6."""
     x = jnp.minimum(x, -1e-6)
     near_zero = x > -math.log(2.0)
@@ -241,7 +241,7 @@ def _simpo(c):
 
 def _orpo_log_odds(c) -> Array:
     pc, pr = c.norm(c.pc, c.lc), c.norm(c.pr, c.lr)
-    return (pc - pr) - (_log1mexp(pc) - _log1mexp(pr))
+    return (pc - pr) - (log1mexp(pc) - log1mexp(pr))
 
 
 def _orpo(c):

@@ -31,7 +31,7 @@ def test_train_help_lists_every_field_with_default_and_help(capsys):
     for name, _type, default, help_text in C.field_help():
         assert f"--{name}" in out, name
         assert " ".join(help_text.split()[:4]) in flat, name
-        assert f"(default: {cli._format_default(default)})" in flat, name
+        assert f"(default: {cli.format_default(default)})" in flat, name
     for section, scls in C.sections().items():
         assert f"\n{section}:\n" in out and " ".join(scls.__doc__.split()) in flat
 

@@ -129,8 +129,8 @@ def test_side_by_side_page_and_win_rate(dirs, tmp_path):
     assert "| # | prompt | reference | policy | answer |" in md
     for i, r in enumerate(rows):
         row_line = next(line for line in md.splitlines() if line.startswith(f"| {i} | "))
-        assert E._cell(r["prompt"]) in row_line and E._cell(r["reference"]) in row_line
-        assert E._cell(r["policy"]) in row_line
+        assert E.markdown_cell(r["prompt"]) in row_line and E.markdown_cell(r["reference"]) in row_line
+        assert E.markdown_cell(r["policy"]) in row_line
     assert cmp["summary"] == {"checked": 2, "policy_correct": 0.5, "reference_correct": 0.5, "wins": 0,
                               "losses": 0, "ties": 2, "win_rate": 0.5}  # fmt: skip
     assert [r["policy_correct"] for r in rows] == [True, False, None]
@@ -158,5 +158,5 @@ def test_summary_and_checker():
     assert (
         E.arithmetic_checker("hello", "82") is None and E.arithmetic_checker([{"role": "user"}], "1") is None
     )
-    assert E._cell("a|b\n<x>") == "a\\|b<br>&lt;x&gt;" and E._cell("") == "*(empty)*"
-    assert E._cell("a\x1cb\rc") == "a\\x1cb\\x0dc"  # control characters never split a table row
+    assert E.markdown_cell("a|b\n<x>") == "a\\|b<br>&lt;x&gt;" and E.markdown_cell("") == "*(empty)*"
+    assert E.markdown_cell("a\x1cb\rc") == "a\\x1cb\\x0dc"  # control characters never split a table row
