@@ -6,6 +6,7 @@
     assets = build_tiny_assets(d, max_operand=9, eval_pairs=20)  # demo task + a random tiny model
     cfg = tiny_config(assets, **{"train.max_steps": 2})          # a Config that trains on it
     cfg = run_config(assets, out)  # + output dir, reference cache beside it, lr 1e-3, no console
+    out = modules_imported_by("import jdpo.cli", ["jax"])  # "[]": a fresh interpreter did not load jax
 
 The session-wide `assets` fixture (conftest.py) is `build_tiny_assets` of the size most tests train on.
 Nothing heavy is imported at module level: tests/multihost_worker.py imports this module before it sets
@@ -14,6 +15,9 @@ its device count. The BPE tokenizer is in helpers_tokenizer.py, the jaxpr walk i
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from collections.abc import Iterable
 from typing import Any
 
 # A tiny config.json per family. Heads (4 / 2 kv), vocab (128) and mlp (64) divide by tensor=2, embed (32)
@@ -121,3 +125,9 @@ def one_device():
     from jdpo.sharding import make_mesh
 
     return make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+def modules_imported_by(statement: str, modules: Iterable[str]) -> str:
+    """Which of `modules` a fresh interpreter has loaded after running `statement`: the printed list."""
+    code = f"import sys; {statement}; print([m for m in {tuple(modules)!r} if m in sys.modules])"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -1,10 +1,10 @@
 """The `jdpo` command: help generated from the config, errors, dispatch, presets, fast import."""
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import modules_imported_by
 
 from jdpo import cli
 from jdpo import config as C
@@ -166,9 +166,5 @@ def test_preset_parses(preset):
 
 def test_cli_import_is_light():
     """`jdpo --help` must not pay for JAX / the trainer / matplotlib."""
-    code = (
-        "import sys, jdpo.cli; "
-        "print([m for m in ('jax', 'flax', 'matplotlib', 'jdpo.train') if m in sys.modules])"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = modules_imported_by("import jdpo.cli", ("jax", "flax", "matplotlib", "jdpo.train"))
     assert out.strip() == "[]"

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import modules_imported_by
 from jax.test_util import check_grads
 
 from jdpo import losses as L
@@ -350,12 +351,8 @@ def test_validation_errors():
 
 def test_loss_library_import_is_light():
     """`import jdpo; jdpo.dpo_loss` and the log-prob functions load jax only: no flax, transformers, torch."""
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, jdpo; jdpo.dpo_loss, jdpo.sequence_logprobs, jdpo.sequence_logprobs_from_hidden; "
-        "print([m for m in ('flax', 'transformers', 'torch', 'optax', 'orbax') if m in sys.modules])"
+    out = modules_imported_by(
+        "import jdpo; jdpo.dpo_loss, jdpo.sequence_logprobs, jdpo.sequence_logprobs_from_hidden",
+        ("flax", "transformers", "torch", "optax", "orbax"),
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
