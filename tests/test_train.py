@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from helpers import one_device, run_config
 
+from jdpo import config as jconfig
 from jdpo import metrics, step, train
 from jdpo.sharding import make_mesh
 
