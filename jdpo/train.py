@@ -278,13 +278,10 @@ class Trainer:
         if self.eval_pairs is None:
             return {}
         policy = self.logprobs(self.eval_pairs, params)
-        if self.config.dpo.reference == "cached":
-            ref = self.ref_eval
-        elif self.config.dpo.reference == "online":
-            ref = self.logprobs(self.eval_pairs, self.state["ref_params"])
-        else:
-            ref = None
-        return split_metrics(policy, ref, self.config.dpo)
+        if self.config.dpo.reference == "online" and self.ref_eval is None:
+            # The online reference is frozen: its eval log-probs are the same at every eval.
+            self.ref_eval = self.logprobs(self.eval_pairs, self.state["ref_params"])
+        return split_metrics(policy, self.ref_eval, self.config.dpo)
 
     def describe(self, start: int = 0) -> str:
         """A few lines on what this run is about to do (printed at the start of `fit`)."""
@@ -471,6 +468,8 @@ class Trainer:
                 if self.early_stopping.observe(step, ev) and self._stop is None:
                     self._stop = "early_stop"
 
+        # Constant over the run: computed once, not at every logged step (on CPU the peak is measured).
+        hf_config, peak = self.model_config.to_hf(), total_peak_flops(list(self.mesh.devices.flat))
         step = start
         if jax.process_index() == 0 and c.logging.console:
             print(self.describe(start), flush=True)
@@ -489,7 +488,7 @@ class Trainer:
                     step = self.step = step + 1
                     check_finite(float(m["loss"]), bool(m.pop(STATE_FINITE)), step, ckpt)
                     if due(t.log_every, step, self.total_steps):
-                        self._last = self._train_record(step, m, host, step_time)
+                        self._last = self._train_record(step, m, host, step_time, hf_config, peak)
                         emit(step, self._last)
                     if due(t.eval_every, step, self.total_steps):
                         run_eval(step)
@@ -528,8 +527,11 @@ class Trainer:
         elif config_changes(to_dict(load_config(first)), self.config):
             dump(self.config, self.output_dir / f"config.{start}.yaml")
 
-    def _train_record(self, step: int, m: dict, host: list[Batch], step_time: float) -> dict[str, float]:
-        """One logged train record: the step's metrics, its epoch, and throughput over all processes."""
+    def _train_record(
+        self, step: int, m: dict, host: list[Batch], step_time: float, hf_config: dict, peak: float | None
+    ) -> dict[str, float]:
+        """One logged train record: the step's metrics, its epoch, and throughput over all processes
+        (`hf_config`: the model's HF config for the FLOP count; `peak`: the mesh's peak FLOP/s)."""
         from jdpo.distributed import sum_over_processes
 
         stats = [batch_token_stats(b, sliding_window=self.model_config.sliding_window) for b in host]
@@ -541,14 +543,13 @@ class Trainer:
             )
         )
         flops = train_flops(
-            self.model_config.to_hf(),
+            hf_config,
             tokens=tokens,
             attended_keys=keys,
             reference_forward=self.config.dpo.reference == "online",
         )
         record = {k: float(v) for k, v in m.items() if k != "pairs"}
         record["epoch"] = step / self.steps_per_epoch
-        peak = total_peak_flops(list(self.mesh.devices.flat))
         record.update(
             throughput_metrics(step_time=step_time, tokens=tokens, slots=slots, flops=flops, peak_flops=peak)
         )
