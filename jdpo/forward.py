@@ -10,6 +10,7 @@ reference log-probs into the loss and TRL's metrics of a run's own loss settings
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -168,16 +169,14 @@ def split_metrics(policy: PairLogps, reference: PairLogps | None, dpo) -> dict[s
     `reference` may be None for the reference-free losses."""
     from jdpo import losses, metrics
 
+    # Pairs a forward did not compute hold 0 (finite) and are weighted 0.
     valid = policy.computed & (reference.computed if reference is not None else True)
-
-    def z(x):  # uncomputed pairs are weighted 0; zeros keep their (unused) terms finite
-        return jnp.asarray(np.where(valid, x, 0.0), jnp.float32)
-
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
     loss, m = losses.dpo_loss(
-        z(policy.chosen),
-        z(policy.rejected),
-        None if reference is None else z(reference.chosen),
-        None if reference is None else z(reference.rejected),
+        f32(policy.chosen),
+        f32(policy.rejected),
+        None if reference is None else f32(reference.chosen),
+        None if reference is None else f32(reference.rejected),
         chosen_lengths=jnp.asarray(policy.chosen_counts, jnp.float32),
         rejected_lengths=jnp.asarray(policy.rejected_counts, jnp.float32),
         weights=jnp.asarray(valid, jnp.float32),
