@@ -10,7 +10,8 @@ Saves are asynchronous (the device-to-host copy happens before `save` returns, s
 donate the arrays right after) and atomic (orbax writes to a temporary directory and renames it on
 commit, so a crash mid-save leaves the previous checkpoint as the latest; on gs://, which has no
 rename, orbax writes the step directory in place with a commit_success.txt last and counts only the
-checkpoints that have one). Only the newest `keep` checkpoints are kept. The directory is local or
+checkpoints that have one). Only the newest `keep` checkpoints are kept (and, with `best`, the one with the
+best metric). The directory is local or
 gs://bucket/... (orbax takes `etils.epath` paths and tensorstore writes to GCS itself; see
 `jdpo.paths.check_checkpoint_dir`). All methods must be called on every process of a multi-host job
 (orbax coordinates the processes itself).
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 STATE = "state"
 META = "meta"
+METRIC = "keep_best"  # the orbax metric a checkpoint is ranked by (`Checkpointer(best=...)`)
 FINGERPRINT = "state_fingerprint"  # in meta: `jdpo.fingerprint.weights_fingerprint` of the state item
 
 
@@ -54,21 +56,34 @@ class Checkpointer:
         ckpt.close()   # waits for the pending save
     """
 
-    def __init__(self, directory: str | os.PathLike, *, keep: int = 2):
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 2, best: bool | None = None):
+        """best: None, or True / False to also keep, outside the newest-`keep` rotation, the one checkpoint
+        whose `save(..., metric=)` value is the highest / lowest (saves without a metric do not compete)."""
         paths.check_checkpoint_dir(directory)
         self.directory = paths.as_path(directory)
         if paths.is_local(self.directory):
             # Absolute: orbax's tensorstore writer refuses relative paths, and `train.output_dir` is
             # usually given relative to where the command runs (e.g. the demo's runs/demo).
             self.directory = self.directory.absolute()
-        self.keep = keep
+        self.keep, self.best = keep, best
         self._open()
 
     def _open(self) -> None:
         ocp = _ocp()
+        policies = ocp.training.preservation_policies
+        policy = policies.LatestN(self.keep)
+        if self.best is not None:
+            # orbax sorts ascending (descending with reverse) and keeps the last n.
+            best = policies.BestN(
+                get_metric_fn=lambda m: m[METRIC],
+                reverse=not self.best,
+                n=1,
+                keep_checkpoints_without_metrics=False,
+            )
+            policy = policies.AnyPreservationPolicy([policy, best])
         self._ckptr = ocp.training.Checkpointer(
             self.directory,
-            preservation_policy=ocp.training.preservation_policies.LatestN(self.keep),
+            preservation_policy=policy,
             # Every save below is forced: the training loop decides when to save, not orbax.
             save_decision_policy=ocp.training.save_decision_policies.FixedIntervalPolicy(1),
             cleanup_tmp_directories=True,
@@ -83,8 +98,9 @@ class Checkpointer:
         latest = self._ckptr.latest
         return None if latest is None else latest.step
 
-    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        """Start saving `state` (pytree of jax arrays) and `meta` (JSON-able dict) at `step`.
+    def save(self, step: int, state: Any, meta: dict[str, Any], metric: float | None = None) -> None:
+        """Start saving `state` (pytree of jax arrays) and `meta` (JSON-able dict) at `step`; `metric`:
+        its value for the `best` rule.
 
         Returns once the arrays have been copied off the device; writing continues in the background.
         A checkpoint already at `step` (e.g. a final save right after a periodic one) is left alone.
@@ -94,7 +110,9 @@ class Checkpointer:
         # What the arrays hash to, so a restore can tell when bytes changed on disk (orbax would load
         # flipped bytes of a chunk silently).
         meta = {**meta, FINGERPRINT: weights_fingerprint(state)}
-        self._ckptr.save_checkpointables_async(step, {STATE: state, META: meta}, force=True)
+        self._ckptr.save_checkpointables_async(
+            step, {STATE: state, META: meta}, force=True, metrics=None if metric is None else {METRIC: metric}
+        )
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
         """Load checkpoint `step` (default: the newest) into the shapes, dtypes and shardings of

@@ -160,6 +160,20 @@ class TrainSection:
     early_stop_patience: int = _f(0, "Stop after N evals without eval accuracy improvement (0: never).")
     early_stop_accuracy: float = _f(0.0, "Stop once eval accuracy reaches this (0: never).")
     export: bool = _f(True, "Export the final policy in Hugging Face format to <output_dir>/final.")
+    keep_best: str = _f(
+        "",
+        "'<eval metric>:<min|max>', e.g. eval/loss:min or eval/rewards/accuracies:max: the checkpoint of the "
+        "best eval (step 0 excluded) is kept outside the keep_checkpoints rotation and exported to "
+        "<output_dir>/best ('': off).",
+    )
+    divergence_factor: float = _f(
+        100.0,
+        "Stop, keeping the last good checkpoint, when the loss or the grad norm exceeds this factor times "
+        "the larger of its running median and its step-1 value (0: off).",
+    )
+    max_param_abs: float = _f(
+        1e4, "Stop, keeping the last good checkpoint, when any parameter's magnitude exceeds this (0: off)."
+    )
     allow_config_change: bool = _f(
         False,
         "Resume although settings that change the optimisation (loss, lr, steps, data, model...) differ "
@@ -401,6 +415,17 @@ def validate(cfg: Config) -> None:
     ]:
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
+    if t.keep_best:
+        metric, _, direction = t.keep_best.rpartition(":")
+        if not metric.startswith("eval/") or direction not in ("min", "max"):
+            raise ConfigError(
+                f"train.keep_best={t.keep_best!r} must be '<eval metric>:<min|max>', e.g. eval/loss:min or "
+                "eval/rewards/accuracies:max"
+            )
+    if t.divergence_factor != 0 and t.divergence_factor <= 1:
+        raise ConfigError(f"train.divergence_factor must be 0 (off) or > 1, got {t.divergence_factor}")
+    if t.max_param_abs < 0:
+        raise ConfigError(f"train.max_param_abs must be >= 0 (0: off), got {t.max_param_abs}")
     if t.max_steps < 0 or t.num_epochs <= 0:
         raise ConfigError("train.max_steps must be >= 0 and train.num_epochs > 0")
     if cfg.data.max_prompt_length >= cfg.data.max_length:
@@ -425,7 +450,8 @@ def validate(cfg: Config) -> None:
 RESUMABLE_CHANGES = frozenset({
     "train.output_dir", "train.eval_every", "train.save_every", "train.keep_checkpoints",
     "train.log_every", "train.export", "train.early_stop_patience", "train.early_stop_accuracy",
-    "train.allow_config_change", "dpo.cache_dir", "model.remat", "model.attention",
+    "train.allow_config_change", "train.keep_best", "train.divergence_factor", "train.max_param_abs",
+    "dpo.cache_dir", "model.remat", "model.attention",
     "model.attention_block", "mesh.data", "mesh.fsdp", "mesh.tensor", "logging.console",
     "logging.tensorboard", "logging.wandb", "logging.wandb_project",
 })  # fmt: skip

@@ -1,5 +1,6 @@
 """What stops or saves a training run, each policy on its own: the step cadences, early stopping,
-preemption (SIGTERM), and the non-finite-loss stop.
+the best checkpoint (`train.keep_best`), preemption (SIGTERM), the non-finite-loss stop and the
+divergence guard.
 
 The loop in `jdpo.train.Trainer.fit` asks these; each keeps whatever state it needs in a JSON-able dict
 that goes into the checkpoint's metadata, so that a resumed run decides exactly as an uninterrupted one.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import statistics
 import threading
 import warnings
 from typing import Any
@@ -21,6 +23,11 @@ OVERFIT_ACCURACY = 0.8  # eval preference accuracy above this is suspicious on r
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN / inf; the message names the step and the last good checkpoint."""
+
+
+class DivergenceError(NonFiniteLossError):
+    """The run blew up while still finite (loss or grad-norm spike, runaway weights); the message names
+    the step, the value, the limit and its setting, and the last good checkpoint."""
 
 
 def due(every: int, step: int, total: int) -> bool:
@@ -72,6 +79,44 @@ class EarlyStopping:
         return False
 
 
+class BestEval:
+    """`train.keep_best` ('<eval metric>:<min|max>'): which eval so far was the best. The loop saves a
+    checkpoint at each new best, with the value as its orbax metric, so that the checkpointer keeps it
+    outside the newest-N rotation (`jdpo.checkpoint.Checkpointer(best=...)`); step 0 (the initial
+    weights, which have no checkpoint) is not a candidate."""
+
+    def __init__(self, spec: str):
+        self.metric, _, direction = spec.rpartition(":")
+        self.maximize = direction == "max"
+        self.step: int | None = None
+        self.value: float | None = None
+
+    def state(self) -> dict[str, Any]:
+        return {"metric": self.metric, "maximize": self.maximize, "step": self.step, "value": self.value}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        # A resume with another train.keep_best starts its own record (the old best is not comparable).
+        if state.get("metric") == self.metric and state.get("maximize") == self.maximize:
+            self.step, self.value = state.get("step"), state.get("value")
+
+    def observe(self, step: int, eval_metrics: dict[str, float]) -> float | None:
+        """This eval's value of the metric when it is a new best (the caller then saves), else None."""
+        if self.metric not in eval_metrics:
+            from jdpo.config import ConfigError
+
+            raise ConfigError(
+                f"train.keep_best: the evals of this run have no {self.metric!r}; they have: "
+                + ", ".join(sorted(eval_metrics))
+            )
+        value = float(eval_metrics[self.metric])
+        if step == 0 or not math.isfinite(value):
+            return None
+        if self.value is None or (value > self.value if self.maximize else value < self.value):
+            self.step, self.value = step, value
+            return value
+        return None
+
+
 class Preemption:
     """SIGTERM (a preempted TPU VM, `run_tpu.sh stop`, a scheduler's time limit) as a request to
     checkpoint and return. A context manager: the handler is installed for the run's life (from the main
@@ -105,10 +150,61 @@ def check_finite(loss: float, state_finite: bool, step: int, checkpointer) -> No
     so every checkpoint on disk holds finite weights)."""
     if math.isfinite(loss) and state_finite:
         return
-    checkpointer.wait()
-    good = checkpointer.latest_step()
-    where = f"checkpoint at step {good} in {checkpointer.directory}" if good is not None else "no checkpoint"
     what = (
         f"non-finite loss ({loss})" if not math.isfinite(loss) else "non-finite parameters or optimizer state"
     )
-    raise NonFiniteLossError(f"{what} at step {step}; stopping. Last good: {where}")
+    raise NonFiniteLossError(f"{what} at step {step}; stopping. Last good: {_last_good(checkpointer)}")
+
+
+def _last_good(checkpointer) -> str:
+    checkpointer.wait()
+    good = checkpointer.latest_step()
+    return f"checkpoint at step {good} in {checkpointer.directory}" if good is not None else "no checkpoint"
+
+
+class DivergenceGuard:
+    """Stops a run that blows up while still finite (the lr = 1e6 kind, which otherwise finishes and
+    exports weights in the millions): the loss or the grad norm above `train.divergence_factor` times the
+    larger of its running median (the last WINDOW steps) and its step-1 value, or a parameter's magnitude
+    above `train.max_param_abs`. Checked before the step's state is saved, so the last checkpoint on disk
+    is from before the blow-up. The history goes into the checkpoint: a resumed run decides the same."""
+
+    WINDOW = 50  # steps in the running median
+    MIN_HISTORY = 5  # steps seen before a spike can count (the first steps of a run move fast)
+    WATCHED = ("loss", "grad_norm")
+
+    def __init__(self, train):
+        self.factor, self.bound = train.divergence_factor, train.max_param_abs
+        self.history: dict[str, list[float]] = {k: [] for k in self.WATCHED}
+        self.first: dict[str, float] = {}
+
+    def state(self) -> dict[str, Any]:
+        return {"history": self.history, "first": self.first}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.history = {k: [float(v) for v in state.get("history", {}).get(k, [])] for k in self.WATCHED}
+        self.first = {k: float(v) for k, v in state.get("first", {}).items()}
+
+    def check(self, step: int, m: dict[str, float], checkpointer) -> None:
+        """Raise DivergenceError when step `step`'s metrics `m` show a blow-up; else record them."""
+        biggest = float(m.get("param_abs_max", 0.0))
+        if self.bound and biggest > self.bound:
+            raise DivergenceError(
+                f"a parameter reached magnitude {biggest:.4g} at step {step}, over train.max_param_abs="
+                f"{self.bound:g}: the run diverged (learning rate too high?); stopping. Last good: "
+                f"{_last_good(checkpointer)}"
+            )
+        for k in self.WATCHED:
+            value, seen = float(m[k]), self.history[k]
+            if self.factor and len(seen) >= self.MIN_HISTORY:
+                scale = max(abs(statistics.median(seen)), abs(self.first[k]))
+                if abs(value) > self.factor * scale:
+                    raise DivergenceError(
+                        f"{k} {value:.4g} at step {step} is over train.divergence_factor={self.factor:g} "
+                        f"times its scale {scale:.4g} (the larger of its median over the last {len(seen)} "
+                        f"steps and its step-1 value): the run diverged; stopping. Last good: "
+                        f"{_last_good(checkpointer)}"
+                    )
+        for k in self.WATCHED:
+            self.first.setdefault(k, float(m[k]))
+            self.history[k] = (self.history[k] + [float(m[k])])[-self.WINDOW :]

@@ -109,6 +109,12 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
+def _abs_max(tree) -> jax.Array:
+    """The largest |x| over the floating-point leaves of `tree` (NaN when any is NaN), in float32."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(jnp.float32) for x in leaves]))
+
+
 def _means(sums: dict) -> dict:
     """Sums over pairs -> means over pairs (the pair count stays as "pairs")."""
     n = jnp.maximum(sums["pairs"], 1.0)
@@ -164,7 +170,10 @@ def compiled_steps(s: StepSettings) -> Steps:
         out = _means(sums)
         # Checked by the loop before the state is checkpointed: a finite loss can still come with
         # non-finite weights (e.g. an overflowing update), and such a checkpoint must never be "good".
-        out[STATE_FINITE] = _all_finite((new_params, opt_state))
+        # The largest weight magnitude (the divergence guard's bound) is NaN / inf exactly when a weight
+        # is, so it doubles as the parameters' finiteness check: one reduction over the weights.
+        out["param_abs_max"] = _abs_max(new_params)
+        out[STATE_FINITE] = jnp.isfinite(out["param_abs_max"]) & _all_finite(opt_state)
         out["grad_norm"] = optax.tree.norm(grads)
         out["learning_rate"] = schedule(state["step"])
         return new_state, out

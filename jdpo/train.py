@@ -16,7 +16,8 @@ asks the policies of `jdpo.guards` (cadences, early stop, SIGTERM, non-finite lo
 Resume: `run` on an output directory with checkpoints continues from the newest one (parameters,
 optimizer state, step, data-iterator position, early-stop bookkeeping), and the metrics it logs are
 bit-identical to an uninterrupted run's. SIGTERM saves a checkpoint and returns cleanly; a non-finite
-loss raises `NonFiniteLossError` naming the step and keeps the last good checkpoint.
+loss raises `NonFiniteLossError`, a blow-up (`train.divergence_factor`, `train.max_param_abs`) its subclass
+`DivergenceError`, each naming the step and keeping the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -42,10 +43,27 @@ from jdpo.checkpoint import Checkpointer, abstract_like, from_checkpoint, to_che
 from jdpo.config import Config
 from jdpo.flops import batch_token_stats, throughput_metrics, total_peak_flops, train_flops
 from jdpo.forward import PairLogps, over_split, split_metrics
-from jdpo.guards import EarlyStopping, NonFiniteLossError, Preemption, check_finite, due
+from jdpo.guards import (
+    BestEval,
+    DivergenceError,
+    DivergenceGuard,
+    EarlyStopping,
+    NonFiniteLossError,
+    Preemption,
+    check_finite,
+    due,
+)
 from jdpo.step import STATE_FINITE, StepSettings, compiled_steps
 
-__all__ = ["NonFiniteLossError", "RunResult", "Trainer", "pairs_per_row", "resolve_dtype", "run"]
+__all__ = [
+    "DivergenceError",
+    "NonFiniteLossError",
+    "RunResult",
+    "Trainer",
+    "pairs_per_row",
+    "resolve_dtype",
+    "run",
+]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +81,8 @@ class RunResult:
     # same string; on an object store they are gs://... URLs.
     output_dir: epath.Path
     final_dir: epath.Path | None  # the Hugging Face export, None when not exported
+    best_dir: epath.Path | None  # `train.keep_best`'s export (<output_dir>/best), None without one
+    best_step: int | None  # the step best_dir holds
     metrics_path: epath.Path
     checkpoint_dir: epath.Path
     stop_reason: str  # completed | early_stop | sigterm | callback
@@ -103,6 +123,8 @@ class Trainer:
         paths.check_checkpoint_dir(self.output_dir)  # before the reference pass, not at the first save
         self.dtype = resolve_dtype(c.model.dtype)
         self._checkpointer: Checkpointer | None = None
+        self.best = BestEval(c.train.keep_best) if c.train.keep_best else None
+        self.divergence = DivergenceGuard(c.train)
         params = self._load_model()
         self._load_data()
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
@@ -160,6 +182,13 @@ class Trainer:
         tok_kw = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length)
         self.train_pairs, self.train_report = jdata.tokenize_preferences(records, self.tokenizer, **tok_kw)
         self.eval_pairs = jdata.tokenize_preferences(held, self.tokenizer, **tok_kw)[0] if held else None
+        if c.train.keep_best and self.eval_pairs is None:
+            from jdpo.config import ConfigError
+
+            raise ConfigError(
+                f"train.keep_best={c.train.keep_best!r} needs an eval split: give data.eval files or a "
+                "data.eval_fraction > 0"
+            )
         self.row_length = d.row_length or 2 * d.max_length
         lengths = [self.train_pairs.pair_lengths()]
         if self.eval_pairs is not None:
@@ -309,7 +338,11 @@ class Trainer:
 
     def _checkpoints(self) -> Checkpointer:
         if self._checkpointer is None:
-            self._checkpointer = Checkpointer(self.checkpoint_dir, keep=self.config.train.keep_checkpoints)
+            self._checkpointer = Checkpointer(
+                self.checkpoint_dir,
+                keep=self.config.train.keep_checkpoints,
+                best=None if self.best is None else self.best.maximize,
+            )
         return self._checkpointer
 
     def restore(self, step: int | None = None) -> int:
@@ -328,17 +361,23 @@ class Trainer:
         self.state = from_checkpoint(saved, self.state)
         self.batches.restore(meta["data"])
         self.early_stopping.restore(meta.get("tracker", {}))
+        self.divergence.restore(meta.get("divergence", {}))
+        if self.best is not None:
+            self.best.restore(meta.get("best", {}))
         self.step, self._restored = int(meta["step"]), True
         log.info("resumed from %s at step %d", ckpt.directory / str(self.step), self.step)
         return self.step
 
-    def save(self, step: int) -> None:
-        """Checkpoint the state, the data position, the early-stop bookkeeping and the config at `step`."""
+    def save(self, step: int, metric: float | None = None) -> None:
+        """Checkpoint the state, the data position, the guards' bookkeeping and the config at `step`;
+        `metric`: this step's `train.keep_best` value when its eval was a new best."""
         from jdpo.config import to_dict
 
         meta = {"step": step, "data": self.batches.state(), "tracker": self.early_stopping.state(),
-                "config": to_dict(self.config)}  # fmt: skip
-        self._checkpoints().save(step, to_checkpoint(self.state), meta)
+                "divergence": self.divergence.state(), "config": to_dict(self.config)}  # fmt: skip
+        if self.best is not None:
+            meta["best"] = self.best.state()
+        self._checkpoints().save(step, to_checkpoint(self.state), meta, metric=metric)
         if self._logger is not None:
             # On an object store metrics.jsonl is uploaded at sync points: make this one of them, so
             # the file holds every record up to any checkpoint a later run resumes from.
@@ -452,7 +491,7 @@ class Trainer:
             run_config=None,
         )
         self._logger = logger
-        self._last, self._last_eval, self._stop = {}, {}, None
+        self._last, self._last_eval, self._stop, self._new_best = {}, {}, None, None
 
         def emit(step: int, record: dict) -> None:
             logger.log(step, record)
@@ -465,6 +504,8 @@ class Trainer:
             if ev:
                 self._last_eval = ev
                 emit(step, ev)
+                if self.best is not None:
+                    self._new_best = self.best.observe(step, ev)
                 if self.early_stopping.observe(step, ev) and self._stop is None:
                     self._stop = "early_stop"
 
@@ -487,6 +528,7 @@ class Trainer:
                     step_time = time.perf_counter() - t0
                     step = self.step = step + 1
                     check_finite(float(m["loss"]), bool(m.pop(STATE_FINITE)), step, ckpt)
+                    self.divergence.check(step, m, ckpt)
                     if due(t.log_every, step, self.total_steps):
                         self._last = self._train_record(step, m, host, step_time, hf_config, peak)
                         emit(step, self._last)
@@ -494,8 +536,13 @@ class Trainer:
                         run_eval(step)
                     if preemption.requested() and self._stop is None:
                         self._stop = "sigterm"
-                    if due(t.save_every, step, self.total_steps) or self._stop is not None:
-                        self.save(step)
+                    best, self._new_best = self._new_best, None
+                    if (
+                        due(t.save_every, step, self.total_steps)
+                        or self._stop is not None
+                        or best is not None
+                    ):
+                        self.save(step, metric=best)
                 if step > start:
                     self.save(step)  # the final state (a no-op when this step was just saved)
                 ckpt.wait()
@@ -505,12 +552,17 @@ class Trainer:
             self._logger = None
             logger.close()
         reason = self._stop or "completed"
+        exporting = t.export and reason != "sigterm"
+        final_dir = self.export() if exporting else None
+        best_dir = self.export_best() if exporting and self.best is not None else None
         return RunResult(
             step=step,
             metrics=self._last,
             eval_metrics=self._last_eval,
             output_dir=self.output_dir,
-            final_dir=self.export() if t.export and reason != "sigterm" else None,
+            final_dir=final_dir,
+            best_dir=best_dir,
+            best_step=None if best_dir is None else self.best.step,
             metrics_path=self.output_dir / metrics.METRICS_FILE,
             checkpoint_dir=self.checkpoint_dir,
             stop_reason=reason,
@@ -555,13 +607,13 @@ class Trainer:
         )
         return record
 
-    def export(self) -> epath.Path:
-        """The current policy as a Hugging Face checkpoint in `<output_dir>/final`. Every process takes
-        part in gathering the shards; only process 0 writes."""
+    def export(self, params=None, name: str = "final") -> epath.Path:
+        """`params` (default: the current policy) as a Hugging Face checkpoint in `<output_dir>/<name>`.
+        Every process takes part in gathering the shards; only process 0 writes."""
         from jdpo.models import save_pretrained
 
-        final_dir = self.output_dir / "final"
-        model = nnx.merge(self.graphdef, self.state["params"])
+        final_dir = self.output_dir / name
+        model = nnx.merge(self.graphdef, self.state["params"] if params is None else params)
         # safetensors' save_file and tokenizer.save_pretrained write local files only: on an object store
         # the export is written to a local temporary directory, then copied over file by file (process 0;
         # the weight shards of an earlier export that this one does not overwrite are then deleted, as
@@ -569,6 +621,34 @@ class Trainer:
         with paths.staged_dir(final_dir, upload=jax.process_index() == 0, prune=_is_weight_file) as local:
             save_pretrained(model, local, tokenizer=self.tokenizer)
         return final_dir
+
+    def export_best(self) -> epath.Path | None:
+        """The checkpoint of `train.keep_best`'s best eval as a Hugging Face checkpoint in
+        `<output_dir>/best`, with `best.json` saying which step and value it is; None when no eval after
+        step 0 had a finite value."""
+        import json
+
+        b = self.best
+        if b.step is None:
+            log.warning("train.keep_best: no eval after step 0 gave %s a value; no best/ export", b.metric)
+            return None
+        if b.step == self.step:
+            params = self.state["params"]
+        else:
+            ckpt = self._checkpoints()
+            try:
+                saved, _ = ckpt.restore(abstract_like(to_checkpoint(self.state)), b.step)
+            finally:
+                ckpt.close()
+                self._checkpointer = None
+            params = from_checkpoint(saved, self.state)["params"]
+        best_dir = self.export(params, "best")
+        if jax.process_index() == 0:
+            (best_dir / "best.json").write_text(
+                json.dumps({"step": b.step, "metric": b.metric, "value": b.value})
+            )
+        log.info("best/: the policy at step %d (%s = %.6g)", b.step, b.metric, b.value)
+        return best_dir
 
 
 def _is_weight_file(name: str) -> bool:

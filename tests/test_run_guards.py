@@ -1,0 +1,160 @@
+"""The run-level guards of jdpo.train: the best checkpoint kept outside the rotation and exported
+(`train.keep_best`), the divergence guard (`train.divergence_factor`, `train.max_param_abs`), and resume
+after SIGKILL at several points of a run, including while a checkpoint is being written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import one_device, run_config
+from safetensors.numpy import load_file
+
+from jdpo import config as jconfig
+from jdpo import metrics, train
+from jdpo.checkpoint import Checkpointer
+
+TIMING = {"step_time", "tokens_per_sec", "mfu"}
+
+
+def make_config(assets, out, **overrides):
+    return run_config(assets, out, **{"train.max_steps": 6, "train.log_every": 1, **overrides})
+
+
+def _records(path):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in metrics.read_metrics(path)]
+
+
+def _eval_at(records, step, name):
+    (value,) = [r[name] for r in records if r["step"] == step and name in r]
+    return value
+
+
+# -- train.keep_best ---------------------------------------------------------------------------------
+
+
+def test_keep_best_survives_the_rotation_and_a_resume_and_is_exported(assets, tmp_path):
+    """On this task the eval loss rises after step 1 (a random tiny model), so eval/loss:min picks step 1,
+    which keep_checkpoints=1 alone would rotate away at step 2. It is kept through a resume (orbax re-reads
+    the checkpoints' metrics) and exported to best/, whose weights give the eval loss logged at step 1."""
+    cfg = make_config(assets, tmp_path / "run", **{"train.eval_every": 1, "train.keep_checkpoints": 1,
+                                                   "train.keep_best": "eval/loss:min"})  # fmt: skip
+    first = train.run(cfg, callbacks=[lambda m: m["step"] == 3], mesh=one_device())
+    assert first.stop_reason == "callback" and sorted(os.listdir(first.checkpoint_dir)) == ["1", "3"]
+    result = train.Trainer(cfg, mesh=one_device()).fit()
+    assert result.step == 6 and sorted(os.listdir(result.checkpoint_dir)) == ["1", "6"]
+    records = _records(result.metrics_path)
+    losses = [_eval_at(records, s, "eval/loss") for s in range(1, 7)]
+    assert losses[0] == min(losses) and losses[-1] > losses[0]
+    assert result.best_step == 1 and result.best_dir == tmp_path / "run" / "best"
+    assert json.loads((result.best_dir / "best.json").read_text()) == {
+        "step": 1, "metric": "eval/loss", "value": losses[0]}  # fmt: skip
+
+    from jdpo.models import from_pretrained
+
+    tr = train.Trainer.from_checkpoint(tmp_path / "run", mesh=one_device())
+    best_params = from_pretrained(str(result.best_dir), mesh=one_device())[0]
+    from flax import nnx
+
+    assert tr.evaluate(nnx.split(best_params)[1])["eval/loss"] == pytest.approx(losses[0], abs=1e-6)
+    best_w = load_file(result.best_dir / "model.safetensors")
+    final_w = load_file(result.final_dir / "model.safetensors")
+    assert best_w.keys() == final_w.keys() and any(not np.array_equal(best_w[k], final_w[k]) for k in best_w)
+
+
+def test_keep_best_is_checked_before_training(assets, tmp_path):
+    with pytest.raises(jconfig.ConfigError, match=r"train.keep_best='eval/loss' must be"):
+        jconfig.replace(jconfig.Config(), **{"train.keep_best": "eval/loss"})
+    with pytest.raises(jconfig.ConfigError, match=r"train.keep_best='loss:min' must be"):
+        jconfig.replace(jconfig.Config(), **{"train.keep_best": "loss:min"})
+    no_eval = make_config(assets, tmp_path / "a", **{"data.eval": [], "train.keep_best": "eval/loss:min"})
+    with pytest.raises(jconfig.ConfigError, match="needs an eval split"):
+        train.Trainer(no_eval, mesh=one_device())
+    typo = make_config(assets, tmp_path / "b", **{"train.keep_best": "eval/los:min"})
+    with pytest.raises(jconfig.ConfigError, match=r"no 'eval/los'.*eval/loss"):
+        train.run(typo, mesh=one_device())  # at the step-0 eval, before any training step
+    assert not (tmp_path / "b" / "checkpoints").exists() or not os.listdir(tmp_path / "b" / "checkpoints")
+
+
+# -- the divergence guard ----------------------------------------------------------------------------
+
+
+def test_a_runaway_learning_rate_stops_the_run_before_weights_blow_up(assets, tmp_path):
+    """lr 1e6 (finite loss, weights in the millions after one step) used to finish and export."""
+    cfg = make_config(assets, tmp_path / "run", **{"optim.learning_rate": 1e6, "optim.warmup_ratio": 0.0})
+    with pytest.raises(
+        train.DivergenceError, match=r"magnitude .* at step 1, over train.max_param_abs=10000"
+    ):
+        train.run(cfg, mesh=one_device())
+    assert not (tmp_path / "run" / "final").exists()
+    # Off, step 1 goes through with weights past the bound (at step 2 they are NaN: the NaN stop).
+    off = {"train.max_param_abs": 0.0, "train.divergence_factor": 0.0, "train.max_steps": 1,
+           "train.output_dir": str(tmp_path / "off")}  # fmt: skip
+    off = jconfig.replace(cfg, **off)
+    assert train.run(off, mesh=one_device()).metrics["param_abs_max"] > 1e4
+
+
+def test_a_loss_spike_stops_the_run_and_keeps_the_last_good_checkpoint(assets, tmp_path):
+    cfg = make_config(assets, tmp_path / "run", **{"train.save_every": 2, "train.max_steps": 8})
+    tr = train.Trainer(cfg, mesh=one_device())
+    real = tr.steps.train_step
+
+    def spiking(state, batch):
+        state, m = real(state, batch)
+        if int(state["step"]) == 7:
+            m = dict(m, loss=m["loss"] * 1e3)
+        return state, m
+
+    tr.steps = train.dataclasses.replace(tr.steps, train_step=spiking)
+    spike = r"loss .* at step 7 is over train.divergence_factor=100 .*checkpoint at step 6"
+    with pytest.raises(train.DivergenceError, match=spike):
+        tr.fit()
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["4", "6"]
+
+
+def test_divergence_settings_are_validated():
+    with pytest.raises(jconfig.ConfigError, match="train.divergence_factor must be 0"):
+        jconfig.replace(jconfig.Config(), **{"train.divergence_factor": 0.5})
+    with pytest.raises(jconfig.ConfigError, match="train.max_param_abs must be >= 0"):
+        jconfig.replace(jconfig.Config(), **{"train.max_param_abs": -1.0})
+
+
+# -- SIGKILL fault injection -------------------------------------------------------------------------
+
+
+def test_sigkill_at_any_point_resumes_bit_identically(assets, tmp_path):
+    """Killed (SIGKILL, no chance to clean up) after step 1 (no checkpoint yet), while step 4's checkpoint
+    is being written in the background, and after step 5 (before its save): each rerun of the same
+    command continues, and the finished run's metrics and weights equal an uninterrupted run's."""
+    over = {"train.max_steps": 6, "train.save_every": 2, "train.eval_every": 3}
+    full = train.run(make_config(assets, tmp_path / "full", **over), mesh=one_device())
+    cfg_path = tmp_path / "run.yaml"
+    jconfig.dump(make_config(assets, tmp_path / "run", **over), cfg_path)
+    ckpts = tmp_path / "run" / "checkpoints"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    worker = Path(__file__).with_name("fault_worker.py")
+
+    def attempt(when: str) -> int:
+        return subprocess.run(
+            [sys.executable, str(worker), str(cfg_path), when], env=env, timeout=300
+        ).returncode
+
+    assert attempt("step:1") == -9
+    assert not ckpts.exists() or not Checkpointer(ckpts).steps()
+    assert attempt("save:4") == -9
+    assert Checkpointer(ckpts).steps() == [2]  # step 4 was never committed
+    assert attempt("step:5") == -9
+    # Step 4's save runs in the background while step 5 computes: the kill may come before its commit.
+    assert Checkpointer(ckpts).steps() in ([2], [2, 4])
+    assert attempt("none") == 0
+    assert _records(tmp_path / "run" / metrics.METRICS_FILE) == _records(full.metrics_path)
+    got, want = (
+        load_file(tmp_path / "run" / "final" / "model.safetensors"),
+        load_file(full.final_dir / "model.safetensors"),
+    )
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
