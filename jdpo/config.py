@@ -162,9 +162,9 @@ class TrainSection:
     export: bool = _f(True, "Export the final policy in Hugging Face format to <output_dir>/final.")
     keep_best: str = _f(
         "",
-        "'<eval metric>:<min|max>', e.g. eval/loss:min or eval/rewards/accuracies:max: the checkpoint of the "
-        "best eval (step 0 excluded) is kept outside the keep_checkpoints rotation and exported to "
-        "<output_dir>/best ('': off).",
+        "Keep the checkpoint of the best eval ('<eval metric>:<min|max>', e.g. eval/loss:min or "
+        "eval/rewards/accuracies:max; step 0 excluded) outside the keep_checkpoints rotation and export it "
+        "to <output_dir>/best ('': off).",
     )
     divergence_factor: float = _f(
         100.0,
