@@ -14,6 +14,11 @@ jitted step functions. Layout (B rows, T tokens per row, P pair slots per row):
   pair_ids    [B, P] int32    pair index of slot k in its split, -1 for an empty slot
   ref_chosen_logps, ref_rejected_logps  [B, P] float32 or None: cached reference log-probs of each
                               slot (0 in empty slots), attached with `with_reference`
+  labels      [B, P] int32 or None: the unpaired batch kind (`jdpo.data.unpaired`; kto / bco /
+                              apo_zero_unpaired): slot k holds one rated example, its completion in
+                              segment 2k+1 and the mismatched KL completion (its prompt with another
+                              example's completion) in segment 2k+2; 1 = desirable, 0 = undesirable or
+                              empty. None for pairs.
 
 Fields can also be read by name (`batch["input_ids"]`, `"loss_mask" in batch`, `set(batch)` = the
 fields that are present), which is how host-side tools (FLOP counts, `unpack_batch`) read it.
@@ -47,6 +52,7 @@ class Batch:
     pair_ids: Any
     ref_chosen_logps: Any = None
     ref_rejected_logps: Any = None
+    labels: Any = None
 
     # -- read by name ------------------------------------------------------------------------------
 

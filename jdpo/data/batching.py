@@ -75,7 +75,8 @@ def pack_rows(
 def make_batch(
     pairs: TokenizedPairs, rows: Sequence[Sequence[int]], row_length: int, max_pairs_per_row: int
 ) -> Batch:
-    """Lay out `rows` (lists of pair ids, [] for an empty row) as one fixed-shape batch (layout above)."""
+    """Lay out `rows` (lists of pair ids, [] for an empty row) as one fixed-shape batch (layout above).
+    Unpaired examples (`pairs.labels` set) are laid out the same way, with their labels per slot."""
     B, T, P = len(rows), row_length, max_pairs_per_row
     input_ids = np.zeros((B, T), np.int32)
     positions = np.zeros((B, T), np.int32)
@@ -83,12 +84,15 @@ def make_batch(
     targets = np.zeros((B, T), np.int32)
     loss_mask = np.zeros((B, T), np.float32)
     pair_ids = np.full((B, P), -1, np.int32)
+    labels = None if pairs.labels is None else np.zeros((B, P), np.int32)
     for b, row in enumerate(rows):
         if len(row) > P:
             raise ValueError(f"row {b} holds {len(row)} pairs, more than max_pairs_per_row={P}")
         t = 0
         for k, pid in enumerate(row):
             pair_ids[b, k] = pid
+            if labels is not None:
+                labels[b, k] = int(pairs.labels[pid])
             prompt = pairs.prompt_ids[pid]
             for s, completion in ((2 * k + 1, pairs.chosen_ids[pid]), (2 * k + 2, pairs.rejected_ids[pid])):
                 n = len(prompt) + len(completion)
@@ -110,6 +114,7 @@ def make_batch(
         targets=targets,
         loss_mask=loss_mask,
         pair_ids=pair_ids,
+        labels=labels,
     )
 
 

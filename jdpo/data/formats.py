@@ -11,6 +11,8 @@ one assistant message). Formats, auto-detected from the fields of the first rows
   hh-rlhf          Anthropic transcripts "\\n\\nHuman: ...\\n\\nAssistant: ..." -> messages
   shp              Stanford Human Preferences: history, human_ref_A/B, labels (1 = A preferred), score_A/B
   oasst1           OpenAssistant message rows; trees rebuilt, sibling assistant replies paired by rank
+  unpaired         prompt, completion, label (true / false): one rated completion, text or messages, as
+                   records {"prompt", "completion", "label"} for the unpaired losses (`jdpo.data.unpaired`)
 
 `load_preferences` (below) reads one source or a mixture, and `split_eval` carves a held-out split.
 """
@@ -29,8 +31,9 @@ from typing import Any
 import numpy as np
 
 from jdpo.data.sources import DataError, SourceSpec, parse_source_spec, read_rows
+from jdpo.data.unpaired import UNPAIRED_FORMAT, is_unpaired, is_unpaired_row, read_unpaired_row
 
-FORMATS = ("standard", "implicit_prompt", "conversational", "hh-rlhf", "shp", "oasst1")
+FORMATS = ("standard", "implicit_prompt", "conversational", "hh-rlhf", "shp", "oasst1", UNPAIRED_FORMAT)
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 # An assistant-turn marker in plain text; the implicit prompt is cut right after the last one.
 _ASSISTANT_MARK = re.compile(r"(?:^|\n)[ \t]*(?:Assistant|ASSISTANT|assistant|AI|Bot|Model|model|GPT)[ \t]*:")
@@ -271,6 +274,7 @@ _ROW_READERS = {
     "conversational": _read_conversational,
     "hh-rlhf": _read_hh,
     "shp": _read_shp,
+    UNPAIRED_FORMAT: read_unpaired_row,
 }
 
 
@@ -362,6 +366,8 @@ def detect_format(row: dict) -> str | None:
         return "oasst1"
     if {"history", "human_ref_A", "human_ref_B"} <= keys:
         return "shp"
+    if is_unpaired_row(row):
+        return UNPAIRED_FORMAT
     if {"chosen", "rejected"} <= keys:
         chosen, prompt = row["chosen"], row.get("prompt")
         if isinstance(chosen, list) or isinstance(prompt, list) or hasattr(chosen, "tolist"):
@@ -410,7 +416,8 @@ def read_source(
             where, row = rows[0] if rows else (path, {})
             raise DataError(
                 f"{where}: cannot detect the preference format from fields {sorted(row)}; expected "
-                "prompt/chosen/rejected, chosen/rejected, history/human_ref_A/human_ref_B (shp), or "
+                "prompt/chosen/rejected, chosen/rejected, prompt/completion/label (unpaired), "
+                "history/human_ref_A/human_ref_B (shp), or "
                 "message_id/parent_id/role/text (oasst1); or pass format= one of " + ", ".join(FORMATS)
             )
     report.formats[path] = format
@@ -492,7 +499,8 @@ def load_preferences(
 
 
 def _record_key(rec: dict, seed: int) -> bytes:
-    blob = json.dumps([rec["prompt"], rec["chosen"], rec["rejected"]], sort_keys=True).encode()
+    fields = ("completion", "label") if is_unpaired(rec) else ("chosen", "rejected")
+    blob = json.dumps([rec["prompt"], *(rec[f] for f in fields)], sort_keys=True).encode()
     return hashlib.sha1(seed.to_bytes(8, "little", signed=True) + blob).digest()
 
 

@@ -46,12 +46,15 @@ PERCENTILES = (50, 90, 95, 99, 100)
 
 @dataclass
 class TokenizedPairs:
-    """Tokenised pairs; pair k (its `pair_id`) is `pairs[k]`. `source_index[k]` is its record index."""
+    """Tokenised pairs; pair k (its `pair_id`) is `pairs[k]`. `source_index[k]` is its record index.
+    `labels` [N] bool: unpaired examples (`jdpo.data.unpaired`: chosen = the rated completion, rejected =
+    the mismatched KL completion), True = desirable; None for pairs."""
 
     prompt_ids: list[np.ndarray]
     chosen_ids: list[np.ndarray]
     rejected_ids: list[np.ndarray]
     source_index: np.ndarray
+    labels: np.ndarray | None = None
     _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -88,6 +91,8 @@ class TokenizedPairs:
         for xs in (self.prompt_ids, self.chosen_ids, self.rejected_ids):
             if len(xs):
                 h.update(np.concatenate(xs).astype(np.int32).tobytes())
+        if self.labels is not None:
+            h.update(b"labels" + np.asarray(self.labels, np.uint8).tobytes())
         return h.hexdigest()
 
 

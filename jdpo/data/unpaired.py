@@ -1,0 +1,167 @@
+"""Unpaired feedback: records {"prompt", "completion", "label"} (thumbs up / down on single answers) and the
+training examples the unpaired losses (`jdpo.kto_loss`: kto, bco, apo_zero_unpaired) read.
+
+Record format "unpaired" (TRL's unpaired preference format), auto-detected from the fields completion and
+label: prompt and completion as text, or as message lists (the conversational form: the prompt holds every
+turn before the completion); label true = desirable, false = undesirable. A missing or non-boolean label
+raises `DataError` naming the file, line and field (JSON / parquet booleans, and the words true / false in a
+CSV cell).
+
+`to_examples` turns the records of one split (unpaired ones, or pairs, each split into a desirable record of
+its chosen and an undesirable one of its rejected completion) into the pipeline's pair layout, so that
+tokenisation, packing, the reference cache and the forward are those of pairs: example i is the "pair"
+(prompt_i + completion_i, prompt_i + completion_{(i-1) mod n}), the second sequence being the mismatched
+completion KTO's KL estimate is taken over (`jdpo.kl_mismatch_order`: a rotation by one, so no example keeps
+its own completion for any n >= 2, odd or even; never a reversal). The examples are shuffled by the seed
+first, so the completions of one split pair (neighbours in file order) do not meet as a mismatch. TRL
+rotates within each batch; here the rotation is over the split, fixed for the run, so the KL completions'
+reference log-probs are cached with the rest. The labels travel as `TokenizedPairs.labels` to the batches.
+
+`check_classes` refuses a one-class dataset for KTO and warns when the weighted class ratio
+(desirable_weight * n_desirable) / (undesirable_weight * n_undesirable) leaves [1, 4/3], the range the KTO
+paper (section 4.2) recommends.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from jdpo.data.sources import DataError
+
+log = logging.getLogger(__name__)
+
+UNPAIRED_FORMAT = "unpaired"
+# The KTO paper's advice: lambda_D n_D / (lambda_U n_U) in [1, 4/3].
+RATIO_RANGE = (1.0, 4.0 / 3.0)
+_TRUE, _FALSE = ("true", "1.0"), ("false", "0.0")  # CSV cells (text); 1.0 / 0.0: a pandas-written bool
+
+
+def is_unpaired_row(row: dict) -> bool:
+    """A row in the unpaired format: it has a completion and no chosen / rejected (a missing label is then
+    reported as such by `read_unpaired_row`)."""
+    return "completion" in row and not ({"chosen", "rejected"} & set(row))
+
+
+def is_unpaired(record: dict) -> bool:
+    """A loaded record of the unpaired format (else a pair {"prompt", "chosen", "rejected"})."""
+    return "completion" in record
+
+
+def _label(row: dict, where: str) -> bool:
+    if "label" not in row:
+        raise DataError(f"{where}: missing field 'label' (fields present: {sorted(row)}); an unpaired record "
+                        "needs label true (desirable) or false (undesirable)")  # fmt: skip
+    value = row["label"]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise DataError(f"{where}: field 'label' must be true or false (desirable or not), got {value!r}")
+
+
+def read_unpaired_row(row: dict, where: str, opts: dict) -> dict:
+    """One row of the unpaired format -> {"prompt", "completion", "label": bool}; raises DataError."""
+    from jdpo.data.formats import _field, _messages
+
+    label = _label(row, where)
+    prompt, completion = row.get("prompt", ""), _field(row, "completion", where)
+    prompt = "" if prompt is None else prompt
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return {"prompt": prompt, "completion": completion, "label": label}
+    prompt = [] if isinstance(prompt, str) and not prompt else _messages(prompt, "prompt", where, "user")
+    completion = _messages(completion, "completion", where, "assistant")
+    n = len(prompt)
+    if n and completion[:n] == prompt:  # the completion repeats the prompt turns (as UltraFeedback does)
+        completion = completion[n:]
+    return {"prompt": prompt, "completion": completion, "label": label}
+
+
+def split_pairs(records: Sequence[dict]) -> tuple[list[dict], np.ndarray]:
+    """Records (unpaired or pairs, mixed) -> unpaired {"prompt", "completion"} and their labels [n] bool:
+    a pair gives its chosen completion (desirable) then its rejected one (undesirable)."""
+    out, labels = [], []
+    for rec in records:
+        if is_unpaired(rec):
+            out.append({"prompt": rec["prompt"], "completion": rec["completion"]})
+            labels.append(bool(rec["label"]))
+        else:
+            out.append({"prompt": rec["prompt"], "completion": rec["chosen"]})
+            out.append({"prompt": rec["prompt"], "completion": rec["rejected"]})
+            labels.extend((True, False))
+    return out, np.asarray(labels, bool)
+
+
+def _as_kind(completion: Any, prompt: Any) -> Any:
+    """A completion in the kind (text or messages) of the prompt it is paired with."""
+    if isinstance(prompt, list) and isinstance(completion, str):
+        return [{"role": "assistant", "content": completion}]
+    if isinstance(prompt, str) and isinstance(completion, list) and prompt:
+        return "".join(m["content"] for m in completion)
+    return completion
+
+
+def to_examples(records: Sequence[dict], *, seed: int) -> tuple[list[dict], np.ndarray]:
+    """One split's records -> (pair-layout examples {"prompt", "chosen", "rejected"}, labels [n] bool):
+    chosen is the example's own completion, rejected the mismatched one for the KL estimate (module
+    docstring). Shuffled by `seed`. Raises DataError for fewer than 2 examples (no mismatch exists)."""
+    from jdpo.unpaired_losses import kl_mismatch_order
+
+    unpaired, labels = split_pairs(records)
+    if len(unpaired) < 2:
+        raise DataError(
+            f"{len(unpaired)} unpaired example(s): the KL estimate pairs each prompt with another example's "
+            "completion, so at least 2 are needed"
+        )
+    perm = np.random.default_rng([seed, 14]).permutation(len(unpaired))
+    unpaired, labels = [unpaired[i] for i in perm], labels[perm]
+    kl_of = kl_mismatch_order(len(unpaired))
+    examples = [
+        {"prompt": u["prompt"], "chosen": u["completion"],
+         "rejected": _as_kind(unpaired[j]["completion"], u["prompt"])}
+        for u, j in zip(unpaired, kl_of.tolist(), strict=True)
+    ]  # fmt: skip
+    return examples, labels
+
+
+def check_classes(
+    labels: np.ndarray, *, loss_type: str, desirable_weight: float, undesirable_weight: float, split: str
+) -> tuple[int, int]:
+    """(n_desirable, n_undesirable) of a split's tokenised examples. Raises ValueError when KTO gets only
+    one class; warns (with the numbers and a fix) when the weighted ratio is outside [1, 4/3]."""
+    n_d = int(np.sum(labels))
+    n_u = int(len(labels) - n_d)
+    if loss_type == "kto" and (n_d == 0 or n_u == 0):
+        have = "desirable" if n_u == 0 else "undesirable"
+        raise ValueError(
+            f"the {split} data has only {have} examples ({n_d} desirable, {n_u} undesirable): KTO needs both "
+            "labels (true and false) to learn which completions to prefer; add examples of the other label"
+        )
+    if n_d and n_u and undesirable_weight > 0:
+        ratio = desirable_weight * n_d / (undesirable_weight * n_u)
+        lo, hi = RATIO_RANGE
+        if not lo <= ratio <= hi:
+            best = undesirable_weight * n_u / n_d
+            log.warning(
+                "%s data: (desirable_weight * n_desirable) / (undesirable_weight * n_undesirable) = "
+                "(%g * %d) / (%g * %d) = %.3f is outside [1, 4/3], the range the KTO paper recommends; "
+                "set dpo.desirable_weight to %.3g-%.3g (or dpo.undesirable_weight to balance)",
+                split, desirable_weight, n_d, undesirable_weight, n_u, ratio, lo * best, hi * best,
+            )  # fmt: skip
+    return n_d, n_u
+
+
+def tokenize_unpaired(records: Sequence[dict], tokenizer: Any, *, seed: int, **kwargs: Any):
+    """`to_examples` then `jdpo.data.tokenize_preferences` (kwargs: max_length, max_prompt_length, ...):
+    (TokenizedPairs with `labels`, TokenizeReport). An example whose KL completion tokenises like its own
+    is dropped as "chosen == rejected" (it would carry no mismatch)."""
+    import dataclasses
+
+    from jdpo.data.tokenize import tokenize_preferences
+
+    examples, labels = to_examples(records, seed=seed)
+    pairs, report = tokenize_preferences(examples, tokenizer, **kwargs)
+    return dataclasses.replace(pairs, labels=labels[pairs.source_index]), report
