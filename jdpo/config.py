@@ -85,9 +85,11 @@ LOSS_OPTIONS = (
     "simpo_gamma",
     "f_alpha",
     "discopop_tau",
-    "bco_delta",
     "orpo_include_nll",
 )
+# The options of `jdpo.kto_loss` besides beta (the unpaired losses: dpo.loss_type kto / bco /
+# apo_zero_unpaired).
+UNPAIRED_OPTIONS = ("desirable_weight", "undesirable_weight")
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,12 @@ class DPOSection:
     """The preference loss and the reference model. The loss fields are `jdpo.dpo_loss`'s options,
     with its defaults."""
 
-    loss_type: tuple[str, ...] = _f(("sigmoid",), "Loss type(s); several are combined with loss_weights.")
+    loss_type: tuple[str, ...] = _f(
+        ("sigmoid",),
+        "Loss type(s); several are combined with loss_weights. kto, bco, apo_zero_unpaired: unpaired "
+        "feedback (records prompt/completion/label; pairs are split into a desirable and an undesirable "
+        "record), one type alone.",
+    )
     loss_weights: tuple[float, ...] = _f((), "Weights of the loss types (default: 1 each).")
     beta: float = _f(_loss_default("beta"), "Inverse temperature of the implicit reward (DPO beta).")
     label_smoothing: float = _f(
@@ -105,9 +112,20 @@ class DPOSection:
     simpo_gamma: float = _f(_loss_default("simpo_gamma"), "SimPO target reward margin gamma.")
     f_alpha: float = _f(_loss_default("f_alpha"), "Alpha of the alpha-divergence (f-DPO) loss.")
     discopop_tau: float = _f(_loss_default("discopop_tau"), "Temperature tau of the DiscoPOP loss.")
-    bco_delta: float = _f(_loss_default("bco_delta"), "Reward shift delta of the bco_pair loss.")
     orpo_include_nll: bool = _f(
         _loss_default("orpo_include_nll"), "ORPO: include the NLL of the chosen completion."
+    )
+    desirable_weight: float = _f(
+        _loss_default("desirable_weight"), "Weight of the desirable examples (kto, bco, apo_zero_unpaired)."
+    )
+    undesirable_weight: float = _f(
+        _loss_default("undesirable_weight"),
+        "Weight of the undesirable examples (kto, bco, apo_zero_unpaired).",
+    )
+    wpo: bool = _f(
+        False,
+        "WPO (Zhou+ 2024): weight each pair's loss by the policy's own length-normalised probability of "
+        "its completions (open-instruct's wpo), computed in the step without gradient.",
     )
     reference: Literal["cached", "online", "none"] = _f(
         "cached",
@@ -121,10 +139,28 @@ class DPOSection:
 
     def loss_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `jdpo.dpo_loss` these settings mean (everything but the log-probs,
-        lengths, weights and reduction)."""
+        lengths, weights, reduction and bco_delta, which the step takes from the train state)."""
         kw = {name: getattr(self, name) for name in LOSS_OPTIONS}
         kw["loss_weights"] = kw["loss_weights"] or None
         return kw
+
+    @property
+    def unpaired(self) -> bool:
+        """The loss is one of the unpaired losses (`jdpo.kto_loss`): the data are rated examples."""
+        from jdpo.loss_defaults import UNPAIRED_LOSS_TYPES
+
+        return any(t in UNPAIRED_LOSS_TYPES for t in self.loss_type)
+
+    @property
+    def running_reward_mean(self) -> bool:
+        """The loss shifts its rewards by BCO's running reward mean, kept in the train state."""
+        return any(t in ("bco", "bco_pair") for t in self.loss_type)
+
+    def unpaired_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `jdpo.kto_loss` these settings mean (but the inputs, kl / delta,
+        weights and reduction)."""
+        return {"loss_type": self.loss_type[0], "beta": self.beta,
+                **{name: getattr(self, name) for name in UNPAIRED_OPTIONS}}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -385,14 +421,32 @@ def replace(cfg: Config, **dotted: Any) -> Config:
     return cfg
 
 
+def _check_unpaired(d: DPOSection) -> None:
+    if len(d.loss_type) > 1 or d.loss_weights:
+        raise ConfigError(
+            f"dpo.loss_type {list(d.loss_type)}: the unpaired losses (kto, bco, apo_zero_unpaired) train on "
+            "rated examples, not pairs, and cannot be combined with other loss types or loss_weights"
+        )
+    if d.reference == "none":
+        raise ConfigError(f"dpo.loss_type {d.loss_type[0]} needs a reference: dpo.reference cached or online")
+    if d.wpo:
+        raise ConfigError("dpo.wpo weights pairs; it does not apply to the unpaired loss "
+                          f"{d.loss_type[0]}: set dpo.wpo false")  # fmt: skip
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that would otherwise fail late in a run."""
     d, o, t = cfg.dpo, cfg.optim, cfg.train
     # The loss options are checked by the loss library itself (one set of rules), named as config fields.
     from jdpo.losses import check_options
+    from jdpo.unpaired_losses import check_unpaired_options
 
     try:
-        check_options(**d.loss_kwargs(), ref_missing=d.reference == "none", prefix="dpo.")
+        if d.unpaired:
+            _check_unpaired(d)
+            check_unpaired_options(**d.unpaired_kwargs(), prefix="dpo.")
+        else:
+            check_options(**d.loss_kwargs(), ref_missing=d.reference == "none", prefix="dpo.")
     except ValueError as e:
         raise ConfigError(str(e)) from None
     for name, value, lo, hi in [

@@ -163,25 +163,42 @@ def _scatter(out: PairLogps, pair_ids_BxP, res: dict) -> None:
     out.computed[sel] = True
 
 
-def split_metrics(policy: PairLogps, reference: PairLogps | None, dpo) -> dict[str, float]:
+def split_metrics(
+    policy: PairLogps, reference: PairLogps | None, dpo, *, labels=None, moments=None
+) -> dict[str, float]:
     """The loss and TRL's metrics (eval/ names) of a whole split, with the loss settings of `dpo` (a
-    `jdpo.config.DPOSection`): the mean over every pair both forwards computed.
-    `reference` may be None for the reference-free losses."""
-    from jdpo import losses, metrics
+    `jdpo.config.DPOSection`): the mean over every pair both forwards computed (`jdpo.batch_loss`).
+    `reference` may be None for the reference-free losses.
 
+    Unpaired losses: `labels` [N] are the split's (`TokenizedPairs.labels`), kto's z_0 is estimated over
+    the whole split's KL completions, bco's delta is `moments`' mean (the train state's; without it the
+    initial 0). A split of pairs (`labels` None, e.g. `jdpo eval` on paired data) under an unpaired loss
+    gets the pairwise reward metrics (preference accuracy, margins) and the sigmoid loss at its beta: the
+    implicit reward beta * (policy - reference) is the same. WPO weights do not enter the eval loss."""
+    from jdpo import batch_loss, metrics
+    from jdpo.unpaired_losses import running_moments_init
+
+    if dpo.unpaired and labels is None:
+        dpo = dataclasses.replace(dpo, loss_type=("sigmoid",), loss_weights=())
+    dpo = dataclasses.replace(dpo, wpo=False)
+    if dpo.running_reward_mean and moments is None:
+        moments = running_moments_init()
     # Pairs a forward did not compute hold 0 (finite) and are weighted 0.
     valid = policy.computed & (reference.computed if reference is not None else True)
     f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
-    loss, m = losses.dpo_loss(
-        f32(policy.chosen),
-        f32(policy.rejected),
+    logps = {k: f32(getattr(policy, k)) for k in ("chosen", "rejected", "chosen_counts", "rejected_counts")}
+    loss, m, _ = batch_loss.slot_losses(
+        dpo,
+        logps,
         None if reference is None else f32(reference.chosen),
         None if reference is None else f32(reference.rejected),
-        chosen_lengths=jnp.asarray(policy.chosen_counts, jnp.float32),
-        rejected_lengths=jnp.asarray(policy.rejected_counts, jnp.float32),
-        weights=jnp.asarray(valid, jnp.float32),
-        **dpo.loss_kwargs(),
+        f32(valid),
+        labels=None if labels is None else jnp.asarray(labels),
+        moments=moments,
+        update=False,
     )
-    out = {metrics.eval_name(k): float(v) for k, v in m.items()}
-    out[metrics.eval_name("loss")] = float(loss)
+    sums = {k: jnp.sum(v) for k, v in m.items()}
+    sums["loss"], sums["pairs"] = jnp.sum(loss), jnp.sum(f32(valid))
+    means = batch_loss.step_means(dpo, sums)
+    out = {metrics.eval_name(k): float(v) for k, v in means.items() if k != "pairs"}
     return out

@@ -17,3 +17,6 @@ DEFAULTS: dict[str, float | bool] = {
     "desirable_weight": 1.0,
     "undesirable_weight": 1.0,
 }
+
+# The loss types of `jdpo.kto_loss` (here, without jax, for the config).
+UNPAIRED_LOSS_TYPES: tuple[str, ...] = ("kto", "apo_zero_unpaired", "bco")

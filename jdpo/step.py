@@ -1,14 +1,16 @@
 """The pure, jitted step functions of a run: the optimizer, the train step and the policy forward.
 
 The state is a plain pytree {"params", "opt_state", "step", "rng"} (plus "ref_params" with an online
-reference): the model's graph definition is static and lives outside it (`nnx.split` / `nnx.merge` at
-the jit boundary), so the step is `train_step(state, batch) -> (state, metrics)` under `jax.jit` with
-explicit in / out shardings over the ("data", "fsdp", "tensor") mesh and the state donated. The
-optimizer state is sharded like the parameters.
+reference, and "bco_moments", BCO's running reward moments, for bco / bco_pair): the model's graph
+definition is static and lives outside it (`nnx.split` / `nnx.merge` at the jit boundary), so the
+step is `train_step(state, batch) -> (state, metrics)` under `jax.jit` with explicit in / out
+shardings over the ("data", "fsdp", "tensor") mesh and the state donated. The optimizer state is
+sharded like the parameters.
 
 One step = `grad_accum` micro-batches [A, B, T] scanned inside the jit; each contributes the SUM of
-its per-pair losses and its number of valid pairs, and the gradient is divided by the step's total
-pair count once, so 1 x 8 and 8 x 1 accumulation are the same optimisation (up to float rounding).
+its per-slot losses (`jdpo.batch_loss`: pairs, or rated examples for the unpaired losses) and its
+number of valid slots, and the gradient is divided by the step's total count once, so 1 x 8 and
+8 x 1 accumulation are the same optimisation (up to float rounding).
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jdpo import losses
 from jdpo.batch import Batch
+from jdpo.batch_loss import slot_losses, step_means
 from jdpo.config import DPOSection, OptimSection
 from jdpo.forward import pair_logprobs
 from jdpo.sharding import batch_sharding, jit_on_mesh
+from jdpo.unpaired_losses import running_moments_init
 
 
 def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -73,9 +76,10 @@ class StepSettings:
         return jax.tree.map(lambda x: x.sharding, self.params_like())
 
 
-def _micro_loss(s: StepSettings, params, ref_params, batch: Batch):
-    """Summed per-pair loss of one micro-batch and the sums its metrics are made of (pair count in
-    "pairs"). Sums, not means: the caller divides by the step's total pair count once."""
+def _micro_loss(s: StepSettings, params, ref_params, batch: Batch, moments):
+    """Summed per-slot loss of one micro-batch, and (the sums its metrics are made of, with the slot count
+    in "pairs"; BCO's running moments after it, None when the loss keeps none). Sums, not means: the
+    caller divides by the step's total count once."""
     out = pair_logprobs(nnx.merge(s.graphdef, params), batch, chunk_size=s.chunk_size)
     if s.dpo.reference == "online":
         ref = pair_logprobs(nnx.merge(s.graphdef, ref_params), batch, chunk_size=s.chunk_size)
@@ -83,24 +87,18 @@ def _micro_loss(s: StepSettings, params, ref_params, batch: Batch):
     else:  # cached: looked up on the host and attached to the batch; none: reference-free losses
         ref_c, ref_r = batch.ref_chosen_logps, batch.ref_rejected_logps
     valid_BxP = batch.valid_pairs.astype(jnp.float32)
-    loss_BxP, m = losses.dpo_loss(
-        out["chosen"],
-        out["rejected"],
-        ref_c,
-        ref_r,
-        chosen_lengths=out["chosen_counts"],
-        rejected_lengths=out["rejected_counts"],
-        weights=valid_BxP,
-        reduction="none",
-        **s.dpo.loss_kwargs(),
+    loss_BxP, m, moments = slot_losses(
+        s.dpo, out, ref_c, ref_r, valid_BxP, labels=batch.labels, moments=moments
     )
     sums = {k: jnp.sum(v) for k, v in m.items()}
     sums["loss"] = jnp.sum(loss_BxP)
     sums["pairs"] = jnp.sum(valid_BxP)
-    return sums["loss"], sums
+    return sums["loss"], (sums, moments)
 
 
 STATE_FINITE = "state_finite"  # a train-step output, not a logged metric
+# The state's BCO running reward moments (bco, bco_pair): {"mean", "var", "count"}, checkpointed.
+BCO_MOMENTS = "bco_moments"
 
 
 def _all_finite(tree) -> jax.Array:
@@ -113,12 +111,6 @@ def _abs_max(tree) -> jax.Array:
     """The largest |x| over the floating-point leaves of `tree` (NaN when any is NaN), in float32."""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
     return jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(jnp.float32) for x in leaves]))
-
-
-def _means(sums: dict) -> dict:
-    """Sums over pairs -> means over pairs (the pair count stays as "pairs")."""
-    n = jnp.maximum(sums["pairs"], 1.0)
-    return {k: (v if k == "pairs" else v / n) for k, v in sums.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,18 +137,21 @@ def compiled_steps(s: StepSettings) -> Steps:
         grad_fn = jax.grad(functools.partial(_micro_loss, s), has_aux=True)
 
         def micro(carry, mb):
-            g_acc, sums_acc = carry
-            g, sums = grad_fn(params, ref_params, mb)
+            g_acc, sums_acc, moments = carry
+            g, (sums, moments) = grad_fn(params, ref_params, mb, moments)
             g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-            return (g_acc, jax.tree.map(jnp.add, sums_acc, sums)), None
+            return (g_acc, jax.tree.map(jnp.add, sums_acc, sums), moments), None
 
+        # BCO's running reward moments: updated micro-batch by micro-batch (TRL: per forward).
+        moments0 = state.get(BCO_MOMENTS)
         first = jax.tree.map(lambda x: x[0], batch)
-        sums_shape = jax.eval_shape(lambda: _micro_loss(s, params, ref_params, first)[1])
+        sums_shape = jax.eval_shape(lambda: _micro_loss(s, params, ref_params, first, moments0)[1][0])
         carry0 = (
             jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
             jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), sums_shape),
+            moments0,
         )
-        (grads, sums), _ = jax.lax.scan(micro, carry0, batch)
+        (grads, sums, moments), _ = jax.lax.scan(micro, carry0, batch)
         # Divide once by the step's pair count: every pair weighs the same however the rows were split.
         n = jnp.maximum(sums["pairs"], 1.0)
         grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grads, params)
@@ -167,7 +162,9 @@ def compiled_steps(s: StepSettings) -> Steps:
         # losses) gets fresh, checkpointed randomness; the built-in losses use none.
         rng = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"]))
         new_state = dict(state, params=new_params, opt_state=opt_state, step=state["step"] + 1, rng=rng)
-        out = _means(sums)
+        if moments is not None:
+            new_state[BCO_MOMENTS] = moments
+        out = step_means(s.dpo, sums)
         # Checked by the loop before the state is checkpointed: a finite loss can still come with
         # non-finite weights (e.g. an overflowing update), and such a checkpoint must never be "good".
         # The largest weight magnitude (the divergence guard's bound) is NaN / inf exactly when a weight
@@ -188,6 +185,8 @@ def compiled_steps(s: StepSettings) -> Steps:
     state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated, "rng": replicated}
     if s.dpo.reference == "online":
         state_sh["ref_params"] = param_sh
+    if s.dpo.running_reward_mean:
+        state_sh[BCO_MOMENTS] = jax.tree.map(lambda _: replicated, running_moments_init())
     rows_acc, rows = batch_sharding(s.mesh, accum=True), batch_sharding(s.mesh)
 
     def on_mesh(fn, **kw):

@@ -53,7 +53,8 @@ from jdpo.guards import (
     check_finite,
     due,
 )
-from jdpo.step import STATE_FINITE, StepSettings, compiled_steps
+from jdpo.step import BCO_MOMENTS, STATE_FINITE, StepSettings, compiled_steps
+from jdpo.unpaired_losses import running_moments_init
 
 __all__ = [
     "DivergenceError",
@@ -165,6 +166,7 @@ class Trainer:
     def _load_data(self) -> None:
         """Records -> (train, eval) -> token ids -> the packed train batches, and the step count."""
         from jdpo import data as jdata
+        from jdpo.data import unpaired as unpaired_data
         from jdpo.sharding import row_shards
 
         c, d = self.config, self.config.data
@@ -180,8 +182,13 @@ class Trainer:
         else:
             held = []
         tok_kw = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length)
-        self.train_pairs, self.train_report = jdata.tokenize_preferences(records, self.tokenizer, **tok_kw)
-        self.eval_pairs = jdata.tokenize_preferences(held, self.tokenizer, **tok_kw)[0] if held else None
+        tokenize = unpaired_data.tokenizer_for(c.dpo, seed=c.train.seed)
+        self.train_pairs, self.train_report = tokenize(records, self.tokenizer, **tok_kw)
+        self.eval_pairs = tokenize(held, self.tokenizer, **tok_kw)[0] if held else None
+        if c.dpo.unpaired:
+            unpaired_data.check_classes(self.train_pairs.labels, split="train", loss_type=c.dpo.loss_type[0],
+                                        desirable_weight=c.dpo.desirable_weight,
+                                        undesirable_weight=c.dpo.undesirable_weight)  # fmt: skip
         if c.train.keep_best and self.eval_pairs is None:
             from jdpo.config import ConfigError
 
@@ -234,6 +241,8 @@ class Trainer:
         }
         if self.config.dpo.reference == "online":
             state["ref_params"] = self.steps.copy_params(self._reference_params(params))
+        if self.config.dpo.running_reward_mean:
+            state[BCO_MOMENTS] = running_moments_init()
         # Committed to exactly the shardings the step returns: an uncommitted scalar here would make
         # step 2 (whose inputs are step 1's outputs) compile a second time.
         return jax.device_put(state, self.steps.state_shardings)
@@ -310,7 +319,8 @@ class Trainer:
         if self.config.dpo.reference == "online" and self.ref_eval is None:
             # The online reference is frozen: its eval log-probs are the same at every eval.
             self.ref_eval = self.logprobs(self.eval_pairs, self.state["ref_params"])
-        return split_metrics(policy, self.ref_eval, self.config.dpo)
+        return split_metrics(policy, self.ref_eval, self.config.dpo, labels=self.eval_pairs.labels,
+                             moments=self.state.get(BCO_MOMENTS))  # fmt: skip
 
     def describe(self, start: int = 0) -> str:
         """A few lines on what this run is about to do (printed at the start of `fit`)."""

@@ -50,12 +50,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdpo.loss_defaults import DEFAULTS
+from jdpo.loss_defaults import DEFAULTS, UNPAIRED_LOSS_TYPES
 from jdpo.losses import REDUCTIONS, TINY, as_float32, is_number
 
 Array = jax.Array
-
-UNPAIRED_LOSS_TYPES: tuple[str, ...] = ("kto", "apo_zero_unpaired", "bco")
 
 # Per-example metrics of kto_loss (reduction="none") and how kto_metric_means turns their sums into means:
 # name -> the count it is divided by.

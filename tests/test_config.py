@@ -89,7 +89,8 @@ def test_every_loss_option_is_a_config_field_with_the_library_default():
     from jdpo.config import DPOSection
     from jdpo.losses import dpo_loss
 
-    per_call = {"chosen_lengths", "rejected_lengths", "weights", "reduction"}  # set by the caller
+    # set by the caller (bco_delta: the running reward mean of the train state)
+    per_call = {"chosen_lengths", "rejected_lengths", "weights", "reduction", "bco_delta"}
     options = {
         name: p.default
         for name, p in inspect.signature(dpo_loss).parameters.items()

@@ -401,6 +401,7 @@ def tokenize_preferences(
     batch_size: int = 2048,
     skip_bad_rows: bool = False,
     verbose: bool = False,
+    keep_equal: bool = False,
 ) -> tuple[TokenizedPairs, TokenizeReport]:
     """Tokenise records {"prompt", "chosen", "rejected"} (text or messages) with `tokenizer`.
 
@@ -409,6 +410,8 @@ def tokenize_preferences(
       max_length: cap on prompt + completion per sequence (each of chosen and rejected).
       max_prompt_length: cap on the prompt; cut from the left.
       skip_bad_rows: drop (and count) records the chat template rejects instead of raising `DataError`.
+      keep_equal: keep records whose chosen == rejected (unpaired examples, whose "rejected" is another
+        example's completion for the KL estimate: the same answer to another prompt is still a mismatch).
     Returns (pairs, report). `pairs.source_index[k]` is the record index of pair k.
     """
     report = TokenizeReport(pairs_read=len(records))
@@ -422,7 +425,7 @@ def tokenize_preferences(
         if _empty(rec["chosen"]) or _empty(rec["rejected"]):
             report.dropped["empty completion"] += 1
             continue
-        if rec["chosen"] == rec["rejected"]:
+        if rec["chosen"] == rec["rejected"] and not keep_equal:
             report.dropped["chosen == rejected"] += 1
             continue
         try:
@@ -467,7 +470,7 @@ def tokenize_preferences(
             if len(c) > room or len(r) > room:
                 report.completions_truncated += 1
                 c, r = c[:room], r[:room]
-        if c == r:
+        if c == r and not keep_equal:
             report.dropped["chosen == rejected after tokenisation / truncation"] += 1
             continue
         out_p.append(np.asarray(p, np.int32))

@@ -156,12 +156,37 @@ def check_classes(
 
 def tokenize_unpaired(records: Sequence[dict], tokenizer: Any, *, seed: int, **kwargs: Any):
     """`to_examples` then `jdpo.data.tokenize_preferences` (kwargs: max_length, max_prompt_length, ...):
-    (TokenizedPairs with `labels`, TokenizeReport). An example whose KL completion tokenises like its own
-    is dropped as "chosen == rejected" (it would carry no mismatch)."""
+    (TokenizedPairs with `labels`, TokenizeReport). An example whose KL completion equals its own (the same
+    answer to another prompt) is kept: its prompt still differs."""
     import dataclasses
 
     from jdpo.data.tokenize import tokenize_preferences
 
     examples, labels = to_examples(records, seed=seed)
-    pairs, report = tokenize_preferences(examples, tokenizer, **kwargs)
+    pairs, report = tokenize_preferences(examples, tokenizer, keep_equal=True, **kwargs)
     return dataclasses.replace(pairs, labels=labels[pairs.source_index]), report
+
+
+def tokenizer_for(dpo: Any, *, seed: int):
+    """The tokenisation of a run's splits for its loss settings `dpo` (a `jdpo.config.DPOSection`):
+    `tokenize_unpaired` for the unpaired losses, else `jdpo.data.tokenize_preferences` after refusing
+    unpaired records (naming their sources) before anything is tokenised."""
+    import functools
+
+    from jdpo.data.tokenize import tokenize_preferences
+
+    if dpo.unpaired:
+        return functools.partial(tokenize_unpaired, seed=seed)
+
+    def tokenize_pairs(records: Sequence[dict], tokenizer: Any, **kwargs: Any):
+        if any(is_unpaired(r) for r in records):
+            report = getattr(records, "report", None)
+            sources = [s for s, f in (report.formats.items() if report else ()) if f == UNPAIRED_FORMAT]
+            raise DataError(
+                f"{', '.join(sources) or 'the data'}: unpaired records (prompt / completion / label) cannot "
+                f"train the pairwise loss {list(dpo.loss_type)}: set dpo.loss_type to kto, bco or "
+                "apo_zero_unpaired"
+            )
+        return tokenize_preferences(records, tokenizer, **kwargs)
+
+    return tokenize_pairs
