@@ -132,6 +132,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--sft-steps", type=int, default=None, help="Steps of the SFT stage that makes the reference model."
     )
     p.add_argument("--seed", type=int, default=None, help="Seed of the toy data and the model init.")
+    p.add_argument(
+        "--loss-type",
+        default=None,
+        help="The preference stage's dpo.loss_type (default: the preset's sigmoid); kto, bco or "
+        "apo_zero_unpaired train on the pairs split into rated answers (right: desirable, slip: not).",
+    )
     p.add_argument("--no-plot", action="store_true", help="Do not write PNG curves after training.")
     p.set_defaults(func=_run_demo)
     return p
@@ -142,7 +148,7 @@ def _run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     kwargs: dict[str, Any] = {"output_dir": args.output_dir, "plot": not args.no_plot}
     # Only what was given: run_demo's own defaults stay the single source of the demo's settings.
-    for name in ("steps", "pretrain_steps", "sft_steps", "seed"):
+    for name in ("steps", "pretrain_steps", "sft_steps", "seed", "loss_type"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     demo.run_demo(**kwargs)

@@ -421,7 +421,13 @@ def replace(cfg: Config, **dotted: Any) -> Config:
     return cfg
 
 
-def _check_unpaired(d: DPOSection) -> None:
+def _check_unpaired(cfg: Config) -> None:
+    d, t = cfg.dpo, cfg.train
+    if t.early_stop_patience or t.early_stop_accuracy:
+        raise ConfigError(
+            f"train.early_stop_patience / early_stop_accuracy watch the eval preference accuracy, which the "
+            f"rated examples of dpo.loss_type {d.loss_type[0]} do not have: set both to 0"
+        )
     if len(d.loss_type) > 1 or d.loss_weights:
         raise ConfigError(
             f"dpo.loss_type {list(d.loss_type)}: the unpaired losses (kto, bco, apo_zero_unpaired) train on "
@@ -443,7 +449,7 @@ def validate(cfg: Config) -> None:
 
     try:
         if d.unpaired:
-            _check_unpaired(d)
+            _check_unpaired(cfg)
             check_unpaired_options(**d.unpaired_kwargs(), prefix="dpo.")
         else:
             check_options(**d.loss_kwargs(), ref_missing=d.reference == "none", prefix="dpo.")

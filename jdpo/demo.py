@@ -269,12 +269,15 @@ def run_demo(
     model: dict | None = None,
     sft_overrides: dict[str, Any] | None = None,
     dpo_overrides: dict[str, Any] | None = None,
+    loss_type: str | None = None,
     plot: bool = True,
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Build the toy task and model, run SFT then DPO, and show what changed on held-out prompts.
 
-    `steps` (DPO) defaults to the preset's train.max_steps. Returns {"before": eval metrics of the
+    `steps` (DPO) defaults to the preset's train.max_steps. `loss_type` replaces the preset's loss (e.g.
+    "kto": the pairs split into rated answers, right = desirable, slip = undesirable; before / after are
+    then measured on the held-out pairs as for DPO). Returns {"before": eval metrics of the
     reference (= the DPO policy at step 0), "after": eval metrics after DPO, "likelihood_accuracy":
     {"before", "after"} (fraction of held-out pairs whose chosen completion has the higher log-prob),
     "generations": compare_generations' {"rows", "summary", "paths"} (greedy, held-out prompts; summary
@@ -301,21 +304,29 @@ def run_demo(
         f"the carry {slip_rate:.0%} of the time (the reference model)")  # fmt: skip
     train.run(sft_cfg)
 
+    if loss_type is not None:
+        dpo_overrides = {**(dpo_overrides or {}), "dpo.loss_type": [loss_type]}
     dpo_cfg = demo_config(out, assets, stage="dpo", steps=steps, preset=preset, overrides=dpo_overrides)
     trainer = train.Trainer(dpo_cfg)
-    before = trainer.evaluate()
-    like_before = likelihood_accuracy(trainer)
-    say(f"[demo] before DPO (held-out): {_summary(before)}; prefers chosen by log-prob: {like_before:.1%}")
+    # An unpaired loss (kto, bco, apo_zero_unpaired) trains on the pairs split into rated examples (right
+    # answer: desirable, slip: undesirable) and evaluates on them; the demo measures it on the held-out
+    # pairs, as DPO: preference accuracy of the implicit reward, and which answer has the higher log-prob.
+    held = _HeldOutPairs(trainer) if dpo_cfg.dpo.unpaired else None
+    before = held.metrics() if held else trainer.evaluate()
+    like_before = likelihood_accuracy(trainer, held.pairs if held else None)
+    name = dpo_cfg.dpo.loss_type[0].upper() if dpo_cfg.dpo.unpaired else "DPO"
+    say(f"[demo] before {name} (held-out): {_summary(before)}; prefers chosen by log-prob: {like_before:.1%}")
     say(
         "[demo]   (policy == reference: every implicit reward is 0, accuracy counts strict wins; chance: 50%)"
     )
     say(
-        f"[demo] stage 2: DPO for {dpo_cfg.train.max_steps} steps (chosen: the right sum; rejected: the slip)"
+        f"[demo] stage 2: {name} for {dpo_cfg.train.max_steps} steps (chosen: the right sum; rejected: "
+        "the slip)"
     )
     result = trainer.fit()
-    after = result.eval_metrics
-    like_after = likelihood_accuracy(trainer)
-    say(f"[demo] after DPO (held-out):  {_summary(after)}; prefers chosen by log-prob: {like_after:.1%}")
+    after = held.metrics() if held else result.eval_metrics
+    like_after = likelihood_accuracy(trainer, held.pairs if held else None)
+    say(f"[demo] after {name} (held-out):  {_summary(after)}; prefers chosen by log-prob: {like_after:.1%}")
 
     held = read_jsonl(assets.eval_path)[:compare_prompts]
     from jdpo.generate import SamplingParams
@@ -333,7 +344,7 @@ def run_demo(
         metrics={k: float(v) for k, v in after.items()},
     )
     seconds = time.time() - t0
-    say(_final_summary(before, after, like_before, like_after, gens, show_samples, seconds))
+    say(_final_summary(before, after, like_before, like_after, gens, show_samples, seconds, name))
     if plot:
         try:
             from jdpo.plot import plot_run
@@ -353,7 +364,9 @@ def run_demo(
     }
 
 
-def _final_summary(before, after, like_before, like_after, gens, show: int, seconds: float) -> str:
+def _final_summary(
+    before, after, like_before, like_after, gens, show: int, seconds: float, name="DPO"
+) -> str:
     """The demo's closing block: preference numbers before / after, greedy correctness, a few samples."""
     s = gens["summary"]
     acc = "eval/rewards/accuracies"
@@ -363,7 +376,7 @@ def _final_summary(before, after, like_before, like_after, gens, show: int, seco
         "=" * 78,
         f"jdpo demo: held-out results ({s.get('checked', 0)} unseen sums), in {seconds:.0f} s",
         "-" * 78,
-        f"{'':34}{'reference (SFT)':>18}{'policy (DPO)':>18}",
+        f"{'':34}{'reference (SFT)':>18}{f'policy ({name})':>18}",
         f"{'preference accuracy (reward)':34}{before.get(acc, 0.0):>18.1%}{after.get(acc, 0.0):>18.1%}",
         f"{'reward margin':34}{before.get(margin, 0.0):>+18.3f}{after.get(margin, 0.0):>+18.3f}",
         f"{'prefers right answer (log-prob)':34}{like_before:>18.1%}{like_after:>18.1%}",
@@ -400,9 +413,31 @@ def _final_summary(before, after, like_before, like_after, gens, show: int, seco
     return "\n".join(lines)
 
 
-def likelihood_accuracy(trainer) -> float:
-    """Fraction of held-out pairs whose chosen completion gets the higher summed log-prob under the
-    trainer's current policy (what "the model prefers the right answer" means without a reference)."""
-    logps = trainer.logprobs(trainer.eval_pairs)
+def likelihood_accuracy(trainer, pairs=None) -> float:
+    """Fraction of held-out pairs (default: the trainer's eval split) whose chosen completion gets the
+    higher summed log-prob under the trainer's current policy (what "the model prefers the right answer"
+    means without a reference)."""
+    logps = trainer.logprobs(trainer.eval_pairs if pairs is None else pairs)
     computed = logps.computed
     return float((logps.chosen > logps.rejected)[computed].sum() / max(computed.sum(), 1))
+
+
+class _HeldOutPairs:
+    """The held-out split as pairs for a trainer whose loss is unpaired (its own eval split holds rated
+    examples): their reference log-probs are those of the policy before training, taken on creation."""
+
+    def __init__(self, trainer):
+        from jdpo import data as jdata
+
+        d = trainer.config.data
+        records = jdata.load_preferences(list(d.eval), d.format, seed=trainer.config.train.seed)
+        self.trainer = trainer
+        self.pairs = jdata.tokenize_preferences(records, trainer.tokenizer, max_length=d.max_length,
+                                                max_prompt_length=d.max_prompt_length)[0]  # fmt: skip
+        self.reference = trainer.logprobs(self.pairs)
+
+    def metrics(self) -> dict[str, float]:
+        """Pairwise eval metrics (preference accuracy, margins) of the current policy's implicit reward."""
+        from jdpo.forward import split_metrics
+
+        return split_metrics(self.trainer.logprobs(self.pairs), self.reference, self.trainer.config.dpo)

@@ -152,7 +152,9 @@ def preference_metrics(
 ) -> dict[str, float]:
     """The loss and TRL's reward metrics (eval/ names) of `dpo`'s loss settings (a
     `jdpo.config.DPOSection`; default: its defaults, the sigmoid loss at beta 0.1) over every tokenised
-    pair (`jdpo.data.TokenizedPairs`), one pass through the training path's forward.
+    pair (`jdpo.data.TokenizedPairs`), one pass through the training path's forward. Rated examples
+    (`pairs.labels` set, `jdpo.data.unpaired`) get the unpaired loss's metrics; pairs under an unpaired
+    loss the pairwise reward metrics (`jdpo.forward.split_metrics`).
 
     Rewards are beta * (policy - reference) summed completion log-probs; accuracy counts pairs whose
     chosen reward is strictly above the rejected one (so policy == reference gives 0).
@@ -185,7 +187,7 @@ def preference_metrics(
         )
         for name, gen in (("policy", policy), ("reference", reference))
     }
-    out = split_metrics(logps["policy"], logps["reference"], dpo)
+    out = split_metrics(logps["policy"], logps["reference"], dpo, labels=pairs.labels)
     out["eval/pairs"] = len(pairs)
     return out
 
@@ -435,6 +437,7 @@ def evaluate(
 
     from jdpo import data as jdata
     from jdpo.config import Config
+    from jdpo.data import unpaired
 
     run = None if isinstance(policy, Generator) else run_config(policy)
     run = run or Config()
@@ -446,13 +449,17 @@ def evaluate(
     policy, reference = _as_generator(policy, mesh=mesh), _as_generator(reference, mesh=mesh)
     _check_same_architecture(policy, reference)
     records = data if isinstance(data, list) else jdata.load_preferences(data, format, seed=seed)
-    pairs, _ = jdata.tokenize_preferences(
-        records, policy.tokenizer, max_length=max_length, max_prompt_length=max_prompt_length
-    )
+    rated = any(unpaired.is_unpaired(r) for r in records)
+    # An unpaired run on pairs: the pairwise metrics (preference accuracy) of its implicit reward.
+    tokenize = unpaired.tokenizer_for(dpo if rated else Config().dpo, seed=seed)
+    pairs, _ = tokenize(records, policy.tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
     if not len(pairs):
         raise ValueError(f"no usable preference pairs in {data!r}")
     metrics = {"eval/beta": dpo.beta}
-    metrics.update(preference_metrics(policy, reference, pairs, dpo=dpo, batch_rows=batch_rows))
+    pref = preference_metrics(policy, reference, pairs, dpo=dpo, batch_rows=batch_rows)
+    if "eval/kl" in pref:  # KTO's reference point z_0; eval/kl is the sampled KL below
+        pref["eval/kto_kl"] = pref.pop("eval/kl")
+    metrics.update(pref)
 
     # N distinct prompts, in data order, for the samples.
     chosen_prompts: list[int] = []
@@ -465,7 +472,9 @@ def evaluate(
         if len(chosen_prompts) == num_samples:
             break
     prompts = [records[k]["prompt"] for k in chosen_prompts]
-    answers = [records[k]["chosen"] for k in chosen_prompts]
+    # The known-good answer: a pair's chosen completion, a rated example's completion if labelled good.
+    answers = [records[k]["chosen"] if "chosen" in records[k] else
+               (records[k]["completion"] if records[k]["label"] else "") for k in chosen_prompts]  # fmt: skip
     if prompts:
         prompt_ids = policy.encode_prompts(prompts, max_prompt_length=max_prompt_length)
         metrics.update(

@@ -95,3 +95,21 @@ def test_demo_runs_a_few_steps(tmp_path, capsys):
 
     records = metrics.read_metrics(out)
     assert [r["step"] for r in records if "eval/loss" in r][0] == 0 and records[-1]["step"] == 4
+
+
+def test_demo_with_kto_measures_on_the_held_out_pairs(tmp_path, capsys):
+    summary = demo.run_demo(
+        tmp_path / "demo", steps=3, pretrain_steps=2, sft_steps=2, max_operand=9, eval_pairs=20,
+        compare_prompts=4, model={"hidden_size": 32, "intermediate_size": 64, "num_layers": 1}, plot=False,
+        loss_type="kto",
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "stage 2: KTO for 3 steps" in printed and "policy (KTO)" in printed
+    # Before: policy == reference on the held-out pairs (no reward, no strict win); after: measured there.
+    assert summary["before"]["eval/rewards/accuracies"] == 0.0
+    assert summary["before"]["eval/rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert summary["after"]["eval/rewards/accuracies"] > 0.0
+    records = metrics.read_metrics(tmp_path / "demo")
+    assert any("eval/kl" in r for r in records) and any(
+        "count/chosen" in r for r in records
+    )  # trained on KTO

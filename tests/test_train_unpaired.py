@@ -154,6 +154,7 @@ def test_config_refusals(assets, tmp_path):
         ({"dpo.loss_type": ["bco"], "dpo.reference": "none"}, "bco needs a reference"),
         ({"dpo.loss_type": ["kto"], "dpo.wpo": True}, "dpo.wpo weights pairs"),
         ({"dpo.loss_type": ["kto"], "dpo.desirable_weight": -1.0}, "dpo.desirable_weight must be >= 0"),
+        ({"dpo.loss_type": ["kto"], "train.early_stop_patience": 2}, "early_stop_accuracy watch the eval"),
     ]:
         with pytest.raises(jconfig.ConfigError, match=pattern):
             jconfig.validate(cfg(**over))
@@ -177,3 +178,19 @@ def test_unpaired_data_refusals(assets, tmp_path):
 
     with pytest.raises(DataError, match=r"ones\.jsonl: unpaired records .* set dpo.loss_type to kto"):
         train.Trainer(make_config(assets, tmp_path / "b", **over), mesh=one_device())
+
+
+def test_jdpo_eval_of_an_unpaired_run(assets, tmp_path):
+    from jdpo import evaluate
+
+    over = {"dpo.loss_type": ["kto"], "train.max_steps": 2, "dpo.beta": 0.5}
+    result = train.run(make_config(assets, tmp_path / "run", **over), mesh=one_device())
+    kw = dict(num_samples=2, max_new_tokens=3, max_length=16, max_prompt_length=8, mesh=one_device())
+    # Pairs: the pairwise reward metrics of the run's implicit reward (preference accuracy).
+    paired = evaluate.evaluate(result.final_dir, assets.model_dir, str(assets.eval_path), **kw)["metrics"]
+    assert 0 <= paired["eval/rewards/accuracies"] <= 1 and "eval/count/chosen" not in paired
+    # Rated examples: the run's own loss and TRL's KTO metrics.
+    rated = write_unpaired(tmp_path / "rated.jsonl", [True, False, True, True, False])
+    m = evaluate.evaluate(result.final_dir, assets.model_dir, rated, **kw)["metrics"]
+    assert m["eval/count/chosen"] == 3 and m["eval/count/rejected"] == 2
+    assert m["eval/kto_kl"] >= 0 and math.isfinite(m["eval/loss"]) and "eval/kl" in m  # + the sampled KL
