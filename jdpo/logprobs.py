@@ -284,9 +284,11 @@ def wpo_weights(
 ) -> Array:
     """WPO per-pair weights ``min(1, exp(mean_t adj_c + mean_t adj_r))`` for ``dpo_loss(weights=...)``.
 
-    ``*_adj_logps`` are sums over completion tokens of ``wpo_token_logprobs``; the means divide by the lengths
-    (a zero length gives a mean of 0). The result carries no gradient, as in the paper. Multiply by the
-    validity mask of the pair slots yourself (an empty slot must get weight 0).
+    ``*_adj_logps`` are sums over completion tokens of ``wpo_token_logprobs`` (TRL's variant), or of the
+    plain token log-probs (open-instruct's ``wpo``, what ``dpo.wpo: true`` computes in the train step from
+    the policy's summed log-probs); the means divide by the lengths (a zero length gives a mean of 0).
+    The result carries no gradient, as in the paper. Multiply by the validity mask of the pair slots
+    yourself (an empty slot must get weight 0).
     """
     mean_c = _safe_div(jnp.asarray(chosen_adj_logps, jnp.float32), jnp.asarray(chosen_lengths, jnp.float32))
     mean_r = _safe_div(
