@@ -343,10 +343,22 @@ def _unknown(name: str, known: list[str], where: str) -> ConfigError:
     return ConfigError(f"{where}: unknown field {name!r}{hint}")
 
 
+# Fields older jdpo versions wrote into every config.yaml, now gone: the value they held when they are
+# still read (so a run's own config.yaml keeps loading), and why they went.
+REMOVED_FIELDS = {
+    "dpo.bco_delta": (0.0, "bco_pair's reward shift is now BCO's running reward mean, in the train state"),
+}
+
+
 def _apply(cfg: Config, section: str, name: str, value: Any, where: str) -> Config:
     secs = sections()
     if section not in secs:
         raise _unknown(section, list(secs), where)
+    if f"{section}.{name}" in REMOVED_FIELDS:
+        default, why = REMOVED_FIELDS[f"{section}.{name}"]
+        if value != default:
+            raise ConfigError(f"{where}: {section}.{name} is no longer a setting ({why}); remove it")
+        return cfg
     scls = secs[section]
     hints = typing.get_type_hints(scls)
     if name not in hints:

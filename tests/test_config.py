@@ -105,3 +105,14 @@ def test_every_loss_option_is_a_config_field_with_the_library_default():
         assert got == (tuple([default]) if name == "loss_type" else default), name
     custom = load_config(None, ["--dpo.discopop_tau", "0.2", "--dpo.orpo_include_nll", "false"]).dpo
     assert custom.loss_kwargs()["discopop_tau"] == 0.2 and custom.loss_kwargs()["orpo_include_nll"] is False
+
+
+def test_a_removed_field_at_its_old_value_still_loads(tmp_path):
+    """Every config.yaml an older jdpo wrote holds dpo.bco_delta: 0.0; a run's own config keeps loading,
+    another value is refused with the reason."""
+    p = tmp_path / "c.yaml"
+    p.write_text("dpo:\n  bco_delta: 0.0\n  beta: 0.2\n")
+    assert load_config(p).dpo.beta == 0.2
+    p.write_text("dpo:\n  bco_delta: 0.3\n")
+    with pytest.raises(ConfigError, match="dpo.bco_delta is no longer a setting .*running reward mean"):
+        load_config(p)
