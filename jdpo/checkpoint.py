@@ -239,13 +239,19 @@ def unnest(saved: dict, like: Any, exclude: tuple[str, ...] = ()) -> Any:
 # ------------------------------------------------------------------------------------------------
 
 
+# Frozen parts of the train state, never saved: the online reference (the initial weights or adapters)
+# and a LoRA run's base model, both reloaded on resume. A LoRA checkpoint is its adapters and their
+# optimizer state only.
+FROZEN = ("ref_params", "base")
+
+
 def to_checkpoint(state: dict) -> dict:
     """The train state (`jdpo.train`: params, opt_state, step, rng, and ref_params with an online
-    reference) as orbax saves it (nested plain dicts of arrays); the frozen online reference is left
-    out: it is the initial weights, reloaded on resume."""
-    return nest(state, exclude=("ref_params",))
+    reference, base with LoRA) as orbax saves it (nested plain dicts of arrays); the FROZEN parts are
+    left out: they are reloaded on resume."""
+    return nest(state, exclude=FROZEN)
 
 
 def from_checkpoint(saved: dict, like: dict) -> dict:
-    """Inverse of `to_checkpoint`: `saved`'s arrays in the structure of `like` (ref_params from `like`)."""
-    return unnest(saved, like, exclude=("ref_params",))
+    """Inverse of `to_checkpoint`: `saved`'s arrays in the structure of `like` (FROZEN parts from `like`)."""
+    return unnest(saved, like, exclude=FROZEN)

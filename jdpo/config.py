@@ -217,6 +217,27 @@ class TrainSection:
     )
 
 
+# The projections a LoRA adapter may target, by their Hugging Face module names (every family has them).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoRASection:
+    """Parameter-efficient training: low-rank adapters on the frozen base (`jdpo.lora`)."""
+
+    rank: int = _f(0, "LoRA rank r; 0 trains every weight (full fine-tuning).")
+    alpha: float = _f(16.0, "LoRA alpha: the adapter's update is scaled by alpha / rank (as PEFT).")
+    targets: tuple[str, ...] = _f(
+        LORA_TARGETS,
+        "Hugging Face module names that get adapters (default: all attention and MLP projections).",
+    )
+    init_adapter: str = _f(
+        "",
+        "PEFT adapter directory to start from (e.g. an SFT adapter): the initial policy and, with it, the "
+        "reference.",
+    )
+
+
 @dataclass(frozen=True)
 class MeshSection:
     """Device mesh axes; their product must equal the number of devices (-1: all remaining)."""
@@ -245,6 +266,7 @@ class Config:
     dpo: DPOSection = field(default_factory=DPOSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
+    lora: LoRASection = field(default_factory=LoRASection)
     mesh: MeshSection = field(default_factory=MeshSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
@@ -515,6 +537,30 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"mesh.{name} must be a positive size or -1 (all remaining devices), got {v}")
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
         raise ConfigError("at most one of mesh.data / mesh.fsdp / mesh.tensor may be -1")
+    _validate_lora(cfg)
+
+
+def _validate_lora(cfg: Config) -> None:
+    lo = cfg.lora
+    if lo.rank < 0:
+        raise ConfigError(f"lora.rank must be >= 0 (0: full fine-tuning), got {lo.rank}")
+    if lo.rank == 0:
+        if lo.init_adapter:
+            raise ConfigError(f"lora.init_adapter={lo.init_adapter!r} needs lora.rank > 0 (its rank)")
+        return
+    if lo.alpha <= 0:
+        raise ConfigError(f"lora.alpha must be > 0, got {lo.alpha}")
+    unknown = [t for t in lo.targets if t not in LORA_TARGETS]
+    if unknown or not lo.targets:
+        raise ConfigError(
+            f"lora.targets: {unknown or 'empty'} are not modules of the model; its modules are "
+            f"{', '.join(LORA_TARGETS)}"
+        )
+    if cfg.dpo.reference_path:
+        raise ConfigError(
+            "dpo.reference_path with lora.rank > 0: the reference of a LoRA run is the base with its "
+            "initial adapter (lora.init_adapter); leave dpo.reference_path empty"
+        )
 
 
 # Settings a resumed run may change freely: they decide what is logged, saved, where, and how the same

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -224,12 +225,19 @@ class Generator:
 
     @classmethod
     def from_pretrained(cls, path, *, mesh=None, options=None, **kwargs):
-        """Model and tokenizer from a Hugging Face checkpoint directory (e.g. a run's `final/`). `options`:
-        a `jdpo.models.ModelOptions` (None: float32, the loop layout); `kwargs` go to `Generator`."""
+        """Model and tokenizer from a Hugging Face checkpoint directory (e.g. a run's `final/`), or a PEFT
+        adapter directory (a LoRA run's `final/`: its base with the adapter merged). `options`: a
+        `jdpo.models.ModelOptions` (None: float32, the loop layout); `kwargs` go to `Generator`."""
         from transformers import AutoTokenizer
 
+        from jdpo import peft_export
         from jdpo.models import from_pretrained
 
+        if peft_export.is_adapter_dir(path):
+            model, base = peft_export.from_adapter_dir(path, options=options, mesh=mesh)
+            has_tokenizer = os.path.exists(os.path.join(path, "tokenizer_config.json"))
+            tokenizer = AutoTokenizer.from_pretrained(path if has_tokenizer else base)
+            return cls(model, tokenizer, mesh=mesh, model_dir=path, **kwargs)
         model, _ = from_pretrained(path, options=options, mesh=mesh)
         tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(model, tokenizer, mesh=mesh, model_dir=path, **kwargs)

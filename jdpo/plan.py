@@ -149,14 +149,20 @@ def read_model_config(path: str | os.PathLike):
     return ModelConfig.from_hf(json.loads((p / "config.json" if p.is_dir() else p).read_text()))
 
 
-def abstract_params(model_config, *, param_dtype: str = "float32", scan_layers: bool = False):
-    """[(name, shape, dtype, logical names)] of every parameter, from `nnx.eval_shape` (no allocation)."""
+def abstract_params(model_config, *, param_dtype: str = "float32", scan_layers: bool = False, lora=None):
+    """[(name, shape, dtype, logical names)] of every parameter, from `nnx.eval_shape` (no allocation).
+    `lora`: a `jdpo.config.LoRASection`; with rank > 0 the adapters are included (names end in lora_a /
+    lora_b)."""
     import jax.numpy as jnp
     from flax import nnx
 
     from jdpo.models import ModelOptions, Transformer
+    from jdpo.models.transformer import LoRASpec
 
-    options = ModelOptions(param_dtype=jnp.dtype(param_dtype), scan_layers=scan_layers)
+    spec = None
+    if lora is not None and lora.rank > 0:
+        spec = LoRASpec(rank=lora.rank, alpha=float(lora.alpha), targets=tuple(lora.targets))
+    options = ModelOptions(param_dtype=jnp.dtype(param_dtype), scan_layers=scan_layers, lora=spec)
     model = nnx.eval_shape(lambda: Transformer(model_config, options=options, rngs=nnx.Rngs(0)))
     out = []
     for path, var in nnx.iter_graph(model):
@@ -273,11 +279,19 @@ def plan_memory(
     m = cfg.model
     dtype = jnp.dtype(m.dtype if m.dtype != "auto" else ("float32" if on_cpu else "bfloat16"))
     b = dtype.itemsize
-    params = abstract_params(model_config, param_dtype=m.param_dtype, scan_layers=m.scan_layers)
+    everything = abstract_params(
+        model_config, param_dtype=m.param_dtype, scan_layers=m.scan_layers, lora=cfg.lora
+    )
+    local = {name: _local_elements(s, names, mesh) for name, s, _, names in everything}
+    # What trains: every parameter, or (LoRA) the adapters alone on the frozen base.
+    lora = cfg.lora.rank > 0
+    params = [p for p in everything if p[0].endswith(("lora_a", "lora_b")) or not lora]
+    frozen = [p for p in everything if lora and not p[0].endswith(("lora_a", "lora_b"))]
     num_params = sum(math.prod(s) for _, s, _, _ in params)
-    local = {name: _local_elements(s, names, mesh) for name, s, _, names in params}
+    num_all = sum(math.prod(s) for _, s, _, _ in everything)
     param_bytes = sum(local[name] * dt.itemsize for name, _, dt, _ in params)
-    grad_bytes = sum(local.values()) * 4
+    frozen_bytes = sum(local[name] * dt.itemsize for name, _, dt, _ in frozen)
+    grad_bytes = sum(local[name] for name, _, _, _ in params) * 4
 
     # The optimizer's real state shapes: eval_shape of its init on the abstract parameters, each leaf
     # shaped like a parameter taking that parameter's per-device share.
@@ -300,6 +314,9 @@ def plan_memory(
     saved, recompute = activation_bytes_per_token(
         model_config, remat=m.remat, attention=m.attention, row_length=T, dtype_bytes=b, tensor=tensor
     )
+    if lora:  # each adapted projection also saves its rank-r intermediate x A
+        L = model_config.num_layers
+        saved += L * len(cfg.lora.targets) * cfg.lora.rank * b
     act_bytes = B * T * (saved + recompute)
     V = _split(model_config.vocab_size, tensor)
     # The scan lays this device's B rows end to end as one group of B * T positions and projects one
@@ -312,13 +329,27 @@ def plan_memory(
     remat_note = {"none": f"no remat: all layer tensors + {attn_note}",
                   "dots_saveable": "remat dots_saveable: matmul outputs saved + one layer recomputed",
                   "full": "remat full: layer inputs saved + one layer recomputed"}[m.remat]  # fmt: skip
-    rows = [
-        ("parameters", param_bytes, f"{num_params:,} params, {m.param_dtype}"),
+    rows = [("parameters", param_bytes, f"{num_params:,} params, {m.param_dtype}")]
+    if lora:
+        rows = [
+            (
+                "base (frozen)",
+                frozen_bytes,
+                f"{num_all - num_params:,} params, {m.param_dtype}, frozen",
+            ),
+            ("adapters", param_bytes, f"{num_params:,} LoRA params (rank {cfg.lora.rank}), {m.param_dtype}"),
+        ]
+    rows += [
         ("gradients", grad_bytes, "float32 accumulator"),
         ("optimizer", opt_bytes, "AdamW mu + nu (eval_shape of optax init)"),
     ]
     if cfg.dpo.reference == "online":
-        rows.append(("reference params", param_bytes, "online reference: frozen copy"))
+        note = (
+            "online reference: the base with a copy of the adapters"
+            if lora
+            else "online reference: frozen copy"
+        )
+        rows.append(("reference params", param_bytes, note))
     rows += [
         ("activations", act_bytes, f"B={B} x T={T}, {dtype.name}, {m.attention} attention, {remat_note}"),
         ("log-prob chunk", chunk_bytes, f"chunk={chunk} x V={V} float32 (this device's rows as one group)"),
@@ -327,7 +358,7 @@ def plan_memory(
     ref_cache = (
         None if num_pairs is None or cfg.dpo.reference != "cached" else num_pairs * REF_CACHE_BYTES_PER_PAIR
     )
-    return MemoryPlan(rows, num_params, (data, fsdp, tensor), B, T, ref_cache, num_pairs)
+    return MemoryPlan(rows, num_all, (data, fsdp, tensor), B, T, ref_cache, num_pairs)
 
 
 def human(n: float) -> str:

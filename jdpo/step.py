@@ -68,6 +68,8 @@ class StepSettings:
     optim: OptimSection
     total_steps: int
     chunk_size: int = LOGPROB_CHUNK
+    # LoRA (`jdpo.lora`): the frozen base as (treedef, leaves); the params above are then the adapters.
+    abstract_base: tuple | None = None
 
     def params_like(self):
         return jax.tree.unflatten(*self.abstract_params)
@@ -75,14 +77,27 @@ class StepSettings:
     def param_shardings(self):
         return jax.tree.map(lambda x: x.sharding, self.params_like())
 
+    def model_param_shardings(self):
+        """Shardings of what `forward` takes: the params, or (adapters, base) in a LoRA run."""
+        if self.abstract_base is None:
+            return self.param_shardings()
+        base = jax.tree.unflatten(*self.abstract_base)
+        return self.param_shardings(), jax.tree.map(lambda x: x.sharding, base)
 
-def _micro_loss(s: StepSettings, params, ref_params, batch: Batch, moments):
+
+def _model(s: StepSettings, params, base=None):
+    """The model of the trained params (full fine-tuning), or of adapters + the frozen base (LoRA)."""
+    return nnx.merge(s.graphdef, params) if base is None else nnx.merge(s.graphdef, params, base)
+
+
+def _micro_loss(s: StepSettings, params, ref_params, base, batch: Batch, moments):
     """Summed per-slot loss of one micro-batch, and (the sums its metrics are made of, with the slot count
     in "pairs"; BCO's running moments after it, None when the loss keeps none). Sums, not means: the
-    caller divides by the step's total count once."""
-    out = pair_logprobs(nnx.merge(s.graphdef, params), batch, chunk_size=s.chunk_size)
+    caller divides by the step's total count once. With LoRA the online reference is the frozen base
+    with the reference adapters (no second copy of the base)."""
+    out = pair_logprobs(_model(s, params, base), batch, chunk_size=s.chunk_size)
     if s.dpo.reference == "online":
-        ref = pair_logprobs(nnx.merge(s.graphdef, ref_params), batch, chunk_size=s.chunk_size)
+        ref = pair_logprobs(_model(s, ref_params, base), batch, chunk_size=s.chunk_size)
         ref_c, ref_r = jax.lax.stop_gradient(ref["chosen"]), jax.lax.stop_gradient(ref["rejected"])
     else:  # cached: looked up on the host and attached to the batch; none: reference-free losses
         ref_c, ref_r = batch.ref_chosen_logps, batch.ref_rejected_logps
@@ -118,7 +133,9 @@ class Steps:
     """The jitted functions of one StepSettings (see `compiled_steps`)."""
 
     train_step: Callable  # (state, Batch[A, B, T]) -> (state, metrics); state donated
-    forward: Callable  # (params, Batch[B, T]) -> per-pair log-probs / counts [B, P] (reference, eval)
+    # (params, Batch[B, T]) -> per-pair log-probs / counts [B, P] (reference, eval); with LoRA the params
+    # are (adapters, base)
+    forward: Callable
     init_opt: Callable  # params -> optimizer state, born sharded like the params
     copy_params: Callable  # params -> a copy in fresh buffers (the frozen online reference)
     schedule: Callable
@@ -133,19 +150,19 @@ def compiled_steps(s: StepSettings) -> Steps:
     param_sh = s.param_shardings()
 
     def train_step(state, batch):
-        params, ref_params = state["params"], state.get("ref_params")
+        params, ref_params, base = state["params"], state.get("ref_params"), state.get("base")
         grad_fn = jax.grad(functools.partial(_micro_loss, s), has_aux=True)
 
         def micro(carry, mb):
             g_acc, sums_acc, moments = carry
-            g, (sums, moments) = grad_fn(params, ref_params, mb, moments)
+            g, (sums, moments) = grad_fn(params, ref_params, base, mb, moments)
             g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
             return (g_acc, jax.tree.map(jnp.add, sums_acc, sums), moments), None
 
         # BCO's running reward moments: updated micro-batch by micro-batch (TRL: per forward).
         moments0 = state.get(BCO_MOMENTS)
         first = jax.tree.map(lambda x: x[0], batch)
-        sums_shape = jax.eval_shape(lambda: _micro_loss(s, params, ref_params, first, moments0)[1][0])
+        sums_shape = jax.eval_shape(lambda: _micro_loss(s, params, ref_params, base, first, moments0)[1][0])
         carry0 = (
             jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
             jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), sums_shape),
@@ -176,7 +193,8 @@ def compiled_steps(s: StepSettings) -> Steps:
         return new_state, out
 
     def forward(params, batch):
-        return pair_logprobs(nnx.merge(s.graphdef, params), batch, chunk_size=s.chunk_size)
+        model_params = (params,) if s.abstract_base is None else params  # (adapters, base) with LoRA
+        return pair_logprobs(_model(s, *model_params), batch, chunk_size=s.chunk_size)
 
     abstract_opt = jax.eval_shape(tx.init, s.params_like())
     opt_sh = optax.tree_map_params(
@@ -184,9 +202,11 @@ def compiled_steps(s: StepSettings) -> Steps:
     )
     state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated, "rng": replicated}
     if s.dpo.reference == "online":
-        state_sh["ref_params"] = param_sh
+        state_sh["ref_params"] = param_sh  # with LoRA: the reference adapters
     if s.dpo.running_reward_mean:
         state_sh[BCO_MOMENTS] = jax.tree.map(lambda _: replicated, running_moments_init())
+    if s.abstract_base is not None:
+        state_sh["base"] = s.model_param_shardings()[1]  # frozen: passed through the step unchanged
     rows_acc, rows = batch_sharding(s.mesh, accum=True), batch_sharding(s.mesh)
 
     def on_mesh(fn, **kw):
@@ -199,7 +219,7 @@ def compiled_steps(s: StepSettings) -> Steps:
             out_shardings=(state_sh, replicated),
             donate_argnums=0,
         ),
-        forward=on_mesh(forward, in_shardings=(param_sh, rows), out_shardings=rows),
+        forward=on_mesh(forward, in_shardings=(s.model_param_shardings(), rows), out_shardings=rows),
         init_opt=on_mesh(tx.init, in_shardings=(param_sh,), out_shardings=opt_sh),
         copy_params=on_mesh(
             lambda p: jax.tree.map(jnp.copy, p), in_shardings=(param_sh,), out_shardings=param_sh

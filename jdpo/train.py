@@ -37,7 +37,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from jdpo import metrics, paths, refcache
+from jdpo import lora, metrics, paths, refcache
 from jdpo.batch import Batch
 from jdpo.checkpoint import Checkpointer, abstract_like, from_checkpoint, to_checkpoint
 from jdpo.config import Config
@@ -128,14 +128,15 @@ class Trainer:
         self.divergence = DivergenceGuard(c.train)
         params = self._load_model()
         self._load_data()
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
+        abstract = abstract_like(params)
         self.settings = StepSettings(
             graphdef=self.graphdef,
             mesh=self.mesh,
-            abstract_params=(jax.tree.structure(abstract), tuple(jax.tree.leaves(abstract))),
+            abstract_params=_flat(abstract),
             dpo=c.dpo,
             optim=c.optim,
             total_steps=self.total_steps,
+            abstract_base=None if self.base is None else _flat(abstract_like(self.base)),
         )
         self.steps = compiled_steps(self.settings)
         self._check_resumable()  # before the reference pass: a refused resume costs no forward pass
@@ -157,10 +158,10 @@ class Trainer:
 
         m = self.config.model
         self.tokenizer = AutoTokenizer.from_pretrained(m.path)
-        model, self.model_config = from_pretrained(
-            m.path, options=ModelOptions.from_section(m, dtype=self.dtype), mesh=self.mesh
-        )
-        self.graphdef, params = nnx.split(model)
+        options = lora.model_options(ModelOptions.from_section(m, dtype=self.dtype), self.config.lora, m.path)
+        model, self.model_config = from_pretrained(m.path, options=options, mesh=self.mesh)
+        # LoRA: the params are the adapters and self.base the frozen rest (None for full fine-tuning).
+        self.graphdef, params, self._base = lora.split(model, self.config.lora)
         return params
 
     def _load_data(self) -> None:
@@ -243,16 +244,28 @@ class Trainer:
             state["ref_params"] = self.steps.copy_params(self._reference_params(params))
         if self.config.dpo.running_reward_mean:
             state[BCO_MOMENTS] = running_moments_init()
+        if self.base is not None:
+            state["base"] = self._base
         # Committed to exactly the shardings the step returns: an uncommitted scalar here would make
         # step 2 (whose inputs are step 1's outputs) compile a second time.
         return jax.device_put(state, self.steps.state_shardings)
 
+    @property
+    def base(self):
+        """A LoRA run's frozen base parameters (None for full fine-tuning): the state's once it exists
+        (the step donates and returns it, so the arrays of before the first step are gone)."""
+        state = getattr(self, "state", None)
+        return self._base if state is None else state.get("base")
+
     # -- reference ---------------------------------------------------------------------------------
 
     def _reference_params(self, params):
-        """The reference weights: the initial policy, or `dpo.reference_path` when given."""
+        """The reference weights: the initial policy, or `dpo.reference_path` when given. LoRA: the
+        initial adapters (zero without `lora.init_adapter`: exactly the base), on the frozen base."""
         from jdpo.models import ModelOptions, from_pretrained
 
+        if self.base is not None:
+            return params if self.config.lora.init_adapter else lora.zero_like(params)
         path = self.config.dpo.reference_path
         if not path or Path(path).resolve() == Path(self.config.model.path).resolve():
             return params
@@ -276,7 +289,7 @@ class Trainer:
                     "row_length": self.row_length, "packing": d.packing, "max_pairs_per_row": self.max_pairs,
                     "attention": m.attention, "attention_block": m.attention_block}  # fmt: skip
         ref, reused, key = refcache.for_split(
-            params,
+            params if self.base is None else (params, self.base),  # the key covers the adapters too
             pairs,
             expected=self.one_pass(pairs).fits,
             compute=lambda: self.logprobs(pairs, params),
@@ -299,7 +312,14 @@ class Trainer:
     def logprobs(self, pairs, params=None) -> PairLogps:
         """Per-pair log-probs of every pair of a split under `params` (default: the current policy)."""
         params = self.state["params"] if params is None else params
+        if self.base is not None:
+            params = (params, self.base)  # adapters on the frozen base
         return over_split(self.steps.forward, params, self.one_pass(pairs), len(pairs), mesh=self.mesh)
+
+    def model(self, params=None):
+        """The policy as a model (default: the current parameters; a LoRA run's with its adapters)."""
+        params = self.state["params"] if params is None else params
+        return nnx.merge(self.graphdef, params, *(() if self.base is None else (self.base,)))
 
     def next_step_batches(self) -> tuple[Batch, list[Batch]]:
         """The next optimizer step's micro-batches: (device batch [A, B, ...], host batches)."""
@@ -326,12 +346,16 @@ class Trainer:
         """A few lines on what this run is about to do (printed at the start of `fit`)."""
         c = self.config
         n_params = sum(x.size for x in jax.tree.leaves(self.state["params"]))
+        params = f"{n_params:,} parameters"
+        if self.base is not None:
+            n_base = sum(x.size for x in jax.tree.leaves(self.base))
+            params = f"{n_base:,} frozen parameters + {n_params:,} LoRA (rank {c.lora.rank})"
         ref = c.dpo.reference + "".join(
             f", {k} {'reused' if v else 'computed'}" for k, v in self.ref_reused.items()
         )
         eval_pairs = len(self.eval_pairs) if self.eval_pairs is not None else 0
         return "\n".join([
-            f"jdpo: {self.model_config.family} model, {n_params:,} parameters, "
+            f"jdpo: {self.model_config.family} model, {params}, "
             f"compute {jnp.dtype(self.dtype).name}, mesh {dict(self.mesh.shape)}",
             f"jdpo: {len(self.train_pairs):,} train pairs ({self.batches.dropped_too_long} too long), "
             f"{eval_pairs:,} eval pairs; rows of {self.row_length} tokens, <= {self.max_pairs} pairs each",
@@ -458,7 +482,7 @@ class Trainer:
         `sampling` a SamplingParams, default greedy; `batch_size`, `max_prompt_length`)."""
         from jdpo.generate import Generator, SamplingParams
 
-        model = nnx.merge(self.graphdef, self.state["params"])
+        model = self.model()
         gen = Generator(model, self.tokenizer, mesh=self.mesh, model_dir=self.config.model.path)
         return gen.generate(prompts, sampling or SamplingParams(), **kwargs)
 
@@ -623,7 +647,10 @@ class Trainer:
         from jdpo.models import save_pretrained
 
         final_dir = self.output_dir / name
-        model = nnx.merge(self.graphdef, self.state["params"] if params is None else params)
+        model = self.model(params)
+        if self.base is not None:  # LoRA: a PEFT adapter directory, and the merged model beside it
+            merged_dir = self.output_dir / f"{name}_merged"
+            return lora_export(model, final_dir, merged_dir, self.config.model.path, self.tokenizer)
         # safetensors' save_file and tokenizer.save_pretrained write local files only: on an object store
         # the export is written to a local temporary directory, then copied over file by file (process 0;
         # the weight shards of an earlier export that this one does not overwrite are then deleted, as
@@ -659,6 +686,25 @@ class Trainer:
             )
         log.info("best/: the policy at step %d (%s = %.6g)", b.step, b.metric, b.value)
         return best_dir
+
+
+def lora_export(model, final_dir, merged_dir, base_model: str, tokenizer) -> epath.Path:
+    """A LoRA run's export: `final_dir` the PEFT adapter directory, `merged_dir` the Hugging Face
+    checkpoint with the adapters merged into the base. Returns `final_dir`."""
+    from jdpo.models import save_pretrained
+    from jdpo.peft_export import save_adapter
+
+    main = jax.process_index() == 0
+    with paths.staged_dir(final_dir, upload=main) as local:
+        save_adapter(model, local, base_model=base_model)
+        tokenizer.save_pretrained(local)
+    with paths.staged_dir(merged_dir, upload=main, prune=_is_weight_file) as local:
+        save_pretrained(lora.merged(model), local, tokenizer=tokenizer)
+    return final_dir
+
+
+def _flat(tree) -> tuple:
+    return jax.tree.structure(tree), tuple(jax.tree.leaves(tree))
 
 
 def _is_weight_file(name: str) -> bool:

@@ -109,7 +109,8 @@ def from_pretrained(path, *, options: ModelOptions | None = None, mesh=None):
     config = ModelConfig.from_hf(path)
     model = _abstract_model(config, options)
     scan_layers, param_dtype = options.scan_layers, options.param_dtype
-    params = _model_params(model)
+    # LoRA adapters (options.lora) are not in a base checkpoint: they are initialised after the load.
+    params = {k: v for k, v in _model_params(model).items() if not isinstance(v, nnx.LoRAParam)}
     key_to_file = _checkpoint_files(path)
     L = config.num_layers
     used: set[str] = set()
@@ -170,7 +171,21 @@ def from_pretrained(path, *, options: ModelOptions | None = None, mesh=None):
         details = ", ".join(f"{k!r} in file {key_to_file[k]}" for k in unused[:10])
         hint = " (config.json says tie_word_embeddings=true)" if "lm_head.weight" in unused else ""
         raise CheckpointError(f"{len(unused)} unused checkpoint tensor(s): {details}{hint}")
+    if options.lora is not None:
+        _init_adapters(model, config, options, mesh)
     return model, config
+
+
+def _init_adapters(model, config: ModelConfig, options: ModelOptions, mesh) -> None:
+    """The LoRA adapters of a loaded model as `init_model` initialises them (A random, B = 0), born
+    sharded; XLA drops the unused base initialisers from the compiled init."""
+
+    def make():
+        return Transformer(config, options=options, rngs=nnx.Rngs(0))
+
+    _, abstract, _ = nnx.split(nnx.eval_shape(make), nnx.LoRAParam, ...)
+    init = jax.jit(lambda: nnx.state(make(), nnx.LoRAParam), out_shardings=param_shardings(abstract, mesh))
+    nnx.update(model, init())
 
 
 def _load_array(var, tensors, spec: WeightSpec, *, stacked: bool, mesh, param_dtype):
@@ -208,12 +223,17 @@ def init_model(
     return nnx.merge(graphdef, init())
 
 
-def _to_hf_layout(array: jax.Array, spec: WeightSpec) -> np.ndarray:
+def host_array(array: jax.Array) -> np.ndarray:
+    """The whole array on this host (gathered over processes when its shards are spread over them)."""
     if jax.process_count() > 1 and not array.is_fully_addressable:
         from jax.experimental import multihost_utils
 
         array = multihost_utils.process_allgather(array, tiled=True)
-    host = np.asarray(jax.device_get(array))
+    return np.asarray(jax.device_get(array))
+
+
+def _to_hf_layout(array: jax.Array, spec: WeightSpec) -> np.ndarray:
+    host = host_array(array)
     return np.ascontiguousarray(host.transpose(np.argsort(spec.perm)).reshape(spec.hf_shape))
 
 
@@ -237,6 +257,8 @@ def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_size=
     out_dir = os.fspath(out_dir)
     config = model.config
     params = _model_params(model)
+    if any(isinstance(v, nnx.LoRAParam) for v in params.values()):
+        raise ValueError("save_pretrained writes base weights only: merge the adapters first (jdpo.lora)")
     L = config.num_layers
     entries = []  # (hf_key, fetch) in table order
     for spec in weight_table(config):

@@ -131,6 +131,9 @@ class ModelOptions:
     scan_layers: bool = False  # stacked [L, ...] layer parameters run by lax.scan (one compiled layer)
     attention: str = "blocked"  # ATTENTION_IMPLS: the kernel without a KV cache
     attention_block: int = DEFAULT_BLOCK  # positions per tile of the blocked kernel
+    # Low-rank adapters on these projections (`jdpo.lora`); unlike the fields above they are weights of
+    # their own, zero-effect at initialisation (B = 0). None: no adapters.
+    lora: "LoRASpec | None" = None
 
     def __post_init__(self):
         if self.attention_block < 1:
@@ -152,6 +155,23 @@ class ModelOptions:
             attention=section.attention,
             attention_block=section.attention_block,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRASpec:
+    """Which projections carry a LoRA adapter and its shape: y = x W + (alpha / rank) x A B, with A
+    [*in, r] and B [r, *out] stored as `nnx.LoRAParam` (so they split off from the frozen base)."""
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]  # HF module names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def for_module(self, name: str) -> "LoRASpec | None":
+        return self if name in self.targets else None
 
 
 def _param(key, shape, names, param_dtype, init: str, std: float):
@@ -183,13 +203,36 @@ class RMSNorm(nnx.Module):
 class Dense(nnx.Module):
     """A kernel [*in, *out] (per-head shapes allowed) with an optional bias [*out]."""
 
-    def __init__(self, key, in_shape, out_shape, names, *, bias: bool, param_dtype, std, bias_names=None):
+    def __init__(
+        self, key, in_shape, out_shape, names, *, bias: bool, param_dtype, std, bias_names=None, lora=None
+    ):
         self.n_in = len(in_shape)
         self.kernel = _param(key, (*in_shape, *out_shape), names, param_dtype, "normal", std)
         if bias:
             self.bias = _param(None, out_shape, bias_names or names[self.n_in :], param_dtype, "zeros", 0.0)
         else:
             self.bias = None
+        self.lora_scale = None if lora is None else lora.scale
+        if lora is not None:
+            # A is sharded like the kernel's input axes, B like its output axes; the rank axis replicated.
+            # PEFT's init: A ~ U(+-1/sqrt(fan_in)) (kaiming-uniform, a=sqrt(5)), B = 0, so the adapted
+            # model starts equal to the base.
+            fan_in = math.prod(in_shape)
+            a = jax.random.uniform(
+                jax.random.fold_in(key, 1),
+                (*in_shape, lora.rank),
+                jnp.float32,
+                -(fan_in**-0.5),
+                fan_in**-0.5,
+            )
+            self.lora_a = nnx.LoRAParam(
+                a.astype(param_dtype), out_sharding=(*names[: self.n_in], None), eager_sharding=False
+            )
+            self.lora_b = nnx.LoRAParam(
+                jnp.zeros((lora.rank, *out_shape), param_dtype),
+                out_sharding=(None, *names[self.n_in :]),
+                eager_sharding=False,
+            )
 
     def __call__(self, x, dtype):
         kernel = self.kernel[...].astype(dtype)
@@ -198,7 +241,13 @@ class Dense(nnx.Module):
         # As one 2-D matmul [tokens, in] x [in, out]: with the token axes merged, XLA:CPU computes the
         # backward's weight gradient without transposed copies of the activations (gated MLP fwd+bwd at
         # [4096, 512] x [512, 1408]: 290 ms -> 190 ms). The reshapes are free (row-major, axes adjacent).
-        y = jnp.dot(x.reshape(-1, k_in), kernel.reshape(k_in, -1)).reshape(*lead, *out_shape)
+        x_MxI = x.reshape(-1, k_in)
+        y = jnp.dot(x_MxI, kernel.reshape(k_in, -1))
+        if self.lora_scale is not None:
+            a_IxR = self.lora_a[...].astype(dtype).reshape(k_in, -1)
+            b_RxO = self.lora_b[...].astype(dtype).reshape(a_IxR.shape[1], -1)
+            y = y + jnp.dot(jnp.dot(x_MxI, a_IxR), b_RxO) * jnp.asarray(self.lora_scale, dtype)
+        y = y.reshape(*lead, *out_shape)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y
@@ -256,24 +305,23 @@ class Attention(nnx.Module):
         c, param_dtype = config, options.param_dtype
         D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         kw = dict(param_dtype=param_dtype, std=c.initializer_range)
+        lora = options.lora.for_module if options.lora is not None else (lambda name: None)
         self.q_proj = Dense(
-            rngs.params(), (D,), (N, H), ("embed", "heads", "head_dim"), bias=c.qkv_bias, **kw
-        )
+            rngs.params(), (D,), (N, H), ("embed", "heads", "head_dim"), bias=c.qkv_bias,
+            lora=lora("q_proj"), **kw,
+        )  # fmt: skip
         self.k_proj = Dense(
-            rngs.params(), (D,), (K, H), ("embed", "kv_heads", "head_dim"), bias=c.qkv_bias, **kw
-        )
+            rngs.params(), (D,), (K, H), ("embed", "kv_heads", "head_dim"), bias=c.qkv_bias,
+            lora=lora("k_proj"), **kw,
+        )  # fmt: skip
         self.v_proj = Dense(
-            rngs.params(), (D,), (K, H), ("embed", "kv_heads", "head_dim"), bias=c.qkv_bias, **kw
-        )
+            rngs.params(), (D,), (K, H), ("embed", "kv_heads", "head_dim"), bias=c.qkv_bias,
+            lora=lora("v_proj"), **kw,
+        )  # fmt: skip
         self.o_proj = Dense(
-            rngs.params(),
-            (N, H),
-            (D,),
-            ("heads", "head_dim", "embed"),
-            bias=c.o_bias,
-            bias_names=("norm",),
-            **kw,
-        )
+            rngs.params(), (N, H), (D,), ("heads", "head_dim", "embed"), bias=c.o_bias,
+            bias_names=("norm",), lora=lora("o_proj"), **kw,
+        )  # fmt: skip
         if c.qk_norm:
             norm_kw = dict(
                 eps=c.rms_norm_eps, offset=c.norm_offset, dtype=options.dtype, param_dtype=param_dtype
@@ -364,9 +412,10 @@ class MLP(nnx.Module):
     def __init__(self, config: ModelConfig, options: ModelOptions, *, rngs: nnx.Rngs):
         D, F = config.hidden_size, config.intermediate_size
         kw = dict(bias=False, param_dtype=options.param_dtype, std=config.initializer_range)
-        self.gate_proj = Dense(rngs.params(), (D,), (F,), ("embed", "mlp"), **kw)
-        self.up_proj = Dense(rngs.params(), (D,), (F,), ("embed", "mlp"), **kw)
-        self.down_proj = Dense(rngs.params(), (F,), (D,), ("mlp", "embed"), **kw)
+        lora = options.lora.for_module if options.lora is not None else (lambda name: None)
+        self.gate_proj = Dense(rngs.params(), (D,), (F,), ("embed", "mlp"), lora=lora("gate_proj"), **kw)
+        self.up_proj = Dense(rngs.params(), (D,), (F,), ("embed", "mlp"), lora=lora("up_proj"), **kw)
+        self.down_proj = Dense(rngs.params(), (F,), (D,), ("mlp", "embed"), lora=lora("down_proj"), **kw)
         self.act, self.dtype = config.hidden_act, options.dtype
 
     def __call__(self, x_BxTxD):

@@ -1,0 +1,226 @@
+"""LoRA adapters in PEFT's directory format: `adapter_config.json` + `adapter_model.safetensors`.
+
+PEFT names a LoRA weight by the Hugging Face module it adapts, e.g.
+`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` [r, in] and `...lora_B.weight` [out, r],
+in torch's (out, in) convention with the update (lora_alpha / r) * B @ A. jdpo's A [*in, r] and B [r, *out]
+(per-head shapes) are the same numbers transposed: every family's projections flatten their head axes in
+HF's row-major order (`jdpo.models.families`: the q / k / v / o layouts are reshapes and transposes only),
+so the mapping is one transpose and one reshape for all of llama, mistral, qwen2, qwen3, gemma, gemma2.
+
+    save_adapter(model, "runs/x/final", base_model="path/to/base")   # only process 0 writes
+    check_adapter("sft_adapter", model_config, config.lora)          # before any weight loads
+    load_adapter(model, "sft_adapter")                               # into the model's adapters
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jdpo.config import ConfigError, LoRASection
+from jdpo.lora import projection_shapes
+from jdpo.models.transformer import ModelConfig, Transformer
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "check_adapter",
+    "from_adapter_dir",
+    "is_adapter_dir",
+    "load_adapter",
+    "save_adapter",
+]
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_BLOCK = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}  # fmt: skip
+
+
+def _entries(config: ModelConfig, targets) -> list[tuple[int, str, str]]:
+    """(layer, target, PEFT module key prefix) of every adapted projection, in layer order."""
+    return [
+        (i, t, f"base_model.model.model.layers.{i}.{_BLOCK[t]}.{t}")
+        for i in range(config.num_layers)
+        for t in sorted(targets)
+    ]
+
+
+def _expected_shapes(config: ModelConfig, rank: int, targets) -> dict[str, tuple[int, int]]:
+    shapes = projection_shapes(config)
+    out = {}
+    for _, t, prefix in _entries(config, targets):
+        n_in, n_out = (math.prod(s) for s in shapes[t])
+        out[f"{prefix}.lora_A.weight"] = (rank, n_in)
+        out[f"{prefix}.lora_B.weight"] = (n_out, rank)
+    return out
+
+
+def _read_config(adapter_dir: str) -> dict:
+    path = os.path.join(adapter_dir, ADAPTER_CONFIG)
+    if not os.path.exists(path):
+        raise ConfigError(f"lora.init_adapter: {adapter_dir} is not a PEFT adapter directory (no {path})")
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_adapter(adapter_dir: str, config: ModelConfig, section: LoRASection) -> None:
+    """Refuse (ConfigError naming the field or the tensor) a PEFT adapter that does not fit this model and
+    the `lora` settings: its rank, alpha and targets must be the config's, and its tensors exactly the
+    model's adapters with their shapes. Reads adapter_config.json and the safetensors header only."""
+    cfg = _read_config(adapter_dir)
+    where = f"lora.init_adapter {adapter_dir}"
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ConfigError(f"{where} is a {cfg.get('peft_type')} adapter, not LoRA")
+    for key, bad in [("use_rslora", True), ("use_dora", True)]:
+        if cfg.get(key) is bad:
+            raise ConfigError(f"{where}: {key}=true adapters are not supported (plain LoRA only)")
+    if cfg.get("bias", "none") != "none" or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise ConfigError(f"{where}: bias training or per-module rank / alpha patterns are not supported")
+    targets = cfg.get("target_modules")
+    targets = [targets] if isinstance(targets, str) else list(targets or [])
+    for field, theirs, ours in [
+        ("lora.rank", cfg.get("r"), section.rank),
+        ("lora.alpha", float(cfg.get("lora_alpha", 8)), float(section.alpha)),
+        ("lora.targets", sorted(targets), sorted(section.targets)),
+    ]:
+        if theirs != ours:
+            name = field.split(".")[1]
+            raise ConfigError(f"{where} has {name} {theirs!r} but {field} is {ours!r}: set {field}")
+    path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+    if not os.path.exists(path):
+        raise ConfigError(f"{where}: no {ADAPTER_WEIGHTS}")
+    want = _expected_shapes(config, section.rank, section.targets)
+    with safe_open(path, framework="numpy") as f:
+        have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    for key, shape in want.items():
+        if key not in have:
+            raise ConfigError(f"{where}: tensor {key} is missing from {ADAPTER_WEIGHTS} (the adapter's "
+                              "base has another architecture or layer count)")  # fmt: skip
+        if have[key] != shape:
+            raise ConfigError(f"{where}: tensor {key} has shape {have[key]}, the model's is {shape} "
+                              "(the adapter was trained on another base)")  # fmt: skip
+    extra = sorted(set(have) - set(want))
+    if extra:
+        raise ConfigError(
+            f"{where}: tensor {extra[0]} (and {len(extra) - 1} more) adapts nothing in the model"
+        )
+
+
+def is_adapter_dir(path) -> bool:
+    """Is `path` a PEFT adapter directory (rather than a full checkpoint)?"""
+    return os.path.exists(os.path.join(os.fspath(path), ADAPTER_CONFIG))
+
+
+def from_adapter_dir(path, *, options=None, mesh=None) -> tuple[Transformer, str]:
+    """The model of a PEFT adapter directory: its base (`base_model_name_or_path`, a local checkpoint)
+    with the adapter merged into the kernels. Returns (model, base path). What `jdpo eval` and
+    `jdpo generate` load when given an adapter directory."""
+    from jdpo.config import LORA_TARGETS
+    from jdpo.lora import merged, model_options
+    from jdpo.models import ModelOptions, from_pretrained
+
+    path = os.fspath(path)
+    cfg = _read_config(path)
+    base = cfg.get("base_model_name_or_path") or ""
+    if not os.path.exists(os.path.join(base, "config.json")):
+        raise ConfigError(f"{path}/{ADAPTER_CONFIG}: base_model_name_or_path {base!r} is not a local "
+                          "Hugging Face checkpoint directory")  # fmt: skip
+    targets = cfg.get("target_modules")
+    targets = tuple([targets] if isinstance(targets, str) else targets or ())
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown:
+        raise ConfigError(f"{path}: target_modules {unknown} are not among {', '.join(LORA_TARGETS)}")
+    section = LoRASection(rank=int(cfg.get("r", 8)), alpha=float(cfg.get("lora_alpha", 8)), targets=targets,
+                          init_adapter=path)  # fmt: skip
+    options = model_options(ModelOptions() if options is None else options, section, base)
+    model, _ = from_pretrained(base, options=options, mesh=mesh)
+    load_adapter(model, path)
+    return merged(model), base
+
+
+def _adapter_vars(model: Transformer):
+    """(layer, target) -> (A variable, B variable, stacked layer index or None)."""
+    from jdpo.lora import _dense_modules
+
+    modules = {".".join(map(str, p)): m for p, m in _dense_modules(model).items()}
+    out = {}
+    for i, t, _ in _entries(model.config, model.options.lora.targets):
+        if model.options.scan_layers:
+            m, idx = modules[f"layers.{_BLOCK[t]}.{t}"], i
+        else:
+            m, idx = modules[f"layers.{i}.{_BLOCK[t]}.{t}"], None
+        out[i, t] = (m.lora_a, m.lora_b, idx)
+    return out
+
+
+def load_adapter(model: Transformer, adapter_dir: str) -> None:
+    """Set the model's adapters (built with `ModelOptions.lora`) to a PEFT adapter's weights, in the
+    adapters' dtypes and shardings. Call `check_adapter` first for a message naming what does not fit."""
+    tensors = {}
+    with safe_open(os.path.join(adapter_dir, ADAPTER_WEIGHTS), framework="numpy") as f:
+        for key in f.keys():
+            tensors[key] = f.get_tensor(key)
+    stacked: dict[int, list] = {}
+    for (i, t), (a_var, b_var, idx) in _adapter_vars(model).items():
+        prefix = f"base_model.model.model.layers.{i}.{_BLOCK[t]}.{t}"
+        a_shape = a_var.get_value().shape[1 if idx is not None else 0 :]
+        b_shape = b_var.get_value().shape[1 if idx is not None else 0 :]
+        a = tensors[f"{prefix}.lora_A.weight"].T.reshape(a_shape)  # [r, in] -> [*in, r]
+        b = tensors[f"{prefix}.lora_B.weight"].T.reshape(b_shape)  # [out, r] -> [r, *out]
+        for var, value in ((a_var, a), (b_var, b)):
+            if idx is None:
+                _set(var, value)
+            else:
+                stacked.setdefault(id(var), [var, []])[1].append(value)
+    for var, values in stacked.values():
+        _set(var, np.stack(values))
+
+
+def _set(var, value: np.ndarray) -> None:
+    old = var.get_value()
+    var.set_value(jax.device_put(np.asarray(value, dtype=old.dtype), old.sharding))
+
+
+def save_adapter(model: Transformer, out_dir, *, base_model: str) -> None:
+    """Write the model's adapters as a PEFT adapter directory that `peft.PeftModel.from_pretrained(
+    AutoModelForCausalLM.from_pretrained(base_model), out_dir)` loads. Every process takes part in
+    gathering the shards; only process 0 writes."""
+    from jdpo.models.hf import host_array
+
+    spec = model.options.lora
+    weights = {}
+    for (i, t), (a_var, b_var, idx) in _adapter_vars(model).items():
+        a, b = host_array(a_var.get_value()), host_array(b_var.get_value())
+        if idx is not None:
+            a, b = a[idx], b[idx]
+        prefix = f"base_model.model.model.layers.{i}.{_BLOCK[t]}.{t}"
+        weights[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, spec.rank).T)
+        weights[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b.reshape(spec.rank, -1).T)
+    if jax.process_index() != 0:
+        return
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(weights, os.path.join(out_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base_model),
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": 0.0,
+        "target_modules": sorted(spec.targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+    }
+    with open(os.path.join(out_dir, ADAPTER_CONFIG), "w") as f:
+        json.dump(config, f, indent=2)
