@@ -33,6 +33,16 @@ def format_default(value: Any) -> str:
     return str(value)
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's, without breaking a long word: a comma-joined default (e.g. lora.targets's seven
+    module names) stays one token that can be copied back as a value."""
+
+    def _split_lines(self, text, width):
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_long_words=False, break_on_hyphens=False)
+
+
 def _add_config_fields(parser: argparse.ArgumentParser) -> None:
     """One ``--section.field VALUE`` option per config field, grouped by section, with the field's
     type, default and help, generated from the dataclasses so the help cannot drift from the code.
@@ -62,6 +72,7 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         usage="jdpo train [-h] [--config FILE] [--print-config] [--section.field VALUE ...]",
+        formatter_class=_HelpFormatter,
         help="Train a policy with DPO from a YAML preset and --section.field overrides.",
         description=(
             "Train with DPO. The config is the dataclass defaults, then the YAML file given with "
