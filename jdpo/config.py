@@ -231,6 +231,11 @@ class LoRASection:
         LORA_TARGETS,
         "Hugging Face module names that get adapters (default: all attention and MLP projections).",
     )
+    quantize: Literal["none", "int8"] = _f(
+        "none",
+        "QLoRA-style base: int8 stores the frozen projection kernels as int8 with a float32 scale per "
+        "output channel, dequantised inside the matmul (embeddings, norms and lm_head stay in param_dtype).",
+    )
     init_adapter: str = _f(
         "",
         "PEFT adapter directory to start from (e.g. an SFT adapter): the initial policy and, with it, the "
@@ -547,6 +552,8 @@ def _validate_lora(cfg: Config) -> None:
     if lo.rank == 0:
         if lo.init_adapter:
             raise ConfigError(f"lora.init_adapter={lo.init_adapter!r} needs lora.rank > 0 (its rank)")
+        if lo.quantize != "none":
+            raise ConfigError(f"lora.quantize={lo.quantize} quantises a frozen base: it needs lora.rank > 0")
         return
     if lo.alpha <= 0:
         raise ConfigError(f"lora.alpha must be > 0, got {lo.alpha}")

@@ -64,7 +64,12 @@ def model_options(options: ModelOptions, section: LoRASection, model_path: str) 
         from jdpo.peft_export import check_adapter
 
         check_adapter(section.init_adapter, config, section)
-    spec = LoRASpec(rank=section.rank, alpha=float(section.alpha), targets=tuple(section.targets))
+    spec = LoRASpec(
+        rank=section.rank,
+        alpha=float(section.alpha),
+        targets=tuple(section.targets),
+        quantize=section.quantize,
+    )
     return dataclasses.replace(options, lora=spec)
 
 
@@ -87,10 +92,25 @@ def zero_like(adapters):
     return jax.tree.map(jnp.zeros_like, adapters)
 
 
-def _dense_modules(model) -> dict[tuple, nnx.Module]:
+def _dense_modules(model, *, adapted: bool = True) -> dict[tuple, nnx.Module]:
+    """Path -> Dense of the adapted projections (adapted=False: every projection)."""
     from jdpo.models.transformer import Dense
 
-    return {path: m for path, m in nnx.iter_graph(model) if isinstance(m, Dense) and m.lora_scale is not None}
+    return {
+        path: m
+        for path, m in nnx.iter_graph(model)
+        if isinstance(m, Dense) and (m.lora_scale is not None or not adapted)
+    }
+
+
+def base_kernel(dense) -> jax.Array:
+    """A projection's base kernel in float32 (an int8 one dequantised: q * scale)."""
+    kernel = dense.kernel[...].astype(jnp.float32)
+    if not dense.quantized:
+        return kernel
+    scale = dense.kernel_scale[...].astype(jnp.float32)  # [*lead, *out]: lead () or stacked layers (L,)
+    lead = scale.shape[: scale.ndim - dense.n_out]
+    return kernel * scale.reshape(*lead, *(1,) * dense.n_in, *scale.shape[len(lead) :])
 
 
 def delta(dense) -> jax.Array:
@@ -106,18 +126,22 @@ def delta(dense) -> jax.Array:
 
 
 def merged(model: Transformer) -> Transformer:
-    """The same function without adapters: every adapted kernel W + (alpha / r) A B (in the kernel's
-    dtype and sharding), every other parameter shared. What `final_merged/` exports."""
+    """The same function without adapters: every adapted kernel W + (alpha / r) A B (an int8 base
+    dequantised first), in `param_dtype` and the kernel's sharding; every other parameter shared. What
+    `final_merged/` exports."""
     options = dataclasses.replace(model.options, lora=None)
     plain = nnx.eval_shape(lambda: Transformer(model.config, options=options, rngs=nnx.Rngs(0)))
-    adapted = _dense_modules(model)
+    projections = _dense_modules(model, adapted=False)
     source = {path: v for path, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
     for path, var in nnx.iter_graph(plain):
         if not isinstance(var, nnx.Variable):
             continue
         value = source[path].get_value()
-        if path[-1] == "kernel" and path[:-1] in adapted:
-            value = (value.astype(jnp.float32) + delta(adapted[path[:-1]])).astype(value.dtype)
-            value = jax.device_put(value, source[path].get_value().sharding)
+        dense = projections.get(path[:-1]) if path[-1] == "kernel" else None
+        if dense is not None and (dense.lora_scale is not None or dense.quantized):
+            kernel = base_kernel(dense)
+            if dense.lora_scale is not None:
+                kernel = kernel + delta(dense)
+            value = jax.device_put(kernel.astype(var.get_value().dtype), value.sharding)
         var.set_value(value)
     return plain

@@ -19,6 +19,11 @@ they divide by it):
   optimizer       AdamW state from `jax.eval_shape(optimizer.init)` (two moments shaped like the
                   parameters, in the parameter dtype), sharded like the parameters
   reference       online reference only: a frozen copy of the parameters
+  LoRA            with lora.rank > 0 the parameters are the frozen base (its projection kernels int8
+                  plus a float32 scale per output channel with lora.quantize: int8) and the adapters;
+                  gradients, optimizer state and the online reference count the adapters only, and
+                  the activations add each adapted projection's rank-r intermediate x A, L * targets *
+                  r * b per token
   activations     tensors saved for the backward pass, per layer and token:
                     remat none: x, ln1(x), q, k, v, attn_out, x + attn, ln2(.), gate, up, act*up
                                 = (4D + 2NH + 2KH + 3F) * b, plus the attention kernel's own state:
@@ -161,7 +166,9 @@ def abstract_params(model_config, *, param_dtype: str = "float32", scan_layers: 
 
     spec = None
     if lora is not None and lora.rank > 0:
-        spec = LoRASpec(rank=lora.rank, alpha=float(lora.alpha), targets=tuple(lora.targets))
+        spec = LoRASpec(
+            rank=lora.rank, alpha=float(lora.alpha), targets=tuple(lora.targets), quantize=lora.quantize
+        )
     options = ModelOptions(param_dtype=jnp.dtype(param_dtype), scan_layers=scan_layers, lora=spec)
     model = nnx.eval_shape(lambda: Transformer(model_config, options=options, rngs=nnx.Rngs(0)))
     out = []
@@ -331,12 +338,11 @@ def plan_memory(
                   "full": "remat full: layer inputs saved + one layer recomputed"}[m.remat]  # fmt: skip
     rows = [("parameters", param_bytes, f"{num_params:,} params, {m.param_dtype}")]
     if lora:
+        base_dtype = (
+            m.param_dtype if cfg.lora.quantize == "none" else f"int8 projections, {m.param_dtype} rest"
+        )
         rows = [
-            (
-                "base (frozen)",
-                frozen_bytes,
-                f"{num_all - num_params:,} params, {m.param_dtype}, frozen",
-            ),
+            ("base (frozen)", frozen_bytes, f"{num_all - num_params:,} params, {base_dtype}"),
             ("adapters", param_bytes, f"{num_params:,} LoRA params (rank {cfg.lora.rank}), {m.param_dtype}"),
         ]
     rows += [

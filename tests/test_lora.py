@@ -258,3 +258,38 @@ def test_plan_counts_a_lora_run_of_llama3_8b():
     assert rows["base (frozen)"] == 8_030_261_248 * 2 and rows["adapters"] == adapters * 2
     assert rows["gradients"] == adapters * 4 and 0 <= rows["optimizer"] - adapters * 2 * 2 < 64
     assert rows["reference params"] == adapters * 2  # no second copy of the base
+    int8 = plan.plan_memory(
+        llama3_8b, jconfig.replace(jconfig.Config(), **over, **{"lora.quantize": "int8"}), num_devices=1
+    )
+    projections, scales = 6_979_321_856, 32 * 43_008  # the 7 kernels of 32 layers; one scale per output
+    want = projections + scales * 4 + (8_030_261_248 - projections) * 2
+    assert {name: size for name, size, _ in int8.rows}["base (frozen)"] == want
+
+
+def test_int8_base_logits_are_within_one_percent_of_full_precision(assets):
+    from jdpo.models import ModelOptions, from_pretrained
+    from jdpo.models.transformer import LoRASpec
+
+    ids = np.arange(1, 40, dtype=np.int32)[None]
+    full, _ = from_pretrained(assets.model_dir)
+    want = np.asarray(full(ids))
+    spec = LoRASpec(rank=4, alpha=8.0, targets=jconfig.LORA_TARGETS, quantize="int8")
+    for scan in (False, True):
+        q, _ = from_pretrained(assets.model_dir, options=ModelOptions(scan_layers=scan, lora=spec))
+        projections = lora._dense_modules(q, adapted=False)  # the 7 projections of each layer + lm_head
+        assert sum(m.kernel.get_value().dtype == np.int8 for m in projections.values()) == 7 * (
+            1 if scan else 2
+        )
+        got = np.asarray(q(ids))
+        # Per-channel int8 rounds each weight by at most half a step (absmax / 254).
+        assert np.abs(got - want).max() <= 0.01 * np.abs(want).max()
+        np.testing.assert_array_equal(np.asarray(lora.merged(q)(ids)), got)  # B = 0: merging adds 0
+
+
+def test_int8_run_starts_at_ln2_on_a_smaller_base(assets, tmp_path):
+    tr = train.Trainer(make_config(assets, tmp_path / "run", **{"lora.quantize": "int8"}), mesh=one_device())
+    plain = train.Trainer(make_config(assets, tmp_path / "plain"), mesh=one_device())
+    assert nbytes(tr.base) < 0.6 * nbytes(plain.base)
+    first, second = steps(tr, 2)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert second["loss"] != pytest.approx(math.log(2), abs=1e-6)

@@ -111,6 +111,11 @@ def from_pretrained(path, *, options: ModelOptions | None = None, mesh=None):
     scan_layers, param_dtype = options.scan_layers, options.param_dtype
     # LoRA adapters (options.lora) are not in a base checkpoint: they are initialised after the load.
     params = {k: v for k, v in _model_params(model).items() if not isinstance(v, nnx.LoRAParam)}
+    # An int8 base (options.lora.quantize): each kernel is quantised right after it loads, its scale
+    # computed from it, so at most one float kernel is held at a time.
+    quantized = _quantized_kernels(model)
+    for name in quantized:
+        params.pop(name[: -len("kernel")] + "kernel_scale")
     key_to_file = _checkpoint_files(path)
     L = config.num_layers
     used: set[str] = set()
@@ -164,6 +169,8 @@ def from_pretrained(path, *, options: ModelOptions | None = None, mesh=None):
                         param_dtype=param_dtype,
                     )
                 )
+                if model_path in quantized:
+                    _quantize_loaded(quantized[model_path], lead=int(per_layer and scan_layers), mesh=mesh)
     if params:
         raise CheckpointError(f"model parameters with no checkpoint tensor in {path}: {sorted(params)}")
     unused = sorted(k for k in key_to_file if k not in used and not k.endswith(_IGNORED_SUFFIXES))
@@ -174,6 +181,26 @@ def from_pretrained(path, *, options: ModelOptions | None = None, mesh=None):
     if options.lora is not None:
         _init_adapters(model, config, options, mesh)
     return model, config
+
+
+def _quantized_kernels(model) -> dict:
+    """Dotted kernel path -> its Dense, for the int8-quantised projections of `model`."""
+    from jdpo.models.transformer import Dense
+
+    return {
+        ".".join(map(str, path)) + ".kernel": m
+        for path, m in nnx.iter_graph(model)
+        if isinstance(m, Dense) and m.quantized
+    }
+
+
+def _quantize_loaded(dense, *, lead: int, mesh) -> None:
+    """Replace a just-loaded float kernel by its int8 form and set its scale (in their shardings)."""
+    from jdpo.models.transformer import quantize_int8
+
+    q, scale = quantize_int8(dense.kernel.get_value(), dense.n_in, lead)
+    dense.kernel.set_value(jax.device_put(q, _sharding_for(dense.kernel, mesh)))
+    dense.kernel_scale.set_value(jax.device_put(scale, _sharding_for(dense.kernel_scale, mesh)))
 
 
 def _init_adapters(model, config: ModelConfig, options: ModelOptions, mesh) -> None:

@@ -165,6 +165,9 @@ class LoRASpec:
     rank: int
     alpha: float
     targets: tuple[str, ...]  # HF module names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj
+    # The frozen base's projection kernels (all seven, adapted or not) stored as int8 with a float32
+    # scale per output channel, dequantised inside the matmul (QLoRA-style); "none": param_dtype.
+    quantize: str = "none"
 
     @property
     def scale(self) -> float:
@@ -172,6 +175,16 @@ class LoRASpec:
 
     def for_module(self, name: str) -> "LoRASpec | None":
         return self if name in self.targets else None
+
+
+def quantize_int8(kernel, n_in: int, lead: int = 0):
+    """Symmetric per-output-channel int8: (q int8 like kernel, scale float32 [*lead, *out]) with
+    kernel ~= q * scale; the absmax is over the `n_in` input axes after `lead` stacked axes."""
+    k32 = kernel.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(k32), axis=tuple(range(lead, lead + n_in)), keepdims=True) / 127.0
+    scale = jnp.where(scale == 0, 1.0, scale)
+    q = jnp.clip(jnp.round(k32 / scale), -127, 127).astype(jnp.int8)
+    return q, scale.reshape(scale.shape[:lead] + scale.shape[lead + n_in :])
 
 
 def _param(key, shape, names, param_dtype, init: str, std: float):
@@ -204,10 +217,16 @@ class Dense(nnx.Module):
     """A kernel [*in, *out] (per-head shapes allowed) with an optional bias [*out]."""
 
     def __init__(
-        self, key, in_shape, out_shape, names, *, bias: bool, param_dtype, std, bias_names=None, lora=None
-    ):
-        self.n_in = len(in_shape)
+        self, key, in_shape, out_shape, names, *, bias: bool, param_dtype, std, bias_names=None, lora=None,
+        quantize: str = "none",
+    ):  # fmt: skip
+        self.n_in, self.n_out = len(in_shape), len(out_shape)
         self.kernel = _param(key, (*in_shape, *out_shape), names, param_dtype, "normal", std)
+        self.quantized = quantize == "int8"
+        if self.quantized:  # int8 kernel + float32 scale per output channel (`quantize_int8`)
+            q, scale = quantize_int8(self.kernel[...], self.n_in)
+            self.kernel = nnx.Param(q, out_sharding=tuple(names), eager_sharding=False)
+            self.kernel_scale = nnx.Param(scale, out_sharding=tuple(names[self.n_in :]), eager_sharding=False)
         if bias:
             self.bias = _param(None, out_shape, bias_names or names[self.n_in :], param_dtype, "zeros", 0.0)
         else:
@@ -236,6 +255,8 @@ class Dense(nnx.Module):
 
     def __call__(self, x, dtype):
         kernel = self.kernel[...].astype(dtype)
+        if self.quantized:  # dequantised here, fused into the matmul's operand
+            kernel = kernel * self.kernel_scale[...].astype(dtype)
         lead, out_shape = x.shape[: x.ndim - self.n_in], kernel.shape[self.n_in :]
         k_in = math.prod(kernel.shape[: self.n_in])
         # As one 2-D matmul [tokens, in] x [in, out]: with the token axes merged, XLA:CPU computes the
@@ -306,6 +327,7 @@ class Attention(nnx.Module):
         D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         kw = dict(param_dtype=param_dtype, std=c.initializer_range)
         lora = options.lora.for_module if options.lora is not None else (lambda name: None)
+        kw["quantize"] = options.lora.quantize if options.lora is not None else "none"
         self.q_proj = Dense(
             rngs.params(), (D,), (N, H), ("embed", "heads", "head_dim"), bias=c.qkv_bias,
             lora=lora("q_proj"), **kw,
@@ -413,6 +435,7 @@ class MLP(nnx.Module):
         D, F = config.hidden_size, config.intermediate_size
         kw = dict(bias=False, param_dtype=options.param_dtype, std=config.initializer_range)
         lora = options.lora.for_module if options.lora is not None else (lambda name: None)
+        kw["quantize"] = options.lora.quantize if options.lora is not None else "none"
         self.gate_proj = Dense(rngs.params(), (D,), (F,), ("embed", "mlp"), lora=lora("gate_proj"), **kw)
         self.up_proj = Dense(rngs.params(), (D,), (F,), ("embed", "mlp"), lora=lora("up_proj"), **kw)
         self.down_proj = Dense(rngs.params(), (F,), (D,), ("mlp", "embed"), lora=lora("down_proj"), **kw)
