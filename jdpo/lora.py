@@ -30,7 +30,16 @@ from flax import nnx
 from jdpo.config import ConfigError, LoRASection
 from jdpo.models.transformer import LoRASpec, ModelConfig, ModelOptions, Transformer
 
-__all__ = ["merged", "model_options", "projection_shapes", "split", "zero_like"]
+__all__ = [
+    "base_kernel",
+    "delta",
+    "dense_modules",
+    "merged",
+    "model_options",
+    "projection_shapes",
+    "split",
+    "zero_like",
+]
 
 
 def projection_shapes(c: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -87,12 +96,12 @@ def split(model: Transformer, section: LoRASection):
 
 
 def zero_like(adapters):
-    """Adapters that change nothing (B = 0 everywhere; A kept): the reference of a run without an
+    """Adapters that change nothing (all zeros, so A B = 0 exactly): the reference of a run without an
     init adapter is then exactly the base."""
     return jax.tree.map(jnp.zeros_like, adapters)
 
 
-def _dense_modules(model, *, adapted: bool = True) -> dict[tuple, nnx.Module]:
+def dense_modules(model, *, adapted: bool = True) -> dict[tuple, nnx.Module]:
     """Path -> Dense of the adapted projections (adapted=False: every projection)."""
     from jdpo.models.transformer import Dense
 
@@ -131,7 +140,7 @@ def merged(model: Transformer) -> Transformer:
     `final_merged/` exports."""
     options = dataclasses.replace(model.options, lora=None)
     plain = nnx.eval_shape(lambda: Transformer(model.config, options=options, rngs=nnx.Rngs(0)))
-    projections = _dense_modules(model, adapted=False)
+    projections = dense_modules(model, adapted=False)
     source = {path: v for path, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
     for path, var in nnx.iter_graph(plain):
         if not isinstance(var, nnx.Variable):

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jdpo.config import ConfigError, LoRASection
-from jdpo.lora import projection_shapes
+from jdpo.lora import dense_modules, projection_shapes
 from jdpo.models.transformer import ModelConfig, Transformer
 
 __all__ = [
@@ -147,9 +147,7 @@ def from_adapter_dir(path, *, options=None, mesh=None) -> tuple[Transformer, str
 
 def _adapter_vars(model: Transformer):
     """(layer, target) -> (A variable, B variable, stacked layer index or None)."""
-    from jdpo.lora import _dense_modules
-
-    modules = {".".join(map(str, p)): m for p, m in _dense_modules(model).items()}
+    modules = {".".join(map(str, p)): m for p, m in dense_modules(model).items()}
     out = {}
     for i, t, _ in _entries(model.config, model.options.lora.targets):
         if model.options.scan_layers:

@@ -276,7 +276,7 @@ def test_int8_base_logits_are_within_one_percent_of_full_precision(assets):
     spec = LoRASpec(rank=4, alpha=8.0, targets=jconfig.LORA_TARGETS, quantize="int8")
     for scan in (False, True):
         q, _ = from_pretrained(assets.model_dir, options=ModelOptions(scan_layers=scan, lora=spec))
-        projections = lora._dense_modules(q, adapted=False)  # the 7 projections of each layer + lm_head
+        projections = lora.dense_modules(q, adapted=False)  # the 7 projections of each layer + lm_head
         assert sum(m.kernel.get_value().dtype == np.int8 for m in projections.values()) == 7 * (
             1 if scan else 2
         )
