@@ -26,6 +26,7 @@ from typing import Any
 import jax
 
 from jdpo import paths
+from jdpo.errors import UserError
 from jdpo.fingerprint import weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,10 @@ def _ocp():
     from orbax.checkpoint import v1 as ocp
 
     return ocp
+
+
+class DamagedCheckpointError(UserError, FileNotFoundError):
+    """No checkpoint of a run loads intact; the message says what is wrong with each."""
 
 
 class Checkpointer:
@@ -150,9 +155,11 @@ class Checkpointer:
                 return state, meta, skipped
             skipped.append((s, problem or "it does not load on another process"))
             self._move_aside(s)
-        raise FileNotFoundError(
-            f"no intact checkpoint in {self.directory}: "
+        raise DamagedCheckpointError(
+            f"no intact checkpoint in {self.directory} (the damaged ones are moved aside to "
+            f"{self.directory.name}.damaged/): "
             + "; ".join(f"step {s}: {why}" for s, why in skipped)
+            + "; start again in another train.output_dir, or restore a checkpoint from a copy"
         )
 
     def _move_aside(self, step: int) -> None:

@@ -13,12 +13,14 @@ command that needs them, so ``jdpo --help`` and argument errors are instant.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from jdpo import config as C
+from jdpo.errors import EXIT_USER_ERROR, UserError
 
 
 def format_default(value: Any) -> str:
@@ -531,6 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
         subparser = add(sub)
         # Each command gets its own parser back, so its errors print its own usage line.
         subparser.set_defaults(_parser=subparser)
+        subparser.add_argument(
+            "--debug",
+            action="store_true",
+            help="Show the Python traceback of an input error (also with JDPO_DEBUG=1); without it such "
+            f"an error is one message and exit status {EXIT_USER_ERROR}.",
+        )
     return parser
 
 
@@ -578,7 +586,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.extra_overrides = C.parse_overrides(extra)
         except C.ConfigError as e:
             subparser.error(str(e))
-    return int(args.func(args, subparser) or 0)
+    try:
+        return int(args.func(args, subparser) or 0)
+    except UserError as e:
+        if args.debug or os.environ.get("JDPO_DEBUG", "").strip().lower() in ("1", "true", "yes", "on"):
+            raise
+        print(f"jdpo {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

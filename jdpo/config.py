@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from jdpo.errors import UserError
+
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with its help text (tuples and other immutables only as defaults)."""
@@ -276,7 +278,7 @@ class Config:
     logging: LoggingSection = field(default_factory=LoggingSection)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value that is unknown, mistyped or inconsistent; the message names the field."""
 
 

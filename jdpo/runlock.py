@@ -23,12 +23,14 @@ import socket
 import time
 from pathlib import Path
 
+from jdpo.errors import UserError
+
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".jdpo.lock"
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(UserError, RuntimeError):
     """Another live run holds the output directory; the message names it."""
 
 

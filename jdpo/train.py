@@ -40,7 +40,7 @@ from flax import nnx
 from jdpo import lora, metrics, paths, refcache
 from jdpo.batch import Batch
 from jdpo.checkpoint import Checkpointer, abstract_like, from_checkpoint, to_checkpoint
-from jdpo.config import Config
+from jdpo.config import Config, ConfigError
 from jdpo.flops import batch_token_stats, throughput_metrics, total_peak_flops, train_flops
 from jdpo.forward import PairLogps, over_split, split_metrics
 from jdpo.guards import (
@@ -117,17 +117,26 @@ class Trainer:
 
         self.config = c = config
         if not c.model.path:
-            raise ValueError("model.path is empty: give a Hugging Face checkpoint directory")
-        self.mesh = mesh if mesh is not None else make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-        # A local path or an object-store URL (gs://bucket/run): every file of the run goes through it.
-        self.output_dir = paths.as_path(c.train.output_dir)
-        paths.check_checkpoint_dir(self.output_dir)  # before the reference pass, not at the first save
+            raise ConfigError("model.path is empty: give a Hugging Face checkpoint directory")
+        try:
+            self.mesh = mesh if mesh is not None else make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+        except ValueError as e:
+            m = c.mesh
+            raise ConfigError(f"mesh.data={m.data} mesh.fsdp={m.fsdp} mesh.tensor={m.tensor}: {e}") from None
+        try:
+            # A local path or an object-store URL (gs://bucket/run): every file of the run goes through it.
+            self.output_dir = paths.as_path(c.train.output_dir)
+            paths.check_checkpoint_dir(self.output_dir)  # before the reference pass, not at the first save
+        except ValueError as e:  # the message names the path
+            raise ConfigError(f"train.output_dir: {e}") from None
         self.dtype = resolve_dtype(c.model.dtype)
         self._checkpointer: Checkpointer | None = None
         self.best = BestEval(c.train.keep_best) if c.train.keep_best else None
         self.divergence = DivergenceGuard(c.train)
-        params = self._load_model()
+        # The data before the model: a bad line or an empty split costs seconds, not a model load.
+        self._load_tokenizer()
         self._load_data()
+        params = self._load_model()
         abstract = abstract_like(params)
         self.settings = StepSettings(
             graphdef=self.graphdef,
@@ -150,14 +159,20 @@ class Trainer:
 
     # -- set-up ------------------------------------------------------------------------------------
 
-    def _load_model(self):
-        """Tokenizer and policy from `model.path`; returns the parameters (born sharded)."""
+    def _load_tokenizer(self) -> None:
+        """The tokenizer of `model.path` (the data needs it before the model is loaded)."""
         from transformers import AutoTokenizer
 
+        from jdpo.models import ModelConfig
+
+        ModelConfig.from_hf(self.config.model.path)  # a missing or unsupported config.json, named, first
+        self.tokenizer = AutoTokenizer.from_pretrained(self.config.model.path)
+
+    def _load_model(self):
+        """The policy from `model.path`; returns the parameters (born sharded)."""
         from jdpo.models import ModelOptions, from_pretrained
 
         m = self.config.model
-        self.tokenizer = AutoTokenizer.from_pretrained(m.path)
         options = lora.model_options(ModelOptions.from_section(m, dtype=self.dtype), self.config.lora, m.path)
         model, self.model_config = from_pretrained(m.path, options=options, mesh=self.mesh)
         # LoRA: the params are the adapters and self.base the frozen rest (None for full fine-tuning).
@@ -180,19 +195,23 @@ class Trainer:
             )
         elif d.eval_fraction > 0:
             records, held = jdata.split_eval(records, d.eval_fraction, seed=c.train.seed)
+            if not held:
+                log.warning("data.eval_fraction=%g of %d train records holds out 0 of them: no eval split "
+                            "(give data.eval_fraction >= %.2g, or data.eval)", d.eval_fraction, len(records),
+                            0.5 / max(len(records), 1))  # fmt: skip
         else:
             held = []
-        tok_kw = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length)
+        tok_kw = dict(
+            max_length=d.max_length, max_prompt_length=d.max_prompt_length, skip_bad_rows=d.skip_bad_rows
+        )
         tokenize = unpaired_data.tokenizer_for(c.dpo, seed=c.train.seed)
         self.train_pairs, self.train_report = tokenize(records, self.tokenizer, **tok_kw)
-        self.eval_pairs = tokenize(held, self.tokenizer, **tok_kw)[0] if held else None
+        self.eval_pairs, eval_report = tokenize(held, self.tokenizer, **tok_kw) if held else (None, None)
         if c.dpo.unpaired:
             unpaired_data.check_classes(self.train_pairs.labels, split="train", loss_type=c.dpo.loss_type[0],
                                         desirable_weight=c.dpo.desirable_weight,
                                         undesirable_weight=c.dpo.undesirable_weight)  # fmt: skip
         if c.train.keep_best and self.eval_pairs is None:
-            from jdpo.config import ConfigError
-
             raise ConfigError(
                 f"train.keep_best={c.train.keep_best!r} needs an eval split: give data.eval files or a "
                 "data.eval_fraction > 0"
@@ -204,7 +223,7 @@ class Trainer:
         self.max_pairs = pairs_per_row(self.row_length, lengths) if d.packing else 1
         shards = row_shards(self.mesh)
         if c.train.batch_rows % shards:
-            raise ValueError(f"train.batch_rows={c.train.batch_rows} must divide over the {shards} row "
+            raise ConfigError(f"train.batch_rows={c.train.batch_rows} must divide over the {shards} row "
                              f"shards of the mesh (data x fsdp = {dict(self.mesh.shape)})")  # fmt: skip
         self.batch_kw = dict(
             rows_per_batch=c.train.batch_rows,
@@ -213,9 +232,16 @@ class Trainer:
             packing=d.packing,
         )
         self.batches = jdata.PreferenceBatches(self.train_pairs, seed=c.train.seed, **self.batch_kw)
-        if self.batches.dropped_too_long:
-            log.warning("%d train pairs are longer than a row (%d tokens) and are left out",
-                        self.batches.dropped_too_long, self.row_length)  # fmt: skip
+        # Before the model loads: what each split lost, and an error when nothing is left.
+        splits = [("train", self.train_report, self.batches, f"data.train ({', '.join(d.train)})")]
+        if self.eval_pairs is not None:
+            source = f"data.eval ({', '.join(d.eval)})" if d.eval else f"data.eval_fraction={d.eval_fraction}"
+            splits.append(("eval", eval_report, self.one_pass(self.eval_pairs), source))
+        for split, report, batches, source in splits:
+            line = jdata.account_split(split, report, too_long=batches.dropped_too_long,
+                                       row_length=self.row_length, source=source)  # fmt: skip
+            if line:
+                log.warning("%s", line)
         self.batches_per_epoch = self.batches.num_batches(0)
         self.steps_per_epoch = self.batches_per_epoch / c.train.grad_accum
         self.total_steps = c.train.max_steps or max(1, math.ceil(c.train.num_epochs * self.steps_per_epoch))
@@ -273,7 +299,7 @@ class Trainer:
         options = ModelOptions.from_section(self.config.model, dtype=self.dtype)
         ref_model, ref_cfg = from_pretrained(path, options=options, mesh=self.mesh)
         if ref_cfg != self.model_config:
-            raise ValueError(f"dpo.reference_path {path} has another architecture than model.path")
+            raise ConfigError(f"dpo.reference_path {path} has another architecture than model.path")
         return nnx.split(ref_model)[1]
 
     def cache_dir(self) -> epath.Path:
@@ -421,7 +447,7 @@ class Trainer:
         """When the output directory has checkpoints, refuse (before any forward pass) a config whose
         optimisation settings differ from the newest checkpoint's, unless `train.allow_config_change`,
         and data or batch settings the saved data position does not belong to."""
-        from jdpo.config import RESUMABLE_CHANGES, ConfigError, config_changes
+        from jdpo.config import RESUMABLE_CHANGES, config_changes
 
         if not self.checkpoint_dir.exists() or self._checkpoints().latest_step() is None:
             return

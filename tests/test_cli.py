@@ -168,3 +168,51 @@ def test_cli_import_is_light():
     """`jdpo --help` must not pay for JAX / the trainer / matplotlib."""
     out = modules_imported_by("import jdpo.cli", ("jax", "flax", "matplotlib", "jdpo.train"))
     assert out.strip() == "[]"
+
+
+def _train_raising(monkeypatch, error):
+    import types
+
+    def run(cfg):
+        raise error
+
+    fake = types.ModuleType("jdpo.train")
+    fake.run = run
+    monkeypatch.setitem(sys.modules, "jdpo.train", fake)
+    monkeypatch.setattr("jdpo.train", fake, raising=False)
+
+
+def test_an_input_error_is_one_message_and_exit_2_and_debug_shows_the_traceback(capsys, monkeypatch):
+    from jdpo.data import DataError
+
+    monkeypatch.delenv("JDPO_DEBUG", raising=False)
+    _train_raising(monkeypatch, DataError("data/x.jsonl:4: malformed JSON (Expecting value at column 1)"))
+    code, _, err = _run(capsys, "train")
+    assert (
+        code == 2
+        and err == "jdpo train: error: data/x.jsonl:4: malformed JSON (Expecting value at column 1)\n"
+    )
+    with pytest.raises(DataError, match="x.jsonl:4"):
+        cli.main(["train", "--debug"])
+    monkeypatch.setenv("JDPO_DEBUG", "1")
+    with pytest.raises(DataError, match="x.jsonl:4"):
+        cli.main(["train"])
+    monkeypatch.delenv("JDPO_DEBUG")
+    _train_raising(monkeypatch, KeyError("a bug"))  # not an input error: it keeps its traceback
+    with pytest.raises(KeyError):
+        cli.main(["train"])
+
+
+def test_every_input_error_is_one_family(monkeypatch):
+    """Bad data, config, model config.json, model weights, checkpoints and a locked run directory all
+    reach the command line's one-message exit."""
+    from jdpo.checkpoint import DamagedCheckpointError
+    from jdpo.data import DataError
+    from jdpo.errors import UserError
+    from jdpo.models import CheckpointError
+    from jdpo.models.families import ModelConfigError
+    from jdpo.runlock import RunLockedError
+
+    for error in (DataError, C.ConfigError, ModelConfigError, CheckpointError, DamagedCheckpointError,
+                  RunLockedError):  # fmt: skip
+        assert issubclass(error, UserError)

@@ -288,3 +288,75 @@ def test_csv_message_cells_and_json_variants(tmp_path):
     assert len(load_preferences(str(directory), split="test")) == 2
     with pytest.raises(DataError, match="holds no rows"):
         load_preferences(write(tmp_path, "empty.jsonl", "\n"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Encodings, roles, mixed formats, where each record came from
+
+
+def test_invalid_utf8_names_file_and_line_or_is_skipped(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(GOOD.encode() + b'{"prompt": "p\xff", "chosen": "c", "rejected": "r"}\n' + GOOD.encode())
+    with pytest.raises(
+        DataError, match=r"bad\.jsonl:2: not valid UTF-8 \(byte 0xff at byte 14 of the line\)"
+    ):
+        load_preferences(str(p))
+    recs = load_preferences(str(p), skip_bad_rows=True)
+    assert len(recs) == 2 and recs.report.bad_rows == 1 and recs.where == [f"{p}:1", f"{p}:3"]
+    # A whole-file format names the line too.
+    j = tmp_path / "bad.json"
+    j.write_bytes(b'[{"prompt": "p", "chosen": "c", "rejected": "r"},\n{"prompt": "\xc3"}]')
+    with pytest.raises(DataError, match=r"bad\.json:2: not valid UTF-8"):
+        load_preferences(str(j))
+
+
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("bom.jsonl", GOOD * 2),
+        ("bom.json", "[" + GOOD + "," + GOOD + "]"),
+        ("bom.csv", "prompt,chosen,rejected\np,c,r\np,c,r\n"),
+    ],
+)
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    recs = load_preferences(str(p))
+    assert [r["prompt"] for r in recs] == ["p", "p"]
+
+
+def test_an_unknown_role_names_file_and_line(tmp_path):
+    row = '{"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "asistant", "content": "a"}], '
+    row += '"rejected": [{"role": "assistant", "content": "b"}]}\n'
+    good = row.replace("asistant", "assistant")
+    path = write(tmp_path, "roles.jsonl", good + row)
+    with pytest.raises(DataError, match=r"roles\.jsonl:2: field 'chosen' message 0 has role 'asistant'"):
+        load_preferences(path)
+    assert len(load_preferences(path, skip_bad_rows=True)) == 1
+
+
+CONV = '{"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}], '
+CONV += '"rejected": [{"role": "assistant", "content": "b"}]}\n'
+
+
+@pytest.mark.parametrize("first, other, kinds", [(GOOD, CONV, "message lists.*has text"),
+                                                 (CONV, GOOD, "text.*has message lists")])  # fmt: skip
+def test_a_file_mixing_text_and_message_rows_names_the_first_row_that_differs(tmp_path, first, other, kinds):
+    path = write(tmp_path, "mixed.jsonl", first + first + other + first + other)
+    with pytest.raises(DataError, match=rf"mixed\.jsonl:3: this row's .* are {kinds}"):
+        load_preferences(path)
+
+
+def test_records_know_where_they_came_from_through_mixtures_and_splits(tmp_path):
+    lines = "".join(f'{{"prompt": "p{i}", "chosen": "c", "rejected": "r"}}\n' for i in range(1, 7))
+    a = write(tmp_path, "a.jsonl", lines)  # prompt p<i> on line i
+    b = write(tmp_path, "b.jsonl", "\n" + GOOD)  # a blank first line: its record is on line 2
+
+    def located(part):
+        return all(w == (f"{b}:2" if r["prompt"] == "p" else f"{a}:{r['prompt'][1:]}")
+                   for r, w in zip(part, part.where, strict=True))  # fmt: skip
+
+    recs = load_preferences([a + ":3", b + ":2"], seed=0)  # a subset of a, b repeated
+    assert len(recs) == 5 and located(recs)
+    train, held = split_eval(recs, 2, seed=0)
+    assert len(held) == 2 and located(train) and located(held)

@@ -333,3 +333,48 @@ def test_end_of_turn_id_is_what_chat_completions_end_with(template):
         return
     pairs, _ = tokenize_preferences(CHAT, tok)
     assert end_of_turn_id(tok) == tok.convert_tokens_to_ids("<|im_end|>") == pairs.chosen_ids[0][-1]
+
+
+def test_without_a_template_a_role_plain_text_cannot_show_names_file_and_line():
+    from jdpo.data import DataError, PreferenceRecords
+
+    tool = {"prompt": [msg("user", "hi"), msg("tool", "42")], "chosen": [msg("assistant", "a")],
+            "rejected": [msg("assistant", "b")]}  # fmt: skip
+    recs = PreferenceRecords([CHAT[0], tool], where=["d.jsonl:1", "d.jsonl:7"])
+    with pytest.raises(DataError, match=r"d\.jsonl:7: role 'tool' has no plain-text form"):
+        tokenize_preferences(recs, make_tokenizer(None))
+    pairs, report = tokenize_preferences(recs, make_tokenizer(None), skip_bad_rows=True)
+    assert len(pairs) == 1 and report.dropped["role without a plain form"] == 1 and "d.jsonl:7" in str(report)
+
+
+def test_chat_template_errors_name_file_and_line():
+    from jdpo.data import DataError, PreferenceRecords
+
+    tok = make_tokenizer("{{ raise_exception('no ' + messages[0]['role']) }}")
+    recs = PreferenceRecords(CHAT[:1], where=["d.jsonl:3"])
+    with pytest.raises(DataError, match=r"d\.jsonl:3: the chat template failed .*no system"):
+        tokenize_preferences(recs, tok)
+
+
+def test_account_split_counts_what_a_split_lost_and_refuses_an_empty_one():
+    from jdpo.data import DataError, account_split
+
+    tok = make_tokenizer()
+    recs = [
+        {"prompt": "a", "chosen": " b", "rejected": " c"},
+        {"prompt": "a", "chosen": " s", "rejected": " s"},
+        {"prompt": "hello world " * 4, "chosen": " the quick brown fox", "rejected": " no"},
+    ]
+    _, report = tokenize_preferences(recs, tok, max_length=8, max_prompt_length=4)
+    line = account_split("train", report, too_long=1, row_length=16, source="data.train (t.jsonl)")
+    assert line == (
+        "train data: 1 of 3 pairs kept; dropped 1 (chosen == rejected), 1 (longer than a row of 16 tokens: "
+        "raise data.row_length); truncated 1 prompts (data.max_prompt_length), 1 completion pairs "
+        "(data.max_length)"
+    )
+    _, clean = tokenize_preferences(recs[:1], tok)
+    assert account_split("eval", clean, too_long=0, row_length=16, source="data.eval (e.jsonl)") is None
+    _, same = tokenize_preferences(recs[1:2], tok)
+    with pytest.raises(DataError, match=r"data\.eval \(e\.jsonl\): no pairs left to evaluate on\. eval data: "
+                       r"0 of 1 pairs kept; dropped 1 \(chosen == rejected\)"):  # fmt: skip
+        account_split("eval", same, too_long=0, row_length=16, source="data.eval (e.jsonl)")

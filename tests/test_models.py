@@ -232,6 +232,42 @@ def test_unsupported_config_fails_naming_the_field(change, message, tmp_path):
         from_pretrained(tmp_path)
 
 
+def test_a_config_json_that_is_not_a_causal_lm_is_refused_naming_file_and_field(ckpt, tmp_path):
+    from jdpo.models.families import ModelConfigError
+
+    shutil.copytree(ckpt[0], tmp_path / "c")
+    hf = json.loads((tmp_path / "c" / "config.json").read_text())
+    (tmp_path / "c" / "config.json").write_text(
+        json.dumps({**hf, "architectures": ["LlamaForSequenceClassification"]})
+    )
+    where = str(tmp_path / "c" / "config.json")
+    with pytest.raises(
+        ModelConfigError, match=rf"{where}: field 'architectures' is \['LlamaForSequenceClassification'\]"
+    ):
+        from_pretrained(tmp_path / "c")
+    with pytest.raises(ModelConfigError, match=r"no such file"):
+        ModelConfig.from_hf(tmp_path / "nowhere")
+
+
+def test_the_export_leaves_out_a_dangling_auto_map(ckpt, tmp_path):
+    from helpers_tokenizer import make_tokenizer
+
+    tok = make_tokenizer(None)
+    tok.init_kwargs["auto_map"] = {"AutoTokenizer": [None, "tokenization_x.XTokenizer"]}
+    model, _ = from_pretrained(ckpt[0])
+    save_pretrained(model, tmp_path / "final", tokenizer=tok)
+    for name in ("config.json", "tokenizer_config.json"):
+        assert "auto_map" not in json.loads((tmp_path / "final" / name).read_text())
+    # Code that is there, or a hub repository, is kept.
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "tokenization_x.py").write_text("")
+    tok.init_kwargs["auto_map"] = {"AutoTokenizer": ["org/repo--tok.Slow", "tokenization_x.XTokenizer"]}
+    save_pretrained(model, tmp_path / "kept", tokenizer=tok)
+    assert json.loads((tmp_path / "kept" / "tokenizer_config.json").read_text())["auto_map"] == {
+        "AutoTokenizer": ["org/repo--tok.Slow", "tokenization_x.XTokenizer"]
+    }
+
+
 def test_config_round_trips_through_hf_dict():
     for hf in TINY_CONFIGS.values():
         config = ModelConfig.from_hf(hf)

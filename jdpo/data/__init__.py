@@ -32,6 +32,7 @@ from jdpo.data.sources import DataError, parse_source_spec, read_rows
 from jdpo.data.tokenize import (
     TokenizedPairs,
     TokenizeReport,
+    account_split,
     encode_prompt,
     encode_prompts,
     end_of_turn_id,
@@ -48,6 +49,7 @@ __all__ = [
     "PreferenceRecords",
     "TokenizeReport",
     "TokenizedPairs",
+    "account_split",
     "compare_padding",
     "detect_format",
     "encode_prompt",

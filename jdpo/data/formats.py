@@ -38,6 +38,8 @@ _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 # An assistant-turn marker in plain text; the implicit prompt is cut right after the last one.
 _ASSISTANT_MARK = re.compile(r"(?:^|\n)[ \t]*(?:Assistant|ASSISTANT|assistant|AI|Bot|Model|model|GPT)[ \t]*:")
 _MAX_BAD_EXAMPLES = 5
+# Message roles chat templates know; anything else (a typo such as "asistant") is a bad row.
+ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 
 
 @dataclass
@@ -65,13 +67,29 @@ class LoadReport:
 
 
 class PreferenceRecords(list):
-    """A list of {"prompt", "chosen", "rejected"} dicts with the `LoadReport` attached as `.report`."""
+    """A list of {"prompt", "chosen", "rejected"} dicts with the `LoadReport` attached as `.report` and
+    `.where[i]`, where record i came from ("data/train.jsonl:17"), for errors found after loading."""
 
     report: LoadReport
+    where: list[str]
 
-    def __init__(self, records: Iterable[dict] = (), report: LoadReport | None = None):
+    def __init__(
+        self,
+        records: Iterable[dict] = (),
+        report: LoadReport | None = None,
+        where: Sequence[str] | None = None,
+    ):
         super().__init__(records)
         self.report = report if report is not None else LoadReport(records=len(self))
+        self.where = list(where) if where is not None else [f"record {i}" for i in range(len(self))]
+        if len(self.where) != len(self):
+            raise ValueError(f"{len(self.where)} locations for {len(self)} records")
+
+
+def record_locations(records: Sequence[dict]) -> list[str]:
+    """Where each record came from: `PreferenceRecords.where`, or "record i" for a plain list."""
+    where = getattr(records, "where", None)
+    return list(where) if where is not None else [f"record {i}" for i in range(len(records))]
 
 
 class _BadRows:
@@ -132,6 +150,10 @@ def _messages(value: Any, name: str, where: str, default_role: str) -> list[dict
     for i, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise DataError(f"{where}: field {name!r} message {i} must be a dict with a 'role' string")
+        if m["role"] not in ROLES:
+            raise DataError(
+                f"{where}: field {name!r} message {i} has role {m['role']!r}; known roles: {', '.join(ROLES)}"
+            )
         content = m.get("content")
         if not isinstance(content, str):
             raise DataError(
@@ -278,14 +300,18 @@ _ROW_READERS = {
 }
 
 
-def _read_oasst1(rows: list[tuple[str, dict]], opts: dict, bad: _BadRows, report: LoadReport) -> list[dict]:
+def _read_oasst1(
+    rows: list[tuple[str, dict]], opts: dict, bad: _BadRows, report: LoadReport
+) -> tuple[list[dict], list[str]]:
     """Rebuild OpenAssistant message trees and pair sibling assistant replies by rank (0 = best).
 
     Default: one pair per prompter message (best vs worst ranked reply); `all_pairs=True`: every pair
     of differently ranked replies. `languages` keeps threads whose prompter message is in the list.
-    Deleted messages, their subtrees, and unranked replies are left out.
+    Deleted messages, their subtrees, and unranked replies are left out. Returns the records and, for
+    each, where its prompter message is.
     """
     nodes: dict[str, dict] = {}
+    located: dict[str, str] = {}  # message id -> where its row is
     children: dict[str, list[str]] = defaultdict(list)
     for where, row in rows:
         try:
@@ -303,7 +329,7 @@ def _read_oasst1(rows: list[tuple[str, dict]], opts: dict, bad: _BadRows, report
         except DataError as e:
             bad(e)
             continue
-        nodes[mid] = row
+        nodes[mid], located[mid] = row, where
         if row.get("parent_id") is not None:
             children[row["parent_id"]].append(mid)
 
@@ -311,7 +337,7 @@ def _read_oasst1(rows: list[tuple[str, dict]], opts: dict, bad: _BadRows, report
         return mid in nodes and not nodes[mid].get("deleted", False)
 
     languages = opts.get("languages")
-    out = []
+    out, wheres = [], []
     for mid, node in nodes.items():
         if node["role"] != "prompter" or not alive(mid):
             continue
@@ -352,7 +378,8 @@ def _read_oasst1(rows: list[tuple[str, dict]], opts: dict, bad: _BadRows, report
                     "rejected": [{"role": "assistant", "content": replies[j]["text"]}],
                 }
             )
-    return out
+            wheres.append(located[mid])
+    return out, wheres
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -388,10 +415,11 @@ def read_source(
     skip_bad_rows: bool = False,
     report: LoadReport | None = None,
     **options: Any,
-) -> list[dict]:
+) -> PreferenceRecords:
     """Read one source in one format (see module docstring); options: min_score_ratio (shp),
     all_pairs and languages (oasst1). Bad rows raise `DataError` naming file, line and field, unless
-    `skip_bad_rows`, which counts them in `report`."""
+    `skip_bad_rows`, which counts them in `report`. A file holds one format: a row of text fields
+    after one of message lists (or the reverse) is a bad row naming the first row of the other kind."""
     if format != "auto" and format not in FORMATS:
         raise DataError(f"{path}: unknown format {format!r}; known formats: auto, {', '.join(FORMATS)}")
     report = report if report is not None else LoadReport()
@@ -422,33 +450,60 @@ def read_source(
             )
     report.formats[path] = format
     if format == "oasst1":
-        return _read_oasst1(rows, options, bad, report)
+        records, wheres = _read_oasst1(rows, options, bad, report)
+        return PreferenceRecords(records, report, wheres)
     reader = _ROW_READERS[format]
-    out = []
+    out, wheres = [], []
+    first: tuple[str, str] | None = None  # (where, kind) of the first good row
     for where, row in rows:
         try:
-            rec = reader(row, where, options)
+            rec = reader(row, where, options)  # the row's own errors first, then its kind
+            kind = _check_kind(row, where, first) if format in _ONE_READER_FOR_BOTH else None
         except DataError as e:
             bad(e)
             continue
+        first = first or (kind and (where, kind))
         if isinstance(rec, str):
             report.dropped[rec] += 1
         else:
             out.append(rec)
-    return out
+            wheres.append(where)
+    return PreferenceRecords(out, report, wheres)
 
 
-def _take(records: list[dict], spec: SourceSpec, rng: np.random.Generator) -> list[dict]:
-    """A deterministic subset (or, above 100%, whole copies plus a subset) of one source's records."""
-    n = len(records)
+# Their readers take text rows and message-list rows alike (the latter through the conversational reader).
+_ONE_READER_FOR_BOTH = ("standard", "implicit_prompt", "conversational")
+
+
+def _row_kind(row: dict) -> str:
+    values = [row.get(k) for k in ("prompt", "chosen", "rejected")]
+    return "message lists" if any(isinstance(v, list) or hasattr(v, "tolist") for v in values) else "text"
+
+
+def _check_kind(row: dict, where: str, first: tuple[str, str] | None) -> str:
+    """The row's kind (text or message lists), which must be the first row's (`first`: its where and
+    kind): read as the other kind, a row would be silently re-wrapped (text as one user / assistant turn)."""
+    kind = _row_kind(row)
+    if first is not None and kind != first[1]:
+        raise DataError(
+            f"{where}: this row's prompt / chosen / rejected are {kind}, but the file's first row "
+            f"({first[0]}) has {first[1]}: a file holds one format; put the two kinds in separate files "
+            "(a mixture of files is fine)"
+        )
+    return kind
+
+
+def _take(n: int, spec: SourceSpec, rng: np.random.Generator) -> list[int]:
+    """The indices of a deterministic subset (or, above 100%, whole copies plus a subset) of one source's
+    `n` records."""
     if spec.count is None and spec.fraction is None:
-        return records
+        return list(range(n))
     want = spec.count if spec.count is not None else int(round(spec.fraction * n))
     if n == 0:
         return []
     copies, rest = divmod(want, n)
     keep = np.sort(rng.permutation(n)[:rest])
-    return records * copies + [records[i] for i in keep]
+    return list(range(n)) * copies + keep.tolist()
 
 
 def _split_sources(source: str | Sequence[str]) -> list[str]:
@@ -487,15 +542,17 @@ def load_preferences(
         raise DataError(f"{len(formats)} formats given for {len(specs)} sources")
     report = LoadReport()
     out: list[dict] = []
+    wheres: list[str] = []
     for i, (spec, fmt) in enumerate(zip(specs, formats, strict=True)):
         recs = read_source(spec.path, fmt, split=split, skip_bad_rows=skip_bad_rows, report=report, **options)
-        recs = _take(recs, spec, np.random.default_rng([seed, i]))
-        report.per_source[spec.path] = report.per_source.get(spec.path, 0) + len(recs)
-        out.extend(recs)
+        keep = _take(len(recs), spec, np.random.default_rng([seed, i]))
+        report.per_source[spec.path] = report.per_source.get(spec.path, 0) + len(keep)
+        out.extend(recs[k] for k in keep)
+        wheres.extend(recs.where[k] for k in keep)
     report.records = len(out)
     if verbose or report.bad_rows:
         print(report)
-    return PreferenceRecords(out, report)
+    return PreferenceRecords(out, report, wheres)
 
 
 def _record_key(rec: dict, seed: int) -> bytes:
@@ -518,6 +575,7 @@ def split_eval(
     keys = [_record_key(r, seed) for r in records]
     order = sorted(range(n), key=lambda i: keys[i])
     eval_keys = {keys[i] for i in order[:want]}
-    train = [r for r, k in zip(records, keys, strict=True) if k not in eval_keys]
-    held = [r for r, k in zip(records, keys, strict=True) if k in eval_keys]
-    return PreferenceRecords(train), PreferenceRecords(held)
+    where = record_locations(records)
+    sides = [[i for i in range(n) if (keys[i] in eval_keys) == held] for held in (False, True)]
+    train, held = (PreferenceRecords([records[i] for i in s], where=[where[i] for i in s]) for s in sides)
+    return train, held

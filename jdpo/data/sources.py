@@ -8,6 +8,7 @@ Nothing here knows about preference formats; that is `formats.py`.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -16,10 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jdpo.errors import UserError
+
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data: the message names the file, the line or row, and the field."""
 
 
@@ -83,10 +86,39 @@ def _offline_error(name: str, why: str) -> DataError:
     )
 
 
+def _not_utf8(where: str, e: UnicodeDecodeError) -> DataError:
+    return DataError(f"{where}: not valid UTF-8 (byte {e.object[e.start]:#04x} at byte {e.start + 1} of the "
+                     "line); re-save the file as UTF-8")  # fmt: skip
+
+
+def _decode_line(raw: bytes, where: str, first: bool) -> str | DataError:
+    """One line's text; a UTF-8 byte-order mark (what some editors write first) is accepted."""
+    try:
+        return raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as e:
+        return _not_utf8(where, e)
+
+
+def _read_text(path: Path) -> str:
+    """A whole file's text, BOM accepted; invalid UTF-8 names the line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        lineno = raw.count(b"\n", 0, e.start) + 1
+        start = raw.rfind(b"\n", 0, e.start) + 1
+        e = UnicodeDecodeError(e.encoding, raw[start : e.end], e.start - start, e.end - start, e.reason)
+        raise _not_utf8(f"{path}:{lineno}", e) from None
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
+            line = _decode_line(raw, where, lineno == 1)
+            if isinstance(line, DataError):
+                yield where, line
+                continue
             if not line.strip():
                 continue
             try:
@@ -98,8 +130,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = _read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -143,7 +174,7 @@ def _maybe_json_cell(value: Any) -> Any:
 
 
 def _read_csv(path: Path) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8", newline="") as f:
+    with io.StringIO(_read_text(path), newline="") as f:
         reader = csv.DictReader(f)
         for row in reader:
             # line_num is the physical line where this record ended (after multi-line cells).

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from jdpo.data.formats import record_locations
 from jdpo.data.sources import DataError
 
 PERCENTILES = (50, 90, 95, 99, 100)
@@ -136,6 +137,32 @@ class TokenizeReport:
         return "\n".join(lines)
 
 
+def account_split(
+    split: str, report: TokenizeReport, *, too_long: int, row_length: int, source: str
+) -> str | None:
+    """One line on what a split lost before training: pairs dropped (by reason, `too_long` of them for
+    not fitting a row of `row_length` tokens) and pairs truncated; None when it lost nothing.
+    Raises `DataError` saying why when no pair is left (`source`: where the split came from, in words).
+    `split` is "train" or "eval"."""
+    dropped = [f"{n} ({reason})" for reason, n in sorted(report.dropped.items())]
+    if too_long:
+        dropped.append(f"{too_long} (longer than a row of {row_length} tokens: raise data.row_length)")
+    truncated = []
+    if report.prompts_truncated:
+        truncated.append(f"{report.prompts_truncated} prompts (data.max_prompt_length)")
+    if report.completions_truncated:
+        truncated.append(f"{report.completions_truncated} completion pairs (data.max_length)")
+    kept = report.pairs_kept - too_long
+    line = f"{split} data: {kept} of {report.pairs_read} pairs kept"
+    for what, items in (("dropped", dropped), ("truncated", truncated)):
+        if items:
+            line += f"; {what} " + ", ".join(items)
+    if kept <= 0:
+        use = "train on" if split == "train" else "evaluate on"
+        raise DataError(f"{source}: no pairs left to {use}. {line}")
+    return line if dropped or truncated else None
+
+
 def _is_messages(x: Any) -> bool:
     return isinstance(x, list)
 
@@ -146,10 +173,21 @@ def _empty(x: Any) -> bool:
     return not x or all(not (m.get("content") or "").strip() for m in x)
 
 
+_PLAIN_ROLES = ("system", "user", "assistant")
+
+
 def render_plain(messages: list[dict]) -> str:
-    """Messages as hh-rlhf style text, for tokenizers without a chat template (base models)."""
+    """Messages as hh-rlhf style text, for tokenizers without a chat template (base models). Other roles
+    than system / user / assistant have no plain form: a ValueError, rather than a turn written as
+    someone else's."""
     out = []
     for m in messages:
+        if m["role"] not in _PLAIN_ROLES:
+            raise ValueError(
+                f"role {m['role']!r} has no plain-text form (the tokenizer has no chat template; without "
+                "one only system, user and assistant turns can be written): use a tokenizer with a chat "
+                "template, or drop those turns"
+            )
         if m["role"] == "system":
             out.append(m["content"])
         else:
@@ -409,7 +447,9 @@ def tokenize_preferences(
       tokenizer: a transformers tokenizer (fast ones are batched in Rust; 10k pairs take seconds).
       max_length: cap on prompt + completion per sequence (each of chosen and rejected).
       max_prompt_length: cap on the prompt; cut from the left.
-      skip_bad_rows: drop (and count) records the chat template rejects instead of raising `DataError`.
+      skip_bad_rows: drop (and count) records the chat template rejects (or, without a template, with a
+        role plain text cannot show) instead of raising `DataError`. Errors name the record's file and
+        line when `records` are `PreferenceRecords` (as `load_preferences` returns), else its index.
       keep_equal: keep records whose chosen == rejected (unpaired examples, whose "rejected" is another
         example's completion for the KL estimate: the same answer to another prompt is still a mismatch).
     Returns (pairs, report). `pairs.source_index[k]` is the record index of pair k.
@@ -420,6 +460,7 @@ def tokenize_preferences(
     if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
         raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
 
+    where = record_locations(records)
     keep, texts_p, texts_c, texts_r, chat_flags = [], [], [], [], []
     for i, rec in enumerate(records):
         if _empty(rec["chosen"]) or _empty(rec["rejected"]):
@@ -431,10 +472,15 @@ def tokenize_preferences(
         try:
             p, c, r, chat = render(rec)
         except Exception as e:  # the template's own checks (role order, unknown roles, ...)
-            err = DataError(f"record {i}: the chat template failed on this record: {type(e).__name__}: {e}")
+            if render.has_template:
+                err = DataError(
+                    f"{where[i]}: the chat template failed on this record: {type(e).__name__}: {e}"
+                )
+            else:  # a role `render_plain` cannot write
+                err = DataError(f"{where[i]}: {e}")
             if not skip_bad_rows:
                 raise err from None
-            report.dropped["chat template error"] += 1
+            report.dropped["chat template error" if render.has_template else "role without a plain form"] += 1
             if len(report.bad_examples) < 5:
                 report.bad_examples.append(str(err))
             continue

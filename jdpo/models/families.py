@@ -16,6 +16,7 @@ import math
 import os
 from typing import Any
 
+from jdpo.errors import UserError
 from jdpo.models.transformer import ModelConfig
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
@@ -31,14 +32,24 @@ _UNSUPPORTED_IF_SET = {
 }
 
 
+class ModelConfigError(UserError, ValueError):
+    """A config.json this decoder cannot run; the message names the file and the field."""
+
+
 def _read_config(config_or_path) -> dict:
     if isinstance(config_or_path, dict):
         return dict(config_or_path)
     path = os.fspath(config_or_path)
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
-    with open(path) as f:
-        return json.load(f)
+    if not os.path.isfile(path):
+        raise ModelConfigError("no such file: give a Hugging Face checkpoint directory (config.json, "
+                               "tokenizer, *.safetensors)")  # fmt: skip
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelConfigError(f"not valid JSON ({e})") from None
 
 
 def _tuple(x):
@@ -51,11 +62,11 @@ def _rope(hf: dict) -> dict:
     if hf.get("rope_scaling"):
         params = {**params, **hf["rope_scaling"]}
     if "full_attention" in params and isinstance(params["full_attention"], dict):
-        raise ValueError("rope_parameters per layer type are not supported")
+        raise ModelConfigError("rope_parameters per layer type are not supported")
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
-        raise ValueError(
+        raise ModelConfigError(
             f"rope_scaling.rope_type={rope_type!r} is not implemented (supported: {', '.join(ROPE_TYPES)})"
         )
     out: dict[str, Any] = {"rope_theta": float(theta), "rope_type": rope_type}
@@ -66,29 +77,51 @@ def _rope(hf: dict) -> dict:
         out["rope_high_freq_factor"] = float(params["high_freq_factor"])
         out["rope_original_max_position_embeddings"] = int(params["original_max_position_embeddings"])
     if params.get("attention_factor") not in (None, 1.0):
-        raise ValueError(f"rope_scaling.attention_factor={params['attention_factor']} is not implemented")
+        raise ModelConfigError(
+            f"rope_scaling.attention_factor={params['attention_factor']} is not implemented"
+        )
     return out
 
 
 def config_from_hf(config_or_path) -> ModelConfig:
-    """Read a HF config (dict, config.json, or checkpoint dir) into a ModelConfig; errors name the field."""
-    hf = _read_config(config_or_path)
+    """Read a HF config (dict, config.json, or checkpoint dir) into a ModelConfig; errors name the field
+    (and the file, when read from one)."""
+    where = ""
+    if not isinstance(config_or_path, dict):
+        path = os.fspath(config_or_path)
+        where = f"{os.path.join(path, 'config.json') if os.path.isdir(path) else path}: "
+    try:
+        return _config_from_dict(_read_config(config_or_path))
+    except ModelConfigError as e:
+        raise ModelConfigError(f"{where}{e}") from None
+    except KeyError as e:
+        raise ModelConfigError(f"{where}no field {e} (is it a decoder's config?)") from None
+
+
+def _config_from_dict(hf: dict) -> ModelConfig:
+    heads = [a for a in hf.get("architectures") or () if not str(a).endswith("ForCausalLM")]
+    if heads:
+        raise ModelConfigError(
+            f"field 'architectures' is {hf['architectures']!r}, not a causal language model (*ForCausalLM): "
+            "DPO trains the next-token head, which a classification / reward / base model has not; "
+            "give the checkpoint of a causal LM"
+        )
     family = hf.get("model_type")
     if family not in FAMILIES:
-        raise ValueError(f"model_type={family!r} is not supported (supported: {', '.join(FAMILIES)})")
+        raise ModelConfigError(f"model_type={family!r} is not supported (supported: {', '.join(FAMILIES)})")
     for field, ok in _UNSUPPORTED_IF_SET.items():
         if field in hf and hf[field] not in ok:
-            raise ValueError(f"{family}: config field {field}={hf[field]!r} is not supported")
+            raise ModelConfigError(f"{family}: config field {field}={hf[field]!r} is not supported")
     D, N = hf["hidden_size"], hf["num_attention_heads"]
     act_field = "hidden_activation" if family == "gemma2" and hf.get("hidden_activation") else "hidden_act"
     act = hf.get(act_field) or "silu"
     if family == "gemma" and act == "gelu":
         act = "gelu_pytorch_tanh"  # HF does the same: legacy gemma configs meant the tanh approximation
     if act not in ("silu", "gelu_pytorch_tanh"):
-        raise ValueError(f"{family}: {act_field}={act!r} is not supported (silu, gelu_pytorch_tanh)")
+        raise ModelConfigError(f"{family}: {act_field}={act!r} is not supported (silu, gelu_pytorch_tanh)")
     attention_bias = bool(hf.get("attention_bias", False))
     if family in ("gemma", "gemma2") and attention_bias:
-        raise ValueError(f"{family}: attention_bias=True is not supported")
+        raise ModelConfigError(f"{family}: attention_bias=True is not supported")
     kw: dict[str, Any] = dict(
         family=family,
         vocab_size=hf["vocab_size"],
@@ -141,7 +174,7 @@ def config_from_hf(config_or_path) -> ModelConfig:
         window, layer_types = None, None
     if layer_types is not None:
         if len(layer_types) != L or set(layer_types) - {"sliding_attention", "full_attention"}:
-            raise ValueError(f"{family}: layer_types={layer_types!r} is not supported")
+            raise ModelConfigError(f"{family}: layer_types={layer_types!r} is not supported")
         kw["layer_types"] = tuple(layer_types)
     kw["sliding_window"] = window if any(t == "sliding_attention" for t in layer_types or ()) else None
     return ModelConfig(**kw)

@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from jdpo.errors import UserError
 from jdpo.models.families import WeightSpec, weight_table
 from jdpo.models.transformer import ModelConfig, ModelOptions, Transformer
 from jdpo.sharding import named_sharding, param_shardings
@@ -28,7 +29,7 @@ INDEX_FILE = "model.safetensors.index.json"
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that does not match the model exactly (names the key and the file)."""
 
 
@@ -43,10 +44,18 @@ def _checkpoint_files(path: str) -> dict[str, str]:
         raise CheckpointError(f"no *.safetensors files in {path}")
     key_to_file = {}
     for name in files:
-        with safe_open(os.path.join(path, name), framework="numpy") as f:
+        with _open_safetensors(os.path.join(path, name)) as f:
             for key in f.keys():
                 key_to_file[key] = name
     return key_to_file
+
+
+def _open_safetensors(path: str):
+    """`safe_open`, with an unreadable file (truncated, not safetensors) a CheckpointError naming it."""
+    try:
+        return safe_open(path, framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); download it again") from None
 
 
 def _norm_index(index, shape) -> tuple[slice, ...]:
@@ -133,7 +142,7 @@ def from_pretrained(path, *, options: ModelOptions | None = None, mesh=None):
                 full = os.path.join(path, fname)
                 if not os.path.exists(full):
                     raise CheckpointError(f"{INDEX_FILE} maps {key!r} to {fname}, which does not exist")
-                handles[fname] = stack.enter_context(safe_open(full, framework="numpy"))
+                handles[fname] = stack.enter_context(_open_safetensors(full))
             if key not in handles[fname].keys():
                 raise CheckpointError(f"missing tensor {key!r} in file {fname} (listed in {INDEX_FILE})")
             tensor = handles[fname].get_slice(key)
@@ -345,3 +354,42 @@ def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_size=
         json.dump(hf, f, indent=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+        _drop_dangling_auto_map(os.path.join(out_dir, "tokenizer_config.json"))
+
+
+def _drop_dangling_auto_map(path: str) -> None:
+    """Remove the `auto_map` entries of a written tokenizer_config.json whose code is not beside it.
+
+    A tokenizer loaded from a checkpoint with custom code keeps the checkpoint's `auto_map` ("module.Class"
+    per auto class) and writes it back, but the export does not copy the module's .py file: the entry
+    would send `transformers` (with trust_remote_code) looking for a file that is not there. Entries
+    naming a hub repository ("org/repo--module.Class") are kept; they do not depend on the directory.
+    """
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    auto_map = config.get("auto_map")
+    if not isinstance(auto_map, dict):
+        return
+
+    def present(ref) -> bool:
+        if not isinstance(ref, str):  # None: no class of that kind (slow / fast tokenizer pairs)
+            return True
+        module = ref.rsplit(".", 1)[0]
+        return "--" in module or os.path.exists(os.path.join(os.path.dirname(path), module + ".py"))
+
+    kept = {}
+    for auto_class, refs in auto_map.items():
+        refs_list = refs if isinstance(refs, list) else [refs]
+        if all(present(r) for r in refs_list) and any(isinstance(r, str) for r in refs_list):
+            kept[auto_class] = refs
+    if kept == auto_map:
+        return
+    if kept:
+        config["auto_map"] = kept
+    else:
+        del config["auto_map"]
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+        f.write("\n")

@@ -1,0 +1,14 @@
+"""The one family of errors a user fixes by changing their input, not the code.
+
+Every error raised for bad data, a bad config, a mesh that does not fit the devices, an unsupported or
+damaged model checkpoint or an unusable run directory derives from `UserError`; its message names the
+file and line, the config field or the path, and what to do. The `jdpo` command prints such an error
+as one line and exits with `EXIT_USER_ERROR`, without a traceback (`--debug` or JDPO_DEBUG=1 shows it);
+anything else is a bug and keeps its traceback. No imports: the command line loads this before JAX.
+"""
+
+EXIT_USER_ERROR = 2  # the same status argparse gives a bad command line
+
+
+class UserError(Exception):
+    """Bad input: the message names where (file and line, config field, path) and what to do."""

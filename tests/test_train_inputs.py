@@ -1,0 +1,75 @@
+"""The Trainer's set-up with bad input: the data is read, validated and accounted for before the model
+loads (so each test's model has unreadable weights: an error about them means the data came second),
+and the errors are the `jdpo.errors.UserError` family the command line prints as one message."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+from helpers import one_device, run_config
+
+from jdpo import train
+from jdpo.config import ConfigError
+from jdpo.data import DataError
+from jdpo.errors import UserError
+
+ROW = '{"prompt": "1+2=", "chosen": "3", "rejected": "4"}\n'
+
+
+@pytest.fixture
+def broken_model(assets, tmp_path):
+    """The tiny model's directory with its weights overwritten: loading them fails."""
+    path = tmp_path / "model"
+    shutil.copytree(assets.model_dir, path)
+    (path / "model.safetensors").write_bytes(b"not a safetensors file")
+    return path
+
+
+def trainer(assets, tmp_path, model, **overrides):
+    cfg = run_config(assets, tmp_path / "out", **{"model.path": str(model), **overrides})
+    return train.Trainer(cfg, mesh=one_device())
+
+
+def test_a_bad_line_is_reported_before_the_model_loads(assets, tmp_path, broken_model):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(ROW + '{"prompt": "1+1=", "chosen": \n')
+    with pytest.raises(DataError, match=rf"{bad}:2: malformed JSON"):
+        trainer(assets, tmp_path, broken_model, **{"data.train": [str(bad)]})
+
+
+def test_dropped_pairs_are_counted_and_an_empty_split_says_why(assets, tmp_path, broken_model, caplog):
+    same = tmp_path / "same.jsonl"
+    same.write_text('{"prompt": "1+2=", "chosen": "3", "rejected": "3"}\n' * 3)
+    with pytest.raises(DataError, match=rf"data\.eval \({same}\): no pairs left to evaluate on\. eval data: "
+                       r"0 of 3 pairs kept; dropped 3 \(chosen == rejected\)"):  # fmt: skip
+        trainer(assets, tmp_path, broken_model, **{"data.eval": [str(same)]})
+    with pytest.raises(DataError, match=r"no pairs left to train on"):
+        trainer(assets, tmp_path, broken_model, **{"data.train": [str(same)]})
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(same.read_text() + assets.train_path.read_text())
+    with (
+        caplog.at_level(logging.WARNING, logger="jdpo.train"),
+        pytest.raises(UserError, match="not a readable safetensors file"),
+    ):
+        trainer(assets, tmp_path, broken_model, **{"data.train": [str(mixed)]})
+    n = len(assets.train_path.read_text().splitlines())
+    assert f"train data: {n} of {n + 3} pairs kept; dropped 3 (chosen == rejected)" in caplog.text
+
+
+def test_an_eval_fraction_that_holds_out_nothing_warns_with_the_numbers(
+    assets, tmp_path, broken_model, caplog
+):
+    n = len(assets.train_path.read_text().splitlines())
+    with caplog.at_level(logging.WARNING, logger="jdpo.train"), pytest.raises(UserError, match="safetensors"):
+        trainer(assets, tmp_path, broken_model, **{"data.eval": [], "data.eval_fraction": 0.1 / n})
+    assert f"data.eval_fraction={0.1 / n:g} of {n} train records holds out 0 of them" in caplog.text
+
+
+def test_a_mesh_that_does_not_fit_names_the_fields(assets, tmp_path):
+    cfg = run_config(assets, tmp_path / "out", **{"mesh.data": 16})
+    with pytest.raises(
+        ConfigError, match=r"mesh\.data=16 mesh\.fsdp=-1 mesh\.tensor=1: 8 devices do not divide"
+    ):
+        train.Trainer(cfg)
