@@ -36,7 +36,9 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jdpo.data.sources import DataError
 from jdpo.generate import Generator, Prompt, SamplingParams
+from jdpo.models.hf import CheckpointError
 
 AnswerChecker = Callable[[Any, str], "bool | None"]
 
@@ -128,7 +130,9 @@ def _as_generator(model, *, mesh=None) -> Generator:
 
 def _check_same_architecture(policy: Generator, reference: Generator) -> None:
     if policy.config != reference.config:
-        raise ValueError("the policy and the reference have different architectures (config.json differs)")
+        raise CheckpointError(
+            "the policy and the reference have different architectures (their config.json differ)"
+        )
 
 
 @functools.lru_cache(maxsize=8)
@@ -180,7 +184,7 @@ def preference_metrics(
 
     if batches().dropped_too_long:
         too_long = batches().dropped_too_long
-        raise ValueError(f"{too_long} pairs are longer than a row of {row_length} tokens")
+        raise DataError(f"{too_long} pairs are longer than a row of {row_length} tokens")
     logps = {
         name: over_split(
             _pair_forward(gen.graphdef, gen.mesh), gen.params, batches(), len(pairs), mesh=gen.mesh
@@ -452,9 +456,12 @@ def evaluate(
     rated = any(unpaired.is_unpaired(r) for r in records)
     # An unpaired run on pairs: the pairwise metrics (preference accuracy) of its implicit reward.
     tokenize = unpaired.tokenizer_for(dpo if rated else Config().dpo, seed=seed)
-    pairs, _ = tokenize(records, policy.tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
+    pairs, report = tokenize(
+        records, policy.tokenizer, max_length=max_length, max_prompt_length=max_prompt_length
+    )
     if not len(pairs):
-        raise ValueError(f"no usable preference pairs in {data!r}")
+        raise DataError(f"no usable preference pairs in {data!r}: {report.pairs_read} read, dropped "
+                        f"{dict(report.dropped) or 'none'}")  # fmt: skip
     metrics = {"eval/beta": dpo.beta}
     pref = preference_metrics(policy, reference, pairs, dpo=dpo, batch_rows=batch_rows)
     if "eval/kl" in pref:  # KTO's reference point z_0; eval/kl is the sampled KL below

@@ -160,3 +160,15 @@ def test_summary_and_checker():
     )
     assert E.markdown_cell("a|b\n<x>") == "a\\|b<br>&lt;x&gt;" and E.markdown_cell("") == "*(empty)*"
     assert E.markdown_cell("a\x1cb\rc") == "a\\x1cb\\x0dc"  # control characters never split a table row
+
+
+def test_unusable_data_is_one_message_and_exit_2(dirs, tmp_path, capsys):
+    from jdpo.cli import main
+
+    policy, reference, _ = dirs
+    same = tmp_path / "same.jsonl"
+    same.write_text('{"prompt": "1+2=", "chosen": "3", "rejected": "3"}\n' * 2)
+    code = main(["eval", "--model", str(policy), "--reference", str(reference), "--data", str(same)])
+    err = capsys.readouterr().err
+    why = "2 read, dropped {'chosen == rejected': 2}"
+    assert code == 2 and err == f"jdpo eval: error: no usable preference pairs in '{same}': {why}\n"
