@@ -189,10 +189,12 @@ class Trainer:
         records = jdata.load_preferences(
             list(d.train), d.format, seed=c.train.seed, skip_bad_rows=d.skip_bad_rows
         )
+        load_dropped = {"train": records.report.dropped, "eval": {}}  # rows the format readers dropped
         if d.eval:
             held = jdata.load_preferences(
                 list(d.eval), d.format, seed=c.train.seed, skip_bad_rows=d.skip_bad_rows
             )
+            load_dropped["eval"] = held.report.dropped
         elif d.eval_fraction > 0:
             records, held = jdata.split_eval(records, d.eval_fraction, seed=c.train.seed)
             if not held:
@@ -206,7 +208,10 @@ class Trainer:
         )
         tokenize = unpaired_data.tokenizer_for(c.dpo, seed=c.train.seed)
         self.train_pairs, self.train_report = tokenize(records, self.tokenizer, **tok_kw)
-        self.eval_pairs, eval_report = tokenize(held, self.tokenizer, **tok_kw) if held else (None, None)
+        self.eval_pairs, eval_report = (
+            # data.eval given: its split is checked even when the readers left nothing of it.
+            tokenize(held, self.tokenizer, **tok_kw) if held or d.eval else (None, None)
+        )
         if c.dpo.unpaired:
             unpaired_data.check_classes(self.train_pairs.labels, split="train", loss_type=c.dpo.loss_type[0],
                                         desirable_weight=c.dpo.desirable_weight,
@@ -238,8 +243,14 @@ class Trainer:
             source = f"data.eval ({', '.join(d.eval)})" if d.eval else f"data.eval_fraction={d.eval_fraction}"
             splits.append(("eval", eval_report, self.one_pass(self.eval_pairs), source))
         for split, report, batches, source in splits:
-            line = jdata.account_split(split, report, too_long=batches.dropped_too_long,
-                                       row_length=self.row_length, source=source)  # fmt: skip
+            line = jdata.account_split(
+                split,
+                report,
+                too_long=batches.dropped_too_long,
+                row_length=self.row_length,
+                source=source,
+                load_dropped=load_dropped[split],
+            )
             if line:
                 log.warning("%s", line)
         self.batches_per_epoch = self.batches.num_batches(0)

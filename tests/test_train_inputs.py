@@ -73,3 +73,28 @@ def test_a_mesh_that_does_not_fit_names_the_fields(assets, tmp_path):
         ConfigError, match=r"mesh\.data=16 mesh\.fsdp=-1 mesh\.tensor=1: 8 devices do not divide"
     ):
         train.Trainer(cfg)
+
+
+def test_a_record_plain_text_cannot_show_names_its_line_or_is_skipped(assets, tmp_path, broken_model, caplog):
+    tool = '{"prompt": [{"role": "user", "content": "1+2="}, {"role": "tool", "content": "3"}], '
+    tool += '"chosen": [{"role": "assistant", "content": "3"}], '
+    tool += '"rejected": [{"role": "assistant", "content": "4"}]}\n'
+    conv = tool.replace('"tool"', '"user"')
+    data = tmp_path / "chat.jsonl"
+    data.write_text(conv + tool + conv.replace("4", "5"))
+    with pytest.raises(DataError, match=rf"{data}:2: role 'tool' has no plain-text form"):
+        trainer(assets, tmp_path, broken_model, **{"data.train": [str(data)]})
+    with caplog.at_level(logging.WARNING, logger="jdpo.train"), pytest.raises(UserError, match="safetensors"):
+        trainer(assets, tmp_path, broken_model, **{"data.train": [str(data)], "data.skip_bad_rows": True})
+    assert "train data: 2 of 3 pairs kept; dropped 1 (role without a plain form)" in caplog.text
+
+
+def test_an_eval_source_the_reader_drops_entirely_says_why(assets, tmp_path, broken_model):
+    hh = tmp_path / "hh.jsonl"  # transcripts that end with a Human turn: dropped by the hh-rlhf reader
+    hh.write_text('{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: a\\n\\nHuman: b", '
+                  '"rejected": "\\n\\nHuman: hi\\n\\nAssistant: c\\n\\nHuman: d"}\n')  # fmt: skip
+    why = (
+        r"eval data: 0 of 1 pairs kept; dropped 1 \(hh-rlhf: transcript does not end with an Assistant turn\)"
+    )
+    with pytest.raises(DataError, match=rf"data\.eval \({hh}\): no pairs left to evaluate on\. {why}"):
+        trainer(assets, tmp_path, broken_model, **{"data.eval": [str(hh)]})

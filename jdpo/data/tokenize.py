@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,13 +138,20 @@ class TokenizeReport:
 
 
 def account_split(
-    split: str, report: TokenizeReport, *, too_long: int, row_length: int, source: str
+    split: str,
+    report: TokenizeReport,
+    *,
+    too_long: int,
+    row_length: int,
+    source: str,
+    load_dropped: Mapping[str, int] | None = None,
 ) -> str | None:
     """One line on what a split lost before training: pairs dropped (by reason, `too_long` of them for
     not fitting a row of `row_length` tokens) and pairs truncated; None when it lost nothing.
     Raises `DataError` saying why when no pair is left (`source`: where the split came from, in words).
-    `split` is "train" or "eval"."""
-    dropped = [f"{n} ({reason})" for reason, n in sorted(report.dropped.items())]
+    `split` is "train" or "eval"; `load_dropped`: rows the format reader dropped (`LoadReport.dropped`)."""
+    load_dropped = dict(load_dropped or {})
+    dropped = [f"{n} ({reason})" for reason, n in sorted({**load_dropped, **report.dropped}.items())]
     if too_long:
         dropped.append(f"{too_long} (longer than a row of {row_length} tokens: raise data.row_length)")
     truncated = []
@@ -153,7 +160,7 @@ def account_split(
     if report.completions_truncated:
         truncated.append(f"{report.completions_truncated} completion pairs (data.max_length)")
     kept = report.pairs_kept - too_long
-    line = f"{split} data: {kept} of {report.pairs_read} pairs kept"
+    line = f"{split} data: {kept} of {report.pairs_read + sum(load_dropped.values())} pairs kept"
     for what, items in (("dropped", dropped), ("truncated", truncated)):
         if items:
             line += f"; {what} " + ", ".join(items)
