@@ -163,10 +163,17 @@ class Trainer:
         """The tokenizer of `model.path` (the data needs it before the model is loaded)."""
         from transformers import AutoTokenizer
 
-        from jdpo.models import ModelConfig
+        from jdpo.models import CheckpointError, ModelConfig
 
-        ModelConfig.from_hf(self.config.model.path)  # a missing or unsupported config.json, named, first
-        self.tokenizer = AutoTokenizer.from_pretrained(self.config.model.path)
+        path = self.config.model.path
+        ModelConfig.from_hf(path)  # a missing or unsupported config.json, named, first
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:  # no tokenizer files, or ones transformers cannot read
+            why = (str(e).strip().splitlines() or [""])[0]
+            raise CheckpointError(
+                f"model.path {path}: cannot load its tokenizer ({type(e).__name__}: {why})"
+            ) from None
 
     def _load_model(self):
         """The policy from `model.path`; returns the parameters (born sharded)."""

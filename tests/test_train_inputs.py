@@ -98,3 +98,12 @@ def test_an_eval_source_the_reader_drops_entirely_says_why(assets, tmp_path, bro
     )
     with pytest.raises(DataError, match=rf"data\.eval \({hh}\): no pairs left to evaluate on\. {why}"):
         trainer(assets, tmp_path, broken_model, **{"data.eval": [str(hh)]})
+
+
+def test_a_model_directory_without_a_tokenizer_is_named(assets, tmp_path, broken_model):
+    from jdpo.models import CheckpointError
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (broken_model / name).unlink()
+    with pytest.raises(CheckpointError, match=rf"model\.path {broken_model}: cannot load its tokenizer"):
+        trainer(assets, tmp_path, broken_model)
