@@ -462,7 +462,8 @@ def read_source(
         except DataError as e:
             bad(e)
             continue
-        first = first or (kind and (where, kind))
+        if first is None and kind is not None:
+            first = (where, kind)
         if isinstance(rec, str):
             report.dropped[rec] += 1
         else:
@@ -576,6 +577,6 @@ def split_eval(
     order = sorted(range(n), key=lambda i: keys[i])
     eval_keys = {keys[i] for i in order[:want]}
     where = record_locations(records)
-    sides = [[i for i in range(n) if (keys[i] in eval_keys) == held] for held in (False, True)]
+    sides = [[i for i in range(n) if (keys[i] in eval_keys) == is_eval] for is_eval in (False, True)]
     train, held = (PreferenceRecords([records[i] for i in s], where=[where[i] for i in s]) for s in sides)
     return train, held

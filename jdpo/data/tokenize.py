@@ -150,8 +150,8 @@ def account_split(
     not fitting a row of `row_length` tokens) and pairs truncated; None when it lost nothing.
     Raises `DataError` saying why when no pair is left (`source`: where the split came from, in words).
     `split` is "train" or "eval"; `load_dropped`: rows the format reader dropped (`LoadReport.dropped`)."""
-    load_dropped = dict(load_dropped or {})
-    dropped = [f"{n} ({reason})" for reason, n in sorted({**load_dropped, **report.dropped}.items())]
+    load_dropped = Counter(load_dropped or {})
+    dropped = [f"{n} ({reason})" for reason, n in sorted((load_dropped + report.dropped).items())]
     if too_long:
         dropped.append(f"{too_long} (longer than a row of {row_length} tokens: raise data.row_length)")
     truncated = []
