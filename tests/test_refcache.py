@@ -146,9 +146,16 @@ def test_a_stale_or_damaged_entry_is_never_used_and_is_replaced(assets, tmp_path
     recomputed and replaced on disk, not crashed on (BadZipFile) or silently loaded."""
     a, _, _ = assets
     cache = tmp_path / "cache"
-    short = trainer(a, cache, **{"data.row_length": 15, "train.export": False})
-    assert short.batches.dropped_too_long > 0 and not short.ref_train.computed.all()
-    full = trainer(a, cache, **{"train.export": False})
+    # One pair longer (23 tokens) than the others (20): rows of 21 leave out that one, not all of them
+    # (a split with no pair left is an error of its own).
+    data = tmp_path / "train.jsonl"
+    data.write_text(
+        a.train_path.read_text() + '{"prompt": "1+2=", "chosen": "3 is the sum", "rejected": "4"}\n'
+    )
+    kw = {"data.train": [str(data)], "train.export": False}
+    short = trainer(a, cache, **{**kw, "data.row_length": 21})
+    assert short.batches.dropped_too_long == 1 and not short.ref_train.computed.all()
+    full = trainer(a, cache, **kw)
     assert full.ref_reused == {"train": False, "eval": False}  # row settings are in the key
     assert full.ref_train.computed.all()
     assert np.isfinite(full.fit().metrics["loss"])
@@ -156,7 +163,7 @@ def test_a_stale_or_damaged_entry_is_never_used_and_is_replaced(assets, tmp_path
     good = entry.read_bytes()
     for damage in (good[:100], good[:-40] + bytes(40)):  # truncated; same length, other bytes
         entry.write_bytes(damage)
-        again = trainer(a, cache, **{"train.export": False})
+        again = trainer(a, cache, **kw)
         assert again.ref_reused["train"] is False and again.ref_reused["eval"] is True
         np.testing.assert_array_equal(again.ref_train.chosen, full.ref_train.chosen)
         assert entry.read_bytes() == good  # replaced with a verified entry
