@@ -21,6 +21,7 @@ from typing import Any
 
 from jdpo import config as C
 from jdpo.errors import EXIT_USER_ERROR, UserError
+from jdpo.guards import NonFiniteLossError
 
 
 def format_default(value: Any) -> str:
@@ -537,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--debug",
             action="store_true",
             help="Show the Python traceback of an input error (also with JDPO_DEBUG=1); without it such "
-            f"an error is one message and exit status {EXIT_USER_ERROR}.",
+            f"an error is one message and exit status {EXIT_USER_ERROR} (a diverged run: {EXIT_DIVERGED}).",
         )
     return parser
 
@@ -571,6 +572,7 @@ def _attach_negative_values(argv: Sequence[str]) -> list[str]:
 
 _NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.IGNORECASE)
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: a preempted run checkpointed and stopped; rerun to continue
+EXIT_DIVERGED = 3  # the loss became NaN or the run blew up (jdpo.guards); the last good checkpoint is kept
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -588,11 +590,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             subparser.error(str(e))
     try:
         return int(args.func(args, subparser) or 0)
-    except UserError as e:
+    except (UserError, NonFiniteLossError) as e:
         if args.debug or os.environ.get("JDPO_DEBUG", "").strip().lower() in ("1", "true", "yes", "on"):
             raise
         print(f"jdpo {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        # A run that diverged (NaN, a spike, runaway weights) is told apart from bad input: the input was
+        # fine, the optimisation settings were not; its last good checkpoint is named in the message.
+        return EXIT_DIVERGED if isinstance(e, NonFiniteLossError) else EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

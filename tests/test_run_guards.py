@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,13 +85,18 @@ def test_keep_best_is_checked_before_training(assets, tmp_path):
 # -- the divergence guard ----------------------------------------------------------------------------
 
 
-def test_a_runaway_learning_rate_stops_the_run_before_weights_blow_up(assets, tmp_path):
-    """lr 1e6 (finite loss, weights in the millions after one step) used to finish and export."""
+def test_a_runaway_learning_rate_stops_the_run_before_weights_blow_up(assets, tmp_path, capsys):
+    """lr 1e6 (finite loss, weights in the millions after one step) used to finish and export. `jdpo
+    train` now stops at step 1 with one message (no traceback) and exit status 3, not bad input's 2."""
+    from jdpo import cli
+
     cfg = make_config(assets, tmp_path / "run", **{"optim.learning_rate": 1e6, "optim.warmup_ratio": 0.0})
-    with pytest.raises(
-        train.DivergenceError, match=r"magnitude .* at step 1, over train.max_param_abs=10000"
-    ):
-        train.run(cfg, mesh=one_device())
+    jconfig.dump(cfg, tmp_path / "run.yaml")
+    assert cli.main(["train", "--config", str(tmp_path / "run.yaml")]) == cli.EXIT_DIVERGED == 3
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    want = r"jdpo train: error: a parameter reached magnitude .* at step 1, over train.max_param_abs=10000: "
+    assert re.search(want + r"the run diverged .*Last good: no checkpoint", err)
     assert not (tmp_path / "run" / "final").exists()
     # Off, step 1 goes through with weights past the bound (at step 2 they are NaN: the NaN stop).
     off = {"train.max_param_abs": 0.0, "train.divergence_factor": 0.0, "train.max_steps": 1,
