@@ -197,6 +197,8 @@ def test_attention_block_is_a_tiling_choice_only():
         Transformer(config, options=ModelOptions(attention_block=0), rngs=nnx.Rngs(0))
 
 
+# Slow; in the default run the kernel it serves is checked against dense attention.
+@pytest.mark.slow
 def test_first_of_id_matches_a_scan_for_ids_in_any_order():
     from jdpo.models.attention import _first_of_id
 

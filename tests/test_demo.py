@@ -97,6 +97,9 @@ def test_demo_runs_a_few_steps(tmp_path, capsys):
     assert [r["step"] for r in records if "eval/loss" in r][0] == 0 and records[-1]["step"] == 4
 
 
+# Slow; in the default run KTO training is covered by test_train_unpaired and the demo's path by
+# test_demo_runs_a_few_steps.
+@pytest.mark.slow
 def test_demo_with_kto_measures_on_the_held_out_pairs(tmp_path, capsys):
     summary = demo.run_demo(
         tmp_path / "demo", steps=3, pretrain_steps=2, sft_steps=2, max_operand=9, eval_pairs=20,
