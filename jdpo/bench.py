@@ -124,7 +124,9 @@ def run_bench(
                 ref_keys += s["attended_keys"]
                 ref_scored += s["scored"]
             t0 = time.perf_counter()
-            over_split(tr.steps.forward, tr.state["params"], batches, len(tr.train_pairs), mesh=tr.mesh)
+            # A LoRA run's forward takes the adapters with the frozen base (`Trainer.logprobs`).
+            params = tr.state["params"] if tr.base is None else (tr.state["params"], tr.base)
+            over_split(tr.steps.forward, params, batches, len(tr.train_pairs), mesh=tr.mesh)
             ref_s = time.perf_counter() - t0
 
         # Compile, alone and ahead of time; the timed steps run this executable.

@@ -10,6 +10,7 @@ import pytest
 from helpers import build_tiny_assets, one_device, tiny_config
 
 from jdpo import bench, cli
+from jdpo import config as jconfig
 
 FIELDS = {
     "platform", "device", "num_devices", "model_params", "matmul_params", "dtype", "batch_rows", "grad_accum",
@@ -58,6 +59,13 @@ def test_bench_two_steps_writes_sane_json(assets, tmp_path, capsys):
     for word in ("pairs/s", "tokens/s", "MFU", "MFU, head on scored", "padding", "compile", "reference pass",
                  "peak memory"):  # fmt: skip
         assert word in table
+
+
+def test_bench_of_a_lora_run(assets, tmp_path):
+    """The reference pass and the steps of a LoRA run (the forward takes the adapters with the base)."""
+    cfg = jconfig.replace(bench_config(assets), **{"lora.rank": 4})
+    r = bench.run_bench(cfg, steps=1, warmup=1, out_json=tmp_path / "bench.json", mesh=one_device())
+    assert r["ref_pass_s"] > 0 and r["step_time"] > 0 and math.isfinite(r["final_loss"])
 
 
 def test_cli_bench_arguments(assets):
