@@ -233,10 +233,12 @@ class LoRASection:
         LORA_TARGETS,
         "Hugging Face module names that get adapters (default: all attention and MLP projections).",
     )
-    quantize: Literal["none", "int8"] = _f(
+    quantize: Literal["none", "int8", "nf4"] = _f(
         "none",
-        "QLoRA-style base: int8 stores the frozen projection kernels as int8 with a float32 scale per "
-        "output channel, dequantised inside the matmul (embeddings, norms and lm_head stay in param_dtype).",
+        "QLoRA base: the frozen projection kernels stored quantised and dequantised inside the matmul. "
+        "int8: int8 with a float32 scale per output channel; nf4: QLoRA's 4-bit NormalFloat, blocks of 64 "
+        "weights along the input axis with a float32 absmax each, two codes per byte (4.5 bits per "
+        "weight). Embeddings, norms and lm_head stay in param_dtype.",
     )
     init_adapter: str = _f(
         "",

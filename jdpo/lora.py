@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdpo import quantize as quantization
 from jdpo.config import ConfigError, LoRASection
 from jdpo.models.transformer import LoRASpec, ModelConfig, ModelOptions, Transformer
 
@@ -69,6 +70,13 @@ def model_options(options: ModelOptions, section: LoRASection, model_path: str) 
                 f"lora.rank={section.rank} is larger than {name}'s dimensions "
                 f"({math.prod(in_shape)} in, {math.prod(out_shape)} out) in {model_path}"
             )
+    if section.quantize == "nf4":  # two 4-bit codes per byte along each projection's last input axis
+        for name, (in_shape, _) in projection_shapes(config).items():
+            if in_shape[-1] % 2:
+                raise ConfigError(
+                    f"lora.quantize=nf4 packs two weights per byte along {name}'s input axis, whose size "
+                    f"{in_shape[-1]} in {model_path} is odd; use lora.quantize=int8"
+                )
     if section.init_adapter:
         from jdpo.peft_export import check_adapter
 
@@ -113,29 +121,28 @@ def dense_modules(model, *, adapted: bool = True) -> dict[tuple, nnx.Module]:
 
 
 def base_kernel(dense) -> jax.Array:
-    """A projection's base kernel in float32 (an int8 one dequantised: q * scale)."""
-    kernel = dense.kernel[...].astype(jnp.float32)
-    if not dense.quantized:
-        return kernel
-    scale = dense.kernel_scale[...].astype(jnp.float32)  # [*lead, *out]: lead () or stacked layers (L,)
-    lead = scale.shape[: scale.ndim - dense.n_out]
-    return kernel * scale.reshape(*lead, *(1,) * dense.n_in, *scale.shape[len(lead) :])
+    """A projection's base kernel in float32 (a quantised one dequantised, `jdpo.quantize`)."""
+    if dense.quantize == "none":
+        return dense.kernel[...].astype(jnp.float32)
+    return quantization.dequantize(
+        dense.kernel[...], dense.kernel_scale[...], dense.quantize, n_in=dense.n_in, n_out=dense.n_out,
+        dtype=jnp.float32,
+    )  # fmt: skip
 
 
 def delta(dense) -> jax.Array:
     """The adapter's change to `dense`'s kernel, (alpha / r) A B, in float32 and the kernel's shape
     (stacked layers keep their leading [L] axis)."""
     a, b = dense.lora_a[...].astype(jnp.float32), dense.lora_b[...].astype(jnp.float32)
-    kernel_shape = dense.kernel[...].shape
     r = a.shape[-1]
     lead = a.shape[: a.ndim - dense.n_in - 1]  # () or (L,)
     k_in = math.prod(a.shape[len(lead) : -1])
     ab = jnp.matmul(a.reshape(*lead, k_in, r), b.reshape(*lead, r, -1))
-    return ab.reshape(kernel_shape) * dense.lora_scale
+    return ab.reshape(*a.shape[:-1], *b.shape[b.ndim - dense.n_out :]) * dense.lora_scale
 
 
 def merged(model: Transformer) -> Transformer:
-    """The same function without adapters: every adapted kernel W + (alpha / r) A B (an int8 base
+    """The same function without adapters: every adapted kernel W + (alpha / r) A B (a quantised base
     dequantised first), in `param_dtype` and the kernel's sharding; every other parameter shared. What
     `final_merged/` exports."""
     options = dataclasses.replace(model.options, lora=None)
@@ -147,7 +154,7 @@ def merged(model: Transformer) -> Transformer:
             continue
         value = source[path].get_value()
         dense = projections.get(path[:-1]) if path[-1] == "kernel" else None
-        if dense is not None and (dense.lora_scale is not None or dense.quantized):
+        if dense is not None and (dense.lora_scale is not None or dense.quantize != "none"):
             kernel = base_kernel(dense)
             if dense.lora_scale is not None:
                 kernel = kernel + delta(dense)

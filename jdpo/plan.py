@@ -20,7 +20,8 @@ they divide by it):
                   parameters, in the parameter dtype), sharded like the parameters
   reference       online reference only: a frozen copy of the parameters
   LoRA            with lora.rank > 0 the parameters are the frozen base (its projection kernels int8
-                  plus a float32 scale per output channel with lora.quantize: int8) and the adapters;
+                  plus a float32 scale per output channel with lora.quantize: int8; 4-bit codes plus a
+                  float32 scale per 64 weights with nf4) and the adapters;
                   gradients, optimizer state and the online reference count the adapters only, and
                   the activations add each adapted projection's rank-r intermediate x A, L * targets *
                   r * b per token
@@ -41,6 +42,8 @@ they divide by it):
                   B * T): this device's rows are laid end to end as one group and scanned one chunk of
                   positions at a time (`jdpo.step.LOGPROB_CHUNK`, the train step's chunk size)
   batch           the step's [A, B, T] int32/float32 input arrays (5 per token)
+  dequantised     lora.quantize int8 / nf4: one layer's seven projection kernels dequantised into the
+  layer           compute dtype while the layer runs, (D (N + 2K) H + N H D + 3 D F) * b
   reference cache on host / disk, not on the device: 16 bytes per pair (two float32 log-probs and
                   two int32 token counts), train + eval pairs
 
@@ -67,6 +70,8 @@ DEVICE_MEMORY: dict[str, int] = {
     "h200": 141 * 10**9,
     "a100-40g": 40 * GiB,
     "a100-80g": 80 * GiB,
+    "l4": 24 * GiB,
+    "rtx4090": 24 * GiB,
     "v5e": 16 * GiB,
     "v5p": 95 * GiB,
     "v4": 32 * GiB,
@@ -295,7 +300,12 @@ def plan_memory(
     params = [p for p in everything if p[0].endswith(("lora_a", "lora_b")) or not lora]
     frozen = [p for p in everything if lora and not p[0].endswith(("lora_a", "lora_b"))]
     num_params = sum(math.prod(s) for _, s, _, _ in params)
-    num_all = sum(math.prod(s) for _, s, _, _ in everything)
+    # Weights, not stored elements: a quantised kernel's scales are not weights, and nf4 codes hold two.
+    num_all = sum(
+        math.prod(s) * (2 if dt == jnp.uint8 else 1)
+        for name, s, dt, _ in everything
+        if not name.endswith("kernel_scale")
+    )
     param_bytes = sum(local[name] * dt.itemsize for name, _, dt, _ in params)
     frozen_bytes = sum(local[name] * dt.itemsize for name, _, dt, _ in frozen)
     grad_bytes = sum(local[name] for name, _, _, _ in params) * 4
@@ -339,7 +349,9 @@ def plan_memory(
     rows = [("parameters", param_bytes, f"{num_params:,} params, {m.param_dtype}")]
     if lora:
         base_dtype = (
-            m.param_dtype if cfg.lora.quantize == "none" else f"int8 projections, {m.param_dtype} rest"
+            m.param_dtype
+            if cfg.lora.quantize == "none"
+            else f"{cfg.lora.quantize} projections, {m.param_dtype} rest"
         )
         rows = [
             ("base (frozen)", frozen_bytes, f"{num_all - num_params:,} params, {base_dtype}"),
@@ -361,6 +373,16 @@ def plan_memory(
         ("log-prob chunk", chunk_bytes, f"chunk={chunk} x V={V} float32 (this device's rows as one group)"),
         ("batch", batch_bytes, f"A={cfg.train.grad_accum} x B x T x {BATCH_ARRAYS} int32/float32"),
     ]
+    if lora and cfg.lora.quantize != "none":  # each layer's kernels are dequantised as it runs
+        c = model_config
+        D, N, K, F = (
+            c.hidden_size,
+            _split(c.num_heads, tensor),
+            _split(c.num_kv_heads, tensor),
+            _split(c.intermediate_size, tensor),
+        )
+        layer = (D * (N + 2 * K) * c.head_dim + N * c.head_dim * D + 3 * D * F) * b
+        rows.append(("dequantised layer", layer, f"one layer's 7 projection kernels in {dtype.name}"))
     ref_cache = (
         None if num_pairs is None or cfg.dpo.reference != "cached" else num_pairs * REF_CACHE_BYTES_PER_PAIR
     )

@@ -20,6 +20,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from jdpo import quantize as quantization
 from jdpo.errors import UserError
 from jdpo.models.families import WeightSpec, weight_table
 from jdpo.models.transformer import ModelConfig, ModelOptions, Transformer
@@ -99,8 +100,9 @@ def _abstract_model(config: ModelConfig, options: ModelOptions) -> Transformer:
     return nnx.eval_shape(lambda: Transformer(config, options=options, rngs=nnx.Rngs(0)))
 
 
-def _sharding_for(var: nnx.Variable, mesh):
-    shape = var.get_value().shape
+def _sharding_for(var: nnx.Variable, mesh, shape=None):
+    """`var`'s sharding from its logical names (for an array of `shape`, by default its own)."""
+    shape = var.get_value().shape if shape is None else shape
     if mesh is None:
         return jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return named_sharding(mesh, var.get_metadata().get("out_sharding"), shape)
@@ -120,8 +122,9 @@ def from_pretrained(path, *, options: ModelOptions | None = None, mesh=None):
     scan_layers, param_dtype = options.scan_layers, options.param_dtype
     # LoRA adapters (options.lora) are not in a base checkpoint: they are initialised after the load.
     params = {k: v for k, v in _model_params(model).items() if not isinstance(v, nnx.LoRAParam)}
-    # An int8 base (options.lora.quantize): each kernel is quantised right after it loads, its scale
-    # computed from it, so at most one float kernel is held at a time.
+    # A quantised base (options.lora.quantize, `jdpo.quantize`): each kernel is read as float and
+    # quantised right after it loads, its scale computed from it, so at most one float kernel is held
+    # at a time.
     quantized = _quantized_kernels(model)
     for name in quantized:
         params.pop(name[: -len("kernel")] + "kernel_scale")
@@ -168,18 +171,22 @@ def from_pretrained(path, *, options: ModelOptions | None = None, mesh=None):
                 if var is None:
                     raise CheckpointError(f"weight table names {model_path}, which the model does not have")
                 tensors = [open_tensor(k, spec.hf_shape, model_path) for k in keys]
-                var.set_value(
-                    _load_array(
-                        var,
-                        tensors,
-                        spec,
-                        stacked=per_layer and scan_layers,
-                        mesh=mesh,
-                        param_dtype=param_dtype,
-                    )
+                dense = quantized.get(model_path)
+                shape = var.get_value().shape
+                if dense is not None:
+                    shape = quantization.float_shape(dense.quantize, shape, dense.n_out)
+                loaded = _load_array(
+                    shape,
+                    _sharding_for(var, mesh, shape),
+                    tensors,
+                    spec,
+                    stacked=per_layer and scan_layers,
+                    param_dtype=param_dtype,
                 )
-                if model_path in quantized:
-                    _quantize_loaded(quantized[model_path], lead=int(per_layer and scan_layers), mesh=mesh)
+                if dense is None:
+                    var.set_value(loaded)
+                else:
+                    _set_quantized(dense, loaded, mesh=mesh)
     if params:
         raise CheckpointError(f"model parameters with no checkpoint tensor in {path}: {sorted(params)}")
     unused = sorted(k for k in key_to_file if k not in used and not k.endswith(_IGNORED_SUFFIXES))
@@ -193,22 +200,20 @@ def from_pretrained(path, *, options: ModelOptions | None = None, mesh=None):
 
 
 def _quantized_kernels(model) -> dict:
-    """Dotted kernel path -> its Dense, for the int8-quantised projections of `model`."""
+    """Dotted kernel path -> its Dense, for the quantised projections of `model`."""
     from jdpo.models.transformer import Dense
 
     return {
         ".".join(map(str, path)) + ".kernel": m
         for path, m in nnx.iter_graph(model)
-        if isinstance(m, Dense) and m.quantized
+        if isinstance(m, Dense) and m.quantize != "none"
     }
 
 
-def _quantize_loaded(dense, *, lead: int, mesh) -> None:
-    """Replace a just-loaded float kernel by its int8 form and set its scale (in their shardings)."""
-    from jdpo.models.transformer import quantize_int8
-
-    q, scale = quantize_int8(dense.kernel.get_value(), dense.n_in, lead)
-    dense.kernel.set_value(jax.device_put(q, _sharding_for(dense.kernel, mesh)))
+def _set_quantized(dense, kernel: jax.Array, *, mesh) -> None:
+    """Store a just-loaded float kernel as its codes and scale (in their shardings)."""
+    codes, scale = quantization.quantize(kernel, dense.quantize, n_in=dense.n_in, n_out=dense.n_out)
+    dense.kernel.set_value(jax.device_put(codes, _sharding_for(dense.kernel, mesh)))
     dense.kernel_scale.set_value(jax.device_put(scale, _sharding_for(dense.kernel_scale, mesh)))
 
 
@@ -224,9 +229,8 @@ def _init_adapters(model, config: ModelConfig, options: ModelOptions, mesh) -> N
     nnx.update(model, init())
 
 
-def _load_array(var, tensors, spec: WeightSpec, *, stacked: bool, mesh, param_dtype):
-    """One jax.Array in its final sharding, each device's block read lazily from the file(s)."""
-    shape = var.get_value().shape
+def _load_array(shape, sharding, tensors, spec: WeightSpec, *, stacked: bool, param_dtype):
+    """One jax.Array of `shape` in `sharding`, each device's block read lazily from the file(s)."""
     np_dtype = np.dtype(jnp.dtype(param_dtype))
     cache: dict = {}  # replicated blocks are requested once per device; read them once
 
@@ -242,7 +246,7 @@ def _load_array(var, tensors, spec: WeightSpec, *, stacked: bool, mesh, param_dt
             cache[key] = np.ascontiguousarray(block.astype(np_dtype))
         return cache[key]
 
-    return jax.make_array_from_callback(shape, _sharding_for(var, mesh), callback)
+    return jax.make_array_from_callback(shape, sharding, callback)
 
 
 def init_model(

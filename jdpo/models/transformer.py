@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jdpo import quantize as quantization
 from jdpo.models.attention import DEFAULT_BLOCK, blocked_attention
 from jdpo.models.masks import AttentionMask
 from jdpo.sharding import constrain
@@ -165,8 +166,8 @@ class LoRASpec:
     rank: int
     alpha: float
     targets: tuple[str, ...]  # HF module names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj
-    # The frozen base's projection kernels (all seven, adapted or not) stored as int8 with a float32
-    # scale per output channel, dequantised inside the matmul (QLoRA-style); "none": param_dtype.
+    # The frozen base's projection kernels (all seven, adapted or not) stored quantised, "int8" or
+    # "nf4" (`jdpo.quantize`), and dequantised inside the matmul (QLoRA); "none": param_dtype.
     quantize: str = "none"
 
     @property
@@ -175,16 +176,6 @@ class LoRASpec:
 
     def for_module(self, name: str) -> "LoRASpec | None":
         return self if name in self.targets else None
-
-
-def quantize_int8(kernel, n_in: int, lead: int = 0):
-    """Symmetric per-output-channel int8: (q int8 like kernel, scale float32 [*lead, *out]) with
-    kernel ~= q * scale; the absmax is over the `n_in` input axes after `lead` stacked axes."""
-    k32 = kernel.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(k32), axis=tuple(range(lead, lead + n_in)), keepdims=True) / 127.0
-    scale = jnp.where(scale == 0, 1.0, scale)
-    q = jnp.clip(jnp.round(k32 / scale), -127, 127).astype(jnp.int8)
-    return q, scale.reshape(scale.shape[:lead] + scale.shape[lead + n_in :])
 
 
 def _param(key, shape, names, param_dtype, init: str, std: float):
@@ -222,11 +213,12 @@ class Dense(nnx.Module):
     ):  # fmt: skip
         self.n_in, self.n_out = len(in_shape), len(out_shape)
         self.kernel = _param(key, (*in_shape, *out_shape), names, param_dtype, "normal", std)
-        self.quantized = quantize == "int8"
-        if self.quantized:  # int8 kernel + float32 scale per output channel (`quantize_int8`)
-            q, scale = quantize_int8(self.kernel[...], self.n_in)
-            self.kernel = nnx.Param(q, out_sharding=tuple(names), eager_sharding=False)
-            self.kernel_scale = nnx.Param(scale, out_sharding=tuple(names[self.n_in :]), eager_sharding=False)
+        self.quantize = quantize
+        if quantize != "none":  # codes + float32 scales (`jdpo.quantize`), dequantised in the matmul
+            codes, scale = quantization.quantize(self.kernel[...], quantize, n_in=self.n_in, n_out=self.n_out)
+            scale_names = names[self.n_in :] if quantize == "int8" else names
+            self.kernel = nnx.Param(codes, out_sharding=tuple(names), eager_sharding=False)
+            self.kernel_scale = nnx.Param(scale, out_sharding=tuple(scale_names), eager_sharding=False)
         if bias:
             self.bias = _param(None, out_shape, bias_names or names[self.n_in :], param_dtype, "zeros", 0.0)
         else:
@@ -254,9 +246,13 @@ class Dense(nnx.Module):
             )
 
     def __call__(self, x, dtype):
-        kernel = self.kernel[...].astype(dtype)
-        if self.quantized:  # dequantised here, fused into the matmul's operand
-            kernel = kernel * self.kernel_scale[...].astype(dtype)
+        if self.quantize == "none":
+            kernel = self.kernel[...].astype(dtype)
+        else:  # dequantised here, fused into the matmul's operand
+            kernel = quantization.dequantize(
+                self.kernel[...], self.kernel_scale[...], self.quantize, n_in=self.n_in, n_out=self.n_out,
+                dtype=dtype,
+            )  # fmt: skip
         lead, out_shape = x.shape[: x.ndim - self.n_in], kernel.shape[self.n_in :]
         k_in = math.prod(kernel.shape[: self.n_in])
         # As one 2-D matmul [tokens, in] x [in, out]: with the token axes merged, XLA:CPU computes the
