@@ -229,6 +229,11 @@ class LoRASection:
 
     rank: int = _f(0, "LoRA rank r; 0 trains every weight (full fine-tuning).")
     alpha: float = _f(16.0, "LoRA alpha: the adapter's update is scaled by alpha / rank (as PEFT).")
+    dropout: float = _f(
+        0.0,
+        "LoRA dropout (PEFT's lora_dropout): the probability of zeroing each input of an adapter (not of "
+        "the base path) in the policy's training forward; the reference, eval and generation use none.",
+    )
     targets: tuple[str, ...] = _f(
         LORA_TARGETS,
         "Hugging Face module names that get adapters (default: all attention and MLP projections).",
@@ -558,9 +563,13 @@ def _validate_lora(cfg: Config) -> None:
             raise ConfigError(f"lora.init_adapter={lo.init_adapter!r} needs lora.rank > 0 (its rank)")
         if lo.quantize != "none":
             raise ConfigError(f"lora.quantize={lo.quantize} quantises a frozen base: it needs lora.rank > 0")
+        if lo.dropout:
+            raise ConfigError(f"lora.dropout={lo.dropout} drops adapter inputs: it needs lora.rank > 0")
         return
     if lo.alpha <= 0:
         raise ConfigError(f"lora.alpha must be > 0, got {lo.alpha}")
+    if not 0.0 <= lo.dropout < 1.0:
+        raise ConfigError(f"lora.dropout must be in [0, 1), got {lo.dropout}")
     unknown = [t for t in lo.targets if t not in LORA_TARGETS]
     if unknown or not lo.targets:
         raise ConfigError(

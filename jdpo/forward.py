@@ -23,7 +23,9 @@ from jdpo.batch import Batch
 from jdpo.sharding import batch_shards
 
 
-def pair_logprobs(model: Any, batch: Batch, *, chunk_size: int = 1024) -> dict[str, jax.Array]:
+def pair_logprobs(
+    model: Any, batch: Batch, *, chunk_size: int = 1024, dropout_key=None
+) -> dict[str, jax.Array]:
     """Summed completion log-probs and token counts of every pair slot of a packed batch.
 
     One forward over chosen and rejected together (they are segments of the same rows), float32
@@ -35,11 +37,12 @@ def pair_logprobs(model: Any, batch: Batch, *, chunk_size: int = 1024) -> dict[s
     Args:
       model: a `jdpo.models.Transformer` (inside jit: merged from graphdef + params).
       batch: a `Batch` ([B, T] token arrays, pair_ids [B, P]).
+      dropout_key: the training policy forward's key for LoRA dropout (None: no dropout).
     Returns `chosen`, `rejected` [B, P] float32 summed log-probs and `chosen_counts`,
     `rejected_counts` [B, P] float32 completion token counts (0 in empty slots).
     """
     P = batch.pair_ids.shape[1]
-    hidden_BxTxD = model.hidden_states(batch.input_ids, batch.positions, batch.segment_ids)
+    hidden_BxTxD = model.hidden_states(batch.input_ids, batch.positions, batch.segment_ids, dropout_key)
     logp_BxT = logprobs.token_logprobs_from_hidden(
         hidden_BxTxD,
         model.unembedding(),

@@ -86,6 +86,7 @@ def model_options(options: ModelOptions, section: LoRASection, model_path: str) 
         alpha=float(section.alpha),
         targets=tuple(section.targets),
         quantize=section.quantize,
+        dropout=float(section.dropout),
     )
     return dataclasses.replace(options, lora=spec)
 

@@ -212,7 +212,7 @@ def save_adapter(model: Transformer, out_dir, *, base_model: str) -> None:
         "base_model_name_or_path": str(base_model),
         "r": spec.rank,
         "lora_alpha": spec.alpha,
-        "lora_dropout": 0.0,
+        "lora_dropout": spec.dropout,
         "target_modules": sorted(spec.targets),
         "bias": "none",
         "fan_in_fan_out": False,

@@ -90,12 +90,13 @@ def _model(s: StepSettings, params, base=None):
     return nnx.merge(s.graphdef, params) if base is None else nnx.merge(s.graphdef, params, base)
 
 
-def _micro_loss(s: StepSettings, params, ref_params, base, batch: Batch, moments):
+def _micro_loss(s: StepSettings, params, ref_params, base, batch: Batch, moments, dropout_key):
     """Summed per-slot loss of one micro-batch, and (the sums its metrics are made of, with the slot count
     in "pairs"; BCO's running moments after it, None when the loss keeps none). Sums, not means: the
     caller divides by the step's total count once. With LoRA the online reference is the frozen base
-    with the reference adapters (no second copy of the base)."""
-    out = pair_logprobs(_model(s, params, base), batch, chunk_size=s.chunk_size)
+    with the reference adapters (no second copy of the base). `dropout_key` drives LoRA dropout in the
+    policy forward only (the reference is deterministic)."""
+    out = pair_logprobs(_model(s, params, base), batch, chunk_size=s.chunk_size, dropout_key=dropout_key)
     if s.dpo.reference == "online":
         ref = pair_logprobs(_model(s, ref_params, base), batch, chunk_size=s.chunk_size)
         ref_c, ref_r = jax.lax.stop_gradient(ref["chosen"]), jax.lax.stop_gradient(ref["rejected"])
@@ -153,30 +154,39 @@ def compiled_steps(s: StepSettings) -> Steps:
         params, ref_params, base = state["params"], state.get("ref_params"), state.get("base")
         grad_fn = jax.grad(functools.partial(_micro_loss, s), has_aux=True)
 
-        def micro(carry, mb):
+        # LoRA dropout's key of micro-batch i: the step's key (state["rng"], advanced every step) with i
+        # folded in, so a resumed run draws the same masks.
+        step_key = jax.random.wrap_key_data(state["rng"])
+
+        def micro(carry, xs):
+            mb, i = xs
             g_acc, sums_acc, moments = carry
-            g, (sums, moments) = grad_fn(params, ref_params, base, mb, moments)
+            key = jax.random.fold_in(step_key, i)
+            g, (sums, moments) = grad_fn(params, ref_params, base, mb, moments, key)
             g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
             return (g_acc, jax.tree.map(jnp.add, sums_acc, sums), moments), None
 
         # BCO's running reward moments: updated micro-batch by micro-batch (TRL: per forward).
         moments0 = state.get(BCO_MOMENTS)
         first = jax.tree.map(lambda x: x[0], batch)
-        sums_shape = jax.eval_shape(lambda: _micro_loss(s, params, ref_params, base, first, moments0)[1][0])
+        sums_shape = jax.eval_shape(
+            lambda: _micro_loss(s, params, ref_params, base, first, moments0, step_key)[1][0]
+        )
         carry0 = (
             jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
             jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), sums_shape),
             moments0,
         )
-        (grads, sums, moments), _ = jax.lax.scan(micro, carry0, batch)
+        micro_ids = jnp.arange(jax.tree.leaves(batch)[0].shape[0], dtype=jnp.int32)
+        (grads, sums, moments), _ = jax.lax.scan(micro, carry0, (batch, micro_ids))
         # Divide once by the step's pair count: every pair weighs the same however the rows were split.
         n = jnp.maximum(sums["pairs"], 1.0)
         grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grads, params)
         grads = jax.lax.with_sharding_constraint(grads, param_sh)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        # The RNG advances every step so that anything stochastic added to the step (dropout, sampled
-        # losses) gets fresh, checkpointed randomness; the built-in losses use none.
+        # The RNG advances every step so that anything stochastic in the step (LoRA dropout) gets fresh,
+        # checkpointed randomness; the built-in losses use none.
         rng = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"]))
         new_state = dict(state, params=new_params, opt_state=opt_state, step=state["step"] + 1, rng=rng)
         if moments is not None:

@@ -56,8 +56,27 @@ def trained(assets, tmp_path_factory):
 
 def test_lora_fields_are_in_the_help():
     names = {row[0] for row in jconfig.field_help()}
-    assert {"lora.rank", "lora.alpha", "lora.targets", "lora.init_adapter"} <= names
+    assert {
+        "lora.rank",
+        "lora.alpha",
+        "lora.dropout",
+        "lora.targets",
+        "lora.quantize",
+        "lora.init_adapter",
+    } <= names
     assert jconfig.Config().lora.rank == 0  # full fine-tuning by default
+
+
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        ({"lora.dropout": 1.0}, "lora.dropout must be in"),
+        ({"lora.rank": 0, "lora.dropout": 0.1}, "needs lora.rank"),
+    ],
+)
+def test_a_bad_lora_dropout_is_refused(assets, tmp_path, over, message):
+    with pytest.raises(jconfig.ConfigError, match=message):
+        jconfig.validate(make_config(assets, tmp_path / "run", **over))
 
 
 def test_an_unknown_target_is_refused_with_the_model_module_names(assets, tmp_path):
@@ -126,7 +145,8 @@ def test_cached_and_online_reference_agree(assets, tmp_path):
 
 
 def test_checkpoint_holds_only_adapters_and_resume_is_bit_identical(assets, tmp_path):
-    over = {"train.save_every": 2, "train.eval_every": 2, "train.export": False}
+    # With LoRA dropout, so the masks (drawn from the checkpointed step RNG) must be redrawn exactly.
+    over = {"train.save_every": 2, "train.eval_every": 2, "train.export": False, "lora.dropout": 0.2}
     full = train.run(make_config(assets, tmp_path / "full", **over), mesh=one_device())
     cfg = make_config(assets, tmp_path / "resumed", **over)
     first = train.run(cfg, callbacks=[lambda m: m["step"] == 2], mesh=one_device())
@@ -238,9 +258,62 @@ def test_scan_layers_and_remat_match_the_layer_loop(trained, assets, tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
 
 
+def test_the_dense_attention_kernel_gives_the_blocked_kernels_steps(trained, assets, tmp_path):
+    # Adapters sit on the projections only, so every attention kernel carries them the same way.
+    start = {"lora.init_adapter": str(trained[0].output_dir / "final")}
+    blocked = steps(train.Trainer(make_config(assets, tmp_path / "a", **start), mesh=one_device()), 2)
+    over = {"model.attention": "xla", **start}
+    dense = steps(train.Trainer(make_config(assets, tmp_path / "b", **over), mesh=one_device()), 2)
+    for a, b in zip(blocked, dense, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+def test_lora_dropout_is_on_the_adapter_input_in_training_forwards_only():
+    from flax import nnx
+
+    from jdpo.models.transformer import Dense, LoRASpec
+
+    spec = LoRASpec(rank=2, alpha=4.0, targets=("up_proj",), dropout=0.5).for_module("up_proj")
+    dense = Dense(jax.random.key(0), (8,), (6,), ("embed", "mlp"), bias=False, param_dtype=np.float32,
+                  std=0.1, lora=spec)  # fmt: skip
+    dense.lora_b.set_value(jax.random.normal(jax.random.key(1), (2, 6)))
+    x = jax.random.normal(jax.random.key(2), (3, 5, 8))
+    key = jax.random.key(3)
+    w, a, b = (np.asarray(v.get_value()) for v in (dense.kernel, dense.lora_a, dense.lora_b))
+    kept = np.asarray(jax.random.bernoulli(jax.random.fold_in(key, spec.site), 0.5, (15, 8)))
+    xm = np.asarray(x).reshape(15, 8)
+    want = xm @ w + (np.where(kept, xm / 0.5, 0) @ a @ b) * 2.0  # the base path sees every input
+    got = np.asarray(dense(x, np.float32, key)).reshape(15, 6)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert 0 < kept.mean() < 1
+    no_key = np.asarray(dense(x, np.float32)).reshape(15, 6)  # reference / eval / generation forwards
+    np.testing.assert_allclose(no_key, xm @ w + xm @ a @ b * 2.0, rtol=1e-5, atol=1e-6)
+    assert isinstance(dense.lora_a, nnx.LoRAParam)
+
+
+def test_lora_dropout_changes_the_adapter_gradient_reproducibly(assets, tmp_path):
+    plain = steps(train.Trainer(make_config(assets, tmp_path / "plain"), mesh=one_device()), 1)[0]
+    runs = [
+        steps(
+            train.Trainer(
+                make_config(assets, tmp_path / f"d{i}", **{"lora.dropout": 0.5}), mesh=one_device()
+            ),
+            2,
+        )
+        for i in range(2)
+    ]
+    assert runs[0] == runs[1]  # the masks come from the run's seeded, checkpointed RNG
+    first = runs[0][0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # B = 0: dropout on x A changes nothing yet
+    assert first["grad_norm"] != pytest.approx(plain["grad_norm"], rel=1e-3)  # but d/dB sees dropped inputs
+
+
 def test_eight_device_fsdp_mesh_matches_one_device(assets, tmp_path):
-    one = steps(train.Trainer(make_config(assets, tmp_path / "one"), mesh=one_device()), 3)
-    eight = train.Trainer(make_config(assets, tmp_path / "eight"), mesh=make_mesh(1, 8, 1))
+    # With LoRA dropout: its masks do not depend on the sharding (jax's partitionable threefry).
+    over = {"lora.dropout": 0.2}
+    one = steps(train.Trainer(make_config(assets, tmp_path / "one", **over), mesh=one_device()), 3)
+    eight = train.Trainer(make_config(assets, tmp_path / "eight", **over), mesh=make_mesh(1, 8, 1))
     assert max(len(x.sharding.device_set) for x in jax.tree.leaves(eight.state["base"])) == 8
     for a, b in zip(one, steps(eight, 3), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)

@@ -169,13 +169,21 @@ class LoRASpec:
     # The frozen base's projection kernels (all seven, adapted or not) stored quantised, "int8" or
     # "nf4" (`jdpo.quantize`), and dequantised inside the matmul (QLoRA); "none": param_dtype.
     quantize: str = "none"
+    # PEFT's lora_dropout: dropout on the adapter's input x (not on the base path) in training forwards
+    # given a dropout key; reference, eval and generation forwards get none.
+    dropout: float = 0.0
+    site: int = 0  # which projection (PROJECTIONS index): folded into the dropout key
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
 
     def for_module(self, name: str) -> "LoRASpec | None":
-        return self if name in self.targets else None
+        return dataclasses.replace(self, site=PROJECTIONS.index(name)) if name in self.targets else None
+
+
+#: The seven projections of a decoder layer, by their Hugging Face module names.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _param(key, shape, names, param_dtype, init: str, std: float):
@@ -224,6 +232,7 @@ class Dense(nnx.Module):
         else:
             self.bias = None
         self.lora_scale = None if lora is None else lora.scale
+        self.lora_dropout, self.lora_site = (0.0, 0) if lora is None else (lora.dropout, lora.site)
         if lora is not None:
             # A is sharded like the kernel's input axes, B like its output axes; the rank axis replicated.
             # PEFT's init: A ~ U(+-1/sqrt(fan_in)) (kaiming-uniform, a=sqrt(5)), B = 0, so the adapted
@@ -245,7 +254,9 @@ class Dense(nnx.Module):
                 eager_sharding=False,
             )
 
-    def __call__(self, x, dtype):
+    def __call__(self, x, dtype, dropout_key=None):
+        """x [*lead, *in] -> [*lead, *out] in `dtype`. `dropout_key` (a training forward): the adapter's
+        input is dropped out at `lora_dropout` (inverted dropout, as PEFT); the base path never is."""
         if self.quantize == "none":
             kernel = self.kernel[...].astype(dtype)
         else:  # dequantised here, fused into the matmul's operand
@@ -263,7 +274,14 @@ class Dense(nnx.Module):
         if self.lora_scale is not None:
             a_IxR = self.lora_a[...].astype(dtype).reshape(k_in, -1)
             b_RxO = self.lora_b[...].astype(dtype).reshape(a_IxR.shape[1], -1)
-            y = y + jnp.dot(jnp.dot(x_MxI, a_IxR), b_RxO) * jnp.asarray(self.lora_scale, dtype)
+            xa_MxI = x_MxI
+            if dropout_key is not None and self.lora_dropout > 0:
+                keep = 1.0 - self.lora_dropout
+                kept_MxI = jax.random.bernoulli(
+                    jax.random.fold_in(dropout_key, self.lora_site), keep, x_MxI.shape
+                )
+                xa_MxI = jnp.where(kept_MxI, x_MxI / jnp.asarray(keep, dtype), jnp.zeros((), dtype))
+            y = y + jnp.dot(jnp.dot(xa_MxI, a_IxR), b_RxO) * jnp.asarray(self.lora_scale, dtype)
         y = y.reshape(*lead, *out_shape)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
@@ -349,12 +367,12 @@ class Attention(nnx.Module):
         self.config, self.dtype = c, options.dtype
         self.attention, self.attention_block = options.attention, options.attention_block
 
-    def _qkv(self, x_BxTxD, cos, sin):
+    def _qkv(self, x_BxTxD, cos, sin, dropout_key=None):
         """q [B, T, N, H], k and v [B, T, K, H] of new tokens (q/k norm and RoPE applied)."""
         c = self.config
-        q_BxTxNxH = self.q_proj(x_BxTxD, self.dtype)
-        k_BxTxKxH = self.k_proj(x_BxTxD, self.dtype)
-        v_BxTxKxH = self.v_proj(x_BxTxD, self.dtype)
+        q_BxTxNxH = self.q_proj(x_BxTxD, self.dtype, dropout_key)
+        k_BxTxKxH = self.k_proj(x_BxTxD, self.dtype, dropout_key)
+        v_BxTxKxH = self.v_proj(x_BxTxD, self.dtype, dropout_key)
         if c.qk_norm:
             q_BxTxNxH, k_BxTxKxH = self.q_norm(q_BxTxNxH), self.k_norm(k_BxTxKxH)
         q_BxTxNxH = constrain(apply_rope(q_BxTxNxH, cos, sin), ("batch", "length", "act_heads", None))
@@ -362,7 +380,7 @@ class Attention(nnx.Module):
         v_BxTxKxH = constrain(v_BxTxKxH, ("batch", "length", "act_kv_heads", None))
         return q_BxTxNxH, k_BxTxKxH, v_BxTxKxH
 
-    def _attend(self, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: AttentionMask):
+    def _attend(self, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: AttentionMask, dropout_key=None):
         """Attention of T queries over S keys (S == T without a cache), then the output projection.
         The blocked kernel reads `mask` as segment ids and a window (self-attention only); the dense
         kernels materialise it here as a boolean [B, 1, T, S] array."""
@@ -390,11 +408,11 @@ class Attention(nnx.Module):
             out_BxTxNxH = _softcapped_attention(
                 q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask.dense(), c.attention_scale, c.attn_logit_softcapping
             )
-        return self.o_proj(out_BxTxNxH, self.dtype)
+        return self.o_proj(out_BxTxNxH, self.dtype, dropout_key)
 
-    def __call__(self, x_BxTxD, cos, sin, mask: AttentionMask):
-        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = self._qkv(x_BxTxD, cos, sin)
-        return self._attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask)
+    def __call__(self, x_BxTxD, cos, sin, mask: AttentionMask, dropout_key=None):
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = self._qkv(x_BxTxD, cos, sin, dropout_key)
+        return self._attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask, dropout_key)
 
     def extend(self, x_BxTxD, cos, sin, mask: AttentionMask, k_BxSxKxH, v_BxSxKxH, slot):
         """T new tokens written at cache slots [slot, slot + T) of this layer's cache, then attended over
@@ -437,14 +455,16 @@ class MLP(nnx.Module):
         self.down_proj = Dense(rngs.params(), (F,), (D,), ("mlp", "embed"), lora=lora("down_proj"), **kw)
         self.act, self.dtype = config.hidden_act, options.dtype
 
-    def __call__(self, x_BxTxD):
-        gate_BxTxF = self.gate_proj(x_BxTxD, self.dtype)
+    def __call__(self, x_BxTxD, dropout_key=None):
+        gate_BxTxF = self.gate_proj(x_BxTxD, self.dtype, dropout_key)
         if self.act == "silu":
             gate_BxTxF = jax.nn.silu(gate_BxTxF)
         else:  # gelu_pytorch_tanh (checked at config load)
             gate_BxTxF = jax.nn.gelu(gate_BxTxF, approximate=True)
-        h_BxTxF = constrain(gate_BxTxF * self.up_proj(x_BxTxD, self.dtype), ("batch", "length", "act_mlp"))
-        return self.down_proj(h_BxTxF, self.dtype)
+        h_BxTxF = constrain(
+            gate_BxTxF * self.up_proj(x_BxTxD, self.dtype, dropout_key), ("batch", "length", "act_mlp")
+        )
+        return self.down_proj(h_BxTxF, self.dtype, dropout_key)
 
 
 class DecoderLayer(nnx.Module):
@@ -472,9 +492,9 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(c, options, rngs=rngs)
         self.sandwich = c.sandwich_norm
 
-    def __call__(self, x_BxTxD, cos, sin, mask: AttentionMask):
-        attn_BxTxD = self.self_attn(self.input_layernorm(x_BxTxD), cos, sin, mask)
-        return self._finish(x_BxTxD, attn_BxTxD)
+    def __call__(self, x_BxTxD, cos, sin, mask: AttentionMask, dropout_key=None):
+        attn_BxTxD = self.self_attn(self.input_layernorm(x_BxTxD), cos, sin, mask, dropout_key)
+        return self._finish(x_BxTxD, attn_BxTxD, dropout_key)
 
     def extend(self, x_BxTxD, cos, sin, mask: AttentionMask, k_BxSxKxH, v_BxSxKxH, slot):
         """The layer on T new tokens with a KV cache (see `Attention.extend`): (x, new k, new v)."""
@@ -483,14 +503,16 @@ class DecoderLayer(nnx.Module):
         )
         return self._finish(x_BxTxD, attn_BxTxD), k_new, v_new
 
-    def _finish(self, x_BxTxD, attn_BxTxD):
+    def _finish(self, x_BxTxD, attn_BxTxD, dropout_key=None):
         """Residual adds and the MLP after attention."""
         if self.sandwich:
             x_BxTxD = x_BxTxD + self.post_attention_layernorm(attn_BxTxD)
-            mlp_BxTxD = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x_BxTxD)))
+            mlp_BxTxD = self.post_feedforward_layernorm(
+                self.mlp(self.pre_feedforward_layernorm(x_BxTxD), dropout_key)
+            )
         else:
             x_BxTxD = x_BxTxD + attn_BxTxD
-            mlp_BxTxD = self.mlp(self.post_attention_layernorm(x_BxTxD))
+            mlp_BxTxD = self.mlp(self.post_attention_layernorm(x_BxTxD), dropout_key)
         return constrain(x_BxTxD + mlp_BxTxD, ("batch", "length", "act_embed"))
 
 
@@ -560,8 +582,9 @@ class Transformer(nnx.Module):
             x_BxTxD = x_BxTxD * jnp.asarray(self.config.hidden_size**0.5, self.options.dtype)
         return constrain(x_BxTxD, ("batch", "length", "act_embed"))
 
-    def hidden_states(self, input_ids_BxT, positions_BxT=None, segment_ids_BxT=None):
-        """Final hidden states [B, T, D] in the compute dtype, final norm applied."""
+    def hidden_states(self, input_ids_BxT, positions_BxT=None, segment_ids_BxT=None, dropout_key=None):
+        """Final hidden states [B, T, D] in the compute dtype, final norm applied. `dropout_key`: a
+        training forward with LoRA dropout (layer i's projections fold in i, then their site)."""
         c = self.config
         B, T = input_ids_BxT.shape
         if positions_BxT is None:
@@ -573,19 +596,21 @@ class Transformer(nnx.Module):
         ids_BxT = jnp.ones((B, T), jnp.int32) if segment_ids_BxT is None else segment_ids_BxT
         mask = AttentionMask(ids_BxT, window=c.sliding_window if any(flags) else None)
 
-        def layer_fn(graphdef, state, x, is_sliding):
+        def layer_fn(graphdef, state, x, is_sliding, i):
             layer = nnx.merge(graphdef, state)
-            return layer(x, cos, sin, mask.for_layer(is_sliding))
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+            return layer(x, cos, sin, mask.for_layer(is_sliding), key)
 
         remat = self.options.remat
         if self.options.scan_layers:
             graphdef, state = nnx.split(self.layers)
-            body = _remat(lambda x, xs: (layer_fn(graphdef, xs[0], x, xs[1]), None), remat)
-            x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, (state, jnp.asarray(flags)))
+            body = _remat(lambda x, xs: (layer_fn(graphdef, xs[0], x, xs[1], xs[2]), None), remat)
+            layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
+            x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, (state, jnp.asarray(flags), layer_ids))
         else:
-            for layer, is_sliding in zip(self.layers, flags, strict=True):
+            for i, (layer, is_sliding) in enumerate(zip(self.layers, flags, strict=True)):
                 graphdef, state = nnx.split(layer)
-                fn = _remat(lambda s, x, gd=graphdef, f=is_sliding: layer_fn(gd, s, x, f), remat)
+                fn = _remat(lambda s, x, gd=graphdef, f=is_sliding, i=i: layer_fn(gd, s, x, f, i), remat)
                 x_BxTxD = fn(state, x_BxTxD)
         return self.norm(x_BxTxD)
 
