@@ -152,6 +152,15 @@ def _add_demo(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="The preference stage's dpo.loss_type (default: the preset's sigmoid); kto, bco or "
         "apo_zero_unpaired train on the pairs split into rated answers (right: desirable, slip: not).",
     )
+    p.add_argument(
+        "--lora",
+        type=int,
+        default=None,
+        metavar="RANK",
+        dest="lora_rank",
+        help="Train the preference stage as LoRA adapters of this rank on the frozen SFT model (the "
+        "reference); its final/ is then a PEFT adapter directory.",
+    )
     p.add_argument("--no-plot", action="store_true", help="Do not write PNG curves after training.")
     p.set_defaults(func=_run_demo)
     return p
@@ -162,7 +171,7 @@ def _run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     kwargs: dict[str, Any] = {"output_dir": args.output_dir, "plot": not args.no_plot}
     # Only what was given: run_demo's own defaults stay the single source of the demo's settings.
-    for name in ("steps", "pretrain_steps", "sft_steps", "seed", "loss_type"):
+    for name in ("steps", "pretrain_steps", "sft_steps", "seed", "loss_type", "lora_rank"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     demo.run_demo(**kwargs)

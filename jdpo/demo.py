@@ -53,6 +53,11 @@ DEMO_MODEL = dict(hidden_size=128, intermediate_size=384, num_layers=3, num_head
 PRETRAIN_STAGE = {"optim.learning_rate": 1e-3, "optim.warmup_ratio": 0.05}
 SFT_STAGE = {"optim.learning_rate": 1e-3, "optim.warmup_ratio": 0.05}
 
+# The DPO stage with LoRA (`jdpo demo --lora RANK`): adapters on every projection, the SFT model frozen as
+# the base and the reference. Adapters start at zero and move only through a rank-r subspace, so they
+# take a larger learning rate than full fine-tuning's 1e-4 (as LoRA runs elsewhere do).
+LORA_STAGE = {"optim.learning_rate": 1e-3}
+
 
 # ------------------------------------------------------------------------------------------------
 # The task
@@ -270,6 +275,7 @@ def run_demo(
     sft_overrides: dict[str, Any] | None = None,
     dpo_overrides: dict[str, Any] | None = None,
     loss_type: str | None = None,
+    lora_rank: int = 0,
     plot: bool = True,
     quiet: bool = False,
 ) -> dict[str, Any]:
@@ -277,11 +283,14 @@ def run_demo(
 
     `steps` (DPO) defaults to the preset's train.max_steps. `loss_type` replaces the preset's loss (e.g.
     "kto": the pairs split into rated answers, right = desirable, slip = undesirable; before / after are
-    then measured on the held-out pairs as for DPO). Returns {"before": eval metrics of the
-    reference (= the DPO policy at step 0), "after": eval metrics after DPO, "likelihood_accuracy":
-    {"before", "after"} (fraction of held-out pairs whose chosen completion has the higher log-prob),
-    "generations": compare_generations' {"rows", "summary", "paths"} (greedy, held-out prompts; summary
-    has "reference_correct" / "policy_correct" fractions), "seconds", "output_dir", "final_dir"}.
+    then measured on the held-out pairs as for DPO). `lora_rank` > 0: the preference stage trains LoRA
+    adapters of that rank (`LORA_STAGE`; alpha 2 * rank) on the frozen SFT model.
+
+    Returns {"before": eval metrics of the reference (= the DPO policy at step 0), "after": eval metrics
+    after DPO, "likelihood_accuracy": {"before", "after"} (fraction of held-out pairs whose chosen
+    completion has the higher log-prob), "generations": compare_generations' {"rows", "summary",
+    "paths"} (greedy, held-out prompts; summary has "reference_correct" / "policy_correct" fractions),
+    "seconds", "output_dir", "final_dir"}.
     """
     from jdpo import train
     from jdpo.evaluate import arithmetic_checker, compare_generations
@@ -306,6 +315,9 @@ def run_demo(
 
     if loss_type is not None:
         dpo_overrides = {**(dpo_overrides or {}), "dpo.loss_type": [loss_type]}
+    if lora_rank:
+        lora = {"lora.rank": lora_rank, "lora.alpha": 2.0 * lora_rank, **LORA_STAGE}
+        dpo_overrides = {**lora, **(dpo_overrides or {})}
     dpo_cfg = demo_config(out, assets, stage="dpo", steps=steps, preset=preset, overrides=dpo_overrides)
     trainer = train.Trainer(dpo_cfg)
     # An unpaired loss (kto, bco, apo_zero_unpaired) trains on the pairs split into rated examples (right
@@ -315,6 +327,8 @@ def run_demo(
     before = held.metrics() if held else trainer.evaluate()
     like_before = likelihood_accuracy(trainer, held.pairs if held else None)
     name = dpo_cfg.dpo.loss_type[0].upper() if dpo_cfg.dpo.unpaired else "DPO"
+    if dpo_cfg.lora.rank:
+        name += f" LoRA r={dpo_cfg.lora.rank}"
     say(f"[demo] before {name} (held-out): {_summary(before)}; prefers chosen by log-prob: {like_before:.1%}")
     say(
         "[demo]   (policy == reference: every implicit reward is 0, accuracy counts strict wins; chance: 50%)"
@@ -369,6 +383,7 @@ def _final_summary(
 ) -> str:
     """The demo's closing block: preference numbers before / after, greedy correctness, a few samples."""
     s = gens["summary"]
+    w = max(18, len(name) + 11)  # the policy column fits "policy (DPO LoRA r=8)"
     acc = "eval/rewards/accuracies"
     margin = "eval/rewards/margins"
     lines = [
@@ -376,12 +391,12 @@ def _final_summary(
         "=" * 78,
         f"jdpo demo: held-out results ({s.get('checked', 0)} unseen sums), in {seconds:.0f} s",
         "-" * 78,
-        f"{'':34}{'reference (SFT)':>18}{f'policy ({name})':>18}",
-        f"{'preference accuracy (reward)':34}{before.get(acc, 0.0):>18.1%}{after.get(acc, 0.0):>18.1%}",
-        f"{'reward margin':34}{before.get(margin, 0.0):>+18.3f}{after.get(margin, 0.0):>+18.3f}",
-        f"{'prefers right answer (log-prob)':34}{like_before:>18.1%}{like_after:>18.1%}",
+        f"{'':34}{'reference (SFT)':>18}{f'policy ({name})':>{w}}",
+        f"{'preference accuracy (reward)':34}{before.get(acc, 0.0):>18.1%}{after.get(acc, 0.0):>{w}.1%}",
+        f"{'reward margin':34}{before.get(margin, 0.0):>+18.3f}{after.get(margin, 0.0):>+{w}.3f}",
+        f"{'prefers right answer (log-prob)':34}{like_before:>18.1%}{like_after:>{w}.1%}",
         f"{'greedy answer correct':34}{s.get('reference_correct', 0.0):>18.1%}"
-        f"{s.get('policy_correct', 0.0):>18.1%}",
+        f"{s.get('policy_correct', 0.0):>{w}.1%}",
         "-" * 78,
     ]
     rows = gens["rows"]
