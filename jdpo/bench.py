@@ -16,7 +16,8 @@ What is measured, in this order, in one process:
 
 Throughput counts pairs (valid pair slots) and non-pad tokens of the timed steps. MFU credits model
 FLOPs only (`flops.train_flops`: 6 x matmul params per non-pad token plus causal in-segment
-attention; no padding, no remat recomputation, no attention to masked keys). The "head on scored"
+attention; no padding, no remat recomputation, no attention to masked keys; a LoRA run 4 x the frozen
+matmul params, no weight gradient, plus 6 x its adapters). The "head on scored"
 MFU is stricter: the D x V unembedding is credited only on scored (completion, `loss_mask` > 0)
 tokens, the only positions DPO needs logits for and the only ones jdpo projects; everything else is
 credited as in `mfu`. The "incl. reference" figures add the reference pass amortised over the run:
@@ -72,6 +73,30 @@ def bench_config(cfg, *, work_dir: str | Path):
             "train.export": False,
         },
     )
+
+
+def host_info() -> dict[str, Any]:
+    """The machine a benchmark ran on: CPU model and count (XLA:CPU's speed differs between processors of
+    the same class; results are compared by it), Python and jax versions."""
+    import os
+    import platform
+
+    import jax
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model
+            )
+    except OSError:
+        pass
+    return {
+        "cpu_model": model,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+    }
 
 
 def run_bench(
@@ -177,11 +202,13 @@ def run_bench(
     ref_tokens, ref_keys, ref_scored = ref_tokens * n, ref_keys * n, ref_scored * n
     step_time = statistics.median(step_times)
     total_time = step_time * steps  # the median step, so a hiccup from a neighbour does not count
-    flops = train_flops(hf_cfg, tokens=tokens, attended_keys=keys)
-    flops_sh = train_flops(hf_cfg, tokens=tokens, attended_keys=keys, head_tokens=scored)
+    lora = tr.lora_params()
+    flops = train_flops(hf_cfg, tokens=tokens, attended_keys=keys, lora_params=lora)
+    flops_sh = train_flops(hf_cfg, tokens=tokens, attended_keys=keys, head_tokens=scored, lora_params=lora)
     result: dict[str, Any] = {
         "platform": platform,
         "device": jax.devices()[0].device_kind,
+        "host": host_info(),
         "num_devices": int(tr.mesh.devices.size),
         "model_params": tr.model_config.num_params(),
         "matmul_params": matmul_params(hf_cfg),
@@ -272,6 +299,7 @@ def format_bench(r: dict[str, Any]) -> str:
 
     rows = [
         ("device", f"{r['device']} x {r['num_devices']} ({r['platform']}), {r['dtype']}"),
+        ("host", f"{r['host']['cpu_model']}, {r['host']['cpus']} CPUs, jax {r['host']['jax']}"),
         ("model", f"{r['model_params']:,} params ({r['matmul_params']:,} in matmuls)"),
         (
             "batch",

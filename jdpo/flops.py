@@ -91,15 +91,23 @@ def train_flops(
     attended_keys: int,
     reference_forward: bool = False,
     head_tokens: int | None = None,
+    lora_params: int | None = None,
 ) -> float:
     """Model FLOPs of one training step over ``tokens`` non-pad tokens: forward + backward = 3x the
     forward (the backward computes gradients for activations and weights, 2x), i.e. ``6 N`` per token
     plus ``12 L N H`` per attended key. ``reference_forward=True`` adds one forward pass of the frozen
     reference model (``reference.mode: online``); a cached reference costs nothing per step.
     ``head_tokens``: credit the unembedding on that many tokens only (see :func:`forward_flops`).
+    ``lora_params``: a LoRA run with that many adapter weights. The frozen weights get no gradient, so
+    their matmuls cost the forward and the activations' gradient, 2x the forward (``4 N`` per token);
+    attention stays 3x; each adapter weight costs ``6`` per token like a trained one.
     Rematerialisation is not counted: MFU credits model FLOPs, not recomputation."""
     fwd = forward_flops(cfg, tokens=tokens, attended_keys=attended_keys, head_tokens=head_tokens)
-    return 3.0 * fwd + (fwd if reference_forward else 0.0)
+    ref = fwd if reference_forward else 0.0
+    if lora_params is None:
+        return 3.0 * fwd + ref
+    attention = _attention_flops_per_key(cfg) * attended_keys
+    return 2.0 * (fwd - attention) + 3.0 * attention + 6.0 * lora_params * tokens + ref
 
 
 def flops_per_token(cfg: Any, seq_len: int, *, training: bool = True) -> float:

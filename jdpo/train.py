@@ -386,6 +386,12 @@ class Trainer:
         return split_metrics(policy, self.ref_eval, self.config.dpo, labels=self.eval_pairs.labels,
                              moments=self.state.get(BCO_MOMENTS))  # fmt: skip
 
+    def lora_params(self) -> int | None:
+        """The number of trained adapter weights of a LoRA run (None: full fine-tuning)."""
+        if self.base is None:
+            return None
+        return sum(x.size for x in jax.tree.leaves(self.state["params"]))
+
     def describe(self, start: int = 0) -> str:
         """A few lines on what this run is about to do (printed at the start of `fit`)."""
         c = self.config
@@ -677,6 +683,7 @@ class Trainer:
             tokens=tokens,
             attended_keys=keys,
             reference_forward=self.config.dpo.reference == "online",
+            lora_params=self.lora_params(),
         )
         record = {k: float(v) for k, v in m.items() if k != "pairs"}
         record["epoch"] = step / self.steps_per_epoch

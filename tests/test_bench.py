@@ -13,8 +13,9 @@ from jdpo import bench, cli
 from jdpo import config as jconfig
 
 FIELDS = {
-    "platform", "device", "num_devices", "model_params", "matmul_params", "dtype", "batch_rows", "grad_accum",
-    "row_length", "max_pairs_per_row", "num_pairs", "steps_per_epoch", "total_steps", "warmup_steps",
+    "platform", "device", "host", "num_devices", "model_params", "matmul_params", "dtype", "batch_rows",
+    "grad_accum", "row_length", "max_pairs_per_row", "num_pairs", "steps_per_epoch", "total_steps",
+    "warmup_steps",
     "timed_steps", "peak_flops", "peak_flops_source", "peak_measure_s", "setup_s", "ref_pass_first_s",
     "ref_pass_s", "compile_s",
     "step_time", "step_time_min", "step_time_max", "device_step_time", "step_times", "pairs_per_step",
@@ -53,6 +54,7 @@ def test_bench_two_steps_writes_sane_json(assets, tmp_path, capsys):
     )
     assert saved["timed_steps"] == len(saved["step_times"]) == 2
     assert saved["num_devices"] == 1 and saved["platform"] == "cpu"
+    assert saved["host"]["cpu_model"] and saved["host"]["cpus"] >= 1  # results compare by processor
     assert saved["pairs_per_s_incl_ref"] < saved["pairs_per_s"]  # the reference pass costs time
     assert math.isfinite(saved["final_loss"])
     table = bench.format_bench(saved)

@@ -49,6 +49,15 @@ def test_flops_with_the_head_on_scored_tokens_only():
     assert F.forward_flops(TINY, tokens=5, attended_keys=9, head_tokens=0) == 11520 + 576
 
 
+def test_lora_flops_credit_no_gradient_for_the_frozen_weights():
+    # Frozen matmuls: forward + activations' gradient = 2 x 2 * 1408 * 5; attention 3 x 64 * 9; 100
+    # adapter weights trained: 6 * 100 * 5.
+    want = 2 * (2 * 1408 * 5) + 3 * (64 * 9) + 6 * 100 * 5
+    assert F.train_flops(TINY, tokens=5, attended_keys=9, lora_params=100) == want == 32888
+    online = F.train_flops(TINY, tokens=5, attended_keys=9, lora_params=100, reference_forward=True)
+    assert online == want + 14080 + 576
+
+
 def test_batch_token_stats_counts_scored_positions_and_needs_the_mask():
     seg = np.array([[1, 1, 1, 1, 0], [1, 1, 2, 2, 2]])
     pos = np.array([[0, 1, 2, 3, 0], [0, 1, 0, 1, 2]])

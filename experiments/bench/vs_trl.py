@@ -296,9 +296,14 @@ def report(results: dict, out: Path) -> None:
         if j.get("mfu") is not None:
             lines.append(f"jdpo MFU {j['mfu']:.1%} of the measured matmul peak ({j['peak_flops'] / 1e9:.0f} "
                          f"GFLOP/s), {j['mfu_incl_ref']:.1%} with the reference pass")  # fmt: skip
+    from jdpo.bench import host_info
+
+    host = host_info()
+    lines.append(f"host: {host['cpu_model']}, {host['cpus']} CPUs, jax {host['jax']}")
     text = "\n".join(lines)
     print(text)
     (out / "vs_trl.txt").write_text(text + "\n")
+    (out / "host.json").write_text(json.dumps(host, indent=2) + "\n")
 
 
 if __name__ == "__main__":
