@@ -274,7 +274,11 @@ def run_bench(
         shape = dict(tr.mesh.shape)
         on_mesh = C.replace(c, **{f"mesh.{k}": shape.get(k, 1) for k in ("data", "fsdp", "tensor")})
         p = plan.plan_memory(
-            tr.model_config, on_mesh, num_devices=int(tr.mesh.devices.size), on_cpu=platform == "cpu"
+            tr.model_config,
+            on_mesh,
+            num_devices=int(tr.mesh.devices.size),
+            on_cpu=platform == "cpu",
+            backend=platform,
         )
         result["plan_bytes"] = p.total
     except Exception as e:  # the plan is a cross-check, never a reason to lose the measurements

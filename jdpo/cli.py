@@ -279,7 +279,12 @@ def _run_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     )
     try:
         result = plan.plan_memory(
-            model_config, cfg, num_devices=num_devices, num_pairs=num_pairs, on_cpu=device.startswith("cpu")
+            model_config,
+            cfg,
+            num_devices=num_devices,
+            num_pairs=num_pairs,
+            on_cpu=device.startswith("cpu"),
+            backend=plan.target_backend(device),
         )
     except ValueError as e:
         parser.error(str(e))

@@ -42,13 +42,17 @@ class ModelSection:
     scan_layers: bool = _f(
         False, "Scan over the layer stack (one compiled layer; fast compiles of deep models)."
     )
-    attention: Literal["blocked", "xla", "cudnn"] = _f(
-        "blocked",
-        "Attention kernel: blocked (segment-aware block-sparse, any device), xla (dense masked, any "
-        "device), cudnn (flash attention on NVIDIA GPUs, bf16 compute).",
+    attention: Literal["auto", "blocked", "splash", "pallas_gpu", "xla"] = _f(
+        "auto",
+        "Attention kernel: auto (splash on TPU, pallas_gpu on NVIDIA GPUs unless the model soft-caps or "
+        "has a sliding window, blocked elsewhere; the run log says which), blocked (segment-aware "
+        "block-sparse, plain JAX, any device), splash (TPU Splash attention, Pallas), pallas_gpu (Pallas "
+        "Triton flash attention with segment ids, NVIDIA GPUs), xla (dense masked, any device).",
     )
     attention_block: int = _f(
-        64, "Positions per tile of the blocked kernel (64 is fastest on CPU; accelerators want 256-512)."
+        0,
+        "Positions per tile of the attention kernel; 0: the kernel's default (blocked 64, the CPU "
+        "optimum; splash 512, a multiple of 128; pallas_gpu 128, a power of two).",
     )
 
 
@@ -386,6 +390,15 @@ REMOVED_FIELDS = {
 }
 
 
+# Values older jdpo versions accepted, now gone, and what to use instead.
+REMOVED_VALUES = {
+    ("model.attention", "cudnn"): (
+        "it handed cuDNN a dense [B, 1, T, T] mask; pallas_gpu is the GPU kernel that reads the segment "
+        "ids, and model.attention=auto picks it on NVIDIA GPUs"
+    ),
+}
+
+
 def _apply(cfg: Config, section: str, name: str, value: Any, where: str) -> Config:
     secs = sections()
     if section not in secs:
@@ -395,6 +408,9 @@ def _apply(cfg: Config, section: str, name: str, value: Any, where: str) -> Conf
         if value != default:
             raise ConfigError(f"{where}: {section}.{name} is no longer a setting ({why}); remove it")
         return cfg
+    if isinstance(value, str) and (f"{section}.{name}", value) in REMOVED_VALUES:
+        why = REMOVED_VALUES[f"{section}.{name}", value]
+        raise ConfigError(f"{where}: {section}.{name}={value} is no longer a choice ({why})")
     scls = secs[section]
     hints = typing.get_type_hints(scls)
     if name not in hints:
@@ -519,7 +535,6 @@ def validate(cfg: Config) -> None:
         ("train.grad_accum", t.grad_accum),
         ("train.log_every", t.log_every),
         ("train.keep_checkpoints", t.keep_checkpoints),
-        ("model.attention_block", cfg.model.attention_block),
     ]:
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
@@ -541,10 +556,13 @@ def validate(cfg: Config) -> None:
             f"data.max_prompt_length ({cfg.data.max_prompt_length}) must be < data.max_length "
             f"({cfg.data.max_length}) to leave room for the completion"
         )
-    if cfg.model.attention == "cudnn" and cfg.model.dtype == "float32":
-        raise ConfigError(
-            "model.attention=cudnn needs model.dtype bfloat16 (or auto on a GPU); cuDNN has no f32"
-        )
+    block, kernel = cfg.model.attention_block, cfg.model.attention
+    if block < 0:
+        raise ConfigError(f"model.attention_block must be >= 0 (0: the kernel's default), got {block}")
+    if block and kernel == "splash" and block % 128:
+        raise ConfigError(f"model.attention_block={block} with splash: TPU tiles are multiples of 128")
+    if block and kernel == "pallas_gpu" and block & (block - 1):
+        raise ConfigError(f"model.attention_block={block} with pallas_gpu: Triton tiles are powers of two")
     for name in ("data", "fsdp", "tensor"):
         v = getattr(cfg.mesh, name)
         if v == 0 or v < -1:

@@ -27,12 +27,16 @@ they divide by it):
                   r * b per token
   activations     tensors saved for the backward pass, per layer and token:
                     remat none: x, ln1(x), q, k, v, attn_out, x + attn, ln2(.), gate, up, act*up
-                                = (4D + 2NH + 2KH + 3F) * b, plus the attention kernel's own state:
-                                  model.attention blocked / cudnn: a float32 log-sum-exp per query
+                                = (4D + 2NH + 2KH + 3F) * b, plus the attention kernel's own state
+                                  (the kernel `model.attention` resolves to for the target's backend,
+                                  `jdpo.models.kernels.resolve_attention`; auto: splash on TPU,
+                                  pallas_gpu on NVIDIA GPUs, blocked on CPU):
+                                  blocked / splash / pallas_gpu: a float32 log-sum-exp per query
                                     head, N * 4 (the backward pass recomputes the probabilities
-                                    from q, k, v, the output and it)
-                                  model.attention xla: the float32 attention probabilities,
-                                    N * T * 4 (dense masked attention stores them)
+                                    from q, k, v, the output and it); pallas_gpu keeps k and v
+                                    repeated to one per query head, 2 (N - K) H * b more
+                                  xla: the float32 attention probabilities, N * T * 4 (dense
+                                    masked attention stores them)
                     remat dots_saveable: the matmul outputs (dots without batch dims) and the layer input
                                 = (3D + NH + 2KH + 2F) * b
                     remat full: the layer input D * b
@@ -237,31 +241,43 @@ class MemoryPlan:
         }
 
 
-#: Attention kernels (`model.attention`) whose backward pass recomputes the probabilities from a saved
-#: float32 log-sum-exp per query head and token instead of storing the [N, T] probabilities.
-LSE_ATTENTION = ("blocked", "cudnn")
+def target_backend(device: str) -> str | None:
+    """The JAX backend of a `--device-memory` device name ("h100", "v5e", "cpu", a detected device's
+    kind), None for a bare size (then: this host's backend)."""
+    d = device.lower()
+    if d.startswith("cpu"):
+        return "cpu"
+    if "tpu" in d or re.match(r"v[2-6]", d):
+        return "tpu"
+    if d.startswith(("h100", "h200", "a100")) or "nvidia" in d:
+        return "gpu"
+    return None
 
 
 def activation_bytes_per_token(
     model_config, *, remat: str, attention: str, row_length: int, dtype_bytes: int, tensor: int = 1
 ):
     """(bytes saved per token for the whole layer stack, bytes of one layer's full set per token):
-    the second is what a rematerialised layer holds again while it is recomputed. `attention` is
-    `model.attention`: it decides whether a layer keeps N float32 log-sum-exps per token (blocked,
-    cudnn) or the N x T float32 probabilities (xla), the one term that grows with the row length. See
-    the module docstring for the tensors counted."""
+    the second is what a rematerialised layer holds again while it is recomputed. `attention` is the
+    kernel (resolved, not auto): it decides whether a layer keeps N float32 log-sum-exps per token
+    (blocked, splash, pallas_gpu; pallas_gpu with k / v repeated to N heads) or the N x T float32
+    probabilities (xla), the one term that grows with the row length. See the module docstring for
+    the tensors counted."""
+    from jdpo.models.kernels import ATTENTION_KERNELS, LSE_KERNELS, REPEATS_KV
+
     c = model_config
     D, L = c.hidden_size, c.num_layers
     N, K, F = _split(c.num_heads, tensor), _split(c.num_kv_heads, tensor), _split(c.intermediate_size, tensor)
     H = c.head_dim
     extra = 2 * D if c.sandwich_norm else 0
-    full_elems = 4 * D + 2 * N * H + 2 * K * H + 3 * F + extra
-    if attention in LSE_ATTENTION:
+    kv_heads = N if attention in REPEATS_KV else K
+    full_elems = 4 * D + 2 * N * H + 2 * kv_heads * H + 3 * F + extra
+    if attention in LSE_KERNELS:
         attn_state = N * 4  # float32 log-sum-exp per query head
     elif attention == "xla":
         attn_state = N * row_length * 4  # float32 attention probabilities
     else:
-        raise ValueError(f"attention must be blocked, xla or cudnn, got {attention!r}")
+        raise ValueError(f"attention must be one of {list(ATTENTION_KERNELS)}, got {attention!r}")
     full_layer = full_elems * dtype_bytes + attn_state
     if remat == "none":
         per_layer = full_layer
@@ -275,15 +291,24 @@ def activation_bytes_per_token(
 
 
 def plan_memory(
-    model_config, cfg, *, num_devices: int, num_pairs: int | None = None, on_cpu: bool = False
+    model_config,
+    cfg,
+    *,
+    num_devices: int,
+    num_pairs: int | None = None,
+    on_cpu: bool = False,
+    backend: str | None = None,
 ) -> MemoryPlan:
     """Expected memory per device of training `model_config` with the run config `cfg` on
     `num_devices` devices (fills a -1 mesh axis). Nothing is allocated; see the module docstring.
-    `on_cpu`: the target is a CPU, where `model.dtype: auto` computes in float32 (else bfloat16)."""
+    `on_cpu`: the target is a CPU, where `model.dtype: auto` computes in float32 (else bfloat16).
+    `backend`: the target's JAX backend (cpu, gpu, tpu), which decides what `model.attention: auto`
+    runs; default "cpu" with `on_cpu`, else this host's."""
     import jax
     import jax.numpy as jnp
     import optax
 
+    from jdpo.models.kernels import resolve_attention
     from jdpo.step import LOGPROB_CHUNK, make_optimizer
 
     data, fsdp, tensor = resolve_mesh(cfg.mesh, num_devices)
@@ -328,8 +353,9 @@ def plan_memory(
     T = cfg.data.row_length or 2 * cfg.data.max_length
     rows_dp = data * fsdp
     B = -(-cfg.train.batch_rows // rows_dp)
+    kernel = resolve_attention(m.attention, model_config, backend="cpu" if on_cpu else backend).kernel
     saved, recompute = activation_bytes_per_token(
-        model_config, remat=m.remat, attention=m.attention, row_length=T, dtype_bytes=b, tensor=tensor
+        model_config, remat=m.remat, attention=kernel, row_length=T, dtype_bytes=b, tensor=tensor
     )
     if lora:  # each adapted projection also saves its rank-r intermediate x A
         L = model_config.num_layers
@@ -342,7 +368,7 @@ def plan_memory(
     chunk_bytes = chunk * V * 4
     batch_bytes = cfg.train.grad_accum * B * T * BATCH_ARRAYS * 4
 
-    attn_note = "f32 attention probs" if m.attention == "xla" else "f32 attention log-sum-exp"
+    attn_note = "f32 attention probs" if kernel == "xla" else "f32 attention log-sum-exp"
     remat_note = {"none": f"no remat: all layer tensors + {attn_note}",
                   "dots_saveable": "remat dots_saveable: matmul outputs saved + one layer recomputed",
                   "full": "remat full: layer inputs saved + one layer recomputed"}[m.remat]  # fmt: skip
@@ -369,7 +395,7 @@ def plan_memory(
         )
         rows.append(("reference params", param_bytes, note))
     rows += [
-        ("activations", act_bytes, f"B={B} x T={T}, {dtype.name}, {m.attention} attention, {remat_note}"),
+        ("activations", act_bytes, f"B={B} x T={T}, {dtype.name}, {kernel} attention, {remat_note}"),
         ("log-prob chunk", chunk_bytes, f"chunk={chunk} x V={V} float32 (this device's rows as one group)"),
         ("batch", batch_bytes, f"A={cfg.train.grad_accum} x B x T x {BATCH_ARRAYS} int32/float32"),
     ]

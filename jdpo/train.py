@@ -182,6 +182,9 @@ class Trainer:
         m = self.config.model
         options = lora.model_options(ModelOptions.from_section(m, dtype=self.dtype), self.config.lora, m.path)
         model, self.model_config = from_pretrained(m.path, options=options, mesh=self.mesh)
+        # The kernel that runs (model.attention "auto" resolved for this backend and model) and its tile.
+        self.attention = (model.options.attention, model.options.attention_block)
+        log.info("attention kernel: %s, %d-position tiles (%s)", *self.attention, model.attention_reason)
         # LoRA: the params are the adapters and self.base the frozen rest (None for full fine-tuning).
         self.graphdef, params, self._base = lora.split(model, self.config.lora)
         return params
@@ -327,11 +330,12 @@ class Trainer:
         """Per-pair reference log-probs of one split, from the on-disk cache when its key matches."""
         d, m = self.config.data, self.config.model
         # Everything the values depend on: which pairs a row holds (row length, packing, slots per row)
-        # and the kernel (the attention kernels agree to float rounding, not bit for bit).
+        # and the kernel that ran (the attention kernels agree to float rounding, not bit for bit): the
+        # resolved one, so "auto" on a TPU and "splash" share an entry, "auto" on a CPU and on a TPU do not.
         settings = {"max_length": d.max_length, "max_prompt_length": d.max_prompt_length, "split": split,
                     "dtype": jnp.dtype(self.dtype).name, "param_dtype": m.param_dtype,
                     "row_length": self.row_length, "packing": d.packing, "max_pairs_per_row": self.max_pairs,
-                    "attention": m.attention, "attention_block": m.attention_block}  # fmt: skip
+                    "attention": self.attention[0], "attention_block": self.attention[1]}  # fmt: skip
         ref, reused, key = refcache.for_split(
             params if self.base is None else (params, self.base),  # the key covers the adapters too
             pairs,

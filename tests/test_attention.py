@@ -8,43 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 from helpers import tiny_hf_config
+from helpers_attention import dense_reference, packed_segments, qkv
 
 from jdpo.models import AttentionMask, ModelConfig, ModelOptions, Transformer
 from jdpo.models.attention import _layout, blocked_attention
-
-
-def dense_reference(q, k, v, seg, *, scale, softcap=None, window=None):
-    """Explicit softmax attention with the kernel's visibility rule (padding sees only itself)."""
-    B, T, N, H = q.shape
-    K = k.shape[2]
-    t = jnp.arange(T)
-    visible = (seg[:, :, None] == seg[:, None, :]) & (t[None, :, None] >= t[None, None, :])
-    if window is not None:
-        visible &= (t[:, None] - t[None, :] < window)[None]
-    visible = jnp.where((seg == 0)[:, :, None], jnp.eye(T, dtype=bool)[None], visible)
-    kk, vv = jnp.repeat(k, N // K, axis=2), jnp.repeat(v, N // K, axis=2)
-    s = jnp.einsum("btnh,bsnh->bnts", q, kk) * scale
-    if softcap is not None:
-        s = softcap * jnp.tanh(s / softcap)
-    s = jnp.where(visible[:, None], s, -jnp.inf)
-    return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(s, axis=-1), vv)
-
-
-def packed_segments(rng, B, T, fill=0.85):
-    seg = np.zeros((B, T), np.int32)
-    for b in range(B):
-        t, s = 0, 1
-        while t < int(T * fill):
-            n = min(int(rng.integers(1, T // 2)), int(T * fill) - t)
-            seg[b, t : t + n] = s
-            s, t = s + 1, t + n
-    return seg
-
-
-def qkv(B, T, N, K, H, seed=0, dtype=jnp.float32):
-    ks = jax.random.split(jax.random.key(seed), 3)
-    return tuple(jax.random.normal(kk, (B, T, n, H), dtype) for kk, n in zip(ks, (N, K, K), strict=True))
-
 
 CASES = {
     "gqa": dict(B=2, T=64, N=4, K=2, H=8, block=16),
@@ -193,8 +160,8 @@ def test_attention_block_is_a_tiling_choice_only():
     ]
     real = np.asarray(seg) > 0
     np.testing.assert_allclose(np.asarray(logits[0])[real], np.asarray(logits[1])[real], atol=1e-5)
-    with pytest.raises(ValueError, match="attention_block must be >= 1"):
-        Transformer(config, options=ModelOptions(attention_block=0), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="attention_block must be >= 0"):
+        Transformer(config, options=ModelOptions(attention_block=-1), rngs=nnx.Rngs(0))
 
 
 # Slow; in the default run the kernel it serves is checked against dense attention.

@@ -90,15 +90,24 @@ def test_sliding_window_is_applied():
 
 
 def test_attention_kernel_choice_is_checked():
-    """cuDNN is an explicit opt-in (GPU only, no soft-cap); bad choices fail at construction."""
+    """Bad kernel names and kernels the model cannot run (pallas_gpu has no soft-cap) fail when the model
+    is built, before any weight loads; cudnn is gone (it handed cuDNN a dense mask)."""
     llama = ModelConfig.from_hf(TINY_CONFIGS["llama"])
-    with pytest.raises(ValueError, match="attention must be one of"):
-        nnx.eval_shape(lambda: Transformer(llama, options=ModelOptions(attention="flash"), rngs=nnx.Rngs(0)))
+    for name in ("flash", "cudnn"):
+        with pytest.raises(ValueError, match="attention must be one of"):
+            nnx.eval_shape(
+                lambda n=name: Transformer(llama, options=ModelOptions(attention=n), rngs=nnx.Rngs(0))
+            )
     gemma2 = ModelConfig.from_hf(TINY_CONFIGS["gemma2"])
     with pytest.raises(ValueError, match="cannot soft-cap attention logits"):
-        nnx.eval_shape(lambda: Transformer(gemma2, options=ModelOptions(attention="cudnn"), rngs=nnx.Rngs(0)))
-    # Constructing a cuDNN llama works anywhere (it only fails when run without a GPU).
-    nnx.eval_shape(lambda: Transformer(llama, options=ModelOptions(attention="cudnn"), rngs=nnx.Rngs(0)))
+        nnx.eval_shape(
+            lambda: Transformer(gemma2, options=ModelOptions(attention="pallas_gpu"), rngs=nnx.Rngs(0))
+        )
+    # Building a pallas_gpu llama works anywhere (off a GPU it runs in Pallas' interpret mode).
+    model = nnx.eval_shape(
+        lambda: Transformer(llama, options=ModelOptions(attention="pallas_gpu"), rngs=nnx.Rngs(0))
+    )
+    assert (model.options.attention, model.options.attention_block) == ("pallas_gpu", 128)
 
 
 def test_model_options_from_the_config_section():

@@ -64,12 +64,12 @@ def test_tiny_remat(remat, saved_per_layer):
 
 
 @pytest.mark.parametrize("remat, layers_holding_state", [("none", 2), ("dots_saveable", 1), ("full", 1)])
-@pytest.mark.parametrize("kernel", ["blocked", "cudnn"])
+@pytest.mark.parametrize("kernel", ["blocked", "splash"])
 def test_xla_attention_stores_probabilities(kernel, remat, layers_holding_state):
-    # xla keeps N x T float32 probabilities per token where blocked / cudnn keep N float32 log-sum-exps:
+    # xla keeps N x T float32 probabilities per token where blocked / splash keep N float32 log-sum-exps:
     # N * (T - 1) * 4 more bytes per token in every layer that holds its attention state (all L without
-    # remat; the one layer being recomputed with it), over the device's B * T tokens. bfloat16 compute, as
-    # cudnn requires: the attention state is float32 whatever the compute dtype.
+    # remat; the one layer being recomputed with it), over the device's B * T tokens. bfloat16 compute:
+    # the attention state is float32 whatever the compute dtype.
     def acts(attention):
         over = {"mesh.fsdp": 1, "model.remat": remat, "model.attention": attention, "model.dtype": "bfloat16"}
         cfg = tiny_cfg(**over)
@@ -79,6 +79,26 @@ def test_xla_attention_stores_probabilities(kernel, remat, layers_holding_state)
     assert acts("xla") - acts(kernel) == layers_holding_state * N * (T - 1) * 4 * B * T
     with pytest.raises(ValueError, match="attention must be"):
         plan.activation_bytes_per_token(TINY, remat=remat, attention="flash", row_length=T, dtype_bytes=4)
+
+
+def test_auto_attention_is_the_target_backends_kernel():
+    """model.attention=auto is planned as the kernel the target runs: splash on a TPU (log-sum-exps, like
+    blocked), pallas_gpu on an NVIDIA GPU, which keeps k and v repeated to one per query head:
+    2 (N - K) H * b more per token in each of the L layers (remat none)."""
+    cfg = tiny_cfg(**{"mesh.fsdp": 1, "model.dtype": "bfloat16"})
+
+    def acts(**kw):
+        p = plan.plan_memory(TINY, cfg, num_devices=1, **kw)
+        return p.part("activations"), dict((name, note) for name, _, note in p.rows)["activations"]
+
+    blocked, note = acts(backend="cpu")
+    assert "blocked attention" in note
+    assert acts(backend="tpu")[0] == blocked and "splash attention" in acts(backend="tpu")[1]
+    gpu, note = acts(backend="gpu")
+    B, T, N, K, H, L = 2, 16, 4, 2, 4, 2
+    assert "pallas_gpu attention" in note and gpu - blocked == L * 2 * (N - K) * H * 2 * B * T
+    devices = ("h100", "v5e", "cpu (host RAM)", "TPU v4 (detected)", "80GiB")
+    assert [plan.target_backend(d) for d in devices] == ["gpu", "tpu", "cpu", "tpu", None]
 
 
 def test_logprob_chunk_spans_the_device_rows():

@@ -170,3 +170,21 @@ def test_a_stale_or_damaged_entry_is_never_used_and_is_replaced(assets, tmp_path
         assert sorted(p.name for p in cache.iterdir()) == sorted(
             {*short.ref_keys.values(), *full.ref_keys.values()}
         )  # no temporary or stale directories left behind
+
+
+def test_key_holds_the_kernel_that_ran_not_the_name_asked(assets, tmp_path, caplog):
+    """model.attention=auto is keyed as the kernel it resolves to (blocked with its 64-position tiles on
+    a CPU), so auto and blocked share an entry, and another kernel (xla) does not; the run log names the
+    kernel and why."""
+    import logging
+
+    a, _, _ = assets
+    cache = tmp_path / "cache"
+    with caplog.at_level(logging.INFO, logger="jdpo.train"):
+        auto = trainer(a, cache)
+    assert auto.attention == ("blocked", 64)
+    assert "attention kernel: blocked, 64-position tiles (model.attention=auto on cpu)" in caplog.text
+    named = trainer(a, cache, **{"model.attention": "blocked", "model.attention_block": 64})
+    assert named.ref_reused == {"train": True, "eval": True} and named.ref_keys == auto.ref_keys
+    dense = trainer(a, cache, **{"model.attention": "xla"})
+    assert dense.ref_reused == {"train": False, "eval": False}

@@ -229,22 +229,28 @@ def blocked_attention(
       block: positions per tile (query and key blocks alike).
     Returns [B, T, N, H] in the dtype of q.
     """
-    from jdpo.sharding import current_mesh, logical_to_spec, spec_entry_size
-
     # The block ranges assume keys == queries and causality (key blocks [first_i, i] only).
     if not (mask.self_attention and mask.causal):
         raise ValueError("blocked_attention takes causal self-attention masks (no KV cache)")
     fn = functools.partial(_local, scale=scale, softcap=softcap, block=block)
-    args = (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask.segment_ids_BxT)
+    qkv = (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask.segment_ids_BxT)
     if mask.window is None:
-        fn = functools.partial(fn, window=None)
-    else:
-        args = (*args, jnp.asarray(mask.window, jnp.int32))
+        return per_device(functools.partial(fn, window=None), *qkv)
+    return per_device(fn, *qkv, jnp.asarray(mask.window, jnp.int32))
+
+
+def per_device(fn, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, *replicated):
+    """`fn(q, k, v, segment_ids, *replicated)` -> [B, T, N, H], run per device on its own rows and heads
+    under the current mesh (`shard_map`; directly without one). Rows split over the batch axes of the
+    rules table (data x fsdp); heads over tensor when both N and K divide by it, so every local query
+    head has its key head. `replicated` (e.g. a traced window) goes to every device whole. Every
+    segment-aware kernel (blocked, splash, pallas_gpu) runs through here: per-row work is row-local."""
+    from jdpo.sharding import current_mesh, logical_to_spec, spec_entry_size
+
+    args = (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, *replicated)
     mesh = current_mesh()
     if mesh is None:
         return fn(*args)
-    # Per device: its rows (batch over data x fsdp) and its heads (over tensor; query heads N and key
-    # heads K must split alike so every local query head has its key head).
     heads = logical_to_spec((None, None, "act_kv_heads", None), k_BxTxKxH.shape, mesh)[2]
     qspec = logical_to_spec(("batch", None, None, None), q_BxTxNxH.shape, mesh)
     if heads is not None and q_BxTxNxH.shape[2] % spec_entry_size(mesh, heads) == 0:
@@ -253,5 +259,5 @@ def blocked_attention(
         heads = None
     kspec = jax.sharding.PartitionSpec(qspec[0], None, heads, None)
     sspec = jax.sharding.PartitionSpec(qspec[0], None)
-    specs = (qspec, kspec, kspec, sspec, jax.sharding.PartitionSpec())[: len(args)]
+    specs = (qspec, kspec, kspec, sspec) + (jax.sharding.PartitionSpec(),) * len(replicated)
     return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=qspec, check_vma=False)(*args)

@@ -12,12 +12,13 @@ the same rule over query and key segment ids and positions, so they are one obje
 
 with query t at key position q_start + t (q_start = 0 without a cache, the first written slot with one).
 
-How each path reads it: the dense paths (jax.nn.dot_product_attention with "xla" or "cudnn", the
-soft-capped einsum, the KV cache) materialise the boolean [B, 1, T, S] mask with `dense()` inside the
-attention call; the blocked kernel (`jdpo.models.attention`) reads `segment_ids_BxT` and `window` and
-derives its key-block ranges from them, never building a [T, S] mask. gemma2's alternating local and
-global layers take `for_layer(is_sliding)`, which also works with a traced flag (one scanned layer body
-for both kinds).
+How each path reads it: the dense paths (jax.nn.dot_product_attention with "xla", the soft-capped
+einsum, the KV cache) materialise the boolean [B, 1, T, S] mask with `dense()` inside the attention
+call; the segment-aware kernels read `segment_ids_BxT` and `window` and never build a [T, S] mask: the
+blocked kernel (`jdpo.models.attention`) derives its key-block ranges from them, splash
+(`jdpo.models.splash`) and pallas_gpu (`jdpo.models.pallas_gpu`) take the segment ids as data.
+gemma2's alternating local and global layers take `for_layer(is_sliding)`, which also works with a
+traced flag (one scanned layer body for both kinds).
 
 Padding queries (segment 0) are finite junk in every path, never a fully masked (NaN) row: the dense form
 lets them see earlier padding (equal ids), the blocked kernel only themselves. The loss masks them out,

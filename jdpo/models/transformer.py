@@ -23,19 +23,18 @@ import numpy as np
 from flax import nnx
 
 from jdpo import quantize as quantization
-from jdpo.models.attention import DEFAULT_BLOCK, blocked_attention
+from jdpo.models.attention import blocked_attention
+from jdpo.models.kernels import ATTENTION_CHOICES, default_block, resolve_attention
 from jdpo.models.masks import AttentionMask
+from jdpo.models.pallas_gpu import pallas_gpu_attention
+from jdpo.models.splash import splash_attention
 from jdpo.sharding import constrain
 
 REMAT_POLICIES = ("none", "full", "dots_saveable")
-# Attention without a KV cache (training, reference pass, scoring):
-#   "blocked": `jdpo.models.attention`, segment-aware block-sparse attention in plain JAX; visits only the
-#              key blocks a query block can see, never materialises [T, T] scores (any device).
-#   "xla":     jax.nn.dot_product_attention with a dense [B, 1, T, T] mask (any device).
-#   "cudnn":   cuDNN flash attention via jax.nn.dot_product_attention (NVIDIA GPUs, bf16/fp16 compute);
-#              jax 0.10 never picks cuDNN by itself, so it is an explicit choice.
-# The KV-cache path (`extend`: generation) always takes the dense mask: "blocked" runs it as "xla".
-ATTENTION_IMPLS = ("blocked", "xla", "cudnn")
+# Attention without a KV cache: `model.attention`, one of `jdpo.models.kernels.ATTENTION_CHOICES` (auto,
+# blocked, splash, pallas_gpu, xla); `kernels.resolve_attention` decides what "auto" runs. The KV-cache
+# path (`extend`: generation) always takes the dense mask.
+ATTENTION_IMPLS = ATTENTION_CHOICES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,15 +129,17 @@ class ModelOptions:
     param_dtype: Any = jnp.float32  # dtype the parameters are stored in
     remat: str = "none"  # REMAT_POLICIES: what a layer saves for the backward pass
     scan_layers: bool = False  # stacked [L, ...] layer parameters run by lax.scan (one compiled layer)
-    attention: str = "blocked"  # ATTENTION_IMPLS: the kernel without a KV cache
-    attention_block: int = DEFAULT_BLOCK  # positions per tile of the blocked kernel
+    attention: str = "auto"  # ATTENTION_IMPLS: the kernel without a KV cache (`kernels.resolve_attention`)
+    attention_block: int = 0  # positions per tile of the attention kernel; 0: the kernel's default
     # Low-rank adapters on these projections (`jdpo.lora`); unlike the fields above they are weights of
     # their own, zero-effect at initialisation (B = 0). None: no adapters.
     lora: "LoRASpec | None" = None
 
     def __post_init__(self):
-        if self.attention_block < 1:
-            raise ValueError(f"attention_block must be >= 1, got {self.attention_block}")
+        if self.attention_block < 0:
+            raise ValueError(
+                f"attention_block must be >= 0 (0: the kernel's default), got {self.attention_block}"
+            )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.attention not in ATTENTION_IMPLS:
@@ -382,18 +383,24 @@ class Attention(nnx.Module):
 
     def _attend(self, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: AttentionMask, dropout_key=None):
         """Attention of T queries over S keys (S == T without a cache), then the output projection.
-        The blocked kernel reads `mask` as segment ids and a window (self-attention only); the dense
-        kernels materialise it here as a boolean [B, 1, T, S] array."""
+        The segment-aware kernels (blocked, splash, pallas_gpu) read `mask` as segment ids and a window
+        (self-attention only); the dense paths (xla, the KV cache) materialise it here as a boolean
+        [B, 1, T, S] array."""
         c = self.config
-        if self.attention == "blocked" and mask.self_attention:
+        kernel, block = self.attention, self.attention_block
+        segment_aware = dict(scale=c.attention_scale, block=block)
+        if mask.self_attention and kernel == "blocked":
             out_BxTxNxH = blocked_attention(
-                q_BxTxNxH,
-                k_BxSxKxH,
-                v_BxSxKxH,
-                mask,
-                scale=c.attention_scale,
-                softcap=c.attn_logit_softcapping,
-                block=self.attention_block,
+                q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, softcap=c.attn_logit_softcapping, **segment_aware
+            )
+        elif mask.self_attention and kernel == "splash":
+            out_BxTxNxH = splash_attention(
+                q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask,
+                softcap=c.attn_logit_softcapping, sliding_window=c.sliding_window, **segment_aware,
+            )  # fmt: skip
+        elif mask.self_attention and kernel == "pallas_gpu":  # no soft-cap: refused when the model is built
+            out_BxTxNxH = pallas_gpu_attention(
+                q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, sliding_window=c.sliding_window, **segment_aware
             )
         elif c.attn_logit_softcapping is None:
             out_BxTxNxH = jax.nn.dot_product_attention(
@@ -402,7 +409,7 @@ class Attention(nnx.Module):
                 v_BxSxKxH,
                 mask=mask.dense(),
                 scale=c.attention_scale,
-                implementation="cudnn" if self.attention == "cudnn" else "xla",
+                implementation="xla",
             )
         else:
             out_BxTxNxH = _softcapped_attention(
@@ -537,12 +544,12 @@ class Transformer(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, options: ModelOptions | None = None, rngs: nnx.Rngs):
         options = ModelOptions() if options is None else options  # None: the defaults
+        # "auto" and a 0 block become the kernel that runs and its tile here, once for every layer.
+        choice = resolve_attention(options.attention, config)
+        block = options.attention_block or default_block(choice.kernel)
+        options = dataclasses.replace(options, attention=choice.kernel, attention_block=block)
+        self.attention_reason = choice.reason  # what the run log says about the kernel
         c, dtype, param_dtype = config, options.dtype, options.param_dtype
-        if options.attention == "cudnn" and c.attn_logit_softcapping is not None:
-            raise ValueError(
-                f"attention='cudnn' cannot soft-cap attention logits ({c.family} has "
-                f"attn_logit_softcapping={c.attn_logit_softcapping}); use attention='xla'"
-            )
         self.embed_tokens = Embedding(c, param_dtype=param_dtype, rngs=rngs)
         if options.scan_layers:
 

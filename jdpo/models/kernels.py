@@ -1,0 +1,98 @@
+"""Which attention kernel a model runs (`model.attention`), decided in one place: `resolve_attention`.
+
+Kernels of attention without a KV cache (training, the reference pass, scoring); all agree to float
+rounding on every non-padding position:
+  blocked     `jdpo.models.attention`: segment-aware block-sparse attention in plain JAX (any device;
+              tuned on XLA:CPU);
+  splash      `jdpo.models.splash`: TPU Splash attention (Pallas) with segment ids, causal / local
+              masks, soft-capping, grouped-query heads; skips empty tiles;
+  pallas_gpu  `jdpo.models.pallas_gpu`: the Pallas (Triton) flash-attention kernel for NVIDIA GPUs
+              with segment ids; no soft-cap, no sliding window;
+  xla         `jax.nn.dot_product_attention` with a dense [B, 1, T, T] mask (any device; the reference
+              the others are tested against);
+  auto        (the default) splash on TPU, pallas_gpu on NVIDIA GPUs (blocked for models it cannot
+              run: soft-capped or sliding-window attention), blocked elsewhere.
+The KV-cache path (generation) always takes the dense mask.
+
+`resolve_attention` turns the requested name into the kernel and the reason, for the model's
+configuration and the backend. `Transformer` calls it when it is built (so every caller, the trainer,
+`jdpo eval`, generation, `jdpo plan`, `jdpo bench`, gets the same answer) and keeps the reason, which
+the trainer logs. A kernel the model cannot run is refused there, before any weight is loaded.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+ATTENTION_KERNELS = ("blocked", "splash", "pallas_gpu", "xla")
+ATTENTION_CHOICES = ("auto", *ATTENTION_KERNELS)
+#: Kernels whose backward pass recomputes the probabilities from a float32 log-sum-exp per query head
+#: and token (flash-attention style) instead of keeping the [N, T] probabilities of each token.
+LSE_KERNELS = ("blocked", "splash", "pallas_gpu")
+#: Kernels that keep their grouped-query k / v repeated to one per query head for the backward pass.
+REPEATS_KV = ("pallas_gpu",)
+
+
+class AttentionChoice(NamedTuple):
+    kernel: str  # one of ATTENTION_KERNELS
+    reason: str  # for the run log: what was asked and why this kernel
+
+
+def default_block(kernel: str) -> int:
+    """Positions per tile when `model.attention_block` is 0 (each kernel's own default)."""
+    from jdpo.models import attention, pallas_gpu, splash
+
+    return {"splash": splash.DEFAULT_BLOCK, "pallas_gpu": pallas_gpu.DEFAULT_BLOCK}.get(
+        kernel, attention.DEFAULT_BLOCK
+    )
+
+
+def _nvidia_gpu(backend: str) -> bool:
+    if backend != "gpu":
+        return False
+    import jax
+
+    try:
+        version = jax.devices("gpu")[0].client.platform_version.lower()
+    except Exception:  # no such attribute on some runtimes: jax's "gpu" backend is CUDA unless ROCm says so
+        return True
+    return "rocm" not in version and "hip" not in version
+
+
+def unsupported(kernel: str, config) -> str | None:
+    """Why `kernel` cannot run the model of `config` (a `ModelConfig`), or None when it can."""
+    if kernel == "pallas_gpu":
+        if config.attn_logit_softcapping is not None:
+            cap = config.attn_logit_softcapping
+            return f"it cannot soft-cap attention logits ({config.family} has attn_logit_softcapping={cap})"
+        if any(config.sliding_layers):
+            return f"it has no sliding window ({config.family} has sliding_window={config.sliding_window})"
+    return None
+
+
+def resolve_attention(requested: str, config, *, backend: str | None = None) -> AttentionChoice:
+    """The kernel `model.attention = requested` runs for the model of `config` (a `ModelConfig`) on
+    `backend` (default: jax's). Raises `ConfigError` for a kernel the model cannot run."""
+    from jdpo.config import ConfigError
+
+    if requested not in ATTENTION_CHOICES:
+        raise ConfigError(f"model.attention must be one of {list(ATTENTION_CHOICES)}, got {requested!r}")
+    if requested != "auto":
+        why = unsupported(requested, config)
+        if why:
+            raise ConfigError(
+                f"model.attention={requested} cannot run this model: {why}; use auto or blocked"
+            )
+        return AttentionChoice(requested, f"model.attention={requested}")
+    if backend is None:
+        import jax
+
+        backend = jax.default_backend()
+    if backend == "tpu":
+        return AttentionChoice("splash", "model.attention=auto on TPU")
+    if _nvidia_gpu(backend):
+        why = unsupported("pallas_gpu", config)
+        if why:
+            return AttentionChoice("blocked", f"model.attention=auto on an NVIDIA GPU, not pallas_gpu: {why}")
+        return AttentionChoice("pallas_gpu", "model.attention=auto on an NVIDIA GPU")
+    return AttentionChoice("blocked", f"model.attention=auto on {backend}")
