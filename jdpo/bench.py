@@ -110,6 +110,7 @@ def run_bench(
     from jdpo import plan, refcache, train
     from jdpo.flops import (
         batch_token_stats,
+        computed_attention_keys,
         forward_flops,
         matmul_params,
         measured_cpu_peak_flops,
@@ -117,6 +118,7 @@ def run_bench(
         train_flops,
     )
     from jdpo.forward import over_split
+    from jdpo.models.kernels import tile_of
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -135,6 +137,8 @@ def run_bench(
         hf_cfg = tr.model_config.to_hf()
         peak = total_peak_flops(list(tr.mesh.devices.flat))
         window = tr.model_config.sliding_window
+        kernel, block = tr.attention
+        tile = tile_of(kernel, block, tr.row_length)
 
         # The reference pass again, warm (compiled): what the pass costs per run, without compile.
         ref_s = ref_first_s = None
@@ -176,7 +180,7 @@ def run_bench(
             state, m = compiled(state, batch)
             jax.block_until_ready(m)
         step_times, device_times = [], []
-        tokens = slots = keys = scored = pairs = 0
+        tokens = slots = keys = scored = pairs = computed_keys = 0
         for i in range(steps):
             t0 = time.perf_counter()
             if warmup or i:
@@ -192,6 +196,9 @@ def run_bench(
                 tokens, slots, keys = tokens + s["tokens"], slots + s["slots"], keys + s["attended_keys"]
                 scored += s["scored"]
                 pairs += int(np.sum(b["pair_ids"] >= 0))
+                computed_keys += computed_attention_keys(
+                    kernel, b["segment_ids"], tile=tile, sliding_window=window
+                )
         tr.state = state
         loss = float(m["loss"])
         peak_mem, peak_what = _peak_memory_bytes()
@@ -199,6 +206,7 @@ def run_bench(
     # Every count above is this host's rows (the reference pass included): global = x process count.
     n = jax.process_count()
     tokens, slots, keys, scored, pairs = tokens * n, slots * n, keys * n, scored * n, pairs * n
+    computed_keys *= n
     ref_tokens, ref_keys, ref_scored = ref_tokens * n, ref_keys * n, ref_scored * n
     step_time = statistics.median(step_times)
     total_time = step_time * steps  # the median step, so a hiccup from a neighbour does not count
@@ -213,6 +221,8 @@ def run_bench(
         "model_params": tr.model_config.num_params(),
         "matmul_params": matmul_params(hf_cfg),
         "dtype": str(np.dtype(tr.dtype)),
+        "attention": kernel,
+        "attention_tile": tile,
         "batch_rows": c.train.batch_rows,
         "grad_accum": c.train.grad_accum,
         "row_length": tr.row_length,
@@ -239,6 +249,11 @@ def run_bench(
         "tokens_per_s": tokens / total_time,
         "padding_fraction": 1.0 - tokens / slots if slots else 0.0,
         "train_flops_per_step": flops / steps,
+        # The kernel's attention work against the credited in-segment causal pairs (>= 1: the tiles it
+        # computes beyond them; 1 would be a kernel that computes only the credited pairs).
+        "attention_keys_credited": keys,
+        "attention_keys_computed": computed_keys,
+        "attention_computed_per_credited": computed_keys / keys if keys else None,
         "mfu": flops / (total_time * peak) if peak else None,
         "mfu_scored_head": flops_sh / (total_time * peak) if peak else None,
         "final_loss": loss,
@@ -329,6 +344,14 @@ def format_bench(r: dict[str, Any]) -> str:
         ),
         ("padding", pct(r["padding_fraction"])),
     ]
+    if r.get("attention"):
+        ratio = r.get("attention_computed_per_credited")
+        work = "n/a" if ratio is None else f"{ratio:.2f}x"
+        rows.append((
+            "attention",
+            f"{r['attention']}, {r['attention_tile']}-position tiles: computes {work} the credited "
+            "in-segment (query, key) pairs",
+        ))  # fmt: skip
     if "pairs_per_s_incl_ref" in r:
         rows += [
             (

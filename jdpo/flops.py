@@ -130,6 +130,51 @@ def attended_keys(positions, segment_ids, *, sliding_window: int | None = None) 
     return int(np.sum(keys * (np.asarray(segment_ids) > 0)))
 
 
+def computed_attention_keys(kernel: str, segment_ids, *, tile: int, sliding_window: int | None = None) -> int:
+    """(query, key) score pairs an attention kernel computes over a batch, per layer and query head:
+    what attention costs, where :func:`attended_keys` is what MFU credits. ``segment_ids``: [B, T]
+    (host-side); ``kernel``: a resolved ``model.attention`` (``jdpo.models.kernels``); ``tile``: its tile.
+
+    - ``xla``: every (query, key) of each row, T^2 (dense masked attention);
+    - ``pallas_gpu``, ``splash``: whole tiles up to the diagonal, on rows padded to a multiple of the
+      tile; splash drops the tiles its local mask empties (sliding window), neither skips a tile for
+      its segment ids (they are data inside the computed tiles);
+    - ``blocked``: per query tile, the key tiles from the first one any of its queries can see (its
+      segment's start, or the window) to the diagonal; rows padded to a multiple of the tile.
+    """
+    import numpy as np
+
+    seg = np.asarray(segment_ids)
+    B, T = seg.shape
+    if kernel == "xla":
+        return B * T * T
+    nt = -(-T // tile)
+    i, j = np.arange(nt)[:, None], np.arange(nt)[None, :]
+    causal = j <= i
+    if kernel in ("pallas_gpu", "splash"):
+        tiles = causal
+        if kernel == "splash" and sliding_window is not None and sliding_window < T:
+            # The closest (query, key) of tiles (i, j) are i * tile and j * tile + tile - 1.
+            tiles = tiles & (np.maximum(0, (i - j) * tile - tile + 1) < sliding_window)
+        return B * int(tiles.sum()) * tile * tile
+    if kernel != "blocked":
+        raise ValueError(f"kernel must be xla, pallas_gpu, splash or blocked, got {kernel!r}")
+    Tp = nt * tile
+    padded = np.zeros((B, Tp), seg.dtype)
+    padded[:, :T] = seg
+    t = np.arange(Tp)
+    total = 0
+    for row in padded:
+        # lo: the earliest key a query sees: its segment's first position (padding: itself), the window.
+        first = {int(s): int(np.argmax(row == s)) for s in np.unique(row[row > 0])}
+        lo = np.array([first.get(int(s), -1) if s > 0 else k for k, s in enumerate(row)])
+        if sliding_window is not None:
+            lo = np.maximum(lo, t - sliding_window + 1)
+        first_tile = lo.reshape(nt, tile).min(axis=1) // tile
+        total += int(np.sum(np.arange(nt) - first_tile + 1))
+    return total * tile * tile
+
+
 def batch_token_stats(batch: Mapping[str, Any], *, sliding_window: int | None = None) -> dict[str, int]:
     """``tokens`` (non-pad), ``slots`` (B * T), ``attended_keys`` and ``scored`` (positions with
     ``loss_mask`` > 0, the completion tokens whose logits DPO needs) of one host-side batch (a

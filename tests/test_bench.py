@@ -22,7 +22,8 @@ FIELDS = {
     "pairs_per_s", "tokens_per_s", "padding_fraction", "train_flops_per_step", "mfu", "final_loss",
     "peak_memory_bytes", "peak_memory_what", "xla_step_bytes", "ref_tokens", "ref_flops", "ref_tokens_per_s",
     "pairs_per_s_incl_ref", "tokens_per_s_incl_ref", "mfu_incl_ref", "plan_bytes", "mfu_scored_head",
-    "mfu_scored_head_incl_ref",
+    "mfu_scored_head_incl_ref", "attention", "attention_tile", "attention_keys_credited",
+    "attention_keys_computed", "attention_computed_per_credited",
 }  # fmt: skip
 
 
@@ -57,9 +58,12 @@ def test_bench_two_steps_writes_sane_json(assets, tmp_path, capsys):
     assert saved["host"]["cpu_model"] and saved["host"]["cpus"] >= 1  # results compare by processor
     assert saved["pairs_per_s_incl_ref"] < saved["pairs_per_s"]  # the reference pass costs time
     assert math.isfinite(saved["final_loss"])
+    # The kernel that ran (auto on a CPU: blocked) and its attention work: at least the credited pairs.
+    assert (saved["attention"], saved["attention_tile"]) == ("blocked", 64)
+    assert saved["attention_keys_computed"] >= saved["attention_keys_credited"] > 0
     table = bench.format_bench(saved)
     for word in ("pairs/s", "tokens/s", "MFU", "MFU, head on scored", "padding", "compile", "reference pass",
-                 "peak memory"):  # fmt: skip
+                 "peak memory", "blocked, 64-position tiles: computes"):  # fmt: skip
         assert word in table
 
 

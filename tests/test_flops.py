@@ -125,3 +125,36 @@ def test_matmul_params_from_model_config():
     assert F.matmul_params(c) == F.matmul_params(TINY) == 1408
     # All parameters = matmul ones + input embedding (V*D) + 2 norms per layer + the final norm.
     assert c.num_params() == 1408 + 32 * 8 + 2 * 2 * 8 + 8
+
+
+def test_computed_attention_keys_per_kernel():
+    """What each kernel computes, by hand: two rows of 4 tiles of 8 (row 0: segments of 8, 8 and 16
+    positions; row 1: one segment of 30 and 2 of padding). blocked visits 5 + 10 tiles (the kernel's own
+    block ranges, tests/test_attention.py), pallas_gpu and splash all 10 causal tiles of each row, xla
+    T^2; a window of 4 cuts splash to the diagonal and the tile before it, and blocked row 1 likewise."""
+    from jdpo.models.attention import _layout
+
+    T, tile = 32, 8
+    seg = np.zeros((2, T), np.int32)
+    seg[0, :8], seg[0, 8:16], seg[0, 16:] = 1, 2, 3
+    seg[1, :30] = 1
+    assert F.computed_attention_keys("blocked", seg, tile=tile) == 15 * 64
+    assert F.computed_attention_keys("pallas_gpu", seg, tile=tile) == 20 * 64
+    assert F.computed_attention_keys("splash", seg, tile=tile) == 20 * 64
+    assert F.computed_attention_keys("xla", seg, tile=tile) == 2 * 32 * 32
+    assert F.computed_attention_keys("splash", seg, tile=tile, sliding_window=4) == 2 * 7 * 64
+    # Row 0 (tiles 1, 1, 1, 2) is inside the window already; row 1 becomes 1 + 2 + 2 + 2.
+    assert F.computed_attention_keys("blocked", seg, tile=tile, sliding_window=4) == (5 + 7) * 64
+    # Against the blocked kernel's own ranges on random packed rows with a ragged T.
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    seg = np.sort(rng.integers(0, 6, (3, 50)), axis=1)[:, ::-1].copy()  # segments, padding (0) last
+    *_, first = _layout(*(jnp.zeros((3, 50, 1, 2)),) * 3, jnp.asarray(seg), None, 16)
+    per_row = np.asarray(first).reshape(3, -1)
+    visited = sum(int(np.sum(np.arange(len(f)) - (f - r * len(f)) + 1)) for r, f in enumerate(per_row))
+    assert F.computed_attention_keys("blocked", seg, tile=16) == visited * 16 * 16
+    # Every kernel computes at least the credited pairs.
+    pos = np.concatenate([np.zeros((3, 1), int), np.cumsum(seg[:, 1:] == seg[:, :-1], axis=1)], axis=1)
+    credited = F.attended_keys(pos * (seg > 0), seg)
+    assert all(F.computed_attention_keys(k, seg, tile=16) >= credited for k in ("blocked", "splash", "xla"))

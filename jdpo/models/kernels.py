@@ -47,6 +47,15 @@ def default_block(kernel: str) -> int:
     )
 
 
+def tile_of(kernel: str, block: int, T: int) -> int:
+    """The tile `kernel` runs with `model.attention_block` resolved to `block` on rows of T positions."""
+    if kernel == "splash":
+        from jdpo.models.splash import tile_for
+
+        return tile_for(T, block)
+    return block
+
+
 def _nvidia_gpu(backend: str) -> bool:
     if backend != "gpu":
         return False
