@@ -5,7 +5,7 @@ rounding on every non-padding position:
   blocked     `jdpo.models.attention`: segment-aware block-sparse attention in plain JAX (any device;
               tuned on XLA:CPU);
   splash      `jdpo.models.splash`: TPU Splash attention (Pallas) with segment ids, causal / local
-              masks, soft-capping, grouped-query heads; skips empty tiles;
+              masks, soft-capping, grouped-query heads; skips the tiles the causal / local mask empties;
   pallas_gpu  `jdpo.models.pallas_gpu`: the Pallas (Triton) flash-attention kernel for NVIDIA GPUs
               with segment ids; no soft-cap, no sliding window;
   xla         `jax.nn.dot_product_attention` with a dense [B, 1, T, T] mask (any device; the reference
