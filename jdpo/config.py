@@ -390,6 +390,16 @@ REMOVED_FIELDS = {
 }
 
 
+def attention_block_problem(kernel: str, block: int) -> str | None:
+    """Why `model.attention_block = block` (> 0) does not suit the attention kernel `kernel` (a resolved
+    `model.attention`), or None when it does. Here, not in jdpo.models, so validating needs no JAX."""
+    if kernel == "splash" and block % 128:
+        return f"model.attention_block={block} with splash: TPU tiles are multiples of 128"
+    if kernel == "pallas_gpu" and block & (block - 1):
+        return f"model.attention_block={block} with pallas_gpu: Triton tiles are powers of two"
+    return None
+
+
 # Values older jdpo versions accepted, now gone, and what to use instead.
 REMOVED_VALUES = {
     ("model.attention", "cudnn"): (
@@ -559,10 +569,9 @@ def validate(cfg: Config) -> None:
     block, kernel = cfg.model.attention_block, cfg.model.attention
     if block < 0:
         raise ConfigError(f"model.attention_block must be >= 0 (0: the kernel's default), got {block}")
-    if block and kernel == "splash" and block % 128:
-        raise ConfigError(f"model.attention_block={block} with splash: TPU tiles are multiples of 128")
-    if block and kernel == "pallas_gpu" and block & (block - 1):
-        raise ConfigError(f"model.attention_block={block} with pallas_gpu: Triton tiles are powers of two")
+    if block and kernel != "auto":  # auto: checked once the kernel is known (`Transformer`)
+        if why := attention_block_problem(kernel, block):
+            raise ConfigError(why)
     for name in ("data", "fsdp", "tensor"):
         v = getattr(cfg.mesh, name)
         if v == 0 or v < -1:

@@ -92,6 +92,17 @@ def test_splash_traced_window_picks_the_layer_kind():
         jax.jit(lambda w: splash_attention(q, k, v, AttentionMask(seg, window=w), scale=0.3))(jnp.int32(5))
 
 
+def test_splash_bf16_inputs_match_float32_closely():
+    B, T, N, K, H = 1, 128, 4, 2, 16
+    q, k, v = qkv(B, T, N, K, H, seed=5)
+    seg = jnp.asarray(packed_segments(np.random.default_rng(2), B, T))
+    mask, real = AttentionMask(seg), (np.asarray(seg) > 0)[:, :, None, None]
+    ref = splash_attention(q, k, v, mask, scale=0.25, block=128)
+    low = splash_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), mask, scale=0.25, block=128)
+    assert low.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(low, np.float32) * real, np.asarray(ref) * real, atol=5e-2)
+
+
 def test_splash_tiles():
     """Tiles are multiples of 128 (the kernel refuses others), at most the row rounded up to 128."""
     assert tile_for(4096, 512) == 512 and tile_for(300, 512) == 384 and tile_for(40, 64) == 128
@@ -218,6 +229,12 @@ def test_auto_resolves_per_backend_and_model():
         nnx.eval_shape(
             lambda: Transformer(gemma2, options=ModelOptions(attention="pallas_gpu"), rngs=nnx.Rngs(0))
         )
+    # A tile the resolved kernel cannot take is refused when the model is built, naming the field.
+    bad = ModelOptions(attention="pallas_gpu", attention_block=96)
+    with pytest.raises(
+        ConfigError, match="model.attention_block=96 with pallas_gpu: Triton tiles are powers"
+    ):
+        nnx.eval_shape(lambda: Transformer(llama, options=bad, rngs=nnx.Rngs(0)))
     # Here (CPU) the default is the blocked kernel with its own tile.
     model = nnx.eval_shape(lambda: Transformer(llama, rngs=nnx.Rngs(0)))
     assert (model.options.attention, model.options.attention_block) == ("blocked", 64)

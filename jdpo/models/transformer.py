@@ -545,7 +545,13 @@ class Transformer(nnx.Module):
     def __init__(self, config: ModelConfig, *, options: ModelOptions | None = None, rngs: nnx.Rngs):
         options = ModelOptions() if options is None else options  # None: the defaults
         # "auto" and a 0 block become the kernel that runs and its tile here, once for every layer.
+        from jdpo.config import ConfigError, attention_block_problem
+
         choice = resolve_attention(options.attention, config)
+        if options.attention_block and (
+            why := attention_block_problem(choice.kernel, options.attention_block)
+        ):
+            raise ConfigError(f"{why} ({choice.reason})")
         block = options.attention_block or default_block(choice.kernel)
         options = dataclasses.replace(options, attention=choice.kernel, attention_block=block)
         self.attention_reason = choice.reason  # what the run log says about the kernel
