@@ -39,6 +39,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "experiments" / "bench"))  # assets.py: tokenizer and hh-like records
+# This checkout's jdpo even if the install fails (the summary says so): the checks still run.
+sys.path.insert(0, str(REPO))
 
 #: Qwen2.5-0.5B's shape (config.json of Qwen/Qwen2.5-0.5B-Instruct), random weights. Tagged llama, so
 #: without Qwen2's q / k / v biases (1,152 parameters a layer; the FLOPs are the same): transformers 5's
@@ -354,6 +356,7 @@ def run_bench(out: Path, name: str, overrides: list[str], *, steps: int, warmup:
         if k not in ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_ALLOCATOR")
     }
     env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = "0.92"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     t0 = time.monotonic()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout, 1), env=env)

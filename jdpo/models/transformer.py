@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jdpo import quantize as quantization
+from jdpo.config import ConfigError, attention_block_problem
 from jdpo.models.attention import blocked_attention
 from jdpo.models.kernels import ATTENTION_CHOICES, default_block, resolve_attention
 from jdpo.models.masks import AttentionMask
@@ -545,8 +546,6 @@ class Transformer(nnx.Module):
     def __init__(self, config: ModelConfig, *, options: ModelOptions | None = None, rngs: nnx.Rngs):
         options = ModelOptions() if options is None else options  # None: the defaults
         # "auto" and a 0 block become the kernel that runs and its tile here, once for every layer.
-        from jdpo.config import ConfigError, attention_block_problem
-
         choice = resolve_attention(options.attention, config)
         if options.attention_block and (
             why := attention_block_problem(choice.kernel, options.attention_block)
