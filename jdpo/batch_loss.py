@@ -39,18 +39,20 @@ def slot_losses(
     labels: Array | None = None,
     moments: dict[str, Array] | None = None,
     update: bool = True,
+    beta: Array | None = None,
 ) -> tuple[Array, dict[str, Array], dict[str, Array] | None]:
     """(per-slot weighted loss, per-slot metrics, BCO moments after this call) of the settings `dpo` (a
     `jdpo.config.DPOSection`). `policy`: `jdpo.forward.pair_logprobs`' chosen / rejected log-probs and
     counts; `valid`: 1 for a filled slot, 0 for an empty one; `labels`: the unpaired batch kind's labels
     (required for the unpaired losses); `moments`: BCO's running moments (required when the loss uses
-    them: bco, bco_pair). Sum the per-slot values over slots, micro-batches or a split, then `step_means`.
+    them: bco, bco_pair); `beta`: a traced beta (the train state's, `dpo.beta_schedule: adaptive`) in
+    place of `dpo.beta`. Sum the per-slot values over slots, micro-batches or a split, then `step_means`.
     """
     valid = jnp.asarray(valid, jnp.float32)
     if dpo.running_reward_mean and moments is None:
         raise ValueError(f"loss_type {list(dpo.loss_type)} needs BCO's running reward moments")
     if dpo.unpaired:
-        return _unpaired(dpo, policy, ref_chosen, ref_rejected, valid, labels, moments, update)
+        return _unpaired(dpo, policy, ref_chosen, ref_rejected, valid, labels, moments, update, beta)
     weights, extra = valid, {}
     if dpo.wpo:
         w = wpo_weights(
@@ -59,8 +61,10 @@ def slot_losses(
         weights = valid * w
         extra["wpo/weight_mean"] = weights
     kw = dpo.loss_kwargs()
+    if beta is not None:
+        kw["beta"] = beta
     if dpo.running_reward_mean:  # bco_pair: both completions' rewards
-        rewards = dpo.beta * jnp.concatenate([(policy["chosen"] - ref_chosen).ravel(),
+        rewards = kw["beta"] * jnp.concatenate([(policy["chosen"] - ref_chosen).ravel(),
                                               (policy["rejected"] - ref_rejected).ravel()])  # fmt: skip
         if update:
             moments = unpaired_losses.running_moments_update(moments, rewards, jnp.tile(valid.ravel(), 2))
@@ -79,19 +83,21 @@ def slot_losses(
     return loss, {**m, **extra}, moments
 
 
-def _unpaired(dpo, policy, ref_chosen, ref_rejected, valid, labels, moments, update):
+def _unpaired(dpo, policy, ref_chosen, ref_rejected, valid, labels, moments, update, beta):
     if labels is None:
         raise ValueError(
             f"loss_type {dpo.loss_type[0]} trains on rated examples, but the batch has no labels: load the "
             "data with the unpaired loss set (jdpo.data.unpaired.tokenize_unpaired)"
         )
     kw = dpo.unpaired_kwargs()
+    if beta is not None:
+        kw["beta"] = beta
     pol, ref = policy["chosen"], ref_chosen
     if kw["loss_type"] == "kto":
         kw["kl"] = unpaired_losses.kto_kl(policy["rejected"], ref_rejected, valid)
     if kw["loss_type"] == "bco":
         if update:
-            moments = unpaired_losses.running_moments_update(moments, dpo.beta * (pol - ref), valid)
+            moments = unpaired_losses.running_moments_update(moments, kw["beta"] * (pol - ref), valid)
         kw["delta"] = moments["mean"]
     loss, m = unpaired_losses.kto_loss(pol, ref, labels, weights=valid, reduction="none", **kw)
     return loss, m, moments

@@ -248,17 +248,19 @@ def unnest(saved: dict, like: Any, exclude: tuple[str, ...] = ()) -> Any:
 
 # Frozen parts of the train state, never saved: the online reference (the initial weights or adapters)
 # and a LoRA run's base model, both reloaded on resume. A LoRA checkpoint is its adapters and their
-# optimizer state only.
+# optimizer state only. A reference that moves (`jdpo.reference_update`) is no longer the initial weights:
+# such a run saves ref_params too (frozen=("base",)).
 FROZEN = ("ref_params", "base")
 
 
-def to_checkpoint(state: dict) -> dict:
+def to_checkpoint(state: dict, frozen: tuple[str, ...] = FROZEN) -> dict:
     """The train state (`jdpo.train`: params, opt_state, step, rng, and ref_params with an online
-    reference, base with LoRA) as orbax saves it (nested plain dicts of arrays); the FROZEN parts are
+    reference, base with LoRA) as orbax saves it (nested plain dicts of arrays); the `frozen` parts are
     left out: they are reloaded on resume."""
-    return nest(state, exclude=FROZEN)
+    return nest(state, exclude=frozen)
 
 
-def from_checkpoint(saved: dict, like: dict) -> dict:
-    """Inverse of `to_checkpoint`: `saved`'s arrays in the structure of `like` (FROZEN parts from `like`)."""
-    return unnest(saved, like, exclude=FROZEN)
+def from_checkpoint(saved: dict, like: dict, frozen: tuple[str, ...] = FROZEN) -> dict:
+    """Inverse of `to_checkpoint`: `saved`'s arrays in the structure of `like` (`frozen` parts from
+    `like`)."""
+    return unnest(saved, like, exclude=frozen)

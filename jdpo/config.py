@@ -142,6 +142,28 @@ class DPOSection:
     cache_dir: str = _f(
         "", "Directory of reference log-prob caches (default: <output_dir>/../.jdpo_refcache)."
     )
+    ref_update: Literal["none", "hard", "soft"] = _f(
+        "none",
+        "Move the reference toward the policy every ref_update_every steps (TR-DPO, Gorbatovski+ 2024). "
+        "hard: ref <- policy; soft: ref <- alpha * policy + (1 - alpha) * ref, alpha = ref_update_alpha "
+        "(needs reference online). With reference cached a hard update recomputes the cache from the "
+        "current weights (a new cache key). LoRA: the update applies to the adapters.",
+    )
+    ref_update_every: int = _f(512, "Steps between reference updates (dpo.ref_update hard / soft).")
+    ref_update_alpha: float = _f(
+        0.6, "TR-DPO's alpha of a soft reference update, in (0, 1] (1 is a hard update)."
+    )
+    beta_schedule: Literal["constant", "adaptive"] = _f(
+        "constant",
+        "Constant: beta stays dpo.beta. adaptive: a proportional controller (Ziegler+ 2019, PPO's KL "
+        "coefficient) after every step: e = clip(KL / target_kl - 1, -0.2, 0.2), beta <- beta * (1 + "
+        "beta_gain * e), starting at dpo.beta; KL is the step's sequence-level estimate (logged as "
+        "ref_kl): the mean over its completions of log p_policy - log p_ref, a KL estimate when the "
+        "completions are sampled from the policy (on offline pairs it is the data's mean log-ratio, "
+        "often negative once DPO lowers both completions, which lowers beta). Logged as beta.",
+    )
+    target_kl: float = _f(0.0, "The adaptive beta schedule's target sequence-level KL (> 0; nats).")
+    beta_gain: float = _f(0.1, "K_beta of the adaptive beta schedule (Ziegler+ 2019 use 0.1), per step.")
 
     def loss_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `jdpo.dpo_loss` these settings mean (everything but the log-probs,
@@ -215,6 +237,13 @@ class TrainSection:
     )
     max_param_abs: float = _f(
         1e4, "Stop, keeping the last good checkpoint, when any parameter's magnitude exceeds this (0: off)."
+    )
+    rounds: int = _f(
+        1,
+        "Iterative DPO: passes over the train data, the policy becoming the reference (a hard update, "
+        "dpo.ref_update's mechanism) after each but the last. A step never mixes two rounds' data (the "
+        "last step of a round fills its missing micro-batches with empty ones). > 1 needs "
+        "train.max_steps 0 and train.num_epochs 1; metrics carry the round (1-based) as round.",
     )
     allow_config_change: bool = _f(
         False,
@@ -579,6 +608,45 @@ def validate(cfg: Config) -> None:
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
         raise ConfigError("at most one of mesh.data / mesh.fsdp / mesh.tensor may be -1")
     _validate_lora(cfg)
+    _validate_reference_updates(cfg)
+
+
+def _validate_reference_updates(cfg: Config) -> None:
+    """dpo.ref_update / train.rounds (a reference that moves) and dpo.beta_schedule."""
+    d, t = cfg.dpo, cfg.train
+    if t.rounds < 1:
+        raise ConfigError(f"train.rounds must be >= 1, got {t.rounds}")
+    if t.rounds > 1 and (t.max_steps or t.num_epochs != 1.0):
+        raise ConfigError(
+            f"train.rounds={t.rounds} makes each round one pass over the train data: leave train.max_steps "
+            f"0 and train.num_epochs 1 (got {t.max_steps} and {t.num_epochs})"
+        )
+    moving = d.ref_update != "none" or t.rounds > 1
+    what = f"dpo.ref_update={d.ref_update}" if d.ref_update != "none" else f"train.rounds={t.rounds}"
+    if moving and d.reference == "none":
+        raise ConfigError(f"{what} updates the reference, but dpo.reference is none: use cached or online")
+    if d.ref_update != "none":
+        if d.ref_update_every < 1:
+            raise ConfigError(f"dpo.ref_update_every must be >= 1, got {d.ref_update_every}")
+        if not 0.0 < d.ref_update_alpha <= 1.0:
+            raise ConfigError(f"dpo.ref_update_alpha must be in (0, 1], got {d.ref_update_alpha}")
+    if d.ref_update == "soft" and d.reference == "cached":
+        raise ConfigError(
+            "dpo.ref_update=soft with dpo.reference=cached: a soft update makes the reference a mix of "
+            "the policy and the old reference, weights that exist nowhere but in memory, so every update "
+            "would have to keep them resident and run a full reference pass anyway; use dpo.reference "
+            "online (the mixed reference is kept on the device), or dpo.ref_update hard (the cache is "
+            "recomputed from the policy's weights)"
+        )
+    if d.beta_schedule == "adaptive":
+        if d.target_kl <= 0:
+            raise ConfigError(f"dpo.beta_schedule=adaptive needs dpo.target_kl > 0, got {d.target_kl}")
+        if d.beta_gain <= 0:
+            raise ConfigError(f"dpo.beta_gain must be > 0, got {d.beta_gain}")
+        if d.reference == "none":
+            raise ConfigError(
+                "dpo.beta_schedule=adaptive steers the KL to the reference, but dpo.reference is none"
+            )
 
 
 def _validate_lora(cfg: Config) -> None:

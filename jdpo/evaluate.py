@@ -11,7 +11,9 @@ What is measured:
 - Sequence-level KL(policy || reference), estimated on completions sampled from the policy (temperature
   1, no top-k / top-p, so the samples follow the policy's own distribution): the mean over samples of
   sum_t [log p_policy(y_t | ...) - log p_ref(y_t | ...)] over the sampled tokens (stop token included).
-  Unbiased; a single sample's term can be negative, the mean is >= 0 up to noise.
+  Unbiased; a single sample's term can be negative, the mean is >= 0 up to noise. Next to it the same
+  samples' diversity, distinct-1 / distinct-2 (`jdpo.diversity`): a policy collapsing onto a few answers
+  shows it there while its KL grows.
 - Side-by-side generations (greedy by default) of both models for N prompts, written as JSONL and as a
   Markdown page. With an `answer_checker(prompt, completion) -> bool | None` (None: not checkable), the
   fraction of correct answers of each model and the policy's win rate (wins + ties / 2 over checked
@@ -232,8 +234,11 @@ def kl_on_samples(
     """Sequence-level KL(policy || reference) on one policy sample per prompt (see `sample_kl`).
 
     Returns {"eval/kl": mean over samples, "eval/kl_stderr": its standard error, "eval/kl_samples": count,
-    "eval/sample_length": mean sampled tokens}.
+    "eval/sample_length": mean sampled tokens, "eval/distinct_1", "eval/distinct_2": the samples'
+    diversity (`jdpo.diversity.distinct_n` over their tokens, each sample's stop token left out)}.
     """
+    from jdpo.diversity import diversity_metrics
+
     kl_N, completions = sample_kl(
         policy, reference, prompt_ids, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size
     )
@@ -243,7 +248,16 @@ def kl_on_samples(
         "eval/kl_stderr": float(kl_N.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan,
         "eval/kl_samples": n,
         "eval/sample_length": float(np.mean([len(c) for c in completions])) if n else math.nan,
+        **diversity_metrics([without_stop(c, policy.stop_ids) for c in completions], prefix="eval/"),
     }
+
+
+def without_stop(completion_ids: np.ndarray, stop_ids: Sequence[int]) -> np.ndarray:
+    """A completion's tokens without the stop token it ended on (every finished sample has one: counted,
+    it would make every sample look alike to distinct-n)."""
+    if len(completion_ids) and int(completion_ids[-1]) in stop_ids:
+        return completion_ids[:-1]
+    return completion_ids
 
 
 def compare_generations(

@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jdpo import beta_schedule, reference_update
 from jdpo.batch import Batch
 from jdpo.batch_loss import slot_losses, step_means
 from jdpo.config import DPOSection, OptimSection
@@ -90,12 +91,13 @@ def _model(s: StepSettings, params, base=None):
     return nnx.merge(s.graphdef, params) if base is None else nnx.merge(s.graphdef, params, base)
 
 
-def _micro_loss(s: StepSettings, params, ref_params, base, batch: Batch, moments, dropout_key):
+def _micro_loss(s: StepSettings, params, ref_params, base, batch: Batch, moments, dropout_key, beta=None):
     """Summed per-slot loss of one micro-batch, and (the sums its metrics are made of, with the slot count
     in "pairs"; BCO's running moments after it, None when the loss keeps none). Sums, not means: the
     caller divides by the step's total count once. With LoRA the online reference is the frozen base
     with the reference adapters (no second copy of the base). `dropout_key` drives LoRA dropout in the
-    policy forward only (the reference is deterministic)."""
+    policy forward only (the reference is deterministic). `beta`: the state's (adaptive schedule),
+    traced; then the sums also hold the completions' log-ratio sum and count (KL_SUMS)."""
     out = pair_logprobs(_model(s, params, base), batch, chunk_size=s.chunk_size, dropout_key=dropout_key)
     if s.dpo.reference == "online":
         ref = pair_logprobs(_model(s, ref_params, base), batch, chunk_size=s.chunk_size)
@@ -104,9 +106,16 @@ def _micro_loss(s: StepSettings, params, ref_params, base, batch: Batch, moments
         ref_c, ref_r = batch.ref_chosen_logps, batch.ref_rejected_logps
     valid_BxP = batch.valid_pairs.astype(jnp.float32)
     loss_BxP, m, moments = slot_losses(
-        s.dpo, out, ref_c, ref_r, valid_BxP, labels=batch.labels, moments=moments
+        s.dpo, out, ref_c, ref_r, valid_BxP, labels=batch.labels, moments=moments, beta=beta
     )
     sums = {k: jnp.sum(v) for k, v in m.items()}
+    if beta is not None:
+        # Unpaired slots: the rated completion only (the second segment is KTO's mismatched KL one).
+        pair = not s.dpo.unpaired
+        sums[KL_SUMS[0]], sums[KL_SUMS[1]] = beta_schedule.sequence_kl(
+            jax.lax.stop_gradient(out["chosen"]), ref_c, valid_BxP,
+            jax.lax.stop_gradient(out["rejected"]) if pair else None, ref_r if pair else None,
+        )  # fmt: skip
     sums["loss"] = jnp.sum(loss_BxP)
     sums["pairs"] = jnp.sum(valid_BxP)
     return sums["loss"], (sums, moments)
@@ -115,6 +124,10 @@ def _micro_loss(s: StepSettings, params, ref_params, base, batch: Batch, moments
 STATE_FINITE = "state_finite"  # a train-step output, not a logged metric
 # The state's BCO running reward moments (bco, bco_pair): {"mean", "var", "count"}, checkpointed.
 BCO_MOMENTS = "bco_moments"
+# The state's beta under `dpo.beta_schedule: adaptive` (a float32 scalar, checkpointed).
+BETA = "beta"
+# Step sums of the completions' log-ratios and their count (the adaptive schedule's KL estimate).
+KL_SUMS = ("_kl_sum", "_kl_count")
 
 
 def _all_finite(tree) -> jax.Array:
@@ -141,6 +154,9 @@ class Steps:
     copy_params: Callable  # params -> a copy in fresh buffers (the frozen online reference)
     schedule: Callable
     state_shardings: dict
+    # "hard" / "soft" -> (ref_params, params) -> new ref_params, the old donated (`jdpo.reference_update`);
+    # {} without an online reference
+    update_reference: dict
 
 
 @functools.lru_cache(maxsize=8)
@@ -152,6 +168,7 @@ def compiled_steps(s: StepSettings) -> Steps:
 
     def train_step(state, batch):
         params, ref_params, base = state["params"], state.get("ref_params"), state.get("base")
+        beta = state.get(BETA)  # None: dpo.beta, a constant of the compiled step
         grad_fn = jax.grad(functools.partial(_micro_loss, s), has_aux=True)
 
         # LoRA dropout's key of micro-batch i: the step's key (state["rng"], advanced every step) with i
@@ -162,7 +179,7 @@ def compiled_steps(s: StepSettings) -> Steps:
             mb, i = xs
             g_acc, sums_acc, moments = carry
             key = jax.random.fold_in(step_key, i)
-            g, (sums, moments) = grad_fn(params, ref_params, base, mb, moments, key)
+            g, (sums, moments) = grad_fn(params, ref_params, base, mb, moments, key, beta)
             g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
             return (g_acc, jax.tree.map(jnp.add, sums_acc, sums), moments), None
 
@@ -170,7 +187,7 @@ def compiled_steps(s: StepSettings) -> Steps:
         moments0 = state.get(BCO_MOMENTS)
         first = jax.tree.map(lambda x: x[0], batch)
         sums_shape = jax.eval_shape(
-            lambda: _micro_loss(s, params, ref_params, base, first, moments0, step_key)[1][0]
+            lambda: _micro_loss(s, params, ref_params, base, first, moments0, step_key, beta)[1][0]
         )
         carry0 = (
             jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
@@ -191,7 +208,12 @@ def compiled_steps(s: StepSettings) -> Steps:
         new_state = dict(state, params=new_params, opt_state=opt_state, step=state["step"] + 1, rng=rng)
         if moments is not None:
             new_state[BCO_MOMENTS] = moments
+        kl_sum, kl_count = (sums.pop(k, None) for k in KL_SUMS)
         out = step_means(s.dpo, sums)
+        if beta is not None:
+            kl = kl_sum / jnp.maximum(kl_count, 1.0)
+            new_state[BETA] = beta_schedule.adaptive_beta(beta, kl, s.dpo.target_kl, s.dpo.beta_gain)
+            out[BETA], out["ref_kl"] = beta, kl  # the beta this step's loss used, and its KL estimate
         # Checked by the loop before the state is checkpointed: a finite loss can still come with
         # non-finite weights (e.g. an overflowing update), and such a checkpoint must never be "good".
         # The largest weight magnitude (the divergence guard's bound) is NaN / inf exactly when a weight
@@ -215,6 +237,8 @@ def compiled_steps(s: StepSettings) -> Steps:
         state_sh["ref_params"] = param_sh  # with LoRA: the reference adapters
     if s.dpo.running_reward_mean:
         state_sh[BCO_MOMENTS] = jax.tree.map(lambda _: replicated, running_moments_init())
+    if s.dpo.beta_schedule == "adaptive":
+        state_sh[BETA] = replicated
     if s.abstract_base is not None:
         state_sh["base"] = s.model_param_shardings()[1]  # frozen: passed through the step unchanged
     rows_acc, rows = batch_sharding(s.mesh, accum=True), batch_sharding(s.mesh)
@@ -236,4 +260,27 @@ def compiled_steps(s: StepSettings) -> Steps:
         ),
         schedule=schedule,
         state_shardings=state_sh,
+        update_reference=_reference_updates(s, param_sh, on_mesh),
     )
+
+
+def _reference_updates(s: StepSettings, param_sh, on_mesh) -> dict:
+    """The online reference's updates, jitted: the old reference donated (updated in place), the result
+    sharded like the params (with LoRA: the reference adapters). Compiled on first use."""
+    if s.dpo.reference != "online":
+        return {}
+    alpha = s.dpo.ref_update_alpha
+    replicated = NamedSharding(s.mesh, PartitionSpec())
+    hard = on_mesh(
+        lambda ref, p: reference_update.hard_update(p, ref),
+        in_shardings=(param_sh, param_sh), out_shardings=param_sh, donate_argnums=0,
+    )  # fmt: skip
+    soft = on_mesh(
+        lambda ref, p, zero: reference_update.soft_update(p, ref, alpha, zero),
+        in_shardings=(param_sh, param_sh, replicated), out_shardings=param_sh, donate_argnums=0,
+    )  # fmt: skip
+    return {
+        reference_update.HARD: hard,
+        # The traced zero keeps the mix's products rounded (no fused multiply-add; see soft_update).
+        reference_update.SOFT: lambda ref, p: soft(ref, p, jnp.zeros((), jnp.uint32)),
+    }

@@ -39,7 +39,7 @@ from flax import nnx
 
 from jdpo import lora, metrics, paths, refcache
 from jdpo.batch import Batch
-from jdpo.checkpoint import Checkpointer, abstract_like, from_checkpoint, to_checkpoint
+from jdpo.checkpoint import FROZEN, Checkpointer, abstract_like, from_checkpoint, to_checkpoint
 from jdpo.config import Config, ConfigError
 from jdpo.flops import batch_token_stats, throughput_metrics, total_peak_flops, train_flops
 from jdpo.forward import PairLogps, over_split, split_metrics
@@ -53,7 +53,8 @@ from jdpo.guards import (
     check_finite,
     due,
 )
-from jdpo.step import BCO_MOMENTS, STATE_FINITE, StepSettings, compiled_steps
+from jdpo.reference_update import UpdateSchedule
+from jdpo.step import BCO_MOMENTS, BETA, STATE_FINITE, StepSettings, compiled_steps
 from jdpo.unpaired_losses import running_moments_init
 
 __all__ = [
@@ -148,6 +149,7 @@ class Trainer:
             abstract_base=None if self.base is None else _flat(abstract_like(self.base)),
         )
         self.steps = compiled_steps(self.settings)
+        self.reference_updates = UpdateSchedule(c.dpo, c.train, self.total_steps)
         self._check_resumable()  # before the reference pass: a refused resume costs no forward pass
         # Reference log-probs of the initial weights, before the first step donates them.
         self._prepare_reference(params)
@@ -266,6 +268,10 @@ class Trainer:
         self.batches_per_epoch = self.batches.num_batches(0)
         self.steps_per_epoch = self.batches_per_epoch / c.train.grad_accum
         self.total_steps = c.train.max_steps or max(1, math.ceil(c.train.num_epochs * self.steps_per_epoch))
+        if c.train.rounds > 1:  # no step mixes two rounds: each round's last step may be part-empty
+            A = c.train.grad_accum
+            self.total_steps = sum(math.ceil(self.batches.num_batches(e) / A) for e in range(c.train.rounds))
+        self.round = 1  # the round (1-based) of the last step's batches
 
     def _prepare_reference(self, params) -> None:
         """`dpo.reference: cached`: the reference log-probs of both splits (from the on-disk cache when
@@ -291,6 +297,8 @@ class Trainer:
             state["ref_params"] = self.steps.copy_params(self._reference_params(params))
         if self.config.dpo.running_reward_mean:
             state[BCO_MOMENTS] = running_moments_init()
+        if self.config.dpo.beta_schedule == "adaptive":
+            state[BETA] = jnp.asarray(self.config.dpo.beta, jnp.float32)
         if self.base is not None:
             state["base"] = self._base
         # Committed to exactly the shardings the step returns: an uncommitted scalar here would make
@@ -370,11 +378,75 @@ class Trainer:
         return nnx.merge(self.graphdef, params, *(() if self.base is None else (self.base,)))
 
     def next_step_batches(self) -> tuple[Batch, list[Batch]]:
-        """The next optimizer step's micro-batches: (device batch [A, B, ...], host batches)."""
-        host = [next(self.batches) for _ in range(self.config.train.grad_accum)]
+        """The next optimizer step's micro-batches: (device batch [A, B, ...], host batches). With
+        `train.rounds` > 1 a step takes no batch of the next round: micro-batches past its round's last
+        batch are empty rows (no pair, no loss, no gradient)."""
+        from jdpo.data.batching import make_batch
+
+        host = []
+        for i in range(self.config.train.grad_accum):
+            if i > 0 and self.config.train.rounds > 1 and self.round_ended():
+                b = self.batches
+                empty = [[] for _ in range(b.local_rows)]
+                host.append(make_batch(self.train_pairs, empty, b.buckets[0], b.max_pairs_per_row))
+            else:
+                host.append(next(self.batches))
+        self.round = self.batches.epoch + 1
         if self.config.dpo.reference == "cached":
             host = [self.ref_train.attach(b) for b in host]
         return Batch.stack(host).on_mesh(self.mesh, accum=True), host
+
+    def round_ended(self) -> bool:
+        """The data iterator has given every batch of the current pass (a round of `train.rounds`)."""
+        return self.batches.batch >= self.batches.num_batches(self.batches.epoch)
+
+    # -- the moving reference (`jdpo.reference_update`) ------------------------------------------------
+
+    def update_reference(self, kind: str) -> None:
+        """Move the reference toward the current policy ("hard": to it; "soft": TR-DPO's mix). Online: the
+        state's ref_params, on the device; cached (hard only): both splits' caches recomputed from the
+        current weights, under their new keys."""
+        if self.config.dpo.reference == "online":
+            ref = self.steps.update_reference[kind](self.state["ref_params"], self.state["params"])
+            self.state = dict(self.state, ref_params=ref)
+            self.ref_eval = None  # the eval split's reference log-probs change with it
+            return
+        if kind != "hard":  # config.validate refuses soft + cached
+            raise ValueError(f"a {kind} update of a cached reference")
+        params = self.state["params"]
+        self.ref_train = self._reference(params, self.train_pairs, "train")
+        if self.eval_pairs is not None:
+            self.ref_eval = self._reference(params, self.eval_pairs, "eval")
+
+    @property
+    def _frozen(self) -> tuple[str, ...]:
+        """The state's parts a checkpoint leaves out: a reference that moves is saved."""
+        if self.reference_updates.moves and self.config.dpo.reference == "online":
+            return tuple(k for k in FROZEN if k != "ref_params")
+        return FROZEN
+
+    def _restore_cached_reference(self, keys: dict[str, str]) -> None:
+        """A resumed run whose cached reference was updated: the entries the checkpoint names, by key."""
+        from jdpo.distributed import any_process
+        from jdpo.models import CheckpointError
+
+        for split, pairs in (("train", self.train_pairs), ("eval", self.eval_pairs)):
+            key = keys.get(split)
+            if pairs is None or key is None or key == self.ref_keys.get(split):
+                continue
+            where = self.cache_dir() / key
+            ref, problem = refcache.load_entry(where, len(pairs), self.one_pass(pairs).fits)
+            if any_process(ref is None):
+                raise CheckpointError(
+                    f"the checkpoint's reference for the {split} split is the cache entry {where} (made at a "
+                    f"reference update from weights no longer kept), which is {problem or 'missing'}: put "
+                    "the cache back (dpo.cache_dir), or start again in another train.output_dir"
+                )
+            self.ref_keys[split], self.ref_reused[split] = key, True
+            if split == "train":
+                self.ref_train = ref
+            else:
+                self.ref_eval = ref
 
     # -- evaluation ----------------------------------------------------------------------------------
 
@@ -385,9 +457,12 @@ class Trainer:
             return {}
         policy = self.logprobs(self.eval_pairs, params)
         if self.config.dpo.reference == "online" and self.ref_eval is None:
-            # The online reference is frozen: its eval log-probs are the same at every eval.
+            # Between reference updates the online reference is frozen: its eval log-probs are the same.
             self.ref_eval = self.logprobs(self.eval_pairs, self.state["ref_params"])
-        return split_metrics(policy, self.ref_eval, self.config.dpo, labels=self.eval_pairs.labels,
+        dpo = self.config.dpo
+        if BETA in self.state:  # the adaptive schedule's current beta
+            dpo = dataclasses.replace(dpo, beta=float(jax.device_get(self.state[BETA])))
+        return split_metrics(policy, self.ref_eval, dpo, labels=self.eval_pairs.labels,
                              moments=self.state.get(BCO_MOMENTS))  # fmt: skip
 
     def lora_params(self) -> int | None:
@@ -408,6 +483,13 @@ class Trainer:
             f", {k} {'reused' if v else 'computed'}" for k, v in self.ref_reused.items()
         )
         eval_pairs = len(self.eval_pairs) if self.eval_pairs is not None else 0
+        if c.dpo.ref_update != "none":
+            alpha = f" (alpha {c.dpo.ref_update_alpha})" if c.dpo.ref_update == "soft" else ""
+            ref += f", {c.dpo.ref_update} update{alpha} every {c.dpo.ref_update_every} steps"
+        if c.train.rounds > 1:
+            ref += f", {c.train.rounds} rounds (the policy the next round's reference)"
+        if c.dpo.beta_schedule == "adaptive":
+            ref += f", adaptive beta (target KL {c.dpo.target_kl})"
         return "\n".join([
             f"jdpo: {self.model_config.family} model, {params}, "
             f"compute {jnp.dtype(self.dtype).name}, mesh {dict(self.mesh.shape)}",
@@ -442,12 +524,19 @@ class Trainer:
             return 0
         if step not in ckpt.steps():
             raise FileNotFoundError(f"no checkpoint at step {step} in {ckpt.directory}; have {ckpt.steps()}")
-        saved, meta, skipped = ckpt.restore_intact(abstract_like(to_checkpoint(self.state)), step)
+        saved, meta, skipped = ckpt.restore_intact(
+            abstract_like(to_checkpoint(self.state, self._frozen)), step
+        )
         for bad, why in skipped:
             log.warning("checkpoint at step %d is damaged: %s; moved aside to %s.damaged/, resuming from "
                         "step %d", bad, why, ckpt.directory, meta["step"])  # fmt: skip
-        self.state = from_checkpoint(saved, self.state)
+        self.state = from_checkpoint(saved, self.state, self._frozen)
         self.batches.restore(meta["data"])
+        if self.config.dpo.reference == "online":
+            self.ref_eval = None  # of the restored reference, computed at the next eval
+        elif "reference" in meta:
+            self._restore_cached_reference(meta["reference"]["keys"])
+        self.round = self.batches.epoch + 1
         self.early_stopping.restore(meta.get("tracker", {}))
         self.divergence.restore(meta.get("divergence", {}))
         if self.best is not None:
@@ -465,7 +554,9 @@ class Trainer:
                 "divergence": self.divergence.state(), "config": to_dict(self.config)}  # fmt: skip
         if self.best is not None:
             meta["best"] = self.best.state()
-        self._checkpoints().save(step, to_checkpoint(self.state), meta, metric=metric)
+        if self.reference_updates.moves and self.config.dpo.reference == "cached":
+            meta["reference"] = {"keys": dict(self.ref_keys)}  # the cache entries a resume loads by key
+        self._checkpoints().save(step, to_checkpoint(self.state, self._frozen), meta, metric=metric)
         if self._logger is not None:
             # On an object store metrics.jsonl is uploaded at sync points: make this one of them, so
             # the file holds every record up to any checkpoint a later run resumes from.
@@ -621,7 +712,10 @@ class Trainer:
                         self._last = self._train_record(step, m, host, step_time, hf_config, peak)
                         emit(step, self._last)
                     if due(t.eval_every, step, self.total_steps):
-                        run_eval(step)
+                        run_eval(step)  # of the reference this step trained against
+                    update = self.reference_updates.after(step, t.rounds > 1 and self.round_ended())
+                    if update is not None:  # before the checkpoint, which holds (or names) the new one
+                        self.update_reference(update)
                     if preemption.requested() and self._stop is None:
                         self._stop = "sigterm"
                     best, self._new_best = self._new_best, None
@@ -691,6 +785,8 @@ class Trainer:
         )
         record = {k: float(v) for k, v in m.items() if k != "pairs"}
         record["epoch"] = step / self.steps_per_epoch
+        if self.config.train.rounds > 1:
+            record["round"] = self.round
         record.update(
             throughput_metrics(step_time=step_time, tokens=tokens, slots=slots, flops=flops, peak_flops=peak)
         )
@@ -729,11 +825,11 @@ class Trainer:
         else:
             ckpt = self._checkpoints()
             try:
-                saved, _ = ckpt.restore(abstract_like(to_checkpoint(self.state)), b.step)
+                saved, _ = ckpt.restore(abstract_like(to_checkpoint(self.state, self._frozen)), b.step)
             finally:
                 ckpt.close()
                 self._checkpointer = None
-            params = from_checkpoint(saved, self.state)["params"]
+            params = from_checkpoint(saved, self.state, self._frozen)["params"]
         best_dir = self.export(params, "best")
         if jax.process_index() == 0:
             (best_dir / "best.json").write_text(

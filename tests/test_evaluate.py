@@ -65,6 +65,7 @@ def test_policy_equal_to_reference_gives_zeros(dirs, tmp_path):
     assert m["eval/rewards/margins"] == 0.0 and m["eval/rewards/chosen"] == 0.0
     assert m["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert m["eval/kl"] == 0.0 and m["eval/kl_samples"] == 4
+    assert 0.0 < m["eval/distinct_1"] <= 1.0 and 0.0 < m["eval/distinct_2"] <= 1.0
     # Same model, greedy: identical answers, so every checked prompt is a tie.
     assert (
         m["eval/correct/checked"] == 4 and m["eval/correct/ties"] == 4 and m["eval/correct/win_rate"] == 0.5
@@ -112,6 +113,12 @@ def test_metrics_equal_an_independent_computation(dirs):
         assert len(c) >= 1
         assert kl == pytest.approx(_numpy_logps(pm, p, c) - _numpy_logps(rm, p, c), abs=1e-4)
     assert m["eval/kl"] == pytest.approx(kl_N.mean(), abs=1e-9)  # the same prompts, seed and batches
+    # Diversity of the same samples, their stop tokens left out.
+    from jdpo.diversity import distinct_n
+
+    tokens = [E.without_stop(c, policy.stop_ids) for c in completions]
+    for n in (1, 2):
+        assert m[f"eval/distinct_{n}"] == distinct_n(tokens, n)
 
 
 def test_side_by_side_page_and_win_rate(dirs, tmp_path):
