@@ -785,7 +785,9 @@ class Trainer:
         )
         record = {k: float(v) for k, v in m.items() if k != "pairs"}
         record["epoch"] = step / self.steps_per_epoch
-        if self.config.train.rounds > 1:
+        if self.config.train.rounds > 1:  # rounds end on part-empty steps: the epoch is the data position
+            b = self.batches
+            record["epoch"] = b.epoch + b.batch / b.num_batches(b.epoch)
             record["round"] = self.round
         record.update(
             throughput_metrics(step_time=step_time, tokens=tokens, slots=slots, flops=flops, peak_flops=peak)

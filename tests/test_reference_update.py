@@ -161,7 +161,10 @@ def test_adaptive_beta_follows_the_controller_in_both_directions(assets, tmp_pat
     target = 1e-4
     over = {"dpo.beta_schedule": "adaptive", "dpo.target_kl": target, "dpo.reference": "online",
             "optim.learning_rate": 1e-2, "train.max_steps": 4, "data.eval": []}  # fmt: skip
-    result = train.run(make_config(assets, tmp_path / "run", **over), mesh=one_device())
+    tr = train.Trainer(make_config(assets, tmp_path / "run", **over), mesh=one_device())
+    result = tr.fit()
+    assert tr.steps.train_step._cache_size() == 1  # beta is state, not a constant: one compiled step
+    assert float(tr.state["beta"]) != 0.1 and tr.state["beta"].dtype == np.float32
     rows = [r for r in records(result.metrics_path) if "loss" in r]
     assert rows[0]["beta"] == pytest.approx(0.1) and abs(rows[0]["ref_kl"]) < 1e-5
     for now, nxt in zip(rows[:-1], rows[1:], strict=True):
@@ -231,6 +234,8 @@ def test_rounds_make_the_policy_the_reference_and_resume_exactly_across_a_bounda
     rows = [r for r in want if "loss" in r]
     rounds = [r["round"] for r in rows]
     assert rounds == sorted(rounds) and set(rounds) == {1, 2, 3} and len(rows) == full.step
+    # A round's last step ends its pass: the epoch is then the round number.
+    assert [r["epoch"] for r in rows if r["epoch"] == int(r["epoch"])] == [1.0, 2.0, 3.0]
     firsts = [rounds.index(k) for k in (1, 2, 3)]
     for i, r in enumerate(rows):
         assert (abs(r["loss"] - LN2) < 1e-5) == (i in firsts), (i, r["loss"])
