@@ -83,17 +83,23 @@ def test_a_hard_update_makes_the_next_loss_ln2_again(assets, tmp_path, reference
 
 def test_the_soft_update_is_the_formula_bitwise(assets, tmp_path):
     """ref <- alpha * policy + (1 - alpha) * ref, each product rounded to float32 then summed (numpy's
-    float32 arithmetic), for alpha 0 (the reference kept), 0.3 and 1 (the policy)."""
-    tr = train.Trainer(
-        make_config(assets, tmp_path / "run", **{"dpo.reference": "online"}), mesh=one_device()
-    )
-    steps(tr, 2)
+    float32 arithmetic), for alpha 0 (the reference kept), 0.3 and 1 (the policy); on 8 devices, the
+    result sharded like the params."""
+    from jdpo.sharding import make_mesh
+
+    cfg = make_config(assets, tmp_path / "run", **{"dpo.reference": "online"})
+    tr = train.Trainer(cfg, mesh=make_mesh(2, 2, 2))
+    steps(tr, 1)
     policy, ref = leaves(tr.state["params"]), leaves(tr.state["ref_params"])
     assert any(not np.array_equal(p, r) for p, r in zip(policy, ref, strict=True))
     for alpha in (0.0, 0.3, 1.0):
         dpo = dataclasses.replace(tr.settings.dpo, ref_update="soft", ref_update_alpha=alpha)
         update = step.compiled_steps(dataclasses.replace(tr.settings, dpo=dpo)).update_reference["soft"]
-        got = leaves(update(tr.steps.copy_params(tr.state["ref_params"]), tr.state["params"]))
+        new = update(tr.steps.copy_params(tr.state["ref_params"]), tr.state["params"])
+        for x, p in zip(jax.tree.leaves(new), jax.tree.leaves(tr.state["params"]), strict=True):
+            assert x.sharding == p.sharding
+        assert max(len(x.sharding.device_set) for x in jax.tree.leaves(new)) == 8
+        got = leaves(new)
         a, b = np.float32(alpha), np.float32(1.0 - alpha)
         for g, p, r in zip(got, policy, ref, strict=True):
             assert g.dtype == r.dtype == np.float32
@@ -246,3 +252,20 @@ def test_rounds_make_the_policy_the_reference_and_resume_exactly_across_a_bounda
     resumed = train.Trainer(cfg, mesh=one_device())
     result = resumed.fit()
     assert result.step == full.step and records(result.metrics_path) == want
+
+
+def test_a_resume_whose_updated_cache_is_gone_says_which_entry(assets, tmp_path):
+    """The weights a cached reference was updated from are not kept: a resume needs the entry the
+    checkpoint names, and says so (naming it) when it is gone instead of training on another reference."""
+    import shutil
+
+    from jdpo.models import CheckpointError
+
+    over = {"dpo.ref_update": "hard", "dpo.ref_update_every": 1, "train.max_steps": 3, "data.eval": []}
+    cfg = make_config(assets, tmp_path / "run", **over)
+    tr = train.Trainer(cfg, mesh=one_device())
+    assert tr.fit(callbacks=[lambda m: m["step"] == 1]).step == 1
+    gone = tmp_path / "refcache" / tr.ref_keys["train"]
+    shutil.rmtree(gone)
+    with pytest.raises(CheckpointError, match=rf"train split is the cache entry {gone} .*missing"):
+        train.Trainer(cfg, mesh=one_device()).fit()
