@@ -170,6 +170,7 @@ def test_adaptive_beta_follows_the_controller_in_both_directions(assets, tmp_pat
     tr = train.Trainer(make_config(assets, tmp_path / "run", **over), mesh=one_device())
     result = tr.fit()
     assert tr.steps.train_step._cache_size() == 1  # beta is state, not a constant: one compiled step
+    assert "adaptive beta (target KL 0.0001)" in tr.describe()
     assert float(tr.state["beta"]) != 0.1 and tr.state["beta"].dtype == np.float32
     rows = [r for r in records(result.metrics_path) if "loss" in r]
     assert rows[0]["beta"] == pytest.approx(0.1) and abs(rows[0]["ref_kl"]) < 1e-5
@@ -228,6 +229,7 @@ def test_rounds_cover_the_data_once_each_and_no_step_mixes_two(assets, tmp_path)
     fits = np.flatnonzero(tr.batches.fits).tolist()
     assert {r: sorted(v) for r, v in seen.items()} == {r: fits for r in (1, 2, 3)}
     assert tr.round_ended() and tr.batches.epoch == 2
+    assert "3 rounds (the policy the next round's reference)" in tr.describe()
 
 
 def test_rounds_make_the_policy_the_reference_and_resume_exactly_across_a_boundary(assets, tmp_path):
