@@ -164,6 +164,12 @@ class DPOSection:
     )
     target_kl: float = _f(0.0, "The adaptive beta schedule's target sequence-level KL (> 0; nats).")
     beta_gain: float = _f(0.1, "K_beta of the adaptive beta schedule (Ziegler+ 2019 use 0.1), per step.")
+    online: bool = _f(
+        False,
+        "Online DPO (`jdpo.online`, the online section): every step samples completions of data.train's "
+        "prompts from the current policy, scores them with online.reward and trains on each prompt's "
+        "best-vs-worst pair. Needs dpo.reference online (or none for a reference-free loss).",
+    )
 
     def loss_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `jdpo.dpo_loss` these settings mean (everything but the log-probs,
@@ -286,6 +292,23 @@ class LoRASection:
 
 
 @dataclass(frozen=True)
+class OnlineSection:
+    """Online DPO (dpo.online true): sampling, scoring and pairing, every step (`jdpo.online`)."""
+
+    reward: str = _f(
+        "",
+        "The reward: 'module:function' (or 'path/to/file.py:function'), called as fn(prompts, completions) "
+        "with two lists of strings, returning one finite float per completion. Checked on a probe before "
+        "the model loads.",
+    )
+    samples_per_prompt: int = _f(4, "Completions sampled per prompt (>= 2); the pair is best vs worst.")
+    prompts_per_step: int = _f(8, "Prompts sampled per optimizer step (the step's pairs at most).")
+    temperature: float = _f(1.0, "Sampling temperature (> 0: equal greedy samples would always tie).")
+    top_p: float = _f(1.0, "Nucleus sampling: keep the smallest set of tokens with this mass (1: off).")
+    max_new_tokens: int = _f(64, "Tokens sampled per completion at most (the stop token included).")
+
+
+@dataclass(frozen=True)
 class MeshSection:
     """Device mesh axes; their product must equal the number of devices (-1: all remaining)."""
 
@@ -314,6 +337,7 @@ class Config:
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     lora: LoRASection = field(default_factory=LoRASection)
+    online: OnlineSection = field(default_factory=OnlineSection)
     mesh: MeshSection = field(default_factory=MeshSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
@@ -609,6 +633,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("at most one of mesh.data / mesh.fsdp / mesh.tensor may be -1")
     _validate_lora(cfg)
     _validate_reference_updates(cfg)
+    _validate_online(cfg)
 
 
 def _validate_reference_updates(cfg: Config) -> None:
@@ -647,6 +672,47 @@ def _validate_reference_updates(cfg: Config) -> None:
             raise ConfigError(
                 "dpo.beta_schedule=adaptive steers the KL to the reference, but dpo.reference is none"
             )
+
+
+def _validate_online(cfg: Config) -> None:
+    """dpo.online's settings (the reward function itself is imported and probed by `jdpo.online` when the
+    data loads, before the model)."""
+    on, d = cfg.online, cfg.dpo
+    if not d.online:
+        return
+    if d.reference == "cached":
+        raise ConfigError(
+            "dpo.online samples new completions every step, so their reference log-probs cannot be cached "
+            "before training: set dpo.reference online (a frozen copy of the initial weights; under LoRA the "
+            "base with the initial adapters, no copy) or none (reference-free losses)"
+        )
+    if cfg.train.rounds > 1:
+        raise ConfigError(
+            f"train.rounds={cfg.train.rounds} with dpo.online: rounds are passes over a fixed pair set; an "
+            "online run samples new pairs every step. Use dpo.ref_update hard with dpo.ref_update_every "
+            "(the policy becomes the reference every N steps) instead"
+        )
+    if d.unpaired:
+        raise ConfigError(f"dpo.online trains on best-vs-worst pairs: dpo.loss_type {d.loss_type[0]} takes "
+                          "rated examples; use a pair loss (e.g. sigmoid)")  # fmt: skip
+    module, _, name = on.reward.rpartition(":")
+    if not module or not name:
+        raise ConfigError(
+            f"online.reward={on.reward!r} must be 'module:function' (or 'path/to/file.py:function'), e.g. "
+            "jdpo.demo:sum_reward"
+        )
+    for field_name, value, lo in [
+        ("online.samples_per_prompt", on.samples_per_prompt, 2),
+        ("online.prompts_per_step", on.prompts_per_step, 1),
+        ("online.max_new_tokens", on.max_new_tokens, 1),
+    ]:
+        if value < lo:
+            raise ConfigError(f"{field_name} must be >= {lo}, got {value}")
+    if on.temperature <= 0:
+        raise ConfigError(f"online.temperature must be > 0 (greedy samples of one prompt are all equal and "
+                          f"always tie), got {on.temperature}")  # fmt: skip
+    if not 0 < on.top_p <= 1:
+        raise ConfigError(f"online.top_p must be in (0, 1], got {on.top_p}")
 
 
 def _validate_lora(cfg: Config) -> None:

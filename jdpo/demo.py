@@ -112,6 +112,14 @@ def sft_records(records: list[dict], slip_rate: float = 0.7, seed: int = 0) -> l
     return out
 
 
+def sum_reward(prompts: list[str], completions: list[str]) -> list[float]:
+    """The online recipe's reward (`online.reward: jdpo.demo:sum_reward`): 1 where the completion's
+    leading number is the prompt's sum, else 0 (`jdpo.evaluate.arithmetic_checker`)."""
+    from jdpo.evaluate import arithmetic_checker
+
+    return [1.0 if arithmetic_checker(p, c) else 0.0 for p, c in zip(prompts, completions, strict=True)]
+
+
 def write_jsonl(records: list[dict], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

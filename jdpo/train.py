@@ -135,6 +135,7 @@ class Trainer:
         self.best = BestEval(c.train.keep_best) if c.train.keep_best else None
         self.divergence = DivergenceGuard(c.train)
         # The data before the model: a bad line or an empty split costs seconds, not a model load.
+        self.online = None  # dpo.online: the prompts, reward and sampler (`jdpo.online.OnlineDPO`)
         self._load_tokenizer()
         self._load_data()
         params = self._load_model()
@@ -198,6 +199,10 @@ class Trainer:
         from jdpo.sharding import row_shards
 
         c, d = self.config, self.config.data
+        if c.dpo.online:  # prompts to sample from, not pairs
+            from jdpo.online import load_online_data
+
+            return load_online_data(self)
         records = jdata.load_preferences(
             list(d.train), d.format, seed=c.train.seed, skip_bad_rows=d.skip_bad_rows
         )
@@ -378,9 +383,12 @@ class Trainer:
         return nnx.merge(self.graphdef, params, *(() if self.base is None else (self.base,)))
 
     def next_step_batches(self) -> tuple[Batch, list[Batch]]:
-        """The next optimizer step's micro-batches: (device batch [A, B, ...], host batches). With
+        """The next optimizer step's micro-batches: (device batch [A, B, ...], host batches). Online: the
+        pairs sampled from the current policy, or (None, []) when every prompt tied (no update). With
         `train.rounds` > 1 a step takes no batch of the next round: micro-batches past its round's last
         batch are empty rows (no pair, no loss, no gradient)."""
+        if self.online is not None:
+            return self.online.next_step(self)
         from jdpo.data.batching import make_batch
 
         host = []
@@ -490,11 +498,16 @@ class Trainer:
             ref += f", {c.train.rounds} rounds (the policy the next round's reference)"
         if c.dpo.beta_schedule == "adaptive":
             ref += f", adaptive beta (target KL {c.dpo.target_kl})"
+        train = (
+            self.online.describe()
+            if self.online is not None
+            else f"{len(self.train_pairs):,} train pairs ({self.batches.dropped_too_long} too long)"
+        )
         return "\n".join([
             f"jdpo: {self.model_config.family} model, {params}, "
             f"compute {jnp.dtype(self.dtype).name}, mesh {dict(self.mesh.shape)}",
-            f"jdpo: {len(self.train_pairs):,} train pairs ({self.batches.dropped_too_long} too long), "
-            f"{eval_pairs:,} eval pairs; rows of {self.row_length} tokens, <= {self.max_pairs} pairs each",
+            f"jdpo: {train}, {eval_pairs:,} eval pairs; rows of {self.row_length} tokens, "
+            f"<= {self.max_pairs} pairs each",
             f"jdpo: loss {'+'.join(c.dpo.loss_type)} (beta {c.dpo.beta}), reference {ref}; "
             f"{self.total_steps} steps of {c.train.batch_rows} rows x {c.train.grad_accum} "
             f"({self.steps_per_epoch:.1f} steps / epoch)" + (f"; resuming at step {start}" if start else ""),
@@ -702,12 +715,18 @@ class Trainer:
                         time.perf_counter()
                     )  # step time includes building the batch (input-bound runs show it)
                     batch, host = self.next_step_batches()
-                    self.state, m = self.steps.train_step(self.state, batch)
-                    m = jax.device_get(m)
+                    t1 = time.perf_counter()
+                    m = {}
+                    if batch is not None:  # None: an online step whose prompts all tied, no update
+                        self.state, m = self.steps.train_step(self.state, batch)
+                        m = jax.device_get(m)
                     step_time = time.perf_counter() - t0
                     step = self.step = step + 1
-                    check_finite(float(m["loss"]), bool(m.pop(STATE_FINITE)), step, ckpt)
-                    self.divergence.check(step, m, ckpt)
+                    if batch is not None:
+                        check_finite(float(m["loss"]), bool(m.pop(STATE_FINITE)), step, ckpt)
+                        self.divergence.check(step, m, ckpt)
+                    if self.online is not None:  # the step's sampling metrics and its time split
+                        m = {**m, **self.online.last, "online/train_time": time.perf_counter() - t1}
                     if due(t.log_every, step, self.total_steps):
                         self._last = self._train_record(step, m, host, step_time, hf_config, peak)
                         emit(step, self._last)

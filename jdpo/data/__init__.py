@@ -36,6 +36,7 @@ from jdpo.data.tokenize import (
     encode_prompt,
     encode_prompts,
     end_of_turn_id,
+    prompt_texts,
     tokenize_preferences,
 )
 
@@ -61,6 +62,7 @@ __all__ = [
     "one_pass",
     "pack_rows",
     "parse_source_spec",
+    "prompt_texts",
     "read_rows",
     "read_source",
     "split_eval",

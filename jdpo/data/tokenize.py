@@ -406,6 +406,13 @@ def encode_prompts(
     return [np.asarray(p, np.int32) for p in ids]
 
 
+def prompt_texts(tokenizer: Any, prompts: Sequence[str | list[dict]]) -> list[str]:
+    """The text each prompt is encoded from by `encode_prompts`: text as is, message lists through the
+    chat template with the generation prompt (without a template: plain turns)."""
+    render = _Renderer(tokenizer)
+    return [render.prompt(p) for p in prompts]
+
+
 def encode_prompt(
     tokenizer: Any, prompt: str | list[dict], *, max_prompt_length: int | None = None
 ) -> np.ndarray:
