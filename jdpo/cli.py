@@ -128,6 +128,8 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from jdpo.demo import RECIPES  # no jax at module level
+
     p = sub.add_parser(
         "demo",
         help="Run the bundled CPU demo end to end (a tiny model learns a toy preference).",
@@ -161,6 +163,14 @@ def _add_demo(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="Train the preference stage as LoRA adapters of this rank on the frozen SFT model (the "
         "reference); its final/ is then a PEFT adapter directory.",
     )
+    p.add_argument(
+        "--recipe",
+        default=None,
+        choices=RECIPES,
+        help="How the preference stage learns: offline (default: the fixed pairs, right sum vs the slip) "
+        "or online (each step samples 4 answers per prompt from the policy, reward 1 if right, trains "
+        "right vs wrong). Every recipe writes <output-dir>/summary.json.",
+    )
     p.add_argument("--no-plot", action="store_true", help="Do not write PNG curves after training.")
     p.set_defaults(func=_run_demo)
     return p
@@ -171,7 +181,7 @@ def _run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     kwargs: dict[str, Any] = {"output_dir": args.output_dir, "plot": not args.no_plot}
     # Only what was given: run_demo's own defaults stay the single source of the demo's settings.
-    for name in ("steps", "pretrain_steps", "sft_steps", "seed", "loss_type", "lora_rank"):
+    for name in ("steps", "pretrain_steps", "sft_steps", "seed", "loss_type", "lora_rank", "recipe"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     demo.run_demo(**kwargs)

@@ -58,6 +58,29 @@ SFT_STAGE = {"optim.learning_rate": 1e-3, "optim.warmup_ratio": 0.05}
 # take a larger learning rate than full fine-tuning's 1e-4 (as LoRA runs elsewhere do).
 LORA_STAGE = {"optim.learning_rate": 1e-3}
 
+# The preference stage's methods (`jdpo demo --recipe`), each the preset's DPO stage plus these settings.
+# offline: the fixed pairs (right sum vs the slip); online: every step samples answers to the train
+# prompts from the current policy, scores them with `sum_reward` and trains on right vs wrong.
+RECIPES = ("offline", "online")
+ONLINE_STAGE = {
+    "dpo.online": True,
+    "dpo.reference": "online",  # the online samples' reference log-probs come from a frozen copy
+    "online.reward": "jdpo.demo:sum_reward",
+    "online.samples_per_prompt": 4,
+    "online.prompts_per_step": 16,
+    "online.temperature": 1.0,
+    "online.max_new_tokens": 4,  # "82</s>" is 3 tokens; a 4th lets an answer run on (and be wrong)
+}
+
+
+def recipe_overrides(recipe: str) -> dict[str, Any]:
+    """The settings a recipe adds to the preset's DPO stage (one branch per recipe)."""
+    if recipe == "offline":
+        return {}
+    if recipe == "online":
+        return dict(ONLINE_STAGE)
+    raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+
 
 # ------------------------------------------------------------------------------------------------
 # The task
@@ -284,6 +307,7 @@ def run_demo(
     dpo_overrides: dict[str, Any] | None = None,
     loss_type: str | None = None,
     lora_rank: int = 0,
+    recipe: str = "offline",
     plot: bool = True,
     quiet: bool = False,
 ) -> dict[str, Any]:
@@ -292,13 +316,17 @@ def run_demo(
     `steps` (DPO) defaults to the preset's train.max_steps. `loss_type` replaces the preset's loss (e.g.
     "kto": the pairs split into rated answers, right = desirable, slip = undesirable; before / after are
     then measured on the held-out pairs as for DPO). `lora_rank` > 0: the preference stage trains LoRA
-    adapters of that rank (`LORA_STAGE`; alpha 2 * rank) on the frozen SFT model.
+    adapters of that rank (`LORA_STAGE`; alpha 2 * rank) on the frozen SFT model. `recipe` (RECIPES): how
+    the preference stage learns (offline: the fixed pairs; online: pairs sampled from the policy each
+    step, reward `sum_reward`). Writes <output_dir>/summary.json: {"reference": {...}, "policy": {...},
+    "recipe", "seconds"}, each side with preference_accuracy, reward_margin, greedy_correct and
+    likelihood_accuracy.
 
     Returns {"before": eval metrics of the reference (= the DPO policy at step 0), "after": eval metrics
     after DPO, "likelihood_accuracy": {"before", "after"} (fraction of held-out pairs whose chosen
     completion has the higher log-prob), "generations": compare_generations' {"rows", "summary",
     "paths"} (greedy, held-out prompts; summary has "reference_correct" / "policy_correct" fractions),
-    "seconds", "output_dir", "final_dir"}.
+    "seconds", "summary" (what summary.json holds), "output_dir", "final_dir"}.
     """
     from jdpo import train
     from jdpo.evaluate import arithmetic_checker, compare_generations
@@ -321,11 +349,12 @@ def run_demo(
         f"the carry {slip_rate:.0%} of the time (the reference model)")  # fmt: skip
     train.run(sft_cfg)
 
+    dpo_overrides = {**recipe_overrides(recipe), **(dpo_overrides or {})}
     if loss_type is not None:
-        dpo_overrides = {**(dpo_overrides or {}), "dpo.loss_type": [loss_type]}
+        dpo_overrides["dpo.loss_type"] = [loss_type]
     if lora_rank:
         lora = {"lora.rank": lora_rank, "lora.alpha": 2.0 * lora_rank, **LORA_STAGE}
-        dpo_overrides = {**lora, **(dpo_overrides or {})}
+        dpo_overrides = {**lora, **dpo_overrides}
     dpo_cfg = demo_config(out, assets, stage="dpo", steps=steps, preset=preset, overrides=dpo_overrides)
     trainer = train.Trainer(dpo_cfg)
     # An unpaired loss (kto, bco, apo_zero_unpaired) trains on the pairs split into rated examples (right
@@ -341,10 +370,16 @@ def run_demo(
     say(
         "[demo]   (policy == reference: every implicit reward is 0, accuracy counts strict wins; chance: 50%)"
     )
-    say(
-        f"[demo] stage 2: {name} for {dpo_cfg.train.max_steps} steps (chosen: the right sum; rejected: "
-        "the slip)"
-    )
+    if dpo_cfg.dpo.online:
+        on = dpo_cfg.online
+        say(f"[demo] stage 2: online {name} for {dpo_cfg.train.max_steps} steps ({on.prompts_per_step} "
+            f"prompts a step, {on.samples_per_prompt} sampled answers each, reward 1 if right; chosen: a "
+            "right answer, rejected: a wrong one)")  # fmt: skip
+    else:
+        say(
+            f"[demo] stage 2: {name} for {dpo_cfg.train.max_steps} steps (chosen: the right sum; rejected: "
+            "the slip)"
+        )
     result = trainer.fit()
     after = held.metrics() if held else result.eval_metrics
     like_after = likelihood_accuracy(trainer, held.pairs if held else None)
@@ -366,6 +401,7 @@ def run_demo(
         metrics={k: float(v) for k, v in after.items()},
     )
     seconds = time.time() - t0
+    summary = write_summary(out, recipe, before, after, like_before, like_after, gens["summary"], seconds)
     say(_final_summary(before, after, like_before, like_after, gens, show_samples, seconds, name))
     if plot:
         try:
@@ -381,9 +417,32 @@ def run_demo(
         "likelihood_accuracy": {"before": like_before, "after": like_after},
         "generations": gens,
         "seconds": seconds,
+        "summary": summary,
         "output_dir": out,
         "final_dir": result.final_dir,
     }
+
+
+def write_summary(out: Path, recipe: str, before, after, like_before, like_after, gens_summary,
+                  seconds: float) -> dict[str, Any]:  # fmt: skip
+    """<out>/summary.json: the held-out figures of the reference and of the policy, one recipe's run."""
+
+    def side(ev: dict, likelihood: float, who: str) -> dict[str, float]:
+        return {
+            "preference_accuracy": float(ev.get("eval/rewards/accuracies", float("nan"))),
+            "reward_margin": float(ev.get("eval/rewards/margins", float("nan"))),
+            "greedy_correct": float(gens_summary.get(f"{who}_correct", float("nan"))),
+            "likelihood_accuracy": float(likelihood),
+        }
+
+    summary = {
+        "reference": side(before, like_before, "reference"),
+        "policy": side(after, like_after, "policy"),
+        "recipe": recipe,
+        "seconds": float(seconds),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def _final_summary(

@@ -95,6 +95,41 @@ def test_demo_runs_a_few_steps(tmp_path, capsys):
 
     records = metrics.read_metrics(out)
     assert [r["step"] for r in records if "eval/loss" in r][0] == 0 and records[-1]["step"] == 4
+    _check_summary_json(out, "offline", s)
+
+
+def _check_summary_json(out, recipe: str, gens_summary: dict) -> dict:
+    """<out>/summary.json: the schema every recipe writes, and its figures those the demo measured."""
+    saved = json.loads((out / "summary.json").read_text())
+    assert set(saved) == {"reference", "policy", "recipe", "seconds"} and saved["recipe"] == recipe
+    for side in ("reference", "policy"):
+        assert set(saved[side]) == {"preference_accuracy", "reward_margin", "greedy_correct",
+                                    "likelihood_accuracy"}  # fmt: skip
+        assert all(isinstance(v, float) for v in saved[side].values())
+        assert saved[side]["greedy_correct"] == gens_summary[f"{side}_correct"]
+    assert saved["reference"]["preference_accuracy"] == 0.0  # policy == reference: no strict win
+    assert saved["seconds"] > 0
+    return saved
+
+
+def test_demo_online_recipe_runs_a_few_steps(tmp_path, capsys):
+    out = tmp_path / "demo"
+    summary = demo.run_demo(
+        out, steps=3, pretrain_steps=2, sft_steps=2, max_operand=9, eval_pairs=20, compare_prompts=8,
+        model={"hidden_size": 32, "intermediate_size": 64, "num_layers": 1}, plot=False, recipe="online",
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "stage 2: online DPO for 3 steps" in printed
+    _check_summary_json(out, "online", summary["generations"]["summary"])
+    records = [r for r in metrics.read_metrics(out) if "online/reward_mean" in r]
+    assert [r["step"] for r in records] == [1, 2, 3]  # sampled and scored by jdpo.demo:sum_reward
+    assert all(0.0 <= r["online/reward_mean"] <= 1.0 for r in records)
+    with pytest.raises(ValueError, match="recipe must be one of offline, online"):
+        demo.recipe_overrides("iterated")
+
+
+def test_sum_reward_is_one_for_the_right_sum():
+    assert demo.sum_reward(["12+35=", "12+35=", "12+35=", "x"], ["47", "57", "470", "47"]) == [1, 0, 0, 0]
 
 
 # Slow; in the default run KTO training is covered by test_train_unpaired and the demo's path by
