@@ -230,6 +230,8 @@ _CONSOLE_FIELDS = (
     (LOSS, lambda v: f"loss {v:.4f}"),
     (REWARDS_ACCURACIES, lambda v: f"acc {v:.3f}"),
     (REWARDS_MARGINS, lambda v: f"margin {v:.3f}"),
+    ("online/reward_mean", lambda v: f"reward {v:.3f}"),  # dpo.online (`jdpo.online`): the samples' mean
+    ("online/tied_fraction", lambda v: f"tied {v:.2f}"),
     (GRAD_NORM, lambda v: f"gnorm {v:.3f}"),
     (LEARNING_RATE, lambda v: f"lr {v:.2e}"),
     (TOKENS_PER_SEC, lambda v: f"{si_number(v)} tok/s"),

@@ -123,6 +123,7 @@ def test_demo_dispatches_with_only_the_given_options(capsys, monkeypatch, tmp_pa
     calls = []
     fake = types.ModuleType("jdpo.demo")
     fake.run_demo = lambda **kwargs: calls.append(kwargs)
+    fake.RECIPES = ("offline", "online")
     monkeypatch.setitem(sys.modules, "jdpo.demo", fake)
     monkeypatch.setattr("jdpo.demo", fake, raising=False)
     # run_demo writes its own plots; the command passes only what was given (run_demo's defaults rule).
@@ -130,6 +131,10 @@ def test_demo_dispatches_with_only_the_given_options(capsys, monkeypatch, tmp_pa
     assert code == 0 and calls == [{"output_dir": str(tmp_path), "plot": True, "steps": 3}]
     code, _, _ = _run(capsys, "demo", "--output-dir", str(tmp_path), "--no-plot", "--seed", "1")
     assert code == 0 and calls[1] == {"output_dir": str(tmp_path), "plot": False, "seed": 1}
+    code, _, _ = _run(capsys, "demo", "--output-dir", str(tmp_path), "--recipe", "online")
+    assert code == 0 and calls[2] == {"output_dir": str(tmp_path), "plot": True, "recipe": "online"}
+    code, _, err = _run(capsys, "demo", "--recipe", "sideways")
+    assert code == 2 and "invalid choice: 'sideways'" in err and len(calls) == 3
 
 
 def test_plot_command(capsys, tmp_path):

@@ -28,6 +28,7 @@ def online_config(assets, out, reward="online_rewards:length", **overrides):
         "online.samples_per_prompt": 4,
         "train.max_steps": 2,
         "train.export": False,
+        "data.eval": [],  # no eval pass (and its compile) unless a test asks for one
     }
     return run_config(assets, out, **{**base, **overrides})
 
@@ -159,6 +160,7 @@ def test_prompt_only_data_samples_with_one_compiled_sampler_and_step(assets, tmp
     assert {online.REWARD_MEAN, online.TIED_FRACTION, online.COMPLETION_LENGTH, online.SAMPLE_TIME,
             online.TRAIN_TIME, online.DISTINCT_1, "loss", "rewards/accuracies"} <= set(last)  # fmt: skip
     assert 1 <= last[online.COMPLETION_LENGTH] <= 4
+    assert "| reward " in metrics.format_progress(3, 3, last)  # on the console line too
 
 
 def test_prompts_come_from_prompt_files_and_preference_files(assets, tmp_path):
@@ -183,7 +185,8 @@ def test_prompts_come_from_prompt_files_and_preference_files(assets, tmp_path):
 
 
 def test_resume_of_an_online_run_is_bit_identical(assets, tmp_path):
-    over = {"train.max_steps": 4, "train.save_every": 2, "train.eval_every": 2}
+    over = {"train.max_steps": 4, "train.save_every": 2, "train.eval_every": 2,
+            "data.eval": [str(assets.eval_path)]}  # fmt: skip
     full = train.run(online_config(assets, tmp_path / "full", **over), mesh=one_device())
     assert full.step == 4
     cfg = online_config(assets, tmp_path / "resumed", **over)
