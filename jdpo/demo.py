@@ -28,8 +28,16 @@ README.md has both): held-out greedy answers 39.2% right (reference) -> 75.2% (p
 slipped answer share (the ones digit, EOS), and some no-carry answers break. Other seeds give other
 figures.
 
+Recipes (`--recipe`, RECIPES): stage 2 above is `offline`, the default. `online` (ONLINE_STAGE) trains
+the same reference with `dpo.online` instead: each step samples 4 answers to 16 train prompts from the
+current policy, `sum_reward` scores them (1 if right) and a right answer is trained against a wrong one.
+Measured (seed 0, this machine, README.md): held-out greedy answers 39.2% -> 84.0% right; carry sums
+6% -> 75%, sums without a carry stay at 100% (the policy's own wrong answers are what it pushes down).
+Every recipe writes <output_dir>/summary.json (`write_summary`).
+
     from jdpo.demo import run_demo
     summary = run_demo("runs/demo")       # or: jdpo demo --output-dir runs/demo
+    run_demo("runs/online", recipe="online")  # or: jdpo demo --recipe online
 """
 
 from __future__ import annotations
