@@ -284,8 +284,10 @@ def _run_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         num_devices = jax.device_count()
     else:
         num_devices = args.devices
-    num_pairs = (
-        args.num_pairs if args.num_pairs is not None else plan.count_pairs(cfg.data.train, cfg.data.format)
+    num_pairs = (  # an online run's data.train may be prompts only: it has no pairs to cache
+        args.num_pairs
+        if args.num_pairs is not None or cfg.dpo.online
+        else plan.count_pairs(cfg.data.train, cfg.data.format)
     )
     try:
         result = plan.plan_memory(

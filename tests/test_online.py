@@ -220,3 +220,15 @@ def test_lora_online_run_trains_against_the_base(assets, tmp_path):
     result = tr.fit()
     assert result.step == 1 and result.metrics["loss"] == pytest.approx(np.log(2), abs=1e-6)
     assert np.isfinite(result.metrics[online.REWARD_MEAN])
+
+
+def test_plan_of_an_online_run_on_prompts_only(assets, tmp_path, capsys):
+    from jdpo import cli
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "1+2="}\n')
+    rc = cli.main(["plan", "--hf-config", str(assets.model_dir / "config.json"), "--device-memory", "h100",
+                   "--devices", "1", "--dpo.online", "true", "--dpo.reference", "online",
+                   "--online.reward", "online_rewards:length", "--data.train", str(prompts)])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0 and "online reference: frozen copy" in out and "reference cache" not in out
