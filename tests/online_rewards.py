@@ -43,3 +43,10 @@ def raises(prompts, completions):
 
 
 not_a_function = 3
+
+
+def nan_after_the_probe(prompts, completions):
+    """Passes the probe (its completions are "", "a", "ab"), then scores NaN: checked at every call."""
+    if list(completions) == ["", "a", "ab"]:
+        return [0.0, 0.0, 0.0]
+    return [math.nan] * len(completions)

@@ -112,6 +112,22 @@ def _check_summary_json(out, recipe: str, gens_summary: dict) -> dict:
     return saved
 
 
+def test_the_online_recipe_is_the_presets_dpo_stage_trained_online(assets, tmp_path):
+    """`recipe_overrides("online")` on the demo preset: a valid online run scored by `sum_reward`."""
+    from jdpo import train
+
+    over = {**demo.recipe_overrides("online"), "model.path": str(assets.model_dir), "train.export": False,
+            "logging.console": False, "logging.tensorboard": False, "data.eval": []}  # fmt: skip
+    cfg = demo.demo_config(tmp_path, assets, stage="dpo", steps=1, overrides=over)
+    assert cfg.dpo.online and cfg.online.reward == "jdpo.demo:sum_reward" and cfg.dpo.beta == 2.0
+    result = train.Trainer(cfg).fit()
+    assert result.step == 1 and 0.0 <= result.metrics["online/reward_mean"] <= 1.0
+    assert demo.recipe_overrides("offline") == {}
+
+
+# Slow; the online recipe's settings are covered by the test above, summary.json by
+# test_demo_runs_a_few_steps (one `write_summary` for every recipe).
+@pytest.mark.slow
 def test_demo_online_recipe_runs_a_few_steps(tmp_path, capsys):
     out = tmp_path / "demo"
     summary = demo.run_demo(

@@ -59,6 +59,14 @@ def test_a_bad_reward_is_refused_before_the_model_loads(assets, tmp_path, monkey
         train.Trainer(online_config(assets, tmp_path / "run", reward), mesh=one_device())
 
 
+def test_a_bad_score_during_training_stops_the_run_naming_the_reward_and_step(assets, tmp_path):
+    cfg = online_config(assets, tmp_path / "run", "online_rewards:nan_after_the_probe")
+    tr = train.Trainer(cfg, mesh=one_device())
+    with pytest.raises(jconfig.ConfigError, match=r"online.reward='online_rewards:nan_after_the_probe' "
+                       r"\(step 1\): score nan for completion 0"):  # fmt: skip
+        tr.fit()
+
+
 def test_a_reward_from_a_file_path(tmp_path):
     f = tmp_path / "my_reward.py"
     f.write_text("def score(prompts, completions):\n    return [1.0 for _ in completions]\n")
@@ -146,12 +154,12 @@ def test_prompt_only_data_samples_with_one_compiled_sampler_and_step(assets, tmp
     prompts = tmp_path / "prompts.jsonl"
     rows = [{"prompt": f"{a}+{b}="} for a, b in [(1, 2), (11, 12), (3, 45), (7, 7), (10, 9), (0, 1)] * 3]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = online_config(assets, tmp_path / "run", **{"data.train": [str(prompts)], "train.max_steps": 3,
+    cfg = online_config(assets, tmp_path / "run", **{"data.train": [str(prompts)], "train.max_steps": 2,
                                                      "online.prompts_per_step": 4})  # fmt: skip
     tr = train.Trainer(cfg)
     assert len(tr.online.prompts) == 6  # distinct prompts
-    result = tr.fit()
-    assert result.step == 3
+    result = tr.fit()  # step 2 samples prompts of epochs 0 and 1: other lengths, the same program
+    assert result.step == 2
     gen = tr.online._generator
     prefill, step, loop = _compiled(gen._settings(tr.online.sampling(0), False))
     assert (prefill._cache_size(), loop._cache_size()) == (1, 1)
@@ -160,7 +168,7 @@ def test_prompt_only_data_samples_with_one_compiled_sampler_and_step(assets, tmp
     assert {online.REWARD_MEAN, online.TIED_FRACTION, online.COMPLETION_LENGTH, online.SAMPLE_TIME,
             online.TRAIN_TIME, online.DISTINCT_1, "loss", "rewards/accuracies"} <= set(last)  # fmt: skip
     assert 1 <= last[online.COMPLETION_LENGTH] <= 4
-    assert "| reward " in metrics.format_progress(3, 3, last)  # on the console line too
+    assert "| reward " in metrics.format_progress(2, 2, last)  # on the console line too
 
 
 def test_prompts_come_from_prompt_files_and_preference_files(assets, tmp_path):
@@ -185,19 +193,19 @@ def test_prompts_come_from_prompt_files_and_preference_files(assets, tmp_path):
 
 
 def test_resume_of_an_online_run_is_bit_identical(assets, tmp_path):
-    over = {"train.max_steps": 4, "train.save_every": 2, "train.eval_every": 2,
+    over = {"train.max_steps": 3, "train.save_every": 2, "train.eval_every": 2,
             "data.eval": [str(assets.eval_path)]}  # fmt: skip
     full = train.run(online_config(assets, tmp_path / "full", **over), mesh=one_device())
-    assert full.step == 4
+    assert full.step == 3
     cfg = online_config(assets, tmp_path / "resumed", **over)
     first = train.run(cfg, callbacks=[lambda m: m["step"] == 2], mesh=one_device())
     assert first.stop_reason == "callback" and first.step == 2
     result = train.Trainer(cfg, mesh=one_device()).fit()
-    assert result.step == 4
+    assert result.step == 3
     want, got = _records(full.metrics_path), _records(result.metrics_path)
     assert [r["step"] for r in got] == [r["step"] for r in want]
     assert got == want  # samples, rewards, losses: bit-identical
-    assert any(online.REWARD_CHOSEN in r for r in got)
+    assert any(online.REWARD_CHOSEN in r for r in got) and result.eval_metrics == full.eval_metrics
 
 
 def test_prompt_order_and_sampler_rng_resume_exactly():
