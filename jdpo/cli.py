@@ -167,9 +167,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--recipe",
         default=None,
         choices=RECIPES,
-        help="How the preference stage learns: offline (default: the fixed pairs, right sum vs the slip) "
-        "or online (each step samples 4 answers per prompt from the policy, reward 1 if right, trains "
-        "right vs wrong). Every recipe writes <output-dir>/summary.json.",
+        help="How the preference stage learns: offline (default: the fixed pairs, right sum vs the slip), "
+        "iterative (the same pairs in 6 rounds, the policy the next round's reference) or online (each "
+        "step samples 4 answers per prompt from the policy, reward 1 if right, trains right vs wrong). "
+        "Every recipe writes <output-dir>/summary.json.",
     )
     p.add_argument("--no-plot", action="store_true", help="Do not write PNG curves after training.")
     p.set_defaults(func=_run_demo)

@@ -125,6 +125,21 @@ def test_the_online_recipe_is_the_presets_dpo_stage_trained_online(assets, tmp_p
     assert demo.recipe_overrides("offline") == {}
 
 
+def test_the_iterative_recipe_is_the_presets_pairs_in_rounds(assets, tmp_path):
+    """`recipe_overrides("iterative")` on the demo preset: whole passes, a hard update between them."""
+    from jdpo import train
+
+    over = {**demo.recipe_overrides("iterative"), "model.path": str(assets.model_dir), "train.export": False,
+            "logging.console": False, "logging.tensorboard": False, "train.rounds": 2,
+            "train.log_every": 1}  # fmt: skip
+    cfg = demo.demo_config(tmp_path, assets, stage="dpo", overrides=over)
+    tr = train.Trainer(cfg)
+    assert cfg.train.rounds == 2 and cfg.dpo.reference == "cached" and not cfg.train.max_steps
+    result = tr.fit()
+    rounds = [r["round"] for r in metrics.read_metrics(result.metrics_path) if "round" in r]
+    assert set(rounds) == {1, 2}
+
+
 # Slow; the online recipe's settings are covered by the test above, summary.json by
 # test_demo_runs_a_few_steps (one `write_summary` for every recipe).
 @pytest.mark.slow
