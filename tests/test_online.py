@@ -4,6 +4,7 @@ sampler, exact resume, prompt-only data."""
 from __future__ import annotations
 
 import json
+import math
 
 import jax
 import numpy as np
@@ -240,3 +241,17 @@ def test_plan_of_an_online_run_on_prompts_only(assets, tmp_path, capsys):
                    "--online.reward", "online_rewards:length", "--data.train", str(prompts)])  # fmt: skip
     out = capsys.readouterr().out
     assert rc == 0 and "online reference: frozen copy" in out and "reference cache" not in out
+
+
+def test_an_online_run_with_hard_reference_updates_restarts_at_ln2(assets, tmp_path):
+    """TR-DPO on online pairs: after each step's hard update the reference is the policy, so the next
+    step's fresh samples start from loss ln 2 again."""
+    over = {"dpo.ref_update": "hard", "dpo.ref_update_every": 1, "train.max_steps": 3,
+            "optim.learning_rate": 1e-2, "train.log_every": 1}  # fmt: skip
+    result = train.Trainer(online_config(assets, tmp_path / "run", **over), mesh=one_device()).fit()
+    losses = [r["loss"] for r in metrics.read_metrics(result.metrics_path) if "loss" in r]
+    assert len(losses) == 3 and all(loss == pytest.approx(math.log(2), abs=1e-6) for loss in losses)
+    plain = train.Trainer(online_config(assets, tmp_path / "plain", **{**over, "dpo.ref_update": "none", "train.max_steps": 2}),
+                          mesh=one_device()).fit()  # fmt: skip
+    drift = [r["loss"] for r in metrics.read_metrics(plain.metrics_path) if "loss" in r]
+    assert drift[1] != pytest.approx(math.log(2), abs=1e-4)  # without updates the reference stays put
