@@ -251,7 +251,7 @@ def test_an_online_run_with_hard_reference_updates_restarts_at_ln2(assets, tmp_p
     result = train.Trainer(online_config(assets, tmp_path / "run", **over), mesh=one_device()).fit()
     losses = [r["loss"] for r in metrics.read_metrics(result.metrics_path) if "loss" in r]
     assert len(losses) == 3 and all(loss == pytest.approx(math.log(2), abs=1e-6) for loss in losses)
-    plain = train.Trainer(online_config(assets, tmp_path / "plain", **{**over, "dpo.ref_update": "none", "train.max_steps": 2}),
-                          mesh=one_device()).fit()  # fmt: skip
+    still = {**over, "dpo.ref_update": "none", "train.max_steps": 2}
+    plain = train.Trainer(online_config(assets, tmp_path / "plain", **still), mesh=one_device()).fit()
     drift = [r["loss"] for r in metrics.read_metrics(plain.metrics_path) if "loss" in r]
     assert drift[1] != pytest.approx(math.log(2), abs=1e-4)  # without updates the reference stays put
