@@ -261,9 +261,9 @@ def test_scan_layers_and_remat_match_the_layer_loop(trained, assets, tmp_path):
 def test_the_dense_attention_kernel_gives_the_blocked_kernels_steps(trained, assets, tmp_path):
     # Adapters sit on the projections only, so every attention kernel carries them the same way.
     start = {"lora.init_adapter": str(trained[0].output_dir / "final")}
-    blocked = steps(train.Trainer(make_config(assets, tmp_path / "a", **start), mesh=one_device()), 2)
+    blocked = steps(train.Trainer(make_config(assets, tmp_path / "a", **start), mesh=one_device()), 1)
     over = {"model.attention": "xla", **start}
-    dense = steps(train.Trainer(make_config(assets, tmp_path / "b", **over), mesh=one_device()), 2)
+    dense = steps(train.Trainer(make_config(assets, tmp_path / "b", **over), mesh=one_device()), 1)
     for a, b in zip(blocked, dense, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
@@ -292,29 +292,24 @@ def test_lora_dropout_is_on_the_adapter_input_in_training_forwards_only():
     assert isinstance(dense.lora_a, nnx.LoRAParam)
 
 
-def test_lora_dropout_changes_the_adapter_gradient_reproducibly(assets, tmp_path):
+def test_lora_dropout_changes_the_adapter_gradient(assets, tmp_path):
+    # Reproducibility (the masks from the checkpointed step RNG) is pinned by the resume test.
     plain = steps(train.Trainer(make_config(assets, tmp_path / "plain"), mesh=one_device()), 1)[0]
-    runs = [
-        steps(
-            train.Trainer(
-                make_config(assets, tmp_path / f"d{i}", **{"lora.dropout": 0.5}), mesh=one_device()
-            ),
-            2,
-        )
-        for i in range(2)
-    ]
-    assert runs[0] == runs[1]  # the masks come from the run's seeded, checkpointed RNG
-    first = runs[0][0]
+    cfg = make_config(assets, tmp_path / "dropout", **{"lora.dropout": 0.5})
+    first = steps(train.Trainer(cfg, mesh=one_device()), 1)[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # B = 0: dropout on x A changes nothing yet
     assert first["grad_norm"] != pytest.approx(plain["grad_norm"], rel=1e-3)  # but d/dB sees dropped inputs
 
 
 def test_eight_device_fsdp_mesh_matches_one_device(assets, tmp_path):
-    # With LoRA dropout: its masks do not depend on the sharding (jax's partitionable threefry).
-    over = {"lora.dropout": 0.2}
+    # With LoRA dropout (its masks do not depend on the sharding: jax's partitionable threefry) on an
+    # nf4 base (codes and block scales sharded like the kernels they replace).
+    over = {"lora.dropout": 0.2, "lora.quantize": "nf4"}
     one = steps(train.Trainer(make_config(assets, tmp_path / "one", **over), mesh=one_device()), 3)
     eight = train.Trainer(make_config(assets, tmp_path / "eight", **over), mesh=make_mesh(1, 8, 1))
     assert max(len(x.sharding.device_set) for x in jax.tree.leaves(eight.state["base"])) == 8
+    codes = [x for x in jax.tree.leaves(eight.state["base"]) if x.dtype == np.uint8]
+    assert codes and max(len(x.sharding.device_set) for x in codes) == 8
     for a, b in zip(one, steps(eight, 3), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
@@ -361,7 +356,7 @@ def test_quantised_base_logits_are_close_to_full_precision(assets, kind, toleran
     full, _ = from_pretrained(assets.model_dir)
     want = np.asarray(full(ids))
     spec = LoRASpec(rank=4, alpha=8.0, targets=jconfig.LORA_TARGETS, quantize=kind)
-    for scan in (False, True):
+    for scan in (False, True) if kind == "nf4" else (False,):  # the stacked layout once
         q, _ = from_pretrained(assets.model_dir, options=ModelOptions(scan_layers=scan, lora=spec))
         projections = lora.dense_modules(q, adapted=False)  # the 7 projections of each layer + lm_head
         assert sum(m.kernel.get_value().dtype == dtype for m in projections.values()) == 7 * (
@@ -374,25 +369,15 @@ def test_quantised_base_logits_are_close_to_full_precision(assets, kind, toleran
         np.testing.assert_array_equal(np.asarray(lora.merged(q)(ids)), got)  # B = 0: merging adds 0
 
 
-@pytest.mark.parametrize("kind, share", [("int8", 0.6), ("nf4", 0.35)])
-def test_quantised_run_starts_at_ln2_on_a_smaller_base_that_stays_bitwise(assets, tmp_path, kind, share):
-    tr = train.Trainer(make_config(assets, tmp_path / "run", **{"lora.quantize": kind}), mesh=one_device())
-    plain = train.Trainer(make_config(assets, tmp_path / "plain"), mesh=one_device())
-    print(f"{kind}: base {nbytes(tr.base)} bytes, unquantised {nbytes(plain.base)}")
-    assert nbytes(tr.base) < share * nbytes(plain.base)
-    base = host(tr.base)
-    first, second = steps(tr, 2)
-    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert second["loss"] != pytest.approx(math.log(2), abs=1e-6)
-    jax.tree.map(np.testing.assert_array_equal, host(tr.state["base"]), base)
-
-
-def test_nf4_base_on_an_eight_device_fsdp_mesh_matches_one_device(assets, tmp_path):
-    over = {"lora.quantize": "nf4"}
-    one = steps(train.Trainer(make_config(assets, tmp_path / "one", **over), mesh=one_device()), 2)
-    eight = train.Trainer(make_config(assets, tmp_path / "eight", **over), mesh=make_mesh(1, 8, 1))
-    codes = [x for x in jax.tree.leaves(eight.state["base"]) if x.dtype == np.uint8]
-    assert codes and max(len(x.sharding.device_set) for x in codes) == 8
-    for a, b in zip(one, steps(eight, 2), strict=True):
-        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+def test_quantised_runs_start_at_ln2_on_a_smaller_base_that_stays_bitwise(assets, tmp_path):
+    plain = nbytes(train.Trainer(make_config(assets, tmp_path / "plain"), mesh=one_device()).base)
+    for kind, share in (("int8", 0.6), ("nf4", 0.35)):
+        cfg = make_config(assets, tmp_path / kind, **{"lora.quantize": kind})
+        tr = train.Trainer(cfg, mesh=one_device())
+        print(f"{kind}: base {nbytes(tr.base)} bytes, unquantised {plain}")
+        assert nbytes(tr.base) < share * plain
+        base = host(tr.base)
+        first, second = steps(tr, 2)
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        assert second["loss"] != pytest.approx(math.log(2), abs=1e-6)
+        jax.tree.map(np.testing.assert_array_equal, host(tr.state["base"]), base)
