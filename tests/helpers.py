@@ -127,6 +127,18 @@ def one_device():
     return make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
 
+def train_steps(trainer, n):
+    """Run n optimizer steps of a `jdpo.train.Trainer` by hand; returns each step's metrics as floats."""
+    import jax
+
+    out = []
+    for _ in range(n):
+        batch, _ = trainer.next_step_batches()
+        trainer.state, m = trainer.steps.train_step(trainer.state, batch)
+        out.append({k: float(v) for k, v in jax.device_get(m).items()})
+    return out
+
+
 def modules_imported_by(statement: str, modules: Iterable[str]) -> str:
     """Which of `modules` a fresh interpreter has loaded after running `statement`: the printed list."""
     code = f"import sys; {statement}; print([m for m in {tuple(modules)!r} if m in sys.modules])"

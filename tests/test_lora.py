@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 from helpers import one_device, run_config
+from helpers import train_steps as steps
 
 from jdpo import checkpoint, lora, metrics, train
 from jdpo import config as jconfig
@@ -34,15 +35,6 @@ def nbytes(tree) -> int:
 
 def host(tree):
     return jax.tree.map(np.asarray, tree)
-
-
-def steps(trainer, n):
-    out = []
-    for _ in range(n):
-        batch, _ = trainer.next_step_batches()
-        trainer.state, m = trainer.steps.train_step(trainer.state, batch)
-        out.append({k: float(v) for k, v in jax.device_get(m).items()})
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 from helpers import one_device, run_config
+from helpers import train_steps as steps
 
 from jdpo import config as jconfig
 from jdpo import metrics, step, train
@@ -24,15 +25,6 @@ LN2 = math.log(2)
 
 def make_config(assets, out, **overrides):
     return run_config(assets, out, **{"train.max_steps": 6, "train.export": False, **overrides})
-
-
-def steps(trainer, n):
-    out = []
-    for _ in range(n):
-        batch, _ = trainer.next_step_batches()
-        trainer.state, m = trainer.steps.train_step(trainer.state, batch)
-        out.append({k: float(v) for k, v in jax.device_get(m).items()})
-    return out
 
 
 def leaves(tree):

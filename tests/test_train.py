@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 from helpers import one_device, run_config
+from helpers import train_steps as steps
 
 from jdpo import config as jconfig
 from jdpo import metrics, step, train
@@ -27,16 +28,6 @@ TIMING = {"step_time", "tokens_per_sec", "mfu"}
 
 def make_config(assets, out, **overrides):
     return run_config(assets, out, **{"train.max_steps": 6, "train.log_every": 1, **overrides})
-
-
-def steps(trainer, n):
-    """Run n optimizer steps by hand; returns the metrics of each as floats."""
-    out = []
-    for _ in range(n):
-        batch, _ = trainer.next_step_batches()
-        trainer.state, m = trainer.steps.train_step(trainer.state, batch)
-        out.append({k: float(v) for k, v in jax.device_get(m).items()})
-    return out
 
 
 def assert_close_metrics(a, b, atol=1e-5):
