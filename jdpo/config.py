@@ -230,6 +230,12 @@ class TrainSection:
     early_stop_patience: int = _f(0, "Stop after N evals without eval accuracy improvement (0: never).")
     early_stop_accuracy: float = _f(0.0, "Stop once eval accuracy reaches this (0: never).")
     export: bool = _f(True, "Export the final policy in Hugging Face format to <output_dir>/final.")
+    compile_cache: str = _f(
+        "",
+        "Directory of XLA's persistent compilation cache: a rerun or resume loads the compiled steps "
+        "instead of compiling them (default: <output_dir>/../.jdpo_xla_cache; none: off). One per "
+        "process: JAX_COMPILATION_CACHE_DIR or an earlier run in the same process takes precedence.",
+    )
     keep_best: str = _f(
         "",
         "Keep the checkpoint of the best eval ('<eval metric>:<min|max>', e.g. eval/loss:min or "
@@ -750,7 +756,7 @@ RESUMABLE_CHANGES = frozenset({
     "train.output_dir", "train.eval_every", "train.save_every", "train.keep_checkpoints",
     "train.log_every", "train.export", "train.early_stop_patience", "train.early_stop_accuracy",
     "train.allow_config_change", "train.keep_best", "train.divergence_factor", "train.max_param_abs",
-    "dpo.cache_dir", "model.remat", "model.attention",
+    "dpo.cache_dir", "train.compile_cache", "model.remat", "model.attention",
     "model.attention_block", "mesh.data", "mesh.fsdp", "mesh.tensor", "logging.console",
     "logging.tensorboard", "logging.wandb", "logging.wandb_project",
 })  # fmt: skip

@@ -37,7 +37,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from jdpo import lora, metrics, paths, refcache
+from jdpo import compile_cache, lora, metrics, paths, refcache
 from jdpo.batch import Batch
 from jdpo.checkpoint import FROZEN, Checkpointer, abstract_like, from_checkpoint, to_checkpoint
 from jdpo.config import Config, ConfigError
@@ -130,6 +130,7 @@ class Trainer:
             paths.check_checkpoint_dir(self.output_dir)  # before the reference pass, not at the first save
         except ValueError as e:  # the message names the path
             raise ConfigError(f"train.output_dir: {e}") from None
+        compile_cache.enable(c.train.compile_cache, self.output_dir)  # before anything compiles
         self.dtype = resolve_dtype(c.model.dtype)
         self._checkpointer: Checkpointer | None = None
         self.best = BestEval(c.train.keep_best) if c.train.keep_best else None

@@ -1,11 +1,23 @@
-"""Test setup: 8 simulated CPU devices (to exercise sharding) before JAX runs anything, and the session-wide
-tiny task. The shared helpers behind the fixtures are in helpers.py."""
+"""Test setup: 8 simulated CPU devices (to exercise sharding) before JAX runs anything, one persistent
+compilation cache per test process, and the session-wide tiny task. The shared helpers behind the
+fixtures are in helpers.py."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Most tests compile the same few programs of the same tiny model (a train step, a reference pass): one
+# XLA cache for this worker, caching every program however fast it compiled, serves them all, and is
+# inherited by the runs the tests start as subprocesses (`jdpo.compile_cache` leaves a set one alone).
+# Fresh per session, so no test depends on an earlier session's entries.
+_XLA_CACHE = tempfile.mkdtemp(prefix="jdpo-tests-xla-")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
