@@ -1,6 +1,6 @@
 """Per-token and per-sequence log-probabilities of completions, the inputs of every preference loss.
 
-Imports only jax and einops so that it loads fast and can be used without flax or transformers.
+Imports only jax and numpy so that it loads fast and can be used without flax or transformers.
 
 ``targets_BxT[t]`` is the token predicted by the model output at position t (already shifted), and
 ``mask_BxT[t]`` is 1 where that target is a completion token to be scored. Everything is computed in float32.
@@ -19,7 +19,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from einops import rearrange
+import numpy as np
 
 Array = jax.Array
 
@@ -68,20 +68,80 @@ def sequence_logprobs(
     return _masked_sums(token_logprobs(logits_BxTxV, targets_BxT), mask_BxT, average)
 
 
-def _chunk_stats(
-    hidden_BxCxD: Array, unembed_DxV: Array, targets_BxC: Array, cap: float | None, wpo: bool
-) -> Array:
-    """Target log-probs of one chunk (or, with ``wpo``, log p - log sum_v p_v^2) in float32 [B, C]."""
-    logits_BxCxV = jnp.einsum("bcd,dv->bcv", hidden_BxCxD, unembed_DxV, preferred_element_type=jnp.float32)
-    if cap is not None:
-        logits_BxCxV = cap * jnp.tanh(logits_BxCxV / cap)
-    lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
-    target_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
-    logp_BxC = target_BxC - lse_BxC
-    if wpo:
-        # log sum_v p_v^2 = logsumexp(2 logits) - 2 lse
-        logp_BxC = logp_BxC - (jax.nn.logsumexp(2.0 * logits_BxCxV, axis=-1) - 2.0 * lse_BxC)
-    return logp_BxC
+def _chunk_logits(h_GxCxD: Array, w_DxV: Array, cap: float | None) -> Array:
+    """float32 logits of one chunk (soft-capped when `cap` is set)."""
+    logits_GxCxV = jnp.einsum("gcd,dv->gcv", h_GxCxD, w_DxV, preferred_element_type=jnp.float32)
+    return logits_GxCxV if cap is None else cap * jnp.tanh(logits_GxCxV / cap)
+
+
+def _slice(x, i, C: int):
+    """Chunk i (positions [i C, (i + 1) C)) of a [G, T', ...] array, T' a multiple of C."""
+    return jax.lax.dynamic_slice_in_dim(x, i * C, C, axis=1)
+
+
+def _put(x, chunk, i, C: int):
+    return jax.lax.dynamic_update_slice_in_dim(x, chunk, i * C, axis=1)
+
+
+def _scored_forward(h_GxTxD, w_DxV, t_GxT, n_chunks, C: int, cap: float | None, wpo: bool):
+    """Target log-probs [G, T] (or WPO's log p - log sum_v p_v^2) and the log-sum-exp [G, T] of the
+    first `n_chunks` chunks of C positions; the positions after them are 0."""
+
+    def body(i, carry):
+        logp_GxT, lse_GxT = carry
+        logits_GxCxV = _chunk_logits(_slice(h_GxTxD, i, C), w_DxV, cap)
+        lse_GxC = jax.nn.logsumexp(logits_GxCxV, axis=-1)
+        target_GxC = jnp.take_along_axis(logits_GxCxV, _slice(t_GxT, i, C)[..., None], axis=-1)[..., 0]
+        logp_GxC = target_GxC - lse_GxC
+        if wpo:  # log sum_v p_v^2 = logsumexp(2 logits) - 2 lse
+            logp_GxC = logp_GxC - (jax.nn.logsumexp(2.0 * logits_GxCxV, axis=-1) - 2.0 * lse_GxC)
+        return _put(logp_GxT, logp_GxC, i, C), _put(lse_GxT, lse_GxC, i, C)
+
+    zeros = jnp.zeros_like(t_GxT, jnp.float32)  # sharded like the groups (explicit sharding mode)
+    return jax.lax.fori_loop(0, n_chunks, body, (zeros, zeros))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _scored_logprobs(h_GxTxD, w_DxV, t_GxT, n_chunks, C: int, cap: float | None):
+    return _scored_forward(h_GxTxD, w_DxV, t_GxT, n_chunks, C, cap, wpo=False)[0]
+
+
+def _scored_logprobs_fwd(h_GxTxD, w_DxV, t_GxT, n_chunks, C, cap):
+    logp_GxT, lse_GxT = _scored_forward(h_GxTxD, w_DxV, t_GxT, n_chunks, C, cap, wpo=False)
+    return logp_GxT, (h_GxTxD, w_DxV, t_GxT, n_chunks, lse_GxT)
+
+
+def _scored_logprobs_bwd(C, cap, residuals, g_GxT):
+    """d/dz of log p(target) is onehot(target) - softmax(z) (times the soft-cap's derivative): per chunk
+    the logits are recomputed (the forward kept only their log-sum-exp, [G, T]), then dh = dz W^T and
+    dW += h^T dz. Chunks past `n_chunks` hold no scored position: their gradient is 0, not computed."""
+    h_GxTxD, w_DxV, t_GxT, n_chunks, lse_GxT = residuals
+
+    def body(i, carry):
+        dh_GxTxD, dw_DxV = carry
+        h_GxCxD, t_GxC, g_GxC = _slice(h_GxTxD, i, C), _slice(t_GxT, i, C), _slice(g_GxT, i, C)
+        logits_GxCxV = _chunk_logits(h_GxCxD, w_DxV, cap)
+        p_GxCxV = jnp.exp(logits_GxCxV - _slice(lse_GxT, i, C)[..., None])
+        onehot_GxCxV = jax.nn.one_hot(t_GxC, w_DxV.shape[-1], dtype=jnp.float32)
+        dz_GxCxV = g_GxC[..., None] * (onehot_GxCxV - p_GxCxV)
+        if cap is not None:
+            dz_GxCxV = dz_GxCxV * (1.0 - jnp.square(logits_GxCxV / cap))
+        dh_GxCxD = jnp.einsum("gcv,dv->gcd", dz_GxCxV, w_DxV, preferred_element_type=jnp.float32)
+        dw_DxV = dw_DxV + jnp.einsum("gcd,gcv->dv", h_GxCxD, dz_GxCxV, preferred_element_type=jnp.float32)
+        return _put(dh_GxTxD, dh_GxCxD.astype(dh_GxTxD.dtype), i, C), dw_DxV
+
+    init = (jnp.zeros_like(h_GxTxD), jnp.zeros_like(w_DxV, jnp.float32))
+    dh_GxTxD, dw_DxV = jax.lax.fori_loop(0, n_chunks, body, init)
+    # Integer inputs (targets, the chunk count) take float0 cotangents.
+    return (
+        dh_GxTxD,
+        dw_DxV.astype(w_DxV.dtype),
+        np.zeros(t_GxT.shape, jax.dtypes.float0),
+        np.zeros((), jax.dtypes.float0),
+    )
+
+
+_scored_logprobs.defvjp(_scored_logprobs_fwd, _scored_logprobs_bwd)
 
 
 def _chunked(
@@ -104,56 +164,40 @@ def _chunked(
     # to its front, so the chunks run ~ (scored positions of the group) / chunk_size times, not
     # (scored positions of the fullest row) x rows / chunk_size. Groups are whole rows in batch order, so
     # with one group per batch shard the regrouping and the sort stay on each device.
-    hidden_BxTxD = hidden_BxTxD.reshape(row_groups, -1, D)
-    targets_BxT = targets_BxT.reshape(row_groups, -1)
+    hidden_GxTxD = hidden_BxTxD.reshape(row_groups, -1, D)
+    targets_GxT = _safe_targets(targets_BxT.reshape(row_groups, -1), unembed_DxV.shape[-1])
+    G, T, _ = hidden_GxTxD.shape
     if mask_BxT is not None:
-        mask_BxT = mask_BxT.reshape(row_groups, -1)
-    B, T, _ = hidden_BxTxD.shape
-    targets_BxT = _safe_targets(targets_BxT, unembed_DxV.shape[-1])
-    if mask_BxT is not None:
-        # Completion-only: a stable sort of each row puts its scored positions first (in order), so the
-        # chunks past the longest row's count of scored positions are empty and are skipped below. Only the
-        # order of the positions changes (the per-position numbers do not); they are put back at the end.
-        keep_BxT = mask_BxT > 0
-        perm_BxT = jnp.argsort(~keep_BxT, axis=-1, stable=True)
-        hidden_BxTxD = jnp.take_along_axis(hidden_BxTxD, perm_BxT[..., None], axis=1)
-        targets_BxT = jnp.take_along_axis(targets_BxT, perm_BxT, axis=1)
-        keep_BxT = jnp.take_along_axis(keep_BxT, perm_BxT, axis=1)
+        # Completion-only: a stable sort of each group puts its scored positions first (in order), so the
+        # chunks past the group's count of scored positions hold none and are not run. Only the order of
+        # the positions changes (the per-position numbers do not); they are put back at the end.
+        keep_GxT = mask_BxT.reshape(row_groups, -1) > 0
+        perm_GxT = jnp.argsort(~keep_GxT, axis=-1, stable=True)
+        hidden_GxTxD = jnp.take_along_axis(hidden_GxTxD, perm_GxT[..., None], axis=1)
+        targets_GxT = jnp.take_along_axis(targets_GxT, perm_GxT, axis=1)
+        keep_GxT = jnp.take_along_axis(keep_GxT, perm_GxT, axis=1)
+        scored = jnp.max(jnp.sum(keep_GxT, axis=-1))  # the fullest group's (chunks run over all groups)
     else:
-        keep_BxT = jnp.ones((B, T), jnp.bool_)
+        keep_GxT = jnp.ones((G, T), jnp.bool_)
+        scored = jnp.int32(T)
     C = min(chunk_size, T)
-    n_chunks = -(-T // C)
-    pad = n_chunks * C - T
-    # Chunks run along positions with the group axis kept whole: with one group per batch shard, a batch
-    # sharded over devices stays sharded and every device computes only its own group's [C, V] logits.
-    hidden_NxBxCxD = rearrange(jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0))), "b (n c) d -> n b c d", c=C)
-    targets_NxBxC = rearrange(jnp.pad(targets_BxT, ((0, 0), (0, pad))), "b (n c) -> n b c", c=C)
-    keep_NxBxC = rearrange(jnp.pad(keep_BxT, ((0, 0), (0, pad))), "b (n c) -> n b c", c=C)
-
-    stats = jax.checkpoint(functools.partial(_chunk_stats, cap=logit_soft_cap, wpo=wpo), prevent_cse=False)
-
-    def chunk(h_BxCxD, w_DxV, t_BxC, k_BxC):
-        # A chunk with no scored position (of any row) is not projected, forward or backward (without a mask
-        # every chunk is scored); unscored positions inside a scored chunk are computed, then zeroed.
-        logp_BxC = jax.lax.cond(
-            jnp.any(k_BxC), stats, lambda h, w, t: jnp.zeros(t.shape, jnp.float32), h_BxCxD, w_DxV, t_BxC
-        )
-        return jnp.where(k_BxC, logp_BxC, 0.0)
-
-    # checkpoint: the backward pass recomputes each chunk's logits instead of saving [B, C, V] per chunk,
-    # which would add up to the [B, T, V] tensor we are avoiding. The cond sits inside it so that its only
-    # residuals are the chunk's inputs (the unembedding stays a loop invariant, not a per-chunk copy).
-    chunk_fn = jax.checkpoint(chunk, prevent_cse=False)
-
-    def body(n_run, xs):
-        h_BxCxD, t_BxC, k_BxC = xs
-        return n_run + jnp.any(k_BxC).astype(jnp.int32), chunk_fn(h_BxCxD, unembed_DxV, t_BxC, k_BxC)
-
-    n_run, logp_NxBxC = jax.lax.scan(body, jnp.int32(0), (hidden_NxBxCxD, targets_NxBxC, keep_NxBxC))
-    logp_BxT = rearrange(logp_NxBxC, "n b c -> b (n c)")[:, :T]
+    pad = -T % C
+    hidden_GxTxD = jnp.pad(hidden_GxTxD, ((0, 0), (0, pad), (0, 0)))
+    targets_GxT = jnp.pad(targets_GxT, ((0, 0), (0, pad)))
+    n_chunks = ((scored + C - 1) // C).astype(jnp.int32)
+    # A loop over exactly the chunks that hold scored positions, with a hand-written backward
+    # (`_scored_logprobs_bwd`): no [G, T, V] float32 tensor exists, forward or backward, and the backward
+    # keeps only the log-sum-exp of each position besides the inputs.
+    if wpo:
+        logp_GxT = _scored_forward(hidden_GxTxD, unembed_DxV, targets_GxT, n_chunks, C, logit_soft_cap, True)[
+            0
+        ]
+    else:
+        logp_GxT = _scored_logprobs(hidden_GxTxD, unembed_DxV, targets_GxT, n_chunks, C, logit_soft_cap)
+    logp_GxT = jnp.where(keep_GxT, logp_GxT[:, :T], 0.0)
     if mask_BxT is not None:
-        logp_BxT = jnp.take_along_axis(logp_BxT, jnp.argsort(perm_BxT, axis=-1), axis=1)
-    return logp_BxT.reshape(B0, T0), n_run
+        logp_GxT = jnp.take_along_axis(logp_GxT, jnp.argsort(perm_GxT, axis=-1), axis=1)
+    return logp_GxT.reshape(B0, T0), n_chunks
 
 
 def token_logprobs_from_hidden(
