@@ -1,12 +1,18 @@
-"""Benchmark assets built in-process (no network): hh-rlhf-shaped synthetic preference pairs, a
-32k-word tokenizer, and a small random Llama in Hugging Face format.
+"""Benchmark assets built in-process (no network): synthetic preference pairs of two length mixes, a
+32k-word tokenizer, and small random Llamas in Hugging Face format.
 
-    python experiments/bench/assets.py --out runs/bench_assets --pairs 128
+    python experiments/bench/assets.py --out runs/bench_assets --pairs 128 [--lengths hh|uniform]
+        [--model-size 50m|20m]
 
 The tokenizer is word-level (one token per whitespace-separated word "w<i>", BOS prepended like Llama,
-EOS "</s>"), so the token counts of every prompt and completion are exactly the lengths drawn from
-`jdpo.data.batching.synthetic_hh_lengths` (lognormal, prompts median ~110 tokens, completions ~50),
-and jdpo and TRL tokenise every pair to the same ids. The model is the same checkpoint for both.
+EOS "</s>"), so the token counts of every prompt and completion are exactly the drawn lengths, and jdpo
+and TRL tokenise every pair to the same ids. The length mixes (`LENGTHS`):
+  - hh: `jdpo.data.batching.synthetic_hh_lengths`, chat-like with a long tail (lognormal, prompts
+    median ~110 tokens, completions ~50), max_length 512;
+  - uniform: short and even, prompts uniform in [17, 49] tokens (mean 33), completions in [25, 57]
+    (mean 41), max_length 256.
+The model sizes (`MODELS`): 50m (hidden 512, 6 layers: 52.0M parameters) and 20m (hidden 256, 4
+layers: 19.6M), both vocab 32k with an untied unembedding. The model is the same checkpoint for both.
 """
 
 from __future__ import annotations
@@ -20,11 +26,26 @@ import numpy as np
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 VOCAB_SIZE = 32000
 
-#: The benchmark model: ~50M parameters (34M in matmuls, half of it the unembedding), vocab 32k.
-MODEL = dict(hidden_size=512, intermediate_size=1408, num_layers=6, num_heads=8, num_kv_heads=8)
+#: The benchmark models, vocab 32k. 50m: 52.0M parameters (35.7M in matmuls, 16.4M of it the
+#: unembedding); 20m: 19.6M (11.4M in matmuls, 8.2M the unembedding).
+MODELS = {
+    "50m": dict(hidden_size=512, intermediate_size=1408, num_layers=6, num_heads=8, num_kv_heads=8),
+    "20m": dict(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4, num_kv_heads=4),
+}
 
-MAX_LENGTH = 512  # prompt + one completion
-MAX_PROMPT_LENGTH = 256
+#: (max_length: prompt + one completion, max_prompt_length) per length mix.
+LENGTHS = {"hh": (512, 256), "uniform": (256, 128)}
+
+
+def draw_lengths(n: int, seed: int, lengths: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(prompt, chosen, rejected) token counts of n pairs of the `lengths` mix, BOS and EOS included."""
+    max_length, max_prompt_length = LENGTHS[lengths]
+    if lengths == "hh":
+        from jdpo.data.batching import synthetic_hh_lengths
+
+        return synthetic_hh_lengths(n, seed=seed, max_length=max_length, max_prompt_length=max_prompt_length)
+    rng = np.random.default_rng([seed, 2])
+    return rng.integers(17, 50, n), rng.integers(25, 58, n), rng.integers(25, 58, n)
 
 
 def make_tokenizer(vocab_size: int = VOCAB_SIZE):
@@ -45,12 +66,12 @@ def make_tokenizer(vocab_size: int = VOCAB_SIZE):
     )
 
 
-def make_records(n: int, seed: int = 0, vocab_size: int = VOCAB_SIZE) -> list[dict[str, str]]:
+def make_records(
+    n: int, seed: int = 0, vocab_size: int = VOCAB_SIZE, lengths: str = "hh"
+) -> list[dict[str, str]]:
     """n text pairs whose token counts (with BOS on the prompt, EOS on each completion) follow the
-    hh-rlhf-like lengths, already within MAX_LENGTH / MAX_PROMPT_LENGTH (neither trainer truncates)."""
-    from jdpo.data.batching import synthetic_hh_lengths
-
-    p, c, r = synthetic_hh_lengths(n, seed=seed, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH)
+    `lengths` mix, already within its max lengths (neither trainer truncates)."""
+    p, c, r = draw_lengths(n, seed, lengths)
     rng = np.random.default_rng([seed, 1])
     n_words = vocab_size - len(SPECIALS)
 
@@ -67,16 +88,19 @@ def make_records(n: int, seed: int = 0, vocab_size: int = VOCAB_SIZE) -> list[di
     return records
 
 
-def build(out: str | Path, pairs: int, *, seed: int = 0) -> dict[str, Path]:
-    """Write model/ (config, safetensors, tokenizer) and train_<pairs>.jsonl under `out` (model reused)."""
+def build(
+    out: str | Path, pairs: int, *, seed: int = 0, lengths: str = "hh", model_size: str = "50m"
+) -> dict[str, Path]:
+    """Write model_<size>/ (config, safetensors, tokenizer) and train_<lengths>_<pairs>.jsonl under
+    `out` (both reused when present)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data = out / f"train_{pairs}.jsonl"
+    data = out / f"train_{lengths}_{pairs}.jsonl"
     if not data.exists():
         with open(data, "w") as f:
-            for rec in make_records(pairs, seed):
+            for rec in make_records(pairs, seed, lengths=lengths):
                 f.write(json.dumps(rec) + "\n")
-    model_dir = out / "model"
+    model_dir = out / f"model_{model_size}"
     if not (model_dir / "config.json").exists():
         from jdpo.models import ModelConfig, init_model, save_pretrained
 
@@ -84,14 +108,14 @@ def build(out: str | Path, pairs: int, *, seed: int = 0) -> dict[str, Path]:
         config = ModelConfig(
             family="llama",
             vocab_size=VOCAB_SIZE,
-            head_dim=MODEL["hidden_size"] // MODEL["num_heads"],
+            head_dim=MODELS[model_size]["hidden_size"] // MODELS[model_size]["num_heads"],
             rms_norm_eps=1e-5,
             max_position_embeddings=2048,
             tie_word_embeddings=False,
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
-            **MODEL,
+            **MODELS[model_size],
         )
         save_pretrained(init_model(config, seed=seed), model_dir, tokenizer=tok)
     return {"model": model_dir, "data": data}
@@ -102,5 +126,7 @@ if __name__ == "__main__":
     ap.add_argument("--out", default="runs/bench_assets")
     ap.add_argument("--pairs", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lengths", choices=sorted(LENGTHS), default="hh")
+    ap.add_argument("--model-size", choices=sorted(MODELS), default="50m")
     a = ap.parse_args()
-    print(build(a.out, a.pairs, seed=a.seed))
+    print(build(a.out, a.pairs, seed=a.seed, lengths=a.lengths, model_size=a.model_size))
