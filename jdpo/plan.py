@@ -42,8 +42,8 @@ they divide by it):
                     remat full: the layer input D * b
                   plus, with remat, one layer's full set live again while it is recomputed, and the
                   final hidden states and their norm input 2D * b per token
-  log-prob chunk  chunk x V float32 logits of the chunked log-prob scan, chunk = min(LOGPROB_CHUNK,
-                  B * T): this device's rows are laid end to end as one group and scanned one chunk of
+  log-prob chunk  chunk x V float32 logits of the chunked log-prob loop, chunk = min(LOGPROB_CHUNK,
+                  B * T): this device's rows are laid end to end as one group and projected one chunk of
                   positions at a time (`jdpo.step.LOGPROB_CHUNK`, the train step's chunk size)
   batch           the step's [A, B, T] int32/float32 input arrays (5 per token)
   dequantised     lora.quantize int8 / nf4: one layer's seven projection kernels dequantised into the
