@@ -216,7 +216,8 @@ def token_logprobs_from_hidden(
     when ``logit_soft_cap`` is set, as Gemma-2 does), but the logits are built ``chunk_size`` positions at a
     time in a loop with a hand-written backward that recomputes each chunk's logits from the kept
     log-sum-exp: peak extra memory is one float32 [row_groups, chunk_size, V] block (and its gradient),
-    forward and backward. Each group's length is padded up to a multiple of the chunk. The matmul accumulates in float32 whatever the dtype of ``hidden_BxTxD`` / ``unembed_DxV``
+    forward and backward. Each group's length is padded up to a multiple of the chunk. The matmul
+    accumulates in float32 whatever the dtype of ``hidden_BxTxD`` / ``unembed_DxV``
     (e.g. bfloat16).
 
     With ``mask_BxT``, only positions where it is > 0 are scored (the others are 0): the rows are laid end to
