@@ -127,6 +127,18 @@ def one_device():
     return make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
 
+#: Logged keys that measure the machine, not the run: left out when two runs' metrics are compared.
+TIMING = frozenset({"step_time", "tokens_per_sec", "mfu"})
+
+
+def logged_records(path, *, timing=TIMING) -> list[dict]:
+    """The records of a run's metrics.jsonl without the `timing` keys (equal for runs that computed the
+    same)."""
+    from jdpo import metrics
+
+    return [{k: v for k, v in r.items() if k not in timing} for r in metrics.read_metrics(path)]
+
+
 def train_steps(trainer, n):
     """Run n optimizer steps of a `jdpo.train.Trainer` by hand; returns each step's metrics as floats."""
     import jax

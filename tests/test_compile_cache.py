@@ -9,13 +9,12 @@ import sys
 from pathlib import Path
 
 import jax
-from helpers import run_config
+from helpers import logged_records, run_config
 
 from jdpo import compile_cache, metrics
 from jdpo import config as jconfig
 
 WORKER = Path(__file__).with_name("fault_worker.py")  # `none`: a whole `train.run` in a fresh process
-TIMING = {"step_time", "tokens_per_sec", "mfu"}
 
 
 def _run(cfg, tmp_path, name: str) -> list[dict]:
@@ -26,8 +25,7 @@ def _run(cfg, tmp_path, name: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env.update(JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     subprocess.run([sys.executable, str(WORKER), str(path), "none"], env=env, timeout=300, check=True)
-    records = metrics.read_metrics(Path(cfg.train.output_dir) / metrics.METRICS_FILE)
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+    return logged_records(Path(cfg.train.output_dir) / metrics.METRICS_FILE)
 
 
 def test_a_rerun_finds_every_program_in_the_cache_beside_the_run_and_logs_the_same(assets, tmp_path):

@@ -10,13 +10,14 @@ import jax
 import numpy as np
 import online_rewards
 import pytest
-from helpers import one_device, run_config
+from helpers import TIMING as RUN_TIMING
+from helpers import logged_records, one_device, run_config
 
 from jdpo import config as jconfig
 from jdpo import metrics, online, train
 from jdpo.data import unpack_batch
 
-TIMING = {"step_time", "tokens_per_sec", "mfu", online.SAMPLE_TIME, online.TRAIN_TIME}
+TIMING = RUN_TIMING | {online.SAMPLE_TIME, online.TRAIN_TIME}
 
 
 def online_config(assets, out, reward="online_rewards:length", **overrides):
@@ -35,7 +36,7 @@ def online_config(assets, out, reward="online_rewards:length", **overrides):
 
 
 def _records(path):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in metrics.read_metrics(path)]
+    return logged_records(path, timing=TIMING)
 
 
 @pytest.mark.parametrize(

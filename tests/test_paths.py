@@ -19,13 +19,13 @@ import os
 
 import jax
 import pytest
+from helpers import logged_records
 
 from jdpo import config as jconfig
 from jdpo import demo, metrics, paths, refcache, train
 from jdpo.forward import PairLogps
 from jdpo.sharding import make_mesh
 
-TIMING = {"step_time", "tokens_per_sec", "mfu"}
 OVER = {"train.max_steps": 3, "train.save_every": 2, "train.eval_every": 2}
 
 
@@ -258,10 +258,6 @@ def make_config(assets, out: str, cache: str, **overrides):
     return jconfig.replace(jconfig.Config(), **{**base, **overrides})
 
 
-def _records(path):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in metrics.read_metrics(path)]
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(assets, tmp_path_factory):
     """The 3-step run, on a plain local path, in one go: what the interrupted URL runs must match."""
@@ -291,7 +287,7 @@ def test_file_url_run_resumes_bit_identically(assets, tmp_path, uninterrupted):
     assert result.step == 3 and result.stop_reason == "completed"
     for name in ("config.yaml", "metrics.jsonl", "checkpoints/2", "checkpoints/3", "final/model.safetensors"):
         assert (run_dir / name).exists(), name
-    assert _records(result.metrics_path) == _records(uninterrupted.metrics_path)
+    assert logged_records(result.metrics_path) == logged_records(uninterrupted.metrics_path)
     assert result.eval_metrics == uninterrupted.eval_metrics
 
 
@@ -318,7 +314,7 @@ def test_object_store_run_resumes_bit_identically(assets, tmp_path, bucket, monk
     assert uploaded == [0, 1]  # the eval at 0 and step 1, uploaded with the checkpoint at step 1
     assert str(result.output_dir) == "gs://bucket/run" and str(result.final_dir) == "gs://bucket/run/final"
     assert result.step == 3 and result.stop_reason == "completed"
-    assert _records("gs://bucket/run") == _records(uninterrupted.metrics_path)
+    assert logged_records("gs://bucket/run") == logged_records(uninterrupted.metrics_path)
     assert result.eval_metrics == uninterrupted.eval_metrics
     assert jconfig.load_config("gs://bucket/run/config.yaml").train.output_dir == "gs://bucket/run"
     keys = set(bucket)

@@ -12,14 +12,13 @@ import math
 import jax
 import numpy as np
 import pytest
-from helpers import one_device, run_config
+from helpers import logged_records, one_device, run_config
 from helpers import train_steps as steps
 
 from jdpo import config as jconfig
-from jdpo import metrics, step, train
+from jdpo import step, train
 from jdpo.beta_schedule import adaptive_beta
 
-TIMING = {"step_time", "tokens_per_sec", "mfu"}
 LN2 = math.log(2)
 
 
@@ -29,10 +28,6 @@ def make_config(assets, out, **overrides):
 
 def leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
-
-
-def records(path):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in metrics.read_metrics(path)]
 
 
 @pytest.mark.parametrize(
@@ -142,7 +137,7 @@ def test_resume_is_bit_identical_across_a_reference_update(assets, tmp_path, ove
     first = train.run(cfg, callbacks=[lambda m: m["step"] == 3], mesh=one_device())
     assert first.stop_reason == "callback" and first.step == 3
     result = train.Trainer(cfg, mesh=one_device()).fit()
-    want, got = records(full.metrics_path), records(result.metrics_path)
+    want, got = logged_records(full.metrics_path), logged_records(result.metrics_path)
     assert [r["step"] for r in got] == [r["step"] for r in want] and got == want
     loss = {r["step"]: r["loss"] for r in want if "loss" in r}
     if over["dpo.ref_update"] == "hard":  # steps 3 and 5 start again from policy == reference
@@ -164,7 +159,7 @@ def test_adaptive_beta_follows_the_controller_in_both_directions(assets, tmp_pat
     assert tr.steps.train_step._cache_size() == 1  # beta is state, not a constant: one compiled step
     assert "adaptive beta (target KL 0.0001)" in tr.describe()
     assert float(tr.state["beta"]) != 0.1 and tr.state["beta"].dtype == np.float32
-    rows = [r for r in records(result.metrics_path) if "loss" in r]
+    rows = [r for r in logged_records(result.metrics_path) if "loss" in r]
     assert rows[0]["beta"] == pytest.approx(0.1) and abs(rows[0]["ref_kl"]) < 1e-5
     for now, nxt in zip(rows[:-1], rows[1:], strict=True):
         want = adaptive_beta(np.float32(now["beta"]), np.float32(now["ref_kl"]), target, 0.1)
@@ -230,7 +225,7 @@ def test_rounds_make_the_policy_the_reference_and_resume_exactly_across_a_bounda
     update: its checkpoint names the new cache) resumes to the uninterrupted run's metrics."""
     over = {**ROUNDS, **_few_pairs(assets), "train.eval_every": 1}
     full = train.run(make_config(assets, tmp_path / "full", **over), mesh=one_device())
-    want = records(full.metrics_path)
+    want = logged_records(full.metrics_path)
     rows = [r for r in want if "loss" in r]
     rounds = [r["round"] for r in rows]
     assert rounds == sorted(rounds) and set(rounds) == {1, 2, 3} and len(rows) == full.step
@@ -245,7 +240,7 @@ def test_rounds_make_the_policy_the_reference_and_resume_exactly_across_a_bounda
     assert first.step == end_of_round_1
     resumed = train.Trainer(cfg, mesh=one_device())
     result = resumed.fit()
-    assert result.step == full.step and records(result.metrics_path) == want
+    assert result.step == full.step and logged_records(result.metrics_path) == want
 
 
 def test_a_resume_whose_updated_cache_is_gone_says_which_entry(assets, tmp_path):

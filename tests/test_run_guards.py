@@ -13,22 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import one_device, run_config
+from helpers import logged_records, one_device, run_config
 from safetensors.numpy import load_file
 
 from jdpo import config as jconfig
 from jdpo import metrics, train
 from jdpo.checkpoint import Checkpointer
 
-TIMING = {"step_time", "tokens_per_sec", "mfu"}
-
 
 def make_config(assets, out, **overrides):
     return run_config(assets, out, **{"train.max_steps": 6, "train.log_every": 1, **overrides})
-
-
-def _records(path):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in metrics.read_metrics(path)]
 
 
 def _eval_at(records, step, name):
@@ -49,7 +43,7 @@ def test_keep_best_survives_the_rotation_and_a_resume_and_is_exported(assets, tm
     assert first.stop_reason == "callback" and sorted(os.listdir(first.checkpoint_dir)) == ["1", "3"]
     result = train.Trainer(cfg, mesh=one_device()).fit()
     assert result.step == 6 and sorted(os.listdir(result.checkpoint_dir)) == ["1", "6"]
-    records = _records(result.metrics_path)
+    records = logged_records(result.metrics_path)
     losses = [_eval_at(records, s, "eval/loss") for s in range(1, 7)]
     assert losses[0] == min(losses) and losses[-1] > losses[0]
     assert result.best_step == 1 and result.best_dir == tmp_path / "run" / "best"
@@ -158,7 +152,7 @@ def test_sigkill_at_any_point_resumes_bit_identically(assets, tmp_path):
     # Step 4's save runs in the background while step 5 computes: the kill may come before its commit.
     assert Checkpointer(ckpts).steps() in ([2], [2, 4])
     assert attempt("none") == 0
-    assert _records(tmp_path / "run" / metrics.METRICS_FILE) == _records(full.metrics_path)
+    assert logged_records(tmp_path / "run" / metrics.METRICS_FILE) == logged_records(full.metrics_path)
     got, want = (
         load_file(tmp_path / "run" / "final" / "model.safetensors"),
         load_file(full.final_dir / "model.safetensors"),

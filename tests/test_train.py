@@ -16,14 +16,12 @@ import signal
 import jax
 import numpy as np
 import pytest
-from helpers import one_device, run_config
+from helpers import TIMING, logged_records, one_device, run_config
 from helpers import train_steps as steps
 
 from jdpo import config as jconfig
-from jdpo import metrics, step, train
+from jdpo import step, train
 from jdpo.sharding import make_mesh
-
-TIMING = {"step_time", "tokens_per_sec", "mfu"}
 
 
 def make_config(assets, out, **overrides):
@@ -110,10 +108,6 @@ def test_step_compiles_once(assets, tmp_path):
     assert tr.steps.train_step._cache_size() == cached
 
 
-def _records(path):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in metrics.read_metrics(path)]
-
-
 def test_resume_is_bit_identical(assets, tmp_path):
     over = {"train.max_steps": 6, "train.save_every": 3, "train.eval_every": 2, "train.export": False}
     full = train.run(make_config(assets, tmp_path / "full", **over), mesh=one_device())
@@ -126,7 +120,7 @@ def test_resume_is_bit_identical(assets, tmp_path):
     assert all(second.ref_reused.values())  # the reference cache is reused, not recomputed
     result = second.fit()
     assert result.step == 6 and result.stop_reason == "completed"
-    want, got = _records(full.metrics_path), _records(result.metrics_path)
+    want, got = logged_records(full.metrics_path), logged_records(result.metrics_path)
     assert [r["step"] for r in got] == [r["step"] for r in want]
     assert got == want  # every logged value (timings aside) is bit-identical
     assert result.eval_metrics == full.eval_metrics
