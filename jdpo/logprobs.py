@@ -188,12 +188,11 @@ def _chunked(
     # A loop over exactly the chunks that hold scored positions, with a hand-written backward
     # (`_scored_logprobs_bwd`): no [G, T, V] float32 tensor exists, forward or backward, and the backward
     # keeps only the log-sum-exp of each position besides the inputs.
-    if wpo:
-        logp_GxT = _scored_forward(hidden_GxTxD, unembed_DxV, targets_GxT, n_chunks, C, logit_soft_cap, True)[
-            0
-        ]
+    args = (hidden_GxTxD, unembed_DxV, targets_GxT, n_chunks, C, logit_soft_cap)
+    if wpo:  # no gradient: the plain loop
+        logp_GxT, _ = _scored_forward(*args, wpo=True)
     else:
-        logp_GxT = _scored_logprobs(hidden_GxTxD, unembed_DxV, targets_GxT, n_chunks, C, logit_soft_cap)
+        logp_GxT = _scored_logprobs(*args)
     logp_GxT = jnp.where(keep_GxT, logp_GxT[:, :T], 0.0)
     if mask_BxT is not None:
         logp_GxT = jnp.take_along_axis(logp_GxT, jnp.argsort(perm_GxT, axis=-1), axis=1)
