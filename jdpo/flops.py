@@ -140,7 +140,8 @@ def computed_attention_keys(kernel: str, segment_ids, *, tile: int, sliding_wind
       tile; splash drops the tiles its local mask empties (sliding window), neither skips a tile for
       its segment ids (they are data inside the computed tiles);
     - ``blocked``: per query tile, the key tiles from the first one any of its queries can see (its
-      segment's start, or the window) to the diagonal; rows padded to a multiple of the tile.
+      segment's start, or the window) to the diagonal, and before those the tiles of its queries'
+      shared prefix (the shared-prompt layout: a branch's prompt); rows padded to a multiple of the tile.
     """
     import numpy as np
 
@@ -165,13 +166,21 @@ def computed_attention_keys(kernel: str, segment_ids, *, tile: int, sliding_wind
     t = np.arange(Tp)
     total = 0
     for row in padded:
-        # lo: the earliest key a query sees: its segment's first position (padding: itself), the window.
-        first = {int(s): int(np.argmax(row == s)) for s in np.unique(row[row > 0])}
-        lo = np.array([first.get(int(s), -1) if s > 0 else k for k, s in enumerate(row)])
+        # lo: the earliest key a query sees of its own segment: the segment's first position (padding:
+        # itself), the window; [pfirst, plast]: its shared prefix (-(k + 1) for segments 2k + 1, 2k + 2).
+        ids = {int(s): np.flatnonzero(row == s) for s in np.unique(row[row != 0])}
+        lo = np.array([ids[int(s)][0] if s != 0 else k for k, s in enumerate(row)])
         if sliding_window is not None:
             lo = np.maximum(lo, t - sliding_window + 1)
-        first_tile = lo.reshape(nt, tile).min(axis=1) // tile
-        total += int(np.sum(np.arange(nt) - first_tile + 1))
+        b0 = lo.reshape(nt, tile).min(axis=1) // tile
+        total += int(np.sum(np.arange(nt) - b0 + 1))
+        prefix = [ids.get(-((int(s) + 1) // 2)) if s > 0 else None for s in row]
+        for i in range(nt):
+            spans = [x for x in prefix[i * tile : (i + 1) * tile] if x is not None]
+            if spans:
+                a0 = min(int(x[0]) for x in spans) // tile
+                a1 = min(max(int(x[-1]) for x in spans) // tile, b0[i] - 1)
+                total += max(a1 - a0 + 1, 0)
     return total * tile * tile
 
 

@@ -7,11 +7,13 @@ import numpy as np
 
 
 def dense_reference(q, k, v, seg, *, scale, softcap=None, window=None):
-    """Explicit softmax attention with the kernel's visibility rule (padding sees only itself)."""
+    """Explicit softmax attention with the kernel's visibility rule (padding sees only itself; segment
+    2k + 1 and 2k + 2 also see the shared prefix -(k + 1), written out here, not `masks.prefix`)."""
     B, T, N, H = q.shape
     K = k.shape[2]
     t = jnp.arange(T)
-    visible = (seg[:, :, None] == seg[:, None, :]) & (t[None, :, None] >= t[None, None, :])
+    shared = (seg > 0)[:, :, None] & ((-((seg + 1) // 2))[:, :, None] == seg[:, None, :])
+    visible = ((seg[:, :, None] == seg[:, None, :]) | shared) & (t[None, :, None] >= t[None, None, :])
     if window is not None:
         visible &= (t[:, None] - t[None, :] < window)[None]
     visible = jnp.where((seg == 0)[:, :, None], jnp.eye(T, dtype=bool)[None], visible)
@@ -31,6 +33,23 @@ def packed_segments(rng, B, T, fill=0.85):
             n = min(int(rng.integers(1, T // 2)), int(T * fill) - t)
             seg[b, t : t + n] = s
             s, t = s + 1, t + n
+    return seg
+
+
+def shared_prompt_segments(rng, B, T, fill=0.9):
+    """Segment ids of rows of whole pairs in the shared-prompt layout: slot k's prompt (segment
+    -(k + 1), sometimes empty), then its chosen (2k + 1) and rejected (2k + 2) branches; padding last."""
+    seg = np.zeros((B, T), np.int32)
+    for b in range(B):
+        t, k = 0, 0
+        while True:
+            p, c, r = int(rng.integers(0, T // 4)), int(rng.integers(1, T // 6)), int(rng.integers(1, T // 6))
+            if t + p + c + r > int(T * fill):
+                break
+            for s, n in ((-(k + 1), p), (2 * k + 1, c), (2 * k + 2, r)):
+                seg[b, t : t + n] = s
+                t += n
+            k += 1
     return seg
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from helpers import tiny_hf_config
-from helpers_attention import dense_reference, packed_segments, qkv
+from helpers_attention import dense_reference, packed_segments, qkv, shared_prompt_segments
 
 from jdpo.models import AttentionMask, ModelConfig, ModelOptions, Transformer
 from jdpo.models.attention import _layout, blocked_attention
@@ -43,6 +43,53 @@ def test_blocked_equals_dense_in_values_and_grads(name):
     g_dense = jax.grad(lambda *a: jnp.sum(dense(*a) * w), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g_blocked, g_dense, strict=True):
         np.testing.assert_allclose(a, b, atol=5e-6)
+
+
+@pytest.mark.parametrize("block", [8, 16])
+def test_shared_prompt_layout_equals_dense_in_values_and_grads(block):
+    """Rows of pairs with their prompt once (segment -(k + 1)) and two branches after it: every branch
+    sees its prompt and itself, never the other branch, in values and gradients; the dense mask of
+    `AttentionMask` (what xla runs) agrees as well."""
+    B, T, N, K, H = 3, 96, 4, 2, 8
+    q, k, v = qkv(B, T, N, K, H, seed=5)
+    seg = jnp.asarray(shared_prompt_segments(np.random.default_rng(2), B, T))
+    assert (np.asarray(seg) < 0).any() and (np.asarray(seg) == 4).any()  # prompts, a second pair
+
+    def blocked(q, k, v):
+        return blocked_attention(q, k, v, AttentionMask(seg), scale=H**-0.5, block=block)
+
+    def dense(q, k, v):
+        return dense_reference(q, k, v, seg, scale=H**-0.5)
+
+    def masked(q, k, v):  # the dense form of the mask, as the xla kernel takes it
+        kk, vv = jnp.repeat(k, N // K, axis=2), jnp.repeat(v, N // K, axis=2)
+        return jax.nn.dot_product_attention(q, kk, vv, mask=AttentionMask(seg).dense(), scale=H**-0.5)
+
+    real = np.asarray(seg) != 0
+    want = np.asarray(dense(q, k, v))
+    np.testing.assert_allclose(np.asarray(blocked(q, k, v))[real], want[real], atol=2e-6)
+    np.testing.assert_allclose(np.asarray(masked(q, k, v))[real], want[real], atol=2e-6)
+    w = jax.random.normal(jax.random.key(9), (B, T, N, H)) * jnp.asarray(real)[..., None, None]
+    g_blocked = jax.grad(lambda *a: jnp.sum(blocked(*a) * w), argnums=(0, 1, 2))(q, k, v)
+    g_dense = jax.grad(lambda *a: jnp.sum(dense(*a) * w), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_blocked, g_dense, strict=True):
+        np.testing.assert_allclose(a, b, atol=5e-6)
+
+
+def test_rejected_branch_skips_the_chosen_branch_blocks():
+    """One row of blocks of 8: a prompt of 16 (blocks 0-1), chosen 16 (2-3), rejected 16 (4-5). Chosen
+    blocks see [0, i] in one range; rejected blocks visit the prompt blocks [0, 1], then [4, i]: 2 + 3
+    key blocks, not the 5 and 6 a single range from the prompt would take."""
+    T, block = 48, 8
+    seg = np.zeros((1, T), np.int32)
+    seg[0, :16], seg[0, 16:32], seg[0, 32:] = -1, 1, 2
+    q, k, v = qkv(1, T, 2, 2, 4)
+    *_, ranges = _layout(q, k, v, jnp.asarray(seg), None, block)
+    a0, a1, b0 = np.asarray(ranges).T
+    np.testing.assert_array_equal(b0, [0, 0, 2, 2, 4, 4])
+    np.testing.assert_array_equal(a0[2:], [0, 0, 0, 0])  # the prompt blocks, for every branch block
+    np.testing.assert_array_equal(a1[2:], [1, 1, 1, 1])
+    assert (a1[:2] < a0[:2]).all()  # prompt blocks have no prefix of their own
 
 
 def test_traced_window_and_non_contiguous_segments():
@@ -92,14 +139,15 @@ def test_only_visible_key_blocks_are_visited():
     seg[0, :8], seg[0, 8:16], seg[0, 16:] = 1, 2, 3
     seg[1, :30] = 1
     q, k, v = qkv(2, T, 2, 2, 4)
-    *_, first = _layout(q, k, v, jnp.asarray(seg), None, block)
-    first = np.asarray(first)
+    *_, ranges = _layout(q, k, v, jnp.asarray(seg), None, block)
+    first = np.asarray(ranges)[:, 2]
+    assert (np.asarray(ranges)[:, 1] < np.asarray(ranges)[:, 0]).all()  # no shared prefix: none visited
     i = np.arange(8)
     np.testing.assert_array_equal(first, [0, 1, 2, 2, 4, 4, 4, 4])
     assert (i - first + 1)[:4].sum() == 5 and (i - first + 1)[4:].sum() == 10
     # A sliding window of 4 cuts row 1 to the diagonal and the block before it.
-    *_, first_w = _layout(q, k, v, jnp.asarray(seg), 4, block)
-    np.testing.assert_array_equal(np.asarray(first_w)[4:], [4, 4, 5, 6])
+    *_, ranges_w = _layout(q, k, v, jnp.asarray(seg), 4, block)
+    np.testing.assert_array_equal(np.asarray(ranges_w)[4:, 2], [4, 4, 5, 6])
 
 
 SIZES = dict(vocab_size=64, intermediate_size=48)  # on top of helpers.tiny_hf_config's sizes
@@ -166,14 +214,17 @@ def test_attention_block_is_a_tiling_choice_only():
 
 # Slow; in the default run the kernel it serves is checked against dense attention.
 @pytest.mark.slow
-def test_first_of_id_matches_a_scan_for_ids_in_any_order():
-    from jdpo.models.attention import _first_of_id
+def test_spans_match_a_scan_for_ids_in_any_order():
+    from jdpo.models.attention import _spans
 
     rng = np.random.default_rng(7)
     for _ in range(50):
-        ids = rng.integers(0, 5, int(rng.integers(1, 40)))
-        expected = [int(np.flatnonzero(ids == x)[0]) for x in ids]
-        np.testing.assert_array_equal(_first_of_id(jnp.asarray(ids)), expected)
+        ids = rng.integers(-3, 7, int(rng.integers(1, 40)))
+        first, pfirst, plast = (np.asarray(x) for x in _spans(jnp.asarray(ids)))
+        np.testing.assert_array_equal(first, [int(np.flatnonzero(ids == x)[0]) for x in ids])
+        for t, x in enumerate(ids):
+            at = np.flatnonzero(ids == -((x + 1) // 2)) if x > 0 else []
+            assert (pfirst[t], plast[t]) == ((at[0], at[-1]) if len(at) else (-1, -1))
 
 
 def test_no_T_by_T_intermediate_forward_or_backward():

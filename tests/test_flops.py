@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from helpers_attention import shared_prompt_segments
 
 from jdpo import flops as F
 
@@ -149,12 +150,15 @@ def test_computed_attention_keys_per_kernel():
     import jax.numpy as jnp
 
     rng = np.random.default_rng(0)
-    seg = np.sort(rng.integers(0, 6, (3, 50)), axis=1)[:, ::-1].copy()  # segments, padding (0) last
-    *_, first = _layout(*(jnp.zeros((3, 50, 1, 2)),) * 3, jnp.asarray(seg), None, 16)
-    per_row = np.asarray(first).reshape(3, -1)
-    visited = sum(int(np.sum(np.arange(len(f)) - (f - r * len(f)) + 1)) for r, f in enumerate(per_row))
-    assert F.computed_attention_keys("blocked", seg, tile=16) == visited * 16 * 16
+    packed = np.sort(rng.integers(0, 6, (3, 50)), axis=1)[:, ::-1].copy()  # segments, padding (0) last
+    for seg in (packed, shared_prompt_segments(rng, 3, 50)):
+        *_, ranges = _layout(*(jnp.zeros((3, 50, 1, 2)),) * 3, jnp.asarray(seg), None, 16)
+        a0, a1, b0 = np.asarray(ranges).T
+        diagonal = np.arange(len(b0))
+        visited = int(np.sum(np.maximum(a1 - a0 + 1, 0)) + np.sum(diagonal - b0 + 1))
+        assert F.computed_attention_keys("blocked", seg, tile=16) == visited * 16 * 16
     # Every kernel computes at least the credited pairs.
+    seg = packed
     pos = np.concatenate([np.zeros((3, 1), int), np.cumsum(seg[:, 1:] == seg[:, :-1], axis=1)], axis=1)
     credited = F.attended_keys(pos * (seg > 0), seg)
     assert all(F.computed_attention_keys(k, seg, tile=16) >= credited for k in ("blocked", "splash", "xla"))

@@ -30,7 +30,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jdpo.models.masks import AttentionMask
+from jdpo.models.masks import AttentionMask, prefix
 
 # Positions per tile. On the 2-core CPU bench (B=4, T=1024, 8 heads of 64, segments ~160): attention
 # fwd+bwd 64 ms at 32 and 64, 78 ms at 128, 113 ms at 256 (dense: 625 ms). Accelerators want larger
@@ -39,34 +39,47 @@ DEFAULT_BLOCK = 64
 NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # masked score: exp() underflows to 0, no inf - inf
 
 
-def _first_of_id(ids_T):
-    """Per position, the first position holding the same id [T] int32, for ids in any order (a segment
-    may resume later in the row): O(T log T) with a stable sort, never a [T, T] comparison."""
+def _spans(ids_T):
+    """Per position (ids in any order: a segment may resume later in the row), with one stable sort,
+    O(T log T), never a [T, T] comparison: the first position holding its id, and the first and last
+    positions holding its shared prefix's id (`masks.prefix`), -1 where it has none [T] int32 each."""
     T = ids_T.shape[0]
+    t_T = jnp.arange(T, dtype=jnp.int32)
     order_T = jnp.argsort(ids_T, stable=True).astype(jnp.int32)
     sorted_T = ids_T[order_T]
     starts_T = jnp.concatenate([jnp.ones((1,), jnp.bool_), sorted_T[1:] != sorted_T[:-1]])
     # Each sorted slot's group start; a stable sort puts a group's smallest position first.
-    group_start_T = jax.lax.cummax(jnp.where(starts_T, jnp.arange(T, dtype=jnp.int32), 0))
-    return jnp.zeros((T,), jnp.int32).at[order_T].set(order_T[group_start_T])
+    group_start_T = jax.lax.cummax(jnp.where(starts_T, t_T, 0))
+    first_T = jnp.zeros((T,), jnp.int32).at[order_T].set(order_T[group_start_T])
+    want_T = prefix(ids_T)
+    lo_T = jnp.searchsorted(sorted_T, want_T, side="left").astype(jnp.int32)
+    hi_T = jnp.searchsorted(sorted_T, want_T, side="right").astype(jnp.int32) - 1
+    found_T = (ids_T > 0) & (hi_T >= lo_T)
+    pfirst_T = jnp.where(found_T, order_T[jnp.clip(lo_T, 0, T - 1)], -1)
+    plast_T = jnp.where(found_T, order_T[jnp.clip(hi_T, 0, T - 1)], -1)
+    return first_T, pfirst_T, plast_T
 
 
 def _visibility(segment_ids_BxT, window):
-    """lo [B, T]: the earliest position (within the row) a query may see; keys in [lo, t] of the same
-    segment are visible. The first position of the query's segment in its row, raised to t - window + 1;
-    t itself for padding."""
+    """lo [B, T]: the earliest position (within the row) a query may see of its own segment; keys in
+    [lo, t] of the same segment are visible. The first position of the query's segment in its row,
+    raised to t - window + 1; t itself for padding. And the span [pfirst, plast] [B, T] of its shared
+    prefix (-1, -1 for none), every key of which it sees (all are before it)."""
     B, T = segment_ids_BxT.shape
     t_T = jnp.arange(T, dtype=jnp.int32)
-    lo_BxT = jnp.where(segment_ids_BxT == 0, t_T, jax.vmap(_first_of_id)(segment_ids_BxT))
+    first_BxT, pfirst_BxT, plast_BxT = jax.vmap(_spans)(segment_ids_BxT)
+    lo_BxT = jnp.where(segment_ids_BxT == 0, t_T, first_BxT)
     if window is not None:
         lo_BxT = jnp.maximum(lo_BxT, t_T - jnp.asarray(window, jnp.int32) + 1)
-    return lo_BxT
+    return lo_BxT, pfirst_BxT, plast_BxT
 
 
 def _layout(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window, block):
     """Pad T to a multiple of `block`, lay rows end to end and cut into blocks (heads first, so each tile
     product is a plain batched matmul): q [nb, K, G, C, H], k / v [nb, K, C, H]; per position the
-    segment id and lowest visible key (global indices) [nb, C]; per query block its first key block."""
+    segment id and lowest visible key of its own segment (global indices) [nb, C]; per query block its
+    key blocks: `ranges` [nb, 3] int32 = (a0, a1, b0): the prefix blocks [a0, a1] (empty when a1 < a0),
+    then [b0, i], disjoint (a1 < b0)."""
     B, T, N, H = q_BxTxNxH.shape
     K = k_BxTxKxH.shape[2]
     pad = -T % block
@@ -76,13 +89,20 @@ def _layout(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window, block):
         segment_ids_BxT = jnp.pad(segment_ids_BxT, ((0, 0), (0, pad)))
     Tp = T + pad
     nb, C = B * Tp // block, block
-    lo_BxT = _visibility(segment_ids_BxT, window) + (jnp.arange(B, dtype=jnp.int32) * Tp)[:, None]
+    row_start_Bx1 = (jnp.arange(B, dtype=jnp.int32) * Tp)[:, None]
+    lo_BxT, pfirst_BxT, plast_BxT = _visibility(segment_ids_BxT, window)
     q = q_BxTxNxH.reshape(nb, C, K, N // K, H).transpose(0, 2, 3, 1, 4)
     k = k_BxTxKxH.reshape(nb, C, K, H).transpose(0, 2, 1, 3)
     v = v_BxTxKxH.reshape(nb, C, K, H).transpose(0, 2, 1, 3)
-    lo = lo_BxT.reshape(nb, C)
-    first = jnp.min(lo, axis=1) // C
-    return q, k, v, segment_ids_BxT.reshape(nb, C), lo, first
+    lo = (lo_BxT + row_start_Bx1).reshape(nb, C)
+    b0 = jnp.min(lo, axis=1) // C
+    has = (pfirst_BxT >= 0).reshape(nb, C)
+    big = jnp.iinfo(jnp.int32).max
+    a0 = jnp.min(jnp.where(has, (pfirst_BxT + row_start_Bx1).reshape(nb, C), big), axis=1) // C
+    a1 = jnp.max(jnp.where(has, (plast_BxT + row_start_Bx1).reshape(nb, C), -1), axis=1) // C
+    a1 = jnp.minimum(a1, b0 - 1)  # blocks from b0 on are the second range's
+    a0 = jnp.where(jnp.any(has, axis=1), a0, b0)  # no prefix: [b0, b0 - 1], empty
+    return q, k, v, segment_ids_BxT.reshape(nb, C), lo, jnp.stack([a0, a1, b0], axis=1)
 
 
 def _unlayout(x_nbxKxGxCxH, B, T):
@@ -106,15 +126,19 @@ def _tile(q_i, k_j, seg_i, seg_j, lo_i, i, j, scale, softcap):
         s = tanh * softcap
     qpos = i * C + jnp.arange(C, dtype=jnp.int32)
     kpos = j * C + jnp.arange(C, dtype=jnp.int32)
-    mask = (
-        (kpos[None, :] <= qpos[:, None])
-        & (kpos[None, :] >= lo_i[:, None])
-        & (seg_i[:, None] == seg_j[None, :])
-    )
+    own = (kpos[None, :] >= lo_i[:, None]) & (seg_i[:, None] == seg_j[None, :])
+    shared = (seg_i > 0)[:, None] & (prefix(seg_i)[:, None] == seg_j[None, :])
+    mask = (kpos[None, :] <= qpos[:, None]) & (own | shared)
     return s, tanh, mask
 
 
-def _forward(q, k, v, seg, lo, first, scale, softcap):
+def _key_blocks(ranges_i, i, body, init):
+    """`body(j, carry)` over the key blocks of query block i: its prefix blocks, then [b0, i]."""
+    a0, a1, b0 = ranges_i[0], ranges_i[1], ranges_i[2]
+    return jax.lax.fori_loop(b0, i + 1, body, jax.lax.fori_loop(a0, a1 + 1, body, init))
+
+
+def _forward(q, k, v, seg, lo, ranges, scale, softcap):
     """Blocked forward: out [nb, K, G, C, H] (q dtype) and log-sum-exp [nb, K, G, C] float32."""
     nb, K, G, C, H = q.shape
 
@@ -137,14 +161,14 @@ def _forward(q, k, v, seg, lo, first, scale, softcap):
             jnp.zeros((K, G, C), jnp.float32),
             jnp.zeros((K, G, C, H), jnp.float32),
         )
-        m, l, acc = jax.lax.fori_loop(first[i], i + 1, key_block, init)
+        m, l, acc = _key_blocks(ranges[i], i, key_block, init)
         # Every query sees at least itself (the diagonal block is always visited), so l > 0.
         return (acc / l[..., None]).astype(q.dtype), m + jnp.log(l)
 
     return jax.lax.map(query_block, jnp.arange(nb, dtype=jnp.int32))
 
 
-def _backward(q, k, v, seg, lo, first, out, lse, d_out, scale, softcap):
+def _backward(q, k, v, seg, lo, ranges, out, lse, d_out, scale, softcap):
     """Gradients of the blocked attention w.r.t. the laid-out q, k, v (float32)."""
     nb, K, G, C, H = q.shape
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [nb, K, G, C]
@@ -168,9 +192,7 @@ def _backward(q, k, v, seg, lo, first, out, lse, d_out, scale, softcap):
             dk = dk.at[j].add(jnp.einsum("kgqs,kgqh->ksh", ds, q_i, preferred_element_type=jnp.float32))
             return dq_i, dk, dv
 
-        dq_i, dk, dv = jax.lax.fori_loop(
-            first[i], i + 1, key_block, (jnp.zeros((K, G, C, H), jnp.float32), dk, dv)
-        )
+        dq_i, dk, dv = _key_blocks(ranges[i], i, key_block, (jnp.zeros((K, G, C, H), jnp.float32), dk, dv))
         return dq.at[i].set(dq_i), dk, dv
 
     zeros = (
@@ -182,21 +204,21 @@ def _backward(q, k, v, seg, lo, first, out, lse, d_out, scale, softcap):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _blocked(q, k, v, seg, lo_first, scale, softcap, block):
-    lo, first = lo_first
-    out, _ = _forward(q, k, v, seg, lo, first, scale, softcap)
+def _blocked(q, k, v, seg, lo_ranges, scale, softcap, block):
+    lo, ranges = lo_ranges
+    out, _ = _forward(q, k, v, seg, lo, ranges, scale, softcap)
     return out
 
 
-def _blocked_fwd(q, k, v, seg, lo_first, scale, softcap, block):
-    lo, first = lo_first
-    out, lse = _forward(q, k, v, seg, lo, first, scale, softcap)
-    return out, (q, k, v, seg, lo_first, out, lse)
+def _blocked_fwd(q, k, v, seg, lo_ranges, scale, softcap, block):
+    lo, ranges = lo_ranges
+    out, lse = _forward(q, k, v, seg, lo, ranges, scale, softcap)
+    return out, (q, k, v, seg, lo_ranges, out, lse)
 
 
 def _blocked_bwd(scale, softcap, block, res, d_out):
-    q, k, v, seg, (lo, first), out, lse = res
-    dq, dk, dv = _backward(q, k, v, seg, lo, first, out, lse, d_out, scale, softcap)
+    q, k, v, seg, (lo, ranges), out, lse = res
+    dq, dk, dv = _backward(q, k, v, seg, lo, ranges, out, lse, d_out, scale, softcap)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, (None, None)
 
 
@@ -205,8 +227,8 @@ _blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 def _local(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window, *, scale, softcap, block):
     B, T = segment_ids_BxT.shape
-    q, k, v, seg, lo, first = _layout(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window, block)
-    return _unlayout(_blocked(q, k, v, seg, (lo, first), scale, softcap, block), B, T)
+    q, k, v, seg, lo, ranges = _layout(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window, block)
+    return _unlayout(_blocked(q, k, v, seg, (lo, ranges), scale, softcap, block), B, T)
 
 
 def blocked_attention(

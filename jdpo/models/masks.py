@@ -6,11 +6,19 @@ a query sees only keys of its own segment, at or before it (causal), and on slid
 tokens over the S slots of a KV cache, where a slot is "real" once it holds a token of its row. Both are
 the same rule over query and key segment ids and positions, so they are one object:
 
-  key s is visible from query t  <=>  kv_segment_ids[s] == segment_ids[t]
+  key s is visible from query t  <=>  kv_segment_ids[s] in (segment_ids[t], prefix(segment_ids[t]))
                                       and s <= q_start + t             (causal)
                                       and q_start + t - s < window     (sliding layers)
 
 with query t at key position q_start + t (q_start = 0 without a cache, the first written slot with one).
+
+A negative segment id is a shared prefix: segment -(k + 1) is seen, besides by itself, by segments 2k + 1
+and 2k + 2 (`prefix`). That is the shared-prompt layout of a preference pair (`jdpo.data.batching`): the
+prompt once in segment -(k + 1), the chosen and rejected branches of slot k in 2k + 1 and 2k + 2 after
+it, each seeing the prompt and itself but not the other branch. Without negative ids (one sequence per
+segment, the KV cache's 0 / 1) the second term never matches: it is the plain packed rule. The window
+counts row slots, which are positions only within a segment, so a prefix layout is never given to a
+sliding-window model (`jdpo.models.kernels.shares_prefix`).
 
 How each path reads it: the dense paths (jax.nn.dot_product_attention with "xla", the soft-capped
 einsum, the KV cache) materialise the boolean [B, 1, T, S] mask with `dense()` inside the attention
@@ -33,6 +41,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+
+def prefix(segment_ids):
+    """The shared-prefix segment each segment also sees: -(k + 1) for 2k + 1 and 2k + 2; a segment <= 0
+    (padding, a prefix itself) gets its own id, which adds nothing to what it sees."""
+    return jnp.where(segment_ids > 0, -((segment_ids + 1) // 2), segment_ids)
 
 
 @functools.partial(
@@ -93,7 +107,8 @@ class AttentionMask:
         T, S = self.segment_ids_BxT.shape[1], kv_BxS.shape[1]
         q_pos_T = self.q_start + jnp.arange(T, dtype=jnp.int32)
         k_pos_S = jnp.arange(S, dtype=jnp.int32)
-        visible_BxTxS = self.segment_ids_BxT[:, :, None] == kv_BxS[:, None, :]
+        q_BxTx1, kv_Bx1xS = self.segment_ids_BxT[:, :, None], kv_BxS[:, None, :]
+        visible_BxTxS = (q_BxTx1 == kv_Bx1xS) | (prefix(q_BxTx1) == kv_Bx1xS)
         if self.causal:
             visible_BxTxS = visible_BxTxS & (k_pos_S[None, :] <= q_pos_T[:, None])[None]
         if self.window is not None:
