@@ -6,9 +6,12 @@ row axes, `on_mesh`), a step's stack of micro-batches (`stack`: a leading axis A
 jitted step functions. Layout (B rows, T tokens per row, P pair slots per row):
 
   input_ids   [B, T] int32    tokens; 0 in padding
-  positions   [B, T] int32    position within the segment (restarts at 0 in every segment)
+  positions   [B, T] int32    position within the sequence (restarts at 0 in every pair's sequences)
   segment_ids [B, T] int32    0 = padding; pair slot k: chosen (prompt + chosen) in segment 2k+1,
-                              rejected (prompt + rejected) in segment 2k+2
+                              rejected (prompt + rejected) in segment 2k+2; the shared-prompt layout
+                              (`data.shared_prompt`): the prompt but its last token in segment -(k+1),
+                              then its last token + chosen in 2k+1, its last token + rejected in 2k+2,
+                              positions continuing after the prompt (each branch sees the prompt)
   targets     [B, T] int32    targets[t] = input_ids[t+1] when t+1 is in the same segment, else 0
   loss_mask   [B, T] float32  1 where targets[t] is a completion token (chosen / rejected incl. EOS)
   pair_ids    [B, P] int32    pair index of slot k in its split, -1 for an empty slot

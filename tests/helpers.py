@@ -50,7 +50,7 @@ def tiny_hf_config(family: str, **overrides: Any) -> dict:
     return {"model_type": family, **TINY_HF_FAMILIES[family], **TINY_HF_SIZES, **overrides}
 
 
-def random_model(config, *, seed: int = 0, scale: float = 0.1, scan_layers: bool = False):
+def random_model(config, *, seed: int = 0, scale: float = 0.1, scan_layers: bool = False, **options: Any):
     """A Transformer of `config` with numpy-random parameters: N(0, scale^2), norm weights near 1 (or near
     0 where the family adds 1, as gemma's do) so activations stay sane.
 
@@ -63,7 +63,7 @@ def random_model(config, *, seed: int = 0, scale: float = 0.1, scan_layers: bool
 
     from jdpo.models import ModelOptions, Transformer
 
-    options = ModelOptions(scan_layers=scan_layers)
+    options = ModelOptions(scan_layers=scan_layers, **options)  # e.g. attention=
     model = nnx.eval_shape(lambda: Transformer(config, options=options, rngs=nnx.Rngs(0)))
     rng = np.random.RandomState(seed)
     for path, v in nnx.iter_graph(model):

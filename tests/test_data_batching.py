@@ -23,8 +23,10 @@ def collect(it):
     return [b for b in it]
 
 
-def check_batch(batch, pairs, T, P):
-    """Shapes, dtypes, and per-segment consistency: no information crosses a segment boundary."""
+def check_batch(batch, pairs, T, P, shared_prompt=False):
+    """Shapes, dtypes, and per-segment consistency: no information crosses a segment boundary. In the
+    shared-prompt layout a pair's prompt but its last token is segment -(k + 1), right before its
+    branches, and the branches' positions continue after it."""
     B = batch["input_ids"].shape[0]
     for k in ("input_ids", "positions", "segment_ids", "targets"):
         assert batch[k].shape == (B, T) and batch[k].dtype == np.int32
@@ -40,20 +42,30 @@ def check_batch(batch, pairs, T, P):
         assert set(np.unique(seg[seg > 0]).tolist()) == set(range(1, 2 * int(filled.sum()) + 1))
         pad = seg == 0
         assert not ids[pad].any() and not tgt[pad].any() and not mask[pad].any() and not pos[pad].any()
-        for s in np.unique(seg[seg > 0]):
+        assert shared_prompt or not (seg < 0).any()
+        for s in np.unique(seg[seg != 0]):
             (idx,) = np.nonzero(seg == s)
             assert np.array_equal(idx, np.arange(idx[0], idx[-1] + 1))  # contiguous
-            assert np.array_equal(pos[idx], np.arange(len(idx)))  # restart at 0
+            pid = batch["pair_ids"][b][(s - 1) // 2 if s > 0 else -s - 1]
+            prompt_len = len(pairs.prompt_ids[pid])
+            shared = shared_prompt and prompt_len > 1
+            if s < 0:  # the shared prompt: all but its last token, right before the chosen branch
+                assert shared and len(idx) == prompt_len - 1 and seg[idx[-1] + 1] == -2 * s - 1
+                assert np.array_equal(ids[idx], pairs.prompt_ids[pid][:-1]) and not mask[idx].any()
+            start = prompt_len - 1 if shared and s > 0 else 0
+            assert np.array_equal(pos[idx], start + np.arange(len(idx)))  # restart at 0, or continue
             assert np.array_equal(tgt[idx[:-1]], ids[idx[1:]])  # next token within the segment
             assert tgt[idx[-1]] == 0 and mask[idx[-1]] == 0  # nothing predicted across the boundary
-            pid = batch["pair_ids"][b][(s - 1) // 2]
-            prompt_len = len(pairs.prompt_ids[pid])
-            # Mask: outputs at [prompt_len - 1, end - 1) predict exactly the completion tokens.
-            assert np.array_equal(np.nonzero(mask[idx])[0], np.arange(prompt_len - 1, len(idx) - 1))
+            if s > 0:
+                # Mask: outputs at [prompt_len - 1, end - 1) predict exactly the completion tokens.
+                scored = 0 if shared else prompt_len - 1
+                assert np.array_equal(np.nonzero(mask[idx])[0], np.arange(scored, len(idx) - 1))
 
 
-def test_round_trip_and_segment_consistency():
+@pytest.mark.parametrize("shared_prompt", [False, True])
+def test_round_trip_and_segment_consistency(shared_prompt):
     pairs = random_pairs(60)
+    pairs.prompt_ids[3] = pairs.prompt_ids[3][:1]  # a prompt of BOS alone: nothing to share
     it = PreferenceBatches(
         pairs,
         rows_per_batch=4,
@@ -63,11 +75,12 @@ def test_round_trip_and_segment_consistency():
         num_epochs=1,
         process_index=0,
         process_count=1,
+        shared_prompt=shared_prompt,
     )
     seen = []
     for batch in it:
         assert set(batch) == set(BATCH_KEYS)
-        check_batch(batch, pairs, 256, 4)
+        check_batch(batch, pairs, 256, 4, shared_prompt)
         for item in unpack_batch(batch):
             k = item["pair_id"]
             p, c, r = pairs.prompt_ids[k], pairs.chosen_ids[k], pairs.rejected_ids[k]
@@ -75,8 +88,16 @@ def test_round_trip_and_segment_consistency():
             assert np.array_equal(item["rejected"], np.concatenate([p, r]))
             assert np.array_equal(item["chosen_scored"], c) and np.array_equal(item["rejected_scored"], r)
             seen.append(k)
+        # A row's tokens are its pairs' lengths in this layout.
+        rows_tokens = (batch["segment_ids"] != 0).sum(axis=1)
+        lengths = pairs.pair_lengths(shared_prompt)
+        slots = batch["pair_ids"]
+        assert rows_tokens.tolist() == [int(lengths[row[row >= 0]].sum()) for row in slots]
     assert sorted(seen) == list(range(60))  # every pair exactly once per epoch
     assert it.dropped_too_long == 0
+    p, c, r = pairs.lengths()
+    saved = 2 * p + c + r - pairs.pair_lengths(shared_prompt)
+    assert (saved == (np.maximum(p - 1, 0) if shared_prompt else 0)).all()
 
 
 def test_one_pass_and_buckets_same_layout():

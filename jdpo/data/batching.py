@@ -73,10 +73,19 @@ def pack_rows(
 
 
 def make_batch(
-    pairs: TokenizedPairs, rows: Sequence[Sequence[int]], row_length: int, max_pairs_per_row: int
+    pairs: TokenizedPairs,
+    rows: Sequence[Sequence[int]],
+    row_length: int,
+    max_pairs_per_row: int,
+    shared_prompt: bool = False,
 ) -> Batch:
     """Lay out `rows` (lists of pair ids, [] for an empty row) as one fixed-shape batch (layout above).
-    Unpaired examples (`pairs.labels` set) are laid out the same way, with their labels per slot."""
+    Unpaired examples (`pairs.labels` set) are laid out the same way, with their labels per slot.
+
+    `shared_prompt`: slot k's prompt but its last token once, in segment -(k + 1), then the chosen and
+    rejected branches (2k + 1, 2k + 2), each the prompt's last token (which scores the first completion
+    token) and the completion, at the positions that follow the prompt; each branch sees the prompt
+    and itself (`jdpo.models.masks`). Per-segment sums are those of the plain layout, on fewer tokens."""
     B, T, P = len(rows), row_length, max_pairs_per_row
     input_ids = np.zeros((B, T), np.int32)
     positions = np.zeros((B, T), np.int32)
@@ -85,6 +94,20 @@ def make_batch(
     loss_mask = np.zeros((B, T), np.float32)
     pair_ids = np.full((B, P), -1, np.int32)
     labels = None if pairs.labels is None else np.zeros((B, P), np.int32)
+
+    def place(b, t, s, tokens, position, scored_from):
+        """Segment s at row b from t: its tokens, positions from `position`, targets shifted within the
+        segment (its last token predicts nothing), scored from output `scored_from` on. Returns the end."""
+        n = len(tokens)
+        if t + n > T:
+            raise ValueError(f"pairs {list(rows[b])} do not fit in a row of {T} tokens")
+        input_ids[b, t : t + n] = tokens
+        positions[b, t : t + n] = position + np.arange(n, dtype=np.int32)
+        segment_ids[b, t : t + n] = s
+        targets[b, t : t + n - 1] = input_ids[b, t + 1 : t + n]
+        loss_mask[b, t + scored_from : t + n - 1] = 1.0
+        return t + n
+
     for b, row in enumerate(rows):
         if len(row) > P:
             raise ValueError(f"row {b} holds {len(row)} pairs, more than max_pairs_per_row={P}")
@@ -93,20 +116,14 @@ def make_batch(
             pair_ids[b, k] = pid
             if labels is not None:
                 labels[b, k] = int(pairs.labels[pid])
-            prompt = pairs.prompt_ids[pid]
+            prompt, offset = pairs.prompt_ids[pid], 0
+            if shared_prompt and len(prompt) > 1:
+                t = place(b, t, -(k + 1), prompt[:-1], 0, len(prompt) - 1)  # nothing scored
+                prompt, offset = prompt[-1:], len(prompt) - 1
             for s, completion in ((2 * k + 1, pairs.chosen_ids[pid]), (2 * k + 2, pairs.rejected_ids[pid])):
-                n = len(prompt) + len(completion)
-                if t + n > T:
-                    raise ValueError(f"pairs {list(row)} do not fit in a row of {T} tokens")
-                input_ids[b, t : t + len(prompt)] = prompt
-                input_ids[b, t + len(prompt) : t + n] = completion
-                positions[b, t : t + n] = np.arange(n, dtype=np.int32)
-                segment_ids[b, t : t + n] = s
-                # Shifted within the segment: the last token of a segment predicts nothing.
-                targets[b, t : t + n - 1] = input_ids[b, t + 1 : t + n]
-                # Output at t scores token t+1: completion tokens sit at [len(prompt), n).
-                loss_mask[b, t + max(len(prompt) - 1, 0) : t + n - 1] = 1.0
-                t += n
+                # Output at t scores token t+1: the completion's tokens follow the prompt's.
+                tokens = np.concatenate([prompt, completion])
+                t = place(b, t, s, tokens, offset, max(len(prompt) - 1, 0))
     return Batch(
         input_ids=input_ids,
         positions=positions,
@@ -120,17 +137,18 @@ def make_batch(
 
 def unpack_batch(batch: Batch) -> list[dict[str, Any]]:
     """The inverse of `make_batch`, for tests and debugging: one dict per filled slot with pair_id,
-    chosen / rejected (the full segment tokens) and chosen_scored / rejected_scored (the targets under
-    loss_mask, i.e. the completion tokens as scored)."""
+    chosen / rejected (the whole sequence, prompt + completion, in either layout) and chosen_scored /
+    rejected_scored (the targets under loss_mask, i.e. the completion tokens as scored)."""
     out = []
     for b in range(batch["input_ids"].shape[0]):
         for k, pid in enumerate(batch["pair_ids"][b].tolist()):
             if pid < 0:
                 continue
             item: dict[str, Any] = {"pair_id": pid, "row": b, "slot": k}
+            prompt = batch["input_ids"][b][batch["segment_ids"][b] == -(k + 1)]  # shared: all but its end
             for name, s in (("chosen", 2 * k + 1), ("rejected", 2 * k + 2)):
                 sel = batch["segment_ids"][b] == s
-                item[name] = batch["input_ids"][b][sel]
+                item[name] = np.concatenate([prompt, batch["input_ids"][b][sel]])
                 item[f"{name}_scored"] = batch["targets"][b][sel & (batch["loss_mask"][b] > 0)]
             out.append(item)
     return out
@@ -249,6 +267,7 @@ class PreferenceBatches:
         pack_window: int = 4096,
         process_index: int | None = None,
         process_count: int | None = None,
+        shared_prompt: bool = False,
     ):
         if process_index is None or process_count is None:
             pi, pc = _default_process()
@@ -272,7 +291,8 @@ class PreferenceBatches:
         self.row_length = self.buckets[-1]
         self.seed, self.shuffle, self.num_epochs = seed, shuffle, num_epochs
         self.pack_window = pack_window
-        self.lengths_N = pairs.pair_lengths()
+        self.shared_prompt = shared_prompt
+        self.lengths_N = pairs.pair_lengths(shared_prompt)
         fits = self.lengths_N <= self.row_length
         self.dropped_too_long = int((~fits).sum())
         self.fits = fits  # [N] bool: the pairs a batch can hold (the others are left out everywhere)
@@ -350,13 +370,17 @@ class PreferenceBatches:
         # Every host knows the whole plan, so the global pair count needs no communication.
         self.last_global_pairs = sum(len(row) for row in rows)
         lo = self.process_index * self.local_rows
-        return make_batch(self.pairs, rows[lo : lo + self.local_rows], T, self.max_pairs_per_row)
+        return make_batch(
+            self.pairs, rows[lo : lo + self.local_rows], T, self.max_pairs_per_row, self.shared_prompt
+        )
 
     def _layout_hash(self) -> str:
         # Everything that decides the batch plan except the host split: a run may resume on another
         # number of hosts (the plan is global), but not with other data or batch settings.
         settings = (self.pairs.fingerprint(), self.rows_per_batch, self.buckets, self.max_pairs_per_row,
                     self.packing, self.shuffle, self.pack_window)  # fmt: skip
+        if self.shared_prompt:  # appended, so the plain layout's hashes (saved positions) stay as they were
+            settings += ("shared_prompt",)
         return hashlib.sha256(repr(settings).encode()).hexdigest()[:16]
 
     def state(self) -> dict[str, int | str]:
@@ -384,6 +408,7 @@ def one_pass(
     buckets: Sequence[int] | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    shared_prompt: bool = False,
 ) -> PreferenceBatches:
     """A finite pass over every pair exactly once in dataset order (reference log-probs, eval).
 
@@ -401,6 +426,7 @@ def one_pass(
         num_epochs=1,
         process_index=process_index,
         process_count=process_count,
+        shared_prompt=shared_prompt,
     )
 
 

@@ -73,9 +73,12 @@ class TokenizedPairs:
         f = lambda xs: np.fromiter((len(x) for x in xs), dtype=np.int64, count=len(xs))  # noqa: E731
         return f(self.prompt_ids), f(self.chosen_ids), f(self.rejected_ids)
 
-    def pair_lengths(self) -> np.ndarray:
-        """Tokens a pair occupies in a packed row: (prompt + chosen) + (prompt + rejected)."""
+    def pair_lengths(self, shared_prompt: bool = False) -> np.ndarray:
+        """Tokens a pair occupies in a packed row: (prompt + chosen) + (prompt + rejected); with
+        `shared_prompt` (`jdpo.data.batching.make_batch`) the prompt once and its last token twice more."""
         p, c, r = self.lengths()
+        if shared_prompt:
+            return np.where(p > 1, p + 1, 2 * p) + c + r
         return 2 * p + c + r
 
     def fingerprint(self) -> str:
