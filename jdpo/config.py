@@ -72,6 +72,12 @@ class DataSection:
     max_prompt_length: int = _f(512, "Max prompt tokens; longer prompts keep their end.")
     row_length: int = _f(0, "Tokens per packed row (0: max_length * 2, room for a chosen+rejected pair).")
     packing: bool = _f(True, "Pack several pairs per row; false puts one pair per row (length buckets).")
+    shared_prompt: Literal["auto", "true", "false"] = _f(
+        "auto",
+        "Lay a pair's prompt out once with chosen and rejected as two branches after it (fewer tokens, "
+        "same log-probs): auto (on when the attention kernel runs it: blocked or xla, and the model has "
+        "no sliding window), true, false.",
+    )
     skip_bad_rows: bool = _f(False, "Skip malformed rows (count and print them) instead of stopping.")
 
 
@@ -381,6 +387,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and str(value).lower() in choices:  # YAML's true / false
+            value = str(value).lower()
         if value not in choices:
             raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
         return value

@@ -413,7 +413,8 @@ class OnlineDPO:
                                    np.asarray([idx[j] for j in kept], np.int64))  # fmt: skip
             P, B = self.slots, self.config.train.batch_rows
             rows = [list(range(r * P, min((r + 1) * P, len(kept)))) for r in range(self.rows)]
-            host = [make_batch(pairs, rows[a : a + B], self.row_length, P) for a in range(0, self.rows, B)]
+            host = [make_batch(pairs, rows[a : a + B], self.row_length, P, trainer.shared_prompt)
+                    for a in range(0, self.rows, B)]  # fmt: skip
             batch = Batch.stack(host).on_mesh(trainer.mesh, accum=True)
         self.last[SAMPLE_TIME] = time.perf_counter() - t0
         return batch, host or []
@@ -457,12 +458,13 @@ def load_online_data(trainer) -> None:
     if c.train.keep_best and trainer.eval_pairs is None:
         raise ConfigError(f"train.keep_best={c.train.keep_best!r} needs an eval split: give data.eval files")
     trainer.max_pairs = (
-        pairs_per_row(trainer.row_length, [trainer.eval_pairs.pair_lengths()])
+        pairs_per_row(trainer.row_length, [trainer.eval_pairs.pair_lengths(trainer.shared_prompt)])
         if trainer.eval_pairs is not None and d.packing
         else 1
     )
     trainer.batch_kw = dict(rows_per_batch=c.train.batch_rows, row_length=trainer.row_length,
-                            max_pairs_per_row=trainer.max_pairs, packing=d.packing)  # fmt: skip
+                            max_pairs_per_row=trainer.max_pairs, packing=d.packing,
+                            shared_prompt=trainer.shared_prompt)  # fmt: skip
     if trainer.eval_pairs is not None:
         eval_batches = trainer.one_pass(trainer.eval_pairs)
         line = jdata.account_split("eval", report, too_long=eval_batches.dropped_too_long,

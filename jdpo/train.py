@@ -53,6 +53,7 @@ from jdpo.guards import (
     check_finite,
     due,
 )
+from jdpo.models.kernels import resolve_attention, shares_prompt
 from jdpo.reference_update import UpdateSchedule
 from jdpo.step import BCO_MOMENTS, BETA, STATE_FINITE, StepSettings, compiled_steps
 from jdpo.unpaired_losses import running_moments_init
@@ -170,7 +171,7 @@ class Trainer:
         from jdpo.models import CheckpointError, ModelConfig
 
         path = self.config.model.path
-        ModelConfig.from_hf(path)  # a missing or unsupported config.json, named, first
+        self.hf_model_config = ModelConfig.from_hf(path)  # a missing or unsupported config.json, named, first
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as e:  # no tokenizer files, or ones transformers cannot read
@@ -200,6 +201,10 @@ class Trainer:
         from jdpo.sharding import row_shards
 
         c, d = self.config, self.config.data
+        # The batch layout follows the kernel that will run (resolved as the model load will resolve it).
+        kernel = resolve_attention(c.model.attention, self.hf_model_config).kernel
+        self.shared_prompt, why = shares_prompt(d.shared_prompt, kernel, self.hf_model_config)
+        log.info("shared prompt: %s (%s)", "on" if self.shared_prompt else "off", why)
         if c.dpo.online:  # prompts to sample from, not pairs
             from jdpo.online import load_online_data
 
@@ -240,9 +245,9 @@ class Trainer:
                 "data.eval_fraction > 0"
             )
         self.row_length = d.row_length or 2 * d.max_length
-        lengths = [self.train_pairs.pair_lengths()]
+        lengths = [self.train_pairs.pair_lengths(self.shared_prompt)]
         if self.eval_pairs is not None:
-            lengths.append(self.eval_pairs.pair_lengths())
+            lengths.append(self.eval_pairs.pair_lengths(self.shared_prompt))
         self.max_pairs = pairs_per_row(self.row_length, lengths) if d.packing else 1
         shards = row_shards(self.mesh)
         if c.train.batch_rows % shards:
@@ -253,6 +258,7 @@ class Trainer:
             row_length=self.row_length,
             max_pairs_per_row=self.max_pairs,
             packing=d.packing,
+            shared_prompt=self.shared_prompt,
         )
         self.batches = jdata.PreferenceBatches(self.train_pairs, seed=c.train.seed, **self.batch_kw)
         # Before the model loads: what each split lost, and an error when nothing is left.
@@ -350,6 +356,8 @@ class Trainer:
                     "dtype": jnp.dtype(self.dtype).name, "param_dtype": m.param_dtype,
                     "row_length": self.row_length, "packing": d.packing, "max_pairs_per_row": self.max_pairs,
                     "attention": self.attention[0], "attention_block": self.attention[1]}  # fmt: skip
+        if self.shared_prompt:  # added only when on: the plain layout's keys (cached entries) stay valid
+            settings["shared_prompt"] = True
         ref, reused, key = refcache.for_split(
             params if self.base is None else (params, self.base),  # the key covers the adapters too
             pairs,
@@ -397,7 +405,8 @@ class Trainer:
             if i > 0 and self.config.train.rounds > 1 and self.round_ended():
                 b = self.batches
                 empty = [[] for _ in range(b.local_rows)]
-                host.append(make_batch(self.train_pairs, empty, b.buckets[0], b.max_pairs_per_row))
+                T, P = b.buckets[0], b.max_pairs_per_row
+                host.append(make_batch(self.train_pairs, empty, T, P, b.shared_prompt))
             else:
                 host.append(next(self.batches))
         self.round = self.batches.epoch + 1

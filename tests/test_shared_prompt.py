@@ -50,3 +50,51 @@ def test_same_logprobs_and_gradients_as_the_plain_layout(attention):
     np.testing.assert_allclose(l_shared, l_plain, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g_shared), jax.tree.leaves(g_plain), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_which_runs_share_the_prompt():
+    """auto: on with blocked and xla on a model without a sliding window, off (with the reason) on
+    splash, pallas_gpu or gemma2's window; true where it cannot run is refused, naming the field."""
+    from jdpo.config import ConfigError
+    from jdpo.models.kernels import shares_prompt
+
+    llama = ModelConfig.from_hf(tiny_hf_config("llama"))
+    gemma2 = ModelConfig.from_hf(tiny_hf_config("gemma2"))
+    assert shares_prompt("auto", "blocked", llama)[0] and shares_prompt("true", "xla", llama)[0]
+    assert not shares_prompt("false", "blocked", llama)[0]
+    cases = [("splash", llama, "splash attention kernel"), ("pallas_gpu", llama, "pallas_gpu"),
+             ("blocked", gemma2, "sliding_window=3")]  # fmt: skip
+    for kernel, model, why in cases:
+        on, reason = shares_prompt("auto", kernel, model)
+        assert not on and why in reason
+        with pytest.raises(ConfigError, match=f"data.shared_prompt=true cannot run here: .*{why}"):
+            shares_prompt("true", kernel, model)
+
+
+def test_a_run_lays_out_its_pairs_by_its_setting(assets, tmp_path):
+    """Two runs on the same model and data, the prompt shared and not: the same per-pair log-probs over
+    the eval split through the run's own batches, fewer tokens in its rows, separate reference cache
+    entries; a kernel without the shared-prefix rule is refused before the model loads."""
+    from helpers import one_device, run_config
+
+    from jdpo import train
+    from jdpo.config import ConfigError
+
+    runs = {}
+    for setting in ("auto", "false"):
+        cfg = run_config(assets, tmp_path / setting, **{"data.shared_prompt": setting, "train.max_steps": 1})
+        runs[setting] = train.Trainer(cfg, mesh=one_device())
+    shared, plain = runs["auto"], runs["false"]
+    assert shared.shared_prompt and not plain.shared_prompt
+    a, b = shared.logprobs(shared.eval_pairs), plain.logprobs(plain.eval_pairs)
+    np.testing.assert_allclose(a.chosen, b.chosen, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a.rejected, b.rejected, rtol=1e-5, atol=1e-5)
+    tokens = {k: sum(int((np.asarray(x.segment_ids) != 0).sum()) for x in r.one_pass(r.eval_pairs))
+              for k, r in runs.items()}  # fmt: skip
+    assert tokens["auto"] < tokens["false"]
+    assert shared.ref_keys["train"] != plain.ref_keys["train"]
+    bad = run_config(
+        assets, tmp_path / "splash", **{"data.shared_prompt": "true", "model.attention": "splash"}
+    )
+    with pytest.raises(ConfigError, match="data.shared_prompt=true cannot run here"):
+        train.Trainer(bad, mesh=one_device())

@@ -182,7 +182,7 @@ def run_trl(model_dir: str, data: str, *, batch_pairs: int, max_length: int, war
 
 
 def jdpo_plan(model_dir: str, data: str, *, rows: int, max_length: int, max_prompt_length: int,
-              batch_pairs: int) -> dict:  # fmt: skip
+              batch_pairs: int, shared_prompt: bool) -> dict:  # fmt: skip
     """What `jdpo train` will do with these settings, from the same packing code, without a model: the
     rows per step (`rows` 0: the whole number nearest `batch_pairs` pairs per step), and per step the
     pairs and the FLOPs (`flops.train_flops`: all positions through the unembedding, and the strict
@@ -200,12 +200,12 @@ def jdpo_plan(model_dir: str, data: str, *, rows: int, max_length: int, max_prom
         records, tok, max_length=max_length, max_prompt_length=max_prompt_length
     )
     T = 2 * max_length
-    P = train.pairs_per_row(T, [pairs.pair_lengths()])
+    lengths = pairs.pair_lengths(shared_prompt)
+    P = train.pairs_per_row(T, [lengths])
     if rows <= 0:
-        rows = max(1, round(batch_pairs * float(np.mean(pairs.pair_lengths())) / T))
-    batches = jdata.PreferenceBatches(
-        pairs, rows_per_batch=rows, row_length=T, max_pairs_per_row=P, seed=SEED, num_epochs=1
-    )
+        rows = max(1, round(batch_pairs * float(np.mean(lengths)) / T))
+    batches = jdata.PreferenceBatches(pairs, rows_per_batch=rows, row_length=T, max_pairs_per_row=P,
+                                      seed=SEED, num_epochs=1, shared_prompt=shared_prompt)  # fmt: skip
     hf = ModelConfig.from_hf(model_dir).to_hf()
     steps = []
     for b in batches:
@@ -217,8 +217,8 @@ def jdpo_plan(model_dir: str, data: str, *, rows: int, max_length: int, max_prom
             "flops_strict": flops.train_flops(hf, tokens=s["tokens"], attended_keys=s["attended_keys"],
                                               head_tokens=s["scored"]),
         })  # fmt: skip
-    return {"rows": rows, "row_length": T, "steps": steps, "tokens_total": int(pairs.pair_lengths().sum()),
-            "num_pairs": len(pairs.pair_lengths())}  # fmt: skip
+    return {"rows": rows, "row_length": T, "steps": steps, "tokens_total": int(lengths.sum()),
+            "num_pairs": len(lengths), "shared_prompt": shared_prompt}  # fmt: skip
 
 
 def run_jdpo(model_dir: str, data: str, work: Path, *, plan: dict, max_length: int, max_prompt_length: int,
@@ -236,6 +236,7 @@ def run_jdpo(model_dir: str, data: str, work: Path, *, plan: dict, max_length: i
         "optim.learning_rate": LR, "optim.warmup_ratio": WARMUP_RATIO, "optim.max_grad_norm": MAX_GRAD_NORM,
         "train.batch_rows": plan["rows"], "train.seed": SEED, "train.num_epochs": 1.0, "train.log_every": 1,
         "train.output_dir": run / "out", "train.compile_cache": xla_cache,
+        "data.shared_prompt": str(plan["shared_prompt"]).lower(),
         "logging.console": "false", "logging.tensorboard": "false",
     }  # fmt: skip
     cmd = [str(Path(sys.executable).with_name("jdpo")), "train"]
@@ -266,6 +267,7 @@ def run_jdpo(model_dir: str, data: str, work: Path, *, plan: dict, max_length: i
         "tokens_total": plan["tokens_total"],
         "rows": plan["rows"],
         "row_length": plan["row_length"],
+        "shared_prompt": plan["shared_prompt"],
         "steps": len(steps),
         "process_s": process_s,
         "step_times": times,
@@ -297,6 +299,8 @@ def main() -> None:
     )
     ap.add_argument("--steps-warmup", type=int, default=2, help="Leading steps left out of the steady state.")
     ap.add_argument("--only", choices=["jdpo", "trl"], default=None, help="Run only one side.")
+    ap.add_argument("--shared-prompt", choices=["true", "false"], default="true",
+                    help="jdpo's data.shared_prompt (true: its auto on this model, kernel).")  # fmt: skip
     ap.add_argument("--trl-child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     out = Path(a.out)
@@ -312,7 +316,8 @@ def main() -> None:
     results = {}
     if a.only != "trl":
         plan = jdpo_plan(str(paths["model"]), str(paths["data"]), rows=a.rows, max_length=max_length,
-                         max_prompt_length=max_prompt_length, batch_pairs=a.batch_pairs)  # fmt: skip
+                         max_prompt_length=max_prompt_length, batch_pairs=a.batch_pairs,
+                         shared_prompt=a.shared_prompt == "true")  # fmt: skip
         xla_cache = out / "jdpo_xla_cache"
         import shutil
 

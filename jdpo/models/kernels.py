@@ -31,6 +31,9 @@ ATTENTION_CHOICES = ("auto", *ATTENTION_KERNELS)
 LSE_KERNELS = ("blocked", "splash", "pallas_gpu")
 #: Kernels that keep their grouped-query k / v repeated to one per query head for the backward pass.
 REPEATS_KV = ("pallas_gpu",)
+#: Kernels that run the shared-prefix rule of `jdpo.models.masks` (the shared-prompt layout): splash and
+#: pallas_gpu take segment ids as plain equality classes.
+SHARED_PREFIX_KERNELS = ("blocked", "xla")
 
 
 class AttentionChoice(NamedTuple):
@@ -105,3 +108,25 @@ def resolve_attention(requested: str, config, *, backend: str | None = None) -> 
             return AttentionChoice("blocked", f"model.attention=auto on an NVIDIA GPU, not pallas_gpu: {why}")
         return AttentionChoice("pallas_gpu", "model.attention=auto on an NVIDIA GPU")
     return AttentionChoice("blocked", f"model.attention=auto on {backend}")
+
+
+def shares_prompt(requested: str, kernel: str, config) -> tuple[bool, str]:
+    """Whether a run lays its pairs out with the prompt shared (`data.shared_prompt` = requested: auto,
+    true or false) under the resolved `kernel` for the model of `config`: (True / False, the reason for
+    the run log). Raises `ConfigError` for true where it cannot run: a kernel without the shared-prefix
+    rule, or a sliding-window model (its window counts row slots, which a branch after its sibling
+    does not share with its prompt)."""
+    from jdpo.config import ConfigError
+
+    why = None
+    if kernel not in SHARED_PREFIX_KERNELS:
+        why = f"the {kernel} attention kernel has no shared-prefix rule (blocked and xla have)"
+    elif any(config.sliding_layers):
+        why = f"{config.family} has sliding_window={config.sliding_window}, counted in row slots"
+    if requested == "false":
+        return False, "data.shared_prompt=false"
+    if why is None:
+        return True, f"data.shared_prompt={requested}"
+    if requested == "true":
+        raise ConfigError(f"data.shared_prompt=true cannot run here: {why}; use auto or false")
+    return False, f"data.shared_prompt=auto, off: {why}"
