@@ -180,7 +180,7 @@ def computed_attention_keys(kernel: str, segment_ids, *, tile: int, sliding_wind
             if spans:
                 a0 = min(int(x[0]) for x in spans) // tile
                 a1 = min(max(int(x[-1]) for x in spans) // tile, b0[i] - 1)
-                total += max(a1 - a0 + 1, 0)
+                total += max(int(a1 - a0) + 1, 0)
     return total * tile * tile
 
 

@@ -152,7 +152,8 @@ def test_a_stale_or_damaged_entry_is_never_used_and_is_replaced(assets, tmp_path
     data.write_text(
         a.train_path.read_text() + '{"prompt": "1+2=", "chosen": "3 is the sum", "rejected": "4"}\n'
     )
-    kw = {"data.train": [str(data)], "train.export": False}
+    # The lengths above are those of the plain layout (each completion after its own prompt).
+    kw = {"data.train": [str(data)], "train.export": False, "data.shared_prompt": "false"}
     short = trainer(a, cache, **{**kw, "data.row_length": 21})
     assert short.batches.dropped_too_long == 1 and not short.ref_train.computed.all()
     full = trainer(a, cache, **kw)

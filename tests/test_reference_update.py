@@ -44,7 +44,7 @@ def test_a_hard_update_makes_the_next_loss_ln2_again(assets, tmp_path, reference
         over.update({"lora.rank": 4, "lora.alpha": 8.0})
     tr = train.Trainer(make_config(assets, tmp_path / "run", **over), mesh=one_device())
     losses = [m["loss"] for m in steps(tr, 3)]
-    assert abs(losses[-1] - LN2) > 1e-3
+    assert abs(losses[-1] - LN2) > 1e-4  # 10x (cached) and 100x (online) the tolerance after the update
     if reference == "online":
         before = leaves(tr.state["ref_params"])
         tr.update_reference("hard")
@@ -191,8 +191,9 @@ def test_bad_reference_update_settings_are_refused_naming_the_field():
             "dpo.target_kl", "dpo.beta_gain", "train.rounds"} <= names  # fmt: skip
 
 
+# data.shared_prompt false: the plain layout's rows give the rounds an odd batch count (asserted below).
 ROUNDS = {"train.rounds": 3, "train.max_steps": 0, "train.batch_rows": 4, "train.grad_accum": 2,
-          "optim.learning_rate": 1e-2}  # fmt: skip
+          "optim.learning_rate": 1e-2, "data.shared_prompt": "false"}  # fmt: skip
 
 
 def _few_pairs(assets):

@@ -37,8 +37,10 @@ def test_keep_best_survives_the_rotation_and_a_resume_and_is_exported(assets, tm
     """On this task the eval loss rises after step 1 (a random tiny model), so eval/loss:min picks step 1,
     which keep_checkpoints=1 alone would rotate away at step 2. It is kept through a resume (orbax re-reads
     the checkpoints' metrics) and exported to best/, whose weights give the eval loss logged at step 1."""
+    # The plain layout's batches give that trajectory (asserted below); the shared prompt's differ.
     cfg = make_config(assets, tmp_path / "run", **{"train.eval_every": 1, "train.keep_checkpoints": 1,
-                                                   "train.keep_best": "eval/loss:min"})  # fmt: skip
+                                                   "train.keep_best": "eval/loss:min",
+                                                   "data.shared_prompt": "false"})  # fmt: skip
     first = train.run(cfg, callbacks=[lambda m: m["step"] == 3], mesh=one_device())
     assert first.stop_reason == "callback" and sorted(os.listdir(first.checkpoint_dir)) == ["1", "3"]
     result = train.Trainer(cfg, mesh=one_device()).fit()

@@ -217,8 +217,10 @@ def jdpo_plan(model_dir: str, data: str, *, rows: int, max_length: int, max_prom
             "flops_strict": flops.train_flops(hf, tokens=s["tokens"], attended_keys=s["attended_keys"],
                                               head_tokens=s["scored"]),
         })  # fmt: skip
+    # tokens_total: what jdpo's rows hold; tokens_sequences: prompt + completion per sequence (TRL's).
     return {"rows": rows, "row_length": T, "steps": steps, "tokens_total": int(lengths.sum()),
-            "num_pairs": len(lengths), "shared_prompt": shared_prompt}  # fmt: skip
+            "tokens_sequences": int(pairs.pair_lengths().sum()), "num_pairs": len(lengths),
+            "shared_prompt": shared_prompt}  # fmt: skip
 
 
 def run_jdpo(model_dir: str, data: str, work: Path, *, plan: dict, max_length: int, max_prompt_length: int,
@@ -265,6 +267,7 @@ def run_jdpo(model_dir: str, data: str, work: Path, *, plan: dict, max_length: i
         "framework": f"jdpo / jax {jax.__version__}",
         "num_pairs": plan["num_pairs"],
         "tokens_total": plan["tokens_total"],
+        "tokens_sequences": plan["tokens_sequences"],
         "rows": plan["rows"],
         "row_length": plan["row_length"],
         "shared_prompt": plan["shared_prompt"],
@@ -355,8 +358,12 @@ def report(results: dict, out: Path, what: str) -> None:
         lines.append(f"jdpo/TRL: end to end (whole process) {t['process_s'] / j['process_s']:.2f}x "
                      f"({t['process_s'] / results['jdpo_rerun']['process_s']:.2f}x rerun); steady state "
                      f"{j['pairs_per_s'] / t['pairs_per_s']:.2f}x pairs/s")  # fmt: skip
-        if j["tokens_total"] != t["tokens_total"]:
-            lines.append(f"WARNING: token totals differ (jdpo {j['tokens_total']}, TRL {t['tokens_total']})")
+        if j["tokens_sequences"] != t["tokens_total"]:
+            seq, trl = j["tokens_sequences"], t["tokens_total"]
+            lines.append(f"WARNING: token totals differ (jdpo {seq}, TRL {trl})")
+        if j["shared_prompt"]:
+            lines.append(f"jdpo shares each prompt: {j['tokens_total']} tokens in its rows for "
+                         f"{j['tokens_sequences']} in the sequences (tok/s counts the former)")  # fmt: skip
     if "jdpo" in results:
         lines.append(f"MFU: steady state, of the measured matmul peak "
                      f"({results['jdpo']['peak_flops'] / 1e9:.0f} GFLOP/s); strict: the unembedding "

@@ -9,6 +9,11 @@ and `pair_ids >= 0` is the valid-pair mask (rows can be empty: pair_ids all -1).
 A pair whose prompt is empty (a tokenizer without BOS and an empty prompt) has its first completion
 token unscored: no output position predicts it.
 
+Two layouts of a pair (`make_batch`'s `shared_prompt`, the run's `data.shared_prompt`): plain, the
+prompt before each completion (2 * prompt + chosen + rejected tokens), or shared, the prompt but its last
+token once and two branches after it (prompt + 1 + chosen + rejected tokens), which the attention
+kernels that have the shared-prefix rule of `jdpo.models.masks` run; both give the same log-probs.
+
 Global batch size is counted in ROWS (`rows_per_batch`): the step has a fixed shape, and the number of
 pairs in a step varies with packing. Normalise per-pair losses by the global count of valid pairs,
 i.e. sum((pair_ids >= 0)) over the global batch (under jit on the globally sharded array this is one
@@ -45,7 +50,7 @@ def pack_rows(
     """Best-fit-decreasing bin packing of pairs into rows, window by window.
 
     Args:
-      lengths_N: tokens per pair (2*prompt + chosen + rejected), all <= row_length.
+      lengths_N: tokens per pair (`TokenizedPairs.pair_lengths` of the layout), all <= row_length.
       order: the pair ids to pack, in (shuffled) order; cut into windows of `window` pairs.
     Returns rows as lists of pair ids. Within a window the pairs are placed longest first into the row
     whose free space fits most tightly (a sorted list + bisect: O(n log n) per window in practice).
