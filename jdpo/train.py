@@ -405,8 +405,7 @@ class Trainer:
             if i > 0 and self.config.train.rounds > 1 and self.round_ended():
                 b = self.batches
                 empty = [[] for _ in range(b.local_rows)]
-                T, P = b.buckets[0], b.max_pairs_per_row
-                host.append(make_batch(self.train_pairs, empty, T, P, b.shared_prompt))
+                host.append(make_batch(self.train_pairs, empty, b.buckets[0], b.max_pairs_per_row))
             else:
                 host.append(next(self.batches))
         self.round = self.batches.epoch + 1

@@ -14,8 +14,11 @@ which is why the backward cannot come from autodiff.
 
 Visibility is the rule of `jdpo.models.masks.AttentionMask` (read from its segment ids and window), the
 same as its dense form for every non-padding query: key t' is visible from query t of the same row when
-segment_ids[t'] == segment_ids[t] != 0, t' <= t, and t - t' < window. A padding query (segment 0) sees
-only itself: finite junk that the loss masks out.
+segment_ids[t'] == segment_ids[t] != 0, t' <= t, and t - t' < window, or when segment_ids[t'] is the
+query's shared prefix (`masks.prefix`: -(k + 1) for segments 2k + 1 and 2k + 2, the shared-prompt layout)
+and t' <= t. Such a query block visits its prefix's key blocks first, then its own segment's, so a
+rejected branch skips the chosen branch's blocks between them. A padding query (segment 0) sees only
+itself: finite junk that the loss masks out.
 
 All rows are laid end to end (rows never share a block: T is padded to a multiple of `block`), so the
 block ranges are per row, not the union over the batch. Under a mesh the kernel runs per device on its

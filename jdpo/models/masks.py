@@ -18,7 +18,7 @@ prompt once in segment -(k + 1), the chosen and rejected branches of slot k in 2
 it, each seeing the prompt and itself but not the other branch. Without negative ids (one sequence per
 segment, the KV cache's 0 / 1) the second term never matches: it is the plain packed rule. The window
 counts row slots, which are positions only within a segment, so a prefix layout is never given to a
-sliding-window model (`jdpo.models.kernels.shares_prefix`).
+sliding-window model (`jdpo.models.kernels.shares_prompt`).
 
 How each path reads it: the dense paths (jax.nn.dot_product_attention with "xla", the soft-capped
 einsum, the KV cache) materialise the boolean [B, 1, T, S] mask with `dense()` inside the attention
