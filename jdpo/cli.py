@@ -626,5 +626,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_DIVERGED if isinstance(e, NonFiniteLossError) else EXIT_USER_ERROR
 
 
+def entry() -> None:
+    """The ``jdpo`` console script: ``main``, then the process ends without the interpreter's teardown.
+
+    When a command returns, everything it writes is closed (checkpoints committed, metrics, event files
+    and exports written). Python's module teardown after that frees XLA's, orbax's and (when installed)
+    torch's objects one by one, which took 1.2-1.4 s of every ``jdpo train`` process on 2 CPU cores, for
+    nothing a user needs. The exit handlers still run first (logging's flush, ``jax.distributed``'s
+    shutdown on a multi-host run); an exception propagates as usual. ``main`` itself, which tests and
+    scripts call in-process, returns normally."""
+    status = main()
+    import atexit
+
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)  # CPython's; elsewhere a normal exit
+    if run_exit_handlers is None:
+        sys.exit(status)
+    run_exit_handlers()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -221,3 +221,32 @@ def test_every_input_error_is_one_family(monkeypatch):
     for error in (DataError, C.ConfigError, ModelConfigError, CheckpointError, DamagedCheckpointError,
                   RunLockedError):  # fmt: skip
         assert issubclass(error, UserError)
+
+
+@pytest.mark.parametrize(
+    ("argv", "status"),
+    [(["train", "--print-config", "--dpo.beta", "0.3"], 0), (["train", "--dpo.beta", "x"], 2)],
+    ids=["returns", "user_error"],
+)
+def test_the_console_script_ends_with_main_s_status_its_output_whole_and_exit_handlers_run(argv, status):
+    """`jdpo` (cli.entry) skips the interpreter's teardown: nothing written to a pipe is lost, the exit
+    handlers run, and the status is main's."""
+    import subprocess
+
+    code = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('exit handler ran', file=sys.stderr))\n"
+        f"sys.argv = ['jdpo', *{argv!r}]\n"
+        "from jdpo.cli import entry\n"
+        "entry()\n"
+        "raise SystemExit('entry returned')\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == status, p.stderr
+    assert p.stderr.rstrip().endswith("exit handler ran")
+    if status == 0:
+        import yaml
+
+        assert yaml.safe_load(p.stdout)["dpo"]["beta"] == 0.3  # the whole config, through a pipe
+    else:
+        assert "dpo.beta" in p.stderr and p.stdout == ""
