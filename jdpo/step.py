@@ -175,27 +175,34 @@ def compiled_steps(s: StepSettings) -> Steps:
         # folded in, so a resumed run draws the same masks.
         step_key = jax.random.wrap_key_data(state["rng"])
 
+        def step_key_of(i):
+            return jax.random.fold_in(step_key, i)
+
         def micro(carry, xs):
             mb, i = xs
             g_acc, sums_acc, moments = carry
-            key = jax.random.fold_in(step_key, i)
-            g, (sums, moments) = grad_fn(params, ref_params, base, mb, moments, key, beta)
+            g, (sums, moments) = grad_fn(params, ref_params, base, mb, moments, step_key_of(i), beta)
             g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
             return (g_acc, jax.tree.map(jnp.add, sums_acc, sums), moments), None
 
         # BCO's running reward moments: updated micro-batch by micro-batch (TRL: per forward).
         moments0 = state.get(BCO_MOMENTS)
         first = jax.tree.map(lambda x: x[0], batch)
-        sums_shape = jax.eval_shape(
-            lambda: _micro_loss(s, params, ref_params, base, first, moments0, step_key, beta)[1][0]
-        )
-        carry0 = (
-            jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
-            jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), sums_shape),
-            moments0,
-        )
-        micro_ids = jnp.arange(jax.tree.leaves(batch)[0].shape[0], dtype=jnp.int32)
-        (grads, sums, moments), _ = jax.lax.scan(micro, carry0, (batch, micro_ids))
+        A = jax.tree.leaves(batch)[0].shape[0]
+        if A == 1:  # one micro-batch: no loop to carry sums through (a smaller program, traced once)
+            g, (sums, moments) = grad_fn(params, ref_params, base, first, moments0, step_key_of(0), beta)
+            grads = jax.tree.map(lambda x: x.astype(jnp.float32), g)
+        else:
+            sums_shape = jax.eval_shape(
+                lambda: _micro_loss(s, params, ref_params, base, first, moments0, step_key, beta)[1][0]
+            )
+            carry0 = (
+                jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+                jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), sums_shape),
+                moments0,
+            )
+            micro_ids = jnp.arange(A, dtype=jnp.int32)
+            (grads, sums, moments), _ = jax.lax.scan(micro, carry0, (batch, micro_ids))
         # Divide once by the step's pair count: every pair weighs the same however the rows were split.
         n = jnp.maximum(sums["pairs"], 1.0)
         grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grads, params)
