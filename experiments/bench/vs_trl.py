@@ -329,7 +329,9 @@ def main() -> None:
             results[name] = run_jdpo(str(paths["model"]), str(paths["data"]), out, plan=plan,
                                      max_length=max_length, max_prompt_length=max_prompt_length,
                                      warmup_steps=a.steps_warmup, xla_cache=xla_cache)  # fmt: skip
-            (out / f"{name}.json").write_text(json.dumps(results[name], indent=2) + "\n")
+            # A plain-layout run (--shared-prompt false) keeps its own files beside the shared run's.
+            suffix = "" if plan["shared_prompt"] else "_plain"
+            (out / f"{name}{suffix}.json").write_text(json.dumps(results[name], indent=2) + "\n")
     if a.only != "jdpo":
         env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
         cmd = [sys.executable, __file__, "--trl-child", "--out", str(out), "--pairs", str(a.pairs),
