@@ -317,6 +317,8 @@ def main() -> None:
     if a.only != "jdpo":
         _need_trl()
     results = {}
+    # A plain-layout run (--shared-prompt false) keeps its own jdpo files and report beside the shared run's.
+    suffix = "" if a.shared_prompt == "true" else "_plain"
     if a.only != "trl":
         plan = jdpo_plan(str(paths["model"]), str(paths["data"]), rows=a.rows, max_length=max_length,
                          max_prompt_length=max_prompt_length, batch_pairs=a.batch_pairs,
@@ -329,8 +331,6 @@ def main() -> None:
             results[name] = run_jdpo(str(paths["model"]), str(paths["data"]), out, plan=plan,
                                      max_length=max_length, max_prompt_length=max_prompt_length,
                                      warmup_steps=a.steps_warmup, xla_cache=xla_cache)  # fmt: skip
-            # A plain-layout run (--shared-prompt false) keeps its own files beside the shared run's.
-            suffix = "" if plan["shared_prompt"] else "_plain"
             (out / f"{name}{suffix}.json").write_text(json.dumps(results[name], indent=2) + "\n")
     if a.only != "jdpo":
         env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
@@ -342,10 +342,10 @@ def main() -> None:
         process_s = time.perf_counter() - t0
         results["trl"] = {**json.loads((out / "trl.json").read_text()), "process_s": process_s}
         (out / "trl.json").write_text(json.dumps(results["trl"], indent=2) + "\n")
-    report(results, out, f"{a.lengths} lengths, {a.model_size} model, {a.pairs} pairs")
+    report(results, out, f"{a.lengths} lengths, {a.model_size} model, {a.pairs} pairs", suffix)
 
 
-def report(results: dict, out: Path, what: str) -> None:
+def report(results: dict, out: Path, what: str, suffix: str = "") -> None:
     head = (f"{'':11}{'process':>9}{'pairs/s':>9}{'tok/s':>9}{'padding':>9}{'pairs/step':>11}{'ref pass':>10}"
             f"{'steps':>7}{'MFU':>7}{'strict':>8}")  # fmt: skip
     lines = [what, head]
@@ -376,7 +376,7 @@ def report(results: dict, out: Path, what: str) -> None:
     lines.append(f"host: {host['cpu_model']}, {host['cpus']} CPUs, jax {host['jax']}")
     text = "\n".join(lines)
     print(text)
-    (out / "vs_trl.txt").write_text(text + "\n")
+    (out / f"vs_trl{suffix}.txt").write_text(text + "\n")
     (out / "host.json").write_text(json.dumps(host, indent=2) + "\n")
 
 
