@@ -83,7 +83,7 @@ class DataSection:
 
 def _loss_default(name: str) -> Any:
     """The default of a `jdpo.dpo_loss` option: the loss library's, the one source of defaults."""
-    from jdpo.loss_defaults import DEFAULTS  # no jax: `jdpo --help` stays light
+    from jdpo.losses.defaults import DEFAULTS  # no jax: `jdpo --help` stays light
 
     return DEFAULTS[name]
 
@@ -172,7 +172,7 @@ class DPOSection:
     beta_gain: float = _f(0.1, "K_beta of the adaptive beta schedule (Ziegler+ 2019 use 0.1), per step.")
     online: bool = _f(
         False,
-        "Online DPO (`jdpo.online`, the online section): every step samples completions of data.train's "
+        "Online DPO (`jdpo.train.online`, the online section): every step samples completions of data.train's "
         "prompts from the current policy, scores them with online.reward and trains on each prompt's "
         "best-vs-worst pair. Needs dpo.reference online (or none for a reference-free loss).",
     )
@@ -187,7 +187,7 @@ class DPOSection:
     @property
     def unpaired(self) -> bool:
         """The loss is one of the unpaired losses (`jdpo.kto_loss`): the data are rated examples."""
-        from jdpo.loss_defaults import UNPAIRED_LOSS_TYPES
+        from jdpo.losses.defaults import UNPAIRED_LOSS_TYPES
 
         return any(t in UNPAIRED_LOSS_TYPES for t in self.loss_type)
 
@@ -276,7 +276,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass(frozen=True)
 class LoRASection:
-    """Parameter-efficient training: low-rank adapters on the frozen base (`jdpo.lora`)."""
+    """Parameter-efficient training: low-rank adapters on the frozen base (`jdpo.models.lora`)."""
 
     rank: int = _f(0, "LoRA rank r; 0 trains every weight (full fine-tuning).")
     alpha: float = _f(16.0, "LoRA alpha: the adapter's update is scaled by alpha / rank (as PEFT).")
@@ -305,7 +305,7 @@ class LoRASection:
 
 @dataclass(frozen=True)
 class OnlineSection:
-    """Online DPO (dpo.online true): sampling, scoring and pairing, every step (`jdpo.online`)."""
+    """Online DPO (dpo.online true): sampling, scoring and pairing, every step (`jdpo.train.online`)."""
 
     reward: str = _f(
         "",
@@ -585,8 +585,8 @@ def validate(cfg: Config) -> None:
     """Cross-field checks that would otherwise fail late in a run."""
     d, o, t = cfg.dpo, cfg.optim, cfg.train
     # The loss options are checked by the loss library itself (one set of rules), named as config fields.
-    from jdpo.losses import check_options
-    from jdpo.unpaired_losses import check_unpaired_options
+    from jdpo.losses.pairwise import check_options
+    from jdpo.losses.unpaired import check_unpaired_options
 
     try:
         if d.unpaired:
@@ -689,7 +689,7 @@ def _validate_reference_updates(cfg: Config) -> None:
 
 
 def _validate_online(cfg: Config) -> None:
-    """dpo.online's settings (the reward function itself is imported and probed by `jdpo.online` when the
+    """dpo.online's settings (the reward function itself is imported and probed by `jdpo.train.online` when the
     data loads, before the model)."""
     on, d = cfg.online, cfg.dpo
     if not d.online:

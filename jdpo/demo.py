@@ -17,7 +17,7 @@ life (pretraining, imperfect demonstrations, preferences):
      chosen completion is the right sum and whose rejected one is exactly the slip (the carry forgotten;
      on a sum without a carry, one invented);
   3. greedy answers of the reference and of the policy to the held-out prompts, side by side, and how
-     often each is right (`jdpo.evaluate.compare_generations`; pages under <output_dir>/generations).
+     often each is right (`jdpo.commands.evaluate.compare_generations`; pages under <output_dir>/generations).
 The held-out preference accuracy and reward margins are printed before and after DPO, then one summary.
 Two digits everywhere (fixed positions) and a learning rate of 1e-3 are what let the tiny model learn
 carries in a few hundred steps (unpadded or at 3e-3 it stalled at ~20% right).
@@ -150,8 +150,8 @@ def sft_records(records: list[dict], slip_rate: float = 0.7, seed: int = 0) -> l
 
 def sum_reward(prompts: list[str], completions: list[str]) -> list[float]:
     """The online recipe's reward (`online.reward: jdpo.demo:sum_reward`): 1 where the completion's
-    leading number is the prompt's sum, else 0 (`jdpo.evaluate.arithmetic_checker`)."""
-    from jdpo.evaluate import arithmetic_checker
+    leading number is the prompt's sum, else 0 (`jdpo.commands.evaluate.arithmetic_checker`)."""
+    from jdpo.commands.evaluate import arithmetic_checker
 
     return [1.0 if arithmetic_checker(p, c) else 0.0 for p, c in zip(prompts, completions, strict=True)]
 
@@ -341,8 +341,8 @@ def run_demo(
     "paths"} (greedy, held-out prompts; summary has "reference_correct" / "policy_correct" fractions),
     "seconds", "summary" (what summary.json holds), "output_dir", "final_dir"}.
     """
-    from jdpo import train
-    from jdpo.evaluate import arithmetic_checker, compare_generations
+    from jdpo.commands.evaluate import arithmetic_checker, compare_generations
+    from jdpo.train import trainer as train
 
     t0 = time.time()
     out = Path(output_dir)
@@ -399,7 +399,7 @@ def run_demo(
     say(f"[demo] after {name} (held-out):  {_summary(after)}; prefers chosen by log-prob: {like_after:.1%}")
 
     held = read_jsonl(assets.eval_path)[:compare_prompts]
-    from jdpo.generate import SamplingParams
+    from jdpo.scoring.generate import SamplingParams
 
     gens = compare_generations(
         result.final_dir,
@@ -418,7 +418,7 @@ def run_demo(
     say(_final_summary(before, after, like_before, like_after, gens, show_samples, seconds, name))
     if plot:
         try:
-            from jdpo.plot import plot_run
+            from jdpo.report.plot import plot_run
 
             say(f"[demo] plots: {', '.join(str(p) for p in plot_run(out))}")
         except ImportError as e:  # matplotlib is optional
@@ -533,6 +533,6 @@ class _HeldOutPairs:
 
     def metrics(self) -> dict[str, float]:
         """Pairwise eval metrics (preference accuracy, margins) of the current policy's implicit reward."""
-        from jdpo.forward import split_metrics
+        from jdpo.scoring.forward import split_metrics
 
         return split_metrics(self.trainer.logprobs(self.pairs), self.reference, self.trainer.config.dpo)

@@ -18,7 +18,7 @@ What an object store guarantees, and what jdpo does about it:
   (fsspec emulates it as copy + delete, visible half-way) and no append. So `rename`-based commits
   become "write the data, then the marker last" (the reference cache's manifest.json, orbax's
   commit_success file), and append-only files (metrics.jsonl, TensorBoard events) are rewritten whole
-  from a local copy at `sync` points (see `jdpo.metrics`).
+  from a local copy at `sync` points (see `jdpo.report.metrics`).
 - Libraries that can only write local files (safetensors, tokenizers; tensorboardX, whose own gs://
   writer needs google-cloud-storage) write into a local temporary directory whose files are then
   copied over (`staged_dir` for the export, the TensorBoard writer's own for its events).

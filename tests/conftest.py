@@ -12,7 +12,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Most tests compile the same few programs of the same tiny model (a train step, a reference pass): one
 # XLA cache for this worker, caching every program however fast it compiled, serves them all, and is
-# inherited by the runs the tests start as subprocesses (`jdpo.compile_cache` leaves a set one alone).
+# inherited by the runs the tests start as subprocesses (`jdpo.train.compile_cache` leaves a set one alone).
 # Fresh per session, so no test depends on an earlier session's entries.
 _XLA_CACHE = tempfile.mkdtemp(prefix="jdpo-tests-xla-")
 atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)

@@ -11,8 +11,9 @@ import os
 import signal
 import sys
 
-from jdpo import config, train
-from jdpo.checkpoint import Checkpointer
+from jdpo import config
+from jdpo.train import trainer as train
+from jdpo.train.checkpoint import Checkpointer
 
 
 def main(config_path: str, when: str) -> int:

@@ -6,7 +6,7 @@
     assets = build_tiny_assets(d, max_operand=9, eval_pairs=20)  # demo task + a random tiny model
     cfg = tiny_config(assets, **{"train.max_steps": 2})          # a Config that trains on it
     cfg = run_config(assets, out)  # + output dir, reference cache beside it, lr 1e-3, no console
-    out = modules_imported_by("import jdpo.cli", ["jax"])  # "[]": a fresh interpreter did not load jax
+    out = modules_imported_by("import jdpo.commands.cli", ["jax"])  # "[]": a fresh interpreter did not load jax
 
 The session-wide `assets` fixture (conftest.py) is `build_tiny_assets` of the size most tests train on.
 Nothing heavy is imported at module level: tests/multihost_worker.py imports this module before it sets
@@ -122,7 +122,7 @@ def one_device():
     """A data=fsdp=tensor=1 mesh on the first of the simulated CPU devices: the single-device reference."""
     import jax
 
-    from jdpo.sharding import make_mesh
+    from jdpo.parallel.sharding import make_mesh
 
     return make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
@@ -134,13 +134,13 @@ TIMING = frozenset({"step_time", "tokens_per_sec", "mfu"})
 def logged_records(path, *, timing=TIMING) -> list[dict]:
     """The records of a run's metrics.jsonl without the `timing` keys (equal for runs that computed the
     same)."""
-    from jdpo import metrics
+    from jdpo.report import metrics
 
     return [{k: v for k, v in r.items() if k not in timing} for r in metrics.read_metrics(path)]
 
 
 def train_steps(trainer, n):
-    """Run n optimizer steps of a `jdpo.train.Trainer` by hand; returns each step's metrics as floats."""
+    """Run n optimizer steps of a `jdpo.train.trainer.Trainer` by hand; returns each step's metrics as floats."""
     import jax
 
     out = []

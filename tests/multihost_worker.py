@@ -3,7 +3,7 @@
     python tests/multihost_worker.py --tasks model,train --out DIR [--model-dir ... --train ... --eval ...]
 
 Run by the test with `JDPO_COORDINATOR`, `JDPO_NUM_PROCESSES=2`, `JDPO_PROCESS_ID` in the environment:
-the process joins the job through `jdpo.distributed.maybe_initialize` with 2 CPU devices of its own (4
+the process joins the job through `jdpo.parallel.distributed.maybe_initialize` with 2 CPU devices of its own (4
 global), then runs the tasks and writes `DIR/<task>.p<process>.npz` / `.json` for the test to compare with
 a single-process run of the same functions (`model_task`, `train_config`).
 
@@ -68,9 +68,10 @@ def model_task(mesh) -> dict:
     from flax import nnx
     from jax.experimental import multihost_utils
 
-    from jdpo import logprobs, losses
+    from jdpo.losses import logprobs
+    from jdpo.losses import pairwise as losses
     from jdpo.models import init_model
-    from jdpo.sharding import batch_sharding
+    from jdpo.parallel.sharding import batch_sharding
 
     model = init_model(tiny_config(), seed=0, mesh=mesh)
     graphdef, params = nnx.split(model)
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
 
     # Before anything computes: the device count, then the cluster (the JDPO_* variables).
     jax.config.update("jax_num_cpu_devices", LOCAL_DEVICES)
-    from jdpo import distributed
+    from jdpo.parallel import distributed
 
     info = distributed.maybe_initialize()
     again = distributed.maybe_initialize()  # idempotent: the same result, no second initialisation
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
 
     import numpy as np
 
-    from jdpo.sharding import make_mesh
+    from jdpo.parallel.sharding import make_mesh
 
     report["seconds"] = {"start": round(time.perf_counter() - T0, 1)}
     for task in args.tasks.split(","):
@@ -163,7 +164,7 @@ def main(argv=None) -> int:
             res = model_task(make_mesh(data=1, fsdp=2, tensor=2))
             np.savez(out / f"model.p{pid}.npz", **res)
         elif task == "train":
-            from jdpo import train
+            from jdpo.train import trainer as train
 
             assets = SimpleNamespace(model_dir=args.model_dir, train_path=args.train, eval_path=args.eval)
             cfg = train_config(assets, out / "train" / "run", steps=args.steps)

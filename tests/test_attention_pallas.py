@@ -150,7 +150,7 @@ def test_pallas_gpu_window_only_when_it_restricts_nothing():
 def test_kernels_under_a_mesh_match_one_device(kernel):
     """shard_map over rows (data x fsdp) and heads (tensor): each device runs the kernel on its own rows
     and heads, and the result equals the single-device one."""
-    from jdpo.sharding import make_mesh
+    from jdpo.parallel.sharding import make_mesh
 
     B, T, N, K, H = 4, 128, 4, 2, 8
     q, k, v = qkv(B, T, N, K, H, seed=8)

@@ -1,4 +1,4 @@
-"""jdpo.bench: two timed steps on a tiny model write a JSON with every field present and sane. No
+"""jdpo.commands.bench: two timed steps on a tiny model write a JSON with every field present and sane. No
 timing assertions: speed targets are checked by the benchmarks (experiments/bench), never by tests."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import math
 import pytest
 from helpers import build_tiny_assets, one_device, tiny_config
 
-from jdpo import bench, cli
 from jdpo import config as jconfig
+from jdpo.commands import bench, cli
 
 FIELDS = {
     "platform", "device", "host", "num_devices", "model_params", "matmul_params", "dtype", "batch_rows",

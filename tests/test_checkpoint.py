@@ -1,11 +1,11 @@
-"""jdpo.checkpoint: sharded round trip, JSON meta, keep-last-N, restore of the newest by default."""
+"""jdpo.train.checkpoint: sharded round trip, JSON meta, keep-last-N, restore of the newest by default."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jdpo.checkpoint import Checkpointer, abstract_like
+from jdpo.train.checkpoint import Checkpointer, abstract_like
 
 
 def _state(mesh, scale):
@@ -62,7 +62,7 @@ def test_relative_directory_saves_and_restores(tmp_path, monkeypatch):
 def test_restore_intact_skips_a_checkpoint_whose_arrays_changed(tmp_path, monkeypatch):
     """The fingerprint saved with the state is compared on restore: a checkpoint whose arrays no longer
     hash to it is moved aside (not deleted) and the previous one is restored."""
-    from jdpo import checkpoint
+    from jdpo.train import checkpoint
 
     mesh = jax.make_mesh((1, 8, 1), ("data", "fsdp", "tensor"))
     with Checkpointer(tmp_path / "ckpt", keep=3) as ck:

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from helpers import modules_imported_by
 
-from jdpo import cli
 from jdpo import config as C
-from jdpo import metrics as M
+from jdpo.commands import cli
+from jdpo.report import metrics as M
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 PRESETS = sorted(EXPERIMENTS.glob("*.yaml"))
@@ -85,10 +85,10 @@ def test_train_dispatches_the_resolved_config(capsys, monkeypatch, tmp_path):
     import types
 
     seen = []
-    fake = types.ModuleType("jdpo.train")
+    fake = types.ModuleType("jdpo.train.trainer")
     fake.run = lambda cfg: seen.append(cfg) or types.SimpleNamespace(stop_reason="completed")
-    monkeypatch.setitem(sys.modules, "jdpo.train", fake)
-    monkeypatch.setattr("jdpo.train", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "jdpo.train.trainer", fake)
+    monkeypatch.setattr("jdpo.train.trainer", fake, raising=False)
     code, _, _ = _run(capsys, "train", "--train.max_steps", "3", "--train.output_dir", str(tmp_path))
     assert code == 0 and len(seen) == 1
     assert seen[0].train.max_steps == 3 and seen[0].train.output_dir == str(tmp_path)
@@ -99,12 +99,12 @@ def test_a_preempted_train_says_so_and_exits_143(capsys, monkeypatch):
     exits with 128 + SIGTERM."""
     import types
 
-    fake = types.ModuleType("jdpo.train")
+    fake = types.ModuleType("jdpo.train.trainer")
     fake.run = lambda cfg: types.SimpleNamespace(
         stop_reason="sigterm", step=7, checkpoint_dir="out/checkpoints"
     )
-    monkeypatch.setitem(sys.modules, "jdpo.train", fake)
-    monkeypatch.setattr("jdpo.train", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "jdpo.train.trainer", fake)
+    monkeypatch.setattr("jdpo.train.trainer", fake, raising=False)
     code, out, _ = _run(capsys, "train")
     assert code == cli.EXIT_PREEMPTED == 143
     assert "SIGTERM: checkpointed at step 7 in out/checkpoints" in out
@@ -171,7 +171,7 @@ def test_preset_parses(preset):
 
 def test_cli_import_is_light():
     """`jdpo --help` must not pay for JAX / the trainer / matplotlib."""
-    out = modules_imported_by("import jdpo.cli", ("jax", "flax", "matplotlib", "jdpo.train"))
+    out = modules_imported_by("import jdpo.commands.cli", ("jax", "flax", "matplotlib", "jdpo.train.trainer"))
     assert out.strip() == "[]"
 
 
@@ -181,10 +181,10 @@ def _train_raising(monkeypatch, error):
     def run(cfg):
         raise error
 
-    fake = types.ModuleType("jdpo.train")
+    fake = types.ModuleType("jdpo.train.trainer")
     fake.run = run
-    monkeypatch.setitem(sys.modules, "jdpo.train", fake)
-    monkeypatch.setattr("jdpo.train", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "jdpo.train.trainer", fake)
+    monkeypatch.setattr("jdpo.train.trainer", fake, raising=False)
 
 
 def test_an_input_error_is_one_message_and_exit_2_and_debug_shows_the_traceback(capsys, monkeypatch):
@@ -211,12 +211,12 @@ def test_an_input_error_is_one_message_and_exit_2_and_debug_shows_the_traceback(
 def test_every_input_error_is_one_family(monkeypatch):
     """Bad data, config, model config.json, model weights, checkpoints and a locked run directory all
     reach the command line's one-message exit."""
-    from jdpo.checkpoint import DamagedCheckpointError
     from jdpo.data import DataError
     from jdpo.errors import UserError
     from jdpo.models import CheckpointError
     from jdpo.models.families import ModelConfigError
-    from jdpo.runlock import RunLockedError
+    from jdpo.train.checkpoint import DamagedCheckpointError
+    from jdpo.train.runlock import RunLockedError
 
     for error in (DataError, C.ConfigError, ModelConfigError, CheckpointError, DamagedCheckpointError,
                   RunLockedError):  # fmt: skip
@@ -238,7 +238,7 @@ def test_the_console_script_ends_with_main_s_status_its_output_whole_and_exit_ha
         "import atexit, sys\n"
         "atexit.register(lambda: print('exit handler ran', file=sys.stderr))\n"
         f"sys.argv = ['jdpo', *{argv!r}]\n"
-        "from jdpo.cli import entry\n"
+        "from jdpo.commands.cli import entry\n"
         "entry()\n"
         "raise SystemExit('entry returned')\n"
     )

@@ -1,5 +1,5 @@
 """`train.compile_cache`: XLA's persistent compilation cache, on by default beside the run, so a rerun
-loads its compiled programs instead of compiling them (`jdpo.compile_cache`)."""
+loads its compiled programs instead of compiling them (`jdpo.train.compile_cache`)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from pathlib import Path
 import jax
 from helpers import logged_records, run_config
 
-from jdpo import compile_cache, metrics
 from jdpo import config as jconfig
+from jdpo.report import metrics
+from jdpo.train import compile_cache
 
 WORKER = Path(__file__).with_name("fault_worker.py")  # `none`: a whole `train.run` in a fresh process
 

@@ -93,7 +93,7 @@ def test_every_loss_option_is_a_config_field_with_the_library_default():
     import inspect
 
     from jdpo.config import DPOSection
-    from jdpo.losses import dpo_loss
+    from jdpo.losses.pairwise import dpo_loss
 
     # set by the caller (bco_delta: the running reward mean of the train state)
     per_call = {"chosen_lengths", "rejected_lengths", "weights", "reduction", "bco_delta"}

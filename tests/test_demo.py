@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from jdpo import demo, metrics
-from jdpo.evaluate import arithmetic_checker
+from jdpo import demo
+from jdpo.commands.evaluate import arithmetic_checker
+from jdpo.report import metrics
 
 
 def _operands(prompt: str) -> tuple[int, int]:
@@ -114,7 +115,7 @@ def _check_summary_json(out, recipe: str, gens_summary: dict) -> dict:
 
 def test_the_online_recipe_is_the_presets_dpo_stage_trained_online(assets, tmp_path):
     """`recipe_overrides("online")` on the demo preset: a valid online run scored by `sum_reward`."""
-    from jdpo import train
+    from jdpo.train import trainer as train
 
     over = {**demo.recipe_overrides("online"), "model.path": str(assets.model_dir), "train.export": False,
             "logging.console": False, "logging.tensorboard": False, "data.eval": []}  # fmt: skip
@@ -127,7 +128,7 @@ def test_the_online_recipe_is_the_presets_dpo_stage_trained_online(assets, tmp_p
 
 def test_the_iterative_recipe_is_the_presets_pairs_in_rounds(assets, tmp_path):
     """`recipe_overrides("iterative")` on the demo preset: whole passes, a hard update between them."""
-    from jdpo import train
+    from jdpo.train import trainer as train
 
     over = {**demo.recipe_overrides("iterative"), "model.path": str(assets.model_dir), "train.export": False,
             "logging.console": False, "logging.tensorboard": False, "train.rounds": 2,

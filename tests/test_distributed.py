@@ -1,4 +1,4 @@
-"""jdpo.distributed: cluster detection rules, the single-process no-op, and a real two-process job.
+"""jdpo.parallel.distributed: cluster detection rules, the single-process no-op, and a real two-process job.
 
 The two-process job: `tests/multihost_worker.py` is started twice on localhost (coordinator 127.0.0.1 on a
 free port, gloo CPU collectives, 2 CPU devices each, 4 global), joined by `jax.distributed` through
@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from helpers import build_tiny_assets, one_device
 
-from jdpo import distributed as D
+from jdpo.parallel import distributed as D
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "multihost_worker.py"
@@ -287,7 +287,7 @@ def test_a_failed_worker_fails_the_test_and_no_process_is_left(tmp_path):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """Start the pair, compute the single-process references meanwhile, then collect the pair's output."""
-    from jdpo import train
+    from jdpo.train import trainer as train
 
     tmp = tmp_path_factory.mktemp("multihost")
     assets = build_tiny_assets(tmp / "assets", max_operand=19, eval_pairs=16)
@@ -339,7 +339,7 @@ def test_sharded_loss_and_gradient_match_one_process(results):
 
 
 def _records(path: Path) -> list[dict]:
-    from jdpo import metrics
+    from jdpo.report import metrics
 
     return [{k: v for k, v in r.items() if k not in NOT_COMPARED} for r in metrics.read_metrics(path)]
 
@@ -366,7 +366,7 @@ def test_two_process_training_logs_the_single_process_losses(results):
 def test_two_process_counters_are_summed_over_processes(results):
     """tokens_per_sec and padding_fraction count the rows of every process (each host feeds different
     rows), not process 0's rows times the process count: the pair's global counts equal one process's."""
-    from jdpo import metrics
+    from jdpo.report import metrics
 
     def counted(path):
         return [
@@ -385,7 +385,7 @@ def test_a_sigterm_on_one_worker_stops_both_at_the_same_step(results):
 
 
 def test_checkpoint_of_the_pair_restores_in_one_process(results):
-    from jdpo.checkpoint import Checkpointer, abstract_like, to_checkpoint
+    from jdpo.train.checkpoint import Checkpointer, abstract_like, to_checkpoint
 
     trainer = results["trainer"]
     target = abstract_like(to_checkpoint(trainer.state))  # one device, this process only

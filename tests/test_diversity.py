@@ -1,4 +1,4 @@
-"""jdpo.diversity: distinct-n on hand-made token lists; jdpo.beta_schedule: the adaptive controller's rule."""
+"""jdpo.report.diversity: distinct-n on hand-made token lists; jdpo.train.beta_schedule: the adaptive controller's rule."""
 
 import math
 
@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jdpo.beta_schedule import adaptive_beta, sequence_kl
-from jdpo.diversity import distinct_n, diversity_metrics, ngrams
+from jdpo.report.diversity import distinct_n, diversity_metrics, ngrams
+from jdpo.train.beta_schedule import adaptive_beta, sequence_kl
 
 
 def test_distinct_n_on_hand_made_lists():

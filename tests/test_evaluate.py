@@ -1,4 +1,4 @@
-"""jdpo.evaluate: policy == reference gives zeros, numbers equal an independent recomputation, the
+"""jdpo.commands.evaluate: policy == reference gives zeros, numbers equal an independent recomputation, the
 side-by-side page, correctness / win rate, and the eval command."""
 
 import json
@@ -10,9 +10,9 @@ from flax import nnx
 from helpers import random_model, tiny_hf_config
 from helpers_tokenizer import make_tokenizer
 
-from jdpo import evaluate as E
-from jdpo.generate import Generator
+from jdpo.commands import evaluate as E
 from jdpo.models import ModelConfig, save_pretrained
+from jdpo.scoring.generate import Generator
 
 BETA = 0.1
 
@@ -53,7 +53,7 @@ def _numpy_logps(model, prompt, completion, T=32):
 
 
 def test_policy_equal_to_reference_gives_zeros(dirs, tmp_path):
-    from jdpo.cli import main
+    from jdpo.commands.cli import main
 
     policy, _, data = dirs
     out = tmp_path / "eval"
@@ -114,7 +114,7 @@ def test_metrics_equal_an_independent_computation(dirs):
         assert kl == pytest.approx(_numpy_logps(pm, p, c) - _numpy_logps(rm, p, c), abs=1e-4)
     assert m["eval/kl"] == pytest.approx(kl_N.mean(), abs=1e-9)  # the same prompts, seed and batches
     # Diversity of the same samples, their stop tokens left out.
-    from jdpo.diversity import distinct_n
+    from jdpo.report.diversity import distinct_n
 
     tokens = [E.without_stop(c, policy.stop_ids) for c in completions]
     for n in (1, 2):
@@ -170,7 +170,7 @@ def test_summary_and_checker():
 
 
 def test_unusable_data_is_one_message_and_exit_2(dirs, tmp_path, capsys):
-    from jdpo.cli import main
+    from jdpo.commands.cli import main
 
     policy, reference, _ = dirs
     same = tmp_path / "same.jsonl"

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 from helpers_attention import shared_prompt_segments
 
-from jdpo import flops as F
+from jdpo.report import (
+    flops as F,  # A hand-checkable config: L=2, D=8, N=2 heads, K=1 kv head, H=4, F=16, V=32.
+)
 
-# A hand-checkable config: L=2, D=8, N=2 heads, K=1 kv head, H=4, F=16, V=32.
 TINY = dict(
     num_hidden_layers=2,
     hidden_size=8,

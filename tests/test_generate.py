@@ -1,4 +1,4 @@
-"""jdpo.generate: the KV cache equals full recomputation, parity with transformers' generate, stopping,
+"""jdpo.scoring.generate: the KV cache equals full recomputation, parity with transformers' generate, stopping,
 ragged batches, one compiled decode step, sharding, chat prompts, the sampler and the CLI."""
 
 import json
@@ -11,8 +11,8 @@ from flax import nnx
 from helpers import random_model, tiny_hf_config
 from helpers_tokenizer import make_tokenizer
 
-from jdpo.generate import Generator, SamplingParams, read_prompts, sample_logits, step_cache_size
 from jdpo.models import ModelConfig, Transformer, from_pretrained, save_pretrained
+from jdpo.scoring.generate import Generator, SamplingParams, read_prompts, sample_logits, step_cache_size
 
 V = 320  # the test BPE tokenizer has 300 ids; a little room on top like real vocabularies
 # gemma2's window of 3 is far below the prompt + generated length, on alternating local/global layers.
@@ -104,7 +104,7 @@ def test_one_compiled_decode_step_for_every_token(llama):
 
 
 def test_sharded_generation_equals_one_device(llama_dir):
-    from jdpo.sharding import make_mesh
+    from jdpo.parallel.sharding import make_mesh
 
     assert jax.device_count() == 8
     one = Generator.from_pretrained(llama_dir, stop_ids=[], pad_id=0)
@@ -232,7 +232,7 @@ def test_read_prompts(tmp_path):
 
 
 def test_cli_generate(llama_dir, tmp_path, capsys):
-    from jdpo.cli import main
+    from jdpo.commands.cli import main
 
     assert main(["generate", "--model", str(llama_dir), "--prompt", "hello", "--max-new-tokens", "4"]) == 0
     streamed = capsys.readouterr().out

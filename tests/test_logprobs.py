@@ -1,4 +1,4 @@
-"""Tests for jdpo.logprobs: log-probs from logits and (chunked, completion-only) from hidden states, their
+"""Tests for jdpo.losses.logprobs: log-probs from logits and (chunked, completion-only) from hidden states, their
 gradients and memory, per-segment sums of packed rows, WPO weights, and sharding over batch rows.
 
 Expected values are computed here with numpy from the definitions, independently of the implementation.
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from helpers_jaxpr import intermediate_sizes
 
-from jdpo import logprobs as LP
-from jdpo import losses as L
+from jdpo.losses import logprobs as LP
+from jdpo.losses import pairwise as L
 
 B, T, D, V = 2, 7, 5, 11
 

@@ -1,4 +1,4 @@
-"""LoRA runs (jdpo.lora, jdpo.peft_export): only the adapters train and the base stays bitwise; the
+"""LoRA runs (jdpo.models.lora, jdpo.models.peft): only the adapters train and the base stays bitwise; the
 reference is the base (or the init adapter), so step 1 is ln 2; the online reference holds no second copy
 of the base; checkpoints hold the adapters alone and resume bit-identically; the PEFT export loads in
 `peft` and the merged export in `transformers` with jdpo's logits; bad adapters and ranks are refused
@@ -18,9 +18,12 @@ import pytest
 from helpers import one_device, run_config
 from helpers import train_steps as steps
 
-from jdpo import checkpoint, lora, metrics, train
 from jdpo import config as jconfig
-from jdpo.sharding import make_mesh
+from jdpo.models import lora
+from jdpo.parallel.sharding import make_mesh
+from jdpo.report import metrics
+from jdpo.train import checkpoint
+from jdpo.train import trainer as train
 
 LORA = {"lora.rank": 4, "lora.alpha": 8.0, "optim.learning_rate": 1e-2, "train.max_steps": 3}
 
@@ -184,7 +187,7 @@ def test_peft_export_loads_in_peft_and_the_merged_export_in_transformers(trained
 
 
 def test_kv_cache_generation_runs_the_adapters(trained):
-    from jdpo.generate import Generator, SamplingParams
+    from jdpo.scoring.generate import Generator, SamplingParams
 
     tr, _, _ = trained
     prompts = ["12+7=", "3+4=", "19+19="]
@@ -308,7 +311,7 @@ def test_eight_device_fsdp_mesh_matches_one_device(assets, tmp_path):
 
 
 def test_plan_counts_a_lora_run_of_llama3_8b():
-    from jdpo import plan
+    from jdpo.commands import plan
     from jdpo.models import ModelConfig
 
     llama3_8b = ModelConfig.from_hf({

@@ -1,4 +1,4 @@
-"""Tests for jdpo.losses: closed forms for every loss type, stability, gradients, validation.
+"""Tests for jdpo.losses.pairwise: closed forms for every loss type, stability, gradients, validation.
 
 Expected values are computed here with numpy / math from the papers' formulas, independently of the
 implementation. Shapes are tiny so that compilation (not compute) dominates; keep it that way.
@@ -14,9 +14,10 @@ import pytest
 from helpers import modules_imported_by
 from jax.test_util import check_grads
 
-from jdpo import losses as L
+from jdpo.losses import (
+    pairwise as L,  # ------------------------------------------------------------------------------------------------------------
+)
 
-# ------------------------------------------------------------------------------------------------------------
 # Hand-computed references (float64 numpy)
 # ------------------------------------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Tests for jdpo.unpaired_losses: KTO / APO-zero unpaired / BCO closed forms, KTO's KL estimate and its
+"""Tests for jdpo.losses.unpaired: KTO / APO-zero unpaired / BCO closed forms, KTO's KL estimate and its
 mismatched pairing, BCO's running moments against a numpy transcription of TRL's, metrics, stability,
 transformations and validation.
 
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from jdpo import unpaired_losses as U
-from jdpo.loss_defaults import DEFAULTS
+from jdpo.losses import unpaired as U
+from jdpo.losses.defaults import DEFAULTS
 
 BETA = 0.5
 WD, WU = 1.3, 0.7  # desirable / undesirable weights away from 1, so a swap or omission shows

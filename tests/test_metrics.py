@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from jdpo import metrics as M
+from jdpo.report import metrics as M
 
 
 def _log_steps(out, steps, *, resume_step=None, value=lambda s: 1.0 / s):
@@ -230,7 +230,7 @@ def test_tensorboard_shows_a_resumed_run_once(tmp_path):
 
 def test_plot_writes_pngs(tmp_path):
     pytest.importorskip("matplotlib")
-    from jdpo.plot import plot_run
+    from jdpo.report.plot import plot_run
 
     with M.MetricsLogger(tmp_path, console=False, tensorboard=False, is_main=True) as lg:
         for s in range(1, 41):

@@ -123,7 +123,7 @@ def test_model_options_from_the_config_section():
     got = ModelOptions.from_section(section, dtype=jnp.bfloat16)
     assert got == ModelOptions(jnp.bfloat16, jnp.dtype("bfloat16"), "full", True, "xla", 32)
     fields = {f.name for f in dataclasses.fields(ModelOptions)}
-    # lora comes from the run's `lora:` section (jdpo.lora.model_options), the rest from `model:`.
+    # lora comes from the run's `lora:` section (jdpo.models.lora.model_options), the rest from `model:`.
     assert fields - {"lora"} == {f.name for f in dataclasses.fields(ModelSection)} - {"path"}
     with pytest.raises(ValueError, match="remat must be one of"):
         ModelOptions(remat="some")

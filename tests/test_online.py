@@ -1,4 +1,4 @@
-"""Online DPO (jdpo/online.py): reward checks before the model loads, ties, pair choice, one compiled
+"""Online DPO (jdpo/train/online.py): reward checks before the model loads, ties, pair choice, one compiled
 sampler, exact resume, prompt-only data."""
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from helpers import TIMING as RUN_TIMING
 from helpers import logged_records, one_device, run_config
 
 from jdpo import config as jconfig
-from jdpo import metrics, online, train
 from jdpo.data import unpack_batch
+from jdpo.report import metrics
+from jdpo.train import online
+from jdpo.train import trainer as train
 
 TIMING = RUN_TIMING | {online.SAMPLE_TIME, online.TRAIN_TIME}
 
@@ -151,7 +153,7 @@ def test_the_pair_is_the_best_vs_the_worst_sample(assets, tmp_path):
 def test_prompt_only_data_samples_with_one_compiled_sampler_and_step(assets, tmp_path):
     """Prompts of many lengths, on the 8-device mesh: the sampler pads them to one length, so prefill,
     the decode loop and the train step compile once over the run."""
-    from jdpo.generate import _compiled
+    from jdpo.scoring.generate import _compiled
 
     prompts = tmp_path / "prompts.jsonl"
     rows = [{"prompt": f"{a}+{b}="} for a, b in [(1, 2), (11, 12), (3, 45), (7, 7), (10, 9), (0, 1)] * 3]
@@ -233,7 +235,7 @@ def test_lora_online_run_trains_against_the_base(assets, tmp_path):
 
 
 def test_plan_of_an_online_run_on_prompts_only(assets, tmp_path, capsys):
-    from jdpo import cli
+    from jdpo.commands import cli
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "1+2="}\n')

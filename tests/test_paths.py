@@ -22,9 +22,12 @@ import pytest
 from helpers import logged_records
 
 from jdpo import config as jconfig
-from jdpo import demo, metrics, paths, refcache, train
-from jdpo.forward import PairLogps
-from jdpo.sharding import make_mesh
+from jdpo import demo, paths
+from jdpo.parallel.sharding import make_mesh
+from jdpo.report import metrics
+from jdpo.scoring.forward import PairLogps
+from jdpo.train import refcache
+from jdpo.train import trainer as train
 
 OVER = {"train.max_steps": 3, "train.save_every": 2, "train.eval_every": 2}
 
@@ -190,7 +193,7 @@ def test_config_and_plots_on_an_object_store(bucket):
     jconfig.dump(cfg, "gs://bucket/run/config.yaml")
     assert jconfig.load_config("gs://bucket/run/config.yaml") == cfg
     pytest.importorskip("matplotlib")
-    from jdpo.plot import plot_run
+    from jdpo.report.plot import plot_run
 
     with metrics.MetricsLogger("gs://bucket/run", console=False, tensorboard=False, is_main=True) as lg:
         for s in range(1, 6):

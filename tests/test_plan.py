@@ -1,4 +1,4 @@
-"""jdpo.plan: memory per device on tiny configs checked against hand-computed numbers, sharding by the
+"""jdpo.commands.plan: memory per device on tiny configs checked against hand-computed numbers, sharding by the
 rules table (with its divisibility fallback), the Llama-3-8B parameter count, sizes and device names,
 and the `jdpo plan` command."""
 
@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from jdpo import cli, plan
 from jdpo import config as C
+from jdpo.commands import cli, plan
 from jdpo.models import ModelConfig
-from jdpo.step import LOGPROB_CHUNK
+from jdpo.train.step import LOGPROB_CHUNK
 
 # V=100, D=16, F=32, L=2, N=4, K=2, H=4, untied.
 TINY = ModelConfig(

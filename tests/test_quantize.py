@@ -1,4 +1,4 @@
-"""The quantised base (jdpo.quantize): NF4's table, blockwise absmax and two codes per byte; int8 per
+"""The quantised base (jdpo.models.quantize): NF4's table, blockwise absmax and two codes per byte; int8 per
 output channel; round-trip errors bounded by the format's half step; shapes and layouts."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jdpo import quantize as q
+from jdpo.models import (
+    quantize as q,  # bitsandbytes' NF4 table (QLoRA, Dettmers et al. 2023, appendix E), as published.
+)
 
-# bitsandbytes' NF4 table (QLoRA, Dettmers et al. 2023, appendix E), as published.
 PUBLISHED_NF4 = [
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,

@@ -1,4 +1,4 @@
-"""jdpo.refcache: the cached reference log-probs are right, reused for the same key and never for another."""
+"""jdpo.train.refcache: the cached reference log-probs are right, reused for the same key and never for another."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import pytest
 from helpers import build_tiny_assets, one_device, tiny_config
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jdpo import logprobs, refcache, train
-from jdpo.forward import PairLogps
-from jdpo.sharding import make_mesh
+from jdpo.losses import logprobs
+from jdpo.parallel.sharding import make_mesh
+from jdpo.scoring.forward import PairLogps
+from jdpo.train import refcache
+from jdpo.train import trainer as train
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +183,7 @@ def test_key_holds_the_kernel_that_ran_not_the_name_asked(assets, tmp_path, capl
 
     a, _, _ = assets
     cache = tmp_path / "cache"
-    with caplog.at_level(logging.INFO, logger="jdpo.train"):
+    with caplog.at_level(logging.INFO, logger="jdpo.train.trainer"):
         auto = trainer(a, cache)
     assert auto.attention == ("blocked", 64)
     assert "attention kernel: blocked, 64-position tiles (model.attention=auto on cpu)" in caplog.text

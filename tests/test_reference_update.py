@@ -1,4 +1,4 @@
-"""A reference that moves (jdpo.reference_update): TR-DPO's hard / soft updates (dpo.ref_update), iterative
+"""A reference that moves (jdpo.train.reference_update): TR-DPO's hard / soft updates (dpo.ref_update), iterative
 DPO's rounds (train.rounds), the adaptive beta schedule in the state; each resumed bit for bit.
 
 The runs are conftest's tiny arithmetic task (15 steps an epoch); the rounds use 40 of its pairs
@@ -16,8 +16,9 @@ from helpers import logged_records, one_device, run_config
 from helpers import train_steps as steps
 
 from jdpo import config as jconfig
-from jdpo import step, train
-from jdpo.beta_schedule import adaptive_beta
+from jdpo.train import step
+from jdpo.train import trainer as train
+from jdpo.train.beta_schedule import adaptive_beta
 
 LN2 = math.log(2)
 
@@ -72,7 +73,7 @@ def test_the_soft_update_is_the_formula_bitwise(assets, tmp_path):
     """ref <- alpha * policy + (1 - alpha) * ref, each product rounded to float32 then summed (numpy's
     float32 arithmetic), for alpha 0 (the reference kept), 0.3 and 1 (the policy); on 8 devices, the
     result sharded like the params."""
-    from jdpo.sharding import make_mesh
+    from jdpo.parallel.sharding import make_mesh
 
     cfg = make_config(assets, tmp_path / "run", **{"dpo.reference": "online"})
     tr = train.Trainer(cfg, mesh=make_mesh(2, 2, 2))

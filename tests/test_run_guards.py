@@ -1,4 +1,4 @@
-"""The run-level guards of jdpo.train: the best checkpoint kept outside the rotation and exported
+"""The run-level guards of jdpo.train.trainer: the best checkpoint kept outside the rotation and exported
 (`train.keep_best`), the divergence guard (`train.divergence_factor`, `train.max_param_abs`), and resume
 after SIGKILL at several points of a run, including while a checkpoint is being written."""
 
@@ -17,8 +17,9 @@ from helpers import logged_records, one_device, run_config
 from safetensors.numpy import load_file
 
 from jdpo import config as jconfig
-from jdpo import metrics, train
-from jdpo.checkpoint import Checkpointer
+from jdpo.report import metrics
+from jdpo.train import trainer as train
+from jdpo.train.checkpoint import Checkpointer
 
 
 def make_config(assets, out, **overrides):
@@ -84,7 +85,7 @@ def test_keep_best_is_checked_before_training(assets, tmp_path):
 def test_a_runaway_learning_rate_stops_the_run_before_weights_blow_up(assets, tmp_path, capsys):
     """lr 1e6 (finite loss, weights in the millions after one step) used to finish and export. `jdpo
     train` now stops at step 1 with one message (no traceback) and exit status 3, not bad input's 2."""
-    from jdpo import cli
+    from jdpo.commands import cli
 
     cfg = make_config(assets, tmp_path / "run", **{"optim.learning_rate": 1e6, "optim.warmup_ratio": 0.0})
     jconfig.dump(cfg, tmp_path / "run.yaml")

@@ -9,7 +9,7 @@ from helpers import random_model, tiny_hf_config  # numpy-filled weights: no RNG
 from jax.sharding import PartitionSpec as P
 
 from jdpo.models import ModelConfig, ModelOptions, from_pretrained, init_model, save_pretrained
-from jdpo.sharding import (
+from jdpo.parallel.sharding import (
     LOGICAL_AXIS_RULES,
     batch_sharding,
     constrain,

@@ -10,8 +10,8 @@ from flax import nnx
 from helpers import random_model, tiny_hf_config
 
 from jdpo.data import TokenizedPairs, make_batch
-from jdpo.forward import pair_logprobs
 from jdpo.models import ModelConfig
+from jdpo.scoring.forward import pair_logprobs
 
 
 def pairs_of(n, seed=0, vocab=128):
@@ -77,8 +77,8 @@ def test_a_run_lays_out_its_pairs_by_its_setting(assets, tmp_path):
     entries; a kernel without the shared-prefix rule is refused before the model loads."""
     from helpers import one_device, run_config
 
-    from jdpo import train
     from jdpo.config import ConfigError
+    from jdpo.train import trainer as train
 
     runs = {}
     for setting in ("auto", "false"):

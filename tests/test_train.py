@@ -1,4 +1,4 @@
-"""jdpo.train: the step's numbers (ln 2 at the start, cached == online, 1x8 == 8x1 accumulation, one
+"""jdpo.train.trainer: the step's numbers (ln 2 at the start, cached == online, 1x8 == 8x1 accumulation, one
 compilation), the loop's guarantees (bit-identical resume, SIGTERM checkpoint, NaN stop), the HF export,
 and a sharded run on 8 simulated CPU devices matching 1 device.
 
@@ -20,8 +20,9 @@ from helpers import TIMING, logged_records, one_device, run_config
 from helpers import train_steps as steps
 
 from jdpo import config as jconfig
-from jdpo import step, train
-from jdpo.sharding import make_mesh
+from jdpo.parallel.sharding import make_mesh
+from jdpo.train import step
+from jdpo.train import trainer as train
 
 
 def make_config(assets, out, **overrides):
@@ -252,7 +253,7 @@ def test_python_api_callbacks_from_checkpoint_evaluate_generate(assets, tmp_path
     """The notebook API: jdpo.Trainer(config).fit(callbacks=...), evaluate(), generate(), and
     Trainer.from_checkpoint on the output directory (newest) or on one checkpoint directory."""
     import jdpo
-    from jdpo.generate import Generator, SamplingParams
+    from jdpo.scoring.generate import Generator, SamplingParams
 
     out = tmp_path / "run"
     cfg = make_config(assets, out, **{"train.max_steps": 3, "train.save_every": 1})
@@ -287,7 +288,7 @@ def test_a_second_run_on_a_locked_output_directory_refuses_and_a_dead_runs_lock_
     naming the first; the lock file a killed run leaves behind does not block the next one."""
     import json as _json
 
-    from jdpo.runlock import LOCK_FILE, RunLock, RunLockedError
+    from jdpo.train.runlock import LOCK_FILE, RunLock, RunLockedError
 
     out = tmp_path / "run"
     cfg = make_config(assets, out, **{"train.max_steps": 1, "train.export": False})
@@ -298,7 +299,7 @@ def test_a_second_run_on_a_locked_output_directory_refuses_and_a_dead_runs_lock_
     assert not (out / "metrics.jsonl").exists()  # refused before writing anything
     # A run killed with SIGKILL leaves its record but no lock (the kernel dropped it).
     (out / LOCK_FILE).write_text(_json.dumps({"host": "h", "pid": 2**22 + 7, "started": "then"}))
-    with caplog.at_level("WARNING", logger="jdpo.runlock"):
+    with caplog.at_level("WARNING", logger="jdpo.train.runlock"):
         assert tr.fit().step == 1
     assert "taking over the lock left by pid 4194311" in caplog.text
     assert (out / LOCK_FILE).read_text() == ""  # released on exit
@@ -354,7 +355,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(assets,
         raw[mid : mid + 8] = bytes(b ^ 0x5A for b in raw[mid : mid + 8])
         data.write_bytes(raw)
     (out / "metrics.jsonl").unlink()
-    with caplog.at_level("WARNING", logger="jdpo.train"):
+    with caplog.at_level("WARNING", logger="jdpo.train.trainer"):
         tr = train.Trainer(cfg, mesh=one_device())
         resumed = tr.fit()
     assert "checkpoint at step 3 is damaged" in caplog.text and "resuming from step 2" in caplog.text

@@ -10,10 +10,10 @@ import shutil
 import pytest
 from helpers import one_device, run_config
 
-from jdpo import train
 from jdpo.config import ConfigError
 from jdpo.data import DataError
 from jdpo.errors import UserError
+from jdpo.train import trainer as train
 
 ROW = '{"prompt": "1+2=", "chosen": "3", "rejected": "4"}\n'
 
@@ -50,7 +50,7 @@ def test_dropped_pairs_are_counted_and_an_empty_split_says_why(assets, tmp_path,
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text(same.read_text() + assets.train_path.read_text())
     with (
-        caplog.at_level(logging.WARNING, logger="jdpo.train"),
+        caplog.at_level(logging.WARNING, logger="jdpo.train.trainer"),
         pytest.raises(UserError, match="not a readable safetensors file"),
     ):
         trainer(assets, tmp_path, broken_model, **{"data.train": [str(mixed)]})
@@ -62,7 +62,10 @@ def test_an_eval_fraction_that_holds_out_nothing_warns_with_the_numbers(
     assets, tmp_path, broken_model, caplog
 ):
     n = len(assets.train_path.read_text().splitlines())
-    with caplog.at_level(logging.WARNING, logger="jdpo.train"), pytest.raises(UserError, match="safetensors"):
+    with (
+        caplog.at_level(logging.WARNING, logger="jdpo.train.trainer"),
+        pytest.raises(UserError, match="safetensors"),
+    ):
         trainer(assets, tmp_path, broken_model, **{"data.eval": [], "data.eval_fraction": 0.1 / n})
     assert f"data.eval_fraction={0.1 / n:g} of {n} train records holds out 0 of them" in caplog.text
 
@@ -84,7 +87,10 @@ def test_a_record_plain_text_cannot_show_names_its_line_or_is_skipped(assets, tm
     data.write_text(conv + tool + conv.replace("4", "5"))
     with pytest.raises(DataError, match=rf"{data}:2: role 'tool' has no plain-text form"):
         trainer(assets, tmp_path, broken_model, **{"data.train": [str(data)]})
-    with caplog.at_level(logging.WARNING, logger="jdpo.train"), pytest.raises(UserError, match="safetensors"):
+    with (
+        caplog.at_level(logging.WARNING, logger="jdpo.train.trainer"),
+        pytest.raises(UserError, match="safetensors"),
+    ):
         trainer(assets, tmp_path, broken_model, **{"data.train": [str(data)], "data.skip_bad_rows": True})
     assert "train data: 2 of 3 pairs kept; dropped 1 (role without a plain form)" in caplog.text
 

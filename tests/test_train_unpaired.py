@@ -15,7 +15,8 @@ import pytest
 from helpers import one_device, run_config
 
 from jdpo import config as jconfig
-from jdpo import metrics, train
+from jdpo.report import metrics
+from jdpo.train import trainer as train
 
 KTO_NAMES = {"loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "kl",
              "count/chosen", "count/rejected", "rewards/margins", "pairs", "grad_norm",
@@ -115,7 +116,8 @@ def test_bco_pair_uses_the_running_mean_of_the_state(assets, tmp_path):
     delta = float(tr.state["bco_moments"]["mean"])
     assert delta != 0.0
     # The next step's loss is bco_pair at the running mean updated with that step's rewards.
-    from jdpo import losses, unpaired_losses
+    from jdpo.losses import pairwise as losses
+    from jdpo.losses import unpaired as unpaired_losses
 
     batch, host = tr.next_step_batches()
     logps = tr.logprobs(tr.train_pairs)
@@ -181,7 +183,7 @@ def test_unpaired_data_refusals(assets, tmp_path):
 
 
 def test_jdpo_eval_of_an_unpaired_run(assets, tmp_path):
-    from jdpo import evaluate
+    from jdpo.commands import evaluate
 
     over = {"dpo.loss_type": ["kto"], "train.max_steps": 2, "dpo.beta": 0.5}
     result = train.run(make_config(assets, tmp_path / "run", **over), mesh=one_device())
@@ -198,7 +200,7 @@ def test_jdpo_eval_of_an_unpaired_run(assets, tmp_path):
 
 def test_sharded_kto_run_matches_one_device(assets, tmp_path):
     # KTO's z_0 and the per-class means are reductions over the global micro-batch: the same on 8 devices.
-    from jdpo.sharding import make_mesh
+    from jdpo.parallel.sharding import make_mesh
 
     over = {"dpo.loss_type": ["kto"], "dpo.beta": 0.5}
     one = train.Trainer(make_config(assets, tmp_path / "one", **over), mesh=one_device())

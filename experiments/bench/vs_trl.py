@@ -191,8 +191,9 @@ def jdpo_plan(model_dir: str, data: str, *, rows: int, max_length: int, max_prom
     from transformers import AutoTokenizer
 
     from jdpo import data as jdata
-    from jdpo import flops, train
     from jdpo.models import ModelConfig
+    from jdpo.report import flops
+    from jdpo.train import trainer as train
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     records = jdata.load_preferences([data])
@@ -248,7 +249,7 @@ def run_jdpo(model_dir: str, data: str, work: Path, *, plan: dict, max_length: i
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env=env)
     process_s = time.perf_counter() - t0
-    from jdpo import metrics
+    from jdpo.report import metrics
 
     records = [r for r in metrics.read_metrics(run / "out" / metrics.METRICS_FILE) if "step_time" in r]
     steps = plan["steps"]
@@ -370,7 +371,7 @@ def report(results: dict, out: Path, what: str, suffix: str = "") -> None:
         lines.append(f"MFU: steady state, of the measured matmul peak "
                      f"({results['jdpo']['peak_flops'] / 1e9:.0f} GFLOP/s); strict: the unembedding "
                      "credited on scored tokens only")  # fmt: skip
-    from jdpo.bench import host_info
+    from jdpo.commands.bench import host_info
 
     host = host_info()
     lines.append(f"host: {host['cpu_model']}, {host['cpus']} CPUs, jax {host['jax']}")

@@ -336,7 +336,7 @@ def bench_overrides(paths: dict, *, dry_run: bool, rows: int, attention: str) ->
 def planned_bytes(overrides: list[str], num_devices: int = 1) -> int:
     """`jdpo plan`'s per-device total for a bench's settings, for the GPU (auto -> pallas_gpu)."""
     from jdpo import config as C
-    from jdpo import plan
+    from jdpo.commands import plan
 
     cfg = C.load_config(None, overrides)
     p = plan.plan_memory(plan.read_model_config(cfg.model.path), cfg, num_devices=num_devices, backend="gpu")
@@ -346,7 +346,7 @@ def planned_bytes(overrides: list[str], num_devices: int = 1) -> int:
 def run_bench(out: Path, name: str, overrides: list[str], *, steps: int, warmup: int, timeout: float) -> dict:
     """`jdpo bench` in its own process (its peak device memory is its own); its JSON result, or why not."""
     json_path, log_path = out / f"bench_{name}.json", out / f"bench_{name}.log"
-    cmd = [sys.executable, "-c", "import sys; from jdpo.cli import main; sys.exit(main())", "bench",
+    cmd = [sys.executable, "-c", "import sys; from jdpo.commands.cli import main; sys.exit(main())", "bench",
            "--steps", str(steps), "--warmup", str(warmup), "--json", str(json_path), *overrides]  # fmt: skip
     # The bench's own allocator (this process runs with the platform allocator, see `main`), and most of
     # the device for it: the dense kernel needs the room.

@@ -9,7 +9,7 @@ batch = next(batches)        # this host's rows of the global batch; see batchin
 position = batches.state()   # {"epoch", "batch", ...}; batches.restore(position) resumes exactly
 """
 
-from jdpo.batch import BATCH_KEYS, Batch
+from jdpo.data.batch import BATCH_KEYS, Batch
 from jdpo.data.batching import (
     PreferenceBatches,
     compare_padding,

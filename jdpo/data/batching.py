@@ -1,7 +1,7 @@
 """Fixed-shape batches of whole preference pairs: packing, length buckets, a resumable per-host iterator.
 
-Batches are `jdpo.batch.Batch`es of numpy arrays (B = this host's rows, T = row length, P = pair slots
-per row; the field layout is in `jdpo/batch.py`); `pair_ids` index the TokenizedPairs of the split.
+Batches are `jdpo.data.batch.Batch`es of numpy arrays (B = this host's rows, T = row length, P = pair slots
+per row; the field layout is in `jdpo/data/batch.py`); `pair_ids` index the TokenizedPairs of the split.
 
 A row holds whole pairs only, so per-pair reductions are row-local. With S = 2P segments and
 `logps_BxS` the per-segment sums, chosen_BxP = logps_BxS[:, 0::2], rejected_BxP = logps_BxS[:, 1::2],
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from jdpo.batch import Batch
+from jdpo.data.batch import Batch
 from jdpo.data.tokenize import TokenizedPairs
 
 # ----------------------------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ def to_examples(records: Sequence[dict], *, seed: int) -> tuple[list[dict], np.n
     """One split's records -> (pair-layout examples {"prompt", "chosen", "rejected"}, labels [n] bool):
     chosen is the example's own completion, rejected the mismatched one for the KL estimate (module
     docstring). Shuffled by `seed`. Raises DataError for fewer than 2 examples (no mismatch exists)."""
-    from jdpo.unpaired_losses import kl_mismatch_order
+    from jdpo.losses.unpaired import kl_mismatch_order
 
     unpaired, labels = split_pairs(records)
     if len(unpaired) < 2:

@@ -270,7 +270,7 @@ def per_device(fn, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, *replicated
     rules table (data x fsdp); heads over tensor when both N and K divide by it, so every local query
     head has its key head. `replicated` (e.g. a traced window) goes to every device whole. Every
     segment-aware kernel (blocked, splash, pallas_gpu) runs through here: per-row work is row-local."""
-    from jdpo.sharding import current_mesh, logical_to_spec, spec_entry_size
+    from jdpo.parallel.sharding import current_mesh, logical_to_spec, spec_entry_size
 
     args = (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, *replicated)
     mesh = current_mesh()

@@ -20,11 +20,11 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from jdpo import quantize as quantization
 from jdpo.errors import UserError
+from jdpo.models import quantize as quantization
 from jdpo.models.families import WeightSpec, weight_table
 from jdpo.models.transformer import ModelConfig, ModelOptions, Transformer
-from jdpo.sharding import named_sharding, param_shardings
+from jdpo.parallel.sharding import named_sharding, param_shardings
 
 INDEX_FILE = "model.safetensors.index.json"
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -113,7 +113,7 @@ def from_pretrained(path, *, options: ModelOptions | None = None, mesh=None):
 
     Returns (model, config). `options` says how to run it (dtypes, remat, layer layout, attention kernel;
     None: `ModelOptions()`); the parameters are stored in `options.param_dtype`. With `mesh` they are
-    placed by `jdpo.sharding.LOGICAL_AXIS_RULES`, else on the first device.
+    placed by `jdpo.parallel.sharding.LOGICAL_AXIS_RULES`, else on the first device.
     """
     options = ModelOptions() if options is None else options
     path = os.fspath(path)
@@ -122,7 +122,7 @@ def from_pretrained(path, *, options: ModelOptions | None = None, mesh=None):
     scan_layers, param_dtype = options.scan_layers, options.param_dtype
     # LoRA adapters (options.lora) are not in a base checkpoint: they are initialised after the load.
     params = {k: v for k, v in _model_params(model).items() if not isinstance(v, nnx.LoRAParam)}
-    # A quantised base (options.lora.quantize, `jdpo.quantize`): each kernel is read as float and
+    # A quantised base (options.lora.quantize, `jdpo.models.quantize`): each kernel is read as float and
     # quantised right after it loads, its scale computed from it, so at most one float kernel is held
     # at a time.
     quantized = _quantized_kernels(model)
@@ -298,7 +298,9 @@ def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_size=
     config = model.config
     params = _model_params(model)
     if any(isinstance(v, nnx.LoRAParam) for v in params.values()):
-        raise ValueError("save_pretrained writes base weights only: merge the adapters first (jdpo.lora)")
+        raise ValueError(
+            "save_pretrained writes base weights only: merge the adapters first (jdpo.models.lora)"
+        )
     L = config.num_layers
     entries = []  # (hf_key, fetch) in table order
     for spec in weight_table(config):

@@ -5,7 +5,7 @@ Splash takes the rows' segment ids as data and a static mask (causal, or causal 
 window) from which it precomputes, per (query tile, key tile), whether the tile is empty, full or
 partial; it skips the tiles that mask empties and applies the segment ids inside the others. So on
 packed rows it computes every causal tile (like pallas_gpu), where the blocked kernel also skips the
-tiles of earlier segments (`jdpo.flops.computed_attention_keys` counts both). It keeps a running
+tiles of earlier segments (`jdpo.report.flops.computed_attention_keys` counts both). It keeps a running
 (flash-attention) softmax in float32, soft-caps the scores itself (`attn_logits_soft_cap`, gemma2),
 takes grouped-query heads (K divides N) and has its own backward kernels (dq, dk / dv) that recompute
 the probabilities from a saved float32 log-sum-exp per query head.

@@ -22,14 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jdpo import quantize as quantization
 from jdpo.config import ConfigError, attention_block_problem
+from jdpo.models import quantize as quantization
 from jdpo.models.attention import blocked_attention
 from jdpo.models.kernels import ATTENTION_CHOICES, default_block, resolve_attention
 from jdpo.models.masks import AttentionMask
 from jdpo.models.pallas_gpu import pallas_gpu_attention
 from jdpo.models.splash import splash_attention
-from jdpo.sharding import constrain
+from jdpo.parallel.sharding import constrain
 
 REMAT_POLICIES = ("none", "full", "dots_saveable")
 # Attention without a KV cache: `model.attention`, one of `jdpo.models.kernels.ATTENTION_CHOICES` (auto,
@@ -132,7 +132,7 @@ class ModelOptions:
     scan_layers: bool = False  # stacked [L, ...] layer parameters run by lax.scan (one compiled layer)
     attention: str = "auto"  # ATTENTION_IMPLS: the kernel without a KV cache (`kernels.resolve_attention`)
     attention_block: int = 0  # positions per tile of the attention kernel; 0: the kernel's default
-    # Low-rank adapters on these projections (`jdpo.lora`); unlike the fields above they are weights of
+    # Low-rank adapters on these projections (`jdpo.models.lora`); unlike the fields above they are weights of
     # their own, zero-effect at initialisation (B = 0). None: no adapters.
     lora: "LoRASpec | None" = None
 
@@ -149,7 +149,7 @@ class ModelOptions:
     @classmethod
     def from_section(cls, section, *, dtype) -> "ModelOptions":
         """From a run's `jdpo.config.ModelSection`; `dtype` is its compute dtype already resolved (its
-        "auto" depends on the device, see `jdpo.train.resolve_dtype`)."""
+        "auto" depends on the device, see `jdpo.train.trainer.resolve_dtype`)."""
         return cls(
             dtype=dtype,
             param_dtype=jnp.dtype(section.param_dtype),
@@ -169,7 +169,7 @@ class LoRASpec:
     alpha: float
     targets: tuple[str, ...]  # HF module names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj
     # The frozen base's projection kernels (all seven, adapted or not) stored quantised, "int8" or
-    # "nf4" (`jdpo.quantize`), and dequantised inside the matmul (QLoRA); "none": param_dtype.
+    # "nf4" (`jdpo.models.quantize`), and dequantised inside the matmul (QLoRA); "none": param_dtype.
     quantize: str = "none"
     # PEFT's lora_dropout: dropout on the adapter's input x (not on the base path) in training forwards
     # given a dropout key; reference, eval and generation forwards get none.
@@ -189,7 +189,7 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 def _param(key, shape, names, param_dtype, init: str, std: float):
-    """A Param carrying logical axis names; placement is decided later by jdpo.sharding."""
+    """A Param carrying logical axis names; placement is decided later by jdpo.parallel.sharding."""
     if init == "normal":
         value = (std * jax.random.normal(key, shape, jnp.float32)).astype(param_dtype)
     elif init == "zeros":
@@ -224,7 +224,7 @@ class Dense(nnx.Module):
         self.n_in, self.n_out = len(in_shape), len(out_shape)
         self.kernel = _param(key, (*in_shape, *out_shape), names, param_dtype, "normal", std)
         self.quantize = quantize
-        if quantize != "none":  # codes + float32 scales (`jdpo.quantize`), dequantised in the matmul
+        if quantize != "none":  # codes + float32 scales (`jdpo.models.quantize`), dequantised in the matmul
             codes, scale = quantization.quantize(self.kernel[...], quantize, n_in=self.n_in, n_out=self.n_out)
             scale_names = names[self.n_in :] if quantize == "int8" else names
             self.kernel = nnx.Param(codes, out_sharding=tuple(names), eager_sharding=False)

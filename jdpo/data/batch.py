@@ -116,7 +116,7 @@ class Batch:
         """Host-local numpy rows -> global arrays with the rows over the mesh's row axes (the rows of
         every process together: each process passes only its own rows). `accum`: the batch has a
         leading micro-batch axis (`stack`), which is not sharded. Without a mesh: the default device."""
-        from jdpo.sharding import batch_sharding
+        from jdpo.parallel.sharding import batch_sharding
 
         if mesh is None:
             return jax.tree.map(jax.numpy.asarray, self)

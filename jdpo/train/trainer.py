@@ -1,4 +1,4 @@
-"""DPO training: a run's set-up and the loop around the jitted step (`jdpo.step`).
+"""DPO training: a run's set-up and the loop around the jitted step (`jdpo.train.step`).
 
     result = jdpo.train.run(config, callbacks=[lambda m: print(m["step"], m.get("loss"))])
     result.final_dir   # <output_dir>/final, a Hugging Face checkpoint of the trained policy
@@ -11,7 +11,7 @@
 
 Set-up reads top to bottom: model and tokenizer, data (records -> token ids -> packed batches), the
 compiled step functions, the reference log-probs of the initial weights, the initial state. The loop
-asks the policies of `jdpo.guards` (cadences, early stop, SIGTERM, non-finite loss) what to do.
+asks the policies of `jdpo.train.guards` (cadences, early stop, SIGTERM, non-finite loss) what to do.
 
 Resume: `run` on an output directory with checkpoints continues from the newest one (parameters,
 optimizer state, step, data-iterator position, early-stop bookkeeping), and the metrics it logs are
@@ -37,13 +37,18 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from jdpo import compile_cache, lora, metrics, paths, refcache
-from jdpo.batch import Batch
-from jdpo.checkpoint import FROZEN, Checkpointer, abstract_like, from_checkpoint, to_checkpoint
+from jdpo import paths
 from jdpo.config import Config, ConfigError
-from jdpo.flops import batch_token_stats, throughput_metrics, total_peak_flops, train_flops
-from jdpo.forward import PairLogps, over_split, split_metrics
-from jdpo.guards import (
+from jdpo.data.batch import Batch
+from jdpo.losses.unpaired import running_moments_init
+from jdpo.models import lora
+from jdpo.models.kernels import resolve_attention, shares_prompt
+from jdpo.report import metrics
+from jdpo.report.flops import batch_token_stats, throughput_metrics, total_peak_flops, train_flops
+from jdpo.scoring.forward import PairLogps, over_split, split_metrics
+from jdpo.train import compile_cache, refcache
+from jdpo.train.checkpoint import FROZEN, Checkpointer, abstract_like, from_checkpoint, to_checkpoint
+from jdpo.train.guards import (
     BestEval,
     DivergenceError,
     DivergenceGuard,
@@ -53,10 +58,8 @@ from jdpo.guards import (
     check_finite,
     due,
 )
-from jdpo.models.kernels import resolve_attention, shares_prompt
-from jdpo.reference_update import UpdateSchedule
-from jdpo.step import BCO_MOMENTS, BETA, STATE_FINITE, StepSettings, compiled_steps
-from jdpo.unpaired_losses import running_moments_init
+from jdpo.train.reference_update import UpdateSchedule
+from jdpo.train.step import BCO_MOMENTS, BETA, STATE_FINITE, StepSettings, compiled_steps
 
 __all__ = [
     "DivergenceError",
@@ -115,7 +118,7 @@ class Trainer:
     compiled step functions and the initial train state. `fit()` runs the loop."""
 
     def __init__(self, config: Config, *, mesh=None):
-        from jdpo.sharding import make_mesh
+        from jdpo.parallel.sharding import make_mesh
 
         self.config = c = config
         if not c.model.path:
@@ -137,7 +140,7 @@ class Trainer:
         self.best = BestEval(c.train.keep_best) if c.train.keep_best else None
         self.divergence = DivergenceGuard(c.train)
         # The data before the model: a bad line or an empty split costs seconds, not a model load.
-        self.online = None  # dpo.online: the prompts, reward and sampler (`jdpo.online.OnlineDPO`)
+        self.online = None  # dpo.online: the prompts, reward and sampler (`jdpo.train.online.OnlineDPO`)
         self._load_tokenizer()
         self._load_data()
         params = self._load_model()
@@ -198,7 +201,7 @@ class Trainer:
         """Records -> (train, eval) -> token ids -> the packed train batches, and the step count."""
         from jdpo import data as jdata
         from jdpo.data import unpaired as unpaired_data
-        from jdpo.sharding import row_shards
+        from jdpo.parallel.sharding import row_shards
 
         c, d = self.config, self.config.data
         # The batch layout follows the kernel that will run (resolved as the model load will resolve it).
@@ -206,7 +209,7 @@ class Trainer:
         self.shared_prompt, why = shares_prompt(d.shared_prompt, kernel, self.hf_model_config)
         log.info("shared prompt: %s (%s)", "on" if self.shared_prompt else "off", why)
         if c.dpo.online:  # prompts to sample from, not pairs
-            from jdpo.online import load_online_data
+            from jdpo.train.online import load_online_data
 
             return load_online_data(self)
         records = jdata.load_preferences(
@@ -417,7 +420,7 @@ class Trainer:
         """The data iterator has given every batch of the current pass (a round of `train.rounds`)."""
         return self.batches.batch >= self.batches.num_batches(self.batches.epoch)
 
-    # -- the moving reference (`jdpo.reference_update`) ------------------------------------------------
+    # -- the moving reference (`jdpo.train.reference_update`) ------------------------------------------------
 
     def update_reference(self, kind: str) -> None:
         """Move the reference toward the current policy ("hard": to it; "soft": TR-DPO's mix). Online: the
@@ -444,8 +447,8 @@ class Trainer:
 
     def _restore_cached_reference(self, keys: dict[str, str]) -> None:
         """A resumed run whose cached reference was updated: the entries the checkpoint names, by key."""
-        from jdpo.distributed import any_process
         from jdpo.models import CheckpointError
+        from jdpo.parallel.distributed import any_process
 
         for split, pairs in (("train", self.train_pairs), ("eval", self.eval_pairs)):
             key = keys.get(split)
@@ -645,9 +648,9 @@ class Trainer:
     # -- generation ----------------------------------------------------------------------------------
 
     def generate(self, prompts, sampling=None, **kwargs) -> list[dict]:
-        """Completions of the current policy for text / message prompts (`jdpo.generate.Generator.generate`:
+        """Completions of the current policy for text / message prompts (`jdpo.scoring.generate.Generator.generate`:
         `sampling` a SamplingParams, default greedy; `batch_size`, `max_prompt_length`)."""
-        from jdpo.generate import Generator, SamplingParams
+        from jdpo.scoring.generate import Generator, SamplingParams
 
         model = self.model()
         gen = Generator(model, self.tokenizer, mesh=self.mesh, model_dir=self.config.model.path)
@@ -661,8 +664,8 @@ class Trainer:
 
         callbacks: called with every logged record (train and eval, each with its "step"); one returning
         True stops the run after that step (a checkpoint is saved). The output directory is locked for
-        the run's life (`jdpo.runlock`): a second run on it refuses to start."""
-        from jdpo.runlock import RunLock
+        the run's life (`jdpo.train.runlock`): a second run on it refuses to start."""
+        from jdpo.train.runlock import RunLock
 
         with RunLock(self.output_dir, main_process=jax.process_index() == 0):
             return self._fit(callbacks)
@@ -794,7 +797,7 @@ class Trainer:
     ) -> dict[str, float]:
         """One logged train record: the step's metrics, its epoch, and throughput over all processes
         (`hf_config`: the model's HF config for the FLOP count; `peak`: the mesh's peak FLOP/s)."""
-        from jdpo.distributed import sum_over_processes
+        from jdpo.parallel.distributed import sum_over_processes
 
         stats = [batch_token_stats(b, sliding_window=self.model_config.sliding_window) for b in host]
         # Each process counts its own rows; summed, the counters are the global batch's.
@@ -873,7 +876,7 @@ def lora_export(model, final_dir, merged_dir, base_model: str, tokenizer) -> epa
     """A LoRA run's export: `final_dir` the PEFT adapter directory, `merged_dir` the Hugging Face
     checkpoint with the adapters merged into the base. Returns `final_dir`."""
     from jdpo.models import save_pretrained
-    from jdpo.peft_export import save_adapter
+    from jdpo.models.peft import save_adapter
 
     main = jax.process_index() == 0
     with paths.staged_dir(final_dir, upload=main) as local:

@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jdpo import metrics as M
 from jdpo.paths import as_path, is_local
+from jdpo.report import metrics as M
 
 if TYPE_CHECKING:
     from etils import epath

@@ -10,7 +10,7 @@ Imports only jax and numpy so that it loads fast and can be used without flax or
   unembedding, in chunks of positions, so no [B, T, V] float32 tensor exists, not even in the backward pass.
 - ``segment_logprobs``: per-segment sums for packed rows (segment 0 is padding).
 - ``wpo_token_logprobs`` (+ ``_from_hidden``) and ``wpo_weights``: the WPO per-pair weights, built from the
-  same chunked pass and handed to ``jdpo.losses.dpo_loss(weights=...)``.
+  same chunked pass and handed to ``jdpo.losses.pairwise.dpo_loss(weights=...)``.
 """
 
 from __future__ import annotations

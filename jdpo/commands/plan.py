@@ -5,7 +5,7 @@
 
 The parameter count and every parameter's shape come from `nnx.eval_shape` of the real model (the
 config.json of `model.path`, or a bare HF config.json), and each parameter's per-device share from the
-same logical-axis rules table the trainer uses (`jdpo.sharding.logical_to_spec`, with its divisibility
+same logical-axis rules table the trainer uses (`jdpo.parallel.sharding.logical_to_spec`, with its divisibility
 fallback), on a mesh of the configured ("data", "fsdp", "tensor") sizes. So a planned 8-device run
 replicates exactly what the real run would replicate.
 
@@ -44,7 +44,7 @@ they divide by it):
                   final hidden states and their norm input 2D * b per token
   log-prob chunk  chunk x V float32 logits of the chunked log-prob loop, chunk = min(LOGPROB_CHUNK,
                   B * T): this device's rows are laid end to end as one group and projected one chunk of
-                  positions at a time (`jdpo.step.LOGPROB_CHUNK`, the train step's chunk size)
+                  positions at a time (`jdpo.train.step.LOGPROB_CHUNK`, the train step's chunk size)
   batch           the step's [A, B, T] int32/float32 input arrays (5 per token)
   dequantised     lora.quantize int8 / nf4: one layer's seven projection kernels dequantised into the
   layer           compute dtype while the layer runs, (D (N + 2K) H + N H D + 3 D F) * b
@@ -191,7 +191,7 @@ def abstract_params(model_config, *, param_dtype: str = "float32", scan_layers: 
 
 def _local_elements(shape, names, mesh: _MeshShape) -> int:
     """Elements of one device's shard (ceil per sharded dimension)."""
-    from jdpo.sharding import logical_to_spec
+    from jdpo.parallel.sharding import logical_to_spec
 
     spec = logical_to_spec(names, shape, mesh)
     n = 1
@@ -309,7 +309,7 @@ def plan_memory(
     import optax
 
     from jdpo.models.kernels import resolve_attention
-    from jdpo.step import LOGPROB_CHUNK, make_optimizer
+    from jdpo.train.step import LOGPROB_CHUNK, make_optimizer
 
     data, fsdp, tensor = resolve_mesh(cfg.mesh, num_devices)
     mesh = _MeshShape(data, fsdp, tensor)

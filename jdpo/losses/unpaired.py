@@ -1,11 +1,11 @@
 """Pure losses for unpaired feedback (``kto_loss``): one completion per example, labelled desirable or not.
 
-Thumbs-up / thumbs-down data has no pairs, so the pairwise ``jdpo.losses.dpo_loss`` cannot use it. This
+Thumbs-up / thumbs-down data has no pairs, so the pairwise ``jdpo.losses.pairwise.dpo_loss`` cannot use it. This
 module holds the unpaired losses (KTO, BCO, APO-zero unpaired) and the pure pieces their train step needs
 around them: the KL reference point of KTO (``kto_kl``) and the mismatched prompt / completion pairing it is
 estimated from (``kl_mismatch_order``), BCO's running reward mean (``running_moments_init`` /
 ``running_moments_update``), and the conversion of summed per-example metrics to TRL's means
-(``kto_metric_means``). Like ``jdpo.losses`` it imports only jax (and numpy, which jax brings).
+(``kto_metric_means``). Like ``jdpo.losses.pairwise`` it imports only jax (and numpy, which jax brings).
 
 Notation: r = policy_logps - ref_logps (the completion's log-ratio); b = beta; s(x) = sigmoid(x);
 ls(x) = log sigmoid(x); w_d, w_u = desirable_weight, undesirable_weight (lambda_D, lambda_U in the KTO paper);
@@ -50,8 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdpo.loss_defaults import DEFAULTS, UNPAIRED_LOSS_TYPES
-from jdpo.losses import REDUCTIONS, TINY, as_float32, is_number
+from jdpo.losses.defaults import DEFAULTS, UNPAIRED_LOSS_TYPES
+from jdpo.losses.pairwise import REDUCTIONS, TINY, as_float32, is_number
 
 Array = jax.Array
 

@@ -8,7 +8,7 @@ shardings over the ("data", "fsdp", "tensor") mesh and the state donated. The op
 sharded like the parameters.
 
 One step = `grad_accum` micro-batches [A, B, T] scanned inside the jit; each contributes the SUM of
-its per-slot losses (`jdpo.batch_loss`: pairs, or rated examples for the unpaired losses) and its
+its per-slot losses (`jdpo.scoring.batch_loss`: pairs, or rated examples for the unpaired losses) and its
 number of valid slots, and the gradient is divided by the step's total count once, so 1 x 8 and
 8 x 1 accumulation are the same optimisation (up to float rounding).
 """
@@ -26,13 +26,13 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jdpo import beta_schedule, reference_update
-from jdpo.batch import Batch
-from jdpo.batch_loss import slot_losses, step_means
 from jdpo.config import DPOSection, OptimSection
-from jdpo.forward import pair_logprobs
-from jdpo.sharding import batch_sharding, jit_on_mesh
-from jdpo.unpaired_losses import running_moments_init
+from jdpo.data.batch import Batch
+from jdpo.losses.unpaired import running_moments_init
+from jdpo.parallel.sharding import batch_sharding, jit_on_mesh
+from jdpo.scoring.batch_loss import slot_losses, step_means
+from jdpo.scoring.forward import pair_logprobs
+from jdpo.train import beta_schedule, reference_update
 
 
 def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -69,7 +69,7 @@ class StepSettings:
     optim: OptimSection
     total_steps: int
     chunk_size: int = LOGPROB_CHUNK
-    # LoRA (`jdpo.lora`): the frozen base as (treedef, leaves); the params above are then the adapters.
+    # LoRA (`jdpo.models.lora`): the frozen base as (treedef, leaves); the params above are then the adapters.
     abstract_base: tuple | None = None
 
     def params_like(self):
@@ -154,7 +154,7 @@ class Steps:
     copy_params: Callable  # params -> a copy in fresh buffers (the frozen online reference)
     schedule: Callable
     state_shardings: dict
-    # "hard" / "soft" -> (ref_params, params) -> new ref_params, the old donated (`jdpo.reference_update`);
+    # "hard" / "soft" -> (ref_params, params) -> new ref_params, the old donated (`jdpo.train.reference_update`);
     # {} without an online reference
     update_reference: dict
 

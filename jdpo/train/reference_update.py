@@ -10,7 +10,7 @@ Iterative DPO (`train.rounds`) trains one pass over the data per round and makes
 
 How the reference moves depends on where it lives:
 - `dpo.reference: online`: the state's frozen copy "ref_params" is updated on the device by
-  `soft_update` / `hard_update` under jit (`jdpo.step.Steps.update_reference`, the old reference
+  `soft_update` / `hard_update` under jit (`jdpo.train.step.Steps.update_reference`, the old reference
   donated, sharded like the params), and it is then part of the checkpoint (it is no longer the initial
   weights a resume could reload).
 - `cached`: a hard update recomputes the cache of both splits from the current weights (their fingerprint

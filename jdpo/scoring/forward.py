@@ -1,6 +1,6 @@
 """The policy forward: per-pair log-probs of a typed batch, and of every pair of a split.
 
-`pair_logprobs` is the one forward of a model over a `jdpo.batch.Batch` (the train step, the eval pass
+`pair_logprobs` is the one forward of a model over a `jdpo.data.batch.Batch` (the train step, the eval pass
 and the reference pass all run it); `over_split` is the one loop that runs a jitted forward over every
 batch of a split once and collects its per-pair results by pair id (the reference pass, in-training
 eval, `jdpo eval`, the demo and `jdpo bench` use it); `split_metrics` turns a split's policy and
@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdpo import logprobs
-from jdpo.batch import Batch
-from jdpo.sharding import batch_shards
+from jdpo.data.batch import Batch
+from jdpo.losses import logprobs
+from jdpo.parallel.sharding import batch_shards
 
 
 def pair_logprobs(
@@ -170,7 +170,7 @@ def split_metrics(
     policy: PairLogps, reference: PairLogps | None, dpo, *, labels=None, moments=None
 ) -> dict[str, float]:
     """The loss and TRL's metrics (eval/ names) of a whole split, with the loss settings of `dpo` (a
-    `jdpo.config.DPOSection`): the mean over every pair both forwards computed (`jdpo.batch_loss`).
+    `jdpo.config.DPOSection`): the mean over every pair both forwards computed (`jdpo.scoring.batch_loss`).
     `reference` may be None for the reference-free losses.
 
     Unpaired losses: `labels` [N] are the split's (`TokenizedPairs.labels`), kto's z_0 is estimated over
@@ -178,8 +178,9 @@ def split_metrics(
     initial 0). A split of pairs (`labels` None, e.g. `jdpo eval` on paired data) under an unpaired loss
     gets the pairwise reward metrics (preference accuracy, margins) and the sigmoid loss at its beta: the
     implicit reward beta * (policy - reference) is the same. WPO weights do not enter the eval loss."""
-    from jdpo import batch_loss, metrics
-    from jdpo.unpaired_losses import running_moments_init
+    from jdpo.losses.unpaired import running_moments_init
+    from jdpo.report import metrics
+    from jdpo.scoring import batch_loss
 
     if dpo.unpaired and labels is None:
         dpo = dataclasses.replace(dpo, loss_type=("sigmoid",), loss_weights=())

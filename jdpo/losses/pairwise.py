@@ -1,11 +1,11 @@
 """Pure preference losses over summed completion log-probabilities (``dpo_loss``).
 
 Pairs only: the unpaired losses (one completion labelled desirable or not: kto, apo_zero_unpaired, bco) are
-``jdpo.unpaired_losses.kto_loss``, with their table there.
+``jdpo.losses.unpaired.kto_loss``, with their table there.
 
 Imports only jax so that it loads fast and can be used without flax or transformers. The log-probs
 themselves (from logits or, chunked, from hidden states; per segment of packed rows; WPO weights) are
-computed by ``jdpo.logprobs``.
+computed by ``jdpo.losses.logprobs``.
 
 Notation: pc, pr = policy log-probs of chosen / rejected; rc, rr = reference log-probs; b = beta;
 cr = pc - rc and rr_ = pr - rr (the per-completion log-ratios); z = (pc - pr) - (rc - rr) (the DPO logit);
@@ -62,7 +62,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jdpo.loss_defaults import DEFAULTS
+from jdpo.losses.defaults import DEFAULTS
 
 Array = jax.Array
 

@@ -2,7 +2,7 @@
 the best checkpoint (`train.keep_best`), preemption (SIGTERM), the non-finite-loss stop and the
 divergence guard.
 
-The loop in `jdpo.train.Trainer.fit` asks these; each keeps whatever state it needs in a JSON-able dict
+The loop in `jdpo.train.trainer.Trainer.fit` asks these; each keeps whatever state it needs in a JSON-able dict
 that goes into the checkpoint's metadata, so that a resumed run decides exactly as an uninterrupted one.
 """
 
@@ -82,7 +82,7 @@ class EarlyStopping:
 class BestEval:
     """`train.keep_best` ('<eval metric>:<min|max>'): which eval so far was the best. The loop saves a
     checkpoint at each new best, with the value as its orbax metric, so that the checkpointer keeps it
-    outside the newest-N rotation (`jdpo.checkpoint.Checkpointer(best=...)`); step 0 (the initial
+    outside the newest-N rotation (`jdpo.train.checkpoint.Checkpointer(best=...)`); step 0 (the initial
     weights, which have no checkpoint) is not a candidate."""
 
     def __init__(self, spec: str):
@@ -139,7 +139,7 @@ class Preemption:
     def requested(self) -> bool:
         """Unanimous across processes (a collective: call it on every process at the same step): a
         pod's workers may get the signal at different steps."""
-        from jdpo.distributed import any_process
+        from jdpo.parallel.distributed import any_process
 
         return any_process(self._event.is_set())
 

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
-from jdpo.metrics import MFU, PADDING_FRACTION, STEP_TIME, TOKENS_PER_SEC
+from jdpo.report.metrics import MFU, PADDING_FRACTION, STEP_TIME, TOKENS_PER_SEC
 
 
 def _dims(cfg: Any) -> tuple[int, int, int, int, int, int, int]:
@@ -187,8 +187,8 @@ def computed_attention_keys(kernel: str, segment_ids, *, tile: int, sliding_wind
 def batch_token_stats(batch: Mapping[str, Any], *, sliding_window: int | None = None) -> dict[str, int]:
     """``tokens`` (non-pad), ``slots`` (B * T), ``attended_keys`` and ``scored`` (positions with
     ``loss_mask`` > 0, the completion tokens whose logits DPO needs) of one host-side batch (a
-    `jdpo.batch.Batch` or a dict with its ``segment_ids``, ``positions`` and ``loss_mask``). Per host:
-    sum across hosts (`jdpo.distributed.sum_over_processes`) for global numbers."""
+    `jdpo.data.batch.Batch` or a dict with its ``segment_ids``, ``positions`` and ``loss_mask``). Per host:
+    sum across hosts (`jdpo.parallel.distributed.sum_over_processes`) for global numbers."""
     import numpy as np
 
     if "loss_mask" not in batch:

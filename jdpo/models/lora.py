@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jdpo import quantize as quantization
 from jdpo.config import ConfigError, LoRASection
+from jdpo.models import quantize as quantization
 from jdpo.models.transformer import LoRASpec, ModelConfig, ModelOptions, Transformer
 
 __all__ = [
@@ -78,7 +78,7 @@ def model_options(options: ModelOptions, section: LoRASection, model_path: str) 
                     f"{in_shape[-1]} in {model_path} is odd; use lora.quantize=int8"
                 )
     if section.init_adapter:
-        from jdpo.peft_export import check_adapter
+        from jdpo.models.peft import check_adapter
 
         check_adapter(section.init_adapter, config, section)
     spec = LoRASpec(
@@ -98,7 +98,7 @@ def split(model: Transformer, section: LoRASection):
         graphdef, params = nnx.split(model)
         return graphdef, params, None
     if section.init_adapter:
-        from jdpo.peft_export import load_adapter
+        from jdpo.models.peft import load_adapter
 
         load_adapter(model, section.init_adapter)
     return nnx.split(model, nnx.LoRAParam, ...)
@@ -122,7 +122,7 @@ def dense_modules(model, *, adapted: bool = True) -> dict[tuple, nnx.Module]:
 
 
 def base_kernel(dense) -> jax.Array:
-    """A projection's base kernel in float32 (a quantised one dequantised, `jdpo.quantize`)."""
+    """A projection's base kernel in float32 (a quantised one dequantised, `jdpo.models.quantize`)."""
     if dense.quantize == "none":
         return dense.kernel[...].astype(jnp.float32)
     return quantization.dequantize(

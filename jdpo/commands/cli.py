@@ -21,7 +21,7 @@ from typing import Any
 
 from jdpo import config as C
 from jdpo.errors import EXIT_USER_ERROR, UserError
-from jdpo.guards import NonFiniteLossError
+from jdpo.train.guards import NonFiniteLossError
 
 
 def format_default(value: Any) -> str:
@@ -91,7 +91,7 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="Print the resolved config as YAML and exit without training.",
     )
     _add_config_fields(p)
-    from jdpo import distributed
+    from jdpo.parallel import distributed
 
     distributed.add_arguments(p)
     p.set_defaults(func=_run_train)
@@ -110,13 +110,14 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
         print(yaml.safe_dump(C.to_dict(cfg), sort_keys=False), end="")
         return 0
-    from jdpo import distributed
+    from jdpo.parallel import (
+        distributed,  # Before any JAX computation: joins jax.distributed when a cluster is detected, else a no-op.
+    )
 
-    # Before any JAX computation: joins jax.distributed when a cluster is detected, else a no-op.
     info = distributed.initialize_from_args(args)
     if info.process_count > 1 and distributed.is_main_process():
         print(f"[jdpo] {info}")
-    from jdpo import train
+    from jdpo.train import trainer as train
 
     result = train.run(cfg)
     if result.stop_reason == "sigterm":
@@ -211,7 +212,7 @@ def _plot(output_dir: str, out: str | None, parser: argparse.ArgumentParser | No
         print(f"jdpo: {msg}", file=sys.stderr)
         return 1
     try:
-        from jdpo.plot import plot_run
+        from jdpo.report.plot import plot_run
     except ImportError as e:  # matplotlib missing
         print(f"jdpo plot needs matplotlib: pip install matplotlib ({e})", file=sys.stderr)
         return 1
@@ -268,7 +269,7 @@ def _run_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import json
     from pathlib import Path
 
-    from jdpo import plan
+    from jdpo.commands import plan
 
     cfg = _load_cfg(args, parser, [])
     source = args.hf_config or cfg.model.path
@@ -340,7 +341,7 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     cfg = _load_cfg(args, parser, extra)
     if not cfg.model.path or not cfg.data.train:
         parser.error("give a model (--model DIR or model.path) and data (--data SRC or data.train)")
-    from jdpo import bench
+    from jdpo.commands import bench
 
     result = bench.run_bench(cfg, steps=args.steps, warmup=args.warmup, out_json=args.json)
     print(bench.format_bench(result))
@@ -359,10 +360,10 @@ def _add_mesh_argument(p: argparse.ArgumentParser) -> None:
 
 
 def _mesh_arg(value: str | None, parser: argparse.ArgumentParser):
-    """--mesh DATA,FSDP,TENSOR -> a jdpo.sharding mesh (None without the option)."""
+    """--mesh DATA,FSDP,TENSOR -> a jdpo.parallel.sharding mesh (None without the option)."""
     if value is None:
         return None
-    from jdpo.sharding import make_mesh
+    from jdpo.parallel.sharding import make_mesh
 
     try:
         data, fsdp, tensor = (int(x) for x in value.split(","))
@@ -413,7 +414,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def _run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import json
 
-    from jdpo.generate import Generator, SamplingParams, read_prompts
+    from jdpo.scoring.generate import Generator, SamplingParams, read_prompts
 
     try:
         sampling = SamplingParams(
@@ -502,7 +503,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def _run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import json
 
-    from jdpo import evaluate
+    from jdpo.commands import evaluate
 
     dpo = None
     if args.loss_type is not None:
@@ -599,7 +600,9 @@ def _attach_negative_values(argv: Sequence[str]) -> list[str]:
 
 _NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.IGNORECASE)
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: a preempted run checkpointed and stopped; rerun to continue
-EXIT_DIVERGED = 3  # the loss became NaN or the run blew up (jdpo.guards); the last good checkpoint is kept
+EXIT_DIVERGED = (
+    3  # the loss became NaN or the run blew up (jdpo.train.guards); the last good checkpoint is kept
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -634,7 +637,7 @@ def entry() -> None:
     torch's objects one by one, which took 1.2-1.4 s of every ``jdpo train`` process on 2 CPU cores, for
     nothing a user needs. The exit handlers still run first (logging's flush, ``jax.distributed``'s
     shutdown on a multi-host run); an exception propagates as usual. ``main`` itself, which tests and
-    scripts call in-process, returns normally, and ``python -m jdpo.cli`` exits the ordinary way (so a
+    scripts call in-process, returns normally, and ``python -m jdpo.commands.cli`` exits the ordinary way (so a
     profiler or debugger that runs the module gets to write its report)."""
     status = main()
     import atexit

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jdpo.config import ConfigError, LoRASection
-from jdpo.lora import dense_modules, projection_shapes
+from jdpo.models.lora import dense_modules, projection_shapes
 from jdpo.models.transformer import ModelConfig, Transformer
 
 __all__ = [
@@ -123,8 +123,8 @@ def from_adapter_dir(path, *, options=None, mesh=None) -> tuple[Transformer, str
     with the adapter merged into the kernels. Returns (model, base path). What `jdpo eval` and
     `jdpo generate` load when given an adapter directory."""
     from jdpo.config import LORA_TARGETS
-    from jdpo.lora import merged, model_options
     from jdpo.models import ModelOptions, from_pretrained
+    from jdpo.models.lora import merged, model_options
 
     path = os.fspath(path)
     cfg = _read_config(path)

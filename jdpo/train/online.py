@@ -9,7 +9,7 @@
 One step (`OnlineDPO.next_step`, called by `Trainer.fit` where an offline run takes its next batch):
   1. the next `prompts_per_step` prompts of data.train (a permutation per epoch drawn from the seed; a
      JSONL of {"prompt": ...} / {"messages": ...} rows, or the prompts of any preference source), each
-     repeated `samples_per_prompt` times, are sampled with the current weights by `jdpo.generate`'s
+     repeated `samples_per_prompt` times, are sampled with the current weights by `jdpo.scoring.generate`'s
      KV-cache sampler: prompts left-padded to one fixed length (the longest prompt of the split, rounded
      up to LENGTH_BUCKET), a fixed number of rows, so prefill and the decode loop compile once per run;
   2. the reward function scores every (prompt, completion) text (prompts as `jdpo.data.prompt_texts`
@@ -57,14 +57,14 @@ log = logging.getLogger(__name__)
 # Prompts are left-padded to a multiple of this (the longest prompt of the split, rounded up).
 LENGTH_BUCKET = 8
 
-# Metric names of an online step (besides the usual train metrics of `jdpo.step`).
+# Metric names of an online step (besides the usual train metrics of `jdpo.train.step`).
 REWARD_MEAN = "online/reward_mean"  # mean reward of every sample of the step
 REWARD_CHOSEN = "online/reward_chosen"  # mean reward of the chosen samples (absent without a pair)
 REWARD_REJECTED = "online/reward_rejected"  # ... of the rejected ones
 TIED_FRACTION = "online/tied_fraction"  # share of the step's prompts dropped: all samples scored the same
 PAIRS = "online/pairs"  # pairs trained on this step
 COMPLETION_LENGTH = "online/completion_length"  # mean sampled tokens per completion (stop token included)
-DISTINCT_1, DISTINCT_2 = "online/distinct_1", "online/distinct_2"  # `jdpo.diversity` over the samples
+DISTINCT_1, DISTINCT_2 = "online/distinct_1", "online/distinct_2"  # `jdpo.report.diversity` over the samples
 SAMPLE_TIME = "online/sample_time"  # seconds: sampling, scoring and building the batch
 TRAIN_TIME = "online/train_time"  # seconds: the train step (0 when it was skipped)
 
@@ -293,7 +293,7 @@ class OnlineDPO:
 
     def __init__(self, config: Config, tokenizer, prompts: list, wheres: list, *, rows: int, row_length: int):
         from jdpo.data import encode_prompts, prompt_texts
-        from jdpo.train import MAX_PAIRS_PER_ROW
+        from jdpo.train.trainer import MAX_PAIRS_PER_ROW
 
         c, on = config, config.online
         self.config, self.tokenizer = config, tokenizer
@@ -349,7 +349,7 @@ class OnlineDPO:
         """The KV-cache sampler on the current weights (made once; its parameters follow the policy)."""
         from flax import nnx
 
-        from jdpo.generate import Generator
+        from jdpo.scoring.generate import Generator
 
         model = trainer.model()
         if self._generator is None:
@@ -361,7 +361,7 @@ class OnlineDPO:
         return self._generator
 
     def sampling(self, seed: int):
-        from jdpo.generate import SamplingParams
+        from jdpo.scoring.generate import SamplingParams
 
         on = self.config.online
         return SamplingParams(max_new_tokens=on.max_new_tokens, temperature=on.temperature, top_p=on.top_p,
@@ -370,9 +370,9 @@ class OnlineDPO:
     def next_step(self, trainer):
         """Sample, score and pair the next prompts: (device Batch [A, B, T], host batches), or (None, [])
         when every prompt tied. Sets `last` to the step's online/ metrics."""
-        from jdpo.batch import Batch
         from jdpo.data import TokenizedPairs, make_batch
-        from jdpo.diversity import distinct_n
+        from jdpo.data.batch import Batch
+        from jdpo.report.diversity import distinct_n
 
         t0 = time.perf_counter()
         on = self.config.online
@@ -426,8 +426,8 @@ def load_online_data(trainer) -> None:
     import jax
 
     from jdpo import data as jdata
-    from jdpo.sharding import row_shards
-    from jdpo.train import pairs_per_row
+    from jdpo.parallel.sharding import row_shards
+    from jdpo.train.trainer import pairs_per_row
 
     c, d = trainer.config, trainer.config.data
     if jax.process_count() > 1:

@@ -53,7 +53,7 @@ class RunLock:
         self._fd: int | None = None
 
     def __enter__(self) -> RunLock:
-        from jdpo.distributed import any_process
+        from jdpo.parallel.distributed import any_process
 
         error = self._acquire() if self.main_process else None
         if any_process(error is not None):  # every process of the run refuses together

@@ -12,7 +12,7 @@ What is measured:
   1, no top-k / top-p, so the samples follow the policy's own distribution): the mean over samples of
   sum_t [log p_policy(y_t | ...) - log p_ref(y_t | ...)] over the sampled tokens (stop token included).
   Unbiased; a single sample's term can be negative, the mean is >= 0 up to noise. Next to it the same
-  samples' diversity, distinct-1 / distinct-2 (`jdpo.diversity`): a policy collapsing onto a few answers
+  samples' diversity, distinct-1 / distinct-2 (`jdpo.report.diversity`): a policy collapsing onto a few answers
   shows it there while its KL grows.
 - Side-by-side generations (greedy by default) of both models for N prompts, written as JSONL and as a
   Markdown page. With an `answer_checker(prompt, completion) -> bool | None` (None: not checkable), the
@@ -39,8 +39,8 @@ import numpy as np
 from flax import nnx
 
 from jdpo.data.sources import DataError
-from jdpo.generate import Generator, Prompt, SamplingParams
 from jdpo.models.hf import CheckpointError
+from jdpo.scoring.generate import Generator, Prompt, SamplingParams
 
 AnswerChecker = Callable[[Any, str], "bool | None"]
 
@@ -67,8 +67,8 @@ def arithmetic_checker(prompt: Any, completion: str) -> bool | None:
 
 @functools.lru_cache(maxsize=8)
 def _token_logprobs_fn(graphdef, mesh):
-    from jdpo import logprobs
-    from jdpo.sharding import batch_shards, jit_on_mesh
+    from jdpo.losses import logprobs
+    from jdpo.parallel.sharding import batch_shards, jit_on_mesh
 
     def fn(params, ids_BxT, targets_BxT, segment_ids_BxT):
         model = nnx.merge(graphdef, params)
@@ -94,7 +94,7 @@ def completion_logprobs(
 ) -> list[np.ndarray]:
     """Per-token log-probs (float32, one array per completion) of each completion given its prompt,
     from one full forward (right-padded rows, padding in segment 0 so it is never attended)."""
-    from jdpo.sharding import batch_sharding, round_rows
+    from jdpo.parallel.sharding import batch_sharding, round_rows
 
     fn = _token_logprobs_fn(gen.graphdef, gen.mesh)
     B = round_rows(batch_size, gen.mesh)
@@ -141,8 +141,8 @@ def _check_same_architecture(policy: Generator, reference: Generator) -> None:
 def _pair_forward(graphdef, mesh):
     """Jitted per-pair log-probs of a packed batch (one program per architecture and mesh, shared by
     the policy and the reference)."""
-    from jdpo.forward import pair_logprobs
-    from jdpo.sharding import jit_on_mesh
+    from jdpo.parallel.sharding import jit_on_mesh
+    from jdpo.scoring.forward import pair_logprobs
 
     return jit_on_mesh(lambda params, batch: pair_logprobs(nnx.merge(graphdef, params), batch), mesh)
 
@@ -160,16 +160,16 @@ def preference_metrics(
     `jdpo.config.DPOSection`; default: its defaults, the sigmoid loss at beta 0.1) over every tokenised
     pair (`jdpo.data.TokenizedPairs`), one pass through the training path's forward. Rated examples
     (`pairs.labels` set, `jdpo.data.unpaired`) get the unpaired loss's metrics; pairs under an unpaired
-    loss the pairwise reward metrics (`jdpo.forward.split_metrics`).
+    loss the pairwise reward metrics (`jdpo.scoring.forward.split_metrics`).
 
     Rewards are beta * (policy - reference) summed completion log-probs; accuracy counts pairs whose
     chosen reward is strictly above the rejected one (so policy == reference gives 0).
     """
     from jdpo import data as jdata
     from jdpo.config import DPOSection
-    from jdpo.forward import over_split, split_metrics
-    from jdpo.sharding import round_rows
-    from jdpo.train import pairs_per_row
+    from jdpo.parallel.sharding import round_rows
+    from jdpo.scoring.forward import over_split, split_metrics
+    from jdpo.train.trainer import pairs_per_row
 
     dpo = DPOSection() if dpo is None else dpo
     lp, lc, lr = pairs.lengths()
@@ -235,9 +235,9 @@ def kl_on_samples(
 
     Returns {"eval/kl": mean over samples, "eval/kl_stderr": its standard error, "eval/kl_samples": count,
     "eval/sample_length": mean sampled tokens, "eval/distinct_1", "eval/distinct_2": the samples'
-    diversity (`jdpo.diversity.distinct_n` over their tokens, each sample's stop token left out)}.
+    diversity (`jdpo.report.diversity.distinct_n` over their tokens, each sample's stop token left out)}.
     """
-    from jdpo.diversity import diversity_metrics
+    from jdpo.report.diversity import diversity_metrics
 
     kl_N, completions = sample_kl(
         policy, reference, prompt_ids, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size

@@ -1,6 +1,6 @@
 """Multi-process (multi-host) JAX: start `jax.distributed` when a cluster is detected, else do nothing.
 
-    from jdpo import distributed
+    from jdpo.parallel import distributed
     info = distributed.maybe_initialize()   # first thing in main, before any JAX computation
     print(info)                             # "process 0 of 4 (tpu)" or "single process"
     ...
@@ -340,7 +340,7 @@ def maybe_initialize(
         if "must be called before" in str(e):
             raise DistributedError(
                 f"a multi-process job was detected ({spec.kind}: {spec.reason}) but JAX already ran a "
-                "computation in this process; call jdpo.distributed.maybe_initialize() first in main"
+                "computation in this process; call jdpo.parallel.distributed.maybe_initialize() first in main"
             ) from e
         raise
     from jax._src import distributed as _jd

@@ -107,8 +107,9 @@ def run_bench(
     import jax
     import numpy as np
 
-    from jdpo import plan, refcache, train
-    from jdpo.flops import (
+    from jdpo.commands import plan
+    from jdpo.models.kernels import tile_of
+    from jdpo.report.flops import (
         batch_token_stats,
         computed_attention_keys,
         forward_flops,
@@ -117,8 +118,9 @@ def run_bench(
         total_peak_flops,
         train_flops,
     )
-    from jdpo.forward import over_split
-    from jdpo.models.kernels import tile_of
+    from jdpo.scoring.forward import over_split
+    from jdpo.train import refcache
+    from jdpo.train import trainer as train
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -307,8 +309,8 @@ def run_bench(
 
 def format_bench(r: dict[str, Any]) -> str:
     """The console table of a `run_bench` result."""
-    from jdpo.metrics import si_number
-    from jdpo.plan import human
+    from jdpo.commands.plan import human
+    from jdpo.report.metrics import si_number
 
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.1f}%"

@@ -10,7 +10,7 @@ every enabled writer:
 
 Only process 0 writes anything on a multi-host run. This module never imports JAX (it asks JAX for
 the process index only when the caller has already imported it) so that ``jdpo plot`` and the CLI
-stay fast. FLOPs, peak FLOP/s and MFU are counted in :mod:`jdpo.flops`. The output directory may be
+stay fast. FLOPs, peak FLOP/s and MFU are counted in :mod:`jdpo.report.flops`. The output directory may be
 an object store (``gs://bucket/run``): the files are then uploaded whole at sync points (``flush``).
 """
 
@@ -230,7 +230,10 @@ _CONSOLE_FIELDS = (
     (LOSS, lambda v: f"loss {v:.4f}"),
     (REWARDS_ACCURACIES, lambda v: f"acc {v:.3f}"),
     (REWARDS_MARGINS, lambda v: f"margin {v:.3f}"),
-    ("online/reward_mean", lambda v: f"reward {v:.3f}"),  # dpo.online (`jdpo.online`): the samples' mean
+    (
+        "online/reward_mean",
+        lambda v: f"reward {v:.3f}",
+    ),  # dpo.online (`jdpo.train.online`): the samples' mean
     ("online/tied_fraction", lambda v: f"tied {v:.2f}"),
     (GRAD_NORM, lambda v: f"gnorm {v:.3f}"),
     (LEARNING_RATE, lambda v: f"lr {v:.2e}"),

@@ -43,9 +43,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from jdpo.fingerprint import weights_fingerprint
-from jdpo.forward import PairLogps
 from jdpo.paths import as_path, is_local
+from jdpo.scoring.forward import PairLogps
+from jdpo.train.fingerprint import weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -189,12 +189,12 @@ def load_or_compute(
     describe: dict | None = None,
 ) -> tuple[PairLogps, bool]:
     """The cached entry `<cache_dir>/<key>` if it exists and verifies (`load_entry`), else `compute()`
-    it (the reference pass: `jdpo.forward.over_split` of the frozen weights) and save it (process 0),
+    it (the reference pass: `jdpo.scoring.forward.over_split` of the frozen weights) and save it (process 0),
     replacing a damaged or stale entry.
 
     Returns (ref_logps, reused). `describe` (the key's ingredients, JSON-able) goes in the manifest.
     """
-    from jdpo import distributed
+    from jdpo.parallel import distributed
 
     directory = as_path(cache_dir) / key
     ref, problem = load_entry(directory, num_pairs, expected)

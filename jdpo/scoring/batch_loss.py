@@ -1,7 +1,7 @@
 """The loss of a run's settings on per-slot log-probs: what the train step and the eval pass share.
 
 `slot_losses` maps the policy / reference log-probs of a batch's slots ([B, P] in the step, [N] over a
-split in eval) to per-slot losses and metrics, for both batch kinds (`jdpo.batch`):
+split in eval) to per-slot losses and metrics, for both batch kinds (`jdpo.data.batch`):
 
 - pairs: `jdpo.dpo_loss`, each pair's loss weighted by its WPO weight with `dpo.wpo` (open-instruct's
   `wpo`: w = min(1, exp(mean token log-prob of chosen + of rejected)) under the policy, no gradient;
@@ -23,8 +23,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jdpo import losses, unpaired_losses
-from jdpo.logprobs import wpo_weights
+from jdpo.losses import pairwise as losses
+from jdpo.losses import unpaired as unpaired_losses
+from jdpo.losses.logprobs import wpo_weights
 
 Array = jax.Array
 
@@ -42,7 +43,7 @@ def slot_losses(
     beta: Array | None = None,
 ) -> tuple[Array, dict[str, Array], dict[str, Array] | None]:
     """(per-slot weighted loss, per-slot metrics, BCO moments after this call) of the settings `dpo` (a
-    `jdpo.config.DPOSection`). `policy`: `jdpo.forward.pair_logprobs`' chosen / rejected log-probs and
+    `jdpo.config.DPOSection`). `policy`: `jdpo.scoring.forward.pair_logprobs`' chosen / rejected log-probs and
     counts; `valid`: 1 for a filled slot, 0 for an empty one; `labels`: the unpaired batch kind's labels
     (required for the unpaired losses); `moments`: BCO's running moments (required when the loss uses
     them: bco, bco_pair); `beta`: a traced beta (the train state's, `dpo.beta_schedule: adaptive`) in
