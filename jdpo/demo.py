@@ -512,7 +512,7 @@ def likelihood_accuracy(trainer, pairs=None) -> float:
     """Fraction of held-out pairs (default: the trainer's eval split) whose chosen completion gets the
     higher summed log-prob under the trainer's current policy (what "the model prefers the right answer"
     means without a reference)."""
-    logps = trainer.logprobs(trainer.eval_pairs if pairs is None else pairs)
+    logps = trainer.logprobs(trainer.data.eval_pairs if pairs is None else pairs)
     computed = logps.computed
     return float((logps.chosen > logps.rejected)[computed].sum() / max(computed.sum(), 1))
 

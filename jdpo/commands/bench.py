@@ -140,15 +140,15 @@ def run_bench(
         peak = total_peak_flops(list(tr.mesh.devices.flat))
         window = tr.model_config.sliding_window
         kernel, block = tr.attention
-        tile = tile_of(kernel, block, tr.row_length)
+        tile = tile_of(kernel, block, tr.data.layout.row_length)
 
         # The reference pass again, warm (compiled): what the pass costs per run, without compile.
         ref_s = ref_first_s = None
         ref_tokens = ref_keys = ref_scored = 0
         if c.dpo.reference == "cached":
-            manifest = json.loads((tr.cache_dir() / tr.ref_keys["train"] / refcache.MANIFEST).read_text())
+            manifest = json.loads((tr.reference.cache_dir / tr.reference.keys["train"] / refcache.MANIFEST).read_text())
             ref_first_s = float(manifest["seconds"])
-            batches = list(tr.one_pass(tr.train_pairs))
+            batches = list(tr.data.one_pass(tr.data.train_pairs))
             for b in batches:
                 s = batch_token_stats(b, sliding_window=window)
                 ref_tokens += s["tokens"]
@@ -156,8 +156,8 @@ def run_bench(
                 ref_scored += s["scored"]
             t0 = time.perf_counter()
             # A LoRA run's forward takes the adapters with the frozen base (`Trainer.logprobs`).
-            params = tr.state["params"] if tr.base is None else (tr.state["params"], tr.base)
-            over_split(tr.steps.forward, params, batches, len(tr.train_pairs), mesh=tr.mesh)
+            params = tr.state.params if tr.state.base is None else (tr.state.params, tr.state.base)
+            over_split(tr.steps.forward, params, batches, len(tr.data.train_pairs), mesh=tr.mesh)
             ref_s = time.perf_counter() - t0
 
         # Compile, alone and ahead of time; the timed steps run this executable.
@@ -227,11 +227,11 @@ def run_bench(
         "attention_tile": tile,
         "batch_rows": c.train.batch_rows,
         "grad_accum": c.train.grad_accum,
-        "row_length": tr.row_length,
-        "max_pairs_per_row": tr.max_pairs,
-        "num_pairs": len(tr.train_pairs),
-        "steps_per_epoch": tr.steps_per_epoch,
-        "total_steps": tr.total_steps,
+        "row_length": tr.data.layout.row_length,
+        "max_pairs_per_row": tr.data.layout.max_pairs_per_row,
+        "num_pairs": len(tr.data.train_pairs),
+        "steps_per_epoch": tr.data.steps_per_epoch,
+        "total_steps": tr.data.total_steps,
         "warmup_steps": warmup,
         "timed_steps": steps,
         "peak_flops": peak,
@@ -265,7 +265,7 @@ def run_bench(
     }
     # The reference pass amortised over the run: its time and its forward FLOPs spread over its steps.
     if ref_s is not None:
-        run_steps = tr.total_steps
+        run_steps = tr.data.total_steps
         ref_flops = forward_flops(hf_cfg, tokens=ref_tokens, attended_keys=ref_keys)
         ref_flops_sh = forward_flops(
             hf_cfg, tokens=ref_tokens, attended_keys=ref_keys, head_tokens=ref_scored

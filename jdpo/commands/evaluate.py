@@ -169,7 +169,7 @@ def preference_metrics(
     from jdpo.config import DPOSection
     from jdpo.parallel.sharding import round_rows
     from jdpo.scoring.forward import over_split, split_metrics
-    from jdpo.train.trainer import pairs_per_row
+    from jdpo.train.run_data import pairs_per_row
 
     dpo = DPOSection() if dpo is None else dpo
     lp, lc, lr = pairs.lengths()
