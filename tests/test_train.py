@@ -171,7 +171,7 @@ def test_non_finite_weights_with_a_finite_loss_are_never_checkpointed(assets, tm
             # update divides by sqrt(nu) < 0 and leaves NaN weights.
             clip, (adam, *rest) = state.opt_state
             adam = adam._replace(nu=jax.tree.map(lambda x: -np.ones_like(x), adam.nu))
-            state = dict(state, opt_state=(clip, (adam, *rest)))
+            state = state.replace(opt_state=(clip, (adam, *rest)))
         return real(state, batch)
 
     tr.steps = train.dataclasses.replace(tr.steps, train_step=overflowing)
