@@ -68,7 +68,8 @@ def test_token_counts_count_scored_positions_and_need_the_mask():
     assert (stats.scored, stats.tokens, stats.slots, stats.pairs) == (5, 9, 10, 2)
     assert stats.padding_fraction == pytest.approx(0.1)
     # A list of batches is their sum.
-    assert F.token_counts([{"segment_ids": seg, "loss_mask": mask}] * 2) == F.TokenCounts(18, 20, 2 * 19, 10, 0)
+    twice = F.token_counts([{"segment_ids": seg, "loss_mask": mask}] * 2)
+    assert twice == F.TokenCounts(tokens=18, slots=20, attended_keys=2 * 19, scored=10, pairs=0)
     with pytest.raises(KeyError, match="loss_mask"):
         F.token_counts({"segment_ids": seg})
 
@@ -238,3 +239,20 @@ def test_computed_attention_keys_per_kernel():
     seg = packed
     credited = F.attended_keys(seg)
     assert all(F.computed_attention_keys(k, seg, tile=16) >= credited for k in ("blocked", "splash", "xla"))
+
+
+def test_token_counts_over_processes_sum_past_int32(monkeypatch):
+    """Three simulated processes with equal counts: the global counts are 3x, also where a count (a large
+    step's attended keys) passes 2^31, which the int32 collective alone cannot carry."""
+    from jdpo.parallel import distributed
+
+    def summed(values):  # what the collective does: an int32 elementwise sum over the processes
+        local = np.asarray(values, np.int32)
+        assert np.all(3 * local.astype(np.int64) < 2**31)
+        return 3 * local
+
+    counts = F.TokenCounts(tokens=5, slots=6, attended_keys=3 * 2**31 + 7, scored=2, pairs=1)
+    assert counts.over_processes() is counts  # one process: nothing to sum
+    monkeypatch.setattr(distributed, "process_count", lambda: 3)
+    monkeypatch.setattr(distributed, "sum_over_processes", summed)
+    assert counts.over_processes() == F.TokenCounts(15, 18, 3 * (3 * 2**31 + 7), 6, 3)

@@ -145,7 +145,8 @@ def attended_keys(segment_ids, *, sliding_window: int | None = None) -> int:
 
     def keys_of(group, first):
         """Keys of `group` at positions in [first, t], per query."""
-        return np.searchsorted(codes, group * T + t, "right") - np.searchsorted(codes, group * T + first, "left")
+        last = np.searchsorted(codes, group * T + t, "right")
+        return last - np.searchsorted(codes, group * T + first, "left")
 
     first = np.zeros_like(t) if not sliding_window else np.maximum(t - sliding_window + 1, 0)
     own = keys_of(row * span + seg - lo_id, first)
@@ -240,10 +241,19 @@ class TokenCounts:
 
     def over_processes(self) -> TokenCounts:
         """The global counts: every process's summed (a collective, like
-        `jdpo.parallel.distributed.sum_over_processes`; call it on every process)."""
-        from jdpo.parallel.distributed import sum_over_processes
+        `jdpo.parallel.distributed.sum_over_processes`; call it on every process). The collective sums
+        int32, and a large step's attended keys pass 2^31: each count crosses in base-2^20 digits."""
+        from jdpo.parallel.distributed import process_count, sum_over_processes
 
-        return TokenCounts(*(int(x) for x in sum_over_processes(list(self.astuple()))))
+        if process_count() == 1:
+            return self
+        digits = [(x >> shift) & (_DIGIT - 1) for x in self.astuple() for shift in (40, 20, 0)]
+        summed = [int(d) for d in sum_over_processes(digits)]
+        return TokenCounts(*(sum(d << shift for d, shift in zip(summed[i : i + 3], (40, 20, 0), strict=True))
+                             for i in range(0, len(summed), 3)))  # fmt: skip
+
+
+_DIGIT = 1 << 20  # a digit's sum over up to 2048 processes stays below 2^31
 
 
 def token_counts(batches: Any, *, sliding_window: int | None = None) -> TokenCounts:
