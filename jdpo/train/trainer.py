@@ -44,7 +44,7 @@ from jdpo.losses.unpaired import running_moments_init
 from jdpo.models import lora
 from jdpo.models.kernels import resolve_attention, shares_prompt
 from jdpo.report import metrics
-from jdpo.report.flops import batch_token_stats, throughput_metrics, total_peak_flops, train_flops
+from jdpo.report.flops import throughput_metrics, token_counts, total_peak_flops, train_flops
 from jdpo.scoring.forward import PairLogps, over_split, split_metrics
 from jdpo.train import compile_cache, refcache
 from jdpo.train.checkpoint import FROZEN, Checkpointer, abstract_like, from_checkpoint, to_checkpoint
@@ -797,16 +797,9 @@ class Trainer:
     ) -> dict[str, float]:
         """One logged train record: the step's metrics, its epoch, and throughput over all processes
         (`hf_config`: the model's HF config for the FLOP count; `peak`: the mesh's peak FLOP/s)."""
-        from jdpo.parallel.distributed import sum_over_processes
-
-        stats = [batch_token_stats(b, sliding_window=self.model_config.sliding_window) for b in host]
         # Each process counts its own rows; summed, the counters are the global batch's.
-        tokens, keys, slots = (
-            int(x)
-            for x in sum_over_processes(
-                [sum(s[k] for s in stats) for k in ("tokens", "attended_keys", "slots")]
-            )
-        )
+        counts = token_counts(host, sliding_window=self.model_config.sliding_window).over_processes()
+        tokens, keys, slots = counts.tokens, counts.attended_keys, counts.slots
         flops = train_flops(
             hf_config,
             tokens=tokens,
