@@ -14,9 +14,11 @@ What is measured, in this order, in one process:
      does: build the host batch (packing, reference look-up), transfer, run, block until ready;
      `step_time` is its median, `device_step_time` the median of the run + block part alone.
 
-Throughput counts pairs (valid pair slots) and non-pad tokens of the timed steps. MFU credits model
-FLOPs only (`flops.train_flops`: 6 x matmul params per non-pad token plus causal in-segment
-attention; no padding, no remat recomputation, no attention to masked keys; a LoRA run 4 x the frozen
+Throughput counts pairs (valid pair slots) and computed tokens of the timed steps (`flops.token_counts`,
+as the train records count them: non-pad row slots, so a shared prompt once). MFU credits model
+FLOPs only (`flops.train_flops`: 6 x matmul params per computed token plus attention over the keys the
+mask lets each query see, a branch's shared prompt included; no padding, no remat recomputation, no
+attention to masked keys; a LoRA run 4 x the frozen
 matmul params, no weight gradient, plus 6 x its adapters). The "head on scored"
 MFU is stricter: the D x V unembedding is credited only on scored (completion, `loss_mask` > 0)
 tokens, the only positions DPO needs logits for and the only ones jdpo projects; everything else is
@@ -110,11 +112,12 @@ def run_bench(
     from jdpo.commands import plan
     from jdpo.models.kernels import tile_of
     from jdpo.report.flops import (
-        batch_token_stats,
+        TokenCounts,
         computed_attention_keys,
         forward_flops,
         matmul_params,
         measured_cpu_peak_flops,
+        token_counts,
         total_peak_flops,
         train_flops,
     )
@@ -144,16 +147,12 @@ def run_bench(
 
         # The reference pass again, warm (compiled): what the pass costs per run, without compile.
         ref_s = ref_first_s = None
-        ref_tokens = ref_keys = ref_scored = 0
+        ref = TokenCounts()
         if c.dpo.reference == "cached":
             manifest = json.loads((tr.reference.cache_dir / tr.reference.keys["train"] / refcache.MANIFEST).read_text())
             ref_first_s = float(manifest["seconds"])
             batches = list(tr.data.one_pass(tr.data.train_pairs))
-            for b in batches:
-                s = batch_token_stats(b, sliding_window=window)
-                ref_tokens += s["tokens"]
-                ref_keys += s["attended_keys"]
-                ref_scored += s["scored"]
+            ref = token_counts(batches, sliding_window=window)
             t0 = time.perf_counter()
             # A LoRA run's forward takes the adapters with the frozen base (`Trainer.logprobs`).
             params = tr.state.params if tr.state.base is None else (tr.state.params, tr.state.base)
@@ -182,7 +181,7 @@ def run_bench(
             state, m = compiled(state, batch)
             jax.block_until_ready(m)
         step_times, device_times = [], []
-        tokens = slots = keys = scored = pairs = computed_keys = 0
+        counts, computed_keys = TokenCounts(), 0
         for i in range(steps):
             t0 = time.perf_counter()
             if warmup or i:
@@ -193,11 +192,8 @@ def run_bench(
             t2 = time.perf_counter()
             step_times.append(t2 - t0)
             device_times.append(t2 - t1)
+            counts += token_counts(host, sliding_window=window)
             for b in host:
-                s = batch_token_stats(b, sliding_window=window)
-                tokens, slots, keys = tokens + s["tokens"], slots + s["slots"], keys + s["attended_keys"]
-                scored += s["scored"]
-                pairs += int(np.sum(b["pair_ids"] >= 0))
                 computed_keys += computed_attention_keys(
                     kernel, b["segment_ids"], tile=tile, sliding_window=window
                 )
@@ -205,11 +201,11 @@ def run_bench(
         loss = float(m["loss"])
         peak_mem, peak_what = _peak_memory_bytes()
 
-    # Every count above is this host's rows (the reference pass included): global = x process count.
-    n = jax.process_count()
-    tokens, slots, keys, scored, pairs = tokens * n, slots * n, keys * n, scored * n, pairs * n
-    computed_keys *= n
-    ref_tokens, ref_keys, ref_scored = ref_tokens * n, ref_keys * n, ref_scored * n
+    # Every count above is this host's rows (the reference pass included): summed over the processes.
+    counts, ref = counts.over_processes(), ref.over_processes()
+    tokens, keys, scored, pairs = counts.tokens, counts.attended_keys, counts.scored, counts.pairs
+    ref_tokens, ref_keys, ref_scored = ref.tokens, ref.attended_keys, ref.scored
+    computed_keys *= jax.process_count()  # the kernel's work, for its ratio to the credited keys
     step_time = statistics.median(step_times)
     total_time = step_time * steps  # the median step, so a hiccup from a neighbour does not count
     lora = tr.lora_params()
@@ -249,9 +245,10 @@ def run_bench(
         "pairs_per_step": pairs / steps,
         "pairs_per_s": pairs / total_time,
         "tokens_per_s": tokens / total_time,
-        "padding_fraction": 1.0 - tokens / slots if slots else 0.0,
+        "tokens_per_step": tokens / steps,
+        "padding_fraction": counts.padding_fraction,
         "train_flops_per_step": flops / steps,
-        # The kernel's attention work against the credited in-segment causal pairs (>= 1: the tiles it
+        # The kernel's attention work against the credited (visible) pairs (>= 1: the tiles it
         # computes beyond them; 1 would be a kernel that computes only the credited pairs).
         "attention_keys_credited": keys,
         "attention_keys_computed": computed_keys,
@@ -338,7 +335,11 @@ def format_bench(r: dict[str, Any]) -> str:
             f"device {r['device_step_time'] * 1e3:.1f})",
         ),  # fmt: skip
         ("pairs/s", f"{r['pairs_per_s']:.2f} ({r['pairs_per_step']:.1f} pairs/step)"),
-        ("tokens/s", f"{si_number(r['tokens_per_s'])} non-pad"),
+        (
+            "tokens/s",
+            f"{si_number(r['tokens_per_s'])} computed (a shared prompt once)"
+            + (f", {r['tokens_per_step']:,.0f} a step" if "tokens_per_step" in r else ""),
+        ),
         ("MFU", pct(r["mfu"])),
         (
             "MFU, head on scored",
@@ -352,7 +353,7 @@ def format_bench(r: dict[str, Any]) -> str:
         rows.append((
             "attention",
             f"{r['attention']}, {r['attention_tile']}-position tiles: computes {work} the credited "
-            "in-segment (query, key) pairs",
+            "(query, key) pairs",
         ))  # fmt: skip
     if "pairs_per_s_incl_ref" in r:
         rows += [

@@ -40,7 +40,9 @@ GRAD_NORM = "grad_norm"
 LEARNING_RATE = "learning_rate"
 STEP = "step"
 EPOCH = "epoch"
-TOKENS_PER_SEC = "tokens_per_sec"  # non-pad tokens (prompt + completions, policy forward) per second
+# Tokens the policy forward computes per second: non-pad row slots, so a shared prompt counts once
+# (`jdpo.report.flops.token_counts`, which every throughput figure comes from).
+TOKENS_PER_SEC = "tokens_per_sec"
 MFU = "mfu"  # model FLOPs utilisation, a fraction in [0, 1]
 PADDING_FRACTION = "padding_fraction"  # pad tokens / all token slots of the step's batches
 STEP_TIME = "step_time"  # seconds of wall clock per optimizer step

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jdpo.parallel.distributed import sum_over_processes
-from jdpo.report.flops import batch_token_stats, throughput_metrics, total_peak_flops, train_flops
+from jdpo.report.flops import throughput_metrics, token_counts, total_peak_flops, train_flops
 from jdpo.train.guards import check_finite, due
 from jdpo.train.loop import Loop, StepEvent
 from jdpo.train.step import STATE_FINITE
@@ -49,10 +48,9 @@ class Throughput:
 
     def __call__(self, loop: Loop, ev: StepEvent) -> None:
         tr = loop.trainer
-        stats = [batch_token_stats(b, sliding_window=tr.model_config.sliding_window) for b in ev.host]
         # Each process counts its own rows; summed, the counters are the global batch's.
-        sums = sum_over_processes([sum(s[k] for s in stats) for k in ("tokens", "attended_keys", "slots")])
-        tokens, keys, slots = (int(x) for x in sums)
+        counts = token_counts(ev.host, sliding_window=tr.model_config.sliding_window).over_processes()
+        tokens, keys, slots = counts.tokens, counts.attended_keys, counts.slots
         flops = train_flops(self.hf_config, tokens=tokens, attended_keys=keys,
                             reference_forward=tr.config.dpo.reference == "online",
                             lora_params=tr.lora_params())  # fmt: skip
