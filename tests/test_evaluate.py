@@ -53,7 +53,7 @@ def _numpy_logps(model, prompt, completion, T=32):
 
 
 def test_policy_equal_to_reference_gives_zeros(dirs, tmp_path):
-    from jdpo.commands.cli import main
+    from jdpo.cli import main
 
     policy, _, data = dirs
     out = tmp_path / "eval"
@@ -170,7 +170,7 @@ def test_summary_and_checker():
 
 
 def test_unusable_data_is_one_message_and_exit_2(dirs, tmp_path, capsys):
-    from jdpo.commands.cli import main
+    from jdpo.cli import main
 
     policy, reference, _ = dirs
     same = tmp_path / "same.jsonl"

@@ -235,7 +235,7 @@ def test_lora_online_run_trains_against_the_base(assets, tmp_path):
 
 
 def test_plan_of_an_online_run_on_prompts_only(assets, tmp_path, capsys):
-    from jdpo.commands import cli
+    from jdpo import cli
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "1+2="}\n')

@@ -86,7 +86,7 @@ def test_keep_best_is_checked_before_training(assets, tmp_path):
 def test_a_runaway_learning_rate_stops_the_run_before_weights_blow_up(assets, tmp_path, capsys):
     """lr 1e6 (finite loss, weights in the millions after one step) used to finish and export. `jdpo
     train` now stops at step 1 with one message (no traceback) and exit status 3, not bad input's 2."""
-    from jdpo.commands import cli
+    from jdpo import cli
 
     cfg = make_config(assets, tmp_path / "run", **{"optim.learning_rate": 1e6, "optim.warmup_ratio": 0.0})
     jconfig.dump(cfg, tmp_path / "run.yaml")

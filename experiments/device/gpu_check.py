@@ -346,7 +346,7 @@ def planned_bytes(overrides: list[str], num_devices: int = 1) -> int:
 def run_bench(out: Path, name: str, overrides: list[str], *, steps: int, warmup: int, timeout: float) -> dict:
     """`jdpo bench` in its own process (its peak device memory is its own); its JSON result, or why not."""
     json_path, log_path = out / f"bench_{name}.json", out / f"bench_{name}.log"
-    cmd = [sys.executable, "-c", "import sys; from jdpo.commands.cli import main; sys.exit(main())", "bench",
+    cmd = [sys.executable, "-c", "import sys; from jdpo.cli import main; sys.exit(main())", "bench",
            "--steps", str(steps), "--warmup", str(warmup), "--json", str(json_path), *overrides]  # fmt: skip
     # The bench's own allocator (this process runs with the platform allocator, see `main`), and most of
     # the device for it: the dense kernel needs the room.

@@ -637,7 +637,7 @@ def entry() -> None:
     torch's objects one by one, which took 1.2-1.4 s of every ``jdpo train`` process on 2 CPU cores, for
     nothing a user needs. The exit handlers still run first (logging's flush, ``jax.distributed``'s
     shutdown on a multi-host run); an exception propagates as usual. ``main`` itself, which tests and
-    scripts call in-process, returns normally, and ``python -m jdpo.commands.cli`` exits the ordinary way (so a
+    scripts call in-process, returns normally, and ``python -m jdpo.cli`` exits the ordinary way (so a
     profiler or debugger that runs the module gets to write its report)."""
     status = main()
     import atexit
