@@ -158,12 +158,9 @@ class Steps:
     update_reference: dict
 
 
-@functools.lru_cache(maxsize=8)
-def compiled_steps(s: StepSettings) -> Steps:
-    """The step functions under `jax.jit` with explicit in / out shardings (and donation of the state)."""
-    tx, schedule = make_optimizer(s.optim, s.total_steps)
-    replicated = NamedSharding(s.mesh, PartitionSpec())
-    param_sh = s.param_shardings()
+def _train_step_fn(s: StepSettings, tx, schedule, param_sh) -> Callable:
+    """`train_step(state, batch) -> (state, metrics)`: the micro-batches' gradient summed, divided by the
+    step's pair count once, then AdamW; the metrics include the new state's finiteness for the loop."""
 
     def train_step(state, batch):
         params, ref_params, base = state.params, state.ref_params, state.base
@@ -231,6 +228,16 @@ def compiled_steps(s: StepSettings) -> Steps:
         out["learning_rate"] = schedule(state.step)
         return new_state, out
 
+    return train_step
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_steps(s: StepSettings) -> Steps:
+    """The step functions under `jax.jit` with explicit in / out shardings (and donation of the state)."""
+    tx, schedule = make_optimizer(s.optim, s.total_steps)
+    replicated = NamedSharding(s.mesh, PartitionSpec())
+    param_sh = s.param_shardings()
+
     def forward(params, batch):
         model_params = (params,) if s.abstract_base is None else params  # (adapters, base) with LoRA
         return pair_logprobs(_model(s, *model_params), batch, chunk_size=s.chunk_size)
@@ -259,7 +266,7 @@ def compiled_steps(s: StepSettings) -> Steps:
 
     return Steps(
         train_step=on_mesh(
-            train_step,
+            _train_step_fn(s, tx, schedule, param_sh),
             in_shardings=(state_sh, rows_acc),
             out_shardings=(state_sh, replicated),
             donate_argnums=0,
