@@ -21,8 +21,7 @@ from typing import Any
 
 from jdpo import config as C
 from jdpo.commands.cli_inference import add_eval, add_generate
-from jdpo.errors import EXIT_USER_ERROR, UserError
-from jdpo.train.guards import NonFiniteLossError
+from jdpo.errors import EXIT_USER_ERROR, NonFiniteLossError, UserError
 
 
 def format_default(value: Any) -> str:

@@ -12,3 +12,12 @@ EXIT_USER_ERROR = 2  # the same status argparse gives a bad command line
 
 class UserError(Exception):
     """Bad input: the message names where (file and line, config field, path) and what to do."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN / inf; the message names the step and the last good checkpoint."""
+
+
+class DivergenceError(NonFiniteLossError):
+    """The run blew up while still finite (loss or grad-norm spike, runaway weights); the message names
+    the step, the value, the limit and its setting, and the last good checkpoint."""

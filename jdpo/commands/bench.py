@@ -42,6 +42,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jdpo import config as C
+from jdpo.commands import plan
+from jdpo.commands.plan import human
+from jdpo.models.kernels import tile_of
+from jdpo.report.flops import (
+    TokenCounts,
+    computed_attention_keys,
+    forward_flops,
+    matmul_params,
+    measured_cpu_peak_flops,
+    token_counts,
+    total_peak_flops,
+    train_flops,
+)
+from jdpo.report.metrics import si_number
+from jdpo.scoring.forward import over_split
+from jdpo.train import refcache
+from jdpo.train import trainer as train
+
 log = logging.getLogger(__name__)
 
 
@@ -61,7 +80,6 @@ def _peak_memory_bytes() -> tuple[int, str]:
 def bench_config(cfg, *, work_dir: str | Path):
     """The config as benchmarked: outputs and a fresh reference cache under `work_dir` (so the
     reference pass is measured, not loaded), no console / TensorBoard, no export."""
-    from jdpo import config as C
 
     work_dir = Path(work_dir)
     return C.replace(
@@ -109,22 +127,6 @@ def run_bench(
     import jax
     import numpy as np
 
-    from jdpo.commands import plan
-    from jdpo.models.kernels import tile_of
-    from jdpo.report.flops import (
-        TokenCounts,
-        computed_attention_keys,
-        forward_flops,
-        matmul_params,
-        measured_cpu_peak_flops,
-        token_counts,
-        total_peak_flops,
-        train_flops,
-    )
-    from jdpo.scoring.forward import over_split
-    from jdpo.train import refcache
-    from jdpo.train import trainer as train
-
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     platform = jax.default_backend()
@@ -149,7 +151,9 @@ def run_bench(
         ref_s = ref_first_s = None
         ref = TokenCounts()
         if c.dpo.reference == "cached":
-            manifest = json.loads((tr.reference.cache_dir / tr.reference.keys["train"] / refcache.MANIFEST).read_text())
+            manifest = json.loads(
+                (tr.reference.cache_dir / tr.reference.keys["train"] / refcache.MANIFEST).read_text()
+            )
             ref_first_s = float(manifest["seconds"])
             batches = list(tr.data.one_pass(tr.data.train_pairs))
             ref = token_counts(batches, sliding_window=window)
@@ -283,8 +287,6 @@ def run_bench(
             }
         )
     try:
-        from jdpo import config as C
-
         shape = dict(tr.mesh.shape)
         on_mesh = C.replace(c, **{f"mesh.{k}": shape.get(k, 1) for k in ("data", "fsdp", "tensor")})
         p = plan.plan_memory(
@@ -306,8 +308,6 @@ def run_bench(
 
 def format_bench(r: dict[str, Any]) -> str:
     """The console table of a `run_bench` result."""
-    from jdpo.commands.plan import human
-    from jdpo.report.metrics import si_number
 
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.1f}%"

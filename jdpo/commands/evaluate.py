@@ -38,9 +38,17 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jdpo import data as jdata
+from jdpo.config import Config, DPOSection, load_config
+from jdpo.data import unpaired
 from jdpo.data.sources import DataError
+from jdpo.losses import logprobs
 from jdpo.models.hf import CheckpointError
+from jdpo.parallel.sharding import batch_sharding, batch_shards, jit_on_mesh, round_rows
+from jdpo.report.diversity import diversity_metrics
+from jdpo.scoring.forward import over_split, pair_logprobs, split_metrics
 from jdpo.scoring.generate import Generator, Prompt, SamplingParams
+from jdpo.train.run_data import pairs_per_row
 
 AnswerChecker = Callable[[Any, str], "bool | None"]
 
@@ -67,8 +75,6 @@ def arithmetic_checker(prompt: Any, completion: str) -> bool | None:
 
 @functools.lru_cache(maxsize=8)
 def _token_logprobs_fn(graphdef, mesh):
-    from jdpo.losses import logprobs
-    from jdpo.parallel.sharding import batch_shards, jit_on_mesh
 
     def fn(params, ids_BxT, targets_BxT, segment_ids_BxT):
         model = nnx.merge(graphdef, params)
@@ -94,7 +100,6 @@ def completion_logprobs(
 ) -> list[np.ndarray]:
     """Per-token log-probs (float32, one array per completion) of each completion given its prompt,
     from one full forward (right-padded rows, padding in segment 0 so it is never attended)."""
-    from jdpo.parallel.sharding import batch_sharding, round_rows
 
     fn = _token_logprobs_fn(gen.graphdef, gen.mesh)
     B = round_rows(batch_size, gen.mesh)
@@ -141,8 +146,6 @@ def _check_same_architecture(policy: Generator, reference: Generator) -> None:
 def _pair_forward(graphdef, mesh):
     """Jitted per-pair log-probs of a packed batch (one program per architecture and mesh, shared by
     the policy and the reference)."""
-    from jdpo.parallel.sharding import jit_on_mesh
-    from jdpo.scoring.forward import pair_logprobs
 
     return jit_on_mesh(lambda params, batch: pair_logprobs(nnx.merge(graphdef, params), batch), mesh)
 
@@ -165,11 +168,6 @@ def preference_metrics(
     Rewards are beta * (policy - reference) summed completion log-probs; accuracy counts pairs whose
     chosen reward is strictly above the rejected one (so policy == reference gives 0).
     """
-    from jdpo import data as jdata
-    from jdpo.config import DPOSection
-    from jdpo.parallel.sharding import round_rows
-    from jdpo.scoring.forward import over_split, split_metrics
-    from jdpo.train.run_data import pairs_per_row
 
     dpo = DPOSection() if dpo is None else dpo
     lp, lc, lr = pairs.lengths()
@@ -237,7 +235,6 @@ def kl_on_samples(
     "eval/sample_length": mean sampled tokens, "eval/distinct_1", "eval/distinct_2": the samples'
     diversity (`jdpo.report.diversity.distinct_n` over their tokens, each sample's stop token left out)}.
     """
-    from jdpo.report.diversity import diversity_metrics
 
     kl_N, completions = sample_kl(
         policy, reference, prompt_ids, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size
@@ -409,7 +406,6 @@ def write_side_by_side(rows, summary, out_dir, *, title: str, metrics: dict | No
 def run_config(model_dir):
     """The `jdpo.config.Config` of the run whose export `model_dir` is (its parent's config.yaml, as
     `jdpo train` writes it), else None."""
-    from jdpo.config import load_config
 
     cfg = Path(model_dir).resolve().parent / "config.yaml"
     return load_config(cfg) if cfg.exists() else None
@@ -452,10 +448,6 @@ def evaluate(
     Returns {"metrics": {eval/... numbers}, "summary": correctness (see `summarize`), "rows", "paths"}.
     """
     import dataclasses
-
-    from jdpo import data as jdata
-    from jdpo.config import Config
-    from jdpo.data import unpaired
 
     run = None if isinstance(policy, Generator) else run_config(policy)
     run = run or Config()

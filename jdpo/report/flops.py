@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
+from jdpo.parallel.distributed import process_count, sum_over_processes
 from jdpo.report.metrics import MFU, PADDING_FRACTION, STEP_TIME, TOKENS_PER_SEC
 
 
@@ -243,7 +244,6 @@ class TokenCounts:
         """The global counts: every process's summed (a collective, like
         `jdpo.parallel.distributed.sum_over_processes`; call it on every process). The collective sums
         int32, and a large step's attended keys pass 2^31: each count crosses in base-2^20 digits."""
-        from jdpo.parallel.distributed import process_count, sum_over_processes
 
         if process_count() == 1:
             return self

@@ -20,7 +20,10 @@ import numpy as np
 
 from jdpo.data.batch import Batch
 from jdpo.losses import logprobs
+from jdpo.losses.unpaired import running_moments_init
 from jdpo.parallel.sharding import batch_shards
+from jdpo.report import metrics
+from jdpo.scoring import batch_loss
 
 
 def pair_logprobs(
@@ -178,9 +181,6 @@ def split_metrics(
     initial 0). A split of pairs (`labels` None, e.g. `jdpo eval` on paired data) under an unpaired loss
     gets the pairwise reward metrics (preference accuracy, margins) and the sigmoid loss at its beta: the
     implicit reward beta * (policy - reference) is the same. WPO weights do not enter the eval loss."""
-    from jdpo.losses.unpaired import running_moments_init
-    from jdpo.report import metrics
-    from jdpo.scoring import batch_loss
 
     if dpo.unpaired and labels is None:
         dpo = dataclasses.replace(dpo, loss_type=("sigmoid",), loss_weights=())

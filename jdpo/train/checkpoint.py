@@ -27,6 +27,7 @@ import jax
 
 from jdpo import paths
 from jdpo.errors import UserError
+from jdpo.parallel.distributed import any_process, is_main_process, sync
 from jdpo.train.fingerprint import weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,6 @@ class Checkpointer:
         saved with them. Newer damaged ones (missing or truncated files, changed bytes) are moved aside
         to `<directory>.damaged/<step>`, never deleted, and returned as `skipped` [(step, why)].
         A joint decision on a multi-host run: a checkpoint damaged on any process is skipped by all."""
-        from jdpo.parallel.distributed import any_process
 
         self.wait()
         skipped: list[tuple[int, str]] = []
@@ -163,7 +163,6 @@ class Checkpointer:
         )
 
     def _move_aside(self, step: int) -> None:
-        from jdpo.parallel.distributed import is_main_process, sync
 
         if is_main_process():
             aside = self.directory.parent / f"{self.directory.name}.damaged"

@@ -90,5 +90,9 @@ def preemption(loop: Loop, ev: StepEvent) -> None:
 
 def checkpoint(loop: Loop, ev: StepEvent) -> None:
     best, loop.new_best = loop.new_best, None
-    if due(loop.trainer.config.train.save_every, ev.step, loop.trainer.data.total_steps) or loop.stop or best is not None:
+    if (
+        due(loop.trainer.config.train.save_every, ev.step, loop.trainer.data.total_steps)
+        or loop.stop
+        or best is not None
+    ):
         loop.trainer.save(ev.step, metric=best)

@@ -107,7 +107,9 @@ class Loop:
         return step
 
 
-def fit(trainer, callbacks: Sequence[Callable[[dict], Any]], attach_hooks: Callable[[Loop], None]) -> RunResult:
+def fit(
+    trainer, callbacks: Sequence[Callable[[dict], Any]], attach_hooks: Callable[[Loop], None]
+) -> RunResult:
     """Train to `total_steps` from the trainer's step (a restored checkpoint's, else the newest in the
     output directory), with the output directory locked for the run's life (`jdpo.train.runlock`)."""
     with RunLock(trainer.output_dir, main_process=jax.process_index() == 0):

@@ -53,8 +53,17 @@ from flax import nnx
 
 from jdpo import data as jdata
 from jdpo.config import Config, ConfigError
-from jdpo.data import TokenizedPairs, encode_prompts, make_batch, prompt_texts
+from jdpo.data import (
+    TokenizedPairs,
+    encode_prompts,
+    make_batch,
+    parse_source_spec,
+    prompt_texts,
+    read_rows,
+    read_source,
+)
 from jdpo.data.batch import Batch
+from jdpo.data.formats import _take  # the one rule for source amounts
 from jdpo.data.sources import DataError
 from jdpo.report.diversity import distinct_n
 from jdpo.scoring.generate import Generator, SamplingParams
@@ -183,7 +192,6 @@ def read_prompts(path: str, format: str = "auto", *, skip_bad_rows: bool = False
     """(prompts, where each came from) of one source: rows of {"prompt"} or {"messages"} alone (a prompt
     file), or, for any preference source `jdpo.data.read_source` reads, the records' prompts (a text
     prompt of a record whose completions are messages becomes a user turn, as training renders it)."""
-    from jdpo.data import read_rows, read_source
 
     first = next((row for _, row in read_rows(path) if not isinstance(row, DataError)), None)
     prompts, wheres = [], []
@@ -217,8 +225,6 @@ def load_prompts(sources: Sequence[str], format: str = "auto", *, seed: int = 0,
                  skip_bad_rows: bool = False) -> tuple[list, list]:  # fmt: skip
     """The distinct prompts of a mixture (`path:5000` / `path:0.25` amounts as `load_preferences` takes
     them, the subset deterministic for `seed`), first occurrence kept, with where each came from."""
-    from jdpo.data import parse_source_spec
-    from jdpo.data.formats import _take  # the one rule for source amounts
 
     prompts, wheres, seen = [], [], set()
     for i, source in enumerate(sources):
@@ -336,10 +342,14 @@ class OnlineData:
         if d.eval_fraction > 0:
             raise ConfigError("dpo.online: data.eval_fraction holds out preference records; an online run's "
                               "eval split is data.eval (preference pairs): set data.eval_fraction 0")  # fmt: skip
-        prompts, wheres = load_prompts(list(d.train), d.format, seed=c.train.seed, skip_bad_rows=d.skip_bad_rows)
+        prompts, wheres = load_prompts(
+            list(d.train), d.format, seed=c.train.seed, skip_bad_rows=d.skip_bad_rows
+        )
         eval_pairs = report = held = None
         if d.eval:
-            held = jdata.load_preferences(list(d.eval), d.format, seed=c.train.seed, skip_bad_rows=d.skip_bad_rows)
+            held = jdata.load_preferences(
+                list(d.eval), d.format, seed=c.train.seed, skip_bad_rows=d.skip_bad_rows
+            )
             eval_pairs, report = jdata.tokenize_preferences(
                 held, tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
                 skip_bad_rows=d.skip_bad_rows,
@@ -349,15 +359,21 @@ class OnlineData:
         layout = Layout(
             rows_per_batch=c.train.batch_rows,
             row_length=row_length,
-            max_pairs_per_row=pairs_per_row(row_length, [eval_pairs.pair_lengths(shared_prompt)]) if packed else 1,
+            max_pairs_per_row=pairs_per_row(row_length, [eval_pairs.pair_lengths(shared_prompt)])
+            if packed
+            else 1,
             packing=d.packing,
             shared_prompt=shared_prompt,
         )
         data = cls(c, tokenizer, prompts, wheres, mesh=mesh, layout=layout, eval_pairs=eval_pairs)
         if c.train.keep_best and eval_pairs is None:
-            raise ConfigError(f"train.keep_best={c.train.keep_best!r} needs an eval split: give data.eval files")
+            raise ConfigError(
+                f"train.keep_best={c.train.keep_best!r} needs an eval split: give data.eval files"
+            )
         if eval_pairs is not None:
-            account("eval", report, data.one_pass(eval_pairs), row_length, eval_source(c), held.report.dropped)
+            account(
+                "eval", report, data.one_pass(eval_pairs), row_length, eval_source(c), held.report.dropped
+            )
         return data
 
     def one_pass(self, pairs):

@@ -54,7 +54,11 @@ class Layout:
     def key_settings(self) -> dict[str, Any]:
         """The layout's part of the reference cache key (shared prompt only when on, so plain entries
         keep their keys)."""
-        out = {"row_length": self.row_length, "packing": self.packing, "max_pairs_per_row": self.max_pairs_per_row}
+        out = {
+            "row_length": self.row_length,
+            "packing": self.packing,
+            "max_pairs_per_row": self.max_pairs_per_row,
+        }
         return {**out, "shared_prompt": True} if self.shared_prompt else out
 
 
@@ -123,7 +127,9 @@ class OfflineData:
         self.steps_per_epoch = self.batches.num_batches(0) / t.grad_accum
         self.total_steps = t.max_steps or max(1, math.ceil(t.num_epochs * self.steps_per_epoch))
         if t.rounds > 1:  # no step mixes two rounds: each round's last step may be part-empty
-            self.total_steps = sum(math.ceil(self.batches.num_batches(e) / t.grad_accum) for e in range(t.rounds))
+            self.total_steps = sum(
+                math.ceil(self.batches.num_batches(e) / t.grad_accum) for e in range(t.rounds)
+            )
         self.round = 1  # the round (1-based) of the last step's batches
 
     @classmethod
@@ -132,7 +138,9 @@ class OfflineData:
         c, d = config, config.data
         records, held, dropped = _records(c)
         tokenize = unpaired_data.tokenizer_for(c.dpo, seed=c.train.seed)
-        kw = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length, skip_bad_rows=d.skip_bad_rows)
+        kw = dict(
+            max_length=d.max_length, max_prompt_length=d.max_prompt_length, skip_bad_rows=d.skip_bad_rows
+        )
         train_pairs, train_report = tokenize(records, tokenizer, **kw)
         # data.eval given: its split is checked even when the readers left nothing of it.
         eval_pairs, eval_report = tokenize(held, tokenizer, **kw) if held or d.eval else (None, None)
@@ -151,9 +159,18 @@ class OfflineData:
             shared_prompt=shared_prompt,
         )
         data = cls(c, train_pairs, eval_pairs, layout)
-        account("train", train_report, data.batches, row_length, f"data.train ({', '.join(d.train)})", dropped["train"])
+        account(
+            "train",
+            train_report,
+            data.batches,
+            row_length,
+            f"data.train ({', '.join(d.train)})",
+            dropped["train"],
+        )
         if eval_pairs is not None:
-            account("eval", eval_report, data.one_pass(eval_pairs), row_length, eval_source(c), dropped["eval"])
+            account(
+                "eval", eval_report, data.one_pass(eval_pairs), row_length, eval_source(c), dropped["eval"]
+            )
         return data
 
     def one_pass(self, pairs):

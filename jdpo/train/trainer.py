@@ -78,8 +78,11 @@ class Trainer:
         self.best = BestEval(c.train.keep_best) if c.train.keep_best else None
         self.divergence = DivergenceGuard(c.train)
         self.early_stopping = EarlyStopping(c.train, c.dpo.loss_type)
-        self.checkpoints = RunCheckpoints(self.output_dir, keep=c.train.keep_checkpoints,
-                                          best_maximize=None if self.best is None else self.best.maximize)
+        self.checkpoints = RunCheckpoints(
+            self.output_dir,
+            keep=c.train.keep_checkpoints,
+            best_maximize=None if self.best is None else self.best.maximize,
+        )
         self.hf_model_config = ModelConfig.from_hf(c.model.path)  # a bad config.json, named, first
         self.tokenizer = _tokenizer(c.model.path)
         # The data before the model: a bad line or an empty split costs seconds, not a model load.
@@ -302,7 +305,9 @@ def _tokenizer(path: str):
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:  # no tokenizer files, or ones transformers cannot read
         why = (str(e).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"model.path {path}: cannot load its tokenizer ({type(e).__name__}: {why})") from None
+        raise CheckpointError(
+            f"model.path {path}: cannot load its tokenizer ({type(e).__name__}: {why})"
+        ) from None
 
 
 def _flat(tree) -> tuple:
