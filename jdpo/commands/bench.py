@@ -42,6 +42,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
+
 from jdpo import config as C
 from jdpo.commands import plan
 from jdpo.commands.plan import human
@@ -124,9 +127,6 @@ def run_bench(
 ) -> dict[str, Any]:
     """Benchmark training `cfg` (see the module docstring); returns the result dict (also written to
     `out_json` when given)."""
-    import jax
-    import numpy as np
-
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     platform = jax.default_backend()
@@ -147,60 +147,11 @@ def run_bench(
         kernel, block = tr.attention
         tile = tile_of(kernel, block, tr.data.layout.row_length)
 
-        # The reference pass again, warm (compiled): what the pass costs per run, without compile.
-        ref_s = ref_first_s = None
-        ref = TokenCounts()
-        if c.dpo.reference == "cached":
-            manifest = json.loads(
-                (tr.reference.cache_dir / tr.reference.keys["train"] / refcache.MANIFEST).read_text()
-            )
-            ref_first_s = float(manifest["seconds"])
-            batches = list(tr.data.one_pass(tr.data.train_pairs))
-            ref = token_counts(batches, sliding_window=window)
-            t0 = time.perf_counter()
-            # A LoRA run's forward takes the adapters with the frozen base (`Trainer.logprobs`).
-            params = tr.state.params if tr.state.base is None else (tr.state.params, tr.state.base)
-            over_split(tr.steps.forward, params, batches, len(tr.data.train_pairs), mesh=tr.mesh)
-            ref_s = time.perf_counter() - t0
+        ref_first_s, ref_s, ref = _reference_pass(tr, window)
 
-        # Compile, alone and ahead of time; the timed steps run this executable.
-        batch, host = tr.next_step_batches()
-        t0 = time.perf_counter()
-        compiled = tr.steps.train_step.lower(tr.state, batch).compile()
-        compile_s = time.perf_counter() - t0
-        xla_bytes = None
-        try:
-            ma = compiled.memory_analysis()
-            xla_bytes = int(
-                ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
-                - ma.alias_size_in_bytes
-            )  # fmt: skip
-        except Exception:  # not every backend reports it
-            pass
-
-        state = tr.state
-        for i in range(warmup):
-            if i:
-                batch, host = tr.next_step_batches()
-            state, m = compiled(state, batch)
-            jax.block_until_ready(m)
-        step_times, device_times = [], []
-        counts, computed_keys = TokenCounts(), 0
-        for i in range(steps):
-            t0 = time.perf_counter()
-            if warmup or i:
-                batch, host = tr.next_step_batches()
-            t1 = time.perf_counter()
-            state, m = compiled(state, batch)
-            m = jax.device_get(m)
-            t2 = time.perf_counter()
-            step_times.append(t2 - t0)
-            device_times.append(t2 - t1)
-            counts += token_counts(host, sliding_window=window)
-            for b in host:
-                computed_keys += computed_attention_keys(
-                    kernel, b["segment_ids"], tile=tile, sliding_window=window
-                )
+        compile_s, xla_bytes, step_times, device_times, counts, computed_keys, state, m = _timed_steps(
+            tr, steps, warmup, kernel=kernel, tile=tile, window=window
+        )
         tr.state = state
         loss = float(m["loss"])
         peak_mem, peak_what = _peak_memory_bytes()
@@ -208,7 +159,6 @@ def run_bench(
     # Every count above is this host's rows (the reference pass included): summed over the processes.
     counts, ref = counts.over_processes(), ref.over_processes()
     tokens, keys, scored, pairs = counts.tokens, counts.attended_keys, counts.scored, counts.pairs
-    ref_tokens, ref_keys, ref_scored = ref.tokens, ref.attended_keys, ref.scored
     computed_keys *= jax.process_count()  # the kernel's work, for its ratio to the credited keys
     step_time = statistics.median(step_times)
     total_time = step_time * steps  # the median step, so a hiccup from a neighbour does not count
@@ -264,28 +214,104 @@ def run_bench(
         "peak_memory_what": peak_what,
         "xla_step_bytes": xla_bytes,
     }
-    # The reference pass amortised over the run: its time and its forward FLOPs spread over its steps.
     if ref_s is not None:
-        run_steps = tr.data.total_steps
-        ref_flops = forward_flops(hf_cfg, tokens=ref_tokens, attended_keys=ref_keys)
-        ref_flops_sh = forward_flops(
-            hf_cfg, tokens=ref_tokens, attended_keys=ref_keys, head_tokens=ref_scored
-        )
-        t_run = step_time * run_steps + ref_s
-        per_step_pairs, per_step_tokens = pairs / steps, tokens / steps
         result.update(
-            {
-                "ref_tokens": ref_tokens,
-                "ref_flops": ref_flops,
-                "ref_tokens_per_s": ref_tokens / ref_s if ref_s else None,
-                "pairs_per_s_incl_ref": per_step_pairs * run_steps / t_run,
-                "tokens_per_s_incl_ref": per_step_tokens * run_steps / t_run,
-                "mfu_incl_ref": ((flops / steps) * run_steps + ref_flops) / (t_run * peak) if peak else None,
-                "mfu_scored_head_incl_ref": (
-                    ((flops_sh / steps) * run_steps + ref_flops_sh) / (t_run * peak) if peak else None
-                ),
-            }
+            _amortised_reference(
+                tr, hf_cfg, ref, ref_s, flops, flops_sh, pairs, tokens, steps, step_time, peak
+            )
         )
+    result["plan_bytes"] = _plan_bytes(tr, c, platform)
+    if out_json is not None:
+        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _reference_pass(tr, window):
+    """The reference pass again, warm (compiled): what the pass costs per run, without compile.
+    Returns (first pass seconds from the cache manifest, warm seconds, its TokenCounts)."""
+    if tr.config.dpo.reference != "cached":
+        return None, None, TokenCounts()
+    manifest = json.loads(
+        (tr.reference.cache_dir / tr.reference.keys["train"] / refcache.MANIFEST).read_text()
+    )
+    ref_first_s = float(manifest["seconds"])
+    batches = list(tr.data.one_pass(tr.data.train_pairs))
+    ref = token_counts(batches, sliding_window=window)
+    t0 = time.perf_counter()
+    # A LoRA run's forward takes the adapters with the frozen base (`Trainer.logprobs`).
+    params = tr.state.params if tr.state.base is None else (tr.state.params, tr.state.base)
+    over_split(tr.steps.forward, params, batches, len(tr.data.train_pairs), mesh=tr.mesh)
+    ref_s = time.perf_counter() - t0
+    return ref_first_s, ref_s, ref
+
+
+def _timed_steps(tr, steps: int, warmup: int, *, kernel: str, tile: int, window):
+    """Compile the step ahead of time, run `warmup` steps, then time `steps` of them."""
+    # Compile, alone and ahead of time; the timed steps run this executable.
+    batch, host = tr.next_step_batches()
+    t0 = time.perf_counter()
+    compiled = tr.steps.train_step.lower(tr.state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    xla_bytes = None
+    try:
+        ma = compiled.memory_analysis()
+        xla_bytes = int(
+            ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+            - ma.alias_size_in_bytes
+        )  # fmt: skip
+    except Exception:  # not every backend reports it
+        pass
+
+    state = tr.state
+    for i in range(warmup):
+        if i:
+            batch, host = tr.next_step_batches()
+        state, m = compiled(state, batch)
+        jax.block_until_ready(m)
+    step_times, device_times = [], []
+    counts, computed_keys = TokenCounts(), 0
+    for i in range(steps):
+        t0 = time.perf_counter()
+        if warmup or i:
+            batch, host = tr.next_step_batches()
+        t1 = time.perf_counter()
+        state, m = compiled(state, batch)
+        m = jax.device_get(m)
+        t2 = time.perf_counter()
+        step_times.append(t2 - t0)
+        device_times.append(t2 - t1)
+        counts += token_counts(host, sliding_window=window)
+        for b in host:
+            computed_keys += computed_attention_keys(
+                kernel, b["segment_ids"], tile=tile, sliding_window=window
+            )
+    return compile_s, xla_bytes, step_times, device_times, counts, computed_keys, state, m
+
+
+def _amortised_reference(tr, hf_cfg, ref, ref_s, flops, flops_sh, pairs, tokens, steps, step_time, peak):
+    """The reference pass amortised over the run: its time and its forward FLOPs spread over its steps."""
+    ref_tokens, ref_keys, ref_scored = ref.tokens, ref.attended_keys, ref.scored
+    run_steps = tr.data.total_steps
+    ref_flops = forward_flops(hf_cfg, tokens=ref_tokens, attended_keys=ref_keys)
+    ref_flops_sh = forward_flops(hf_cfg, tokens=ref_tokens, attended_keys=ref_keys, head_tokens=ref_scored)
+    t_run = step_time * run_steps + ref_s
+    per_step_pairs, per_step_tokens = pairs / steps, tokens / steps
+    return {
+        "ref_tokens": ref_tokens,
+        "ref_flops": ref_flops,
+        "ref_tokens_per_s": ref_tokens / ref_s if ref_s else None,
+        "pairs_per_s_incl_ref": per_step_pairs * run_steps / t_run,
+        "tokens_per_s_incl_ref": per_step_tokens * run_steps / t_run,
+        "mfu_incl_ref": ((flops / steps) * run_steps + ref_flops) / (t_run * peak) if peak else None,
+        "mfu_scored_head_incl_ref": (
+            ((flops_sh / steps) * run_steps + ref_flops_sh) / (t_run * peak) if peak else None
+        ),
+    }
+
+
+def _plan_bytes(tr, c, platform: str) -> int | None:
+    """`jdpo plan`'s estimate for this run's mesh (a cross-check, never a reason to lose the measurements)."""
     try:
         shape = dict(tr.mesh.shape)
         on_mesh = C.replace(c, **{f"mesh.{k}": shape.get(k, 1) for k in ("data", "fsdp", "tensor")})
@@ -296,14 +322,10 @@ def run_bench(
             on_cpu=platform == "cpu",
             backend=platform,
         )
-        result["plan_bytes"] = p.total
+        return p.total
     except Exception as e:  # the plan is a cross-check, never a reason to lose the measurements
         log.warning("memory plan failed: %s", e)
-        result["plan_bytes"] = None
-    if out_json is not None:
-        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+        return None
 
 
 def format_bench(r: dict[str, Any]) -> str:
