@@ -130,11 +130,7 @@ def run_bench(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     platform = jax.default_backend()
-    t0 = time.perf_counter()
-    # First, while the cores are quiet: the denominator of MFU (cached; reused below for the mesh).
-    if platform == "cpu":
-        measured_cpu_peak_flops()
-    peak_s = time.perf_counter() - t0
+    peak_s = _measure_peak(platform)
 
     with tempfile.TemporaryDirectory(prefix="jdpo-bench-") as work:
         c = bench_config(cfg, work_dir=work)
@@ -225,6 +221,14 @@ def run_bench(
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _measure_peak(platform: str) -> float:
+    """First, while the cores are quiet: the denominator of MFU (cached; reused for the mesh). Seconds."""
+    t0 = time.perf_counter()
+    if platform == "cpu":
+        measured_cpu_peak_flops()
+    return time.perf_counter() - t0
 
 
 def _reference_pass(tr, window):

@@ -235,6 +235,7 @@ def kto_loss(
     r = jnp.where(valid, pol - ref, 0.0)
     br = beta * r
 
+    z0 = d = None
     if loss_type == "kto":
         z0 = jnp.broadcast_to(jax.lax.stop_gradient(as_float32(kl)), shape)
         # 1 - s(x) = s(-x): desirable s(-b (r - kl)), undesirable s(-b (kl - r)).
@@ -252,25 +253,29 @@ def kto_loss(
         total = jnp.sum(w * losses)
         loss = total if reduction == "sum" else total / jnp.maximum(jnp.sum(w), TINY)
 
+    extra = {"kl": z0} if loss_type == "kto" else {"delta": d} if loss_type == "bco" else {}
+    per_example = _per_example_metrics(valid, desirable, br, pol, extra)
+    if reduction == "none":
+        return loss, per_example
+    return loss, kto_metric_means({k: jnp.sum(v) for k, v in per_example.items()})
+
+
+def _per_example_metrics(valid, desirable, br, pol, extra: dict) -> dict:
+    """The per-example metric terms (0 outside their class or slot) whose sums `kto_metric_means` turns
+    into TRL's KTO / BCO means; `extra`: kl or delta, reported at every valid example."""
     chosen = (valid & desirable).astype(jnp.float32)
     rejected = (valid & ~desirable).astype(jnp.float32)
     pol_valid = jnp.where(valid, pol, 0.0)
-    per_example = {
+    out = {
         "rewards/chosen": chosen * br,
         "rewards/rejected": rejected * br,
         "logps/chosen": chosen * pol_valid,
         "logps/rejected": rejected * pol_valid,
         "count/chosen": chosen,
         "count/rejected": rejected,
+        **{k: valid.astype(jnp.float32) * v for k, v in extra.items()},
     }
-    if loss_type == "kto":
-        per_example["kl"] = valid.astype(jnp.float32) * z0
-    if loss_type == "bco":
-        per_example["delta"] = valid.astype(jnp.float32) * d
-    per_example = {k: jax.lax.stop_gradient(v) for k, v in per_example.items()}
-    if reduction == "none":
-        return loss, per_example
-    return loss, kto_metric_means({k: jnp.sum(v) for k, v in per_example.items()})
+    return {k: jax.lax.stop_gradient(v) for k, v in out.items()}
 
 
 def kto_metric_means(sums: Mapping[str, Array]) -> dict[str, Array]:
