@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from jdpo.errors import UserError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -36,6 +38,19 @@ class SourceSpec:
     path: str
     count: int | None = None
     fraction: float | None = None
+
+    def take(self, n: int, rng: np.random.Generator) -> list[int]:
+        """The indices of this entry's amount of a source of `n` records: all of them without an amount,
+        else a subset drawn with `rng` (above 100%: whole copies plus a subset), in source order. The one
+        rule for amounts, of preference records and of online prompts alike."""
+        if self.count is None and self.fraction is None:
+            return list(range(n))
+        want = self.count if self.count is not None else int(round(self.fraction * n))
+        if n == 0:
+            return []
+        copies, rest = divmod(want, n)
+        keep = np.sort(rng.permutation(n)[:rest])
+        return list(range(n)) * copies + keep.tolist()
 
 
 _AMOUNT = re.compile(r"^(.*):(\d+(?:\.\d*)?|\.\d+)$")

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from jdpo.data.formats import record_locations
+from jdpo.data.records import record_locations
 from jdpo.data.sources import DataError
 
 PERCENTILES = (50, 90, 95, 99, 100)

@@ -210,13 +210,12 @@ def load_prompts(sources: Sequence[str], format: str = "auto", *, seed: int = 0,
     """The distinct prompts of a mixture (`path:5000` / `path:0.25` amounts as `load_preferences` takes
     them, the subset deterministic for `seed`), first occurrence kept, with where each came from."""
     from jdpo.data import parse_source_spec
-    from jdpo.data.formats import _take  # the one rule for source amounts
 
     prompts, wheres, seen = [], [], set()
     for i, source in enumerate(sources):
         spec = parse_source_spec(source)
         got, where = read_prompts(spec.path, format, skip_bad_rows=skip_bad_rows)
-        for k in _take(len(got), spec, np.random.default_rng([seed, i])):
+        for k in spec.take(len(got), np.random.default_rng([seed, i])):
             key = json.dumps(got[k], sort_keys=True)
             if key not in seen:
                 seen.add(key)
