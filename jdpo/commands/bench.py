@@ -140,7 +140,7 @@ def run_bench(
         peak = total_peak_flops(list(tr.mesh.devices.flat))
         window = tr.model_config.sliding_window
         kernel, block = tr.attention
-        tile = tile_of(kernel, block, tr.row_length)
+        tile = tile_of(kernel, block, tr.layout.row_length)
 
         # The reference pass again, warm (compiled): what the pass costs per run, without compile.
         ref_s = ref_first_s = None
@@ -227,8 +227,8 @@ def run_bench(
         "attention_tile": tile,
         "batch_rows": c.train.batch_rows,
         "grad_accum": c.train.grad_accum,
-        "row_length": tr.row_length,
-        "max_pairs_per_row": tr.max_pairs,
+        "row_length": tr.layout.row_length,
+        "max_pairs_per_row": tr.layout.max_pairs_per_row,
         "num_pairs": len(tr.train_pairs),
         "steps_per_epoch": tr.steps_per_epoch,
         "total_steps": tr.total_steps,

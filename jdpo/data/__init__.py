@@ -4,7 +4,8 @@ records = load_preferences("data/hh.jsonl:0.5,data/shp.parquet:5000", seed=0)
 train, held = split_eval(records, 0.02, seed=0)
 pairs, report = tokenize_preferences(train, tokenizer, max_length=1024, max_prompt_length=512)
 prompt_ids = encode_prompts(tokenizer, ["2+2="], max_prompt_length=512)  # as a record's prompt_ids
-batches = PreferenceBatches(pairs, rows_per_batch=64, row_length=2048, seed=0)
+layout = BatchLayout.for_pairs([pairs], rows_per_batch=64, row_length=2048)  # P from the shortest pair
+batches = PreferenceBatches(pairs, layout, seed=0)
 batch = next(batches)        # this host's rows of the global batch; see batching.py for the layout
 position = batches.state()   # {"epoch", "batch", ...}; batches.restore(position) resumes exactly
 """
@@ -28,6 +29,7 @@ from jdpo.data.formats import (
     read_source,
     split_eval,
 )
+from jdpo.data.layout import BatchLayout
 from jdpo.data.sources import DataError, parse_source_spec, read_rows
 from jdpo.data.tokenize import (
     TokenizedPairs,
@@ -43,6 +45,7 @@ from jdpo.data.tokenize import (
 __all__ = [
     "BATCH_KEYS",
     "Batch",
+    "BatchLayout",
     "FORMATS",
     "DataError",
     "LoadReport",

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from jdpo.data.batch import Batch
+from jdpo.data.layout import BatchLayout
 from jdpo.data.tokenize import TokenizedPairs
 
 # ----------------------------------------------------------------------------------------------------
@@ -83,6 +84,8 @@ def make_batch(
     row_length: int,
     max_pairs_per_row: int,
     shared_prompt: bool = False,
+    *,
+    chosen_only: bool = False,
 ) -> Batch:
     """Lay out `rows` (lists of pair ids, [] for an empty row) as one fixed-shape batch (layout above).
     Unpaired examples (`pairs.labels` set) are laid out the same way, with their labels per slot.
@@ -90,7 +93,9 @@ def make_batch(
     `shared_prompt`: slot k's prompt but its last token once, in segment -(k + 1), then the chosen and
     rejected branches (2k + 1, 2k + 2), each the prompt's last token (which scores the first completion
     token) and the completion, at the positions that follow the prompt; each branch sees the prompt
-    and itself (`jdpo.models.masks`). Per-segment sums are those of the plain layout, on fewer tokens."""
+    and itself (`jdpo.models.masks`). Per-segment sums are those of the plain layout, on fewer tokens.
+    `chosen_only`: each slot's prompt + chosen alone (segment 2k + 1; `rejected_ids` are not read), rows
+    of single sequences for scoring given completions token by token (`jdpo eval`'s sampled KL)."""
     B, T, P = len(rows), row_length, max_pairs_per_row
     input_ids = np.zeros((B, T), np.int32)
     positions = np.zeros((B, T), np.int32)
@@ -125,7 +130,10 @@ def make_batch(
             if shared_prompt and len(prompt) > 1:
                 t = place(b, t, -(k + 1), prompt[:-1], 0, len(prompt) - 1)  # nothing scored
                 prompt, offset = prompt[-1:], len(prompt) - 1
-            for s, completion in ((2 * k + 1, pairs.chosen_ids[pid]), (2 * k + 2, pairs.rejected_ids[pid])):
+            sides = [(2 * k + 1, pairs.chosen_ids[pid])]
+            if not chosen_only:
+                sides.append((2 * k + 2, pairs.rejected_ids[pid]))
+            for s, completion in sides:
                 # Output at t scores token t+1: the completion's tokens follow the prompt's.
                 tokens = np.concatenate([prompt, completion])
                 t = place(b, t, s, tokens, offset, max(len(prompt) - 1, 0))
@@ -243,11 +251,11 @@ class PreferenceBatches:
 
     Args:
       pairs: the tokenised dataset; pair_ids index into it.
-      rows_per_batch: GLOBAL rows per step; each of `process_count` hosts gets rows_per_batch /
-        process_count consecutive rows (host i: rows [i*L, (i+1)*L)).
-      row_length: T for packing; also the largest bucket when `buckets` is not given.
-      max_pairs_per_row: P, pair slots per packed row (S = 2P segments).
-      packing: pack several pairs per row; False: one pair per row in length buckets (P = 1).
+      layout: a `jdpo.data.layout.BatchLayout`, or its fields as keywords: rows_per_batch (GLOBAL rows
+        per step; each of `process_count` hosts gets rows_per_batch / process_count consecutive rows,
+        host i: rows [i*L, (i+1)*L)), row_length (T for packing; also the largest bucket when `buckets`
+        is not given), max_pairs_per_row (P; S = 2P segments), packing (False: one pair per row in
+        length buckets, P = 1), shared_prompt.
       buckets: row lengths for packing=False (default: row_length / 8, / 4, / 2, row_length).
       seed, shuffle: epoch e's order is a permutation drawn from (seed, e); shuffle=False keeps the
         dataset order (used by `one_pass`).
@@ -260,11 +268,13 @@ class PreferenceBatches:
     def __init__(
         self,
         pairs: TokenizedPairs,
+        layout: BatchLayout | None = None,
         *,
-        rows_per_batch: int,
-        row_length: int,
-        max_pairs_per_row: int = 16,
-        packing: bool = True,
+        rows_per_batch: int | None = None,
+        row_length: int | None = None,
+        max_pairs_per_row: int | None = None,
+        packing: bool | None = None,
+        shared_prompt: bool | None = None,
         buckets: Sequence[int] | None = None,
         seed: int = 0,
         shuffle: bool = True,
@@ -272,8 +282,11 @@ class PreferenceBatches:
         pack_window: int = 4096,
         process_index: int | None = None,
         process_count: int | None = None,
-        shared_prompt: bool = False,
     ):
+        layout = BatchLayout.of(layout, rows_per_batch=rows_per_batch, row_length=row_length,
+                                max_pairs_per_row=max_pairs_per_row, packing=packing,
+                                shared_prompt=shared_prompt)  # fmt: skip
+        rows_per_batch, row_length, packing = layout.rows_per_batch, layout.row_length, layout.packing
         if process_index is None or process_count is None:
             pi, pc = _default_process()
             process_index = pi if process_index is None else process_index
@@ -282,12 +295,12 @@ class PreferenceBatches:
             raise ValueError(f"rows_per_batch={rows_per_batch} is not divisible by {process_count} hosts")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index={process_index} outside [0, {process_count})")
-        self.pairs = pairs
+        self.pairs, self.layout = pairs, layout
         self.rows_per_batch = rows_per_batch
         self.local_rows = rows_per_batch // process_count
         self.process_index, self.process_count = process_index, process_count
         self.packing = packing
-        self.max_pairs_per_row = max_pairs_per_row if packing else 1
+        self.max_pairs_per_row = layout.max_pairs_per_row if packing else 1
         if packing:
             self.buckets = (int(row_length),)
         else:
@@ -296,8 +309,8 @@ class PreferenceBatches:
         self.row_length = self.buckets[-1]
         self.seed, self.shuffle, self.num_epochs = seed, shuffle, num_epochs
         self.pack_window = pack_window
-        self.shared_prompt = shared_prompt
-        self.lengths_N = pairs.pair_lengths(shared_prompt)
+        self.shared_prompt = layout.shared_prompt
+        self.lengths_N = pairs.pair_lengths(self.shared_prompt)
         fits = self.lengths_N <= self.row_length
         self.dropped_too_long = int((~fits).sum())
         self.fits = fits  # [N] bool: the pairs a batch can hold (the others are left out everywhere)
@@ -405,46 +418,25 @@ class PreferenceBatches:
 
 def one_pass(
     pairs: TokenizedPairs,
+    layout: BatchLayout | None = None,
     *,
-    rows_per_batch: int,
-    row_length: int,
-    max_pairs_per_row: int = 16,
-    packing: bool = True,
     buckets: Sequence[int] | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
-    shared_prompt: bool = False,
+    **layout_fields: Any,
 ) -> PreferenceBatches:
-    """A finite pass over every pair exactly once in dataset order (reference log-probs, eval).
+    """A finite pass over every pair exactly once in dataset order (reference log-probs, eval), in
+    `layout` (or its fields as keywords: rows_per_batch, row_length, ...).
 
     Same layout as training batches; the last batch is filled with empty rows (pair_ids -1). Pairs
     longer than the row are left out (see `.dropped_too_long`; size the row as >= 2 * max_length).
     """
     return PreferenceBatches(
         pairs,
-        rows_per_batch=rows_per_batch,
-        row_length=row_length,
-        max_pairs_per_row=max_pairs_per_row,
-        packing=packing,
+        BatchLayout.of(layout, **layout_fields),
         buckets=buckets,
         shuffle=False,
         num_epochs=1,
         process_index=process_index,
         process_count=process_count,
-        shared_prompt=shared_prompt,
     )
-
-
-def padding_report(n: int = 20000, seed: int = 0) -> None:
-    """Print packing vs buckets vs pad-to-longest padding on hh-rlhf-like lengths:
-    python -c "from jdpo.data.batching import padding_report; padding_report()"."""
-    p, c, r = synthetic_hh_lengths(n, seed=seed)
-    print(f"{n} synthetic hh-rlhf-like pairs; sequence (prompt+completion) median {np.median(p + c):.0f}, "
-          f"p99 {np.percentile(p + c, 99):.0f}, max {max((p + c).max(), (p + r).max())}")  # fmt: skip
-    for b in (8, 32):
-        s = compare_padding(p, c, r, pairs_per_batch=b, seed=seed)
-        print(f"pad-to-longest, {b} pairs per batch: padding {s['pad_to_longest']:.1%}")
-    for T in (1024, 2048, 4096):
-        for P in (8, 16, 32):
-            s = compare_padding(p, c, r, row_length=T, max_pairs_per_row=P, seed=seed)
-            print(f"T={T} P={P}: packed {s['packed']:.1%}  (one pair per row, buckets: {s['buckets']:.1%})")

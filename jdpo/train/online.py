@@ -292,7 +292,7 @@ class OnlineDPO:
 
     def __init__(self, config: Config, tokenizer, prompts: list, wheres: list, *, rows: int, row_length: int):
         from jdpo.data import encode_prompts, prompt_texts
-        from jdpo.train.trainer import MAX_PAIRS_PER_ROW
+        from jdpo.data.layout import pairs_per_row, sampled_pair_length
 
         c, on = config, config.online
         self.config, self.tokenizer = config, tokenizer
@@ -314,14 +314,14 @@ class OnlineDPO:
         probe_reward(self.reward, on.reward, self.texts)
         longest = max(len(x) for x in self.ids)
         self.prompt_length = -(-longest // LENGTH_BUCKET) * LENGTH_BUCKET  # the sampler's fixed T
-        self.pair_tokens = 2 * (longest + on.max_new_tokens)  # the most a pair can take in a row
+        self.pair_tokens = sampled_pair_length(longest, on.max_new_tokens)  # the most a pair takes in a row
         if self.pair_tokens > row_length:
             raise ConfigError(
                 f"data.row_length={row_length} cannot hold one online pair of up to {self.pair_tokens} "
                 f"tokens (2 x (prompt <= {longest} + online.max_new_tokens={on.max_new_tokens})): raise "
                 "data.row_length, or lower online.max_new_tokens / data.max_prompt_length"
             )
-        self.slots = max(1, min(MAX_PAIRS_PER_ROW, row_length // self.pair_tokens))  # pairs per row
+        self.slots = pairs_per_row(row_length, [np.asarray([self.pair_tokens])])
         self.rows, self.row_length = rows, row_length
         if rows * self.slots < on.prompts_per_step:
             raise ConfigError(
@@ -425,8 +425,8 @@ def load_online_data(trainer) -> None:
     import jax
 
     from jdpo import data as jdata
+    from jdpo.data.layout import BatchLayout, row_length_for
     from jdpo.parallel.sharding import row_shards
-    from jdpo.train.trainer import pairs_per_row
 
     c, d = trainer.config, trainer.config.data
     if jax.process_count() > 1:
@@ -440,7 +440,7 @@ def load_online_data(trainer) -> None:
         raise ConfigError(f"train.batch_rows={c.train.batch_rows} must divide over the {shards} row "
                           f"shards of the mesh (data x fsdp = {dict(trainer.mesh.shape)})")  # fmt: skip
     prompts, wheres = load_prompts(list(d.train), d.format, seed=c.train.seed, skip_bad_rows=d.skip_bad_rows)
-    trainer.row_length = d.row_length or 2 * d.max_length
+    trainer.row_length = row_length_for(d.max_length, d.row_length)
     trainer.online = online = OnlineDPO(c, trainer.tokenizer, prompts, wheres,
                                         rows=c.train.batch_rows * c.train.grad_accum,
                                         row_length=trainer.row_length)  # fmt: skip
@@ -456,14 +456,11 @@ def load_online_data(trainer) -> None:
         )  # fmt: skip
     if c.train.keep_best and trainer.eval_pairs is None:
         raise ConfigError(f"train.keep_best={c.train.keep_best!r} needs an eval split: give data.eval files")
-    trainer.max_pairs = (
-        pairs_per_row(trainer.row_length, [trainer.eval_pairs.pair_lengths(trainer.shared_prompt)])
-        if trainer.eval_pairs is not None and d.packing
-        else 1
-    )
-    trainer.batch_kw = dict(rows_per_batch=c.train.batch_rows, row_length=trainer.row_length,
-                            max_pairs_per_row=trainer.max_pairs, packing=d.packing,
-                            shared_prompt=trainer.shared_prompt)  # fmt: skip
+    evals = [] if trainer.eval_pairs is None else [trainer.eval_pairs]  # sampled pairs: `OnlineDPO.slots`
+    trainer.layout = BatchLayout.for_pairs(evals, rows_per_batch=c.train.batch_rows,
+                                           row_length=trainer.row_length, packing=d.packing,
+                                           shared_prompt=trainer.shared_prompt)  # fmt: skip
+    trainer.max_pairs = trainer.layout.max_pairs_per_row
     if trainer.eval_pairs is not None:
         eval_batches = trainer.one_pass(trainer.eval_pairs)
         line = jdata.account_split("eval", report, too_long=eval_batches.dropped_too_long,

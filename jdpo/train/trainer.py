@@ -33,13 +33,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from etils import epath
 from flax import nnx
 
 from jdpo import paths
 from jdpo.config import Config, ConfigError
 from jdpo.data.batch import Batch
+from jdpo.data.layout import BatchLayout, pairs_per_row, row_length_for  # pairs_per_row: re-exported
 from jdpo.losses.unpaired import running_moments_init
 from jdpo.models import lora
 from jdpo.models.kernels import resolve_attention, shares_prompt
@@ -73,8 +73,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MAX_PAIRS_PER_ROW = 16
-
 
 @dataclasses.dataclass
 class RunResult:
@@ -104,13 +102,6 @@ def resolve_dtype(name: str):
     if name == "auto":
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     return jnp.dtype(name)
-
-
-def pairs_per_row(row_length: int, pair_lengths: Sequence[np.ndarray]) -> int:
-    """P, pair slots per packed row: as many as the shortest pair allows, at most MAX_PAIRS_PER_ROW
-    (slots cost a [B, T, 2P] one-hot in the per-segment sums, so no more than can ever be filled)."""
-    shortest = min((int(x.min()) for x in pair_lengths if len(x)), default=row_length)
-    return int(max(1, min(MAX_PAIRS_PER_ROW, row_length // max(shortest, 1))))
 
 
 class Trainer:
@@ -247,23 +238,17 @@ class Trainer:
                 f"train.keep_best={c.train.keep_best!r} needs an eval split: give data.eval files or a "
                 "data.eval_fraction > 0"
             )
-        self.row_length = d.row_length or 2 * d.max_length
-        lengths = [self.train_pairs.pair_lengths(self.shared_prompt)]
-        if self.eval_pairs is not None:
-            lengths.append(self.eval_pairs.pair_lengths(self.shared_prompt))
-        self.max_pairs = pairs_per_row(self.row_length, lengths) if d.packing else 1
+        self.row_length = row_length_for(d.max_length, d.row_length)
+        laid_out = [self.train_pairs] + ([] if self.eval_pairs is None else [self.eval_pairs])
         shards = row_shards(self.mesh)
         if c.train.batch_rows % shards:
             raise ConfigError(f"train.batch_rows={c.train.batch_rows} must divide over the {shards} row "
                              f"shards of the mesh (data x fsdp = {dict(self.mesh.shape)})")  # fmt: skip
-        self.batch_kw = dict(
-            rows_per_batch=c.train.batch_rows,
-            row_length=self.row_length,
-            max_pairs_per_row=self.max_pairs,
-            packing=d.packing,
-            shared_prompt=self.shared_prompt,
-        )
-        self.batches = jdata.PreferenceBatches(self.train_pairs, seed=c.train.seed, **self.batch_kw)
+        self.layout = BatchLayout.for_pairs(laid_out, rows_per_batch=c.train.batch_rows,
+                                            row_length=self.row_length, packing=d.packing,
+                                            shared_prompt=self.shared_prompt)  # fmt: skip
+        self.max_pairs = self.layout.max_pairs_per_row
+        self.batches = jdata.PreferenceBatches(self.train_pairs, self.layout, seed=c.train.seed)
         # Before the model loads: what each split lost, and an error when nothing is left.
         splits = [("train", self.train_report, self.batches, f"data.train ({', '.join(d.train)})")]
         if self.eval_pairs is not None:
@@ -380,7 +365,7 @@ class Trainer:
         """Every pair of a split once, in order, as this run's training batches lay them out."""
         from jdpo import data as jdata
 
-        return jdata.one_pass(pairs, **self.batch_kw)
+        return jdata.one_pass(pairs, self.layout)
 
     def logprobs(self, pairs, params=None) -> PairLogps:
         """Per-pair log-probs of every pair of a split under `params` (default: the current policy)."""
