@@ -13,7 +13,6 @@ position = batches.state()   # {"epoch", "batch", ...}; batches.restore(position
 from jdpo.data.batch import BATCH_KEYS, Batch
 from jdpo.data.batching import (
     PreferenceBatches,
-    compare_padding,
     make_batch,
     one_pass,
     pack_rows,
@@ -54,7 +53,6 @@ __all__ = [
     "TokenizeReport",
     "TokenizedPairs",
     "account_split",
-    "compare_padding",
     "detect_format",
     "encode_prompt",
     "encode_prompts",
