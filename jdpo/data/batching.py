@@ -35,6 +35,7 @@ import hashlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from jdpo.data.batch import Batch
@@ -172,8 +173,6 @@ def unpack_batch(batch: Batch) -> list[dict[str, Any]]:
 
 
 def _default_process() -> tuple[int, int]:
-    import jax
-
     return jax.process_index(), jax.process_count()
 
 

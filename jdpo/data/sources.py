@@ -12,10 +12,12 @@ import io
 import json
 import os
 import re
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 
@@ -81,9 +83,6 @@ def _hub_offline() -> bool:
 def _hub_reachable(timeout_s: float = 3.0) -> tuple[bool, str]:
     """A quick TCP connect to the hub endpoint, so that an offline machine fails in seconds, not after
     the hub client's retries."""
-    import socket
-    from urllib.parse import urlparse
-
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
     try:
