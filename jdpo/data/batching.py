@@ -1,31 +1,15 @@
 """Fixed-shape batches of whole preference pairs: packing, length buckets, a resumable per-host iterator.
 
-Batches are `jdpo.data.batch.Batch`es of numpy arrays (B = this host's rows, T = row length, P = pair slots
-per row; the field layout is in `jdpo/data/batch.py`); `pair_ids` index the TokenizedPairs of the split.
+`make_batch` lays out rows of pair ids as one `jdpo.data.batch.Batch` of numpy arrays (its fields are in
+batch.py), in the plain or the shared-prompt layout; `PreferenceBatches` plans each epoch and yields this
+host's rows of every global batch, in a `jdpo.data.layout.BatchLayout`; `one_pass` is one pass in order.
 
-A row holds whole pairs only, so per-pair reductions are row-local. With S = 2P segments and
-`logps_BxS` the per-segment sums, chosen_BxP = logps_BxS[:, 0::2], rejected_BxP = logps_BxS[:, 1::2],
-and `pair_ids >= 0` is the valid-pair mask (rows can be empty: pair_ids all -1).
-A pair whose prompt is empty (a tokenizer without BOS and an empty prompt) has its first completion
-token unscored: no output position predicts it.
-
-Two layouts of a pair (`make_batch`'s `shared_prompt`, the run's `data.shared_prompt`): plain, the
-prompt before each completion (2 * prompt + chosen + rejected tokens), or shared, the prompt but its last
-token once and two branches after it (prompt + 1 + chosen + rejected tokens), which the attention
-kernels that have the shared-prefix rule of `jdpo.models.masks` run; both give the same log-probs.
-
-Global batch size is counted in ROWS (`rows_per_batch`): the step has a fixed shape, and the number of
-pairs in a step varies with packing. Normalise per-pair losses by the global count of valid pairs,
-i.e. sum((pair_ids >= 0)) over the global batch (under jit on the globally sharded array this is one
-reduction), not by a constant; the iterator also gives it on the host as `last_global_pairs`.
-
-Packing (default): pairs are shuffled by (seed, epoch), then packed best-fit-decreasing within windows
-of `pack_window` pairs into rows of T tokens with at most P pairs; the rows are shuffled and cut into
-global batches. Without packing each row holds one pair (P = 1) and T is the smallest of `buckets`
-that fits it; batches are formed per bucket (leftovers move up to the next bucket), so shapes come
-from a short fixed list. Every epoch covers every pair exactly once; the last batch of an epoch is
-filled up with empty rows. Pairs longer than T (packing) or the largest bucket are left out and
-counted in `dropped_too_long`.
+A row holds whole pairs only, so per-pair reductions are row-local. The number of pairs in a batch varies
+with packing: normalise by the global count of valid pairs (`pair_ids >= 0`; on the host
+`last_global_pairs`), not by a constant. Packing (default) shuffles the pairs by (seed, epoch), packs them
+best-fit-decreasing within windows of `pack_window` pairs and shuffles the rows; without packing each row
+holds one pair, in length buckets. Every epoch covers every pair once; pairs longer than the row are left
+out and counted (`dropped_too_long`).
 """
 
 from __future__ import annotations

@@ -461,7 +461,7 @@ def tokenize_preferences(
     """Tokenise records {"prompt", "chosen", "rejected"} (text or messages) with `tokenizer`.
 
     Args:
-      tokenizer: a transformers tokenizer (fast ones are batched in Rust; 10k pairs take seconds).
+      tokenizer: a transformers tokenizer (fast ones tokenise in batches of `batch_size`).
       max_length: cap on prompt + completion per sequence (each of chosen and rejected).
       max_prompt_length: cap on the prompt; cut from the left.
       skip_bad_rows: drop (and count) records the chat template rejects (or, without a template, with a

@@ -1,25 +1,13 @@
-"""Unpaired feedback: records {"prompt", "completion", "label"} (thumbs up / down on single answers) and the
-training examples the unpaired losses (`jdpo.kto_loss`: kto, bco, apo_zero_unpaired) read.
+"""Unpaired feedback: records {"prompt", "completion", "label"} (format "unpaired", thumbs up / down on
+single answers) and the examples the unpaired losses (`jdpo.kto_loss`: kto, bco, apo_zero_unpaired) read.
 
-Record format "unpaired" (TRL's unpaired preference format), auto-detected from the fields completion and
-label: prompt and completion as text, or as message lists (the conversational form: the prompt holds every
-turn before the completion); label true = desirable, false = undesirable. A missing or non-boolean label
-raises `DataError` naming the file, line and field (JSON / parquet booleans, and the words true / false in a
-CSV cell).
-
-`to_examples` turns the records of one split (unpaired ones, or pairs, each split into a desirable record of
-its chosen and an undesirable one of its rejected completion) into the pipeline's pair layout, so that
-tokenisation, packing, the reference cache and the forward are those of pairs: example i is the "pair"
-(prompt_i + completion_i, prompt_i + completion_{(i-1) mod n}), the second sequence being the mismatched
-completion KTO's KL estimate is taken over (`kl_mismatch_order`: a rotation by one, so no example keeps
-its own completion for any n >= 2, odd or even; never a reversal). The examples are shuffled by the seed
-first, so the completions of one split pair (neighbours in file order) do not meet as a mismatch. TRL
-rotates within each batch; here the rotation is over the split, fixed for the run, so the KL completions'
-reference log-probs are cached with the rest. The labels travel as `TokenizedPairs.labels` to the batches.
-
-`check_classes` refuses a one-class dataset for KTO and warns when the weighted class ratio
-(desirable_weight * n_desirable) / (undesirable_weight * n_undesirable) leaves [1, 4/3], the range the KTO
-paper (section 4.2) recommends.
+`to_examples` puts one split's rated examples (pairs split into a desirable and an undesirable one) into
+the pair layout, so tokenisation, packing, the reference cache and the forward are those of pairs:
+example i is (prompt_i + completion_i, prompt_i + the completion `kl_mismatch_order` gives it), the second
+being what KTO's KL estimate is taken over. The examples are shuffled by the seed first, so the two halves
+of one pair never meet as a mismatch; the rotation is over the split and fixed for the run, so the KL
+completions' reference log-probs are cached with the rest. `check_classes` refuses a one-class split for
+KTO and warns when the class ratio leaves the range the KTO paper recommends.
 """
 
 from __future__ import annotations
@@ -63,7 +51,9 @@ def _label(row: dict, where: str) -> bool:
 
 
 def read_unpaired_row(row: dict, where: str, opts: dict) -> dict:
-    """One row of the unpaired format -> {"prompt", "completion", "label": bool}; raises DataError."""
+    """One row of the unpaired format -> {"prompt", "completion", "label": bool}. Prompt and completion are
+    text or message lists; the label a JSON / parquet boolean or true / false in a CSV cell (True:
+    desirable). Anything else is a DataError naming the row and field."""
     label = _label(row, where)
     prompt, completion = row.get("prompt", ""), get_field(row, "completion", where)
     prompt = "" if prompt is None else prompt
