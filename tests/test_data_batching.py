@@ -6,9 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_batch import unpack_batch
 
-from jdpo.data import BATCH_KEYS, PreferenceBatches, TokenizedPairs, one_pass, unpack_batch
+from jdpo.data import PreferenceBatches, TokenizedPairs, one_pass
 from jdpo.data.batching import pack_rows
+
+# What every batch of pairs holds (the reference and label fields are absent).
+BATCH_KEYS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask", "pair_ids")
 
 
 def load_padding_script():

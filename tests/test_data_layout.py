@@ -30,7 +30,9 @@ def test_pairs_per_row_follows_the_shortest_pair_and_is_capped():
 
 
 def test_row_length_default_and_online_pair_bound():
-    assert row_length_for(512) == 1024 and row_length_for(512, 0) == 1024 and row_length_for(512, None) == 1024
+    assert (
+        row_length_for(512) == 1024 and row_length_for(512, 0) == 1024 and row_length_for(512, None) == 1024
+    )
     assert row_length_for(512, 700) == 700
     assert sampled_pair_length(10, 6) == 32  # 2 x (prompt + new tokens)
 
@@ -41,7 +43,9 @@ def test_for_pairs_sizes_slots_over_every_split_in_the_pairs_layout():
     assert plain == BatchLayout(2, 60, 10, True, False)  # shortest pair 2 * 2 + 1 + 1 = 6 tokens
     shared = BatchLayout.for_pairs([train], rows_per_batch=2, row_length=60, shared_prompt=True)
     assert shared.max_pairs_per_row == 60 // (4 + 1 + 3 + 3) and shared.shared_prompt
-    assert BatchLayout.for_pairs([train], rows_per_batch=2, row_length=60, packing=False).max_pairs_per_row == 1
+    assert (
+        BatchLayout.for_pairs([train], rows_per_batch=2, row_length=60, packing=False).max_pairs_per_row == 1
+    )
 
 
 def test_fitting_defaults_to_twice_the_longest_sequence():

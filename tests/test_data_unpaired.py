@@ -7,8 +7,9 @@ import logging
 
 import numpy as np
 import pytest
+from helpers_batch import unpack_batch
 
-from jdpo.data import DataError, load_preferences, make_batch, split_eval, unpack_batch
+from jdpo.data import DataError, load_preferences, make_batch, split_eval
 from jdpo.data.unpaired import check_classes, kl_mismatch_order, split_pairs, to_examples, tokenize_unpaired
 
 ROWS = [

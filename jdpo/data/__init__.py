@@ -10,13 +10,12 @@ batch = next(batches)        # this host's rows of the global batch; see batchin
 position = batches.state()   # {"epoch", "batch", ...}; batches.restore(position) resumes exactly
 """
 
-from jdpo.data.batch import BATCH_KEYS, Batch
+from jdpo.data.batch import Batch
 from jdpo.data.batching import (
     PreferenceBatches,
     make_batch,
     one_pass,
     pack_rows,
-    unpack_batch,
 )
 from jdpo.data.formats import (
     FORMATS,
@@ -34,7 +33,6 @@ from jdpo.data.tokenize import (
     TokenizedPairs,
     TokenizeReport,
     account_split,
-    encode_prompt,
     encode_prompts,
     end_of_turn_id,
     prompt_texts,
@@ -42,7 +40,6 @@ from jdpo.data.tokenize import (
 )
 
 __all__ = [
-    "BATCH_KEYS",
     "Batch",
     "BatchLayout",
     "FORMATS",
@@ -54,7 +51,6 @@ __all__ = [
     "TokenizedPairs",
     "account_split",
     "detect_format",
-    "encode_prompt",
     "encode_prompts",
     "end_of_turn_id",
     "extract_prompt",
@@ -68,5 +64,4 @@ __all__ = [
     "read_source",
     "split_eval",
     "tokenize_preferences",
-    "unpack_batch",
 ]

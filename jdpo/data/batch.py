@@ -24,7 +24,7 @@ jitted step functions. Layout (B rows, T tokens per row, P pair slots per row):
                               empty. None for pairs.
 
 Fields can also be read by name (`batch["input_ids"]`, `"loss_mask" in batch`, `set(batch)` = the
-fields that are present), which is how host-side tools (FLOP counts, `unpack_batch`) read it.
+fields that are present), which is how host-side tools (FLOP counts) read it.
 """
 
 from __future__ import annotations
@@ -40,8 +40,6 @@ from jdpo.parallel.sharding import batch_sharding
 
 # The [B, T] arrays: padded to a common T when micro-batches of different lengths are stacked.
 TOKEN_FIELDS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask")
-# What every batch has (the data layer's output); the reference fields are optional.
-BATCH_KEYS = (*TOKEN_FIELDS, "pair_ids")
 
 
 @jax.tree_util.register_dataclass

@@ -416,13 +416,6 @@ def prompt_texts(tokenizer: Any, prompts: Sequence[str | list[dict]]) -> list[st
     return [render.prompt(p) for p in prompts]
 
 
-def encode_prompt(
-    tokenizer: Any, prompt: str | list[dict], *, max_prompt_length: int | None = None
-) -> np.ndarray:
-    """`encode_prompts` for one prompt."""
-    return encode_prompts(tokenizer, [prompt], max_prompt_length=max_prompt_length)[0]
-
-
 def _template_writes_bos(render: _Renderer) -> bool:
     bos = render.tok.bos_token_id
     ids = _encode(render.tok, [render._template([{"role": "user", "content": "x"}], True)], 1)[0]
