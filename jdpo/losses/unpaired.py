@@ -2,8 +2,8 @@
 
 Thumbs-up / thumbs-down data has no pairs, so the pairwise ``jdpo.losses.pairwise.dpo_loss`` cannot use it. This
 module holds the unpaired losses (KTO, BCO, APO-zero unpaired) and the pure pieces their train step needs
-around them: the KL reference point of KTO (``kto_kl``; the mismatched prompt / completion pairing it is
-estimated from, ``jdpo.kl_mismatch_order``, is a data rule), BCO's running reward mean (``running_moments_init`` /
+around them: the KL reference point of KTO (``kto_kl``, over the mismatched completions of
+``jdpo.kl_mismatch_order``, a rule of the data), BCO's running reward mean (``running_moments_init`` /
 ``running_moments_update``), and the conversion of summed per-example metrics to TRL's means
 (``kto_metric_means``). Like ``jdpo.losses.pairwise`` it imports only jax (and numpy, which jax brings).
 
@@ -35,7 +35,7 @@ and reads delta as a Python float. 1 - s(x) is computed as s(-x), exact where 1 
 KTO's KL estimate is the paper's z_0 = max(0, mean log-ratio of completions y' paired with the wrong prompt
 x), with no gradient through it (``kto_kl``). TRL builds the mismatched pairs per batch of
 ``per_device_train_batch_size`` examples by rotating the completions by one: prompt i gets completion
-(i - 1) mod n (``jdpo.kl_mismatch_order``), since TRL PR #1970 replaced its earlier reversal, which left the middle
+(i - 1) mod n (``kl_mismatch_order``), since TRL PR #1970 replaced its earlier reversal, which left the middle
 example of an odd batch with its own completion. The KL completions are the batch's own, only re-paired (the
 KTO authors' advice, TRL PR #1402).
 """
@@ -296,7 +296,7 @@ def kto_kl(policy_kl_logps: Array, ref_kl_logps: Array, weights: Array | None = 
     under stop_gradient (KTO paper: the KL estimate from mismatched pairs, clamped at 0, not backpropagated).
 
     ``policy_kl_logps`` / ``ref_kl_logps``: summed log-probs of the completions paired with the wrong prompt
-    (``jdpo.kl_mismatch_order``), any shape (one step's micro-batches at once if wanted); ``weights`` > 0 marks
+    (``kl_mismatch_order``), any shape (one step's micro-batches at once if wanted); ``weights`` > 0 marks
     the valid examples (empty slots may hold anything). No valid example: 0. TRL averages per process and then
     over processes (equal when the processes hold equal counts); here it is one mean over all valid examples,
     which under jit over a sharded batch is the global one.
