@@ -12,9 +12,9 @@ import online_rewards
 import pytest
 from helpers import TIMING as RUN_TIMING
 from helpers import logged_records, one_device, run_config
+from helpers_batch import unpack_batch
 
 from jdpo import config as jconfig
-from jdpo.data import unpack_batch
 from jdpo.report import metrics
 from jdpo.train import online
 from jdpo.train import trainer as train

@@ -194,7 +194,7 @@ def jdpo_plan(model_dir: str, data: str, *, rows: int, max_length: int, max_prom
     from jdpo import data as jdata
     from jdpo.models import ModelConfig
     from jdpo.report import flops
-    from jdpo.train import run_data as train
+    from jdpo.data import layout as train
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     records = jdata.load_preferences([data])

@@ -186,8 +186,7 @@ def hh_segments(B: int, T: int, seed: int = 0, shrink: int = 1):
     greedily filled, padding (0) at the end of each row; lengths divided by `shrink` (the dry run's
     short rows)."""
     import numpy as np
-
-    from jdpo.data.batching import synthetic_hh_lengths
+    from assets import synthetic_hh_lengths
 
     p, c, r = (np.maximum(x // shrink, 1) for x in synthetic_hh_lengths(64 * B, seed=seed))
     seg = np.zeros((B, T), np.int32)

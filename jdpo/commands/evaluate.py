@@ -40,7 +40,8 @@ from flax import nnx
 
 from jdpo import data as jdata
 from jdpo.config import Config, DPOSection, load_config
-from jdpo.data import unpaired
+from jdpo.data import TokenizedPairs, make_batch, unpaired
+from jdpo.data.layout import BatchLayout
 from jdpo.data.sources import DataError
 from jdpo.losses import logprobs
 from jdpo.models.hf import CheckpointError
@@ -48,7 +49,6 @@ from jdpo.parallel.sharding import batch_sharding, batch_shards, jit_on_mesh, ro
 from jdpo.report.diversity import diversity_metrics
 from jdpo.scoring.forward import over_split, pair_logprobs, split_metrics
 from jdpo.scoring.generate import Generator, Prompt, SamplingParams
-from jdpo.train.run_data import pairs_per_row
 
 AnswerChecker = Callable[[Any, str], "bool | None"]
 
@@ -108,15 +108,11 @@ def completion_logprobs(
         ps, cs = prompt_ids[lo : lo + batch_size], completion_ids[lo : lo + batch_size]
         T = max(len(p) + len(c) for p, c in zip(ps, cs, strict=True))
         T = -(-T // length_bucket) * length_bucket
-        ids_BxT = np.zeros((B, T), np.int32)
-        targets_BxT = np.zeros((B, T), np.int32)
-        seg_BxT = np.zeros((B, T), np.int32)
-        for b, (p, c) in enumerate(zip(ps, cs, strict=True)):
-            row = np.concatenate([p, c]).astype(np.int32)
-            ids_BxT[b, : len(row)] = row
-            targets_BxT[b, : len(row) - 1] = row[1:]
-            seg_BxT[b, : len(row)] = 1
-        args = [ids_BxT, targets_BxT, seg_BxT]
+        n = len(ps)
+        seqs = TokenizedPairs(list(ps), list(cs), [np.zeros(0, np.int32)] * n, np.arange(n))
+        rows = [[b] for b in range(n)] + [[] for _ in range(B - n)]
+        batch = make_batch(seqs, rows, T, 1, chosen_only=True)
+        args = [batch.input_ids, batch.targets, batch.segment_ids]
         if gen.mesh is not None:
             args = [jax.device_put(a, batch_sharding(gen.mesh)) for a in args]
         logp_BxT = np.asarray(jax.device_get(fn(gen.params, *args)))
@@ -170,21 +166,15 @@ def preference_metrics(
     """
 
     dpo = DPOSection() if dpo is None else dpo
-    lp, lc, lr = pairs.lengths()
-    row_length = row_length or int(max((lp + np.maximum(lc, lr)).max(), 1) * 2)
-    max_pairs = pairs_per_row(row_length, [pairs.pair_lengths()])
+    rows = round_rows(batch_rows, policy.mesh)
+    layout = BatchLayout.fitting(pairs, rows_per_batch=rows, row_length=row_length)
 
     def batches():
-        return jdata.one_pass(
-            pairs,
-            rows_per_batch=round_rows(batch_rows, policy.mesh),
-            row_length=row_length,
-            max_pairs_per_row=max_pairs,
-        )
+        return jdata.one_pass(pairs, layout)
 
     if batches().dropped_too_long:
         too_long = batches().dropped_too_long
-        raise DataError(f"{too_long} pairs are longer than a row of {row_length} tokens")
+        raise DataError(f"{too_long} pairs are longer than a row of {layout.row_length} tokens")
     logps = {
         name: over_split(
             _pair_forward(gen.graphdef, gen.mesh), gen.params, batches(), len(pairs), mesh=gen.mesh

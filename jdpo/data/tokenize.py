@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from jdpo.data.formats import record_locations
+from jdpo.data.records import record_locations
 from jdpo.data.sources import DataError
 
 PERCENTILES = (50, 90, 95, 99, 100)
@@ -416,13 +416,6 @@ def prompt_texts(tokenizer: Any, prompts: Sequence[str | list[dict]]) -> list[st
     return [render.prompt(p) for p in prompts]
 
 
-def encode_prompt(
-    tokenizer: Any, prompt: str | list[dict], *, max_prompt_length: int | None = None
-) -> np.ndarray:
-    """`encode_prompts` for one prompt."""
-    return encode_prompts(tokenizer, [prompt], max_prompt_length=max_prompt_length)[0]
-
-
 def _template_writes_bos(render: _Renderer) -> bool:
     bos = render.tok.bos_token_id
     ids = _encode(render.tok, [render._template([{"role": "user", "content": "x"}], True)], 1)[0]
@@ -461,7 +454,7 @@ def tokenize_preferences(
     """Tokenise records {"prompt", "chosen", "rejected"} (text or messages) with `tokenizer`.
 
     Args:
-      tokenizer: a transformers tokenizer (fast ones are batched in Rust; 10k pairs take seconds).
+      tokenizer: a transformers tokenizer (fast ones tokenise in batches of `batch_size`).
       max_length: cap on prompt + completion per sequence (each of chosen and rejected).
       max_prompt_length: cap on the prompt; cut from the left.
       skip_bad_rows: drop (and count) records the chat template rejects (or, without a template, with a

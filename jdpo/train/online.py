@@ -63,11 +63,11 @@ from jdpo.data import (
     read_source,
 )
 from jdpo.data.batch import Batch
-from jdpo.data.formats import _take  # the one rule for source amounts
+from jdpo.data.layout import BatchLayout, pairs_per_row, row_length_for, sampled_pair_length
 from jdpo.data.sources import DataError
 from jdpo.report.diversity import distinct_n
 from jdpo.scoring.generate import Generator, SamplingParams
-from jdpo.train.run_data import MAX_PAIRS_PER_ROW, Layout, account, eval_source, pairs_per_row
+from jdpo.train.run_data import account, eval_source
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def load_prompts(sources: Sequence[str], format: str = "auto", *, seed: int = 0,
     for i, source in enumerate(sources):
         spec = parse_source_spec(source)
         got, where = read_prompts(spec.path, format, skip_bad_rows=skip_bad_rows)
-        for k in _take(len(got), spec, np.random.default_rng([seed, i])):
+        for k in spec.take(len(got), np.random.default_rng([seed, i])):
             key = json.dumps(got[k], sort_keys=True)
             if key not in seen:
                 seen.add(key)
@@ -308,7 +308,7 @@ class OnlineData:
 
     train_pairs = None  # no fixed pairs: they are sampled every step
 
-    def __init__(self, config: Config, tokenizer, prompts: list, wheres: list, *, mesh, layout: Layout,
+    def __init__(self, config: Config, tokenizer, prompts: list, wheres: list, *, mesh, layout: BatchLayout,
                  eval_pairs=None):  # fmt: skip
         c, on = config, config.online
         self.config, self.tokenizer, self.mesh, self.layout = config, tokenizer, mesh, layout
@@ -354,14 +354,12 @@ class OnlineData:
                 held, tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
                 skip_bad_rows=d.skip_bad_rows,
             )  # fmt: skip
-        row_length = d.row_length or 2 * d.max_length
-        packed = eval_pairs is not None and d.packing
-        layout = Layout(
+        # P from the eval pairs (the training pairs are sampled: `online_slots` sizes their rows).
+        row_length = row_length_for(d.max_length, d.row_length)
+        layout = BatchLayout.for_pairs(
+            [] if eval_pairs is None else [eval_pairs],
             rows_per_batch=c.train.batch_rows,
             row_length=row_length,
-            max_pairs_per_row=pairs_per_row(row_length, [eval_pairs.pair_lengths(shared_prompt)])
-            if packed
-            else 1,
             packing=d.packing,
             shared_prompt=shared_prompt,
         )
@@ -377,7 +375,7 @@ class OnlineData:
         return data
 
     def one_pass(self, pairs):
-        return jdata.one_pass(pairs, **self.layout.kwargs())
+        return jdata.one_pass(pairs, self.layout)
 
     def reference_splits(self) -> list[tuple[str, Any]]:
         return [] if self.eval_pairs is None else [("eval", self.eval_pairs)]
@@ -468,14 +466,14 @@ def _encode(tokenizer, prompts: list, wheres: list, max_prompt_length: int) -> l
 def online_slots(on, row_length: int, longest: int, rows: int) -> int:
     """Pairs per row of an online step: a pair takes at most 2 x (longest prompt + max_new_tokens);
     the step's rows must hold `online.prompts_per_step` of them."""
-    pair_tokens = 2 * (longest + on.max_new_tokens)
+    pair_tokens = sampled_pair_length(longest, on.max_new_tokens)
     if pair_tokens > row_length:
         raise ConfigError(
             f"data.row_length={row_length} cannot hold one online pair of up to {pair_tokens} "
             f"tokens (2 x (prompt <= {longest} + online.max_new_tokens={on.max_new_tokens})): raise "
             "data.row_length, or lower online.max_new_tokens / data.max_prompt_length"
         )
-    slots = max(1, min(MAX_PAIRS_PER_ROW, row_length // pair_tokens))
+    slots = pairs_per_row(row_length, [np.asarray([pair_tokens])])
     if rows * slots < on.prompts_per_step:
         raise ConfigError(
             f"online.prompts_per_step={on.prompts_per_step} pairs do not fit in a step's {rows} rows "

@@ -10,56 +10,20 @@ costs seconds.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-from collections.abc import Sequence
 from typing import Any
-
-import numpy as np
 
 from jdpo import data as jdata
 from jdpo.config import Config, ConfigError
 from jdpo.data import unpaired as unpaired_data
 from jdpo.data.batch import Batch
 from jdpo.data.batching import make_batch
+from jdpo.data.layout import BatchLayout, row_length_for
 from jdpo.models.kernels import resolve_attention, shares_prompt
 from jdpo.parallel.sharding import row_shards
 
 log = logging.getLogger(__name__)
-
-MAX_PAIRS_PER_ROW = 16
-
-
-def pairs_per_row(row_length: int, pair_lengths: Sequence[np.ndarray]) -> int:
-    """P, pair slots per packed row: as many as the shortest pair allows, at most MAX_PAIRS_PER_ROW
-    (slots cost a [B, T, 2P] one-hot in the per-segment sums, so no more than can ever be filled)."""
-    shortest = min((int(x.min()) for x in pair_lengths if len(x)), default=row_length)
-    return int(max(1, min(MAX_PAIRS_PER_ROW, row_length // max(shortest, 1))))
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """How pairs are laid out in a run's rows: the `one_pass` / `PreferenceBatches` keywords."""
-
-    rows_per_batch: int
-    row_length: int
-    max_pairs_per_row: int
-    packing: bool
-    shared_prompt: bool
-
-    def kwargs(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def key_settings(self) -> dict[str, Any]:
-        """The layout's part of the reference cache key (shared prompt only when on, so plain entries
-        keep their keys)."""
-        out = {
-            "row_length": self.row_length,
-            "packing": self.packing,
-            "max_pairs_per_row": self.max_pairs_per_row,
-        }
-        return {**out, "shared_prompt": True} if self.shared_prompt else out
 
 
 def check_batch_rows(config: Config, mesh) -> None:
@@ -120,9 +84,9 @@ def account(split: str, report, batches, row_length: int, source: str, load_drop
 class OfflineData:
     """Pairs (or rated examples) from files, packed into rows; `train.rounds` passes over them."""
 
-    def __init__(self, config: Config, train_pairs, eval_pairs, layout: Layout):
+    def __init__(self, config: Config, train_pairs, eval_pairs, layout: BatchLayout):
         self.config, self.train_pairs, self.eval_pairs, self.layout = config, train_pairs, eval_pairs, layout
-        self.batches = jdata.PreferenceBatches(train_pairs, seed=config.train.seed, **layout.kwargs())
+        self.batches = jdata.PreferenceBatches(train_pairs, layout, seed=config.train.seed)
         t = config.train
         self.steps_per_epoch = self.batches.num_batches(0) / t.grad_accum
         self.total_steps = t.max_steps or max(1, math.ceil(t.num_epochs * self.steps_per_epoch))
@@ -149,15 +113,10 @@ class OfflineData:
                                         desirable_weight=c.dpo.desirable_weight,
                                         undesirable_weight=c.dpo.undesirable_weight)  # fmt: skip
         check_keep_best(c, eval_pairs)
-        row_length = d.row_length or 2 * d.max_length
-        lengths = [p.pair_lengths(shared_prompt) for p in (train_pairs, eval_pairs) if p is not None]
-        layout = Layout(
-            rows_per_batch=c.train.batch_rows,
-            row_length=row_length,
-            max_pairs_per_row=pairs_per_row(row_length, lengths) if d.packing else 1,
-            packing=d.packing,
-            shared_prompt=shared_prompt,
-        )
+        row_length = row_length_for(d.max_length, d.row_length)
+        layout = BatchLayout.for_pairs([p for p in (train_pairs, eval_pairs) if p is not None],
+                                       rows_per_batch=c.train.batch_rows, row_length=row_length,
+                                       packing=d.packing, shared_prompt=shared_prompt)  # fmt: skip
         data = cls(c, train_pairs, eval_pairs, layout)
         account(
             "train",
@@ -175,7 +134,7 @@ class OfflineData:
 
     def one_pass(self, pairs):
         """Every pair of a split once, in order, as this run's training batches lay them out."""
-        return jdata.one_pass(pairs, **self.layout.kwargs())
+        return jdata.one_pass(pairs, self.layout)
 
     def reference_splits(self) -> list[tuple[str, Any]]:
         """The splits whose reference log-probs a cached reference holds."""
@@ -218,3 +177,14 @@ class OfflineData:
 
     def describe(self) -> str:
         return f"{len(self.train_pairs):,} train pairs ({self.batches.dropped_too_long} too long)"
+
+
+def layout_key(layout: BatchLayout) -> dict[str, Any]:
+    """The layout's part of the reference cache key (the shared prompt only when on, so entries of the
+    plain layout keep their keys)."""
+    out = {
+        "row_length": layout.row_length,
+        "packing": layout.packing,
+        "max_pairs_per_row": layout.max_pairs_per_row,
+    }
+    return {**out, "shared_prompt": True} if layout.shared_prompt else out

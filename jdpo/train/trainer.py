@@ -44,7 +44,7 @@ from jdpo.train.online import OnlineData
 from jdpo.train.reference import Reference, cache_dir_of, initial_reference_params
 from jdpo.train.reference_update import UpdateSchedule
 from jdpo.train.resume import RunCheckpoints, RunMeta
-from jdpo.train.run_data import OfflineData, check_batch_rows, decide_shared_prompt
+from jdpo.train.run_data import OfflineData, check_batch_rows, decide_shared_prompt, layout_key
 from jdpo.train.state import frozen_parts, initial_state
 from jdpo.train.step import StepSettings, compiled_steps
 
@@ -132,7 +132,7 @@ class Trainer:
         settings = {"max_length": d.max_length, "max_prompt_length": d.max_prompt_length,
                     "dtype": jnp.dtype(self.dtype).name, "param_dtype": m.param_dtype,
                     "attention": self.attention[0], "attention_block": self.attention[1],
-                    **self.data.layout.key_settings()}  # fmt: skip
+                    **layout_key(self.data.layout)}  # fmt: skip
         return Reference(self.config, self.data, self._score, cache_dir=cache_dir_of(self.config, self.output_dir),
                          key_settings=settings, model_config=self.model_config.to_hf(), tokenizer=self.tokenizer,
                          moves=self.reference_updates.moves)  # fmt: skip
