@@ -45,7 +45,7 @@ import numpy as np
 from flax import nnx
 
 from jdpo.data import encode_prompts, end_of_turn_id
-from jdpo.models import from_pretrained
+from jdpo.models import from_pretrained, load_tokenizer
 from jdpo.models import peft as peft_export
 from jdpo.parallel.sharding import batch_sharding, constrain, jit_on_mesh, round_rows
 
@@ -229,15 +229,13 @@ class Generator:
         """Model and tokenizer from a Hugging Face checkpoint directory (e.g. a run's `final/`), or a PEFT
         adapter directory (a LoRA run's `final/`: its base with the adapter merged). `options`: a
         `jdpo.models.ModelOptions` (None: float32, the loop layout); `kwargs` go to `Generator`."""
-        from transformers import AutoTokenizer
-
         if peft_export.is_adapter_dir(path):
             model, base = peft_export.from_adapter_dir(path, options=options, mesh=mesh)
             has_tokenizer = os.path.exists(os.path.join(path, "tokenizer_config.json"))
-            tokenizer = AutoTokenizer.from_pretrained(path if has_tokenizer else base)
+            tokenizer = load_tokenizer(path if has_tokenizer else base)
             return cls(model, tokenizer, mesh=mesh, model_dir=path, **kwargs)
         model, _ = from_pretrained(path, options=options, mesh=mesh)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
         return cls(model, tokenizer, mesh=mesh, model_dir=path, **kwargs)
 
     def model(self):

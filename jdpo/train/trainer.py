@@ -25,12 +25,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from transformers import AutoTokenizer
 
 from jdpo import paths
 from jdpo.config import Config, ConfigError, load_config, replace, to_dict
 from jdpo.data.batch import Batch
-from jdpo.models import CheckpointError, ModelConfig, ModelOptions, from_pretrained, lora
+from jdpo.models import ModelConfig, ModelOptions, from_pretrained, load_tokenizer, lora
 from jdpo.parallel.sharding import make_mesh
 from jdpo.report import metrics
 from jdpo.scoring.forward import PairLogps, over_split, split_metrics
@@ -300,14 +299,8 @@ def _mesh(c: Config):
 
 
 def _tokenizer(path: str):
-    """The tokenizer of `model.path` (the data needs it before the model is loaded)."""
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:  # no tokenizer files, or ones transformers cannot read
-        why = (str(e).strip().splitlines() or [""])[0]
-        raise CheckpointError(
-            f"model.path {path}: cannot load its tokenizer ({type(e).__name__}: {why})"
-        ) from None
+    """The tokenizer of `model.path` (the data needs it before the model is loaded); no custom code."""
+    return load_tokenizer(path, what="model.path")
 
 
 def _flat(tree) -> tuple:
