@@ -13,6 +13,10 @@ import os
 
 from jdpo.models.hf import CheckpointError
 
+# The files a transformers tokenizer is built from: a directory without any of them has no tokenizer (an
+# export whose tokenizer files were lost or never copied).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0]
@@ -22,12 +26,18 @@ def load_tokenizer(path, *, what: str = "model"):
     """`transformers.AutoTokenizer` of the checkpoint directory (or hub id) `path`, with
     `trust_remote_code=False`. `what` names the setting or option `path` came from, for the messages.
 
-    Raises CheckpointError naming `path` when its tokenizer exists only as custom code (`auto_map`), or
-    when transformers cannot read the files.
+    Raises CheckpointError naming `path` when the directory holds no tokenizer file, when its tokenizer
+    exists only as custom code (`auto_map`), or when transformers cannot read the files.
     """
     from transformers import AutoTokenizer
 
     path = os.fspath(path)
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{what} {path}: cannot load its tokenizer: none of {', '.join(TOKENIZER_FILES)} is in it; "
+            "copy the tokenizer files (tokenizer.json, tokenizer_config.json, special_tokens_map.json) of "
+            "the model it was trained from into it"
+        )
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as e:  # no tokenizer files, or ones transformers cannot read
