@@ -1,5 +1,5 @@
-"""Damaged or moved exports given to `jdpo generate` / `jdpo eval`: a message naming the file and what to
-do, never a traceback (issue 31, items 2, 10 and 12)."""
+"""Damaged exports given to `jdpo generate` / `jdpo eval`: a message naming the file and what to do,
+never a traceback (issue 31, items 10 and 12)."""
 
 import shutil
 
@@ -36,3 +36,67 @@ def test_an_export_without_tokenizer_json_is_named(assets, tmp_path, capsys, com
     assert code == 2, err
     assert f"{model}: cannot load its tokenizer: none of tokenizer.json" in err
     assert "copy the tokenizer files" in err
+
+
+@pytest.fixture(scope="module")
+def lora_export(assets, tmp_path_factory):
+    """A 1-step LoRA run trained with a relative `model.path tiny` (from its own directory): (root, the
+    run's final/ adapter directory)."""
+    import os
+
+    from helpers import one_device, run_config
+
+    from jdpo.train import trainer as train
+
+    root = tmp_path_factory.mktemp("lora_export")
+    shutil.copytree(assets.model_dir, root / "tiny")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        over = {"model.path": "tiny", "lora.rank": 4, "lora.alpha": 8.0, "train.max_steps": 1}
+        tr = train.Trainer(run_config(assets, root / "run", **over), mesh=one_device())
+        tr.fit()
+    finally:
+        os.chdir(cwd)
+    return root, root / "run" / "final"
+
+
+def _adapter_config(adapter):
+    import json
+
+    return json.loads((adapter / "adapter_config.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            '{"r": 4,',
+            "not valid JSON (Expecting property name enclosed in double quotes at line 1, column 9)",
+        ),
+        ("[1, 2]", "expected a JSON object of adapter settings, got a list"),
+        ("lora_alpha", "lora_alpha must be a finite number, got 'sixteen'"),
+        ("r", "r must be a positive integer, got 'four'"),
+        ("target_modules", "target_modules must be a module name or a list of module names, got 3"),
+    ],
+)
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_a_malformed_adapter_config_is_named_with_the_field(
+    assets, lora_export, tmp_path, capsys, text, message, command
+):
+    import json
+
+    root, final = lora_export
+    adapter = tmp_path / "final"
+    shutil.copytree(final, adapter)
+    bad = {"lora_alpha": "sixteen", "r": "four", "target_modules": 3}
+    if text in bad:
+        text = json.dumps({**_adapter_config(final), text: bad[text]})
+    (adapter / "adapter_config.json").write_text(text)
+    if command == "generate":
+        argv = _generate(adapter)
+    else:
+        argv = _eval(adapter, root / "tiny", assets.eval_path, tmp_path / "e")
+    code, err = _cli(capsys, *argv)
+    assert code == 2, err
+    assert f"{adapter / 'adapter_config.json'}: {message}" in err

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jdpo.config import ConfigError, LoRASection
+from jdpo.models.adapter_files import ADAPTER_CONFIG, read_adapter_config
 from jdpo.models.lora import dense_modules, projection_shapes
 from jdpo.models.transformer import ModelConfig, Transformer
 
@@ -37,7 +38,6 @@ __all__ = [
     "save_adapter",
 ]
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _BLOCK = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}  # fmt: skip
@@ -66,8 +66,7 @@ def _read_config(adapter_dir: str) -> dict:
     path = os.path.join(adapter_dir, ADAPTER_CONFIG)
     if not os.path.exists(path):
         raise ConfigError(f"lora.init_adapter: {adapter_dir} is not a PEFT adapter directory (no {path})")
-    with open(path) as f:
-        return json.load(f)
+    return read_adapter_config(adapter_dir)
 
 
 def check_adapter(adapter_dir: str, config: ModelConfig, section: LoRASection) -> None:
