@@ -1,5 +1,5 @@
-"""Damaged exports given to `jdpo generate` / `jdpo eval`: a message naming the file and what to do,
-never a traceback (issue 31, items 10 and 12)."""
+"""Damaged or moved exports given to `jdpo generate` / `jdpo eval`: a message naming the file and what to
+do, never a traceback (issue 31, items 2, 10 and 12)."""
 
 import shutil
 
@@ -65,6 +65,43 @@ def _adapter_config(adapter):
     import json
 
     return json.loads((adapter / "adapter_config.json").read_text())
+
+
+def test_a_lora_export_records_the_absolute_base_and_its_fingerprint(lora_export):
+    from jdpo.models.adapter_files import base_fingerprint
+
+    root, final = lora_export
+    cfg = _adapter_config(final)
+    assert cfg["base_model_name_or_path"] == str(root / "tiny")
+    assert cfg["jdpo_base_fingerprint"] == base_fingerprint(root / "tiny")
+
+
+def test_an_adapter_on_a_changed_base_is_refused_naming_both(
+    assets, lora_export, tmp_path, capsys, monkeypatch
+):
+    import json
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    root, final = lora_export
+    base = tmp_path / "tiny"  # a copy of the base whose weights then change in place
+    shutil.copytree(root / "tiny", base)
+    adapter = tmp_path / "final"
+    shutil.copytree(final, adapter)
+    cfg = _adapter_config(adapter)
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(base)}))
+    monkeypatch.chdir(tmp_path)
+    assert _cli(capsys, *_generate(adapter))[0] == 0  # the same files: loads
+    weights = load_file(base / "model.safetensors")
+    key = sorted(weights)[0]
+    weights[key] = weights[key] + np.float32(0.01)
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    for argv in (_generate(adapter), _eval(adapter, root / "tiny", assets.eval_path, tmp_path / "e")):
+        code, err = _cli(capsys, *argv)
+        assert code == 2, err
+        assert f"exported on the base {base} with fingerprint {cfg['jdpo_base_fingerprint']}" in err
+        assert "the files there now have fingerprint " in err
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jdpo.config import ConfigError, LoRASection
-from jdpo.models.adapter_files import ADAPTER_CONFIG, read_adapter_config
+from jdpo.models.adapter_files import ADAPTER_CONFIG, read_adapter_config, record_base, verified_base
 from jdpo.models.lora import dense_modules, projection_shapes
 from jdpo.models.transformer import ModelConfig, Transformer
 
@@ -127,10 +127,7 @@ def from_adapter_dir(path, *, options=None, mesh=None) -> tuple[Transformer, str
 
     path = os.fspath(path)
     cfg = _read_config(path)
-    base = cfg.get("base_model_name_or_path") or ""
-    if not os.path.exists(os.path.join(base, "config.json")):
-        raise ConfigError(f"{path}/{ADAPTER_CONFIG}: base_model_name_or_path {base!r} is not a local "
-                          "Hugging Face checkpoint directory")  # fmt: skip
+    base = verified_base(path, cfg)
     targets = cfg.get("target_modules")
     targets = tuple([targets] if isinstance(targets, str) else targets or ())
     unknown = [t for t in targets if t not in LORA_TARGETS]
@@ -208,7 +205,7 @@ def save_adapter(model: Transformer, out_dir, *, base_model: str) -> None:
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": str(base_model),
+        **record_base(base_model),  # the absolute path and the fingerprint of a local base
         "r": spec.rank,
         "lora_alpha": spec.alpha,
         "lora_dropout": spec.dropout,
