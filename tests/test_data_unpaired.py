@@ -151,9 +151,12 @@ def test_kl_completions_are_the_shift_by_one_mismatches(n):
 
 
 def test_one_class_refused_for_kto_and_ratio_warning(caplog):
-    with pytest.raises(ValueError, match=r"tr data has only desirable examples \(3 desirable, 0"):
-        check_classes(np.ones(3, bool), loss_type="kto", desirable_weight=1, undesirable_weight=1, split="tr")
-    check_classes(np.ones(3, bool), loss_type="bco", desirable_weight=1, undesirable_weight=1, split="tr")
+    for loss_type in ("kto", "bco"):  # refused; apo_zero_unpaired anchors each example by itself
+        with pytest.raises(DataError, match=r"the tr data: only desirable examples \(3 desirable, 0"):
+            check_classes(np.ones(3, bool), loss_type=loss_type, desirable_weight=1, undesirable_weight=1,
+                          split="tr")  # fmt: skip
+    check_classes(np.ones(3, bool), loss_type="apo_zero_unpaired", desirable_weight=1, undesirable_weight=1,
+                  split="tr")  # fmt: skip
     labels = np.array([True] * 2 + [False] * 6)
     with caplog.at_level(logging.WARNING):
         assert check_classes(labels, loss_type="kto", desirable_weight=1.0, undesirable_weight=1.0,

@@ -210,3 +210,22 @@ def test_sharded_kto_run_matches_one_device(assets, tmp_path):
         for k, v in a.items():
             assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
     assert abs(a["rewards/chosen"]) > 1e-3  # the runs moved, so the comparison is not of step-1 zeros
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "bco"])
+def test_one_class_data_is_refused_with_a_message_for_kto_and_bco(assets, tmp_path, capsys, loss_type):
+    import json as _json
+
+    from jdpo.cli import main
+
+    data = tmp_path / "thumbs_up.jsonl"
+    rows = [{"prompt": f"{i}+1=", "completion": f"{i + 1}", "label": True} for i in range(8)]
+    data.write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    argv = ["train", "--model.path", str(assets.model_dir), "--data.train", str(data),
+            "--dpo.loss_type", loss_type, "--train.output_dir", str(tmp_path / "run")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    name = loss_type.upper()
+    assert f"data.train ({data}): only desirable examples (8 desirable, 0 undesirable): {name} needs" in err
+    assert "apo_zero_unpaired" in err  # the loss that takes one class
+    assert not (tmp_path / "run").exists()

@@ -7,7 +7,8 @@ example i is (prompt_i + completion_i, prompt_i + the completion `kl_mismatch_or
 being what KTO's KL estimate is taken over. The examples are shuffled by the seed first, so the two halves
 of one pair never meet as a mismatch; the rotation is over the split and fixed for the run, so the KL
 completions' reference log-probs are cached with the rest. `check_classes` refuses a one-class split for
-KTO and warns when the class ratio leaves the range the KTO paper recommends.
+KTO and BCO, accepts it for apo_zero_unpaired (`ONE_CLASS` says why for each), and warns when the class
+ratio leaves the range the KTO paper recommends.
 """
 
 from __future__ import annotations
@@ -130,18 +131,40 @@ def to_examples(records: Sequence[dict], *, seed: int) -> tuple[list[dict], np.n
     return examples, labels
 
 
+# What each unpaired loss does with a split of one class (all labels true, or all false).
+ONE_CLASS = {
+    "kto": "refused: its value is measured against z_0, the policy's KL to the reference on mismatched "
+    "completions, and with one class every example moves the same way relative to it (all up or all "
+    "down), so it learns no preference",
+    "bco": "refused: it trains a classifier of desirable vs undesirable rewards shifted by delta, the "
+    "running mean of the rewards; with one class there is nothing to separate, delta follows the "
+    "rewards, and every step pushes all log-ratios the same way without bound",
+    "apo_zero_unpaired": "accepted: each example is anchored on the reference by itself (desirable ones "
+    "pushed above it, undesirable ones below), so one class is a well-defined objective",
+}
+
+
 def check_classes(
-    labels: np.ndarray, *, loss_type: str, desirable_weight: float, undesirable_weight: float, split: str
+    labels: np.ndarray,
+    *,
+    loss_type: str,
+    desirable_weight: float,
+    undesirable_weight: float,
+    split: str,
+    source: str | None = None,
 ) -> tuple[int, int]:
-    """(n_desirable, n_undesirable) of a split's tokenised examples. Raises ValueError when KTO gets only
-    one class; warns (with the numbers and a fix) when the weighted ratio is outside [1, 4/3]."""
+    """(n_desirable, n_undesirable) of a split's tokenised examples. Raises DataError (naming `source`,
+    e.g. "data.train (a.jsonl)", else the split) when KTO or BCO gets only one class (`ONE_CLASS` says
+    why per loss); warns (with the numbers and a fix) when the weighted ratio is outside [1, 4/3]."""
     n_d = int(np.sum(labels))
     n_u = int(len(labels) - n_d)
-    if loss_type == "kto" and (n_d == 0 or n_u == 0):
+    if (n_d == 0 or n_u == 0) and ONE_CLASS.get(loss_type, "").startswith("refused"):
         have = "desirable" if n_u == 0 else "undesirable"
-        raise ValueError(
-            f"the {split} data has only {have} examples ({n_d} desirable, {n_u} undesirable): KTO needs both "
-            "labels (true and false) to learn which completions to prefer; add examples of the other label"
+        why = ONE_CLASS[loss_type].removeprefix("refused: ")
+        raise DataError(
+            f"{source or f'the {split} data'}: only {have} examples ({n_d} desirable, {n_u} undesirable): "
+            f"{loss_type.upper()} needs both labels (true and false): {why}. Add examples of the other "
+            "label, or train with dpo.loss_type apo_zero_unpaired, which takes one class"
         )
     if n_d and n_u and undesirable_weight > 0:
         ratio = desirable_weight * n_d / (undesirable_weight * n_u)

@@ -111,7 +111,8 @@ class OfflineData:
         if c.dpo.unpaired:
             unpaired_data.check_classes(train_pairs.labels, split="train", loss_type=c.dpo.loss_type[0],
                                         desirable_weight=c.dpo.desirable_weight,
-                                        undesirable_weight=c.dpo.undesirable_weight)  # fmt: skip
+                                        undesirable_weight=c.dpo.undesirable_weight,
+                                        source=f"data.train ({', '.join(d.train)})")  # fmt: skip
         check_keep_best(c, eval_pairs)
         row_length = row_length_for(d.max_length, d.row_length)
         layout = BatchLayout.for_pairs([p for p in (train_pairs, eval_pairs) if p is not None],
