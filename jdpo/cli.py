@@ -110,6 +110,7 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
         print(yaml.safe_dump(C.to_dict(cfg), sort_keys=False), end="")
         return 0
+    _check_run_outputs(cfg)
     # Before any JAX computation: joins jax.distributed when a cluster is detected, else a no-op.
     from jdpo.parallel import distributed
 
@@ -125,6 +126,19 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                   f"command resumes it (exit status {EXIT_PREEMPTED})", flush=True)  # fmt: skip
         return EXIT_PREEMPTED
     return 0
+
+
+def _check_run_outputs(cfg) -> None:
+    """Every location a run writes, checked before anything loads (`jdpo.paths.check_writable`): the
+    output directory, and the reference cache and the compilation cache where they are set apart from
+    it (by default they sit beside it)."""
+    from jdpo.paths import check_writable
+
+    check_writable(cfg.train.output_dir, "train.output_dir")
+    if cfg.dpo.cache_dir:
+        check_writable(cfg.dpo.cache_dir, "dpo.cache_dir")
+    if cfg.train.compile_cache not in ("", "none"):
+        check_writable(cfg.train.compile_cache, "train.compile_cache")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -202,7 +216,7 @@ def _add_plot(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _plot(output_dir: str, out: str | None, parser: argparse.ArgumentParser | None = None) -> int:
-    from jdpo.paths import as_path
+    from jdpo.paths import as_path, check_writable
 
     if not (as_path(output_dir) / "metrics.jsonl").exists():  # a local directory or a gs:// URL
         msg = f"{output_dir}/metrics.jsonl does not exist (is {output_dir} a run's output_dir?)"
@@ -210,6 +224,7 @@ def _plot(output_dir: str, out: str | None, parser: argparse.ArgumentParser | No
             parser.error(msg)
         print(f"jdpo: {msg}", file=sys.stderr)
         return 1
+    check_writable(out if out is not None else f"{output_dir}/plots", "--out" if out else "plot directory")
     try:
         from jdpo.report.plot import plot_run
     except ImportError as e:  # matplotlib missing

@@ -40,15 +40,34 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
+from jdpo.errors import UserError
+
 if TYPE_CHECKING:
     from etils import epath
 
-__all__ = ["as_path", "check_checkpoint_dir", "copy_file", "is_local", "staged_dir", "upload_dir"]
+__all__ = [
+    "OutputError",
+    "as_path",
+    "check_checkpoint_dir",
+    "check_writable",
+    "copy_file",
+    "is_local",
+    "staged_dir",
+    "upload_dir",
+]
 
 #: URL schemes etils.epath has a backend for (fsspec: gcsfs, s3fs, adlfs, huggingface_hub).
 EPATH_SCHEMES = ("gs", "s3", "az", "hf")
 #: Where orbax's tensorstore can write checkpoints besides local paths.
 CHECKPOINT_SCHEMES = ("gs",)
+
+#: The fsspec package behind each epath URL scheme, and how to install it.
+BACKENDS = {
+    "gs": ("gcsfs", "pip install gcsfs (or jdpo's tpu extra)"),
+    "s3": ("s3fs", "pip install s3fs"),
+    "az": ("adlfs", "pip install adlfs"),
+    "hf": ("huggingface_hub", "pip install huggingface_hub"),
+}
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -145,3 +164,47 @@ def staged_dir(
         yield tmp
         if upload:
             upload_dir(tmp, dst, prune=prune)
+
+
+class OutputError(UserError, ValueError):
+    """An output location that cannot be written (names the setting or option and what to do)."""
+
+
+def check_writable(path: str | os.PathLike, what: str, *, is_file: bool = False) -> None:
+    """Raise OutputError, naming `what` (the setting or option, e.g. "train.output_dir"), unless jdpo can
+    write `path`: a directory to write into (made if missing), or with `is_file` a file to create.
+
+    Run before anything loads, so that a bad location costs no model load. A URL needs its scheme's
+    fsspec backend importable (gcsfs for gs://; nothing is sent to the store). A local path needs its
+    nearest existing ancestor to be a directory in which a file can be made: one is created and removed
+    there (the one test that also catches read-only mounts and permissions root would not see). Nothing
+    else is created."""
+    import importlib.util
+
+    s = os.fspath(path)
+    try:
+        kind = scheme(os.fspath(as_path(s)))
+    except ValueError as e:
+        raise OutputError(f"{what}: {e}") from None
+    if kind is not None:
+        module, install = BACKENDS[kind]
+        if importlib.util.find_spec(module) is None:
+            raise OutputError(f"{what} {s}: writing {kind}:// needs the {module} package: {install}")
+        return
+    target = os.path.abspath(os.fspath(as_path(s)))
+    if os.path.isdir(target) if is_file else (os.path.exists(target) and not os.path.isdir(target)):
+        kind_of = "a directory" if is_file else "a file"
+        raise OutputError(f"{what} {s} is {kind_of}; give a {'file' if is_file else 'directory'} path")
+    ancestor = os.path.dirname(target) if is_file else target
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise OutputError(f"{what} {s}: {ancestor} is a file, so nothing can be written under it; choose "
+                          "another location")  # fmt: skip
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".jdpo-write-check-", dir=ancestor)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise OutputError(f"{what} {s}: cannot write in {ancestor} ({e.strerror or e}); choose a writable "
+                          "location or change its permissions") from None  # fmt: skip

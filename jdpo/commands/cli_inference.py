@@ -74,7 +74,10 @@ def add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from jdpo.paths import check_writable
 
+    if args.out:  # before the model loads
+        check_writable(args.out, "--out", is_file=True)
     from jdpo.scoring.generate import Generator, SamplingParams, read_prompts
 
     try:
@@ -162,7 +165,9 @@ def add_eval(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from jdpo.paths import check_writable
 
+    check_writable(args.out_dir, "--out-dir")  # before the models load
     from jdpo.commands import evaluate
 
     dpo = None
