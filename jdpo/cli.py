@@ -117,6 +117,11 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     info = distributed.initialize_from_args(args)
     if info.process_count > 1 and distributed.is_main_process():
         print(f"[jdpo] {info}")
+    import jax
+
+    from jdpo.commands.plan import check_run_size
+
+    check_run_size(cfg, num_devices=jax.device_count())  # sequences and memory, before the model loads
     from jdpo.train import trainer as train
 
     result = train.run(cfg)

@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import Any
 
 from jdpo import data as jdata
+from jdpo.config import ConfigError
 from jdpo.models import ModelConfig, ModelOptions, Transformer
 from jdpo.models.kernels import ATTENTION_KERNELS, LSE_KERNELS, REPEATS_KV, resolve_attention
 from jdpo.models.transformer import LoRASpec
@@ -460,3 +461,38 @@ def count_pairs(sources, fmt: str = "auto") -> int | None:
         return None
 
     return len(jdata.load_preferences(srcs, fmt))
+
+
+def check_run_size(cfg, *, num_devices: int) -> None:
+    """Refuse, before anything loads, a run whose sequences (data.max_length) exceed the model's positions
+    (config.json's max_position_embeddings) or whose `plan_memory` estimate exceeds one device's memory
+    (`device_memory()`: the accelerator's limit, host RAM on CPU). Raises ConfigError naming the setting,
+    both numbers and what to change. Says nothing when model.path has no readable config.json or the
+    mesh does not resolve: the trainer names those."""
+    import jax
+
+    try:
+        model_config = read_model_config(cfg.model.path)
+    except (OSError, ValueError):
+        return
+    d, positions = cfg.data, model_config.max_position_embeddings
+    if d.max_length > positions:
+        raise ConfigError(
+            f"data.max_length {d.max_length} is above the {positions} positions of the model "
+            f"(max_position_embeddings in {cfg.model.path}/config.json): set data.max_length <= {positions}"
+        )
+    backend = jax.default_backend()
+    try:
+        plan = plan_memory(
+            model_config, cfg, num_devices=num_devices, on_cpu=backend == "cpu", backend=backend
+        )
+    except ValueError:
+        return
+    device, limit = device_memory()
+    if plan.total > limit:
+        raise ConfigError(
+            f"jdpo plan estimates {human(plan.total)} per device for this run ({plan.rows_per_device} rows "
+            f"of {plan.row_length} tokens per device), more than the {human(limit)} of {device}: lower "
+            "data.max_length, data.row_length or train.batch_rows, or add devices (jdpo plan shows the "
+            "breakdown)"
+        )
