@@ -378,3 +378,40 @@ def test_account_split_counts_what_a_split_lost_and_refuses_an_empty_one():
     with pytest.raises(DataError, match=r"data\.eval \(e\.jsonl\): no pairs left to evaluate on\. eval data: "
                        r"0 of 1 pairs kept; dropped 1 \(chosen == rejected\)"):  # fmt: skip
         account_split("eval", same, too_long=0, row_length=16, source="data.eval (e.jsonl)")
+
+
+@pytest.mark.parametrize("template", [None, "chatml", "chatml_bos"])
+def test_a_huge_line_is_cut_by_characters_before_it_is_tokenised(template):
+    """Issue 31 item 16: a 2 MB completion and a 2 MB prompt among short records: the tokenizer never sees
+    a text much longer than the bound from max_length, and the pairs are exactly those of the same
+    records with the long texts already shortened (both are truncated to max_length tokens)."""
+    tok = make_tokenizer(template)
+    seen = []
+    calls = type(tok).__call__
+
+    def recording(self, text, *args, **kwargs):
+        seen.extend(len(t) for t in ([text] if isinstance(text, str) else text))
+        return calls(self, text, *args, **kwargs)
+
+    huge = "the lazy dog jumps, " * 100_000  # 2 MB
+    long = [
+        {"prompt": "hello world, the answer is", "chosen": huge, "rejected": " the lazy dog."},
+        {"prompt": huge + "the answer is", "chosen": " forty two.", "rejected": " lazy."},
+    ]
+    short = [{**r, "chosen": r["chosen"][:3000], "prompt": r["prompt"][-3000:]} for r in long]
+    kw = dict(max_length=64, max_prompt_length=32)
+    want, want_report = tokenize_preferences(TEXT + short, tok, **kw)
+    type(tok).__call__ = recording
+    try:
+        got, report = tokenize_preferences(TEXT + long, tok, **kw)
+    finally:
+        type(tok).__call__ = calls
+    assert max(seen) < 20_000  # the bound (2 x longest token x max_length) + the template, not 2 MB
+    assert len(got) == len(want) == len(TEXT) + 2
+    for k in range(len(got)):
+        for a, b in zip(got[k].values(), want[k].values(), strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert (report.prompts_truncated, report.completions_truncated) == (
+        want_report.prompts_truncated,
+        want_report.completions_truncated,
+    )
