@@ -113,3 +113,31 @@ def test_a_model_directory_without_a_tokenizer_is_named(assets, tmp_path, broken
         (broken_model / name).unlink()
     with pytest.raises(CheckpointError, match=rf"model\.path {broken_model}: cannot load its tokenizer"):
         trainer(assets, tmp_path, broken_model)
+
+
+@pytest.mark.parametrize(
+    "n, fraction, advice",
+    [(1, 0.5, "1 record cannot be split: give data.eval files"),
+     (2, 0.1, "give data.eval_fraction >= 0.5, or data.eval")],
+)  # fmt: skip
+def test_the_eval_fraction_advice_holds_out_a_record(
+    assets, tmp_path, broken_model, caplog, n, fraction, advice
+):
+    """Smaller messages of issue 31: `eval_fraction 0.5` of one record suggested `>= 0.5`, which holds out
+    nothing again; the advice is now a fraction that holds out one record, or data.eval."""
+    from jdpo import data as jdata
+
+    rows = assets.train_path.read_text().splitlines()[:n]
+    few = tmp_path / "few.jsonl"
+    few.write_text("\n".join(rows) + "\n")
+    over = {"data.train": [str(few)], "data.eval": [], "data.eval_fraction": fraction}
+    with (
+        caplog.at_level(logging.WARNING, logger="jdpo.train.trainer"),
+        pytest.raises(UserError, match="safetensors"),
+    ):
+        trainer(assets, tmp_path, broken_model, **over)
+    assert f"data.eval_fraction={fraction:g} of {n} train records holds out 0 of them" in caplog.text
+    assert advice in caplog.text
+    if n > 1:  # the advised fraction does hold one out
+        records = jdata.load_preferences([str(few)], "auto", seed=0)
+        assert len(jdata.split_eval(records, 0.5, seed=0)[1]) == 1  # the old advice, 0.25, held out 0

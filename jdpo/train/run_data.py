@@ -51,10 +51,12 @@ def _records(config: Config):
         dropped["eval"] = held.report.dropped
     elif d.eval_fraction > 0:
         records, held = jdata.split_eval(records, d.eval_fraction, seed=seed)
-        if not held:
-            log.warning("data.eval_fraction=%g of %d train records holds out 0 of them: no eval split "
-                        "(give data.eval_fraction >= %.2g, or data.eval)", d.eval_fraction, len(records),
-                        0.5 / max(len(records), 1))  # fmt: skip
+        if not held:  # 1 / n holds out one record (a fraction rounding to 0.5 records would not)
+            n = len(records)
+            advice = (f"give data.eval_fraction >= {1 / n:.2g}, or data.eval" if n > 1
+                      else f"{n} record cannot be split: give data.eval files")  # fmt: skip
+            log.warning("data.eval_fraction=%g of %d train records holds out 0 of them: no eval split (%s)",
+                        d.eval_fraction, n, advice)  # fmt: skip
     else:
         held = []
     return records, held, dropped
