@@ -179,3 +179,29 @@ def test_unusable_data_is_one_message_and_exit_2(dirs, tmp_path, capsys):
     err = capsys.readouterr().err
     why = "2 read, dropped {'chosen == rejected': 2}"
     assert code == 2 and err == f"jdpo eval: error: no usable preference pairs in '{same}': {why}\n"
+
+
+def test_unpaired_data_names_the_eval_option_not_the_train_setting(assets, tmp_path, capsys):
+    """Smaller messages of issue 31: jdpo eval on rated (unpaired) records with a pairwise loss names
+    its own --loss-type, not the train setting dpo.loss_type."""
+    from jdpo.cli import main
+
+    data = tmp_path / "rated.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "completion": f"{i + 1}", "label": i % 2 == 0})
+                            + "\n" for i in range(4)))  # fmt: skip
+    model = str(assets.model_dir)
+    argv = [
+        "eval",
+        "--model",
+        model,
+        "--reference",
+        model,
+        "--data",
+        str(data),
+        "--out-dir",
+        str(tmp_path / "e"),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot be scored with the pairwise loss ['sigmoid']: set --loss-type to kto, bco or" in err
+    assert "dpo.loss_type" not in err

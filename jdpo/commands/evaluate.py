@@ -451,7 +451,9 @@ def evaluate(
     records = data if isinstance(data, list) else jdata.load_preferences(data, format, seed=seed)
     rated = any(unpaired.is_unpaired(r) for r in records)
     # An unpaired run on pairs: the pairwise metrics (preference accuracy) of its implicit reward.
-    tokenize = unpaired.tokenizer_for(dpo if rated else Config().dpo, seed=seed)
+    tokenize = unpaired.tokenizer_for(
+        dpo if rated else Config().dpo, seed=seed, setting="--loss-type", use="be scored with"
+    )
     pairs, report = tokenize(
         records, policy.tokenizer, max_length=max_length, max_prompt_length=max_prompt_length
     )

@@ -189,10 +189,11 @@ def tokenize_unpaired(records: Sequence[dict], tokenizer: Any, *, seed: int, **k
     return dataclasses.replace(pairs, labels=labels[pairs.source_index]), report
 
 
-def tokenizer_for(dpo: Any, *, seed: int):
+def tokenizer_for(dpo: Any, *, seed: int, setting: str = "dpo.loss_type", use: str = "train"):
     """The tokenisation of a run's splits for its loss settings `dpo` (a `jdpo.config.DPOSection`):
     `tokenize_unpaired` for the unpaired losses, else `jdpo.data.tokenize_preferences` after refusing
-    unpaired records (naming their sources) before anything is tokenised."""
+    unpaired records (naming their sources, the loss `setting` to change, and what the loss was to do
+    with them: `use`) before anything is tokenised."""
     if dpo.unpaired:
         return functools.partial(tokenize_unpaired, seed=seed)
 
@@ -202,7 +203,7 @@ def tokenizer_for(dpo: Any, *, seed: int):
             sources = [s for s, f in (report.formats.items() if report else ()) if f == UNPAIRED_FORMAT]
             raise DataError(
                 f"{', '.join(sources) or 'the data'}: unpaired records (prompt / completion / label) cannot "
-                f"train the pairwise loss {list(dpo.loss_type)}: set dpo.loss_type to kto, bco or "
+                f"{use} the pairwise loss {list(dpo.loss_type)}: set {setting} to kto, bco or "
                 "apo_zero_unpaired"
             )
         return tokenize_preferences(records, tokenizer, **kwargs)
