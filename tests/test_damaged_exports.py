@@ -137,3 +137,33 @@ def test_a_malformed_adapter_config_is_named_with_the_field(
     code, err = _cli(capsys, *argv)
     assert code == 2, err
     assert f"{adapter / 'adapter_config.json'}: {message}" in err
+
+
+def test_a_non_finite_init_adapter_is_named(assets, lora_export, tmp_path, capsys):
+    """Smaller messages of issue 31: a NaN in lora.init_adapter was reported as a non-finite loss at step
+    1, and jdpo generate sampled from it; both now name the adapter file and the tensor."""
+    import numpy as np
+    from helpers import one_device, run_config
+    from safetensors.numpy import load_file, save_file
+
+    from jdpo.models import CheckpointError
+    from jdpo.train import trainer as train
+
+    root, final = lora_export
+    adapter = tmp_path / "nan_adapter"
+    shutil.copytree(final, adapter)
+    weights = load_file(adapter / "adapter_model.safetensors")
+    key = sorted(weights)[1]
+    weights[key][0, 0] = np.nan
+    save_file(weights, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    want = f"{adapter / 'adapter_model.safetensors'}: tensor {key} holds NaN or inf values"
+    over = {
+        "model.path": str(root / "tiny"),
+        "lora.rank": 4,
+        "lora.alpha": 8.0,
+        "lora.init_adapter": str(adapter),
+    }
+    with pytest.raises(CheckpointError, match=want.replace(".", r"\.")):
+        train.Trainer(run_config(assets, tmp_path / "run", **over), mesh=one_device())
+    code, err = _cli(capsys, *_generate(adapter))
+    assert code == 2 and want in err, err

@@ -25,6 +25,7 @@ from safetensors.numpy import save_file
 
 from jdpo.config import ConfigError, LoRASection
 from jdpo.models.adapter_files import ADAPTER_CONFIG, read_adapter_config, record_base, verified_base
+from jdpo.models.hf import CheckpointError
 from jdpo.models.lora import dense_modules, projection_shapes
 from jdpo.models.transformer import ModelConfig, Transformer
 
@@ -158,9 +159,17 @@ def load_adapter(model: Transformer, adapter_dir: str) -> None:
     """Set the model's adapters (built with `ModelOptions.lora`) to a PEFT adapter's weights, in the
     adapters' dtypes and shardings. Call `check_adapter` first for a message naming what does not fit."""
     tensors = {}
-    with safe_open(os.path.join(adapter_dir, ADAPTER_WEIGHTS), framework="numpy") as f:
+    path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+    with safe_open(path, framework="numpy") as f:
         for key in f.keys():
             tensors[key] = f.get_tensor(key)
+    bad = [k for k, v in tensors.items() if not np.isfinite(v).all()]
+    if bad:  # else it would surface as a non-finite loss at step 1, or as garbage samples
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise CheckpointError(
+            f"{path}: tensor {bad[0]} holds NaN or inf values{more}: the adapter is damaged or comes "
+            "from a diverged run; use another adapter or re-export it"
+        )
     stacked: dict[int, list] = {}
     for (i, t), (a_var, b_var, idx) in _adapter_vars(model).items():
         prefix = f"base_model.model.model.layers.{i}.{_BLOCK[t]}.{t}"
