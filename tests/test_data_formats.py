@@ -1,6 +1,7 @@
 """Format readers on hand-written fixtures, prompt extraction, sources, mixtures, eval split, bad input."""
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -360,3 +361,14 @@ def test_records_know_where_they_came_from_through_mixtures_and_splits(tmp_path)
     assert len(recs) == 5 and located(recs)
     train, held = split_eval(recs, 2, seed=0)
     assert len(held) == 2 and located(train) and located(held)
+
+
+@pytest.mark.parametrize("amount", ["-5", "-0.5", "+3", "1e3"])
+def test_a_bad_amount_is_named_not_sent_to_the_hub(amount):
+    """Smaller messages of issue 31: `path:-5` said the hub is unreachable; a source name never has a
+    numeric-looking ':' suffix, so it is an amount, refused with the valid forms."""
+    std = str(FIX / "standard.jsonl")
+    with pytest.raises(DataError, match=re.escape(f"{std}:{amount}: the amount after ':' must be")):
+        load_preferences(f"{std}:{amount}")
+    with pytest.raises(DataError, match=r"a count \(:100\) or a fraction \(:0\.5\)"):
+        parse_source_spec(f"a.jsonl:{amount}")

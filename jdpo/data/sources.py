@@ -56,6 +56,7 @@ class SourceSpec:
 
 
 _AMOUNT = re.compile(r"^(.*):(\d+(?:\.\d*)?|\.\d+)$")
+_NUMBER_LIKE = re.compile(r"^(.*):([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)$")
 
 
 def parse_source_spec(spec: str | SourceSpec) -> SourceSpec:
@@ -65,7 +66,15 @@ def parse_source_spec(spec: str | SourceSpec) -> SourceSpec:
     spec = spec.strip()
     m = _AMOUNT.match(spec)
     # A path that exists as written wins over the amount syntax (a file may contain a colon).
-    if m is None or os.path.exists(spec):
+    if os.path.exists(spec):
+        return SourceSpec(spec)
+    if m is None:
+        bad = _NUMBER_LIKE.match(spec)  # no path or hub name ends so: an amount jdpo cannot use
+        if bad:
+            raise DataError(
+                f"{spec}: the amount after ':' must be a count (:100) or a fraction (:0.5) of "
+                f"{bad.group(1)}, not {bad.group(2)!r}"
+            )
         return SourceSpec(spec)
     path, amount = m.group(1), m.group(2)
     if "." in amount:
