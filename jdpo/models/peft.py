@@ -227,3 +227,20 @@ def save_adapter(model: Transformer, out_dir, *, base_model: str) -> None:
     }
     with open(os.path.join(out_dir, ADAPTER_CONFIG), "w") as f:
         json.dump(config, f, indent=2)
+    if spec.quantize != "none":
+        _write_qlora_card(out_dir, spec.quantize)
+
+
+def _write_qlora_card(out_dir: str, quantize: str) -> None:
+    """README.md of a QLoRA adapter: it was trained on the quantised base, so on the full-precision one
+    it is not quite the model that was trained; `<name>_merged/` is."""
+    name = os.path.basename(os.path.normpath(out_dir))
+    with open(os.path.join(out_dir, "README.md"), "w") as f:
+        f.write(
+            f"# LoRA adapter trained on the base quantised to {quantize} (QLoRA)\n\n"
+            "The adapter learned to correct the quantised base. Applied to the full-precision base "
+            "(`peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), this_dir)`), "
+            "its logits differ from the trained model's by the quantisation error (up to about 0.2 with "
+            f"nf4 on jdpo's test model). The model as trained is `{name}_merged/` beside this directory: "
+            "the dequantised base with the adapter merged in; use it where exact outputs matter.\n"
+        )
