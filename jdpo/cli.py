@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -124,13 +126,29 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     check_run_size(cfg, num_devices=jax.device_count())  # sequences and memory, before the model loads
     from jdpo.train import trainer as train
 
-    result = train.run(cfg)
+    main_thread = threading.current_thread() is threading.main_thread()  # only it can catch signals
+    previous = signal.signal(signal.SIGTERM, _sigterm_outside_the_loop) if main_thread else None
+    try:
+        result = train.run(cfg)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     if result.stop_reason == "sigterm":
         if distributed.is_main_process():
             print(f"[jdpo] SIGTERM: checkpointed at step {result.step} in {result.checkpoint_dir}; the same "
                   f"command resumes it (exit status {EXIT_PREEMPTED})", flush=True)  # fmt: skip
         return EXIT_PREEMPTED
     return 0
+
+
+def _sigterm_outside_the_loop(signum, frame) -> None:
+    """SIGTERM while the run loads, prepares or exports (the training loop's own handler checkpoints and
+    returns 143; `jdpo.train.guards.Preemption`): say so and exit with the same status, instead of dying
+    silently."""
+    print(f"jdpo train: SIGTERM outside the training loop (while loading, preparing or exporting): stopped "
+          "with no new checkpoint; the same command starts the run, or resumes it from its last checkpoint "
+          f"(exit status {EXIT_PREEMPTED})", file=sys.stderr, flush=True)  # fmt: skip
+    raise SystemExit(EXIT_PREEMPTED)
 
 
 def _check_run_outputs(cfg) -> None:

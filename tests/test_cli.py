@@ -251,3 +251,25 @@ def test_the_console_script_ends_with_main_s_status_its_output_whole_and_exit_ha
         assert yaml.safe_load(p.stdout)["dpo"]["beta"] == 0.3  # the whole config, through a pipe
     else:
         assert "jdpo train: error: model.path is empty" in p.stderr and p.stdout == ""
+
+
+def test_sigterm_before_the_training_loop_says_so_and_exits_143(tmp_path):
+    """Issue 31, smaller messages: SIGTERM while the run loads (before the loop's own handler) ended the
+    process with status 143 and no message."""
+    import subprocess
+
+    script = (
+        "import os, signal, time, sys\n"
+        "from jdpo import cli\n"
+        "from jdpo.train import trainer\n"
+        "def run(cfg):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(30)\n"
+        "trainer.run = run\n"
+        "sys.exit(cli.main(['train', '--train.output_dir', sys.argv[1], '--model.path', sys.argv[1]]))\n"
+    )
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    p = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], capture_output=True, text=True,
+                       timeout=120, env=env)  # fmt: skip
+    assert p.returncode == 143, (p.returncode, p.stderr[-2000:])
+    assert "jdpo train: SIGTERM outside the training loop (while loading, preparing or exporting)" in p.stderr
