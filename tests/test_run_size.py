@@ -1,6 +1,6 @@
-"""An absurd row length is refused before the model loads (issue 31, item 13): data.max_length against the
-model's positions, then the run's `jdpo plan` estimate against one device's memory, each named with its
-numbers; nothing was loaded."""
+"""An absurd row length is refused before the model loads (issue 31, item 13): the run's `jdpo plan`
+estimate against one device's memory, named with both numbers (and the model's positions when
+data.max_length is past them); past the positions alone is a warning. Nothing was loaded."""
 
 import json
 import shutil
@@ -24,14 +24,30 @@ def _train(capsys, model, data, out, *extra):
     return code, capsys.readouterr().err
 
 
-def test_a_max_length_beyond_the_models_positions_is_refused(assets, tmp_path, capsys, no_loading):
+def test_an_absurd_max_length_is_refused_with_the_plan_and_the_positions(
+    assets, tmp_path, capsys, no_loading
+):
+    # A row of 2e8 tokens: no host's memory holds its activations (the estimate is against this host).
     argv = ["--data.max_length", "100000000"]
     code, err = _train(capsys, assets.model_dir, assets.train_path, tmp_path / "run", *argv)
     assert code == 2, err
+    assert "jdpo plan estimates " in err and "rows of 200000000 tokens per device), more than the " in err
     assert (
-        "data.max_length 100000000 is above the 512 positions of the model (max_position_embeddings in" in err
+        "; data.max_length 100000000 is above the 512 positions of the model (max_position_embeddings in"
+        in err
     )
-    assert "set data.max_length <= 512" in err
+
+
+def test_a_max_length_past_the_positions_alone_warns(assets, tmp_path, caplog):
+    import logging
+
+    from jdpo.commands import plan
+
+    cfg = tiny_config(assets, **{"data.max_length": 1024, "data.max_prompt_length": 8})
+    with caplog.at_level(logging.WARNING, logger="jdpo"):
+        assert plan.check_run_size(cfg, num_devices=8) is None
+    assert "data.max_length 1024 is above the 512 positions of the model" in caplog.text
+    assert "set data.max_length <= 512 unless the model is meant to" in caplog.text
 
 
 def test_a_run_beyond_the_device_memory_is_refused_with_the_plan(

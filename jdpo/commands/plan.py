@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -95,6 +96,8 @@ HEADROOM = 0.9
 
 BATCH_ARRAYS = 5  # input_ids, positions, segment_ids, targets (int32), loss_mask (float32): 4 bytes each
 REF_CACHE_BYTES_PER_PAIR = 16  # chosen/rejected log-probs float32 + chosen/rejected counts int32
+
+log = logging.getLogger("jdpo")
 
 
 def parse_size(text: str | int) -> int:
@@ -464,11 +467,12 @@ def count_pairs(sources, fmt: str = "auto") -> int | None:
 
 
 def check_run_size(cfg, *, num_devices: int) -> None:
-    """Refuse, before anything loads, a run whose sequences (data.max_length) exceed the model's positions
-    (config.json's max_position_embeddings) or whose `plan_memory` estimate exceeds one device's memory
-    (`device_memory()`: the accelerator's limit, host RAM on CPU). Raises ConfigError naming the setting,
-    both numbers and what to change. Says nothing when model.path has no readable config.json or the
-    mesh does not resolve: the trainer names those."""
+    """Before anything loads: refuse (ConfigError) a run whose `plan_memory` estimate exceeds one device's
+    memory (`device_memory()`: the accelerator's limit, host RAM on CPU), naming both numbers and the
+    settings to lower, and the model's positions when data.max_length is past them; warn when only the
+    positions are exceeded (RoPE extrapolates past max_position_embeddings; the data may be shorter).
+    Says nothing when model.path has no readable config.json or the mesh does not resolve: the trainer
+    names those."""
     import jax
 
     try:
@@ -476,23 +480,25 @@ def check_run_size(cfg, *, num_devices: int) -> None:
     except (OSError, ValueError):
         return
     d, positions = cfg.data, model_config.max_position_embeddings
-    if d.max_length > positions:
-        raise ConfigError(
-            f"data.max_length {d.max_length} is above the {positions} positions of the model "
-            f"(max_position_embeddings in {cfg.model.path}/config.json): set data.max_length <= {positions}"
-        )
+    past = (
+        f"data.max_length {d.max_length} is above the {positions} positions of the model "
+        f"(max_position_embeddings in {cfg.model.path}/config.json)"
+    )
     backend = jax.default_backend()
     try:
         plan = plan_memory(
             model_config, cfg, num_devices=num_devices, on_cpu=backend == "cpu", backend=backend
         )
     except ValueError:
-        return
+        plan = None
     device, limit = device_memory()
-    if plan.total > limit:
+    if plan is not None and plan.total > limit:
         raise ConfigError(
             f"jdpo plan estimates {human(plan.total)} per device for this run ({plan.rows_per_device} rows "
             f"of {plan.row_length} tokens per device), more than the {human(limit)} of {device}: lower "
             "data.max_length, data.row_length or train.batch_rows, or add devices (jdpo plan shows the "
-            "breakdown)"
+            "breakdown)" + (f"; {past}" if d.max_length > positions else "")
         )
+    if d.max_length > positions:
+        log.warning("%s: sequences longer than that run on extrapolated positions; set data.max_length <= "
+                    "%d unless the model is meant to", past, positions)  # fmt: skip
