@@ -173,7 +173,7 @@ def write_unpaired(path, labels):
 def test_unpaired_data_refusals(assets, tmp_path):
     ones = write_unpaired(tmp_path / "ones.jsonl", [True] * 6)
     over = {"data.train": [ones], "data.eval": []}
-    with pytest.raises(ValueError, match=r"train data has only desirable examples \(6 desirable, 0"):
+    with pytest.raises(ValueError, match=r"ones\.jsonl\): only desirable examples \(6 desirable, 0"):
         train.Trainer(make_config(assets, tmp_path / "a", **over, **{"dpo.loss_type": ["kto"]}),
                       mesh=one_device())  # fmt: skip
     from jdpo.data import DataError
