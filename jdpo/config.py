@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from jdpo.errors import UserError
+from jdpo.errors import ConfigError
+from jdpo.models.choices import LORA_TARGETS, attention_block_problem
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -270,8 +271,6 @@ class TrainSection:
     )
 
 
-# The projections a LoRA adapter may target, by their Hugging Face module names (every family has them).
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -352,10 +351,6 @@ class Config:
     online: OnlineSection = field(default_factory=OnlineSection)
     mesh: MeshSection = field(default_factory=MeshSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
-
-
-class ConfigError(UserError, ValueError):
-    """A config value that is unknown, mistyped or inconsistent; the message names the field."""
 
 
 def sections() -> dict[str, type]:
@@ -455,16 +450,6 @@ def _unknown(name: str, known: list[str], where: str) -> ConfigError:
 REMOVED_FIELDS = {
     "dpo.bco_delta": (0.0, "bco_pair's reward shift is now BCO's running reward mean, in the train state"),
 }
-
-
-def attention_block_problem(kernel: str, block: int) -> str | None:
-    """Why `model.attention_block = block` (> 0) does not suit the attention kernel `kernel` (a resolved
-    `model.attention`), or None when it does. Here, not in jdpo.models, so validating needs no JAX."""
-    if kernel == "splash" and block % 128:
-        return f"model.attention_block={block} with splash: TPU tiles are multiples of 128"
-    if kernel == "pallas_gpu" and block & (block - 1):
-        return f"model.attention_block={block} with pallas_gpu: Triton tiles are powers of two"
-    return None
 
 
 # Values older jdpo versions accepted, now gone, and what to use instead.

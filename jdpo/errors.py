@@ -12,3 +12,7 @@ EXIT_USER_ERROR = 2  # the same status argparse gives a bad command line
 
 class UserError(Exception):
     """Bad input: the message names where (file and line, config field, path) and what to do."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config value that is unknown, mistyped or inconsistent; the message names the field."""
