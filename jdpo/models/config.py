@@ -283,7 +283,7 @@ def _layer_types(family: str, hf: dict, L: int) -> tuple[int | None, tuple[str, 
     only with use_sliding_window and from max_window_layers on; smollm3 only with use_sliding_window; the
     gemma2/3 and olmo3 layers marked "sliding_attention" (by default gemma2 every other one, gemma3 five
     of six, olmo3 three of four)."""
-    window = hf.get("sliding_window")
+    window = hf.get("sliding_window", 4096 if family in ("gemma3_text", "olmo3") else None)  # HF defaults
     layer_types = hf.get("layer_types")
     if family in ("qwen2", "qwen3", "smollm3") and not hf.get("use_sliding_window", False):
         window = None
