@@ -191,3 +191,20 @@ def test_sliding_layers_keep_the_shared_prompt_rule_and_pallas_gpu_refuses_them(
 @pytest.mark.parametrize("family", ["olmo2", "smollm3"])
 def test_models_without_a_window_share_the_prompt(family):
     assert shares_prompt("true", "blocked", ModelConfig.from_hf(TINY[family]))[0]
+
+
+def test_plan_counts_phi3_adapters_on_the_fused_projections():
+    """`jdpo plan` builds the adapters a run would: the default targets land on qkv_proj and gate_up_proj."""
+    from types import SimpleNamespace
+
+    from jdpo.commands.plan import abstract_params
+    from jdpo.models.choices import LORA_TARGETS
+
+    config = ModelConfig.from_hf(TINY["phi3"])
+    lora = SimpleNamespace(rank=4, alpha=8.0, targets=LORA_TARGETS, quantize="none")
+    params = {name: shape for name, shape, _, _ in abstract_params(config, lora=lora)}
+    D, F, N, K, H = 32, 48, 4, 2, 8
+    assert params["layers.0.self_attn.qkv_proj.lora_b"] == (4, N + 2 * K, H)
+    assert params["layers.2.mlp.gate_up_proj.lora_a"] == (D, 4)
+    assert params["layers.2.mlp.gate_up_proj.lora_b"] == (4, 2, F)
+    assert sum(name.endswith("lora_a") for name in params) == 3 * 4  # 3 layers x 4 projections

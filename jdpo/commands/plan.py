@@ -171,12 +171,12 @@ def abstract_params(model_config, *, param_dtype: str = "float32", scan_layers: 
     from flax import nnx
 
     from jdpo.models import ModelOptions, Transformer
-    from jdpo.models.transformer import LoRASpec
+    from jdpo.models.adapters import adapter_spec
 
     spec = None
-    if lora is not None and lora.rank > 0:
-        spec = LoRASpec(
-            rank=lora.rank, alpha=float(lora.alpha), targets=tuple(lora.targets), quantize=lora.quantize
+    if lora is not None and lora.rank > 0:  # targets resolved to the model's projections (phi3: fused)
+        spec = adapter_spec(
+            model_config, rank=lora.rank, alpha=lora.alpha, targets=lora.targets, quantize=lora.quantize
         )
     options = ModelOptions(param_dtype=jnp.dtype(param_dtype), scan_layers=scan_layers, lora=spec)
     model = nnx.eval_shape(lambda: Transformer(model_config, options=options, rngs=nnx.Rngs(0)))
@@ -308,6 +308,7 @@ def plan_memory(
     import jax.numpy as jnp
     import optax
 
+    from jdpo.models.adapters import model_targets
     from jdpo.models.kernels import resolve_attention
     from jdpo.train.step import LOGPROB_CHUNK, make_optimizer
 
@@ -359,7 +360,7 @@ def plan_memory(
     )
     if lora:  # each adapted projection also saves its rank-r intermediate x A
         L = model_config.num_layers
-        saved += L * len(cfg.lora.targets) * cfg.lora.rank * b
+        saved += L * len(model_targets(cfg.lora.targets, model_config)) * cfg.lora.rank * b
     act_bytes = B * T * (saved + recompute)
     V = _split(model_config.vocab_size, tensor)
     # The scan lays this device's B rows end to end as one group of B * T positions and projects one
