@@ -91,6 +91,11 @@ def test_an_unknown_model_type_lists_every_supported_family():
     with pytest.raises(ModelConfigError, match="model_type='gemma4' is not supported") as e:
         ModelConfig.from_hf(dict(TINY["olmo2"], model_type="gemma4"))
     assert all(f in str(e.value) for f in FAMILIES) and set(NEW) <= set(FAMILIES)
+    multimodal = dict(
+        TINY["gemma3_text"], model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"]
+    )
+    with pytest.raises(ModelConfigError, match="multimodal Gemma 3 .* text-only model_type 'gemma3_text'"):
+        ModelConfig.from_hf(multimodal)
 
 
 # Published architectures: Gemma-3-1B, OLMo-2-1B, OLMo-3-7B, SmolLM3-3B, Phi-3-mini-4k.

@@ -310,6 +310,12 @@ def _layer_types(family: str, hf: dict, L: int) -> tuple[int | None, tuple[str, 
 
 
 def _config_from_dict(hf: dict) -> ModelConfig:
+    if hf.get("model_type") == "gemma3":  # Gemma3ForConditionalGeneration: the vision + text checkpoint
+        raise ModelConfigError(
+            "model_type='gemma3' is the multimodal Gemma 3 checkpoint (its text weights are nested under "
+            "language_model); jdpo loads the text-only model_type 'gemma3_text' (Gemma-3-1B and text-only "
+            "exports)"
+        )
     heads = [a for a in hf.get("architectures") or () if not str(a).endswith("ForCausalLM")]
     if heads:
         raise ModelConfigError(
