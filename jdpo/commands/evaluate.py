@@ -401,6 +401,25 @@ def run_config(model_dir):
     return load_config(cfg) if cfg.exists() else None
 
 
+def _sample_prompts(records, n: int) -> tuple[list, list]:
+    """The first `n` distinct prompts in data order, with their known-good answers: a pair's chosen
+    completion, a rated example's completion if labelled good (else "")."""
+    chosen_prompts: list[int] = []
+    seen: set[str] = set()
+    for k in range(len(records)):
+        key = json.dumps(records[k]["prompt"], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            chosen_prompts.append(k)
+        if len(chosen_prompts) == n:
+            break
+    prompts = [records[k]["prompt"] for k in chosen_prompts]
+    # The known-good answer: a pair's chosen completion, a rated example's completion if labelled good.
+    answers = [records[k]["chosen"] if "chosen" in records[k] else
+               (records[k]["completion"] if records[k]["label"] else "") for k in chosen_prompts]  # fmt: skip
+    return prompts, answers
+
+
 def evaluate(
     policy,
     reference,
@@ -464,20 +483,7 @@ def evaluate(
         pref["eval/kto_kl"] = pref.pop("eval/kl")
     metrics.update(pref)
 
-    # N distinct prompts, in data order, for the samples.
-    chosen_prompts: list[int] = []
-    seen: set[str] = set()
-    for k in range(len(records)):
-        key = json.dumps(records[k]["prompt"], sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            chosen_prompts.append(k)
-        if len(chosen_prompts) == num_samples:
-            break
-    prompts = [records[k]["prompt"] for k in chosen_prompts]
-    # The known-good answer: a pair's chosen completion, a rated example's completion if labelled good.
-    answers = [records[k]["chosen"] if "chosen" in records[k] else
-               (records[k]["completion"] if records[k]["label"] else "") for k in chosen_prompts]  # fmt: skip
+    prompts, answers = _sample_prompts(records, num_samples)
     if prompts:
         prompt_ids = policy.encode_prompts(prompts, max_prompt_length=max_prompt_length)
         metrics.update(
