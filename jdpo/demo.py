@@ -535,4 +535,5 @@ class _HeldOutPairs:
         """Pairwise eval metrics (preference accuracy, margins) of the current policy's implicit reward."""
         from jdpo.scoring.forward import split_metrics
 
-        return split_metrics(self.trainer.logprobs(self.pairs), self.reference, self.trainer.config.dpo)
+        loss = self.trainer.config.dpo.loss_spec()
+        return split_metrics(self.trainer.logprobs(self.pairs), self.reference, loss)

@@ -88,7 +88,7 @@ def test_every_field_has_help():
 
 def test_every_loss_option_is_a_config_field_with_the_library_default():
     """`dpo_loss`'s options are `dpo.*` fields with --help text and the library's defaults, and
-    `loss_kwargs` hands every one of them to the loss."""
+    the loss spec built from them (`DPOSection.loss_spec().loss_kwargs()`) hands every one to the loss."""
     import dataclasses
     import inspect
 
@@ -103,14 +103,15 @@ def test_every_loss_option_is_a_config_field_with_the_library_default():
         if p.kind is p.KEYWORD_ONLY and name not in per_call
     }
     fields = {f.name: f for f in dataclasses.fields(DPOSection)}
-    section = DPOSection()
-    assert set(section.loss_kwargs()) == set(options)
+    spec = DPOSection().loss_spec()
+    assert set(spec.loss_kwargs()) == set(options)
     for name, default in options.items():
         assert name in fields and fields[name].metadata["help"], name
-        got = section.loss_kwargs()[name]
+        got = spec.loss_kwargs()[name]
         assert got == (tuple([default]) if name == "loss_type" else default), name
     custom = load_config(None, ["--dpo.discopop_tau", "0.2", "--dpo.orpo_include_nll", "false"]).dpo
-    assert custom.loss_kwargs()["discopop_tau"] == 0.2 and custom.loss_kwargs()["orpo_include_nll"] is False
+    kw = custom.loss_spec().loss_kwargs()
+    assert kw["discopop_tau"] == 0.2 and kw["orpo_include_nll"] is False
 
 
 def test_a_removed_field_at_its_old_value_still_loads(tmp_path):

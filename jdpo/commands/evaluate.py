@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from jdpo.data.sources import DataError
+from jdpo.losses.spec import LossSpec
 from jdpo.models.hf import CheckpointError
 from jdpo.scoring.generate import Generator, Prompt, SamplingParams
 
@@ -152,12 +153,12 @@ def preference_metrics(
     reference: Generator,
     pairs,
     *,
-    dpo=None,
+    loss: LossSpec | None = None,
     batch_rows: int = 8,
     row_length: int | None = None,
 ) -> dict[str, float]:
-    """The loss and TRL's reward metrics (eval/ names) of `dpo`'s loss settings (a
-    `jdpo.config.DPOSection`; default: its defaults, the sigmoid loss at beta 0.1) over every tokenised
+    """The loss and TRL's reward metrics (eval/ names) of `loss` (a run's `LossSpec`, as
+    `DPOSection.loss_spec()` builds it; default: the sigmoid loss at beta 0.1) over every tokenised
     pair (`jdpo.data.TokenizedPairs`), one pass through the training path's forward. Rated examples
     (`pairs.labels` set, `jdpo.data.unpaired`) get the unpaired loss's metrics; pairs under an unpaired
     loss the pairwise reward metrics (`jdpo.scoring.forward.split_metrics`).
@@ -166,12 +167,11 @@ def preference_metrics(
     chosen reward is strictly above the rejected one (so policy == reference gives 0).
     """
     from jdpo import data as jdata
-    from jdpo.config import DPOSection
     from jdpo.parallel.sharding import round_rows
     from jdpo.scoring.forward import over_split, split_metrics
     from jdpo.train.trainer import pairs_per_row
 
-    dpo = DPOSection() if dpo is None else dpo
+    loss = LossSpec() if loss is None else loss
     lp, lc, lr = pairs.lengths()
     row_length = row_length or int(max((lp + np.maximum(lc, lr)).max(), 1) * 2)
     max_pairs = pairs_per_row(row_length, [pairs.pair_lengths()])
@@ -193,7 +193,7 @@ def preference_metrics(
         )
         for name, gen in (("policy", policy), ("reference", reference))
     }
-    out = split_metrics(logps["policy"], logps["reference"], dpo, labels=pairs.labels)
+    out = split_metrics(logps["policy"], logps["reference"], loss, labels=pairs.labels)
     out["eval/pairs"] = len(pairs)
     return out
 
@@ -462,6 +462,7 @@ def evaluate(
     dpo = run.dpo if dpo is None else dpo
     if beta is not None:
         dpo = dataclasses.replace(dpo, beta=float(beta))
+    loss = dpo.loss_spec()  # the one loss of every metric below
     max_length = run.data.max_length if max_length is None else max_length
     max_prompt_length = run.data.max_prompt_length if max_prompt_length is None else max_prompt_length
     policy, reference = _as_generator(policy, mesh=mesh), _as_generator(reference, mesh=mesh)
@@ -476,8 +477,8 @@ def evaluate(
     if not len(pairs):
         raise DataError(f"no usable preference pairs in {data!r}: {report.pairs_read} read, dropped "
                         f"{dict(report.dropped) or 'none'}")  # fmt: skip
-    metrics = {"eval/beta": dpo.beta}
-    pref = preference_metrics(policy, reference, pairs, dpo=dpo, batch_rows=batch_rows)
+    metrics = {"eval/beta": loss.beta}
+    pref = preference_metrics(policy, reference, pairs, loss=loss, batch_rows=batch_rows)
     if "eval/kl" in pref:  # KTO's reference point z_0; eval/kl is the sampled KL below
         pref["eval/kto_kl"] = pref.pop("eval/kl")
     metrics.update(pref)

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from jdpo.config.fields import ConfigError, setting
 from jdpo.losses.defaults import DEFAULTS
@@ -93,14 +93,6 @@ class DPOSection:
             wpo=self.wpo,
             adaptive_beta=(self.target_kl, self.beta_gain) if self.beta_schedule == "adaptive" else None,
         )
-
-    def loss_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of `jdpo.dpo_loss` these settings mean (`LossSpec.loss_kwargs`)."""
-        return self.loss_spec().loss_kwargs()
-
-    def unpaired_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of `jdpo.kto_loss` these settings mean (`LossSpec.unpaired_kwargs`)."""
-        return self.loss_spec().unpaired_kwargs()
 
     @property
     def unpaired(self) -> bool:

@@ -149,7 +149,9 @@ class Trainer:
             graphdef=self.graphdef,
             mesh=self.mesh,
             abstract_params=_flat(abstract),
-            dpo=c.dpo,
+            loss=c.dpo.loss_spec(),
+            reference=c.dpo.reference,
+            ref_update_alpha=c.dpo.ref_update_alpha,
             optim=c.optim,
             total_steps=self.total_steps,
             abstract_base=None if self.base is None else _flat(abstract_like(self.base)),
@@ -479,11 +481,8 @@ class Trainer:
         if self.config.dpo.reference == "online" and self.ref_eval is None:
             # Between reference updates the online reference is frozen: its eval log-probs are the same.
             self.ref_eval = self.logprobs(self.eval_pairs, self.state["ref_params"])
-        dpo = self.config.dpo
-        if BETA in self.state:  # the adaptive schedule's current beta
-            dpo = dataclasses.replace(dpo, beta=float(jax.device_get(self.state[BETA])))
-        return split_metrics(policy, self.ref_eval, dpo, labels=self.eval_pairs.labels,
-                             moments=self.state.get(BCO_MOMENTS))  # fmt: skip
+        return split_metrics(policy, self.ref_eval, self.settings.loss, labels=self.eval_pairs.labels,
+                             moments=self.state.get(BCO_MOMENTS), beta=self.state.get(BETA))  # fmt: skip
 
     def lora_params(self) -> int | None:
         """The number of trained adapter weights of a LoRA run (None: full fine-tuning)."""
