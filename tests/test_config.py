@@ -123,3 +123,21 @@ def test_a_removed_field_at_its_old_value_still_loads(tmp_path):
     p.write_text("dpo:\n  bco_delta: 0.3\n")
     with pytest.raises(ConfigError, match="dpo.bco_delta is no longer a setting .*running reward mean"):
         load_config(p)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--optim.eps", "-1"], "optim.eps must be > 0"),  # AdamW's step turned into ascent
+        (["--optim.eps", "0"], "optim.eps must be > 0"),
+        (["--optim.max_grad_norm", "-1"], "optim.max_grad_norm must be >= 0 (0: no clipping), got -1.0"),
+        (["--optim.weight_decay", "-0.01"], "optim.weight_decay must be >= 0 (0: off"),
+    ],
+)
+def test_optimizer_settings_that_invert_training_are_refused_with_the_valid_range(args, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, args)
+    assert message in str(e.value)
+    # The ends of each range stay valid: no clipping, no decay.
+    c = load_config(None, ["--optim.max_grad_norm", "0", "--optim.weight_decay", "0", "--optim.eps", "1e-12"])
+    assert (c.optim.max_grad_norm, c.optim.weight_decay, c.optim.eps) == (0.0, 0.0, 1e-12)
