@@ -141,3 +141,20 @@ def test_optimizer_settings_that_invert_training_are_refused_with_the_valid_rang
     # The ends of each range stay valid: no clipping, no decay.
     c = load_config(None, ["--optim.max_grad_norm", "0", "--optim.weight_decay", "0", "--optim.eps", "1e-12"])
     assert (c.optim.max_grad_norm, c.optim.weight_decay, c.optim.eps) == (0.0, 0.0, 1e-12)
+
+
+def test_a_yaml_key_given_twice_is_refused_naming_the_file_and_line(tmp_path):
+    """Plain YAML keeps the last of two equal keys: a second `train:` section would silently drop the
+    first one's settings."""
+    p = tmp_path / "dup.yaml"
+    p.write_text("train:\n  seed: 1\ndpo:\n  beta: 0.2\ntrain:\n  max_steps: 5\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml:5: key 'train' appears twice .*first at line 1"):
+        load_config(p)
+    p.write_text("dpo:\n  beta: 0.2\n  loss_type: [sigmoid]\n  beta: 0.3\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml:4: key 'beta' appears twice .*first at line 2"):
+        load_config(p)
+    # The same field in two sections is no duplicate, and an anchor's merge key may be overridden.
+    p.write_text("data:\n  max_length: 2048\nonline:\n  max_new_tokens: 2048\n")
+    assert load_config(p).online.max_new_tokens == 2048
+    p.write_text("train: &t\n  seed: 3\ndpo:\n  beta: 0.2\n")
+    assert load_config(p).train.seed == 3

@@ -2,8 +2,9 @@
 and what a resumed run may change (`RESUMABLE_CHANGES`, `config_changes`).
 
 A run's config is three layers, later ones winning: the dataclass defaults, a YAML preset (nested by
-section), and command-line overrides. Unknown sections or fields and values of the wrong type are
-errors naming the field and where it came from: a long run must never start on a typo.
+section), and command-line overrides. Unknown sections or fields, a key given twice in a YAML mapping,
+and values of the wrong type are errors naming the field and where it came from: a long run must never
+start on a typo.
 """
 
 from __future__ import annotations
@@ -163,14 +164,42 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that repeats a key (plain YAML keeps the last one, so a
+    second `train:` section would silently replace the first)."""
+
+    source = "<yaml>"  # the file named in the error; set per load
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: explicit keys override it
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise ConfigError(
+                    f"{self.source}:{line}: key {key!r} appears twice in one mapping (first at line "
+                    f"{seen[key]}); YAML would keep only the last: merge them or remove one"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Any) -> dict:
-    """The sections of the YAML file at `path` (a local path or a URL)."""
+    """The sections of the YAML file at `path` (a local path or a URL), refusing duplicated keys."""
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    loader = _UniqueKeyLoader(text)
+    loader.source = str(path)
+    try:
+        raw = loader.get_single_data() or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    finally:
+        loader.dispose()
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     return raw
