@@ -83,7 +83,8 @@ class DPOSection:
     online: bool = setting(
         False,
         "Online DPO (the online section): every step samples completions of data.train's prompts from the "
-        "policy, scores them with online.reward and trains on each prompt's best-vs-worst pair.",
+        "policy, scores them with online.reward and trains on each prompt's best-vs-worst pair. Needs "
+        "dpo.reference online or none.",
     )
 
     def loss_spec(self) -> LossSpec:
