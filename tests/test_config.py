@@ -158,3 +158,25 @@ def test_a_yaml_key_given_twice_is_refused_naming_the_file_and_line(tmp_path):
     assert load_config(p).online.max_new_tokens == 2048
     p.write_text("train: &t\n  seed: 3\ndpo:\n  beta: 0.2\n")
     assert load_config(p).train.seed == 3
+
+
+def test_the_loss_spec_is_one_hashable_value_built_from_the_dpo_section():
+    """`DPOSection.loss_spec()` is what the jitted step closes over (a static argument: hashable, equal
+    settings give equal specs) and what every eval pass reads."""
+    from dataclasses import replace as dataclasses_replace
+
+    from jdpo.losses.spec import LossSpec
+
+    over = ["--dpo.loss_type", "sigmoid,sft", "--dpo.loss_weights", "1,0.5", "--dpo.wpo", "true",
+            "--dpo.beta_schedule", "adaptive", "--dpo.target_kl", "0.5"]  # fmt: skip
+    spec = load_config(None, over).dpo.loss_spec()
+    again = load_config(None, over).dpo.loss_spec()
+    assert spec == again and hash(spec) == hash(again)
+    assert spec.loss_weights == (1.0, 0.5) and spec.adaptive_beta == (0.5, 0.1) and spec.wpo
+    assert Config().dpo.loss_spec() == LossSpec() and LossSpec().adaptive_beta is None
+    # The eval pass: no WPO weights; an unpaired loss on pairs is the sigmoid loss at its beta.
+    assert spec.for_eval(labelled=False) == dataclasses_replace(spec, wpo=False)
+    kto = load_config(None, ["--dpo.loss_type", "kto", "--dpo.beta", "0.3"]).dpo.loss_spec()
+    assert kto.unpaired and kto.for_eval(labelled=True) == kto
+    pairs = kto.for_eval(labelled=False)
+    assert pairs.loss_type == ("sigmoid",) and not pairs.unpaired and pairs.beta == 0.3
