@@ -385,7 +385,7 @@ def test_a_sigterm_on_one_worker_stops_both_at_the_same_step(results):
 
 
 def test_checkpoint_of_the_pair_restores_in_one_process(results):
-    from jdpo.train.checkpoint import Checkpointer, abstract_like, to_checkpoint
+    from jdpo.train.checkpoint import Checkpointer, abstract_like
 
     trainer = results["trainer"]
     target = abstract_like(trainer.state.to_checkpoint())  # one device, this process only

@@ -22,7 +22,6 @@ from jdpo import config as jconfig
 from jdpo.models import lora
 from jdpo.parallel.sharding import make_mesh
 from jdpo.report import metrics
-from jdpo.train import checkpoint
 from jdpo.train import trainer as train
 
 LORA = {"lora.rank": 4, "lora.alpha": 8.0, "optim.learning_rate": 1e-2, "train.max_steps": 3}

@@ -21,8 +21,7 @@ from helpers import train_steps as steps
 
 from jdpo import config as jconfig
 from jdpo.parallel.sharding import make_mesh
-from jdpo.train import step
-from jdpo.train import guards
+from jdpo.train import guards, step
 from jdpo.train import trainer as train
 
 
