@@ -14,7 +14,6 @@ _LAZY = {
     # Unpaired feedback (one completion, desirable or not): KTO / BCO / APO-zero unpaired and their helpers.
     "kto_loss": "jdpo.losses.unpaired",
     "kto_kl": "jdpo.losses.unpaired",
-    "kl_mismatch_order": "jdpo.losses.unpaired",
     "kto_metric_means": "jdpo.losses.unpaired",
     "running_moments_init": "jdpo.losses.unpaired",
     "running_moments_update": "jdpo.losses.unpaired",
@@ -30,6 +29,8 @@ _LAZY = {
     "ModelOptions": "jdpo.models",
     "save_pretrained": "jdpo.models",
     "load_preferences": "jdpo.data",
+    # The mismatched pairing KTO's KL estimate is taken over: a rule of the data, not of the loss.
+    "kl_mismatch_order": "jdpo.data.unpaired",
     "load_config": "jdpo.config",
     "Config": "jdpo.config",
     "Trainer": "jdpo.train.trainer",

@@ -49,6 +49,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jdpo import data as jdata
+from jdpo.commands.evaluate import arithmetic_checker, compare_generations
+from jdpo.config import load_config, replace
+from jdpo.models import ModelConfig, init_model, save_pretrained
+from jdpo.report.plot import plot_run
+from jdpo.scoring.forward import split_metrics
+from jdpo.scoring.generate import SamplingParams
+from jdpo.train import trainer as train
+
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHARS = list("0123456789+=")
 
@@ -151,7 +160,6 @@ def sft_records(records: list[dict], slip_rate: float = 0.7, seed: int = 0) -> l
 def sum_reward(prompts: list[str], completions: list[str]) -> list[float]:
     """The online recipe's reward (`online.reward: jdpo.demo:sum_reward`): 1 where the completion's
     leading number is the prompt's sum, else 0 (`jdpo.commands.evaluate.arithmetic_checker`)."""
-    from jdpo.commands.evaluate import arithmetic_checker
 
     return [1.0 if arithmetic_checker(p, c) else 0.0 for p, c in zip(prompts, completions, strict=True)]
 
@@ -185,7 +193,6 @@ def make_tokenizer():
 
 def make_model_dir(path: str | Path, tokenizer, *, seed: int = 0, vocab_size: int = 32, **sizes: Any) -> Path:
     """A random small Llama in Hugging Face format (config.json + safetensors + tokenizer) at `path`."""
-    from jdpo.models import ModelConfig, init_model, save_pretrained
 
     s = {**DEMO_MODEL, **sizes}
     config = ModelConfig(
@@ -253,7 +260,6 @@ def demo_config(output_dir: str | Path, assets: DemoAssets, *, stage: str, steps
     """The Config of one demo stage ("sft" or "dpo"). The `demo` preset (experiments/demo.yaml) is the DPO
     stage; the demo fills in the paths, and for "sft" the supervised loss and `SFT_STAGE`. `steps` (when
     given) and `overrides` (dotted names) win over the preset."""
-    from jdpo.config import load_config, replace
 
     cfg = load_config(preset if preset is not None else default_preset())
     out = Path(output_dir)
@@ -341,8 +347,6 @@ def run_demo(
     "paths"} (greedy, held-out prompts; summary has "reference_correct" / "policy_correct" fractions),
     "seconds", "summary" (what summary.json holds), "output_dir", "final_dir"}.
     """
-    from jdpo.commands.evaluate import arithmetic_checker, compare_generations
-    from jdpo.train import trainer as train
 
     t0 = time.time()
     out = Path(output_dir)
@@ -399,7 +403,6 @@ def run_demo(
     say(f"[demo] after {name} (held-out):  {_summary(after)}; prefers chosen by log-prob: {like_after:.1%}")
 
     held = read_jsonl(assets.eval_path)[:compare_prompts]
-    from jdpo.scoring.generate import SamplingParams
 
     gens = compare_generations(
         result.final_dir,
@@ -418,8 +421,6 @@ def run_demo(
     say(_final_summary(before, after, like_before, like_after, gens, show_samples, seconds, name))
     if plot:
         try:
-            from jdpo.report.plot import plot_run
-
             say(f"[demo] plots: {', '.join(str(p) for p in plot_run(out))}")
         except ImportError as e:  # matplotlib is optional
             say(f"[demo] no plots: {e} (pip install matplotlib)")
@@ -512,7 +513,7 @@ def likelihood_accuracy(trainer, pairs=None) -> float:
     """Fraction of held-out pairs (default: the trainer's eval split) whose chosen completion gets the
     higher summed log-prob under the trainer's current policy (what "the model prefers the right answer"
     means without a reference)."""
-    logps = trainer.logprobs(trainer.eval_pairs if pairs is None else pairs)
+    logps = trainer.logprobs(trainer.data.eval_pairs if pairs is None else pairs)
     computed = logps.computed
     return float((logps.chosen > logps.rejected)[computed].sum() / max(computed.sum(), 1))
 
@@ -522,7 +523,6 @@ class _HeldOutPairs:
     examples): their reference log-probs are those of the policy before training, taken on creation."""
 
     def __init__(self, trainer):
-        from jdpo import data as jdata
 
         d = trainer.config.data
         records = jdata.load_preferences(list(d.eval), d.format, seed=trainer.config.train.seed)
@@ -533,6 +533,6 @@ class _HeldOutPairs:
 
     def metrics(self) -> dict[str, float]:
         """Pairwise eval metrics (preference accuracy, margins) of the current policy's implicit reward."""
-        from jdpo.scoring.forward import split_metrics
 
-        return split_metrics(self.trainer.logprobs(self.pairs), self.reference, self.trainer.config.dpo)
+        loss = self.trainer.config.dpo.loss_spec()
+        return split_metrics(self.trainer.logprobs(self.pairs), self.reference, loss)

@@ -16,3 +16,12 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A config value that is unknown, mistyped or inconsistent; the message names the field."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN / inf; the message names the step and the last good checkpoint."""
+
+
+class DivergenceError(NonFiniteLossError):
+    """The run blew up while still finite (loss or grad-norm spike, runaway weights); the message names
+    the step, the value, the limit and its setting, and the last good checkpoint."""

@@ -6,7 +6,7 @@
     assets = build_tiny_assets(d, max_operand=9, eval_pairs=20)  # demo task + a random tiny model
     cfg = tiny_config(assets, **{"train.max_steps": 2})          # a Config that trains on it
     cfg = run_config(assets, out)  # + output dir, reference cache beside it, lr 1e-3, no console
-    out = modules_imported_by("import jdpo.commands.cli", ["jax"])  # "[]": a fresh interpreter did not load jax
+    out = modules_imported_by("import jdpo.cli", ["jax"])  # "[]": a fresh interpreter did not load jax
 
 The session-wide `assets` fixture (conftest.py) is `build_tiny_assets` of the size most tests train on.
 Nothing heavy is imported at module level: tests/multihost_worker.py imports this module before it sets

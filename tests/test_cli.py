@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from helpers import modules_imported_by
 
+from jdpo import cli
 from jdpo import config as C
-from jdpo.commands import cli
 from jdpo.report import metrics as M
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
@@ -171,7 +171,7 @@ def test_preset_parses(preset):
 
 def test_cli_import_is_light():
     """`jdpo --help` must not pay for JAX / the trainer / matplotlib."""
-    out = modules_imported_by("import jdpo.commands.cli", ("jax", "flax", "matplotlib", "jdpo.train.trainer"))
+    out = modules_imported_by("import jdpo.cli", ("jax", "flax", "matplotlib", "jdpo.train.trainer"))
     assert out.strip() == "[]"
 
 
@@ -238,7 +238,7 @@ def test_the_console_script_ends_with_main_s_status_its_output_whole_and_exit_ha
         "import atexit, sys\n"
         "atexit.register(lambda: print('exit handler ran', file=sys.stderr))\n"
         f"sys.argv = ['jdpo', *{argv!r}]\n"
-        "from jdpo.commands.cli import entry\n"
+        "from jdpo.cli import entry\n"
         "entry()\n"
         "raise SystemExit('entry returned')\n"
     )

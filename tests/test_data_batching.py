@@ -1,12 +1,27 @@
 """Batching: layout round-trip, segment consistency, padding, determinism, resume, per-host shares."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_batch import unpack_batch
 
-from jdpo.data import BATCH_KEYS, PreferenceBatches, TokenizedPairs, compare_padding, one_pass, unpack_batch
-from jdpo.data.batching import pack_rows, synthetic_hh_lengths
+from jdpo.data import PreferenceBatches, TokenizedPairs, one_pass
+from jdpo.data.batching import pack_rows
+
+# What every batch of pairs holds (the reference and label fields are absent).
+BATCH_KEYS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask", "pair_ids")
+
+
+def load_padding_script():
+    """experiments/bench/padding.py (the README's Padding table), imported by path."""
+    path = Path(__file__).resolve().parents[1] / "experiments" / "bench" / "padding.py"
+    spec = importlib.util.spec_from_file_location("bench_padding", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def random_pairs(n, seed=0, max_prompt=40, max_completion=30):
@@ -149,8 +164,9 @@ def test_too_long_pairs_are_counted_not_split():
 
 
 def test_padding_fraction_packing_vs_pad_to_longest():
-    p, c, r = synthetic_hh_lengths(8000, seed=0)
-    stats = compare_padding(
+    padding = load_padding_script()
+    p, c, r = padding.synthetic_hh_lengths(8000, seed=0)
+    stats = padding.compare_padding(
         p, c, r, row_length=2048, max_pairs_per_row=16, pack_window=4096, pairs_per_batch=32
     )
     assert stats["packed"] < 0.10

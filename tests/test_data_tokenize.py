@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from helpers_tokenizer import make_tokenizer, save_tokenizer
 
-from jdpo.data import encode_prompt, encode_prompts, end_of_turn_id, tokenize_preferences
+from jdpo.data import encode_prompts, end_of_turn_id, tokenize_preferences
 
 TEXT = [
     {"prompt": "hello world, the answer is", "chosen": " forty two.", "rejected": " the lazy dog."},
@@ -269,7 +269,7 @@ def test_encode_prompts_gives_the_prompt_ids_of_tokenize_preferences(name, max_p
     assert all(g.dtype == np.int32 for g in got)
     assert [g.tolist() for g in got] == [p.tolist() for p in pairs.prompt_ids]
     for p, g in zip(PROMPTS, got, strict=True):
-        assert encode_prompt(tok, p, max_prompt_length=max_prompt_length).tolist() == g.tolist()
+        assert encode_prompts(tok, [p], max_prompt_length=max_prompt_length)[0].tolist() == g.tolist()
     if max_prompt_length is not None:
         assert report.prompts_truncated > 0 and max(map(len, got)) == max_prompt_length
         full = encode_prompts(tok, PROMPTS)
@@ -308,11 +308,11 @@ def test_encode_prompts_names_bad_prompts():
     with pytest.raises(TypeError, match="prompt 1: a prompt is a string or a list of .*messages, got int"):
         encode_prompts(tok, ["fine", 42])
     with pytest.raises(TypeError, match="got dict \\(a preference record\\? pass its 'prompt'\\)"):
-        encode_prompt(tok, {"prompt": "hi", "chosen": "a", "rejected": "b"})
+        encode_prompts(tok, [{"prompt": "hi", "chosen": "a", "rejected": "b"}])
     with pytest.raises(
         TypeError, match="prompt 0: message 1 must be a dict with 'role' and 'content' strings"
     ):
-        encode_prompt(tok, [msg("user", "hi"), {"role": "assistant"}])
+        encode_prompts(tok, [[msg("user", "hi"), {"role": "assistant"}]])
     strict = (
         "{% for m in messages %}{% if m['role'] == 'robot' %}{{ raise_exception('unknown role') }}{% endif %}"
         "{% endfor %}"
@@ -320,7 +320,7 @@ def test_encode_prompts_names_bad_prompts():
     with pytest.raises(
         ValueError, match="prompt 0: the tokenizer's chat template rejected it .*unknown role"
     ):
-        encode_prompt(make_tokenizer(strict), [msg("robot", "beep")])
+        encode_prompts(make_tokenizer(strict), [[msg("robot", "beep")]])
     with pytest.raises(ValueError, match="needs a tokenizer"):
         encode_prompts(None, ["hi"])
 

@@ -7,9 +7,10 @@ import logging
 
 import numpy as np
 import pytest
+from helpers_batch import unpack_batch
 
-from jdpo.data import DataError, load_preferences, make_batch, split_eval, unpack_batch
-from jdpo.data.unpaired import check_classes, split_pairs, to_examples, tokenize_unpaired
+from jdpo.data import DataError, load_preferences, make_batch, split_eval
+from jdpo.data.unpaired import check_classes, kl_mismatch_order, split_pairs, to_examples, tokenize_unpaired
 
 ROWS = [
     {"prompt": "2+2=", "completion": "4", "label": True},
@@ -93,6 +94,45 @@ def test_paired_data_splits_into_unpaired_records():
         {"prompt": "c", "completion": "meh"},
     ]
     assert labels.tolist() == [True, False, True, False, False]
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 7, 8, 9, 16])
+def test_kl_mismatch_order_is_shift_by_one(n):
+    order = kl_mismatch_order(n)
+    assert sorted(order.tolist()) == list(range(n))  # a permutation: the KL completions are the group's own
+    assert np.all(order != np.arange(n)), "an example keeps its own completion"
+    # TRL's rotation: the KL completions are [c[n-1], c[0], ..., c[n-2]]; prompt i gets completion i - 1.
+    completions = [f"c{i}" for i in range(n)]
+    assert [completions[j] for j in order] == [completions[-1]] + completions[:-1]
+    assert np.array_equal(order, (np.arange(n) - 1) % n)
+    if n >= 3:  # for n = 2 the only mismatch (the swap) is also the reversal
+        assert not np.array_equal(order, np.arange(n)[::-1]), "a reversal"
+
+
+def test_kl_mismatch_order_refuses_fewer_than_two():
+    for n in (1, 0, -3):
+        with pytest.raises(ValueError, match="n >= 2"):
+            kl_mismatch_order(n)
+    for n in (2.0, True, "4"):
+        with pytest.raises(ValueError, match="must be an int"):
+            kl_mismatch_order(n)
+
+
+def test_kl_mismatch_order_is_a_light_top_level_export():
+    # The pairing rule lives in the data package; `jdpo.kl_mismatch_order` still loads no model stack.
+    import subprocess
+    import sys
+
+    import jdpo
+
+    code = (
+        "import sys, jdpo; jdpo.kl_mismatch_order; "
+        "print([m for m in ('flax', 'transformers', 'torch', 'optax', 'orbax') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    assert jdpo.kl_mismatch_order is kl_mismatch_order
+    assert "kl_mismatch_order" in jdpo.__all__
 
 
 @pytest.mark.parametrize("n", [2, 3, 5, 8])

@@ -53,7 +53,7 @@ def _numpy_logps(model, prompt, completion, T=32):
 
 
 def test_policy_equal_to_reference_gives_zeros(dirs, tmp_path):
-    from jdpo.commands.cli import main
+    from jdpo.cli import main
 
     policy, _, data = dirs
     out = tmp_path / "eval"
@@ -102,7 +102,8 @@ def test_metrics_equal_an_independent_computation(dirs):
     # The loss of another loss type (a run's own): SLiC's hinge relu(1 - beta z) over the same pairs.
     from jdpo.config import DPOSection
 
-    hinge = E.preference_metrics(policy, reference, pairs, dpo=DPOSection(loss_type=("hinge",), beta=BETA))
+    hinge_loss = DPOSection(loss_type=("hinge",), beta=BETA).loss_spec()
+    hinge = E.preference_metrics(policy, reference, pairs, loss=hinge_loss)
     assert hinge["eval/loss"] == pytest.approx(np.mean(np.maximum(0.0, 1.0 - margins)), abs=1e-5)
     assert hinge["eval/rewards/margins"] == pytest.approx(m["eval/rewards/margins"], abs=1e-6)
 
@@ -170,7 +171,7 @@ def test_summary_and_checker():
 
 
 def test_unusable_data_is_one_message_and_exit_2(dirs, tmp_path, capsys):
-    from jdpo.commands.cli import main
+    from jdpo.cli import main
 
     policy, reference, _ = dirs
     same = tmp_path / "same.jsonl"

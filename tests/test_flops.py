@@ -27,8 +27,8 @@ def test_flops_by_hand():
     segments = np.array([[1, 1, 1, 2, 2, 0]])
     # loss_mask: position t scores targets[t]; here the last token of each segment is a completion token.
     mask = np.array([[0, 1, 0, 1, 0, 0]], np.float32)
-    stats = F.batch_token_stats({"positions": positions, "segment_ids": segments, "loss_mask": mask})
-    assert stats == {"tokens": 5, "slots": 6, "attended_keys": 9, "scored": 2}
+    stats = F.token_counts({"positions": positions, "segment_ids": segments, "loss_mask": mask})
+    assert stats == F.TokenCounts(tokens=5, slots=6, attended_keys=9, scored=2, pairs=0)
     # forward: 2 * 1408 * 5 + 4 * L*N*H (=16) * 9 = 14080 + 576
     assert F.forward_flops(TINY, tokens=5, attended_keys=9) == 14080 + 576
     assert F.train_flops(TINY, tokens=5, attended_keys=9) == 3 * (14080 + 576) == 43968
@@ -37,7 +37,7 @@ def test_flops_by_hand():
     assert F.train_flops(TINY, tokens=5, attended_keys=9, head_tokens=5) == 43968
     # Unpacked length T=3: (T+1)/2 = 2 keys per token on average.
     assert F.flops_per_token(TINY, 3) == 3 * (2 * 1408 + 64 * 2)
-    assert F.attended_keys(positions, segments, sliding_window=2) == 1 + 2 + 2 + 1 + 2
+    assert F.attended_keys(segments, sliding_window=2) == 1 + 2 + 2 + 1 + 2
 
 
 def test_flops_with_the_head_on_scored_tokens_only():
@@ -60,14 +60,91 @@ def test_lora_flops_credit_no_gradient_for_the_frozen_weights():
     assert online == want + 14080 + 576
 
 
-def test_batch_token_stats_counts_scored_positions_and_needs_the_mask():
+def test_token_counts_count_scored_positions_and_need_the_mask():
     seg = np.array([[1, 1, 1, 1, 0], [1, 1, 2, 2, 2]])
-    pos = np.array([[0, 1, 2, 3, 0], [0, 1, 0, 1, 2]])
     mask = np.array([[0, 0, 1, 1, 0], [1, 0, 0, 1, 0.5]], np.float32)  # > 0 counts, whatever the weight
-    stats = F.batch_token_stats({"segment_ids": seg, "positions": pos, "loss_mask": mask})
-    assert stats["scored"] == 5 and stats["tokens"] == 9 and stats["slots"] == 10
+    pair_ids = np.array([[0, -1], [1, -1]])
+    stats = F.token_counts({"segment_ids": seg, "loss_mask": mask, "pair_ids": pair_ids})
+    assert (stats.scored, stats.tokens, stats.slots, stats.pairs) == (5, 9, 10, 2)
+    assert stats.padding_fraction == pytest.approx(0.1)
+    # A list of batches is their sum.
+    twice = F.token_counts([{"segment_ids": seg, "loss_mask": mask}] * 2)
+    assert twice == F.TokenCounts(tokens=18, slots=20, attended_keys=2 * 19, scored=10, pairs=0)
     with pytest.raises(KeyError, match="loss_mask"):
-        F.batch_token_stats({"segment_ids": seg, "positions": pos})
+        F.token_counts({"segment_ids": seg})
+
+
+def _hand_pairs(labels=None):
+    """Two pairs whose row layouts are counted by hand in the test below: pair 0 prompt 3 tokens, chosen
+    2, rejected 1; pair 1 prompt 2, chosen 2, rejected 3."""
+    from jdpo.data import TokenizedPairs
+
+    ids = lambda *t: np.array(t, np.int32)  # noqa: E731
+    return TokenizedPairs(
+        prompt_ids=[ids(1, 5, 6), ids(1, 4)],
+        chosen_ids=[ids(7, 8), ids(7, 2)],
+        rejected_ids=[ids(9), ids(8, 9, 2)],
+        source_index=np.arange(2),
+        labels=labels,
+    )
+
+
+@pytest.mark.parametrize("labels", [None, np.array([True, False])], ids=["pairs", "unpaired kind"])
+def test_token_counts_of_plain_and_shared_prompt_rows_by_hand(labels):
+    """Rows of 24 slots with 3 pair slots: row 0 holds pairs 0 and 1 (its third slot empty), row 1 none.
+    The unpaired batch kind (one rated example and its KL completion per slot) is the same layout.
+
+    Plain: each sequence computes prompt + completion, a query sees its position + 1 keys:
+      pair 0: chosen 5 tokens (1+..+5 = 15 keys), rejected 4 (10); pair 1: chosen 4 (10), rejected 5 (15).
+    Shared prompt: the prompt but its last token once (segment -(k+1)), then each branch: its last
+    token + the completion, seeing the prefix too (`masks.AttentionMask`):
+      pair 0: prefix 2 (1+2 = 3 keys), chosen 3 (3+4+5 = 12), rejected 2 (3+4 = 7): 7 tokens, 22 keys;
+      pair 1: prefix 1 (1), chosen 3 (2+3+4 = 9), rejected 4 (2+3+4+5 = 14): 8 tokens, 24 keys.
+    The prefix is computed once and counts once: 15 tokens, not the 12 of the branches alone."""
+    from jdpo.data import make_batch
+
+    pairs = _hand_pairs(labels)
+    plain = make_batch(pairs, [[0, 1], []], 24, 3)
+    shared = make_batch(pairs, [[0, 1], []], 24, 3, shared_prompt=True)
+    # scored: the completion tokens, 2 + 1 + 2 + 3 in either layout; pairs: the two filled slots.
+    assert F.token_counts(plain) == F.TokenCounts(tokens=18, slots=48, attended_keys=50, scored=8, pairs=2)
+    assert F.token_counts(shared) == F.TokenCounts(tokens=15, slots=48, attended_keys=46, scored=8, pairs=2)
+    # The tokens are what the packing says a pair occupies.
+    assert F.token_counts(shared).tokens == int(pairs.pair_lengths(shared_prompt=True).sum())
+    assert F.token_counts(plain).tokens == int(pairs.pair_lengths().sum())
+    assert F.token_counts(shared).padding_fraction == 1 - 15 / 48
+    # The FLOPs follow: 15 tokens and 46 keys on TINY (2 * 1408 per token, 64 per key, x3 for training).
+    counts = F.token_counts([shared, plain])
+    assert (counts.tokens, counts.attended_keys) == (33, 96)
+    assert F.train_flops(TINY, tokens=15, attended_keys=46) == 3 * (2 * 1408 * 15 + 64 * 46)
+
+
+def test_attended_keys_with_a_sliding_window_by_hand():
+    """Row slots back, like the mask: a window of 3 over a 5-token sequence gives 1, 2, 3, 3, 3 keys, a
+    2-token one 1, 2; padding none."""
+    seg = np.array([[1, 1, 1, 1, 1, 2, 2, 0]])
+    assert F.attended_keys(seg, sliding_window=3) == 12 + 3
+    assert F.attended_keys(seg) == 15 + 3
+    assert F.attended_keys(seg, sliding_window=1) == 7  # each query itself
+
+
+def test_attended_keys_are_the_masks_visible_pairs():
+    """On random plain and shared-prompt rows, with and without a window: the credited keys are exactly
+    the (query, key) pairs `AttentionMask.dense` lets a non-padding query see."""
+    import jax.numpy as jnp
+    from helpers_attention import packed_segments
+
+    from jdpo.models.masks import AttentionMask
+
+    rng = np.random.default_rng(1)
+    for seg in (packed_segments(rng, 3, 40), shared_prompt_segments(rng, 3, 40)):
+        for window in (None, 5):
+            visible = np.asarray(AttentionMask(jnp.asarray(seg), window=window).dense())[:, 0]
+            want = int(np.sum(visible & (seg != 0)[:, :, None]))
+            assert F.attended_keys(seg, sliding_window=window) == want, (seg, window)
+    # Every kernel computes at least the credited pairs on shared-prompt rows too.
+    credited = F.attended_keys(seg)
+    assert all(F.computed_attention_keys(k, seg, tile=8) >= credited for k in ("blocked", "splash", "xla"))
 
 
 def test_llama3_8b_matmul_params():
@@ -160,6 +237,22 @@ def test_computed_attention_keys_per_kernel():
         assert F.computed_attention_keys("blocked", seg, tile=16) == visited * 16 * 16
     # Every kernel computes at least the credited pairs.
     seg = packed
-    pos = np.concatenate([np.zeros((3, 1), int), np.cumsum(seg[:, 1:] == seg[:, :-1], axis=1)], axis=1)
-    credited = F.attended_keys(pos * (seg > 0), seg)
+    credited = F.attended_keys(seg)
     assert all(F.computed_attention_keys(k, seg, tile=16) >= credited for k in ("blocked", "splash", "xla"))
+
+
+def test_token_counts_over_processes_sum_past_int32(monkeypatch):
+    """Three simulated processes with equal counts: the global counts are 3x, also where a count (a large
+    step's attended keys) passes 2^31, which the int32 collective alone cannot carry."""
+    from jdpo.parallel import distributed
+
+    def summed(values):  # what the collective does: an int32 elementwise sum over the processes
+        local = np.asarray(values, np.int32)
+        assert np.all(3 * local.astype(np.int64) < 2**31)
+        return 3 * local
+
+    counts = F.TokenCounts(tokens=5, slots=6, attended_keys=3 * 2**31 + 7, scored=2, pairs=1)
+    assert counts.over_processes() is counts  # one process: nothing to sum
+    monkeypatch.setattr(distributed, "process_count", lambda: 3)
+    monkeypatch.setattr(distributed, "sum_over_processes", summed)
+    assert counts.over_processes() == F.TokenCounts(15, 18, 3 * (3 * 2**31 + 7), 6, 3)

@@ -283,7 +283,7 @@ def test_read_prompts(tmp_path):
 
 
 def test_cli_generate(llama_dir, tmp_path, capsys):
-    from jdpo.commands.cli import main
+    from jdpo.cli import main
 
     assert main(["generate", "--model", str(llama_dir), "--prompt", "hello", "--max-new-tokens", "4"]) == 0
     streamed = capsys.readouterr().out

@@ -22,7 +22,6 @@ from jdpo import config as jconfig
 from jdpo.models import lora
 from jdpo.parallel.sharding import make_mesh
 from jdpo.report import metrics
-from jdpo.train import checkpoint
 from jdpo.train import trainer as train
 
 LORA = {"lora.rank": 4, "lora.alpha": 8.0, "optim.learning_rate": 1e-2, "train.max_steps": 3}
@@ -44,7 +43,7 @@ def host(tree):
 def trained(assets, tmp_path_factory):
     """A 3-step LoRA run with its export: (trainer, the base before training, the adapters before)."""
     tr = train.Trainer(make_config(assets, tmp_path_factory.mktemp("lora") / "run"), mesh=one_device())
-    before = host(tr.base), host(tr.state["params"])
+    before = host(tr.state.base), host(tr.state.params)
     tr.fit()
     return tr, *before
 
@@ -93,18 +92,18 @@ def test_a_rank_above_a_target_dimension_is_refused_before_the_model_loads(asset
 
 def test_only_adapters_train_and_the_base_stays_bitwise(trained):
     tr, base0, adapters0 = trained
-    for a, b in zip(jax.tree.leaves(base0), jax.tree.leaves(host(tr.base)), strict=True):
+    for a, b in zip(jax.tree.leaves(base0), jax.tree.leaves(host(tr.state.base)), strict=True):
         np.testing.assert_array_equal(a, b)
-    for a, b in zip(jax.tree.leaves(base0), jax.tree.leaves(host(tr.state["base"])), strict=True):
+    for a, b in zip(jax.tree.leaves(base0), jax.tree.leaves(host(tr.state.base)), strict=True):
         np.testing.assert_array_equal(a, b)
     # B starts at zero and moved; the optimizer state is over the adapters alone (2 moments of each).
     moved = [
         np.abs(a - b).max()
-        for a, b in zip(*map(jax.tree.leaves, (adapters0, host(tr.state["params"]))), strict=True)
+        for a, b in zip(*map(jax.tree.leaves, (adapters0, host(tr.state.params))), strict=True)
     ]
     assert min(moved) > 0
-    assert nbytes(tr.state["opt_state"]) < 2 * nbytes(tr.state["params"]) + 64
-    assert nbytes(tr.state["params"]) < nbytes(tr.base) / 4
+    assert nbytes(tr.state.opt_state) < 2 * nbytes(tr.state.params) + 64
+    assert nbytes(tr.state.params) < nbytes(tr.state.base) / 4
 
 
 @pytest.mark.parametrize("reference", ["cached", "online"])
@@ -122,10 +121,10 @@ def test_online_reference_holds_no_second_copy_of_the_base(assets, tmp_path):
     tr = train.Trainer(
         make_config(assets, tmp_path / "run", **{"dpo.reference": "online"}), mesh=one_device()
     )
-    assert nbytes(tr.state["ref_params"]) == nbytes(tr.state["params"])  # the reference adapters only
-    assert set(tr.state) == {"params", "opt_state", "step", "rng", "ref_params", "base"}
-    frozen = {id(x) for x in jax.tree.leaves(tr.state["base"])}
-    assert frozen == {id(x) for x in jax.tree.leaves(tr.base)}  # the one copy of the base
+    assert nbytes(tr.state.ref_params) == nbytes(tr.state.params)  # the reference adapters only
+    assert set(tr.state.parts()) == {"params", "opt_state", "step", "rng", "ref_params", "base"}
+    frozen = {id(x) for x in jax.tree.leaves(tr.state.base)}
+    assert frozen == {id(x) for x in jax.tree.leaves(tr.state.base)}  # the one copy of the base
 
 
 # Slow; in the default run both reference modes start at ln 2 and then move in test_first_step_loss_is_ln2.
@@ -148,9 +147,9 @@ def test_checkpoint_holds_only_adapters_and_resume_is_bit_identical(assets, tmp_
     assert first.stop_reason == "callback"
     saved = train.Trainer(cfg, mesh=one_device())
     # What a checkpoint saves: adapters, their AdamW moments, step and RNG; never the base.
-    saved_tree = checkpoint.to_checkpoint(saved.state)
+    saved_tree = saved.state.to_checkpoint()
     assert set(saved_tree) == {"params", "opt_state", "step", "rng"}
-    assert 0 < nbytes(saved_tree) - 3 * nbytes(saved.state["params"]) < 64  # + step, RNG, Adam's count
+    assert 0 < nbytes(saved_tree) - 3 * nbytes(saved.state.params) < 64  # + step, RNG, Adam's count
     result = saved.fit()
 
     def records(path):
@@ -192,7 +191,7 @@ def test_kv_cache_generation_runs_the_adapters(trained):
     tr, _, _ = trained
     prompts = ["12+7=", "3+4=", "19+19="]
     merged = Generator(lora.merged(tr.model()), tr.tokenizer, mesh=tr.mesh, model_dir=tr.config.model.path)
-    base = Generator(tr.model(lora.zero_like(tr.state["params"])), tr.tokenizer, mesh=tr.mesh,
+    base = Generator(tr.model(lora.zero_like(tr.state.params)), tr.tokenizer, mesh=tr.mesh,
                      model_dir=tr.config.model.path)  # fmt: skip
     want = [g["tokens"] for g in merged.generate(prompts, SamplingParams())]
     assert [g["tokens"] for g in tr.generate(prompts)] == want
@@ -207,7 +206,7 @@ def test_init_adapter_is_the_initial_policy_and_the_reference(trained, assets, t
     cfg = make_config(assets, tmp_path / "run", **{"lora.init_adapter": str(tr.output_dir / "final")})
     cont = train.Trainer(cfg, mesh=one_device())
     for a, b in zip(
-        jax.tree.leaves(host(tr.state["params"])), jax.tree.leaves(host(cont.state["params"])), strict=True
+        jax.tree.leaves(host(tr.state.params)), jax.tree.leaves(host(cont.state.params)), strict=True
     ):
         np.testing.assert_array_equal(a, b)
     ids = np.asarray([tr.tokenizer("12+7=19")["input_ids"]], np.int32)
@@ -302,8 +301,8 @@ def test_eight_device_fsdp_mesh_matches_one_device(assets, tmp_path):
     over = {"lora.dropout": 0.2, "lora.quantize": "nf4"}
     one = steps(train.Trainer(make_config(assets, tmp_path / "one", **over), mesh=one_device()), 3)
     eight = train.Trainer(make_config(assets, tmp_path / "eight", **over), mesh=make_mesh(1, 8, 1))
-    assert max(len(x.sharding.device_set) for x in jax.tree.leaves(eight.state["base"])) == 8
-    codes = [x for x in jax.tree.leaves(eight.state["base"]) if x.dtype == np.uint8]
+    assert max(len(x.sharding.device_set) for x in jax.tree.leaves(eight.state.base)) == 8
+    codes = [x for x in jax.tree.leaves(eight.state.base) if x.dtype == np.uint8]
     assert codes and max(len(x.sharding.device_set) for x in codes) == 8
     for a, b in zip(one, steps(eight, 3), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
@@ -369,10 +368,10 @@ def test_quantised_runs_start_at_ln2_on_a_smaller_base_that_stays_bitwise(assets
     for kind, share in (("int8", 0.6), ("nf4", 0.35)):
         cfg = make_config(assets, tmp_path / kind, **{"lora.quantize": kind})
         tr = train.Trainer(cfg, mesh=one_device())
-        print(f"{kind}: base {nbytes(tr.base)} bytes, unquantised {plain}")
-        assert nbytes(tr.base) < share * plain
-        base = host(tr.base)
+        print(f"{kind}: base {nbytes(tr.state.base)} bytes, unquantised {plain}")
+        assert nbytes(tr.state.base) < share * plain
+        base = host(tr.state.base)
         first, second = steps(tr, 2)
         assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
         assert second["loss"] != pytest.approx(math.log(2), abs=1e-6)
-        jax.tree.map(np.testing.assert_array_equal, host(tr.state["base"]), base)
+        jax.tree.map(np.testing.assert_array_equal, host(tr.state.base), base)

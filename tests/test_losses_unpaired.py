@@ -183,28 +183,6 @@ def test_kto_kl_closed_form_clamp_and_mask():
     assert float(g) == 0.0
 
 
-@pytest.mark.parametrize("n", [2, 3, 4, 5, 7, 8, 9, 16])
-def test_kl_mismatch_order_is_shift_by_one(n):
-    order = U.kl_mismatch_order(n)
-    assert sorted(order.tolist()) == list(range(n))  # a permutation: the KL completions are the group's own
-    assert np.all(order != np.arange(n)), "an example keeps its own completion"
-    # TRL's rotation: the KL completions are [c[n-1], c[0], ..., c[n-2]]; prompt i gets completion i - 1.
-    completions = [f"c{i}" for i in range(n)]
-    assert [completions[j] for j in order] == [completions[-1]] + completions[:-1]
-    assert np.array_equal(order, (np.arange(n) - 1) % n)
-    if n >= 3:  # for n = 2 the only mismatch (the swap) is also the reversal
-        assert not np.array_equal(order, np.arange(n)[::-1]), "a reversal"
-
-
-def test_kl_mismatch_order_refuses_fewer_than_two():
-    for n in (1, 0, -3):
-        with pytest.raises(ValueError, match="n >= 2"):
-            U.kl_mismatch_order(n)
-    for n in (2.0, True, "4"):
-        with pytest.raises(ValueError, match="must be an int"):
-            U.kl_mismatch_order(n)
-
-
 # ------------------------------------------------------------------------------------------------------------
 # BCO's running moments
 # ------------------------------------------------------------------------------------------------------------
@@ -535,7 +513,6 @@ def test_defaults_come_from_loss_defaults():
 NEW_NAMES = (
     "kto_loss",
     "kto_kl",
-    "kl_mismatch_order",
     "kto_metric_means",
     "running_moments_init",
     "running_moments_update",

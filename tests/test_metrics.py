@@ -287,3 +287,36 @@ def test_wandb_is_lazy_optional_and_resumes_its_run(tmp_path, monkeypatch):
             lg.log(1, {M.LOSS: 0.5})
     assert [r.kw["id"] for r in runs] == ["abc", "abc"] and runs[0].kw["project"] == "p"
     assert runs[0].logged == [(1, {"loss": 0.5})] and runs[0].finished
+
+
+def test_the_logged_throughput_counts_what_token_counts_counts(tmp_path):
+    """A train record's tokens_per_sec and padding_fraction are `flops.token_counts` of the step's own
+    batches (the shared-prompt layout, the default on this kernel: each prompt counted once, not left out
+    as padding), as `jdpo bench` and experiments/bench/vs_trl.py count them."""
+    from helpers import build_tiny_assets, one_device, run_config
+
+    from jdpo.report.flops import token_counts
+    from jdpo.train import trainer as train
+
+    assets = build_tiny_assets(tmp_path / "assets", max_operand=9, eval_pairs=10)
+    cfg = run_config(assets, tmp_path / "run", **{"data.eval": [], "train.max_steps": 2})
+    tr = train.Trainer(cfg, mesh=one_device())
+    hosts, next_step = [], tr.next_step_batches
+
+    def recorded():
+        batch, host = next_step()
+        hosts.append(host)
+        return batch, host
+
+    tr.next_step_batches = recorded
+    result = tr.fit()
+    records = [r for r in M.read_metrics(result.metrics_path) if M.TOKENS_PER_SEC in r]
+    assert len(records) == len(hosts) == 2
+    lengths = tr.data.train_pairs.pair_lengths(shared_prompt=True)
+    for r, host in zip(records, hosts, strict=True):
+        counts = token_counts(host)
+        assert any(np.any(np.asarray(b.segment_ids) < 0) for b in host)  # shared prompts in the rows
+        ids = np.concatenate([np.asarray(b.pair_ids).ravel() for b in host])
+        assert counts.tokens == int(lengths[ids[ids >= 0]].sum())  # each packed pair's tokens, once
+        assert round(r[M.TOKENS_PER_SEC] * r[M.STEP_TIME]) == counts.tokens
+        assert r[M.PADDING_FRACTION] == pytest.approx(counts.padding_fraction, abs=1e-12)

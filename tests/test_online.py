@@ -12,9 +12,9 @@ import online_rewards
 import pytest
 from helpers import TIMING as RUN_TIMING
 from helpers import logged_records, one_device, run_config
+from helpers_batch import unpack_batch
 
 from jdpo import config as jconfig
-from jdpo.data import unpack_batch
 from jdpo.report import metrics
 from jdpo.train import online
 from jdpo.train import trainer as train
@@ -107,8 +107,8 @@ def test_layout_that_cannot_hold_the_step_is_refused(assets, tmp_path):
 
 def test_a_constant_reward_ties_every_prompt_and_makes_no_update(assets, tmp_path):
     tr = train.Trainer(online_config(assets, tmp_path / "run", "online_rewards:constant"), mesh=one_device())
-    before = jax.device_get(tr.state["params"])
-    opt_before = jax.device_get(tr.state["opt_state"])
+    before = jax.device_get(tr.state.params)
+    opt_before = jax.device_get(tr.state.opt_state)
     result = tr.fit()
     assert result.step == 2 and result.stop_reason == "completed"
     train_records = [r for r in metrics.read_metrics(result.metrics_path) if online.TIED_FRACTION in r]
@@ -116,10 +116,10 @@ def test_a_constant_reward_ties_every_prompt_and_makes_no_update(assets, tmp_pat
     for r in train_records:
         assert r[online.TIED_FRACTION] == 1.0 and r[online.PAIRS] == 0 and r[online.REWARD_MEAN] == 0.5
         assert "loss" not in r and online.REWARD_CHOSEN not in r and r[online.TRAIN_TIME] >= 0
-    for was, now in [(before, tr.state["params"]), (opt_before, tr.state["opt_state"])]:
+    for was, now in [(before, tr.state.params), (opt_before, tr.state.opt_state)]:
         now = jax.tree.leaves(jax.device_get(now))
         assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(was), now, strict=True))
-    assert int(tr.state["step"]) == 0  # no optimizer step was taken
+    assert int(tr.state.step) == 0  # no optimizer step was taken
 
 
 def test_the_pair_is_the_best_vs_the_worst_sample(assets, tmp_path):
@@ -145,9 +145,9 @@ def test_the_pair_is_the_best_vs_the_worst_sample(assets, tmp_path):
         got.append((decode(item["chosen"][: -len(item["chosen_scored"])]), decode(item["chosen_scored"]),
                     decode(item["rejected_scored"])))  # fmt: skip
     assert got == want
-    assert tr.online.last[online.TIED_FRACTION] == tied / 8
-    assert tr.online.last[online.REWARD_CHOSEN] == np.mean([len(c) for _, c, _ in want])
-    assert tr.online.last[online.REWARD_REJECTED] == np.mean([len(r) for _, _, r in want])
+    assert tr.data.last[online.TIED_FRACTION] == tied / 8
+    assert tr.data.last[online.REWARD_CHOSEN] == np.mean([len(c) for _, c, _ in want])
+    assert tr.data.last[online.REWARD_REJECTED] == np.mean([len(r) for _, _, r in want])
 
 
 def test_prompt_only_data_samples_with_one_compiled_sampler_and_step(assets, tmp_path):
@@ -161,11 +161,11 @@ def test_prompt_only_data_samples_with_one_compiled_sampler_and_step(assets, tmp
     cfg = online_config(assets, tmp_path / "run", **{"data.train": [str(prompts)], "train.max_steps": 2,
                                                      "online.prompts_per_step": 4})  # fmt: skip
     tr = train.Trainer(cfg)
-    assert len(tr.online.prompts) == 6  # distinct prompts
+    assert len(tr.data.prompts) == 6  # distinct prompts
     result = tr.fit()  # step 2 samples prompts of epochs 0 and 1: other lengths, the same program
     assert result.step == 2
-    gen = tr.online._generator
-    prefill, step, loop = _compiled(gen._settings(tr.online.sampling(0), False))
+    gen = tr.data._generator
+    prefill, step, loop = _compiled(gen._settings(tr.data.sampling(0), False))
     assert (prefill._cache_size(), loop._cache_size()) == (1, 1)
     assert tr.steps.train_step._cache_size() == 1
     last = result.metrics
@@ -235,7 +235,7 @@ def test_lora_online_run_trains_against_the_base(assets, tmp_path):
 
 
 def test_plan_of_an_online_run_on_prompts_only(assets, tmp_path, capsys):
-    from jdpo.commands import cli
+    from jdpo import cli
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "1+2="}\n')

@@ -26,6 +26,7 @@ from jdpo import demo, paths
 from jdpo.parallel.sharding import make_mesh
 from jdpo.report import metrics
 from jdpo.scoring.forward import PairLogps
+from jdpo.train import export as exports
 from jdpo.train import refcache
 from jdpo.train import trainer as train
 
@@ -212,7 +213,7 @@ def test_staged_dir_uploads_and_prunes_stale_shards(bucket):
         for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "x.json"):
             with open(os.path.join(local, name), "w") as f:
                 f.write(name)
-    with paths.staged_dir(dst, prune=train._is_weight_file) as local:
+    with paths.staged_dir(dst, prune=exports.is_weight_file) as local:
         with open(os.path.join(local, "model.safetensors"), "w") as f:
             f.write("one shard")
     assert sorted(p.name for p in dst.iterdir()) == ["model.safetensors", "x.json"]
@@ -279,7 +280,7 @@ def _interrupted_then_resumed(assets, out: str, cache: str, callbacks=(), **over
     )
     assert first.stop_reason == "callback" and first.step == 2
     second = train.Trainer.from_checkpoint(out, mesh=one_device())
-    assert second.step == 2 and all(second.ref_reused.values())  # the reference cache is found again
+    assert second.step == 2 and all(second.reference.reused.values())  # the reference cache is found again
     return first, second.fit()
 
 

@@ -42,30 +42,30 @@ def test_key_changes_with_weights_data_and_lengths_and_is_reused_otherwise(asset
     a, other, train_minus_one = assets
     cache = tmp_path / "cache"
     first = trainer(a, cache)
-    assert first.ref_reused == {"train": False, "eval": False}
-    assert sorted(p.name for p in cache.iterdir()) == sorted(first.ref_keys.values())
+    assert first.reference.reused == {"train": False, "eval": False}
+    assert sorted(p.name for p in cache.iterdir()) == sorted(first.reference.keys.values())
 
     again = trainer(a, cache)  # a later (or resumed) run: same key, loaded from disk
-    assert again.ref_reused == {"train": True, "eval": True} and again.ref_keys == first.ref_keys
-    np.testing.assert_array_equal(again.ref_train.chosen, first.ref_train.chosen)
+    assert again.reference.reused == {"train": True, "eval": True} and again.reference.keys == first.reference.keys
+    np.testing.assert_array_equal(again.reference.train.chosen, first.reference.train.chosen)
 
     lengths = trainer(a, cache, **{"data.max_length": 15})
-    assert lengths.ref_reused == {"train": False, "eval": False}
-    assert set(lengths.ref_keys.values()).isdisjoint(first.ref_keys.values())
+    assert lengths.reference.reused == {"train": False, "eval": False}
+    assert set(lengths.reference.keys.values()).isdisjoint(first.reference.keys.values())
 
     data = trainer(a, cache, **{"data.train": [str(train_minus_one)]})
-    assert data.ref_reused == {"train": False, "eval": True}
+    assert data.reference.reused == {"train": False, "eval": True}
     assert (
-        data.ref_keys["train"] != first.ref_keys["train"] and data.ref_keys["eval"] == first.ref_keys["eval"]
+        data.reference.keys["train"] != first.reference.keys["train"] and data.reference.keys["eval"] == first.reference.keys["eval"]
     )
 
     # Other weights, same pairs (same tokenizer, same eval file): only the weights differ.
     weights = trainer(a, cache, **{"model.path": str(other.model_dir)})
-    assert weights.ref_reused == {"train": False, "eval": False}
-    assert set(weights.ref_keys.values()).isdisjoint(first.ref_keys.values())
-    manifest = json.loads((cache / first.ref_keys["eval"] / refcache.MANIFEST).read_text())
+    assert weights.reference.reused == {"train": False, "eval": False}
+    assert set(weights.reference.keys.values()).isdisjoint(first.reference.keys.values())
+    manifest = json.loads((cache / first.reference.keys["eval"] / refcache.MANIFEST).read_text())
     assert (
-        manifest["num_pairs"] == len(first.eval_pairs)
+        manifest["num_pairs"] == len(first.data.eval_pairs)
         and manifest["ingredients"]["settings"]["split"] == "eval"
     )
 
@@ -73,13 +73,13 @@ def test_key_changes_with_weights_data_and_lengths_and_is_reused_otherwise(asset
 def test_cached_logps_equal_an_unpacked_forward(assets, tmp_path):
     a, _, _ = assets
     tr = trainer(a, tmp_path / "cache")
-    model = train.nnx.merge(tr.graphdef, tr.state["params"])
+    model = train.nnx.merge(tr.graphdef, tr.state.params)
     logits = jax.jit(lambda ids: model(ids))
-    for k in (0, 5, len(tr.train_pairs) - 1):
-        pair = tr.train_pairs[k]
+    for k in (0, 5, len(tr.data.train_pairs) - 1):
+        pair = tr.data.train_pairs[k]
         for name, want_logp, want_n in (
-            ("chosen_ids", tr.ref_train.chosen[k], tr.ref_train.chosen_counts[k]),
-            ("rejected_ids", tr.ref_train.rejected[k], tr.ref_train.rejected_counts[k]),
+            ("chosen_ids", tr.reference.train.chosen[k], tr.reference.train.chosen_counts[k]),
+            ("rejected_ids", tr.reference.train.rejected[k], tr.reference.train.rejected_counts[k]),
         ):
             ids = np.concatenate([pair["prompt_ids"], pair[name]]).astype(np.int32)[None]
             mask = np.zeros(ids.shape, np.float32)
@@ -157,21 +157,21 @@ def test_a_stale_or_damaged_entry_is_never_used_and_is_replaced(assets, tmp_path
     # The lengths above are those of the plain layout (each completion after its own prompt).
     kw = {"data.train": [str(data)], "train.export": False, "data.shared_prompt": "false"}
     short = trainer(a, cache, **{**kw, "data.row_length": 21})
-    assert short.batches.dropped_too_long == 1 and not short.ref_train.computed.all()
+    assert short.batches.dropped_too_long == 1 and not short.reference.train.computed.all()
     full = trainer(a, cache, **kw)
-    assert full.ref_reused == {"train": False, "eval": False}  # row settings are in the key
-    assert full.ref_train.computed.all()
+    assert full.reference.reused == {"train": False, "eval": False}  # row settings are in the key
+    assert full.reference.train.computed.all()
     assert np.isfinite(full.fit().metrics["loss"])
-    entry = cache / full.ref_keys["train"] / refcache.ARRAYS
+    entry = cache / full.reference.keys["train"] / refcache.ARRAYS
     good = entry.read_bytes()
     for damage in (good[:100], good[:-40] + bytes(40)):  # truncated; same length, other bytes
         entry.write_bytes(damage)
         again = trainer(a, cache, **kw)
-        assert again.ref_reused["train"] is False and again.ref_reused["eval"] is True
-        np.testing.assert_array_equal(again.ref_train.chosen, full.ref_train.chosen)
+        assert again.reference.reused["train"] is False and again.reference.reused["eval"] is True
+        np.testing.assert_array_equal(again.reference.train.chosen, full.reference.train.chosen)
         assert entry.read_bytes() == good  # replaced with a verified entry
         assert sorted(p.name for p in cache.iterdir()) == sorted(
-            {*short.ref_keys.values(), *full.ref_keys.values()}
+            {*short.reference.keys.values(), *full.reference.keys.values()}
         )  # no temporary or stale directories left behind
 
 
@@ -188,6 +188,6 @@ def test_key_holds_the_kernel_that_ran_not_the_name_asked(assets, tmp_path, capl
     assert auto.attention == ("blocked", 64)
     assert "attention kernel: blocked, 64-position tiles (model.attention=auto on cpu)" in caplog.text
     named = trainer(a, cache, **{"model.attention": "blocked", "model.attention_block": 64})
-    assert named.ref_reused == {"train": True, "eval": True} and named.ref_keys == auto.ref_keys
+    assert named.reference.reused == {"train": True, "eval": True} and named.reference.keys == auto.reference.keys
     dense = trainer(a, cache, **{"model.attention": "xla"})
-    assert dense.ref_reused == {"train": False, "eval": False}
+    assert dense.reference.reused == {"train": False, "eval": False}

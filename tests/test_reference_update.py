@@ -47,20 +47,20 @@ def test_a_hard_update_makes_the_next_loss_ln2_again(assets, tmp_path, reference
     losses = [m["loss"] for m in steps(tr, 3)]
     assert abs(losses[-1] - LN2) > 1e-4  # 10x (cached) and 100x (online) the tolerance after the update
     if reference == "online":
-        before = leaves(tr.state["ref_params"])
+        before = leaves(tr.state.ref_params)
         tr.update_reference("hard")
-        after = leaves(tr.state["ref_params"])
-        for a, b in zip(after, leaves(tr.state["params"]), strict=True):
+        after = leaves(tr.state.ref_params)
+        for a, b in zip(after, leaves(tr.state.params), strict=True):
             np.testing.assert_array_equal(a, b)
         assert any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
         for r, p in zip(
-            jax.tree.leaves(tr.state["ref_params"]), jax.tree.leaves(tr.state["params"]), strict=True
+            jax.tree.leaves(tr.state.ref_params), jax.tree.leaves(tr.state.params), strict=True
         ):
             assert r.sharding == p.sharding  # the update's out_shardings: like the params
     else:
-        keys = dict(tr.ref_keys)
+        keys = dict(tr.reference.keys)
         tr.update_reference("hard")
-        assert all(tr.ref_keys[k] != keys[k] for k in keys) and tr.ref_reused == {
+        assert all(tr.reference.keys[k] != keys[k] for k in keys) and tr.reference.reused == {
             "train": False,
             "eval": False,
         }
@@ -78,13 +78,13 @@ def test_the_soft_update_is_the_formula_bitwise(assets, tmp_path):
     cfg = make_config(assets, tmp_path / "run", **{"dpo.reference": "online"})
     tr = train.Trainer(cfg, mesh=make_mesh(2, 2, 2))
     steps(tr, 1)
-    policy, ref = leaves(tr.state["params"]), leaves(tr.state["ref_params"])
+    policy, ref = leaves(tr.state.params), leaves(tr.state.ref_params)
     assert any(not np.array_equal(p, r) for p, r in zip(policy, ref, strict=True))
     for alpha in (0.0, 0.3, 1.0):
-        dpo = dataclasses.replace(tr.settings.dpo, ref_update="soft", ref_update_alpha=alpha)
-        update = step.compiled_steps(dataclasses.replace(tr.settings, dpo=dpo)).update_reference["soft"]
-        new = update(tr.steps.copy_params(tr.state["ref_params"]), tr.state["params"])
-        for x, p in zip(jax.tree.leaves(new), jax.tree.leaves(tr.state["params"]), strict=True):
+        settings = dataclasses.replace(tr.settings, ref_update_alpha=alpha)
+        update = step.compiled_steps(settings).update_reference["soft"]
+        new = update(tr.steps.copy_params(tr.state.ref_params), tr.state.params)
+        for x, p in zip(jax.tree.leaves(new), jax.tree.leaves(tr.state.params), strict=True):
             assert x.sharding == p.sharding
         assert max(len(x.sharding.device_set) for x in jax.tree.leaves(new)) == 8
         got = leaves(new)
@@ -105,18 +105,18 @@ def test_a_cached_hard_update_recomputes_the_cache_and_trains_on_it(assets, tmp_
     over = {"dpo.ref_update": "hard", "dpo.ref_update_every": 2, "train.max_steps": 3,
             "optim.learning_rate": 1e-2}  # fmt: skip
     tr = train.Trainer(make_config(assets, tmp_path / "run", **over), mesh=one_device())
-    initial = dict(tr.ref_keys)
+    initial = dict(tr.reference.keys)
     seen = []
     tr.fit(callbacks=[seen.append])
     loss = {r["step"]: r["loss"] for r in seen if "loss" in r}
     assert abs(loss[2] - LN2) > 1e-3 and loss[3] == pytest.approx(LN2, abs=1e-5)
-    assert set(tr.ref_keys) == {"train", "eval"} and all(tr.ref_keys[k] != initial[k] for k in initial)
+    assert set(tr.reference.keys) == {"train", "eval"} and all(tr.reference.keys[k] != initial[k] for k in initial)
     entries = {p.name for p in (tmp_path / "refcache").iterdir()}
-    assert {*initial.values(), *tr.ref_keys.values()} <= entries
+    assert {*initial.values(), *tr.reference.keys.values()} <= entries
     # The new cache is the step-2 policy's: its checkpoint's weights give the same log-probs.
     again = train.Trainer.from_checkpoint(tmp_path / "run" / "checkpoints" / "3", mesh=one_device())
-    assert again.ref_keys == tr.ref_keys and again.ref_reused == {"train": True, "eval": True}
-    np.testing.assert_array_equal(again.ref_train.chosen, tr.ref_train.chosen)
+    assert again.reference.keys == tr.reference.keys and again.reference.reused == {"train": True, "eval": True}
+    np.testing.assert_array_equal(again.reference.train.chosen, tr.reference.train.chosen)
 
 
 @pytest.mark.parametrize(
@@ -159,7 +159,7 @@ def test_adaptive_beta_follows_the_controller_in_both_directions(assets, tmp_pat
     result = tr.fit()
     assert tr.steps.train_step._cache_size() == 1  # beta is state, not a constant: one compiled step
     assert "adaptive beta (target KL 0.0001)" in tr.describe()
-    assert float(tr.state["beta"]) != 0.1 and tr.state["beta"].dtype == np.float32
+    assert float(tr.state.beta) != 0.1 and tr.state.beta.dtype == np.float32
     rows = [r for r in logged_records(result.metrics_path) if "loss" in r]
     assert rows[0]["beta"] == pytest.approx(0.1) and abs(rows[0]["ref_kl"]) < 1e-5
     for now, nxt in zip(rows[:-1], rows[1:], strict=True):
@@ -207,17 +207,17 @@ def test_rounds_cover_the_data_once_each_and_no_step_mixes_two(assets, tmp_path)
     tr = train.Trainer(
         make_config(assets, tmp_path / "run", **ROUNDS, **_few_pairs(assets)), mesh=one_device()
     )
-    per_round = [tr.batches.num_batches(e) for e in range(3)]
+    per_round = [tr.data.batches.num_batches(e) for e in range(3)]
     assert any(n % 2 for n in per_round)  # an odd count: the case the empty micro-batches are for
-    assert tr.total_steps == sum(math.ceil(n / 2) for n in per_round)
+    assert tr.data.total_steps == sum(math.ceil(n / 2) for n in per_round)
     seen: dict[int, list[int]] = {1: [], 2: [], 3: []}
-    for _ in range(tr.total_steps):
+    for _ in range(tr.data.total_steps):
         _, host = tr.next_step_batches()
         ids = np.concatenate([b.pair_ids.ravel() for b in host])
-        seen[tr.round] += ids[ids >= 0].tolist()
-    fits = np.flatnonzero(tr.batches.fits).tolist()
+        seen[tr.data.round] += ids[ids >= 0].tolist()
+    fits = np.flatnonzero(tr.data.batches.fits).tolist()
     assert {r: sorted(v) for r, v in seen.items()} == {r: fits for r in (1, 2, 3)}
-    assert tr.round_ended() and tr.batches.epoch == 2
+    assert tr.data.round_ended() and tr.data.batches.epoch == 2
     assert "3 rounds (the policy the next round's reference)" in tr.describe()
 
 
@@ -256,7 +256,7 @@ def test_a_resume_whose_updated_cache_is_gone_says_which_entry(assets, tmp_path)
     cfg = make_config(assets, tmp_path / "run", **over)
     tr = train.Trainer(cfg, mesh=one_device())
     assert tr.fit(callbacks=[lambda m: m["step"] == 1]).step == 1
-    gone = tmp_path / "refcache" / tr.ref_keys["train"]
+    gone = tmp_path / "refcache" / tr.reference.keys["train"]
     shutil.rmtree(gone)
     with pytest.raises(CheckpointError, match=rf"train split is the cache entry {gone} .*missing"):
         train.Trainer(cfg, mesh=one_device()).fit()

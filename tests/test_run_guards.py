@@ -18,6 +18,7 @@ from safetensors.numpy import load_file
 
 from jdpo import config as jconfig
 from jdpo.report import metrics
+from jdpo.train import guards
 from jdpo.train import trainer as train
 from jdpo.train.checkpoint import Checkpointer
 
@@ -85,7 +86,7 @@ def test_keep_best_is_checked_before_training(assets, tmp_path):
 def test_a_runaway_learning_rate_stops_the_run_before_weights_blow_up(assets, tmp_path, capsys):
     """lr 1e6 (finite loss, weights in the millions after one step) used to finish and export. `jdpo
     train` now stops at step 1 with one message (no traceback) and exit status 3, not bad input's 2."""
-    from jdpo.commands import cli
+    from jdpo import cli
 
     cfg = make_config(assets, tmp_path / "run", **{"optim.learning_rate": 1e6, "optim.warmup_ratio": 0.0})
     jconfig.dump(cfg, tmp_path / "run.yaml")
@@ -109,13 +110,13 @@ def test_a_loss_spike_stops_the_run_and_keeps_the_last_good_checkpoint(assets, t
 
     def spiking(state, batch):
         state, m = real(state, batch)
-        if int(state["step"]) == 7:
+        if int(state.step) == 7:
             m = dict(m, loss=m["loss"] * 1e3)
         return state, m
 
     tr.steps = train.dataclasses.replace(tr.steps, train_step=spiking)
     spike = r"loss .* at step 7 is over train.divergence_factor=100 .*checkpoint at step 6"
-    with pytest.raises(train.DivergenceError, match=spike):
+    with pytest.raises(guards.DivergenceError, match=spike):
         tr.fit()
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["4", "6"]
 

@@ -85,14 +85,14 @@ def test_a_run_lays_out_its_pairs_by_its_setting(assets, tmp_path):
         cfg = run_config(assets, tmp_path / setting, **{"data.shared_prompt": setting, "train.max_steps": 1})
         runs[setting] = train.Trainer(cfg, mesh=one_device())
     shared, plain = runs["auto"], runs["false"]
-    assert shared.shared_prompt and not plain.shared_prompt
-    a, b = shared.logprobs(shared.eval_pairs), plain.logprobs(plain.eval_pairs)
+    assert shared.data.layout.shared_prompt and not plain.data.layout.shared_prompt
+    a, b = shared.logprobs(shared.data.eval_pairs), plain.logprobs(plain.data.eval_pairs)
     np.testing.assert_allclose(a.chosen, b.chosen, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(a.rejected, b.rejected, rtol=1e-5, atol=1e-5)
-    tokens = {k: sum(int((np.asarray(x.segment_ids) != 0).sum()) for x in r.one_pass(r.eval_pairs))
+    tokens = {k: sum(int((np.asarray(x.segment_ids) != 0).sum()) for x in r.data.one_pass(r.data.eval_pairs))
               for k, r in runs.items()}  # fmt: skip
     assert tokens["auto"] < tokens["false"]
-    assert shared.ref_keys["train"] != plain.ref_keys["train"]
+    assert shared.reference.keys["train"] != plain.reference.keys["train"]
     bad = run_config(
         assets, tmp_path / "splash", **{"data.shared_prompt": "true", "model.attention": "splash"}
     )

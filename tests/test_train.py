@@ -21,7 +21,7 @@ from helpers import train_steps as steps
 
 from jdpo import config as jconfig
 from jdpo.parallel.sharding import make_mesh
-from jdpo.train import step
+from jdpo.train import guards, step
 from jdpo.train import trainer as train
 
 
@@ -57,7 +57,7 @@ def test_cached_and_online_reference_give_the_same_losses(assets, tmp_path):
     online = train.Trainer(
         make_config(assets, tmp_path / "b", **{"dpo.reference": "online"}), mesh=one_device()
     )
-    assert "ref_params" in online.state and "ref_params" not in cached.state
+    assert "ref_params" in online.state.parts() and "ref_params" not in cached.state.parts()
     for a, b in zip(steps(cached, 3), steps(online, 3), strict=True):
         for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "grad_norm"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
@@ -71,12 +71,12 @@ def test_accumulation_1x8_equals_8x1(assets, tmp_path):
         make_config(assets, tmp_path / "b", **{"train.batch_rows": 1, "train.grad_accum": 8}),
         mesh=one_device(),
     )
-    assert big.total_steps == small.total_steps
+    assert big.data.total_steps == small.data.total_steps
     for a, b in zip(steps(big, 2), steps(small, 2), strict=True):
         assert a["pairs"] == b["pairs"]
         assert_close_metrics(a, b)
     for x, y in zip(
-        jax.tree.leaves(big.state["params"]), jax.tree.leaves(small.state["params"]), strict=True
+        jax.tree.leaves(big.state.params), jax.tree.leaves(small.state.params), strict=True
     ):
         # Adam divides by sqrt(v) + eps, so a parameter whose gradient is near eps moves by an amount
         # sensitive to float-rounding differences of the two summation orders (seen: 7e-6): compare to
@@ -118,7 +118,7 @@ def test_resume_is_bit_identical(assets, tmp_path):
     first = train.run(cfg, callbacks=[lambda m: m["step"] == 4], mesh=one_device())
     assert first.stop_reason == "callback" and first.step == 4
     second = train.Trainer(cfg, mesh=one_device())
-    assert all(second.ref_reused.values())  # the reference cache is reused, not recomputed
+    assert all(second.reference.reused.values())  # the reference cache is reused, not recomputed
     result = second.fit()
     assert result.step == 6 and result.stop_reason == "completed"
     want, got = logged_records(full.metrics_path), logged_records(result.metrics_path)
@@ -146,12 +146,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(assets, tmp_pa
 
     def poisoned(state, batch):
         state, m = real(state, batch)
-        if int(state["step"]) == 3:  # the step just taken was step 3
+        if int(state.step) == 3:  # the step just taken was step 3
             m = dict(m, loss=m["loss"] * np.nan)
         return state, m
 
     tr.steps = train.dataclasses.replace(tr.steps, train_step=poisoned)
-    with pytest.raises(train.NonFiniteLossError, match=r"at step 3\b.*checkpoint at step 2"):
+    with pytest.raises(guards.NonFiniteLossError, match=r"at step 3\b.*checkpoint at step 2"):
         tr.fit()
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]
     assert not (tmp_path / "run" / "final").exists()
@@ -165,16 +165,16 @@ def test_non_finite_weights_with_a_finite_loss_are_never_checkpointed(assets, tm
     real = tr.steps.train_step
 
     def overflowing(state, batch):
-        if int(state["step"]) == 2:
+        if int(state.step) == 2:
             # Adam's second moment made negative: step 3's loss (of finite weights) is finite, but its
             # update divides by sqrt(nu) < 0 and leaves NaN weights.
-            clip, (adam, *rest) = state["opt_state"]
+            clip, (adam, *rest) = state.opt_state
             adam = adam._replace(nu=jax.tree.map(lambda x: -np.ones_like(x), adam.nu))
-            state = dict(state, opt_state=(clip, (adam, *rest)))
+            state = state.replace(opt_state=(clip, (adam, *rest)))
         return real(state, batch)
 
     tr.steps = train.dataclasses.replace(tr.steps, train_step=overflowing)
-    with pytest.raises(train.NonFiniteLossError, match=r"parameters or optimizer state at step 3\b.*step 2"):
+    with pytest.raises(guards.NonFiniteLossError, match=r"parameters or optimizer state at step 3\b.*step 2"):
         tr.fit()
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1", "2"]
 
@@ -193,7 +193,7 @@ def test_export_loads_in_transformers_with_the_same_logits(assets, tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
     with torch.no_grad():
         want = hf(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
-    trained = train.nnx.merge(tr.graphdef, tr.state["params"])  # the policy as it left training
+    trained = train.nnx.merge(tr.graphdef, tr.state.params)  # the policy as it left training
     np.testing.assert_allclose(np.asarray(trained(ids)), want, atol=1e-4, rtol=1e-4)
     reloaded, _ = from_pretrained(final)
     np.testing.assert_allclose(np.asarray(reloaded(ids)), want, atol=1e-4, rtol=1e-4)
@@ -205,15 +205,15 @@ def test_sharded_run_matches_one_device(assets, tmp_path):
     eight = train.Trainer(
         make_config(assets, tmp_path / "eight", **{"train.max_steps": 3}), mesh=make_mesh(2, 2, 2)
     )
-    assert max(len(x.sharding.device_set) for x in jax.tree.leaves(eight.state["params"])) == 8
+    assert max(len(x.sharding.device_set) for x in jax.tree.leaves(eight.state.params)) == 8
     # Adam's moments are sharded exactly like the parameters.
-    mu = eight.state["opt_state"][1][0].mu  # chain(clip, adamw): adamw.scale_by_adam
-    for p, m in zip(jax.tree.leaves(eight.state["params"]), jax.tree.leaves(mu), strict=True):
+    mu = eight.state.opt_state[1][0].mu  # chain(clip, adamw): adamw.scale_by_adam
+    for p, m in zip(jax.tree.leaves(eight.state.params), jax.tree.leaves(mu), strict=True):
         assert m.sharding == p.sharding
     for a, b in zip(steps(one, 3), steps(eight, 3), strict=True):
         assert_close_metrics(a, b)
     for x, y in zip(
-        jax.tree.leaves(one.state["params"]), jax.tree.leaves(eight.state["params"]), strict=True
+        jax.tree.leaves(one.state.params), jax.tree.leaves(eight.state.params), strict=True
     ):
         # As in the accumulation test: a parameter whose gradient is near Adam's eps moves by an amount
         # sensitive to the summation order of the sharded reductions (seen: 4.5e-5 on one of 1024 entries
@@ -237,7 +237,7 @@ def test_unpacked_length_buckets_with_accumulation(assets, tmp_path):
     # One pair per row in length buckets: micro-batches of different lengths share a step.
     over = {"data.packing": False, "data.row_length": 64, "train.grad_accum": 2, "train.batch_rows": 4}
     tr = train.Trainer(make_config(assets, tmp_path / "run", **over), mesh=one_device())
-    assert tr.max_pairs == 1 and len(tr.batches.buckets) > 1
+    assert tr.data.layout.max_pairs_per_row == 1 and len(tr.data.batches.buckets) > 1
     (m,) = steps(tr, 1)
     assert m["loss"] == pytest.approx(math.log(2), abs=1e-5) and m["pairs"] == 8
 
@@ -262,8 +262,8 @@ def test_python_api_callbacks_from_checkpoint_evaluate_generate(assets, tmp_path
     result = tr.fit(callbacks=[lambda m: seen.append((m["step"], "loss" in m))])
     assert [s for s, is_train in seen if is_train] == [1, 2, 3] and (0, False) in seen
     again = jdpo.Trainer.from_checkpoint(out, mesh=one_device())
-    assert again.step == 3 and int(again.state["step"]) == 3
-    for a, b in zip(jax.tree.leaves(tr.state["params"]), jax.tree.leaves(again.state["params"]), strict=True):
+    assert again.step == 3 and int(again.state.step) == 3
+    for a, b in zip(jax.tree.leaves(tr.state.params), jax.tree.leaves(again.state.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert again.evaluate() == pytest.approx(result.eval_metrics, rel=1e-6, abs=1e-7)
     greedy = SamplingParams(max_new_tokens=4, temperature=0.0)
@@ -272,8 +272,8 @@ def test_python_api_callbacks_from_checkpoint_evaluate_generate(assets, tmp_path
     # An older checkpoint can be inspected, but continuing it would overwrite the newer ones.
     two = jdpo.Trainer.from_checkpoint(out / "checkpoints" / "2", mesh=one_device())
     assert two.step == 2 and not np.array_equal(
-        np.asarray(jax.tree.leaves(two.state["params"])[0]),
-        np.asarray(jax.tree.leaves(tr.state["params"])[0]),
+        np.asarray(jax.tree.leaves(two.state.params)[0]),
+        np.asarray(jax.tree.leaves(tr.state.params)[0]),
     )
     with pytest.raises(ValueError, match="would overwrite them"):
         two.fit()

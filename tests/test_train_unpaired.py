@@ -39,7 +39,7 @@ def steps(trainer, n):
 
 def test_pairs_are_trained_as_rated_examples_with_the_kl_mismatches(assets, tmp_path):
     tr = train.Trainer(make_config(assets, tmp_path / "run", **{"dpo.loss_type": ["kto"]}), mesh=one_device())
-    pairs = tr.train_pairs
+    pairs = tr.data.train_pairs
     n_pairs = sum(1 for _ in open(assets.train_path))
     assert len(pairs) == 2 * n_pairs and pairs.labels.sum() == n_pairs  # one desirable, one undesirable each
     for k in range(1, len(pairs)):  # the KL completion of example k is example k-1's completion
@@ -59,7 +59,7 @@ def test_first_step_of_the_unpaired_losses(assets, tmp_path, loss_type, want):
     if loss_type == "kto":
         assert KTO_NAMES <= set(m) and "rewards/accuracies" not in m and abs(m["kl"]) < 1e-6
     if loss_type == "bco":
-        assert int(tr.state["bco_moments"]["count"]) == m["pairs"]  # updated with this step's rewards
+        assert int(tr.state.bco_moments["count"]) == m["pairs"]  # updated with this step's rewards
 
 
 def test_kto_weights_scale_the_loss_as_the_formula_says(assets, tmp_path):
@@ -82,7 +82,7 @@ def test_kto_cached_and_online_reference_agree_and_learn(assets, tmp_path):
     assert a[-1]["loss"] < a[0]["loss"] and a[-1]["kl"] >= 0
     ev = cached.evaluate()
     assert {"eval/loss", "eval/kl", "eval/rewards/chosen", "eval/count/rejected"} <= set(ev)
-    assert ev["eval/count/chosen"] == pytest.approx(cached.eval_pairs.labels.sum())
+    assert ev["eval/count/chosen"] == pytest.approx(cached.data.eval_pairs.labels.sum())
     assert ev == pytest.approx(online.evaluate(), rel=1e-4, abs=1e-5)
 
 
@@ -96,36 +96,36 @@ def test_bco_running_mean_survives_resume_bit_identically(assets, tmp_path, loss
             "train.export": False}  # fmt: skip
     full = train.Trainer(make_config(assets, tmp_path / "full", **over), mesh=one_device())
     result_full = full.fit()
-    moments = {k: np.asarray(v) for k, v in full.state["bco_moments"].items()}
+    moments = {k: np.asarray(v) for k, v in full.state.bco_moments.items()}
     assert moments["count"] > 0 and moments["mean"] != 0  # the shift moved off its initial 0
 
     cfg = make_config(assets, tmp_path / "resumed", **over)
     train.run(cfg, callbacks=[lambda m: m["step"] == 2], mesh=one_device())
     second = train.Trainer(cfg, mesh=one_device())
-    assert second.restore() == 2 and 0 < int(second.state["bco_moments"]["count"]) < moments["count"]
+    assert second.restore() == 2 and 0 < int(second.state.bco_moments["count"]) < moments["count"]
     result = second.fit()
     assert _records(result.metrics_path) == _records(result_full.metrics_path)
     for k, v in moments.items():
-        np.testing.assert_array_equal(np.asarray(second.state["bco_moments"][k]), v)
+        np.testing.assert_array_equal(np.asarray(second.state.bco_moments[k]), v)
 
 
 def test_bco_pair_uses_the_running_mean_of_the_state(assets, tmp_path):
     tr = train.Trainer(make_config(assets, tmp_path / "run", **{"dpo.loss_type": ["bco_pair"]}),
                        mesh=one_device())  # fmt: skip
     steps(tr, 2)
-    delta = float(tr.state["bco_moments"]["mean"])
+    delta = float(tr.state.bco_moments["mean"])
     assert delta != 0.0
     # The next step's loss is bco_pair at the running mean updated with that step's rewards.
     from jdpo.losses import pairwise as losses
     from jdpo.losses import unpaired as unpaired_losses
 
     batch, host = tr.next_step_batches()
-    logps = tr.logprobs(tr.train_pairs)
+    logps = tr.logprobs(tr.data.train_pairs)
     ids = np.concatenate([b.pair_ids[b.pair_ids >= 0] for b in host])
     pc, pr = logps.chosen[ids], logps.rejected[ids]
-    rc, rr = tr.ref_train.chosen[ids], tr.ref_train.rejected[ids]
+    rc, rr = tr.reference.train.chosen[ids], tr.reference.train.rejected[ids]
     rewards = tr.config.dpo.beta * np.concatenate([pc - rc, pr - rr])
-    d = unpaired_losses.running_moments_update(tr.state["bco_moments"], rewards)["mean"]
+    d = unpaired_losses.running_moments_update(tr.state.bco_moments, rewards)["mean"]
     want, _ = losses.dpo_loss(pc, pr, rc, rr, loss_type="bco_pair", beta=tr.config.dpo.beta, bco_delta=d)
     tr.state, m = tr.steps.train_step(tr.state, batch)
     assert float(m["loss"]) == pytest.approx(float(want), rel=1e-4, abs=1e-5)
@@ -133,7 +133,7 @@ def test_bco_pair_uses_the_running_mean_of_the_state(assets, tmp_path):
 
 def test_wpo_weights_match_numpy_and_enter_the_loss(assets, tmp_path):
     tr = train.Trainer(make_config(assets, tmp_path / "run", **{"dpo.wpo": True}), mesh=one_device())
-    logps = tr.logprobs(tr.train_pairs)  # the policy before the step (== the reference)
+    logps = tr.logprobs(tr.data.train_pairs)  # the policy before the step (== the reference)
     batch, host = tr.next_step_batches()
     tr.state, m = tr.steps.train_step(tr.state, batch)
     ids = np.concatenate([b.pair_ids[b.pair_ids >= 0] for b in host])

@@ -7,7 +7,7 @@
 The tokenizer is word-level (one token per whitespace-separated word "w<i>", BOS prepended like Llama,
 EOS "</s>"), so the token counts of every prompt and completion are exactly the drawn lengths, and jdpo
 and TRL tokenise every pair to the same ids. The length mixes (`LENGTHS`):
-  - hh: `jdpo.data.batching.synthetic_hh_lengths`, chat-like with a long tail (lognormal, prompts
+  - hh: `synthetic_hh_lengths`, chat-like with a long tail (lognormal, prompts
     median ~110 tokens, completions ~50), max_length 512;
   - uniform: short and even, prompts uniform in [17, 49] tokens (mean 33), completions in [25, 57]
     (mean 41), max_length 256.
@@ -37,12 +37,24 @@ MODELS = {
 LENGTHS = {"hh": (512, 256), "uniform": (256, 128)}
 
 
+def synthetic_hh_lengths(
+    n: int, seed: int = 0, max_length: int = 512, max_prompt_length: int = 256
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(prompt_N, chosen_N, rejected_N) token counts shaped like Anthropic hh-rlhf under a Llama-style
+    tokenizer: lognormal, prompts median ~110 tokens with a long multi-turn tail, completions median
+    ~50; truncated as the tokeniser would (prompt from the left, completions to max_length)."""
+    rng = np.random.default_rng(seed)
+    p = np.minimum(np.ceil(rng.lognormal(np.log(110), 0.9, n)), max_prompt_length).astype(np.int64)
+    c = np.ceil(rng.lognormal(np.log(50), 0.9, n)).astype(np.int64)
+    r = np.ceil(rng.lognormal(np.log(50), 0.9, n)).astype(np.int64)
+    room = max_length - p
+    return p, np.minimum(c, room), np.minimum(r, room)
+
+
 def draw_lengths(n: int, seed: int, lengths: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(prompt, chosen, rejected) token counts of n pairs of the `lengths` mix, BOS and EOS included."""
     max_length, max_prompt_length = LENGTHS[lengths]
     if lengths == "hh":
-        from jdpo.data.batching import synthetic_hh_lengths
-
         return synthetic_hh_lengths(n, seed=seed, max_length=max_length, max_prompt_length=max_prompt_length)
     rng = np.random.default_rng([seed, 2])
     return rng.integers(17, 50, n), rng.integers(25, 58, n), rng.integers(25, 58, n)

@@ -25,9 +25,10 @@ Each framework runs as its own process (jdpo: the `jdpo train` command), alone o
     compiled programs in the XLA compilation cache the first wrote (`train.compile_cache`), as a rerun
     or a resume does;
   - steady state: every optimizer step end to end (collation / packing, forward, backward, update), the
-    first `--steps-warmup` of each left out (jdpo's include compilation); pairs (and non-pad tokens) of
-    those steps / their summed time. jdpo's MFU over the same steps, of the matmul peak the run measured;
-    strict: the unembedding credited on scored completion tokens only.
+    first `--steps-warmup` of each left out (jdpo's include compilation); pairs (and the tokens each
+    computes: a shared prompt once for jdpo, twice for TRL) of those steps / their summed time. jdpo's
+    MFU over the same steps (`flops.token_counts`, as its train records count), of the matmul peak the
+    run measured; strict: the unembedding credited on scored completion tokens only.
 """
 
 from __future__ import annotations
@@ -193,7 +194,7 @@ def jdpo_plan(model_dir: str, data: str, *, rows: int, max_length: int, max_prom
     from jdpo import data as jdata
     from jdpo.models import ModelConfig
     from jdpo.report import flops
-    from jdpo.train import trainer as train
+    from jdpo.data import layout as train
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     records = jdata.load_preferences([data])
@@ -209,15 +210,18 @@ def jdpo_plan(model_dir: str, data: str, *, rows: int, max_length: int, max_prom
                                       seed=SEED, num_epochs=1, shared_prompt=shared_prompt)  # fmt: skip
     hf = ModelConfig.from_hf(model_dir).to_hf()
     steps = []
-    for b in batches:
-        s = flops.batch_token_stats(b)
+    for b in batches:  # counted as `jdpo train` counts its records (`flops.token_counts`)
+        s = flops.token_counts(b)
         steps.append({
-            "pairs": int(np.sum(np.asarray(b.pair_ids) >= 0)),
-            "tokens": s["tokens"],
-            "flops": flops.train_flops(hf, tokens=s["tokens"], attended_keys=s["attended_keys"]),
-            "flops_strict": flops.train_flops(hf, tokens=s["tokens"], attended_keys=s["attended_keys"],
-                                              head_tokens=s["scored"]),
+            "pairs": s.pairs,
+            "tokens": s.tokens,
+            "slots": s.slots,
+            "flops": flops.train_flops(hf, tokens=s.tokens, attended_keys=s.attended_keys),
+            "flops_strict": flops.train_flops(hf, tokens=s.tokens, attended_keys=s.attended_keys,
+                                              head_tokens=s.scored),
         })  # fmt: skip
+    if sum(s["tokens"] for s in steps) != int(lengths.sum()):  # every packed pair, counted once
+        raise RuntimeError("the token count of the batches differs from the packed pairs' lengths")
     # tokens_total: what jdpo's rows hold; tokens_sequences: prompt + completion per sequence (TRL's).
     return {"rows": rows, "row_length": T, "steps": steps, "tokens_total": int(lengths.sum()),
             "tokens_sequences": int(pairs.pair_lengths().sum()), "num_pairs": len(lengths),
@@ -280,7 +284,7 @@ def run_jdpo(model_dir: str, data: str, work: Path, *, plan: dict, max_length: i
         "pairs_per_step": sum(s["pairs"] for s in steps[timed]) / len(times[timed]),
         "pairs_per_s": sum(s["pairs"] for s in steps[timed]) / timed_s,
         "tokens_per_s": sum(s["tokens"] for s in steps[timed]) / timed_s,
-        "padding_fraction": 1 - plan["tokens_total"] / (len(steps) * plan["rows"] * plan["row_length"]),
+        "padding_fraction": 1 - sum(s["tokens"] for s in steps) / sum(s["slots"] for s in steps),
         "peak_flops": peak,
         "mfu": sum(s["flops"] for s in steps[timed]) / (timed_s * peak),
         "mfu_strict": sum(s["flops_strict"] for s in steps[timed]) / (timed_s * peak),

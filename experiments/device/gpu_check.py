@@ -186,8 +186,7 @@ def hh_segments(B: int, T: int, seed: int = 0, shrink: int = 1):
     greedily filled, padding (0) at the end of each row; lengths divided by `shrink` (the dry run's
     short rows)."""
     import numpy as np
-
-    from jdpo.data.batching import synthetic_hh_lengths
+    from assets import synthetic_hh_lengths
 
     p, c, r = (np.maximum(x // shrink, 1) for x in synthetic_hh_lengths(64 * B, seed=seed))
     seg = np.zeros((B, T), np.int32)
@@ -346,7 +345,7 @@ def planned_bytes(overrides: list[str], num_devices: int = 1) -> int:
 def run_bench(out: Path, name: str, overrides: list[str], *, steps: int, warmup: int, timeout: float) -> dict:
     """`jdpo bench` in its own process (its peak device memory is its own); its JSON result, or why not."""
     json_path, log_path = out / f"bench_{name}.json", out / f"bench_{name}.log"
-    cmd = [sys.executable, "-c", "import sys; from jdpo.commands.cli import main; sys.exit(main())", "bench",
+    cmd = [sys.executable, "-c", "import sys; from jdpo.cli import main; sys.exit(main())", "bench",
            "--steps", str(steps), "--warmup", str(warmup), "--json", str(json_path), *overrides]  # fmt: skip
     # The bench's own allocator (this process runs with the platform allocator, see `main`), and most of
     # the device for it: the dense kernel needs the room.

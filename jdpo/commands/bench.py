@@ -14,9 +14,11 @@ What is measured, in this order, in one process:
      does: build the host batch (packing, reference look-up), transfer, run, block until ready;
      `step_time` is its median, `device_step_time` the median of the run + block part alone.
 
-Throughput counts pairs (valid pair slots) and non-pad tokens of the timed steps. MFU credits model
-FLOPs only (`flops.train_flops`: 6 x matmul params per non-pad token plus causal in-segment
-attention; no padding, no remat recomputation, no attention to masked keys; a LoRA run 4 x the frozen
+Throughput counts pairs (valid pair slots) and computed tokens of the timed steps (`flops.token_counts`,
+as the train records count them: non-pad row slots, so a shared prompt once). MFU credits model
+FLOPs only (`flops.train_flops`: 6 x matmul params per computed token plus attention over the keys the
+mask lets each query see, a branch's shared prompt included; no padding, no remat recomputation, no
+attention to masked keys; a LoRA run 4 x the frozen
 matmul params, no weight gradient, plus 6 x its adapters). The "head on scored"
 MFU is stricter: the D x V unembedding is credited only on scored (completion, `loss_mask` > 0)
 tokens, the only positions DPO needs logits for and the only ones jdpo projects; everything else is
@@ -40,6 +42,28 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
+
+from jdpo import config as C
+from jdpo.commands import plan
+from jdpo.commands.plan import human
+from jdpo.models.kernels import tile_of
+from jdpo.report.flops import (
+    TokenCounts,
+    computed_attention_keys,
+    forward_flops,
+    matmul_params,
+    measured_cpu_peak_flops,
+    token_counts,
+    total_peak_flops,
+    train_flops,
+)
+from jdpo.report.metrics import si_number
+from jdpo.scoring.forward import over_split
+from jdpo.train import refcache
+from jdpo.train import trainer as train
+
 log = logging.getLogger(__name__)
 
 
@@ -59,7 +83,6 @@ def _peak_memory_bytes() -> tuple[int, str]:
 def bench_config(cfg, *, work_dir: str | Path):
     """The config as benchmarked: outputs and a fresh reference cache under `work_dir` (so the
     reference pass is measured, not loaded), no console / TensorBoard, no export."""
-    from jdpo import config as C
 
     work_dir = Path(work_dir)
     return C.replace(
@@ -104,32 +127,10 @@ def run_bench(
 ) -> dict[str, Any]:
     """Benchmark training `cfg` (see the module docstring); returns the result dict (also written to
     `out_json` when given)."""
-    import jax
-    import numpy as np
-
-    from jdpo.commands import plan
-    from jdpo.models.kernels import tile_of
-    from jdpo.report.flops import (
-        batch_token_stats,
-        computed_attention_keys,
-        forward_flops,
-        matmul_params,
-        measured_cpu_peak_flops,
-        total_peak_flops,
-        train_flops,
-    )
-    from jdpo.scoring.forward import over_split
-    from jdpo.train import refcache
-    from jdpo.train import trainer as train
-
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     platform = jax.default_backend()
-    t0 = time.perf_counter()
-    # First, while the cores are quiet: the denominator of MFU (cached; reused below for the mesh).
-    if platform == "cpu":
-        measured_cpu_peak_flops()
-    peak_s = time.perf_counter() - t0
+    peak_s = _measure_peak(platform)
 
     with tempfile.TemporaryDirectory(prefix="jdpo-bench-") as work:
         c = bench_config(cfg, work_dir=work)
@@ -140,76 +141,21 @@ def run_bench(
         peak = total_peak_flops(list(tr.mesh.devices.flat))
         window = tr.model_config.sliding_window
         kernel, block = tr.attention
-        tile = tile_of(kernel, block, tr.row_length)
+        tile = tile_of(kernel, block, tr.data.layout.row_length)
 
-        # The reference pass again, warm (compiled): what the pass costs per run, without compile.
-        ref_s = ref_first_s = None
-        ref_tokens = ref_keys = ref_scored = 0
-        if c.dpo.reference == "cached":
-            manifest = json.loads((tr.cache_dir() / tr.ref_keys["train"] / refcache.MANIFEST).read_text())
-            ref_first_s = float(manifest["seconds"])
-            batches = list(tr.one_pass(tr.train_pairs))
-            for b in batches:
-                s = batch_token_stats(b, sliding_window=window)
-                ref_tokens += s["tokens"]
-                ref_keys += s["attended_keys"]
-                ref_scored += s["scored"]
-            t0 = time.perf_counter()
-            # A LoRA run's forward takes the adapters with the frozen base (`Trainer.logprobs`).
-            params = tr.state["params"] if tr.base is None else (tr.state["params"], tr.base)
-            over_split(tr.steps.forward, params, batches, len(tr.train_pairs), mesh=tr.mesh)
-            ref_s = time.perf_counter() - t0
+        ref_first_s, ref_s, ref = _reference_pass(tr, window)
 
-        # Compile, alone and ahead of time; the timed steps run this executable.
-        batch, host = tr.next_step_batches()
-        t0 = time.perf_counter()
-        compiled = tr.steps.train_step.lower(tr.state, batch).compile()
-        compile_s = time.perf_counter() - t0
-        xla_bytes = None
-        try:
-            ma = compiled.memory_analysis()
-            xla_bytes = int(
-                ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
-                - ma.alias_size_in_bytes
-            )  # fmt: skip
-        except Exception:  # not every backend reports it
-            pass
-
-        state = tr.state
-        for i in range(warmup):
-            if i:
-                batch, host = tr.next_step_batches()
-            state, m = compiled(state, batch)
-            jax.block_until_ready(m)
-        step_times, device_times = [], []
-        tokens = slots = keys = scored = pairs = computed_keys = 0
-        for i in range(steps):
-            t0 = time.perf_counter()
-            if warmup or i:
-                batch, host = tr.next_step_batches()
-            t1 = time.perf_counter()
-            state, m = compiled(state, batch)
-            m = jax.device_get(m)
-            t2 = time.perf_counter()
-            step_times.append(t2 - t0)
-            device_times.append(t2 - t1)
-            for b in host:
-                s = batch_token_stats(b, sliding_window=window)
-                tokens, slots, keys = tokens + s["tokens"], slots + s["slots"], keys + s["attended_keys"]
-                scored += s["scored"]
-                pairs += int(np.sum(b["pair_ids"] >= 0))
-                computed_keys += computed_attention_keys(
-                    kernel, b["segment_ids"], tile=tile, sliding_window=window
-                )
+        compile_s, xla_bytes, step_times, device_times, counts, computed_keys, state, m = _timed_steps(
+            tr, steps, warmup, kernel=kernel, tile=tile, window=window
+        )
         tr.state = state
         loss = float(m["loss"])
         peak_mem, peak_what = _peak_memory_bytes()
 
-    # Every count above is this host's rows (the reference pass included): global = x process count.
-    n = jax.process_count()
-    tokens, slots, keys, scored, pairs = tokens * n, slots * n, keys * n, scored * n, pairs * n
-    computed_keys *= n
-    ref_tokens, ref_keys, ref_scored = ref_tokens * n, ref_keys * n, ref_scored * n
+    # Every count above is this host's rows (the reference pass included): summed over the processes.
+    counts, ref = counts.over_processes(), ref.over_processes()
+    tokens, keys, scored, pairs = counts.tokens, counts.attended_keys, counts.scored, counts.pairs
+    computed_keys *= jax.process_count()  # the kernel's work, for its ratio to the credited keys
     step_time = statistics.median(step_times)
     total_time = step_time * steps  # the median step, so a hiccup from a neighbour does not count
     lora = tr.lora_params()
@@ -227,11 +173,11 @@ def run_bench(
         "attention_tile": tile,
         "batch_rows": c.train.batch_rows,
         "grad_accum": c.train.grad_accum,
-        "row_length": tr.row_length,
-        "max_pairs_per_row": tr.max_pairs,
-        "num_pairs": len(tr.train_pairs),
-        "steps_per_epoch": tr.steps_per_epoch,
-        "total_steps": tr.total_steps,
+        "row_length": tr.data.layout.row_length,
+        "max_pairs_per_row": tr.data.layout.max_pairs_per_row,
+        "num_pairs": len(tr.data.train_pairs),
+        "steps_per_epoch": tr.data.steps_per_epoch,
+        "total_steps": tr.data.total_steps,
         "warmup_steps": warmup,
         "timed_steps": steps,
         "peak_flops": peak,
@@ -249,9 +195,10 @@ def run_bench(
         "pairs_per_step": pairs / steps,
         "pairs_per_s": pairs / total_time,
         "tokens_per_s": tokens / total_time,
-        "padding_fraction": 1.0 - tokens / slots if slots else 0.0,
+        "tokens_per_step": tokens / steps,
+        "padding_fraction": counts.padding_fraction,
         "train_flops_per_step": flops / steps,
-        # The kernel's attention work against the credited in-segment causal pairs (>= 1: the tiles it
+        # The kernel's attention work against the credited (visible) pairs (>= 1: the tiles it
         # computes beyond them; 1 would be a kernel that computes only the credited pairs).
         "attention_keys_credited": keys,
         "attention_keys_computed": computed_keys,
@@ -263,31 +210,113 @@ def run_bench(
         "peak_memory_what": peak_what,
         "xla_step_bytes": xla_bytes,
     }
-    # The reference pass amortised over the run: its time and its forward FLOPs spread over its steps.
     if ref_s is not None:
-        run_steps = tr.total_steps
-        ref_flops = forward_flops(hf_cfg, tokens=ref_tokens, attended_keys=ref_keys)
-        ref_flops_sh = forward_flops(
-            hf_cfg, tokens=ref_tokens, attended_keys=ref_keys, head_tokens=ref_scored
-        )
-        t_run = step_time * run_steps + ref_s
-        per_step_pairs, per_step_tokens = pairs / steps, tokens / steps
         result.update(
-            {
-                "ref_tokens": ref_tokens,
-                "ref_flops": ref_flops,
-                "ref_tokens_per_s": ref_tokens / ref_s if ref_s else None,
-                "pairs_per_s_incl_ref": per_step_pairs * run_steps / t_run,
-                "tokens_per_s_incl_ref": per_step_tokens * run_steps / t_run,
-                "mfu_incl_ref": ((flops / steps) * run_steps + ref_flops) / (t_run * peak) if peak else None,
-                "mfu_scored_head_incl_ref": (
-                    ((flops_sh / steps) * run_steps + ref_flops_sh) / (t_run * peak) if peak else None
-                ),
-            }
+            _amortised_reference(
+                tr, hf_cfg, ref, ref_s, flops, flops_sh, pairs, tokens, steps, step_time, peak
+            )
         )
-    try:
-        from jdpo import config as C
+    result["plan_bytes"] = _plan_bytes(tr, c, platform)
+    if out_json is not None:
+        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
+
+def _measure_peak(platform: str) -> float:
+    """First, while the cores are quiet: the denominator of MFU (cached; reused for the mesh). Seconds."""
+    t0 = time.perf_counter()
+    if platform == "cpu":
+        measured_cpu_peak_flops()
+    return time.perf_counter() - t0
+
+
+def _reference_pass(tr, window):
+    """The reference pass again, warm (compiled): what the pass costs per run, without compile.
+    Returns (first pass seconds from the cache manifest, warm seconds, its TokenCounts)."""
+    if tr.config.dpo.reference != "cached":
+        return None, None, TokenCounts()
+    manifest = json.loads(
+        (tr.reference.cache_dir / tr.reference.keys["train"] / refcache.MANIFEST).read_text()
+    )
+    ref_first_s = float(manifest["seconds"])
+    batches = list(tr.data.one_pass(tr.data.train_pairs))
+    ref = token_counts(batches, sliding_window=window)
+    t0 = time.perf_counter()
+    # A LoRA run's forward takes the adapters with the frozen base (`Trainer.logprobs`).
+    params = tr.state.params if tr.state.base is None else (tr.state.params, tr.state.base)
+    over_split(tr.steps.forward, params, batches, len(tr.data.train_pairs), mesh=tr.mesh)
+    ref_s = time.perf_counter() - t0
+    return ref_first_s, ref_s, ref
+
+
+def _timed_steps(tr, steps: int, warmup: int, *, kernel: str, tile: int, window):
+    """Compile the step ahead of time, run `warmup` steps, then time `steps` of them."""
+    # Compile, alone and ahead of time; the timed steps run this executable.
+    batch, host = tr.next_step_batches()
+    t0 = time.perf_counter()
+    compiled = tr.steps.train_step.lower(tr.state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    xla_bytes = None
+    try:
+        ma = compiled.memory_analysis()
+        xla_bytes = int(
+            ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+            - ma.alias_size_in_bytes
+        )  # fmt: skip
+    except Exception:  # not every backend reports it
+        pass
+
+    state = tr.state
+    for i in range(warmup):
+        if i:
+            batch, host = tr.next_step_batches()
+        state, m = compiled(state, batch)
+        jax.block_until_ready(m)
+    step_times, device_times = [], []
+    counts, computed_keys = TokenCounts(), 0
+    for i in range(steps):
+        t0 = time.perf_counter()
+        if warmup or i:
+            batch, host = tr.next_step_batches()
+        t1 = time.perf_counter()
+        state, m = compiled(state, batch)
+        m = jax.device_get(m)
+        t2 = time.perf_counter()
+        step_times.append(t2 - t0)
+        device_times.append(t2 - t1)
+        counts += token_counts(host, sliding_window=window)
+        for b in host:
+            computed_keys += computed_attention_keys(
+                kernel, b["segment_ids"], tile=tile, sliding_window=window
+            )
+    return compile_s, xla_bytes, step_times, device_times, counts, computed_keys, state, m
+
+
+def _amortised_reference(tr, hf_cfg, ref, ref_s, flops, flops_sh, pairs, tokens, steps, step_time, peak):
+    """The reference pass amortised over the run: its time and its forward FLOPs spread over its steps."""
+    ref_tokens, ref_keys, ref_scored = ref.tokens, ref.attended_keys, ref.scored
+    run_steps = tr.data.total_steps
+    ref_flops = forward_flops(hf_cfg, tokens=ref_tokens, attended_keys=ref_keys)
+    ref_flops_sh = forward_flops(hf_cfg, tokens=ref_tokens, attended_keys=ref_keys, head_tokens=ref_scored)
+    t_run = step_time * run_steps + ref_s
+    per_step_pairs, per_step_tokens = pairs / steps, tokens / steps
+    return {
+        "ref_tokens": ref_tokens,
+        "ref_flops": ref_flops,
+        "ref_tokens_per_s": ref_tokens / ref_s if ref_s else None,
+        "pairs_per_s_incl_ref": per_step_pairs * run_steps / t_run,
+        "tokens_per_s_incl_ref": per_step_tokens * run_steps / t_run,
+        "mfu_incl_ref": ((flops / steps) * run_steps + ref_flops) / (t_run * peak) if peak else None,
+        "mfu_scored_head_incl_ref": (
+            ((flops_sh / steps) * run_steps + ref_flops_sh) / (t_run * peak) if peak else None
+        ),
+    }
+
+
+def _plan_bytes(tr, c, platform: str) -> int | None:
+    """`jdpo plan`'s estimate for this run's mesh (a cross-check, never a reason to lose the measurements)."""
+    try:
         shape = dict(tr.mesh.shape)
         on_mesh = C.replace(c, **{f"mesh.{k}": shape.get(k, 1) for k in ("data", "fsdp", "tensor")})
         p = plan.plan_memory(
@@ -297,20 +326,14 @@ def run_bench(
             on_cpu=platform == "cpu",
             backend=platform,
         )
-        result["plan_bytes"] = p.total
+        return p.total
     except Exception as e:  # the plan is a cross-check, never a reason to lose the measurements
         log.warning("memory plan failed: %s", e)
-        result["plan_bytes"] = None
-    if out_json is not None:
-        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+        return None
 
 
 def format_bench(r: dict[str, Any]) -> str:
     """The console table of a `run_bench` result."""
-    from jdpo.commands.plan import human
-    from jdpo.report.metrics import si_number
 
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.1f}%"
@@ -338,7 +361,11 @@ def format_bench(r: dict[str, Any]) -> str:
             f"device {r['device_step_time'] * 1e3:.1f})",
         ),  # fmt: skip
         ("pairs/s", f"{r['pairs_per_s']:.2f} ({r['pairs_per_step']:.1f} pairs/step)"),
-        ("tokens/s", f"{si_number(r['tokens_per_s'])} non-pad"),
+        (
+            "tokens/s",
+            f"{si_number(r['tokens_per_s'])} computed (a shared prompt once)"
+            + (f", {r['tokens_per_step']:,.0f} a step" if "tokens_per_step" in r else ""),
+        ),
         ("MFU", pct(r["mfu"])),
         (
             "MFU, head on scored",
@@ -352,7 +379,7 @@ def format_bench(r: dict[str, Any]) -> str:
         rows.append((
             "attention",
             f"{r['attention']}, {r['attention_tile']}-position tiles: computes {work} the credited "
-            "in-segment (query, key) pairs",
+            "(query, key) pairs",
         ))  # fmt: skip
     if "pairs_per_s_incl_ref" in r:
         rows += [

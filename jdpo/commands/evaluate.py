@@ -38,8 +38,17 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jdpo import data as jdata
+from jdpo.config import Config, load_config
+from jdpo.data import TokenizedPairs, make_batch, unpaired
+from jdpo.data.layout import BatchLayout
 from jdpo.data.sources import DataError
+from jdpo.losses import logprobs
+from jdpo.losses.spec import LossSpec
 from jdpo.models.hf import CheckpointError
+from jdpo.parallel.sharding import batch_sharding, batch_shards, jit_on_mesh, round_rows
+from jdpo.report.diversity import diversity_metrics
+from jdpo.scoring.forward import over_split, pair_logprobs, split_metrics
 from jdpo.scoring.generate import Generator, Prompt, SamplingParams
 
 AnswerChecker = Callable[[Any, str], "bool | None"]
@@ -67,8 +76,6 @@ def arithmetic_checker(prompt: Any, completion: str) -> bool | None:
 
 @functools.lru_cache(maxsize=8)
 def _token_logprobs_fn(graphdef, mesh):
-    from jdpo.losses import logprobs
-    from jdpo.parallel.sharding import batch_shards, jit_on_mesh
 
     def fn(params, ids_BxT, targets_BxT, segment_ids_BxT):
         model = nnx.merge(graphdef, params)
@@ -94,7 +101,6 @@ def completion_logprobs(
 ) -> list[np.ndarray]:
     """Per-token log-probs (float32, one array per completion) of each completion given its prompt,
     from one full forward (right-padded rows, padding in segment 0 so it is never attended)."""
-    from jdpo.parallel.sharding import batch_sharding, round_rows
 
     fn = _token_logprobs_fn(gen.graphdef, gen.mesh)
     B = round_rows(batch_size, gen.mesh)
@@ -103,15 +109,11 @@ def completion_logprobs(
         ps, cs = prompt_ids[lo : lo + batch_size], completion_ids[lo : lo + batch_size]
         T = max(len(p) + len(c) for p, c in zip(ps, cs, strict=True))
         T = -(-T // length_bucket) * length_bucket
-        ids_BxT = np.zeros((B, T), np.int32)
-        targets_BxT = np.zeros((B, T), np.int32)
-        seg_BxT = np.zeros((B, T), np.int32)
-        for b, (p, c) in enumerate(zip(ps, cs, strict=True)):
-            row = np.concatenate([p, c]).astype(np.int32)
-            ids_BxT[b, : len(row)] = row
-            targets_BxT[b, : len(row) - 1] = row[1:]
-            seg_BxT[b, : len(row)] = 1
-        args = [ids_BxT, targets_BxT, seg_BxT]
+        n = len(ps)
+        seqs = TokenizedPairs(list(ps), list(cs), [np.zeros(0, np.int32)] * n, np.arange(n))
+        rows = [[b] for b in range(n)] + [[] for _ in range(B - n)]
+        batch = make_batch(seqs, rows, T, 1, chosen_only=True)
+        args = [batch.input_ids, batch.targets, batch.segment_ids]
         if gen.mesh is not None:
             args = [jax.device_put(a, batch_sharding(gen.mesh)) for a in args]
         logp_BxT = np.asarray(jax.device_get(fn(gen.params, *args)))
@@ -141,8 +143,6 @@ def _check_same_architecture(policy: Generator, reference: Generator) -> None:
 def _pair_forward(graphdef, mesh):
     """Jitted per-pair log-probs of a packed batch (one program per architecture and mesh, shared by
     the policy and the reference)."""
-    from jdpo.parallel.sharding import jit_on_mesh
-    from jdpo.scoring.forward import pair_logprobs
 
     return jit_on_mesh(lambda params, batch: pair_logprobs(nnx.merge(graphdef, params), batch), mesh)
 
@@ -152,12 +152,12 @@ def preference_metrics(
     reference: Generator,
     pairs,
     *,
-    dpo=None,
+    loss: LossSpec | None = None,
     batch_rows: int = 8,
     row_length: int | None = None,
 ) -> dict[str, float]:
-    """The loss and TRL's reward metrics (eval/ names) of `dpo`'s loss settings (a
-    `jdpo.config.DPOSection`; default: its defaults, the sigmoid loss at beta 0.1) over every tokenised
+    """The loss and TRL's reward metrics (eval/ names) of `loss` (a run's `LossSpec`, as
+    `DPOSection.loss_spec()` builds it; default: the sigmoid loss at beta 0.1) over every tokenised
     pair (`jdpo.data.TokenizedPairs`), one pass through the training path's forward. Rated examples
     (`pairs.labels` set, `jdpo.data.unpaired`) get the unpaired loss's metrics; pairs under an unpaired
     loss the pairwise reward metrics (`jdpo.scoring.forward.split_metrics`).
@@ -165,35 +165,24 @@ def preference_metrics(
     Rewards are beta * (policy - reference) summed completion log-probs; accuracy counts pairs whose
     chosen reward is strictly above the rejected one (so policy == reference gives 0).
     """
-    from jdpo import data as jdata
-    from jdpo.config import DPOSection
-    from jdpo.parallel.sharding import round_rows
-    from jdpo.scoring.forward import over_split, split_metrics
-    from jdpo.train.trainer import pairs_per_row
 
-    dpo = DPOSection() if dpo is None else dpo
-    lp, lc, lr = pairs.lengths()
-    row_length = row_length or int(max((lp + np.maximum(lc, lr)).max(), 1) * 2)
-    max_pairs = pairs_per_row(row_length, [pairs.pair_lengths()])
+    loss = LossSpec() if loss is None else loss
+    rows = round_rows(batch_rows, policy.mesh)
+    layout = BatchLayout.fitting(pairs, rows_per_batch=rows, row_length=row_length)
 
     def batches():
-        return jdata.one_pass(
-            pairs,
-            rows_per_batch=round_rows(batch_rows, policy.mesh),
-            row_length=row_length,
-            max_pairs_per_row=max_pairs,
-        )
+        return jdata.one_pass(pairs, layout)
 
     if batches().dropped_too_long:
         too_long = batches().dropped_too_long
-        raise DataError(f"{too_long} pairs are longer than a row of {row_length} tokens")
+        raise DataError(f"{too_long} pairs are longer than a row of {layout.row_length} tokens")
     logps = {
         name: over_split(
             _pair_forward(gen.graphdef, gen.mesh), gen.params, batches(), len(pairs), mesh=gen.mesh
         )
         for name, gen in (("policy", policy), ("reference", reference))
     }
-    out = split_metrics(logps["policy"], logps["reference"], dpo, labels=pairs.labels)
+    out = split_metrics(logps["policy"], logps["reference"], loss, labels=pairs.labels)
     out["eval/pairs"] = len(pairs)
     return out
 
@@ -237,7 +226,6 @@ def kl_on_samples(
     "eval/sample_length": mean sampled tokens, "eval/distinct_1", "eval/distinct_2": the samples'
     diversity (`jdpo.report.diversity.distinct_n` over their tokens, each sample's stop token left out)}.
     """
-    from jdpo.report.diversity import diversity_metrics
 
     kl_N, completions = sample_kl(
         policy, reference, prompt_ids, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size
@@ -409,10 +397,28 @@ def write_side_by_side(rows, summary, out_dir, *, title: str, metrics: dict | No
 def run_config(model_dir):
     """The `jdpo.config.Config` of the run whose export `model_dir` is (its parent's config.yaml, as
     `jdpo train` writes it), else None."""
-    from jdpo.config import load_config
 
     cfg = Path(model_dir).resolve().parent / "config.yaml"
     return load_config(cfg) if cfg.exists() else None
+
+
+def _sample_prompts(records, n: int) -> tuple[list, list]:
+    """The first `n` distinct prompts in data order, with their known-good answers: a pair's chosen
+    completion, a rated example's completion if labelled good (else "")."""
+    chosen_prompts: list[int] = []
+    seen: set[str] = set()
+    for k in range(len(records)):
+        key = json.dumps(records[k]["prompt"], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            chosen_prompts.append(k)
+        if len(chosen_prompts) == n:
+            break
+    prompts = [records[k]["prompt"] for k in chosen_prompts]
+    # The known-good answer: a pair's chosen completion, a rated example's completion if labelled good.
+    answers = [records[k]["chosen"] if "chosen" in records[k] else
+               (records[k]["completion"] if records[k]["label"] else "") for k in chosen_prompts]  # fmt: skip
+    return prompts, answers
 
 
 def evaluate(
@@ -453,15 +459,12 @@ def evaluate(
     """
     import dataclasses
 
-    from jdpo import data as jdata
-    from jdpo.config import Config
-    from jdpo.data import unpaired
-
     run = None if isinstance(policy, Generator) else run_config(policy)
     run = run or Config()
     dpo = run.dpo if dpo is None else dpo
     if beta is not None:
         dpo = dataclasses.replace(dpo, beta=float(beta))
+    loss = dpo.loss_spec()  # the one loss of every metric below
     max_length = run.data.max_length if max_length is None else max_length
     max_prompt_length = run.data.max_prompt_length if max_prompt_length is None else max_prompt_length
     policy, reference = _as_generator(policy, mesh=mesh), _as_generator(reference, mesh=mesh)
@@ -476,26 +479,13 @@ def evaluate(
     if not len(pairs):
         raise DataError(f"no usable preference pairs in {data!r}: {report.pairs_read} read, dropped "
                         f"{dict(report.dropped) or 'none'}")  # fmt: skip
-    metrics = {"eval/beta": dpo.beta}
-    pref = preference_metrics(policy, reference, pairs, dpo=dpo, batch_rows=batch_rows)
+    metrics = {"eval/beta": loss.beta}
+    pref = preference_metrics(policy, reference, pairs, loss=loss, batch_rows=batch_rows)
     if "eval/kl" in pref:  # KTO's reference point z_0; eval/kl is the sampled KL below
         pref["eval/kto_kl"] = pref.pop("eval/kl")
     metrics.update(pref)
 
-    # N distinct prompts, in data order, for the samples.
-    chosen_prompts: list[int] = []
-    seen: set[str] = set()
-    for k in range(len(records)):
-        key = json.dumps(records[k]["prompt"], sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            chosen_prompts.append(k)
-        if len(chosen_prompts) == num_samples:
-            break
-    prompts = [records[k]["prompt"] for k in chosen_prompts]
-    # The known-good answer: a pair's chosen completion, a rated example's completion if labelled good.
-    answers = [records[k]["chosen"] if "chosen" in records[k] else
-               (records[k]["completion"] if records[k]["label"] else "") for k in chosen_prompts]  # fmt: skip
+    prompts, answers = _sample_prompts(records, num_samples)
     if prompts:
         prompt_ids = policy.encode_prompts(prompts, max_prompt_length=max_prompt_length)
         metrics.update(

@@ -66,6 +66,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+from jdpo import data as jdata
+from jdpo.models import ModelConfig, ModelOptions, Transformer
+from jdpo.models.kernels import ATTENTION_KERNELS, LSE_KERNELS, REPEATS_KV, resolve_attention
+from jdpo.parallel.sharding import logical_to_spec
+from jdpo.train.step import LOGPROB_CHUNK, make_optimizer
+
 GiB = 2**30
 
 #: Memory per device of named accelerators, bytes (what `--device-memory NAME` accepts).
@@ -155,7 +161,6 @@ def resolve_mesh(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
 
 def read_model_config(path: str | os.PathLike):
     """ModelConfig from a checkpoint directory or a bare HF config.json."""
-    from jdpo.models import ModelConfig
 
     p = Path(path)
     if not (p / "config.json").exists() and not p.is_file():
@@ -169,9 +174,6 @@ def abstract_params(model_config, *, param_dtype: str = "float32", scan_layers: 
     lora_b)."""
     import jax.numpy as jnp
     from flax import nnx
-
-    from jdpo.models import ModelOptions, Transformer
-    from jdpo.models.adapters import adapter_spec
 
     spec = None
     if lora is not None and lora.rank > 0:  # targets resolved to the model's projections (phi3: fused)
@@ -191,7 +193,6 @@ def abstract_params(model_config, *, param_dtype: str = "float32", scan_layers: 
 
 def _local_elements(shape, names, mesh: _MeshShape) -> int:
     """Elements of one device's shard (ceil per sharded dimension)."""
-    from jdpo.parallel.sharding import logical_to_spec
 
     spec = logical_to_spec(names, shape, mesh)
     n = 1
@@ -263,7 +264,6 @@ def activation_bytes_per_token(
     (blocked, splash, pallas_gpu; pallas_gpu with k / v repeated to N heads) or the N x T float32
     probabilities (xla), the one term that grows with the row length. See the module docstring for
     the tensors counted."""
-    from jdpo.models.kernels import ATTENTION_KERNELS, LSE_KERNELS, REPEATS_KV
 
     c = model_config
     D, L = c.hidden_size, c.num_layers
@@ -307,10 +307,6 @@ def plan_memory(
     import jax
     import jax.numpy as jnp
     import optax
-
-    from jdpo.models.adapters import model_targets
-    from jdpo.models.kernels import resolve_attention
-    from jdpo.train.step import LOGPROB_CHUNK, make_optimizer
 
     data, fsdp, tensor = resolve_mesh(cfg.mesh, num_devices)
     mesh = _MeshShape(data, fsdp, tensor)
@@ -461,6 +457,5 @@ def count_pairs(sources, fmt: str = "auto") -> int | None:
     if not srcs or not all(Path(s.rsplit(":", 1)[0] if ":" in s and not Path(s).exists() else s).exists()
                            for s in srcs):  # fmt: skip
         return None
-    from jdpo import data as jdata
 
     return len(jdata.load_preferences(srcs, fmt))

@@ -4,19 +4,18 @@ records = load_preferences("data/hh.jsonl:0.5,data/shp.parquet:5000", seed=0)
 train, held = split_eval(records, 0.02, seed=0)
 pairs, report = tokenize_preferences(train, tokenizer, max_length=1024, max_prompt_length=512)
 prompt_ids = encode_prompts(tokenizer, ["2+2="], max_prompt_length=512)  # as a record's prompt_ids
-batches = PreferenceBatches(pairs, rows_per_batch=64, row_length=2048, seed=0)
+layout = BatchLayout.for_pairs([pairs], rows_per_batch=64, row_length=2048)  # P from the shortest pair
+batches = PreferenceBatches(pairs, layout, seed=0)
 batch = next(batches)        # this host's rows of the global batch; see batching.py for the layout
 position = batches.state()   # {"epoch", "batch", ...}; batches.restore(position) resumes exactly
 """
 
-from jdpo.data.batch import BATCH_KEYS, Batch
+from jdpo.data.batch import Batch
 from jdpo.data.batching import (
     PreferenceBatches,
-    compare_padding,
     make_batch,
     one_pass,
     pack_rows,
-    unpack_batch,
 )
 from jdpo.data.formats import (
     FORMATS,
@@ -28,12 +27,12 @@ from jdpo.data.formats import (
     read_source,
     split_eval,
 )
+from jdpo.data.layout import BatchLayout
 from jdpo.data.sources import DataError, parse_source_spec, read_rows
 from jdpo.data.tokenize import (
     TokenizedPairs,
     TokenizeReport,
     account_split,
-    encode_prompt,
     encode_prompts,
     end_of_turn_id,
     prompt_texts,
@@ -41,8 +40,8 @@ from jdpo.data.tokenize import (
 )
 
 __all__ = [
-    "BATCH_KEYS",
     "Batch",
+    "BatchLayout",
     "FORMATS",
     "DataError",
     "LoadReport",
@@ -51,9 +50,7 @@ __all__ = [
     "TokenizeReport",
     "TokenizedPairs",
     "account_split",
-    "compare_padding",
     "detect_format",
-    "encode_prompt",
     "encode_prompts",
     "end_of_turn_id",
     "extract_prompt",
@@ -67,5 +64,4 @@ __all__ = [
     "read_source",
     "split_eval",
     "tokenize_preferences",
-    "unpack_batch",
 ]

@@ -24,7 +24,7 @@ jitted step functions. Layout (B rows, T tokens per row, P pair slots per row):
                               empty. None for pairs.
 
 Fields can also be read by name (`batch["input_ids"]`, `"loss_mask" in batch`, `set(batch)` = the
-fields that are present), which is how host-side tools (FLOP counts, `unpack_batch`) read it.
+fields that are present), which is how host-side tools (FLOP counts) read it.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ from typing import Any
 import jax
 import numpy as np
 
+from jdpo.parallel.sharding import batch_sharding
+
 # The [B, T] arrays: padded to a common T when micro-batches of different lengths are stacked.
 TOKEN_FIELDS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask")
-# What every batch has (the data layer's output); the reference fields are optional.
-BATCH_KEYS = (*TOKEN_FIELDS, "pair_ids")
 
 
 @jax.tree_util.register_dataclass
@@ -116,8 +116,6 @@ class Batch:
         """Host-local numpy rows -> global arrays with the rows over the mesh's row axes (the rows of
         every process together: each process passes only its own rows). `accum`: the batch has a
         leading micro-batch axis (`stack`), which is not sharded. Without a mesh: the default device."""
-        from jdpo.parallel.sharding import batch_sharding
-
         if mesh is None:
             return jax.tree.map(jax.numpy.asarray, self)
 

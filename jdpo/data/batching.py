@@ -1,31 +1,15 @@
 """Fixed-shape batches of whole preference pairs: packing, length buckets, a resumable per-host iterator.
 
-Batches are `jdpo.data.batch.Batch`es of numpy arrays (B = this host's rows, T = row length, P = pair slots
-per row; the field layout is in `jdpo/data/batch.py`); `pair_ids` index the TokenizedPairs of the split.
+`make_batch` lays out rows of pair ids as one `jdpo.data.batch.Batch` of numpy arrays (its fields are in
+batch.py), in the plain or the shared-prompt layout; `PreferenceBatches` plans each epoch and yields this
+host's rows of every global batch, in a `jdpo.data.layout.BatchLayout`; `one_pass` is one pass in order.
 
-A row holds whole pairs only, so per-pair reductions are row-local. With S = 2P segments and
-`logps_BxS` the per-segment sums, chosen_BxP = logps_BxS[:, 0::2], rejected_BxP = logps_BxS[:, 1::2],
-and `pair_ids >= 0` is the valid-pair mask (rows can be empty: pair_ids all -1).
-A pair whose prompt is empty (a tokenizer without BOS and an empty prompt) has its first completion
-token unscored: no output position predicts it.
-
-Two layouts of a pair (`make_batch`'s `shared_prompt`, the run's `data.shared_prompt`): plain, the
-prompt before each completion (2 * prompt + chosen + rejected tokens), or shared, the prompt but its last
-token once and two branches after it (prompt + 1 + chosen + rejected tokens), which the attention
-kernels that have the shared-prefix rule of `jdpo.models.masks` run; both give the same log-probs.
-
-Global batch size is counted in ROWS (`rows_per_batch`): the step has a fixed shape, and the number of
-pairs in a step varies with packing. Normalise per-pair losses by the global count of valid pairs,
-i.e. sum((pair_ids >= 0)) over the global batch (under jit on the globally sharded array this is one
-reduction), not by a constant; the iterator also gives it on the host as `last_global_pairs`.
-
-Packing (default): pairs are shuffled by (seed, epoch), then packed best-fit-decreasing within windows
-of `pack_window` pairs into rows of T tokens with at most P pairs; the rows are shuffled and cut into
-global batches. Without packing each row holds one pair (P = 1) and T is the smallest of `buckets`
-that fits it; batches are formed per bucket (leftovers move up to the next bucket), so shapes come
-from a short fixed list. Every epoch covers every pair exactly once; the last batch of an epoch is
-filled up with empty rows. Pairs longer than T (packing) or the largest bucket are left out and
-counted in `dropped_too_long`.
+A row holds whole pairs only, so per-pair reductions are row-local. The number of pairs in a batch varies
+with packing: normalise by the global count of valid pairs (`pair_ids >= 0`; on the host
+`last_global_pairs`), not by a constant. Packing (default) shuffles the pairs by (seed, epoch), packs them
+best-fit-decreasing within windows of `pack_window` pairs and shuffles the rows; without packing each row
+holds one pair, in length buckets. Every epoch covers every pair once; pairs longer than the row are left
+out and counted (`dropped_too_long`).
 """
 
 from __future__ import annotations
@@ -35,9 +19,11 @@ import hashlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from jdpo.data.batch import Batch
+from jdpo.data.layout import BatchLayout
 from jdpo.data.tokenize import TokenizedPairs
 
 # ----------------------------------------------------------------------------------------------------
@@ -83,6 +69,8 @@ def make_batch(
     row_length: int,
     max_pairs_per_row: int,
     shared_prompt: bool = False,
+    *,
+    chosen_only: bool = False,
 ) -> Batch:
     """Lay out `rows` (lists of pair ids, [] for an empty row) as one fixed-shape batch (layout above).
     Unpaired examples (`pairs.labels` set) are laid out the same way, with their labels per slot.
@@ -90,7 +78,9 @@ def make_batch(
     `shared_prompt`: slot k's prompt but its last token once, in segment -(k + 1), then the chosen and
     rejected branches (2k + 1, 2k + 2), each the prompt's last token (which scores the first completion
     token) and the completion, at the positions that follow the prompt; each branch sees the prompt
-    and itself (`jdpo.models.masks`). Per-segment sums are those of the plain layout, on fewer tokens."""
+    and itself (`jdpo.models.masks`). Per-segment sums are those of the plain layout, on fewer tokens.
+    `chosen_only`: each slot's prompt + chosen alone (segment 2k + 1; `rejected_ids` are not read), rows
+    of single sequences for scoring given completions token by token (`jdpo eval`'s sampled KL)."""
     B, T, P = len(rows), row_length, max_pairs_per_row
     input_ids = np.zeros((B, T), np.int32)
     positions = np.zeros((B, T), np.int32)
@@ -125,7 +115,10 @@ def make_batch(
             if shared_prompt and len(prompt) > 1:
                 t = place(b, t, -(k + 1), prompt[:-1], 0, len(prompt) - 1)  # nothing scored
                 prompt, offset = prompt[-1:], len(prompt) - 1
-            for s, completion in ((2 * k + 1, pairs.chosen_ids[pid]), (2 * k + 2, pairs.rejected_ids[pid])):
+            sides = [(2 * k + 1, pairs.chosen_ids[pid])]
+            if not chosen_only:
+                sides.append((2 * k + 2, pairs.rejected_ids[pid]))
+            for s, completion in sides:
                 # Output at t scores token t+1: the completion's tokens follow the prompt's.
                 tokens = np.concatenate([prompt, completion])
                 t = place(b, t, s, tokens, offset, max(len(prompt) - 1, 0))
@@ -140,101 +133,11 @@ def make_batch(
     )
 
 
-def unpack_batch(batch: Batch) -> list[dict[str, Any]]:
-    """The inverse of `make_batch`, for tests and debugging: one dict per filled slot with pair_id,
-    chosen / rejected (the whole sequence, prompt + completion, in either layout) and chosen_scored /
-    rejected_scored (the targets under loss_mask, i.e. the completion tokens as scored)."""
-    out = []
-    for b in range(batch["input_ids"].shape[0]):
-        for k, pid in enumerate(batch["pair_ids"][b].tolist()):
-            if pid < 0:
-                continue
-            item: dict[str, Any] = {"pair_id": pid, "row": b, "slot": k}
-            prompt = batch["input_ids"][b][batch["segment_ids"][b] == -(k + 1)]  # shared: all but its end
-            for name, s in (("chosen", 2 * k + 1), ("rejected", 2 * k + 2)):
-                sel = batch["segment_ids"][b] == s
-                item[name] = np.concatenate([prompt, batch["input_ids"][b][sel]])
-                item[f"{name}_scored"] = batch["targets"][b][sel & (batch["loss_mask"][b] > 0)]
-            out.append(item)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# Padding statistics (packing vs padding to the longest sequence in the batch)
-
-
-def padding_fraction_packed(
-    pair_lengths_N: np.ndarray, row_length: int, max_pairs_per_row: int, window: int, seed: int = 0
-) -> float:
-    """Share of the [rows, T] slots that are padding when the pairs are packed as the iterator does."""
-    lengths = np.asarray(pair_lengths_N, np.int64)
-    fits = np.flatnonzero(lengths <= row_length)
-    order = fits[np.random.default_rng([seed, 0]).permutation(len(fits))]
-    rows = pack_rows(lengths, order, row_length, max_pairs_per_row, window)
-    return 1.0 - lengths[fits].sum() / (len(rows) * row_length)
-
-
-def padding_fraction_pad_to_longest(
-    chosen_seq_N: np.ndarray, rejected_seq_N: np.ndarray, pairs_per_batch: int, seed: int = 0
-) -> float:
-    """Share of padding when each batch of pairs is a [2 * pairs, longest sequence] tensor (what TRL's
-    DPO collator does: chosen and rejected sequences padded to the longest in the batch)."""
-    c, r = np.asarray(chosen_seq_N), np.asarray(rejected_seq_N)
-    order = np.random.default_rng([seed, 0]).permutation(len(c))
-    real = total = 0
-    for i in range(0, len(order), pairs_per_batch):
-        ids = order[i : i + pairs_per_batch]
-        longest = max(c[ids].max(), r[ids].max())
-        real += c[ids].sum() + r[ids].sum()
-        total += 2 * len(ids) * longest
-    return 1.0 - real / total
-
-
-def synthetic_hh_lengths(
-    n: int, seed: int = 0, max_length: int = 512, max_prompt_length: int = 256
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(prompt_N, chosen_N, rejected_N) token counts shaped like Anthropic hh-rlhf under a Llama-style
-    tokenizer: lognormal, prompts median ~110 tokens with a long multi-turn tail, completions median
-    ~50; truncated as the tokeniser would (prompt from the left, completions to max_length)."""
-    rng = np.random.default_rng(seed)
-    p = np.minimum(np.ceil(rng.lognormal(np.log(110), 0.9, n)), max_prompt_length).astype(np.int64)
-    c = np.ceil(rng.lognormal(np.log(50), 0.9, n)).astype(np.int64)
-    r = np.ceil(rng.lognormal(np.log(50), 0.9, n)).astype(np.int64)
-    room = max_length - p
-    return p, np.minimum(c, room), np.minimum(r, room)
-
-
-def compare_padding(
-    prompt_N: np.ndarray,
-    chosen_N: np.ndarray,
-    rejected_N: np.ndarray,
-    *,
-    row_length: int = 2048,
-    max_pairs_per_row: int = 16,
-    pack_window: int = 4096,
-    pairs_per_batch: int = 32,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Padding fraction of our packing, of our one-pair-per-row buckets (row_length / 8, / 4, / 2, / 1),
-    and of pad-to-longest (TRL; batches of `pairs_per_batch` pairs), on the same lengths."""
-    p, c, r = (np.asarray(x, np.int64) for x in (prompt_N, chosen_N, rejected_N))
-    pair = 2 * p + c + r
-    buckets = np.asarray([row_length // 8, row_length // 4, row_length // 2, row_length])
-    fits = pair <= row_length
-    return {
-        "packed": padding_fraction_packed(pair, row_length, max_pairs_per_row, pack_window, seed),
-        "buckets": 1.0 - pair[fits].sum() / buckets[np.searchsorted(buckets, pair[fits])].sum(),
-        "pad_to_longest": padding_fraction_pad_to_longest(p + c, p + r, pairs_per_batch, seed),
-    }
-
-
 # ----------------------------------------------------------------------------------------------------
 # The iterator
 
 
 def _default_process() -> tuple[int, int]:
-    import jax
-
     return jax.process_index(), jax.process_count()
 
 
@@ -243,11 +146,11 @@ class PreferenceBatches:
 
     Args:
       pairs: the tokenised dataset; pair_ids index into it.
-      rows_per_batch: GLOBAL rows per step; each of `process_count` hosts gets rows_per_batch /
-        process_count consecutive rows (host i: rows [i*L, (i+1)*L)).
-      row_length: T for packing; also the largest bucket when `buckets` is not given.
-      max_pairs_per_row: P, pair slots per packed row (S = 2P segments).
-      packing: pack several pairs per row; False: one pair per row in length buckets (P = 1).
+      layout: a `jdpo.data.layout.BatchLayout`, or its fields as keywords: rows_per_batch (GLOBAL rows
+        per step; each of `process_count` hosts gets rows_per_batch / process_count consecutive rows,
+        host i: rows [i*L, (i+1)*L)), row_length (T for packing; also the largest bucket when `buckets`
+        is not given), max_pairs_per_row (P; S = 2P segments), packing (False: one pair per row in
+        length buckets, P = 1), shared_prompt.
       buckets: row lengths for packing=False (default: row_length / 8, / 4, / 2, row_length).
       seed, shuffle: epoch e's order is a permutation drawn from (seed, e); shuffle=False keeps the
         dataset order (used by `one_pass`).
@@ -260,11 +163,13 @@ class PreferenceBatches:
     def __init__(
         self,
         pairs: TokenizedPairs,
+        layout: BatchLayout | None = None,
         *,
-        rows_per_batch: int,
-        row_length: int,
-        max_pairs_per_row: int = 16,
-        packing: bool = True,
+        rows_per_batch: int | None = None,
+        row_length: int | None = None,
+        max_pairs_per_row: int | None = None,
+        packing: bool | None = None,
+        shared_prompt: bool | None = None,
         buckets: Sequence[int] | None = None,
         seed: int = 0,
         shuffle: bool = True,
@@ -272,8 +177,11 @@ class PreferenceBatches:
         pack_window: int = 4096,
         process_index: int | None = None,
         process_count: int | None = None,
-        shared_prompt: bool = False,
     ):
+        layout = BatchLayout.of(layout, rows_per_batch=rows_per_batch, row_length=row_length,
+                                max_pairs_per_row=max_pairs_per_row, packing=packing,
+                                shared_prompt=shared_prompt)  # fmt: skip
+        rows_per_batch, row_length, packing = layout.rows_per_batch, layout.row_length, layout.packing
         if process_index is None or process_count is None:
             pi, pc = _default_process()
             process_index = pi if process_index is None else process_index
@@ -282,12 +190,12 @@ class PreferenceBatches:
             raise ValueError(f"rows_per_batch={rows_per_batch} is not divisible by {process_count} hosts")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index={process_index} outside [0, {process_count})")
-        self.pairs = pairs
+        self.pairs, self.layout = pairs, layout
         self.rows_per_batch = rows_per_batch
         self.local_rows = rows_per_batch // process_count
         self.process_index, self.process_count = process_index, process_count
         self.packing = packing
-        self.max_pairs_per_row = max_pairs_per_row if packing else 1
+        self.max_pairs_per_row = layout.max_pairs_per_row if packing else 1
         if packing:
             self.buckets = (int(row_length),)
         else:
@@ -296,8 +204,8 @@ class PreferenceBatches:
         self.row_length = self.buckets[-1]
         self.seed, self.shuffle, self.num_epochs = seed, shuffle, num_epochs
         self.pack_window = pack_window
-        self.shared_prompt = shared_prompt
-        self.lengths_N = pairs.pair_lengths(shared_prompt)
+        self.shared_prompt = layout.shared_prompt
+        self.lengths_N = pairs.pair_lengths(self.shared_prompt)
         fits = self.lengths_N <= self.row_length
         self.dropped_too_long = int((~fits).sum())
         self.fits = fits  # [N] bool: the pairs a batch can hold (the others are left out everywhere)
@@ -405,46 +313,25 @@ class PreferenceBatches:
 
 def one_pass(
     pairs: TokenizedPairs,
+    layout: BatchLayout | None = None,
     *,
-    rows_per_batch: int,
-    row_length: int,
-    max_pairs_per_row: int = 16,
-    packing: bool = True,
     buckets: Sequence[int] | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
-    shared_prompt: bool = False,
+    **layout_fields: Any,
 ) -> PreferenceBatches:
-    """A finite pass over every pair exactly once in dataset order (reference log-probs, eval).
+    """A finite pass over every pair exactly once in dataset order (reference log-probs, eval), in
+    `layout` (or its fields as keywords: rows_per_batch, row_length, ...).
 
     Same layout as training batches; the last batch is filled with empty rows (pair_ids -1). Pairs
     longer than the row are left out (see `.dropped_too_long`; size the row as >= 2 * max_length).
     """
     return PreferenceBatches(
         pairs,
-        rows_per_batch=rows_per_batch,
-        row_length=row_length,
-        max_pairs_per_row=max_pairs_per_row,
-        packing=packing,
+        BatchLayout.of(layout, **layout_fields),
         buckets=buckets,
         shuffle=False,
         num_epochs=1,
         process_index=process_index,
         process_count=process_count,
-        shared_prompt=shared_prompt,
     )
-
-
-def padding_report(n: int = 20000, seed: int = 0) -> None:
-    """Print packing vs buckets vs pad-to-longest padding on hh-rlhf-like lengths:
-    python -c "from jdpo.data.batching import padding_report; padding_report()"."""
-    p, c, r = synthetic_hh_lengths(n, seed=seed)
-    print(f"{n} synthetic hh-rlhf-like pairs; sequence (prompt+completion) median {np.median(p + c):.0f}, "
-          f"p99 {np.percentile(p + c, 99):.0f}, max {max((p + c).max(), (p + r).max())}")  # fmt: skip
-    for b in (8, 32):
-        s = compare_padding(p, c, r, pairs_per_batch=b, seed=seed)
-        print(f"pad-to-longest, {b} pairs per batch: padding {s['pad_to_longest']:.1%}")
-    for T in (1024, 2048, 4096):
-        for P in (8, 16, 32):
-            s = compare_padding(p, c, r, row_length=T, max_pairs_per_row=P, seed=seed)
-            print(f"T={T} P={P}: packed {s['packed']:.1%}  (one pair per row, buckets: {s['buckets']:.1%})")

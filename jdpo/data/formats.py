@@ -30,16 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from jdpo.data.sources import DataError, SourceSpec, parse_source_spec, read_rows
-from jdpo.data.unpaired import UNPAIRED_FORMAT, is_unpaired, is_unpaired_row, read_unpaired_row
+from jdpo.data.records import as_messages, get_field, get_number, get_text, is_unpaired, record_locations
+from jdpo.data.sources import DataError, parse_source_spec, read_rows
+from jdpo.data.unpaired import UNPAIRED_FORMAT, is_unpaired_row, read_unpaired_row
 
 FORMATS = ("standard", "implicit_prompt", "conversational", "hh-rlhf", "shp", "oasst1", UNPAIRED_FORMAT)
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 # An assistant-turn marker in plain text; the implicit prompt is cut right after the last one.
 _ASSISTANT_MARK = re.compile(r"(?:^|\n)[ \t]*(?:Assistant|ASSISTANT|assistant|AI|Bot|Model|model|GPT)[ \t]*:")
 _MAX_BAD_EXAMPLES = 5
-# Message roles chat templates know; anything else (a typo such as "asistant") is a bad row.
-ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 
 
 @dataclass
@@ -86,12 +85,6 @@ class PreferenceRecords(list):
             raise ValueError(f"{len(self.where)} locations for {len(self)} records")
 
 
-def record_locations(records: Sequence[dict]) -> list[str]:
-    """Where each record came from: `PreferenceRecords.where`, or "record i" for a plain list."""
-    where = getattr(records, "where", None)
-    return list(where) if where is not None else [f"record {i}" for i in range(len(records))]
-
-
 class _BadRows:
     """Raise on the first bad row, or (skip=True) count them and keep the first few messages."""
 
@@ -104,63 +97,6 @@ class _BadRows:
         self.report.bad_rows += 1
         if len(self.report.bad_examples) < _MAX_BAD_EXAMPLES:
             self.report.bad_examples.append(str(err))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Field validation
-
-
-def _field(row: dict, name: str, where: str) -> Any:
-    if name not in row:
-        raise DataError(f"{where}: missing field {name!r} (fields present: {sorted(row)})")
-    return row[name]
-
-
-def _text(row: dict, name: str, where: str) -> str:
-    value = _field(row, name, where)
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {name!r} must be text, got {type(value).__name__}")
-    return value
-
-
-def _number(row: dict, name: str, where: str) -> float:
-    """A number, also from the text of a CSV cell."""
-    value = _field(row, name, where)
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise DataError(f"{where}: field {name!r} must be a number, got {value!r}")
-    return value
-
-
-def _messages(value: Any, name: str, where: str, default_role: str) -> list[dict]:
-    """Text -> one message with `default_role`; a list is checked to hold {"role": str, "content": str}."""
-    if isinstance(value, str):
-        return [{"role": default_role, "content": value}]
-    if hasattr(value, "tolist"):  # numpy arrays from parquet / datasets
-        value = value.tolist()
-    if not isinstance(value, list):
-        raise DataError(
-            f"{where}: field {name!r} must be text or a list of messages, got {type(value).__name__}"
-        )
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise DataError(f"{where}: field {name!r} message {i} must be a dict with a 'role' string")
-        if m["role"] not in ROLES:
-            raise DataError(
-                f"{where}: field {name!r} message {i} has role {m['role']!r}; known roles: {', '.join(ROLES)}"
-            )
-        content = m.get("content")
-        if not isinstance(content, str):
-            raise DataError(
-                f"{where}: field {name!r} message {i} 'content' must be text, got {type(content).__name__}"
-            )
-        out.append({"role": m["role"], "content": content})
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -224,19 +160,19 @@ def parse_hh(transcript: str, where: str, name: str) -> list[dict]:
 
 
 def _read_standard(row: dict, where: str, opts: dict) -> dict | str:
-    prompt = _field(row, "prompt", where)
-    chosen, rejected = _field(row, "chosen", where), _field(row, "rejected", where)
+    prompt = get_field(row, "prompt", where)
+    chosen, rejected = get_field(row, "chosen", where), get_field(row, "rejected", where)
     if all(isinstance(v, str) for v in (prompt, chosen, rejected)):
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     if any(isinstance(v, list) or hasattr(v, "tolist") for v in (prompt, chosen, rejected)):
         return _read_conversational(row, where, opts)
     for name in ("prompt", "chosen", "rejected"):
-        _text(row, name, where)
+        get_text(row, name, where)
     raise AssertionError("unreachable")
 
 
 def _read_implicit(row: dict, where: str, opts: dict) -> dict | str:
-    chosen, rejected = _field(row, "chosen", where), _field(row, "rejected", where)
+    chosen, rejected = get_field(row, "chosen", where), get_field(row, "rejected", where)
     if not (isinstance(chosen, str) and isinstance(rejected, str)):
         return _read_conversational(row, where, opts)
     prompt, c, r = extract_prompt(chosen, rejected)
@@ -244,10 +180,10 @@ def _read_implicit(row: dict, where: str, opts: dict) -> dict | str:
 
 
 def _read_conversational(row: dict, where: str, opts: dict) -> dict | str:
-    chosen = _messages(_field(row, "chosen", where), "chosen", where, "assistant")
-    rejected = _messages(_field(row, "rejected", where), "rejected", where, "assistant")
+    chosen = as_messages(get_field(row, "chosen", where), "chosen", where, "assistant")
+    rejected = as_messages(get_field(row, "rejected", where), "rejected", where, "assistant")
     if row.get("prompt") is not None:
-        prompt = _messages(row["prompt"], "prompt", where, "user")
+        prompt = as_messages(row["prompt"], "prompt", where, "user")
         # UltraFeedback-binarized repeats the prompt turns at the start of chosen and rejected.
         n = len(prompt)
         if chosen[:n] == prompt:
@@ -261,8 +197,8 @@ def _read_conversational(row: dict, where: str, opts: dict) -> dict | str:
 
 
 def _read_hh(row: dict, where: str, opts: dict) -> dict | str:
-    chosen = parse_hh(_text(row, "chosen", where), where, "chosen")
-    rejected = parse_hh(_text(row, "rejected", where), where, "rejected")
+    chosen = parse_hh(get_text(row, "chosen", where), where, "chosen")
+    rejected = parse_hh(get_text(row, "rejected", where), where, "rejected")
     if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
         return "hh-rlhf: transcript does not end with an Assistant turn"
     if chosen[:-1] != rejected[:-1]:
@@ -271,14 +207,14 @@ def _read_hh(row: dict, where: str, opts: dict) -> dict | str:
 
 
 def _read_shp(row: dict, where: str, opts: dict) -> dict | str:
-    history = _text(row, "history", where)
-    a, b = _text(row, "human_ref_A", where), _text(row, "human_ref_B", where)
-    label = _number(row, "labels", where)
+    history = get_text(row, "history", where)
+    a, b = get_text(row, "human_ref_A", where), get_text(row, "human_ref_B", where)
+    label = get_number(row, "labels", where)
     if label not in (0, 1):
         raise DataError(f"{where}: field 'labels' must be 0 or 1, got {row['labels']!r}")
     ratio = opts.get("min_score_ratio")
     if ratio:
-        sa, sb = _number(row, "score_A", where), _number(row, "score_B", where)
+        sa, sb = get_number(row, "score_A", where), get_number(row, "score_B", where)
         hi, lo = max(sa, sb), min(sa, sb)
         if (hi / lo if lo > 0 else (float("inf") if hi > 0 else 1.0)) < ratio:
             return f"shp: score ratio below {ratio}"
@@ -315,9 +251,9 @@ def _read_oasst1(
     children: dict[str, list[str]] = defaultdict(list)
     for where, row in rows:
         try:
-            mid = _field(row, "message_id", where)
-            role = _text(row, "role", where)
-            _text(row, "text", where)
+            mid = get_field(row, "message_id", where)
+            role = get_text(row, "role", where)
+            get_text(row, "text", where)
             if role not in ("prompter", "assistant"):
                 raise DataError(f"{where}: field 'role' must be 'prompter' or 'assistant', got {role!r}")
             rank = row.get("rank")
@@ -494,19 +430,6 @@ def _check_kind(row: dict, where: str, first: tuple[str, str] | None) -> str:
     return kind
 
 
-def _take(n: int, spec: SourceSpec, rng: np.random.Generator) -> list[int]:
-    """The indices of a deterministic subset (or, above 100%, whole copies plus a subset) of one source's
-    `n` records."""
-    if spec.count is None and spec.fraction is None:
-        return list(range(n))
-    want = spec.count if spec.count is not None else int(round(spec.fraction * n))
-    if n == 0:
-        return []
-    copies, rest = divmod(want, n)
-    keep = np.sort(rng.permutation(n)[:rest])
-    return list(range(n)) * copies + keep.tolist()
-
-
 def _split_sources(source: str | Sequence[str]) -> list[str]:
     if isinstance(source, str):
         if "," in source and not os.path.exists(source):
@@ -546,7 +469,7 @@ def load_preferences(
     wheres: list[str] = []
     for i, (spec, fmt) in enumerate(zip(specs, formats, strict=True)):
         recs = read_source(spec.path, fmt, split=split, skip_bad_rows=skip_bad_rows, report=report, **options)
-        keep = _take(len(recs), spec, np.random.default_rng([seed, i]))
+        keep = spec.take(len(recs), np.random.default_rng([seed, i]))
         report.per_source[spec.path] = report.per_source.get(spec.path, 0) + len(keep)
         out.extend(recs[k] for k in keep)
         wheres.extend(recs.where[k] for k in keep)

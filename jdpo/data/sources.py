@@ -12,10 +12,14 @@ import io
 import json
 import os
 import re
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
 
 from jdpo.errors import UserError
 
@@ -36,6 +40,19 @@ class SourceSpec:
     path: str
     count: int | None = None
     fraction: float | None = None
+
+    def take(self, n: int, rng: np.random.Generator) -> list[int]:
+        """The indices of this entry's amount of a source of `n` records: all of them without an amount,
+        else a subset drawn with `rng` (above 100%: whole copies plus a subset), in source order. The one
+        rule for amounts, of preference records and of online prompts alike."""
+        if self.count is None and self.fraction is None:
+            return list(range(n))
+        want = self.count if self.count is not None else int(round(self.fraction * n))
+        if n == 0:
+            return []
+        copies, rest = divmod(want, n)
+        keep = np.sort(rng.permutation(n)[:rest])
+        return list(range(n)) * copies + keep.tolist()
 
 
 _AMOUNT = re.compile(r"^(.*):(\d+(?:\.\d*)?|\.\d+)$")
@@ -66,9 +83,6 @@ def _hub_offline() -> bool:
 def _hub_reachable(timeout_s: float = 3.0) -> tuple[bool, str]:
     """A quick TCP connect to the hub endpoint, so that an offline machine fails in seconds, not after
     the hub client's retries."""
-    import socket
-    from urllib.parse import urlparse
-
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
     try:

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from jdpo.data.formats import record_locations
+from jdpo.data.records import record_locations
 from jdpo.data.sources import DataError
 
 PERCENTILES = (50, 90, 95, 99, 100)
@@ -416,13 +416,6 @@ def prompt_texts(tokenizer: Any, prompts: Sequence[str | list[dict]]) -> list[st
     return [render.prompt(p) for p in prompts]
 
 
-def encode_prompt(
-    tokenizer: Any, prompt: str | list[dict], *, max_prompt_length: int | None = None
-) -> np.ndarray:
-    """`encode_prompts` for one prompt."""
-    return encode_prompts(tokenizer, [prompt], max_prompt_length=max_prompt_length)[0]
-
-
 def _template_writes_bos(render: _Renderer) -> bool:
     bos = render.tok.bos_token_id
     ids = _encode(render.tok, [render._template([{"role": "user", "content": "x"}], True)], 1)[0]
@@ -461,7 +454,7 @@ def tokenize_preferences(
     """Tokenise records {"prompt", "chosen", "rejected"} (text or messages) with `tokenizer`.
 
     Args:
-      tokenizer: a transformers tokenizer (fast ones are batched in Rust; 10k pairs take seconds).
+      tokenizer: a transformers tokenizer (fast ones tokenise in batches of `batch_size`).
       max_length: cap on prompt + completion per sequence (each of chosen and rejected).
       max_prompt_length: cap on the prompt; cut from the left.
       skip_bad_rows: drop (and count) records the chat template rejects (or, without a template, with a
@@ -477,35 +470,9 @@ def tokenize_preferences(
     if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
         raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
 
-    where = record_locations(records)
-    keep, texts_p, texts_c, texts_r, chat_flags = [], [], [], [], []
-    for i, rec in enumerate(records):
-        if _empty(rec["chosen"]) or _empty(rec["rejected"]):
-            report.dropped["empty completion"] += 1
-            continue
-        if rec["chosen"] == rec["rejected"] and not keep_equal:
-            report.dropped["chosen == rejected"] += 1
-            continue
-        try:
-            p, c, r, chat = render(rec)
-        except Exception as e:  # the template's own checks (role order, unknown roles, ...)
-            if render.has_template:
-                err = DataError(
-                    f"{where[i]}: the chat template failed on this record: {type(e).__name__}: {e}"
-                )
-            else:  # a role `render_plain` cannot write
-                err = DataError(f"{where[i]}: {e}")
-            if not skip_bad_rows:
-                raise err from None
-            report.dropped["chat template error" if render.has_template else "role without a plain form"] += 1
-            if len(report.bad_examples) < 5:
-                report.bad_examples.append(str(err))
-            continue
-        keep.append(i)
-        texts_p.append(p)
-        texts_c.append(c)
-        texts_r.append(r)
-        chat_flags.append(chat)
+    keep, texts_p, texts_c, texts_r, chat_flags = _render_records(
+        records, render, report, keep_equal, skip_bad_rows
+    )
     report.template_fallbacks = render.fallbacks
 
     encode_completions = _encode_continuations if _needs_anchor(tokenizer) else _encode
@@ -542,6 +509,49 @@ def tokenize_preferences(
         out_src.append(i)
 
     pairs = TokenizedPairs(out_p, out_c, out_r, np.asarray(out_src, np.int64))
+    _length_stats(report, pairs)
+    if verbose:
+        print(report)
+    return pairs, report
+
+
+def _render_records(records, render, report: TokenizeReport, keep_equal: bool, skip_bad_rows: bool):
+    """Each usable record as (prompt, chosen, rejected) text through the chat template (or plain text);
+    empty / equal completions and records the template rejects are dropped and counted (or raise)."""
+    where = record_locations(records)
+    keep, texts_p, texts_c, texts_r, chat_flags = [], [], [], [], []
+    for i, rec in enumerate(records):
+        if _empty(rec["chosen"]) or _empty(rec["rejected"]):
+            report.dropped["empty completion"] += 1
+            continue
+        if rec["chosen"] == rec["rejected"] and not keep_equal:
+            report.dropped["chosen == rejected"] += 1
+            continue
+        try:
+            p, c, r, chat = render(rec)
+        except Exception as e:  # the template's own checks (role order, unknown roles, ...)
+            if render.has_template:
+                err = DataError(
+                    f"{where[i]}: the chat template failed on this record: {type(e).__name__}: {e}"
+                )
+            else:  # a role `render_plain` cannot write
+                err = DataError(f"{where[i]}: {e}")
+            if not skip_bad_rows:
+                raise err from None
+            report.dropped["chat template error" if render.has_template else "role without a plain form"] += 1
+            if len(report.bad_examples) < 5:
+                report.bad_examples.append(str(err))
+            continue
+        keep.append(i)
+        texts_p.append(p)
+        texts_c.append(c)
+        texts_r.append(r)
+        chat_flags.append(chat)
+    return keep, texts_p, texts_c, texts_r, chat_flags
+
+
+def _length_stats(report: TokenizeReport, pairs: TokenizedPairs) -> None:
+    """The kept pairs' token counts and length percentiles, into `report`."""
     report.pairs_kept = len(pairs)
     lp, lc, lr = pairs.lengths()
     report.prompt_tokens, report.chosen_tokens, report.rejected_tokens = (
@@ -553,6 +563,3 @@ def tokenize_preferences(
         seq = np.concatenate([lp + lc, lp + lr])
         report.pair_length_percentiles = {q: float(np.percentile(2 * lp + lc + lr, q)) for q in PERCENTILES}
         report.sequence_length_percentiles = {q: float(np.percentile(seq, q)) for q in PERCENTILES}
-    if verbose:
-        print(report)
-    return pairs, report

@@ -1,36 +1,28 @@
-"""Unpaired feedback: records {"prompt", "completion", "label"} (thumbs up / down on single answers) and the
-training examples the unpaired losses (`jdpo.kto_loss`: kto, bco, apo_zero_unpaired) read.
+"""Unpaired feedback: records {"prompt", "completion", "label"} (format "unpaired", thumbs up / down on
+single answers) and the examples the unpaired losses (`jdpo.kto_loss`: kto, bco, apo_zero_unpaired) read.
 
-Record format "unpaired" (TRL's unpaired preference format), auto-detected from the fields completion and
-label: prompt and completion as text, or as message lists (the conversational form: the prompt holds every
-turn before the completion); label true = desirable, false = undesirable. A missing or non-boolean label
-raises `DataError` naming the file, line and field (JSON / parquet booleans, and the words true / false in a
-CSV cell).
-
-`to_examples` turns the records of one split (unpaired ones, or pairs, each split into a desirable record of
-its chosen and an undesirable one of its rejected completion) into the pipeline's pair layout, so that
-tokenisation, packing, the reference cache and the forward are those of pairs: example i is the "pair"
-(prompt_i + completion_i, prompt_i + completion_{(i-1) mod n}), the second sequence being the mismatched
-completion KTO's KL estimate is taken over (`jdpo.kl_mismatch_order`: a rotation by one, so no example keeps
-its own completion for any n >= 2, odd or even; never a reversal). The examples are shuffled by the seed
-first, so the completions of one split pair (neighbours in file order) do not meet as a mismatch. TRL
-rotates within each batch; here the rotation is over the split, fixed for the run, so the KL completions'
-reference log-probs are cached with the rest. The labels travel as `TokenizedPairs.labels` to the batches.
-
-`check_classes` refuses a one-class dataset for KTO and warns when the weighted class ratio
-(desirable_weight * n_desirable) / (undesirable_weight * n_undesirable) leaves [1, 4/3], the range the KTO
-paper (section 4.2) recommends.
+`to_examples` puts one split's rated examples (pairs split into a desirable and an undesirable one) into
+the pair layout, so tokenisation, packing, the reference cache and the forward are those of pairs:
+example i is (prompt_i + completion_i, prompt_i + the completion `kl_mismatch_order` gives it), the second
+being what KTO's KL estimate is taken over. The examples are shuffled by the seed first, so the two halves
+of one pair never meet as a mismatch; the rotation is over the split and fixed for the run, so the KL
+completions' reference log-probs are cached with the rest. `check_classes` refuses a one-class split for
+KTO and warns when the class ratio leaves the range the KTO paper recommends.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from jdpo.data.records import as_messages, get_field, is_unpaired
 from jdpo.data.sources import DataError
+from jdpo.data.tokenize import tokenize_preferences
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +38,6 @@ def is_unpaired_row(row: dict) -> bool:
     return "completion" in row and not ({"chosen", "rejected"} & set(row))
 
 
-def is_unpaired(record: dict) -> bool:
-    """A loaded record of the unpaired format (else a pair {"prompt", "chosen", "rejected"})."""
-    return "completion" in record
-
-
 def _label(row: dict, where: str) -> bool:
     if "label" not in row:
         raise DataError(f"{where}: missing field 'label' (fields present: {sorted(row)}); an unpaired record "
@@ -64,16 +51,16 @@ def _label(row: dict, where: str) -> bool:
 
 
 def read_unpaired_row(row: dict, where: str, opts: dict) -> dict:
-    """One row of the unpaired format -> {"prompt", "completion", "label": bool}; raises DataError."""
-    from jdpo.data.formats import _field, _messages
-
+    """One row of the unpaired format -> {"prompt", "completion", "label": bool}. Prompt and completion are
+    text or message lists; the label a JSON / parquet boolean or true / false in a CSV cell (True:
+    desirable). Anything else is a DataError naming the row and field."""
     label = _label(row, where)
-    prompt, completion = row.get("prompt", ""), _field(row, "completion", where)
+    prompt, completion = row.get("prompt", ""), get_field(row, "completion", where)
     prompt = "" if prompt is None else prompt
     if isinstance(prompt, str) and isinstance(completion, str):
         return {"prompt": prompt, "completion": completion, "label": label}
-    prompt = [] if isinstance(prompt, str) and not prompt else _messages(prompt, "prompt", where, "user")
-    completion = _messages(completion, "completion", where, "assistant")
+    prompt = [] if isinstance(prompt, str) and not prompt else as_messages(prompt, "prompt", where, "user")
+    completion = as_messages(completion, "completion", where, "assistant")
     n = len(prompt)
     if n and completion[:n] == prompt:  # the completion repeats the prompt turns (as UltraFeedback does)
         completion = completion[n:]
@@ -104,12 +91,28 @@ def _as_kind(completion: Any, prompt: Any) -> Any:
     return completion
 
 
+def kl_mismatch_order(n: int) -> np.ndarray:
+    """For a group of n examples, the index of the completion each prompt is paired with for KTO's KL
+    estimate: ``order[i] = (i - 1) mod n``, the completions rotated by one as TRL's KTOTrainer does. No
+    example keeps its own completion for any n >= 2, odd or even (a reversal would leave the middle of an
+    odd group matched). Use: ``kl_completions = completions[order]``.
+
+    Raises ValueError for n < 2: a single example can only be paired with its own completion.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise ValueError(f"kl_mismatch_order: n must be an int, got {n!r}")
+    if n < 2:
+        raise ValueError(
+            f"kl_mismatch_order needs n >= 2 examples, got {n}: a single example would be paired with its "
+            "own completion, so the KL term would equal the example's own reward"
+        )
+    return (np.arange(n) - 1) % n
+
+
 def to_examples(records: Sequence[dict], *, seed: int) -> tuple[list[dict], np.ndarray]:
     """One split's records -> (pair-layout examples {"prompt", "chosen", "rejected"}, labels [n] bool):
     chosen is the example's own completion, rejected the mismatched one for the KL estimate (module
     docstring). Shuffled by `seed`. Raises DataError for fewer than 2 examples (no mismatch exists)."""
-    from jdpo.losses.unpaired import kl_mismatch_order
-
     unpaired, labels = split_pairs(records)
     if len(unpaired) < 2:
         raise DataError(
@@ -158,10 +161,6 @@ def tokenize_unpaired(records: Sequence[dict], tokenizer: Any, *, seed: int, **k
     """`to_examples` then `jdpo.data.tokenize_preferences` (kwargs: max_length, max_prompt_length, ...):
     (TokenizedPairs with `labels`, TokenizeReport). An example whose KL completion equals its own (the same
     answer to another prompt) is kept: its prompt still differs."""
-    import dataclasses
-
-    from jdpo.data.tokenize import tokenize_preferences
-
     examples, labels = to_examples(records, seed=seed)
     pairs, report = tokenize_preferences(examples, tokenizer, keep_equal=True, **kwargs)
     return dataclasses.replace(pairs, labels=labels[pairs.source_index]), report
@@ -171,10 +170,6 @@ def tokenizer_for(dpo: Any, *, seed: int):
     """The tokenisation of a run's splits for its loss settings `dpo` (a `jdpo.config.DPOSection`):
     `tokenize_unpaired` for the unpaired losses, else `jdpo.data.tokenize_preferences` after refusing
     unpaired records (naming their sources) before anything is tokenised."""
-    import functools
-
-    from jdpo.data.tokenize import tokenize_preferences
-
     if dpo.unpaired:
         return functools.partial(tokenize_unpaired, seed=seed)
 

@@ -2,8 +2,8 @@
 
 Thumbs-up / thumbs-down data has no pairs, so the pairwise ``jdpo.losses.pairwise.dpo_loss`` cannot use it. This
 module holds the unpaired losses (KTO, BCO, APO-zero unpaired) and the pure pieces their train step needs
-around them: the KL reference point of KTO (``kto_kl``) and the mismatched prompt / completion pairing it is
-estimated from (``kl_mismatch_order``), BCO's running reward mean (``running_moments_init`` /
+around them: the KL reference point of KTO (``kto_kl``, over the mismatched completions of
+``jdpo.kl_mismatch_order``, a rule of the data), BCO's running reward mean (``running_moments_init`` /
 ``running_moments_update``), and the conversion of summed per-example metrics to TRL's means
 (``kto_metric_means``). Like ``jdpo.losses.pairwise`` it imports only jax (and numpy, which jax brings).
 
@@ -235,6 +235,7 @@ def kto_loss(
     r = jnp.where(valid, pol - ref, 0.0)
     br = beta * r
 
+    z0 = d = None
     if loss_type == "kto":
         z0 = jnp.broadcast_to(jax.lax.stop_gradient(as_float32(kl)), shape)
         # 1 - s(x) = s(-x): desirable s(-b (r - kl)), undesirable s(-b (kl - r)).
@@ -252,25 +253,29 @@ def kto_loss(
         total = jnp.sum(w * losses)
         loss = total if reduction == "sum" else total / jnp.maximum(jnp.sum(w), TINY)
 
+    extra = {"kl": z0} if loss_type == "kto" else {"delta": d} if loss_type == "bco" else {}
+    per_example = _per_example_metrics(valid, desirable, br, pol, extra)
+    if reduction == "none":
+        return loss, per_example
+    return loss, kto_metric_means({k: jnp.sum(v) for k, v in per_example.items()})
+
+
+def _per_example_metrics(valid, desirable, br, pol, extra: dict) -> dict:
+    """The per-example metric terms (0 outside their class or slot) whose sums `kto_metric_means` turns
+    into TRL's KTO / BCO means; `extra`: kl or delta, reported at every valid example."""
     chosen = (valid & desirable).astype(jnp.float32)
     rejected = (valid & ~desirable).astype(jnp.float32)
     pol_valid = jnp.where(valid, pol, 0.0)
-    per_example = {
+    out = {
         "rewards/chosen": chosen * br,
         "rewards/rejected": rejected * br,
         "logps/chosen": chosen * pol_valid,
         "logps/rejected": rejected * pol_valid,
         "count/chosen": chosen,
         "count/rejected": rejected,
+        **{k: valid.astype(jnp.float32) * v for k, v in extra.items()},
     }
-    if loss_type == "kto":
-        per_example["kl"] = valid.astype(jnp.float32) * z0
-    if loss_type == "bco":
-        per_example["delta"] = valid.astype(jnp.float32) * d
-    per_example = {k: jax.lax.stop_gradient(v) for k, v in per_example.items()}
-    if reduction == "none":
-        return loss, per_example
-    return loss, kto_metric_means({k: jnp.sum(v) for k, v in per_example.items()})
+    return {k: jax.lax.stop_gradient(v) for k, v in out.items()}
 
 
 def kto_metric_means(sums: Mapping[str, Array]) -> dict[str, Array]:
@@ -307,26 +312,6 @@ def kto_kl(policy_kl_logps: Array, ref_kl_logps: Array, weights: Array | None = 
     n = jnp.sum(valid.astype(jnp.float32))
     mean = jnp.sum(jnp.where(valid, p - r, 0.0)) / jnp.maximum(n, 1.0)
     return jax.lax.stop_gradient(jnp.maximum(mean, 0.0))
-
-
-def kl_mismatch_order(n: int) -> np.ndarray:
-    """For a group of n examples, the index of the completion each prompt is paired with for KTO's KL
-    estimate: ``order[i] = (i - 1) mod n``, i.e. the completions rotated by one, as TRL's KTOTrainer builds
-    its KL completions per batch (the last completion goes to the first prompt). No example keeps its own
-    completion for any n >= 2, odd or even, and the KL completions are the group's own, re-paired (never a
-    reversal, which leaves the middle of an odd group matched). Use: ``kl_completions = completions[order]``.
-
-    Raises ValueError for n < 2: a single example can only be paired with its own completion (TRL refuses
-    a per-device batch size of 1 for the same reason).
-    """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-        raise ValueError(f"kl_mismatch_order: n must be an int, got {n!r}")
-    if n < 2:
-        raise ValueError(
-            f"kl_mismatch_order needs n >= 2 examples, got {n}: a single example would be paired with its "
-            "own completion, so the KL term would equal the example's own reward"
-        )
-    return (np.arange(n) - 1) % n
 
 
 # ----------------------------------------------------------------------------------------------------------

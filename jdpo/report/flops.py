@@ -1,12 +1,14 @@
 """FLOPs and MFU accounting: model FLOPs of a step, the devices' peak FLOP/s, and throughput metrics.
 
-Model FLOPs credit useful work only: ``2 x`` the matmul parameters per non-pad token, plus attention
-over the causal (query, key) pairs inside each segment (not ``T^2``); rematerialisation is not
-counted. ``cfg`` is a ``jdpo.models.ModelConfig`` or a Hugging Face config (dict or object):
+Model FLOPs credit useful work only: ``2 x`` the matmul parameters per computed token (a shared prompt
+once), plus attention over the (query, key) pairs the mask lets each query see (not ``T^2``);
+rematerialisation is not counted. ``cfg`` is a ``jdpo.models.ModelConfig`` or a Hugging Face config
+(dict or object). The token accounting is :func:`token_counts`, the one place every figure comes from:
 
-    stats = batch_token_stats(batch)  # host-side: tokens, slots, attended_keys, scored
-    flops = train_flops(cfg, tokens=stats["tokens"], attended_keys=stats["attended_keys"])
-    throughput_metrics(step_time=dt, tokens=..., slots=..., flops=flops, peak_flops=total_peak_flops())
+    counts = token_counts(host_batches, sliding_window=w).over_processes()  # tokens, slots, keys, ...
+    flops = train_flops(cfg, tokens=counts.tokens, attended_keys=counts.attended_keys)
+    throughput_metrics(step_time=dt, tokens=counts.tokens, slots=counts.slots, flops=flops,
+                       peak_flops=total_peak_flops())
 
 The peak is the published bf16 dense figure for known accelerators and, on CPU, the measured float32
 matmul rate of this host. No JAX at import time: only the peak functions import it, when called.
@@ -14,12 +16,14 @@ matmul rate of this host. No JAX at import time: only the peak functions import 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
+from jdpo.parallel.distributed import process_count, sum_over_processes
 from jdpo.report.metrics import MFU, PADDING_FRACTION, STEP_TIME, TOKENS_PER_SEC
 
 
@@ -60,10 +64,10 @@ def _attention_flops_per_key(cfg: Any) -> float:
 
 
 def forward_flops(cfg: Any, *, tokens: int, attended_keys: int, head_tokens: int | None = None) -> float:
-    """Model FLOPs of one forward pass over ``tokens`` non-pad tokens.
+    """Model FLOPs of one forward pass over ``tokens`` computed tokens.
 
     ``2 * matmul_params`` per token (a multiply and an add per weight), plus attention,
-    ``4 * L * N * H`` per causal (query, key) pair inside a segment (see :func:`attended_keys`).
+    ``4 * L * N * H`` per visible (query, key) pair (see :func:`attended_keys`).
     Counting the causal pairs rather than ``T^2`` credits the useful work only; a kernel that also
     computes the masked half is not credited for it.
 
@@ -118,16 +122,39 @@ def flops_per_token(cfg: Any, seq_len: int, *, training: bool = True) -> float:
     return 3.0 * fwd if training else fwd
 
 
-def attended_keys(positions, segment_ids, *, sliding_window: int | None = None) -> int:
-    """Number of causal (query, key) pairs in a batch: for every non-pad token (segment id > 0) its
-    position in its segment + 1, capped at ``sliding_window`` when the model uses one.
-    ``positions`` / ``segment_ids``: [B, T] integer arrays (NumPy, host-side) from the data path."""
+def attended_keys(segment_ids, *, sliding_window: int | None = None) -> int:
+    """(query, key) pairs a batch's queries may see, per layer and query head: what MFU credits for
+    attention. The rule of `jdpo.models.masks.AttentionMask`, counted host-side for every non-pad query
+    (segment id != 0): the keys of its own segment at or before it, and for a branch (segment s > 0) every
+    key of its shared prefix -(ceil(s / 2)) before it (the shared-prompt layout; absent in plain rows);
+    with ``sliding_window``, only keys fewer than that many row slots back (the mask's window; the
+    shared-prompt layout is never given a window, `jdpo.models.kernels.shares_prompt`).
+    ``segment_ids``: [B, T] integers (NumPy, host-side) from the data path. O(B T log(B T)): one sort
+    and two binary searches per query, never a [T, T] mask."""
     import numpy as np
 
-    keys = np.asarray(positions, dtype=np.int64) + 1
-    if sliding_window:
-        keys = np.minimum(keys, sliding_window)
-    return int(np.sum(keys * (np.asarray(segment_ids) > 0)))
+    seg = np.asarray(segment_ids, dtype=np.int64)
+    B, T = seg.shape
+    if seg.size == 0 or not np.any(seg):
+        return 0
+    # Group (row, segment id) -> g; a key's sort code g * T + t orders keys by group, then position.
+    lo_id, hi_id = int(seg.min()), int(seg.max())
+    span = hi_id - lo_id + 1
+    row = np.arange(B, dtype=np.int64)[:, None]
+    t = np.arange(T, dtype=np.int64)[None, :]
+    codes = np.sort(((row * span + seg - lo_id) * T + t).ravel())
+
+    def keys_of(group, first):
+        """Keys of `group` at positions in [first, t], per query."""
+        last = np.searchsorted(codes, group * T + t, "right")
+        return last - np.searchsorted(codes, group * T + first, "left")
+
+    first = np.zeros_like(t) if not sliding_window else np.maximum(t - sliding_window + 1, 0)
+    own = keys_of(row * span + seg - lo_id, first)
+    prefix_id = -((seg + 1) // 2)  # segment 2k + 1 and 2k + 2 see -(k + 1) (`masks.prefix`)
+    has_prefix = (seg > 0) & (prefix_id >= lo_id)
+    shared = np.where(has_prefix, keys_of(row * span + np.maximum(prefix_id, lo_id) - lo_id, first), 0)
+    return int(np.sum(np.where(seg != 0, own + shared, 0)))
 
 
 def computed_attention_keys(kernel: str, segment_ids, *, tile: int, sliding_window: int | None = None) -> int:
@@ -184,22 +211,72 @@ def computed_attention_keys(kernel: str, segment_ids, *, tile: int, sliding_wind
     return total * tile * tile
 
 
-def batch_token_stats(batch: Mapping[str, Any], *, sliding_window: int | None = None) -> dict[str, int]:
-    """``tokens`` (non-pad), ``slots`` (B * T), ``attended_keys`` and ``scored`` (positions with
-    ``loss_mask`` > 0, the completion tokens whose logits DPO needs) of one host-side batch (a
-    `jdpo.data.batch.Batch` or a dict with its ``segment_ids``, ``positions`` and ``loss_mask``). Per host:
-    sum across hosts (`jdpo.parallel.distributed.sum_over_processes`) for global numbers."""
+@dataclasses.dataclass(frozen=True)
+class TokenCounts:
+    """The token accounting of a set of host-side batches, the one input of every throughput figure
+    (`jdpo bench`, the train records, experiments/bench/vs_trl.py).
+
+    tokens: positions the forward computes (segment id != 0): a plain pair's prompt twice (once per
+      sequence), a shared prompt (`data.shared_prompt`) once, like every row slot it occupies;
+    slots: B * T of every batch, so ``padding_fraction = 1 - tokens / slots``;
+    attended_keys: the (query, key) pairs the mask lets the queries see (:func:`attended_keys`);
+    scored: positions with ``loss_mask`` > 0, the completion tokens whose logits DPO needs;
+    pairs: filled pair slots (``pair_ids`` >= 0; a rated example of the unpaired kind is one slot).
+    """
+
+    tokens: int = 0
+    slots: int = 0
+    attended_keys: int = 0
+    scored: int = 0
+    pairs: int = 0
+
+    def __add__(self, other: TokenCounts) -> TokenCounts:
+        return TokenCounts(*(a + b for a, b in zip(self.astuple(), other.astuple(), strict=True)))
+
+    def astuple(self) -> tuple[int, ...]:
+        return dataclasses.astuple(self)
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1.0 - self.tokens / self.slots if self.slots else 0.0
+
+    def over_processes(self) -> TokenCounts:
+        """The global counts: every process's summed (a collective, like
+        `jdpo.parallel.distributed.sum_over_processes`; call it on every process). The collective sums
+        int32, and a large step's attended keys pass 2^31: each count crosses in base-2^20 digits."""
+
+        if process_count() == 1:
+            return self
+        digits = [(x >> shift) & (_DIGIT - 1) for x in self.astuple() for shift in (40, 20, 0)]
+        summed = [int(d) for d in sum_over_processes(digits)]
+        return TokenCounts(*(sum(d << shift for d, shift in zip(summed[i : i + 3], (40, 20, 0), strict=True))
+                             for i in range(0, len(summed), 3)))  # fmt: skip
+
+
+_DIGIT = 1 << 20  # a digit's sum over up to 2048 processes stays below 2^31
+
+
+def token_counts(batches: Any, *, sliding_window: int | None = None) -> TokenCounts:
+    """The :class:`TokenCounts` of one host-side batch (a `jdpo.data.batch.Batch` or a mapping with its
+    ``segment_ids``, ``loss_mask`` and, for ``pairs``, ``pair_ids``) or of an iterable of them, summed.
+    This host's rows only: `TokenCounts.over_processes` gives the global batch's."""
     import numpy as np
 
-    if "loss_mask" not in batch:
-        raise KeyError(f"batch_token_stats needs 'loss_mask' in the batch; it has {sorted(batch)}")
-    seg = np.asarray(batch["segment_ids"])
-    return {
-        "tokens": int(np.sum(seg > 0)),
-        "slots": int(seg.size),
-        "attended_keys": attended_keys(batch["positions"], seg, sliding_window=sliding_window),
-        "scored": int(np.sum(np.asarray(batch["loss_mask"]) > 0)),
-    }
+    if isinstance(batches, Mapping) or hasattr(batches, "segment_ids"):
+        batches = [batches]
+    total = TokenCounts()
+    for batch in batches:
+        if "loss_mask" not in batch:
+            raise KeyError(f"token_counts needs 'loss_mask' in the batch; it has {sorted(batch)}")
+        seg = np.asarray(batch["segment_ids"])
+        total += TokenCounts(
+            tokens=int(np.sum(seg != 0)),
+            slots=int(seg.size),
+            attended_keys=attended_keys(seg, sliding_window=sliding_window),
+            scored=int(np.sum(np.asarray(batch["loss_mask"]) > 0)),
+            pairs=int(np.sum(np.asarray(batch["pair_ids"]) >= 0)) if "pair_ids" in batch else 0,
+        )
+    return total
 
 
 # Published dense (no sparsity) bf16 peaks per JAX device, matched against ``device.device_kind``

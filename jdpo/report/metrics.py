@@ -40,30 +40,14 @@ GRAD_NORM = "grad_norm"
 LEARNING_RATE = "learning_rate"
 STEP = "step"
 EPOCH = "epoch"
-TOKENS_PER_SEC = "tokens_per_sec"  # non-pad tokens (prompt + completions, policy forward) per second
+# Tokens the policy forward computes per second: non-pad row slots, so a shared prompt counts once
+# (`jdpo.report.flops.token_counts`, which every throughput figure comes from).
+TOKENS_PER_SEC = "tokens_per_sec"
 MFU = "mfu"  # model FLOPs utilisation, a fraction in [0, 1]
 PADDING_FRACTION = "padding_fraction"  # pad tokens / all token slots of the step's batches
 STEP_TIME = "step_time"  # seconds of wall clock per optimizer step
 
 EVAL_PREFIX = "eval/"
-
-#: The per-step training metrics, in the order the console and plots present them.
-TRAIN_METRICS = (
-    LOSS,
-    REWARDS_CHOSEN,
-    REWARDS_REJECTED,
-    REWARDS_ACCURACIES,
-    REWARDS_MARGINS,
-    LOGPS_CHOSEN,
-    LOGPS_REJECTED,
-    GRAD_NORM,
-    LEARNING_RATE,
-    EPOCH,
-    TOKENS_PER_SEC,
-    MFU,
-    PADDING_FRACTION,
-    STEP_TIME,
-)
 
 
 def eval_name(name: str) -> str:

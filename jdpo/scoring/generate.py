@@ -45,7 +45,9 @@ import numpy as np
 from flax import nnx
 
 from jdpo.data import encode_prompts, end_of_turn_id
-from jdpo.parallel.sharding import batch_sharding, jit_on_mesh, round_rows
+from jdpo.models import from_pretrained
+from jdpo.models import peft as peft_export
+from jdpo.parallel.sharding import batch_sharding, constrain, jit_on_mesh, round_rows
 
 Prompt = str | list[dict]
 
@@ -120,7 +122,6 @@ class _Settings:
 @functools.lru_cache(maxsize=16)
 def _compiled(s: _Settings):
     """(prefill, step, loop): jitted functions over a decode state dict (see `_step`)."""
-    from jdpo.parallel.sharding import constrain
 
     def prefill(params, ids_BxT, start_B, rows_B, seed, max_new: int):
         model = nnx.merge(s.graphdef, params)
@@ -229,9 +230,6 @@ class Generator:
         adapter directory (a LoRA run's `final/`: its base with the adapter merged). `options`: a
         `jdpo.models.ModelOptions` (None: float32, the loop layout); `kwargs` go to `Generator`."""
         from transformers import AutoTokenizer
-
-        from jdpo.models import from_pretrained
-        from jdpo.models import peft as peft_export
 
         if peft_export.is_adapter_dir(path):
             model, base = peft_export.from_adapter_dir(path, options=options, mesh=mesh)

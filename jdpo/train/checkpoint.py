@@ -4,7 +4,7 @@ A checkpoint is one step directory `<output_dir>/checkpoints/<step>/` holding tw
 - `state`: a pytree of arrays (parameters, optimizer state, step counter, RNG key data), saved
   sharded and restored straight into the shardings of an abstract target;
 - `meta`: a small JSON dict (data-iterator position, epoch, anything the loop needs to resume exactly).
-`to_checkpoint` / `from_checkpoint` map the train state of `jdpo.train.trainer` to the `state` item and back.
+`jdpo.train.state.TrainState.to_checkpoint` / `from_checkpoint` map the train state to the `state` item and back.
 
 Saves are asynchronous (the device-to-host copy happens before `save` returns, so the caller may
 donate the arrays right after) and atomic (orbax writes to a temporary directory and renames it on
@@ -27,6 +27,7 @@ import jax
 
 from jdpo import paths
 from jdpo.errors import UserError
+from jdpo.parallel.distributed import any_process, is_main_process, sync
 from jdpo.train.fingerprint import weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,6 @@ class Checkpointer:
         saved with them. Newer damaged ones (missing or truncated files, changed bytes) are moved aside
         to `<directory>.damaged/<step>`, never deleted, and returned as `skipped` [(step, why)].
         A joint decision on a multi-host run: a checkpoint damaged on any process is skipped by all."""
-        from jdpo.parallel.distributed import any_process
 
         self.wait()
         skipped: list[tuple[int, str]] = []
@@ -163,7 +163,6 @@ class Checkpointer:
         )
 
     def _move_aside(self, step: int) -> None:
-        from jdpo.parallel.distributed import is_main_process, sync
 
         if is_main_process():
             aside = self.directory.parent / f"{self.directory.name}.damaged"
@@ -239,28 +238,3 @@ def unnest(saved: dict, like: Any, exclude: tuple[str, ...] = ()) -> Any:
     out = jax.tree.unflatten(treedef, leaves)
     out.update({k: like[k] for k in exclude if k in like})
     return out
-
-
-# ------------------------------------------------------------------------------------------------
-# Checkpoint layout of the train state
-# ------------------------------------------------------------------------------------------------
-
-
-# Frozen parts of the train state, never saved: the online reference (the initial weights or adapters)
-# and a LoRA run's base model, both reloaded on resume. A LoRA checkpoint is its adapters and their
-# optimizer state only. A reference that moves (`jdpo.train.reference_update`) is no longer the initial weights:
-# such a run saves ref_params too (frozen=("base",)).
-FROZEN = ("ref_params", "base")
-
-
-def to_checkpoint(state: dict, frozen: tuple[str, ...] = FROZEN) -> dict:
-    """The train state (`jdpo.train.trainer`: params, opt_state, step, rng, and ref_params with an online
-    reference, base with LoRA) as orbax saves it (nested plain dicts of arrays); the `frozen` parts are
-    left out: they are reloaded on resume."""
-    return nest(state, exclude=frozen)
-
-
-def from_checkpoint(saved: dict, like: dict, frozen: tuple[str, ...] = FROZEN) -> dict:
-    """Inverse of `to_checkpoint`: `saved`'s arrays in the structure of `like` (`frozen` parts from
-    `like`)."""
-    return unnest(saved, like, exclude=frozen)

@@ -16,18 +16,13 @@ import threading
 import warnings
 from typing import Any
 
+from jdpo.config import ConfigError
+from jdpo.errors import DivergenceError, NonFiniteLossError
+from jdpo.parallel.distributed import any_process
+
 log = logging.getLogger(__name__)
 
 OVERFIT_ACCURACY = 0.8  # eval preference accuracy above this is suspicious on real preference data
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN / inf; the message names the step and the last good checkpoint."""
-
-
-class DivergenceError(NonFiniteLossError):
-    """The run blew up while still finite (loss or grad-norm spike, runaway weights); the message names
-    the step, the value, the limit and its setting, and the last good checkpoint."""
 
 
 def due(every: int, step: int, total: int) -> bool:
@@ -102,8 +97,6 @@ class BestEval:
     def observe(self, step: int, eval_metrics: dict[str, float]) -> float | None:
         """This eval's value of the metric when it is a new best (the caller then saves), else None."""
         if self.metric not in eval_metrics:
-            from jdpo.config import ConfigError
-
             raise ConfigError(
                 f"train.keep_best: the evals of this run have no {self.metric!r}; they have: "
                 + ", ".join(sorted(eval_metrics))
@@ -139,7 +132,6 @@ class Preemption:
     def requested(self) -> bool:
         """Unanimous across processes (a collective: call it on every process at the same step): a
         pod's workers may get the signal at different steps."""
-        from jdpo.parallel.distributed import any_process
 
         return any_process(self._event.is_set())
 

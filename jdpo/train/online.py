@@ -6,7 +6,7 @@
       prompts_per_step: 16
       max_new_tokens: 4
 
-One step (`OnlineDPO.next_step`, called by `Trainer.fit` where an offline run takes its next batch):
+One step (`OnlineData.next_host_batches`, where an offline run takes its next batch):
   1. the next `prompts_per_step` prompts of data.train (a permutation per epoch drawn from the seed; a
      JSONL of {"prompt": ...} / {"messages": ...} rows, or the prompts of any preference source), each
      repeated `samples_per_prompt` times, are sampled with the current weights by `jdpo.scoring.generate`'s
@@ -47,10 +47,27 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+from flax import nnx
 
+from jdpo import data as jdata
 from jdpo.config import Config, ConfigError
+from jdpo.data import (
+    TokenizedPairs,
+    encode_prompts,
+    make_batch,
+    parse_source_spec,
+    prompt_texts,
+    read_rows,
+    read_source,
+)
+from jdpo.data.batch import Batch
+from jdpo.data.layout import BatchLayout, pairs_per_row, row_length_for, sampled_pair_length
 from jdpo.data.sources import DataError
+from jdpo.report.diversity import distinct_n
+from jdpo.scoring.generate import Generator, SamplingParams
+from jdpo.train.run_data import account, eval_source
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +192,6 @@ def read_prompts(path: str, format: str = "auto", *, skip_bad_rows: bool = False
     """(prompts, where each came from) of one source: rows of {"prompt"} or {"messages"} alone (a prompt
     file), or, for any preference source `jdpo.data.read_source` reads, the records' prompts (a text
     prompt of a record whose completions are messages becomes a user turn, as training renders it)."""
-    from jdpo.data import read_rows, read_source
 
     first = next((row for _, row in read_rows(path) if not isinstance(row, DataError)), None)
     prompts, wheres = [], []
@@ -209,14 +225,12 @@ def load_prompts(sources: Sequence[str], format: str = "auto", *, seed: int = 0,
                  skip_bad_rows: bool = False) -> tuple[list, list]:  # fmt: skip
     """The distinct prompts of a mixture (`path:5000` / `path:0.25` amounts as `load_preferences` takes
     them, the subset deterministic for `seed`), first occurrence kept, with where each came from."""
-    from jdpo.data import parse_source_spec
-    from jdpo.data.formats import _take  # the one rule for source amounts
 
     prompts, wheres, seen = [], [], set()
     for i, source in enumerate(sources):
         spec = parse_source_spec(source)
         got, where = read_prompts(spec.path, format, skip_bad_rows=skip_bad_rows)
-        for k in _take(len(got), spec, np.random.default_rng([seed, i])):
+        for k in spec.take(len(got), np.random.default_rng([seed, i])):
             key = json.dumps(got[k], sort_keys=True)
             if key not in seen:
                 seen.add(key)
@@ -287,57 +301,84 @@ class PromptOrder:
 # ------------------------------------------------------------------------------------------------
 
 
-class OnlineDPO:
-    """A run's prompts, reward, sampler and pair layout. Made by `load_online_data` (with the data, before
-    the model loads); `next_step(trainer)` is one step's sampling, scoring and batch."""
+class OnlineData:
+    """An online run's data (`jdpo.train.run_data`'s interface): its prompts, reward, sampler and pair
+    layout, and the eval split (preference pairs). Built by `load` before the model loads;
+    `next_host_batches` is one step's sampling, scoring and batch."""
 
-    def __init__(self, config: Config, tokenizer, prompts: list, wheres: list, *, rows: int, row_length: int):
-        from jdpo.data import encode_prompts, prompt_texts
-        from jdpo.train.trainer import MAX_PAIRS_PER_ROW
+    train_pairs = None  # no fixed pairs: they are sampled every step
 
+    def __init__(self, config: Config, tokenizer, prompts: list, wheres: list, *, mesh, layout: BatchLayout,
+                 eval_pairs=None):  # fmt: skip
         c, on = config, config.online
-        self.config, self.tokenizer = config, tokenizer
-        self.prompts, self.where = prompts, wheres
-        try:
-            self.ids = encode_prompts(tokenizer, prompts, max_prompt_length=c.data.max_prompt_length)
-        except (TypeError, ValueError):  # the chat template rejected one: find it, name its line
-            for k, prompt in enumerate(prompts):
-                try:
-                    encode_prompts(tokenizer, [prompt])
-                except (TypeError, ValueError) as e:
-                    raise DataError(f"{wheres[k]}: {str(e).removeprefix('prompt 0: ')}") from None
-            raise
-        for k, ids in enumerate(self.ids):
-            if not len(ids):
-                raise DataError(f"{wheres[k]}: an empty prompt (no tokens, and the tokenizer adds no BOS)")
+        self.config, self.tokenizer, self.mesh, self.layout = config, tokenizer, mesh, layout
+        self.prompts, self.where, self.eval_pairs = prompts, wheres, eval_pairs
+        self.ids = _encode(tokenizer, prompts, wheres, c.data.max_prompt_length)
         self.texts = prompt_texts(tokenizer, prompts)
         self.reward = load_reward(on.reward)
         probe_reward(self.reward, on.reward, self.texts)
         longest = max(len(x) for x in self.ids)
         self.prompt_length = -(-longest // LENGTH_BUCKET) * LENGTH_BUCKET  # the sampler's fixed T
-        self.pair_tokens = 2 * (longest + on.max_new_tokens)  # the most a pair can take in a row
-        if self.pair_tokens > row_length:
-            raise ConfigError(
-                f"data.row_length={row_length} cannot hold one online pair of up to {self.pair_tokens} "
-                f"tokens (2 x (prompt <= {longest} + online.max_new_tokens={on.max_new_tokens})): raise "
-                "data.row_length, or lower online.max_new_tokens / data.max_prompt_length"
-            )
-        self.slots = max(1, min(MAX_PAIRS_PER_ROW, row_length // self.pair_tokens))  # pairs per row
-        self.rows, self.row_length = rows, row_length
-        if rows * self.slots < on.prompts_per_step:
-            raise ConfigError(
-                f"online.prompts_per_step={on.prompts_per_step} pairs do not fit in a step's {rows} rows "
-                f"(train.batch_rows x train.grad_accum) of {self.slots} pairs each (data.row_length="
-                f"{row_length} / pairs of up to {self.pair_tokens} tokens): raise train.batch_rows or "
-                "data.row_length, or lower online.prompts_per_step"
-            )
+        self.rows = c.train.batch_rows * c.train.grad_accum
+        self.slots = online_slots(on, layout.row_length, longest, self.rows)  # pairs per row
         h = hashlib.sha256()
         for x in self.ids:
             h.update(np.asarray(len(x), np.int64).tobytes() + x.astype(np.int32).tobytes())
         h.update(json.dumps([on.prompts_per_step, c.train.seed]).encode())
         self.order = PromptOrder(len(prompts), on.prompts_per_step, seed=c.train.seed, layout=h.hexdigest())
+        self.steps_per_epoch = len(prompts) / on.prompts_per_step
+        self.total_steps = c.train.max_steps or max(1, math.ceil(c.train.num_epochs * self.steps_per_epoch))
         self._generator = None
         self.last: dict[str, float] = {}  # the online/ metrics of the last step
+
+    @classmethod
+    def load(cls, config: Config, tokenizer, *, mesh, shared_prompt: bool) -> OnlineData:
+        """The prompts of data.train, the reward (imported and probed), the eval split (data.eval:
+        preference pairs) and the step count, all before the model loads."""
+        c, d = config, config.data
+        if jax.process_count() > 1:
+            raise ConfigError("dpo.online runs in one process (its sampler reads every sample on the host); "
+                              f"this run has {jax.process_count()}")  # fmt: skip
+        if d.eval_fraction > 0:
+            raise ConfigError("dpo.online: data.eval_fraction holds out preference records; an online run's "
+                              "eval split is data.eval (preference pairs): set data.eval_fraction 0")  # fmt: skip
+        prompts, wheres = load_prompts(
+            list(d.train), d.format, seed=c.train.seed, skip_bad_rows=d.skip_bad_rows
+        )
+        eval_pairs = report = held = None
+        if d.eval:
+            held = jdata.load_preferences(
+                list(d.eval), d.format, seed=c.train.seed, skip_bad_rows=d.skip_bad_rows
+            )
+            eval_pairs, report = jdata.tokenize_preferences(
+                held, tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+                skip_bad_rows=d.skip_bad_rows,
+            )  # fmt: skip
+        # P from the eval pairs (the training pairs are sampled: `online_slots` sizes their rows).
+        row_length = row_length_for(d.max_length, d.row_length)
+        layout = BatchLayout.for_pairs(
+            [] if eval_pairs is None else [eval_pairs],
+            rows_per_batch=c.train.batch_rows,
+            row_length=row_length,
+            packing=d.packing,
+            shared_prompt=shared_prompt,
+        )
+        data = cls(c, tokenizer, prompts, wheres, mesh=mesh, layout=layout, eval_pairs=eval_pairs)
+        if c.train.keep_best and eval_pairs is None:
+            raise ConfigError(
+                f"train.keep_best={c.train.keep_best!r} needs an eval split: give data.eval files"
+            )
+        if eval_pairs is not None:
+            account(
+                "eval", report, data.one_pass(eval_pairs), row_length, eval_source(c), held.report.dropped
+            )
+        return data
+
+    def one_pass(self, pairs):
+        return jdata.one_pass(pairs, self.layout)
+
+    def reference_splits(self) -> list[tuple[str, Any]]:
+        return [] if self.eval_pairs is None else [("eval", self.eval_pairs)]
 
     def describe(self) -> str:
         on = self.config.online
@@ -345,134 +386,118 @@ class OnlineDPO:
                 f"{on.samples_per_prompt} samples, <= {on.max_new_tokens} new tokens, "
                 f"reward {on.reward})")  # fmt: skip
 
-    def generator(self, trainer):
+    def state(self) -> dict:
+        return self.order.state()
+
+    def restore(self, state: dict) -> None:
+        self.order.restore(state)
+
+    def record(self, step: int) -> dict[str, float]:
+        return {"epoch": step / self.steps_per_epoch}
+
+    def step_metrics(self, train_time: float) -> dict[str, float]:
+        """The step's sampling metrics and its time split."""
+        return {**self.last, TRAIN_TIME: train_time}
+
+    def round_ended(self) -> bool:
+        return False  # online runs have no rounds (config.validate refuses train.rounds > 1)
+
+    def generator(self, model):
         """The KV-cache sampler on the current weights (made once; its parameters follow the policy)."""
-        from flax import nnx
-
-        from jdpo.scoring.generate import Generator
-
-        model = trainer.model()
         if self._generator is None:
-            self._generator = Generator(model, self.tokenizer, mesh=trainer.mesh,
-                                        length_bucket=self.prompt_length,
+            self._generator = Generator(model, self.tokenizer, mesh=self.mesh, length_bucket=self.prompt_length,
                                         model_dir=self.config.model.path)  # fmt: skip
         else:
             self._generator.params = nnx.split(model)[1]
         return self._generator
 
-    def sampling(self, seed: int):
-        from jdpo.scoring.generate import SamplingParams
-
+    def sampling(self, seed: int) -> SamplingParams:
         on = self.config.online
         return SamplingParams(max_new_tokens=on.max_new_tokens, temperature=on.temperature, top_p=on.top_p,
                               seed=seed)  # fmt: skip
 
-    def next_step(self, trainer):
-        """Sample, score and pair the next prompts: (device Batch [A, B, T], host batches), or (None, [])
-        when every prompt tied. Sets `last` to the step's online/ metrics."""
-        from jdpo.data import TokenizedPairs, make_batch
-        from jdpo.data.batch import Batch
-        from jdpo.report.diversity import distinct_n
-
+    def next_host_batches(self, step: int, policy) -> list[Batch] | None:
+        """Sample, score and pair the next prompts with the model `policy()`: this step's micro-batches,
+        or None when every prompt tied. Sets `last` to the step's online/ metrics."""
         t0 = time.perf_counter()
         on = self.config.online
         k = on.samples_per_prompt
         idx, seed = self.order.next()
         prompt_ids = [self.ids[i] for i in idx]
-        gen = self.generator(trainer)
+        gen = self.generator(policy())
         out = gen.generate_ids([p for p in prompt_ids for _ in range(k)], self.sampling(seed))
         samples = [out.completion_ids(b) for b in range(len(idx) * k)]
         texts = [gen.decode(s) for s in samples]
-        step = trainer.step + 1
         rewards = score(self.reward, on.reward, [self.texts[i] for i in idx for _ in range(k)], texts,
                         when=f"step {step}").reshape(len(idx), k)  # fmt: skip
-        chosen, rejected, kept = [], [], []
-        for j in range(len(idx)):
-            r = rewards[j]
-            if r.max() == r.min():
-                continue  # every sample scored the same: no preference to learn
-            chosen.append(samples[j * k + int(np.argmax(r))])
-            rejected.append(samples[j * k + int(np.argmin(r))])
-            kept.append(j)
-        self.last = {
-            REWARD_MEAN: float(rewards.mean()),
-            TIED_FRACTION: 1.0 - len(kept) / len(idx),
-            PAIRS: float(len(kept)),
-            COMPLETION_LENGTH: float(np.mean([len(s) for s in samples])),
-            DISTINCT_1: distinct_n([s.tolist() for s in samples], 1),
-            DISTINCT_2: distinct_n([s.tolist() for s in samples], 2),
-        }
-        if not math.isfinite(self.last[DISTINCT_2]):  # one-token samples hold no bigram
-            del self.last[DISTINCT_2]
+        kept = [j for j in range(len(idx)) if rewards[j].max() != rewards[j].min()]  # ties teach nothing
+        self.last = _sample_metrics(rewards, samples, kept)
+        host = None
         if kept:
-            self.last[REWARD_CHOSEN] = float(rewards[kept].max(axis=1).mean())
-            self.last[REWARD_REJECTED] = float(rewards[kept].min(axis=1).mean())
-        batch = host = None
-        if kept:
+            chosen = [samples[j * k + int(np.argmax(rewards[j]))] for j in kept]
+            rejected = [samples[j * k + int(np.argmin(rewards[j]))] for j in kept]
             pairs = TokenizedPairs([prompt_ids[j] for j in kept], chosen, rejected,
                                    np.asarray([idx[j] for j in kept], np.int64))  # fmt: skip
             P, B = self.slots, self.config.train.batch_rows
             rows = [list(range(r * P, min((r + 1) * P, len(kept)))) for r in range(self.rows)]
-            host = [make_batch(pairs, rows[a : a + B], self.row_length, P, trainer.shared_prompt)
+            host = [make_batch(pairs, rows[a : a + B], self.layout.row_length, P, self.layout.shared_prompt)
                     for a in range(0, self.rows, B)]  # fmt: skip
-            batch = Batch.stack(host).on_mesh(trainer.mesh, accum=True)
         self.last[SAMPLE_TIME] = time.perf_counter() - t0
-        return batch, host or []
+        return host
 
 
-def load_online_data(trainer) -> None:
-    """`Trainer._load_data` of an online run: the prompts of data.train, the reward (imported and probed),
-    the eval split (data.eval: preference pairs) and the step count, all before the model loads."""
-    import jax
+def _encode(tokenizer, prompts: list, wheres: list, max_prompt_length: int) -> list[np.ndarray]:
+    """The prompts' ids, as training encodes them; a template error or an empty prompt names its line."""
+    try:
+        ids = encode_prompts(tokenizer, prompts, max_prompt_length=max_prompt_length)
+    except (TypeError, ValueError):  # the chat template rejected one: find it, name its line
+        for k, prompt in enumerate(prompts):
+            try:
+                encode_prompts(tokenizer, [prompt])
+            except (TypeError, ValueError) as e:
+                raise DataError(f"{wheres[k]}: {str(e).removeprefix('prompt 0: ')}") from None
+        raise
+    for k, x in enumerate(ids):
+        if not len(x):
+            raise DataError(f"{wheres[k]}: an empty prompt (no tokens, and the tokenizer adds no BOS)")
+    return ids
 
-    from jdpo import data as jdata
-    from jdpo.parallel.sharding import row_shards
-    from jdpo.train.trainer import pairs_per_row
 
-    c, d = trainer.config, trainer.config.data
-    if jax.process_count() > 1:
-        raise ConfigError("dpo.online runs in one process (its sampler reads every sample on the host); "
-                          f"this run has {jax.process_count()}")  # fmt: skip
-    if d.eval_fraction > 0:
-        raise ConfigError("dpo.online: data.eval_fraction holds out preference records; an online run's "
-                          "eval split is data.eval (preference pairs): set data.eval_fraction 0")  # fmt: skip
-    shards = row_shards(trainer.mesh)
-    if c.train.batch_rows % shards:
-        raise ConfigError(f"train.batch_rows={c.train.batch_rows} must divide over the {shards} row "
-                          f"shards of the mesh (data x fsdp = {dict(trainer.mesh.shape)})")  # fmt: skip
-    prompts, wheres = load_prompts(list(d.train), d.format, seed=c.train.seed, skip_bad_rows=d.skip_bad_rows)
-    trainer.row_length = d.row_length or 2 * d.max_length
-    trainer.online = online = OnlineDPO(c, trainer.tokenizer, prompts, wheres,
-                                        rows=c.train.batch_rows * c.train.grad_accum,
-                                        row_length=trainer.row_length)  # fmt: skip
-    trainer.train_pairs = trainer.train_report = None
-    trainer.eval_pairs = None
-    if d.eval:
-        held = jdata.load_preferences(
-            list(d.eval), d.format, seed=c.train.seed, skip_bad_rows=d.skip_bad_rows
+def online_slots(on, row_length: int, longest: int, rows: int) -> int:
+    """Pairs per row of an online step: a pair takes at most 2 x (longest prompt + max_new_tokens);
+    the step's rows must hold `online.prompts_per_step` of them."""
+    pair_tokens = sampled_pair_length(longest, on.max_new_tokens)
+    if pair_tokens > row_length:
+        raise ConfigError(
+            f"data.row_length={row_length} cannot hold one online pair of up to {pair_tokens} "
+            f"tokens (2 x (prompt <= {longest} + online.max_new_tokens={on.max_new_tokens})): raise "
+            "data.row_length, or lower online.max_new_tokens / data.max_prompt_length"
         )
-        trainer.eval_pairs, report = jdata.tokenize_preferences(
-            held, trainer.tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
-            skip_bad_rows=d.skip_bad_rows,
-        )  # fmt: skip
-    if c.train.keep_best and trainer.eval_pairs is None:
-        raise ConfigError(f"train.keep_best={c.train.keep_best!r} needs an eval split: give data.eval files")
-    trainer.max_pairs = (
-        pairs_per_row(trainer.row_length, [trainer.eval_pairs.pair_lengths(trainer.shared_prompt)])
-        if trainer.eval_pairs is not None and d.packing
-        else 1
-    )
-    trainer.batch_kw = dict(rows_per_batch=c.train.batch_rows, row_length=trainer.row_length,
-                            max_pairs_per_row=trainer.max_pairs, packing=d.packing,
-                            shared_prompt=trainer.shared_prompt)  # fmt: skip
-    if trainer.eval_pairs is not None:
-        eval_batches = trainer.one_pass(trainer.eval_pairs)
-        line = jdata.account_split("eval", report, too_long=eval_batches.dropped_too_long,
-                                   row_length=trainer.row_length, source=f"data.eval ({', '.join(d.eval)})",
-                                   load_dropped=held.report.dropped)  # fmt: skip
-        if line:
-            log.warning("%s", line)
-    trainer.batches = online.order
-    trainer.batches_per_epoch = math.ceil(len(prompts) / c.online.prompts_per_step)
-    trainer.steps_per_epoch = len(prompts) / c.online.prompts_per_step
-    trainer.total_steps = c.train.max_steps or max(1, math.ceil(c.train.num_epochs * trainer.steps_per_epoch))
+    slots = pairs_per_row(row_length, [np.asarray([pair_tokens])])
+    if rows * slots < on.prompts_per_step:
+        raise ConfigError(
+            f"online.prompts_per_step={on.prompts_per_step} pairs do not fit in a step's {rows} rows "
+            f"(train.batch_rows x train.grad_accum) of {slots} pairs each (data.row_length="
+            f"{row_length} / pairs of up to {pair_tokens} tokens): raise train.batch_rows or "
+            "data.row_length, or lower online.prompts_per_step"
+        )
+    return slots
+
+
+def _sample_metrics(rewards: np.ndarray, samples: list, kept: list[int]) -> dict[str, float]:
+    """The online/ metrics of one step's samples and the pairs kept."""
+    tokens = [s.tolist() for s in samples]
+    out = {
+        REWARD_MEAN: float(rewards.mean()),
+        TIED_FRACTION: 1.0 - len(kept) / len(rewards),
+        PAIRS: float(len(kept)),
+        COMPLETION_LENGTH: float(np.mean([len(s) for s in samples])),
+        DISTINCT_1: distinct_n(tokens, 1),
+        DISTINCT_2: distinct_n(tokens, 2),
+    }
+    if not math.isfinite(out[DISTINCT_2]):  # one-token samples hold no bigram
+        del out[DISTINCT_2]
+    if kept:
+        out[REWARD_CHOSEN] = float(rewards[kept].max(axis=1).mean())
+        out[REWARD_REJECTED] = float(rewards[kept].min(axis=1).mean())
+    return out

@@ -43,6 +43,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jdpo.parallel import distributed
 from jdpo.paths import as_path, is_local
 from jdpo.scoring.forward import PairLogps
 from jdpo.train.fingerprint import weights_fingerprint
@@ -194,7 +195,6 @@ def load_or_compute(
 
     Returns (ref_logps, reused). `describe` (the key's ingredients, JSON-able) goes in the manifest.
     """
-    from jdpo.parallel import distributed
 
     directory = as_path(cache_dir) / key
     ref, problem = load_entry(directory, num_pairs, expected)

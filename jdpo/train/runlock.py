@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from jdpo.errors import UserError
+from jdpo.parallel.distributed import any_process
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,6 @@ class RunLock:
         self._fd: int | None = None
 
     def __enter__(self) -> RunLock:
-        from jdpo.parallel.distributed import any_process
 
         error = self._acquire() if self.main_process else None
         if any_process(error is not None):  # every process of the run refuses together

@@ -1,8 +1,8 @@
 """The pure, jitted step functions of a run: the optimizer, the train step and the policy forward.
 
-The state is a plain pytree {"params", "opt_state", "step", "rng"} (plus "ref_params" with an online
-reference, and "bco_moments", BCO's running reward moments, for bco / bco_pair): the model's graph
-definition is static and lives outside it (`nnx.split` / `nnx.merge` at the jit boundary), so the
+The state is a `jdpo.train.state.TrainState` (params, optimizer state, step, RNG, and the parts a
+run's settings add: the online reference, the LoRA base, BCO's moments, the adaptive beta); the model's
+graph definition is static and lives outside it (`nnx.split` / `nnx.merge` at the jit boundary), so the
 step is `train_step(state, batch) -> (state, metrics)` under `jax.jit` with explicit in / out
 shardings over the ("data", "fsdp", "tensor") mesh and the state donated. The optimizer state is
 sharded like the parameters.
@@ -26,13 +26,15 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jdpo.config import DPOSection, OptimSection
+from jdpo.config import OptimSection
 from jdpo.data.batch import Batch
+from jdpo.losses.spec import LossSpec
 from jdpo.losses.unpaired import running_moments_init
 from jdpo.parallel.sharding import batch_sharding, jit_on_mesh
 from jdpo.scoring.batch_loss import slot_losses, step_means
 from jdpo.scoring.forward import pair_logprobs
 from jdpo.train import beta_schedule, reference_update
+from jdpo.train.state import TrainState
 
 
 def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -65,7 +67,9 @@ class StepSettings:
     graphdef: Any
     mesh: Any
     abstract_params: tuple  # (treedef, leaves): ShapeDtypeStructs carrying the parameter shardings
-    dpo: DPOSection  # the loss and reference settings, whole
+    loss: LossSpec  # the loss, built once from the config (`DPOSection.loss_spec`)
+    reference: str  # dpo.reference: cached / online / none
+    ref_update_alpha: float  # dpo.ref_update_alpha (a soft update of the online reference)
     optim: OptimSection
     total_steps: int
     chunk_size: int = LOGPROB_CHUNK
@@ -99,19 +103,19 @@ def _micro_loss(s: StepSettings, params, ref_params, base, batch: Batch, moments
     policy forward only (the reference is deterministic). `beta`: the state's (adaptive schedule),
     traced; then the sums also hold the completions' log-ratio sum and count (KL_SUMS)."""
     out = pair_logprobs(_model(s, params, base), batch, chunk_size=s.chunk_size, dropout_key=dropout_key)
-    if s.dpo.reference == "online":
+    if s.reference == "online":
         ref = pair_logprobs(_model(s, ref_params, base), batch, chunk_size=s.chunk_size)
         ref_c, ref_r = jax.lax.stop_gradient(ref["chosen"]), jax.lax.stop_gradient(ref["rejected"])
     else:  # cached: looked up on the host and attached to the batch; none: reference-free losses
         ref_c, ref_r = batch.ref_chosen_logps, batch.ref_rejected_logps
     valid_BxP = batch.valid_pairs.astype(jnp.float32)
     loss_BxP, m, moments = slot_losses(
-        s.dpo, out, ref_c, ref_r, valid_BxP, labels=batch.labels, moments=moments, beta=beta
+        s.loss, out, ref_c, ref_r, valid_BxP, labels=batch.labels, moments=moments, beta=beta
     )
     sums = {k: jnp.sum(v) for k, v in m.items()}
     if beta is not None:
         # Unpaired slots: the rated completion only (the second segment is KTO's mismatched KL one).
-        pair = not s.dpo.unpaired
+        pair = not s.loss.unpaired
         sums[KL_SUMS[0]], sums[KL_SUMS[1]] = beta_schedule.sequence_kl(
             jax.lax.stop_gradient(out["chosen"]), ref_c, valid_BxP,
             jax.lax.stop_gradient(out["rejected"]) if pair else None, ref_r if pair else None,
@@ -122,9 +126,7 @@ def _micro_loss(s: StepSettings, params, ref_params, base, batch: Batch, moments
 
 
 STATE_FINITE = "state_finite"  # a train-step output, not a logged metric
-# The state's BCO running reward moments (bco, bco_pair): {"mean", "var", "count"}, checkpointed.
-BCO_MOMENTS = "bco_moments"
-# The state's beta under `dpo.beta_schedule: adaptive` (a float32 scalar, checkpointed).
+# The metric of the beta a step's loss used (`dpo.beta_schedule: adaptive`).
 BETA = "beta"
 # Step sums of the completions' log-ratios and their count (the adaptive schedule's KL estimate).
 KL_SUMS = ("_kl_sum", "_kl_count")
@@ -153,27 +155,24 @@ class Steps:
     init_opt: Callable  # params -> optimizer state, born sharded like the params
     copy_params: Callable  # params -> a copy in fresh buffers (the frozen online reference)
     schedule: Callable
-    state_shardings: dict
+    state_shardings: TrainState
     # "hard" / "soft" -> (ref_params, params) -> new ref_params, the old donated (`jdpo.train.reference_update`);
     # {} without an online reference
     update_reference: dict
 
 
-@functools.lru_cache(maxsize=8)
-def compiled_steps(s: StepSettings) -> Steps:
-    """The step functions under `jax.jit` with explicit in / out shardings (and donation of the state)."""
-    tx, schedule = make_optimizer(s.optim, s.total_steps)
-    replicated = NamedSharding(s.mesh, PartitionSpec())
-    param_sh = s.param_shardings()
+def _train_step_fn(s: StepSettings, tx, schedule, param_sh) -> Callable:
+    """`train_step(state, batch) -> (state, metrics)`: the micro-batches' gradient summed, divided by the
+    step's pair count once, then AdamW; the metrics include the new state's finiteness for the loop."""
 
     def train_step(state, batch):
-        params, ref_params, base = state["params"], state.get("ref_params"), state.get("base")
-        beta = state.get(BETA)  # None: dpo.beta, a constant of the compiled step
+        params, ref_params, base = state.params, state.ref_params, state.base
+        beta = state.beta  # None: dpo.beta, a constant of the compiled step
         grad_fn = jax.grad(functools.partial(_micro_loss, s), has_aux=True)
 
-        # LoRA dropout's key of micro-batch i: the step's key (state["rng"], advanced every step) with i
+        # LoRA dropout's key of micro-batch i: the step's key (state.rng, advanced every step) with i
         # folded in, so a resumed run draws the same masks.
-        step_key = jax.random.wrap_key_data(state["rng"])
+        step_key = jax.random.wrap_key_data(state.rng)
 
         def step_key_of(i):
             return jax.random.fold_in(step_key, i)
@@ -186,7 +185,7 @@ def compiled_steps(s: StepSettings) -> Steps:
             return (g_acc, jax.tree.map(jnp.add, sums_acc, sums), moments), None
 
         # BCO's running reward moments: updated micro-batch by micro-batch (TRL: per forward).
-        moments0 = state.get(BCO_MOMENTS)
+        moments0 = state.bco_moments
         first = jax.tree.map(lambda x: x[0], batch)
         A = jax.tree.leaves(batch)[0].shape[0]
         if A == 1:  # one micro-batch: no loop to carry sums through (a smaller program, traced once)
@@ -207,19 +206,18 @@ def compiled_steps(s: StepSettings) -> Steps:
         n = jnp.maximum(sums["pairs"], 1.0)
         grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grads, params)
         grads = jax.lax.with_sharding_constraint(grads, param_sh)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        updates, opt_state = tx.update(grads, state.opt_state, params)
         new_params = optax.apply_updates(params, updates)
         # The RNG advances every step so that anything stochastic in the step (LoRA dropout) gets fresh,
         # checkpointed randomness; the built-in losses use none.
-        rng = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"]))
-        new_state = dict(state, params=new_params, opt_state=opt_state, step=state["step"] + 1, rng=rng)
-        if moments is not None:
-            new_state[BCO_MOMENTS] = moments
+        rng = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step))
+        new_state = state.replace(params=new_params, opt_state=opt_state, step=state.step + 1, rng=rng,
+                                  bco_moments=moments)  # fmt: skip
         kl_sum, kl_count = (sums.pop(k, None) for k in KL_SUMS)
-        out = step_means(s.dpo, sums)
+        out = step_means(s.loss, sums)
         if beta is not None:
             kl = kl_sum / jnp.maximum(kl_count, 1.0)
-            new_state[BETA] = beta_schedule.adaptive_beta(beta, kl, s.dpo.target_kl, s.dpo.beta_gain)
+            new_state = new_state.replace(beta=beta_schedule.adaptive_beta(beta, kl, *s.loss.adaptive_beta))
             out[BETA], out["ref_kl"] = beta, kl  # the beta this step's loss used, and its KL estimate
         # Checked by the loop before the state is checkpointed: a finite loss can still come with
         # non-finite weights (e.g. an overflowing update), and such a checkpoint must never be "good".
@@ -228,8 +226,18 @@ def compiled_steps(s: StepSettings) -> Steps:
         out["param_abs_max"] = _abs_max(new_params)
         out[STATE_FINITE] = jnp.isfinite(out["param_abs_max"]) & _all_finite(opt_state)
         out["grad_norm"] = optax.tree.norm(grads)
-        out["learning_rate"] = schedule(state["step"])
+        out["learning_rate"] = schedule(state.step)
         return new_state, out
+
+    return train_step
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_steps(s: StepSettings) -> Steps:
+    """The step functions under `jax.jit` with explicit in / out shardings (and donation of the state)."""
+    tx, schedule = make_optimizer(s.optim, s.total_steps)
+    replicated = NamedSharding(s.mesh, PartitionSpec())
+    param_sh = s.param_shardings()
 
     def forward(params, batch):
         model_params = (params,) if s.abstract_base is None else params  # (adapters, base) with LoRA
@@ -239,15 +247,19 @@ def compiled_steps(s: StepSettings) -> Steps:
     opt_sh = optax.tree_map_params(
         tx, lambda _, sh: sh, abstract_opt, param_sh, transform_non_params=lambda _: replicated
     )
-    state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated, "rng": replicated}
-    if s.dpo.reference == "online":
-        state_sh["ref_params"] = param_sh  # with LoRA: the reference adapters
-    if s.dpo.running_reward_mean:
-        state_sh[BCO_MOMENTS] = jax.tree.map(lambda _: replicated, running_moments_init())
-    if s.dpo.beta_schedule == "adaptive":
-        state_sh[BETA] = replicated
-    if s.abstract_base is not None:
-        state_sh["base"] = s.model_param_shardings()[1]  # frozen: passed through the step unchanged
+    state_sh = TrainState(
+        params=param_sh,
+        opt_state=opt_sh,
+        step=replicated,
+        rng=replicated,
+        ref_params=param_sh if s.reference == "online" else None,  # with LoRA: the reference adapters
+        # frozen: passed through the step unchanged
+        base=None if s.abstract_base is None else s.model_param_shardings()[1],
+        bco_moments=jax.tree.map(lambda _: replicated, running_moments_init())
+        if s.loss.running_reward_mean
+        else None,
+        beta=replicated if s.loss.adaptive_beta is not None else None,
+    )
     rows_acc, rows = batch_sharding(s.mesh, accum=True), batch_sharding(s.mesh)
 
     def on_mesh(fn, **kw):
@@ -255,7 +267,7 @@ def compiled_steps(s: StepSettings) -> Steps:
 
     return Steps(
         train_step=on_mesh(
-            train_step,
+            _train_step_fn(s, tx, schedule, param_sh),
             in_shardings=(state_sh, rows_acc),
             out_shardings=(state_sh, replicated),
             donate_argnums=0,
@@ -274,9 +286,9 @@ def compiled_steps(s: StepSettings) -> Steps:
 def _reference_updates(s: StepSettings, param_sh, on_mesh) -> dict:
     """The online reference's updates, jitted: the old reference donated (updated in place), the result
     sharded like the params (with LoRA: the reference adapters). Compiled on first use."""
-    if s.dpo.reference != "online":
+    if s.reference != "online":
         return {}
-    alpha = s.dpo.ref_update_alpha
+    alpha = s.ref_update_alpha
     replicated = NamedSharding(s.mesh, PartitionSpec())
     hard = on_mesh(
         lambda ref, p: reference_update.hard_update(p, ref),

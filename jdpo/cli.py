@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from jdpo import config as C
-from jdpo.errors import EXIT_USER_ERROR, UserError
-from jdpo.train.guards import NonFiniteLossError
+from jdpo.commands.cli_inference import add_eval, add_generate
+from jdpo.errors import EXIT_USER_ERROR, NonFiniteLossError, UserError
 
 
 def format_default(value: Any) -> str:
@@ -110,9 +110,8 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
         print(yaml.safe_dump(C.to_dict(cfg), sort_keys=False), end="")
         return 0
-    from jdpo.parallel import (
-        distributed,  # Before any JAX computation: joins jax.distributed when a cluster is detected, else a no-op.
-    )
+    # Before any JAX computation: joins jax.distributed when a cluster is detected, else a no-op.
+    from jdpo.parallel import distributed
 
     info = distributed.initialize_from_args(args)
     if info.process_count > 1 and distributed.is_main_process():
@@ -349,195 +348,6 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return 0
 
 
-def _add_mesh_argument(p: argparse.ArgumentParser) -> None:
-    """`--mesh DATA,FSDP,TENSOR` of the commands that shard a loaded model (parsed by `_mesh_arg`)."""
-    p.add_argument(
-        "--mesh",
-        metavar="DATA,FSDP,TENSOR",
-        default=None,
-        help="Shard over a device mesh, e.g. 1,-1,1 (rows over data x fsdp; default: one device).",
-    )
-
-
-def _mesh_arg(value: str | None, parser: argparse.ArgumentParser):
-    """--mesh DATA,FSDP,TENSOR -> a jdpo.parallel.sharding mesh (None without the option)."""
-    if value is None:
-        return None
-    from jdpo.parallel.sharding import make_mesh
-
-    try:
-        data, fsdp, tensor = (int(x) for x in value.split(","))
-        return make_mesh(data, fsdp, tensor)
-    except ValueError as e:
-        parser.error(f"--mesh {value}: {e} (expected DATA,FSDP,TENSOR, e.g. 1,-1,1)")
-
-
-def _add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "generate",
-        help="Sample completions from a checkpoint (KV cache): stream one prompt, or a file to JSONL.",
-        description=(
-            "Generate with a Hugging Face checkpoint directory (e.g. a run's final/). --prompt streams the "
-            'completion as it decodes; --prompts FILE (JSONL with a "prompt" text or messages field, or '
-            "plain text with one prompt per line) writes one JSON line per prompt. Message prompts use the "
-            "tokenizer's chat template with the generation prompt. Greedy unless --temperature > 0."
-        ),
-        allow_abbrev=False,
-    )
-    p.add_argument(
-        "--model", metavar="DIR", required=True, help="Checkpoint directory (config.json, tokenizer)."
-    )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", metavar="TEXT", help="One prompt; its completion is streamed to stdout.")
-    src.add_argument("--prompts", metavar="FILE", help="A file of prompts (JSONL or one per line).")
-    p.add_argument("--chat", action="store_true", help="Send --prompt as a user message (chat template).")
-    p.add_argument(
-        "--max-new-tokens", type=int, default=128, help="Tokens to generate at most (default: 128)."
-    )
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0).")
-    p.add_argument(
-        "--top-k", type=int, default=0, help="Sample from the k likeliest tokens (default: 0 = off)."
-    )
-    p.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass (default: 1.0 = off).")
-    p.add_argument("--seed", type=int, default=0, help="PRNG seed (default: 0).")
-    p.add_argument(
-        "--batch-size", type=int, default=32, help="Prompts per batch with --prompts (default: 32)."
-    )
-    p.add_argument(
-        "--out", metavar="FILE", default=None, help="JSONL output for --prompts (default: stdout)."
-    )
-    _add_mesh_argument(p)
-    p.set_defaults(func=_run_generate)
-    return p
-
-
-def _run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import json
-
-    from jdpo.scoring.generate import Generator, SamplingParams, read_prompts
-
-    try:
-        sampling = SamplingParams(
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed,
-        )
-        prompts = read_prompts(args.prompts) if args.prompts else None
-    except (OSError, ValueError) as e:
-        parser.error(str(e))
-    gen = Generator.from_pretrained(args.model, mesh=_mesh_arg(args.mesh, parser))
-    if prompts is None:
-        prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
-        for piece in gen.stream(prompt, sampling):
-            print(piece, end="", flush=True)
-        print()
-        return 0
-    rows = gen.generate(prompts, sampling, batch_size=args.batch_size)
-    out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115
-    try:
-        for r in rows:
-            out.write(json.dumps({"prompt": r["prompt"], "completion": r["completion"],
-                                  "finished": r["finished"]}, ensure_ascii=False) + "\n")  # fmt: skip
-    finally:
-        if args.out:
-            out.close()
-            print(f"wrote {len(rows)} completions to {args.out}", file=sys.stderr)
-    return 0
-
-
-def _add_eval(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "eval",
-        help="Policy vs reference: held-out preference accuracy / margins, KL on samples, side by side.",
-        description=(
-            "Evaluate a trained policy against its reference on preference data: accuracy and margins of "
-            "the implicit reward beta * (log p_policy - log p_ref) over every pair, sequence KL(policy || "
-            "reference) on completions sampled from the policy, and greedy side-by-side generations for "
-            "--num-samples prompts (with correctness and win rate where the answer is checkable, e.g. the "
-            "demo's a+b= prompts). Writes metrics.json, samples.jsonl and samples.md to --out-dir."
-        ),
-        allow_abbrev=False,
-    )
-    p.add_argument("--model", metavar="DIR", required=True, help="The policy checkpoint directory.")
-    p.add_argument("--reference", metavar="DIR", required=True, help="The reference checkpoint directory.")
-    p.add_argument("--data", metavar="SOURCE", required=True, help="Preference data (as data.eval takes it).")
-    p.add_argument("--format", default="auto", help="Data format (default: auto).")
-    p.add_argument("--num-samples", type=int, default=16, help="Prompts to sample and compare (default: 16).")
-    p.add_argument("--out-dir", metavar="DIR", default="eval", help="Where results go (default: ./eval).")
-    p.add_argument(
-        "--beta", type=float, default=None, help="Reward scale (default: the run's dpo.beta, else 0.1)."
-    )
-    p.add_argument(
-        "--loss-type",
-        default=None,
-        help="eval/loss of these loss type(s), comma-separated (default: the run's dpo.loss_type, else "
-        "sigmoid); the run's other loss settings apply.",
-    )
-    p.add_argument("--max-new-tokens", type=int, default=64, help="Tokens per sample at most (default: 64).")
-    p.add_argument(
-        "--max-length",
-        type=int,
-        default=None,
-        help="Prompt + completion cap (default: the run's data.max_length, else the config default).",
-    )
-    p.add_argument(
-        "--max-prompt-length",
-        type=int,
-        default=None,
-        help="Prompt cap (default: the run's data.max_prompt_length, else the config default).",
-    )
-    p.add_argument("--seed", type=int, default=0, help="Seed of the KL samples (default: 0).")
-    p.add_argument(
-        "--checker",
-        choices=("arithmetic", "none"),
-        default="arithmetic",
-        help="Answer checker: arithmetic checks a+b= prompts, other prompts are not scored (default).",
-    )
-    _add_mesh_argument(p)
-    p.set_defaults(func=_run_eval)
-    return p
-
-
-def _run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import json
-
-    from jdpo.commands import evaluate
-
-    dpo = None
-    if args.loss_type is not None:
-        from jdpo.config import Config, ConfigError, replace
-
-        run = evaluate.run_config(args.model) or Config()
-        try:  # eval always has a reference model, whatever the run's own reference mode was
-            dpo = replace(run, **{"dpo.loss_type": args.loss_type, "dpo.reference": "cached"}).dpo
-        except ConfigError as e:
-            parser.error(f"--loss-type: {e}")
-    report = evaluate.evaluate(
-        args.model,
-        args.reference,
-        args.data,
-        dpo=dpo,
-        beta=args.beta,
-        num_samples=args.num_samples,
-        out_dir=args.out_dir,
-        format=args.format,
-        max_length=args.max_length,
-        max_prompt_length=args.max_prompt_length,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-        answer_checker=evaluate.arithmetic_checker if args.checker == "arithmetic" else None,
-        mesh=_mesh_arg(args.mesh, parser),
-    )
-    print(json.dumps(report["metrics"], indent=2))
-    if report["summary"]:
-        print(evaluate.format_summary(report["summary"]))
-    for path in report["paths"].values():
-        print(f"wrote {path}")
-    return 0
-
-
 #: The subcommands, in the order ``jdpo --help`` lists them.
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser], ...] = (
     _add_train,
@@ -545,8 +355,8 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser],
     _add_plot,
     _add_plan,
     _add_bench,
-    _add_generate,
-    _add_eval,
+    add_generate,
+    add_eval,
 )
 
 
@@ -637,7 +447,7 @@ def entry() -> None:
     torch's objects one by one, which took 1.2-1.4 s of every ``jdpo train`` process on 2 CPU cores, for
     nothing a user needs. The exit handlers still run first (logging's flush, ``jax.distributed``'s
     shutdown on a multi-host run); an exception propagates as usual. ``main`` itself, which tests and
-    scripts call in-process, returns normally, and ``python -m jdpo.commands.cli`` exits the ordinary way (so a
+    scripts call in-process, returns normally, and ``python -m jdpo.cli`` exits the ordinary way (so a
     profiler or debugger that runs the module gets to write its report)."""
     status = main()
     import atexit

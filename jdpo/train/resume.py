@@ -1,0 +1,136 @@
+"""A run's checkpoints and its resume: save, restore, the compatibility check, the kept config files.
+
+`RunMeta` is the typed `meta` item of a checkpoint (the orbax layer is `jdpo.train.checkpoint`):
+the step, the data position, the guards' bookkeeping, the run's config and, for a cached reference
+that moved, the cache entries it trained against. One object reads it for the resume check, the
+restore and the best export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from etils import epath
+
+from jdpo.config import RESUMABLE_CHANGES, Config, ConfigError, config_changes, dump, load_config, to_dict
+from jdpo.train.checkpoint import Checkpointer
+from jdpo.train.state import TrainState
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RunMeta:
+    step: int
+    data: dict  # the data iterator's position (with its layout hash)
+    tracker: dict  # early stopping
+    divergence: dict  # the divergence guard's history
+    config: dict  # the run's config (`jdpo.config.to_dict`)
+    best: dict | None = None  # train.keep_best's bookkeeping
+    reference: dict | None = None  # {"keys": {split: cache key}}: a cached reference that moved
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RunMeta:
+        return cls(step=int(d["step"]), data=d["data"], tracker=d.get("tracker", {}),
+                   divergence=d.get("divergence", {}), config=d.get("config", {}), best=d.get("best"),
+                   reference=d.get("reference"))  # fmt: skip
+
+
+class RunCheckpoints:
+    """`<output_dir>/checkpoints`: opened on first use, closed by `close` (orbax's threads)."""
+
+    def __init__(self, output_dir: epath.Path, *, keep: int, best_maximize: bool | None):
+        self.output_dir, self.directory = output_dir, output_dir / "checkpoints"
+        self.keep, self.best_maximize = keep, best_maximize
+        self._ckpt: Checkpointer | None = None
+
+    @property
+    def checkpointer(self) -> Checkpointer:
+        if self._ckpt is None:
+            self._ckpt = Checkpointer(self.directory, keep=self.keep, best=self.best_maximize)
+        return self._ckpt
+
+    def latest_step(self) -> int | None:
+        return self.checkpointer.latest_step()
+
+    def save(self, state: TrainState, meta: RunMeta, *, frozen: tuple[str, ...], metric: float | None = None):
+        self.checkpointer.save(meta.step, state.to_checkpoint(frozen), meta.to_json(), metric=metric)
+
+    def restore(self, state: TrainState, *, frozen: tuple[str, ...], step: int | None = None):
+        """The newest intact checkpoint (at or before `step`) into `state`'s shardings: (state, meta).
+        Damaged newer ones are moved aside with a warning. (state, None) when there is none."""
+        ckpt = self.checkpointer
+        step = ckpt.latest_step() if step is None else int(step)
+        if step is None:
+            return state, None
+        if step not in ckpt.steps():
+            raise FileNotFoundError(f"no checkpoint at step {step} in {ckpt.directory}; have {ckpt.steps()}")
+        saved, meta, skipped = ckpt.restore_intact(state.abstract_checkpoint(frozen), step)
+        for bad, why in skipped:
+            log.warning("checkpoint at step %d is damaged: %s; moved aside to %s.damaged/, resuming from "
+                        "step %d", bad, why, ckpt.directory, meta["step"])  # fmt: skip
+        return state.from_checkpoint(saved, frozen), RunMeta.from_json(meta)
+
+    def params_at(self, state: TrainState, step: int, *, frozen: tuple[str, ...]):
+        """The trained parameters of checkpoint `step` (the best export), then the checkpointer closed."""
+        try:
+            saved, _ = self.checkpointer.restore(state.abstract_checkpoint(frozen), step)
+        finally:
+            self.close()
+        return state.from_checkpoint(saved, frozen).params
+
+    def newest_meta(self) -> RunMeta | None:
+        """The meta of the newest checkpoint whose meta reads (a damaged newest one is skipped)."""
+        if not self.directory.exists() or self.latest_step() is None:
+            return None
+        for step in reversed(self.checkpointer.steps()):
+            try:
+                return RunMeta.from_json(self.checkpointer.meta(step))
+            except Exception as e:  # orbax raises many kinds for missing or truncated files
+                log.warning("checkpoint at step %d: metadata unreadable (%s)", step, type(e).__name__)
+        return None
+
+    def check_resumable(self, config: Config, layout: str) -> None:
+        """Refuse (before any forward pass) a config whose optimisation settings differ from the newest
+        checkpoint's, unless `train.allow_config_change`, and data or batch settings the saved data
+        position does not belong to (`layout`: the iterator's layout hash)."""
+        meta = self.newest_meta()
+        if meta is None:
+            return
+        where = f"{self.directory / str(meta.step)}"
+        changed = [c for c in config_changes(meta.config, config) if c[0] not in RESUMABLE_CHANGES]
+        if changed and not config.train.allow_config_change:
+            diff = "\n".join(f"  {name}: {old!r} -> {new!r}" for name, old, new in changed)
+            raise ConfigError(
+                f"{self.output_dir} holds a run whose settings differ from this config ({where}):\n"
+                f"{diff}\nResume with the run's settings, give another train.output_dir, or pass "
+                "--train.allow_config_change true to continue with the new ones"
+            )
+        if meta.data["layout"] != layout:
+            raise ConfigError(
+                f"the data or batch settings differ from those of checkpoint {where} (its data position "
+                "belongs to other pairs, another seed or other batch settings): resume with the run's "
+                "data, or give another train.output_dir"
+            )
+
+    def keep_config(self, config: Config, start: int) -> None:
+        """config.yaml is the config the run was started with; a resume with another config (only
+        what `train.allow_config_change` or RESUMABLE_CHANGES admit gets here) adds config.<step>.yaml."""
+        first = self.output_dir / "config.yaml"
+        if start == 0 or not first.exists():
+            dump(config, first)
+        elif config_changes(to_dict(load_config(first)), config):
+            dump(config, self.output_dir / f"config.{start}.yaml")
+
+    def wait(self) -> None:
+        self.checkpointer.wait()
+
+    def close(self) -> None:
+        if self._ckpt is not None:
+            self._ckpt.close()
+            self._ckpt = None
