@@ -68,6 +68,7 @@ from typing import Any
 
 from jdpo import data as jdata
 from jdpo.models import ModelConfig, ModelOptions, Transformer
+from jdpo.models.adapters import adapter_spec, model_targets
 from jdpo.models.kernels import ATTENTION_KERNELS, LSE_KERNELS, REPEATS_KV, resolve_attention
 from jdpo.parallel.sharding import logical_to_spec
 from jdpo.train.step import LOGPROB_CHUNK, make_optimizer
