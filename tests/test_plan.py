@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from jdpo import cli, plan
+from jdpo import cli
+from jdpo.commands import plan
 from jdpo import config as C
 from jdpo.models import ModelConfig
 from jdpo.train.step import LOGPROB_CHUNK
