@@ -534,4 +534,5 @@ class _HeldOutPairs:
     def metrics(self) -> dict[str, float]:
         """Pairwise eval metrics (preference accuracy, margins) of the current policy's implicit reward."""
 
-        return split_metrics(self.trainer.logprobs(self.pairs), self.reference, self.trainer.config.dpo)
+        loss = self.trainer.config.dpo.loss_spec()
+        return split_metrics(self.trainer.logprobs(self.pairs), self.reference, loss)

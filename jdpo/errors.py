@@ -14,6 +14,10 @@ class UserError(Exception):
     """Bad input: the message names where (file and line, config field, path) and what to do."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config value that is unknown, mistyped or inconsistent; the message names the field."""
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN / inf; the message names the step and the last good checkpoint."""
 

@@ -9,8 +9,9 @@ import math
 import pytest
 from helpers import build_tiny_assets, one_device, tiny_config
 
+from jdpo import cli
 from jdpo import config as jconfig
-from jdpo.commands import bench, cli
+from jdpo.commands import bench
 
 FIELDS = {
     "platform", "device", "host", "num_devices", "model_params", "matmul_params", "dtype", "batch_rows",

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from helpers import modules_imported_by
 
-from jdpo import config as C
 from jdpo import cli
+from jdpo import config as C
 from jdpo.report import metrics as M
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"

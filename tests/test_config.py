@@ -88,7 +88,7 @@ def test_every_field_has_help():
 
 def test_every_loss_option_is_a_config_field_with_the_library_default():
     """`dpo_loss`'s options are `dpo.*` fields with --help text and the library's defaults, and
-    `loss_kwargs` hands every one of them to the loss."""
+    the loss spec built from them (`DPOSection.loss_spec().loss_kwargs()`) hands every one to the loss."""
     import dataclasses
     import inspect
 
@@ -103,14 +103,15 @@ def test_every_loss_option_is_a_config_field_with_the_library_default():
         if p.kind is p.KEYWORD_ONLY and name not in per_call
     }
     fields = {f.name: f for f in dataclasses.fields(DPOSection)}
-    section = DPOSection()
-    assert set(section.loss_kwargs()) == set(options)
+    spec = DPOSection().loss_spec()
+    assert set(spec.loss_kwargs()) == set(options)
     for name, default in options.items():
         assert name in fields and fields[name].metadata["help"], name
-        got = section.loss_kwargs()[name]
+        got = spec.loss_kwargs()[name]
         assert got == (tuple([default]) if name == "loss_type" else default), name
     custom = load_config(None, ["--dpo.discopop_tau", "0.2", "--dpo.orpo_include_nll", "false"]).dpo
-    assert custom.loss_kwargs()["discopop_tau"] == 0.2 and custom.loss_kwargs()["orpo_include_nll"] is False
+    kw = custom.loss_spec().loss_kwargs()
+    assert kw["discopop_tau"] == 0.2 and kw["orpo_include_nll"] is False
 
 
 def test_a_removed_field_at_its_old_value_still_loads(tmp_path):
@@ -122,3 +123,60 @@ def test_a_removed_field_at_its_old_value_still_loads(tmp_path):
     p.write_text("dpo:\n  bco_delta: 0.3\n")
     with pytest.raises(ConfigError, match="dpo.bco_delta is no longer a setting .*running reward mean"):
         load_config(p)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--optim.eps", "-1"], "optim.eps must be > 0"),  # AdamW's step turned into ascent
+        (["--optim.eps", "0"], "optim.eps must be > 0"),
+        (["--optim.max_grad_norm", "-1"], "optim.max_grad_norm must be >= 0 (0: no clipping), got -1.0"),
+        (["--optim.weight_decay", "-0.01"], "optim.weight_decay must be >= 0 (0: off"),
+    ],
+)
+def test_optimizer_settings_that_invert_training_are_refused_with_the_valid_range(args, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, args)
+    assert message in str(e.value)
+    # The ends of each range stay valid: no clipping, no decay.
+    c = load_config(None, ["--optim.max_grad_norm", "0", "--optim.weight_decay", "0", "--optim.eps", "1e-12"])
+    assert (c.optim.max_grad_norm, c.optim.weight_decay, c.optim.eps) == (0.0, 0.0, 1e-12)
+
+
+def test_a_yaml_key_given_twice_is_refused_naming_the_file_and_line(tmp_path):
+    """Plain YAML keeps the last of two equal keys: a second `train:` section would silently drop the
+    first one's settings."""
+    p = tmp_path / "dup.yaml"
+    p.write_text("train:\n  seed: 1\ndpo:\n  beta: 0.2\ntrain:\n  max_steps: 5\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml:5: key 'train' appears twice .*first at line 1"):
+        load_config(p)
+    p.write_text("dpo:\n  beta: 0.2\n  loss_type: [sigmoid]\n  beta: 0.3\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml:4: key 'beta' appears twice .*first at line 2"):
+        load_config(p)
+    # The same field in two sections is no duplicate, and an anchor's merge key may be overridden.
+    p.write_text("data:\n  max_length: 2048\nonline:\n  max_new_tokens: 2048\n")
+    assert load_config(p).online.max_new_tokens == 2048
+    p.write_text("train: &t\n  seed: 3\ndpo:\n  beta: 0.2\n")
+    assert load_config(p).train.seed == 3
+
+
+def test_the_loss_spec_is_one_hashable_value_built_from_the_dpo_section():
+    """`DPOSection.loss_spec()` is what the jitted step closes over (a static argument: hashable, equal
+    settings give equal specs) and what every eval pass reads."""
+    from dataclasses import replace as dataclasses_replace
+
+    from jdpo.losses.spec import LossSpec
+
+    over = ["--dpo.loss_type", "sigmoid,sft", "--dpo.loss_weights", "1,0.5", "--dpo.wpo", "true",
+            "--dpo.beta_schedule", "adaptive", "--dpo.target_kl", "0.5"]  # fmt: skip
+    spec = load_config(None, over).dpo.loss_spec()
+    again = load_config(None, over).dpo.loss_spec()
+    assert spec == again and hash(spec) == hash(again)
+    assert spec.loss_weights == (1.0, 0.5) and spec.adaptive_beta == (0.5, 0.1) and spec.wpo
+    assert Config().dpo.loss_spec() == LossSpec() and LossSpec().adaptive_beta is None
+    # The eval pass: no WPO weights; an unpaired loss on pairs is the sigmoid loss at its beta.
+    assert spec.for_eval(labelled=False) == dataclasses_replace(spec, wpo=False)
+    kto = load_config(None, ["--dpo.loss_type", "kto", "--dpo.beta", "0.3"]).dpo.loss_spec()
+    assert kto.unpaired and kto.for_eval(labelled=True) == kto
+    pairs = kto.for_eval(labelled=False)
+    assert pairs.loss_type == ("sigmoid",) and not pairs.unpaired and pairs.beta == 0.3

@@ -385,7 +385,7 @@ def test_a_sigterm_on_one_worker_stops_both_at_the_same_step(results):
 
 
 def test_checkpoint_of_the_pair_restores_in_one_process(results):
-    from jdpo.train.checkpoint import Checkpointer, abstract_like, to_checkpoint
+    from jdpo.train.checkpoint import Checkpointer, abstract_like
 
     trainer = results["trainer"]
     target = abstract_like(trainer.state.to_checkpoint())  # one device, this process only
@@ -393,7 +393,7 @@ def test_checkpoint_of_the_pair_restores_in_one_process(results):
         assert ckpt.steps() == [STOP_AT]  # written at the stop, by both processes together
         state, meta = ckpt.restore(target)
     assert meta["step"] == STOP_AT and meta["data"] == trainer.data.batches.state()
-    assert int(state.step) == STOP_AT
+    assert int(state["step"]) == STOP_AT
     ours = jax.tree.leaves(trainer.state.to_checkpoint())
     theirs = jax.tree.leaves(state)
     assert len(ours) == len(theirs)

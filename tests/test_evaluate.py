@@ -102,7 +102,8 @@ def test_metrics_equal_an_independent_computation(dirs):
     # The loss of another loss type (a run's own): SLiC's hinge relu(1 - beta z) over the same pairs.
     from jdpo.config import DPOSection
 
-    hinge = E.preference_metrics(policy, reference, pairs, dpo=DPOSection(loss_type=("hinge",), beta=BETA))
+    hinge_loss = DPOSection(loss_type=("hinge",), beta=BETA).loss_spec()
+    hinge = E.preference_metrics(policy, reference, pairs, loss=hinge_loss)
     assert hinge["eval/loss"] == pytest.approx(np.mean(np.maximum(0.0, 1.0 - margins)), abs=1e-5)
     assert hinge["eval/rewards/margins"] == pytest.approx(m["eval/rewards/margins"], abs=1e-6)
 

@@ -256,3 +256,26 @@ def test_token_counts_over_processes_sum_past_int32(monkeypatch):
     monkeypatch.setattr(distributed, "process_count", lambda: 3)
     monkeypatch.setattr(distributed, "sum_over_processes", summed)
     assert counts.over_processes() == F.TokenCounts(15, 18, 3 * (3 * 2**31 + 7), 6, 3)
+
+
+def test_token_counts_of_a_model_mixing_sliding_and_full_layers_credit_each_layer_its_keys():
+    """gemma2 / 3, olmo3: the attended keys are the per-layer mean (the window's count on the sliding
+    layers, the causal count on the full ones), not the window's count for every layer."""
+    import numpy as np
+
+    from jdpo.report.flops import token_counts
+
+    seg = np.zeros((1, 16), np.int32)
+    seg[0, :12] = 1  # one sequence of 12 tokens
+    batch = {"segment_ids": seg, "loss_mask": (seg > 0).astype(np.float32)}
+    full = token_counts(batch).attended_keys
+    windowed = token_counts(batch, sliding_window=4).attended_keys
+    assert full == 12 * 13 // 2 and windowed == 1 + 2 + 3 + 4 * 9 and windowed < full
+    # 5 sliding layers per global one (gemma3), and 1:1 (gemma2).
+    assert token_counts(batch, sliding_window=4, sliding_layers=(True,) * 5 + (False,)).attended_keys == (
+        (5 * windowed + full) // 6
+    )
+    assert token_counts(batch, sliding_window=4, sliding_layers=(True, False)).attended_keys == (windowed + full) // 2
+    # All sliding (mistral): the window's count; none: the full count.
+    assert token_counts(batch, sliding_window=4, sliding_layers=(True, True)).attended_keys == windowed
+    assert token_counts(batch, sliding_window=4, sliding_layers=(False, False)).attended_keys == full

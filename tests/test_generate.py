@@ -1,5 +1,5 @@
-"""jdpo.scoring.generate: the KV cache equals full recomputation, parity with transformers' generate, stopping,
-ragged batches, one compiled decode step, sharding, chat prompts, the sampler and the CLI."""
+"""jdpo.scoring.generate: the KV cache equals full recomputation, parity with transformers' generate,
+stopping, ragged batches, one compiled decode step, sharding, chat prompts, the sampler and the CLI."""
 
 import json
 
@@ -17,6 +17,33 @@ from jdpo.scoring.generate import Generator, SamplingParams, read_prompts, sampl
 V = 320  # the test BPE tokenizer has 300 ids; a little room on top like real vocabularies
 # gemma2's window of 3 is far below the prompt + generated length, on alternating local/global layers.
 CONFIGS = {family: tiny_hf_config(family, vocab_size=V) for family in ("llama", "gemma2", "qwen3")}
+# The 2025-26 families (issue 28): per-layer windows and RoPE kinds, post-norms, fused projections.
+_LOCAL_GLOBAL = ["sliding_attention", "full_attention"]
+CONFIGS.update(
+    gemma3_text=tiny_hf_config(
+        "gemma2",
+        model_type="gemma3_text",
+        vocab_size=V,
+        layer_types=_LOCAL_GLOBAL,
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        },
+    ),
+    olmo3=tiny_hf_config(
+        "llama",
+        model_type="olmo3",
+        vocab_size=V,
+        sliding_window=3,
+        layer_types=_LOCAL_GLOBAL,
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 5e5},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        },
+    ),
+    smollm3=tiny_hf_config("llama", model_type="smollm3", vocab_size=V, no_rope_layers=[0, 1]),
+    phi3=tiny_hf_config("llama", model_type="phi3", vocab_size=V, sliding_window=4),
+)
 PROMPTS = [np.array([1, 17, 99, 4, 250, 31, 77], np.int32), np.array([1, 5], np.int32), np.arange(1, 12)]
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0)
 
@@ -51,8 +78,10 @@ def _full_logits(model, prompts, tokens_BxN):
 
 
 @pytest.mark.parametrize(
-    "name,scan", [("llama", False), ("gemma2", False), ("qwen3", False), ("gemma2", True)]
-)
+    "name,scan",
+    [("llama", False), ("gemma2", False), ("qwen3", False), ("gemma2", True), ("gemma3_text", False),
+     ("gemma3_text", True), ("olmo3", True), ("smollm3", True), ("phi3", False)],
+)  # fmt: skip
 def test_cache_equals_full_recomputation(name, scan):
     model = tiny_model(name, scan_layers=scan)
     gen = Generator(model, stop_ids=[], pad_id=0)
@@ -118,14 +147,35 @@ def test_sharded_generation_equals_one_device(llama_dir):
     np.testing.assert_allclose(a.logits, b.logits, atol=1e-5, rtol=0)
 
 
-def test_matches_transformers_generate(tmp_path):
+# gemma3: a window of 4 on the local layer, far below prompt + generated length, and each kind of layer
+# with its own RoPE base (the global one scaled).
+_HF_GENERATE = {
+    "llama": dict(eos_token_id=2),
+    "gemma3_text": dict(
+        head_dim=8,
+        sliding_window=4,
+        layer_types=_LOCAL_GLOBAL,
+        query_pre_attn_scalar=8,
+        final_logit_softcapping=5.0,
+        tie_word_embeddings=False,
+        eos_token_id=22,  # a token the greedy rows reach: one row stops early
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("family", list(_HF_GENERATE))
+def test_matches_transformers_generate(tmp_path, family):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     hf_config = transformers.AutoConfig.for_model(
-        "llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        family, vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1,
-        eos_token_id=2, pad_token_id=0,
+        pad_token_id=0, **_HF_GENERATE[family],
     )  # fmt: skip
     hf = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager").eval()
     with torch.no_grad():
@@ -133,7 +183,8 @@ def test_matches_transformers_generate(tmp_path):
             p.add_(0.3 * torch.randn_like(p))
     hf.save_pretrained(tmp_path)
     model, _ = from_pretrained(tmp_path)
-    gen = Generator(model, stop_ids=[2], pad_id=0)
+    eos = _HF_GENERATE[family]["eos_token_id"]
+    gen = Generator(model, stop_ids=[eos], pad_id=0)
     prompts = [np.array([1, 17, 99, 4, 50, 31, 77]), np.array([1, 5, 9]), np.array([1, 64, 3, 8, 21])]
     N, B, T = 8, len(prompts), 7
     out = gen.generate_ids(prompts, SamplingParams(max_new_tokens=N, temperature=0.0), return_logits=True)
@@ -145,7 +196,7 @@ def test_matches_transformers_generate(tmp_path):
     with torch.no_grad():
         res = hf.generate(
             input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
-            max_new_tokens=N, eos_token_id=2, pad_token_id=0, output_logits=True,
+            max_new_tokens=N, eos_token_id=eos, pad_token_id=0, output_logits=True,
             return_dict_in_generate=True,
         )  # fmt: skip
     hf_tokens = res.sequences[:, T:].numpy()  # pad after EOS, like ours; may stop before N when all finished

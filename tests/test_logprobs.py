@@ -162,12 +162,12 @@ def test_masked_hidden_path_never_projects_unscored_positions():
     t = rng.integers(0, v, size=(b, t_len)).astype(np.int32)
 
     def f(h, w, groups=b):
-        return LP._chunked(h, w, t, chunk, None, wpo=False, mask_BxT=mask, row_groups=groups)
+        return LP._chunked(h, w, t, chunk, None, mask_BxT=mask, row_groups=groups)
 
     logp, n_run = jax.jit(f)(h_nan, w)
     assert int(n_run) == 1
     np.testing.assert_allclose(logp, f(h, w)[0], rtol=1e-6, atol=1e-6)
-    assert int(f(h, w)[1]) == 1 and int(LP._chunked(h, w, t, chunk, None, wpo=False)[1]) == b * t_len // chunk
+    assert int(f(h, w)[1]) == 1 and int(LP._chunked(h, w, t, chunk, None)[1]) == b * t_len // chunk
     # All rows in one group (the default): their 12 scored positions fill 3 of the 12 chunks of 4.
     logp_merged, n_merged = jax.jit(lambda h, w: f(h, w, 1))(h_nan, w)
     assert int(n_merged) == 3
@@ -226,9 +226,6 @@ def test_wpo_weights():
     adj = np.take_along_axis(logp_V, t[..., None], -1)[..., 0] - np.log(np.exp(2 * logp_V).sum(-1))
     got = LP.wpo_token_logprobs(jnp.asarray(logits, jnp.float32), t)
     np.testing.assert_allclose(got, adj, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(
-        LP.wpo_token_logprobs_from_hidden(h, w, t, chunk_size=3), got, rtol=1e-5, atol=1e-5
-    )
     sums, counts = LP.segment_logprobs(got, mask, jnp.ones_like(t), 1)
     # Row 0 as chosen, row 1 as rejected, for one pair.
     weights = LP.wpo_weights(sums[0], sums[1], counts[0], counts[1])

@@ -22,7 +22,6 @@ from jdpo import config as jconfig
 from jdpo.models import lora
 from jdpo.parallel.sharding import make_mesh
 from jdpo.report import metrics
-from jdpo.train import checkpoint
 from jdpo.train import trainer as train
 
 LORA = {"lora.rank": 4, "lora.alpha": 8.0, "optim.learning_rate": 1e-2, "train.max_steps": 3}
@@ -365,7 +364,7 @@ def test_quantised_base_logits_are_close_to_full_precision(assets, kind, toleran
 
 
 def test_quantised_runs_start_at_ln2_on_a_smaller_base_that_stays_bitwise(assets, tmp_path):
-    plain = nbytes(train.Trainer(make_config(assets, tmp_path / "plain"), mesh=one_device()).base)
+    plain = nbytes(train.Trainer(make_config(assets, tmp_path / "plain"), mesh=one_device()).state.base)
     for kind, share in (("int8", 0.6), ("nf4", 0.35)):
         cfg = make_config(assets, tmp_path / kind, **{"lora.quantize": kind})
         tr = train.Trainer(cfg, mesh=one_device())

@@ -83,6 +83,75 @@ CASES = {
         ),
         "50KB",
     ),
+    # Gemma 3: local / global layers with their own RoPE (the global one linearly scaled), QK-norm with the
+    # gemma (1 + w) offset, sandwich norms, query_pre_attn_scalar, final soft-cap.
+    "gemma3_local_global_rope": (
+        "gemma3_text",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=5,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            query_pre_attn_scalar=24,
+            final_logit_softcapping=2.0,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+        ),
+        "50KB",
+    ),
+    "olmo2_post_norm": ("olmo2", dict(num_attention_heads=4, num_key_value_heads=2), None),
+    "olmo3_sliding_full": (
+        "olmo3",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=5,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 5e5},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+        ),
+        None,
+    ),
+    "smollm3_nope_layers": (
+        "smollm3",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            no_rope_layers=[1, 0, 1],
+            rope_theta=1e5,
+            pad_token_id=0,
+        ),
+        None,
+    ),
+    # Phi-3: fused qkv_proj / gate_up_proj; LongRoPE with rows longer than the original length (8), so
+    # the long factors and the attention factor apply.
+    "phi3_fused_longrope": (
+        "phi3",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            original_max_position_embeddings=8,
+            pad_token_id=0,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.0, 1.1, 1.3, 1.7, 2.0, 2.5],
+                "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0],
+                "original_max_position_embeddings": 8,
+            },
+        ),
+        "40KB",
+    ),
+    "phi3_mha_sliding": (
+        "phi3",
+        dict(num_attention_heads=4, num_key_value_heads=4, sliding_window=6, pad_token_id=0),
+        None,
+    ),
 }
 
 

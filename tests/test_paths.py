@@ -28,6 +28,7 @@ from jdpo.report import metrics
 from jdpo.scoring.forward import PairLogps
 from jdpo.train import export as exports
 from jdpo.train import refcache
+from jdpo.train.resume import RunCheckpoints
 from jdpo.train import trainer as train
 
 OVER = {"train.max_steps": 3, "train.save_every": 2, "train.eval_every": 2}
@@ -298,7 +299,7 @@ def test_file_url_run_resumes_bit_identically(assets, tmp_path, uninterrupted):
 def test_object_store_run_resumes_bit_identically(assets, tmp_path, bucket, monkeypatch, uninterrupted):
     # The checkpoints stay local (see the module docstring); everything else goes to the store.
     monkeypatch.setattr(
-        train.Trainer, "checkpoint_dir", property(lambda self: paths.as_path(tmp_path / "checkpoints"))
+        RunCheckpoints, "directory", property(lambda self: paths.as_path(tmp_path / "checkpoints"))
     )
     # No timed uploads: metrics.jsonl reaches the store only at checkpoints and at the end.
     monkeypatch.setattr(metrics, "REMOTE_SYNC_SECONDS", 1e9)

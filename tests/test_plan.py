@@ -8,8 +8,9 @@ import json
 
 import pytest
 
+from jdpo import cli
 from jdpo import config as C
-from jdpo import cli, plan
+from jdpo.commands import plan
 from jdpo.models import ModelConfig
 from jdpo.train.step import LOGPROB_CHUNK
 

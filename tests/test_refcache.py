@@ -157,7 +157,7 @@ def test_a_stale_or_damaged_entry_is_never_used_and_is_replaced(assets, tmp_path
     # The lengths above are those of the plain layout (each completion after its own prompt).
     kw = {"data.train": [str(data)], "train.export": False, "data.shared_prompt": "false"}
     short = trainer(a, cache, **{**kw, "data.row_length": 21})
-    assert short.batches.dropped_too_long == 1 and not short.reference.train.computed.all()
+    assert short.data.batches.dropped_too_long == 1 and not short.reference.train.computed.all()
     full = trainer(a, cache, **kw)
     assert full.reference.reused == {"train": False, "eval": False}  # row settings are in the key
     assert full.reference.train.computed.all()

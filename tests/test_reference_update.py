@@ -81,8 +81,8 @@ def test_the_soft_update_is_the_formula_bitwise(assets, tmp_path):
     policy, ref = leaves(tr.state.params), leaves(tr.state.ref_params)
     assert any(not np.array_equal(p, r) for p, r in zip(policy, ref, strict=True))
     for alpha in (0.0, 0.3, 1.0):
-        dpo = dataclasses.replace(tr.settings.dpo, ref_update="soft", ref_update_alpha=alpha)
-        update = step.compiled_steps(dataclasses.replace(tr.settings, dpo=dpo)).update_reference["soft"]
+        settings = dataclasses.replace(tr.settings, ref_update_alpha=alpha)
+        update = step.compiled_steps(settings).update_reference["soft"]
         new = update(tr.steps.copy_params(tr.state.ref_params), tr.state.params)
         for x, p in zip(jax.tree.leaves(new), jax.tree.leaves(tr.state.params), strict=True):
             assert x.sharding == p.sharding

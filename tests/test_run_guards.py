@@ -4,6 +4,7 @@ after SIGKILL at several points of a run, including while a checkpoint is being 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -114,7 +115,7 @@ def test_a_loss_spike_stops_the_run_and_keeps_the_last_good_checkpoint(assets, t
             m = dict(m, loss=m["loss"] * 1e3)
         return state, m
 
-    tr.steps = train.dataclasses.replace(tr.steps, train_step=spiking)
+    tr.steps = dataclasses.replace(tr.steps, train_step=spiking)
     spike = r"loss .* at step 7 is over train.divergence_factor=100 .*checkpoint at step 6"
     with pytest.raises(guards.DivergenceError, match=spike):
         tr.fit()

@@ -9,6 +9,7 @@ settings).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -21,8 +22,7 @@ from helpers import train_steps as steps
 
 from jdpo import config as jconfig
 from jdpo.parallel.sharding import make_mesh
-from jdpo.train import step
-from jdpo.train import guards
+from jdpo.train import guards, step
 from jdpo.train import trainer as train
 
 
@@ -151,7 +151,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(assets, tmp_pa
             m = dict(m, loss=m["loss"] * np.nan)
         return state, m
 
-    tr.steps = train.dataclasses.replace(tr.steps, train_step=poisoned)
+    tr.steps = dataclasses.replace(tr.steps, train_step=poisoned)
     with pytest.raises(guards.NonFiniteLossError, match=r"at step 3\b.*checkpoint at step 2"):
         tr.fit()
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]
@@ -174,7 +174,7 @@ def test_non_finite_weights_with_a_finite_loss_are_never_checkpointed(assets, tm
             state = state.replace(opt_state=(clip, (adam, *rest)))
         return real(state, batch)
 
-    tr.steps = train.dataclasses.replace(tr.steps, train_step=overflowing)
+    tr.steps = dataclasses.replace(tr.steps, train_step=overflowing)
     with pytest.raises(guards.NonFiniteLossError, match=r"parameters or optimizer state at step 3\b.*step 2"):
         tr.fit()
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1", "2"]

@@ -241,7 +241,7 @@ def _reference_pass(tr, window):
     )
     ref_first_s = float(manifest["seconds"])
     batches = list(tr.data.one_pass(tr.data.train_pairs))
-    ref = token_counts(batches, sliding_window=window)
+    ref = token_counts(batches, sliding_window=window, sliding_layers=tr.model_config.sliding_layers)
     t0 = time.perf_counter()
     # A LoRA run's forward takes the adapters with the frozen base (`Trainer.logprobs`).
     params = tr.state.params if tr.state.base is None else (tr.state.params, tr.state.base)
@@ -285,7 +285,7 @@ def _timed_steps(tr, steps: int, warmup: int, *, kernel: str, tile: int, window)
         t2 = time.perf_counter()
         step_times.append(t2 - t0)
         device_times.append(t2 - t1)
-        counts += token_counts(host, sliding_window=window)
+        counts += token_counts(host, sliding_window=window, sliding_layers=tr.model_config.sliding_layers)
         for b in host:
             computed_keys += computed_attention_keys(
                 kernel, b["segment_ids"], tile=tile, sliding_window=window

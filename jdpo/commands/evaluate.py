@@ -39,11 +39,12 @@ import numpy as np
 from flax import nnx
 
 from jdpo import data as jdata
-from jdpo.config import Config, DPOSection, load_config
+from jdpo.config import Config, load_config
 from jdpo.data import TokenizedPairs, make_batch, unpaired
 from jdpo.data.layout import BatchLayout
 from jdpo.data.sources import DataError
 from jdpo.losses import logprobs
+from jdpo.losses.spec import LossSpec
 from jdpo.models.hf import CheckpointError
 from jdpo.parallel.sharding import batch_sharding, batch_shards, jit_on_mesh, round_rows
 from jdpo.report.diversity import diversity_metrics
@@ -151,12 +152,12 @@ def preference_metrics(
     reference: Generator,
     pairs,
     *,
-    dpo=None,
+    loss: LossSpec | None = None,
     batch_rows: int = 8,
     row_length: int | None = None,
 ) -> dict[str, float]:
-    """The loss and TRL's reward metrics (eval/ names) of `dpo`'s loss settings (a
-    `jdpo.config.DPOSection`; default: its defaults, the sigmoid loss at beta 0.1) over every tokenised
+    """The loss and TRL's reward metrics (eval/ names) of `loss` (a run's `LossSpec`, as
+    `DPOSection.loss_spec()` builds it; default: the sigmoid loss at beta 0.1) over every tokenised
     pair (`jdpo.data.TokenizedPairs`), one pass through the training path's forward. Rated examples
     (`pairs.labels` set, `jdpo.data.unpaired`) get the unpaired loss's metrics; pairs under an unpaired
     loss the pairwise reward metrics (`jdpo.scoring.forward.split_metrics`).
@@ -165,7 +166,7 @@ def preference_metrics(
     chosen reward is strictly above the rejected one (so policy == reference gives 0).
     """
 
-    dpo = DPOSection() if dpo is None else dpo
+    loss = LossSpec() if loss is None else loss
     rows = round_rows(batch_rows, policy.mesh)
     layout = BatchLayout.fitting(pairs, rows_per_batch=rows, row_length=row_length)
 
@@ -181,7 +182,7 @@ def preference_metrics(
         )
         for name, gen in (("policy", policy), ("reference", reference))
     }
-    out = split_metrics(logps["policy"], logps["reference"], dpo, labels=pairs.labels)
+    out = split_metrics(logps["policy"], logps["reference"], loss, labels=pairs.labels)
     out["eval/pairs"] = len(pairs)
     return out
 
@@ -401,6 +402,25 @@ def run_config(model_dir):
     return load_config(cfg) if cfg.exists() else None
 
 
+def _sample_prompts(records, n: int) -> tuple[list, list]:
+    """The first `n` distinct prompts in data order, with their known-good answers: a pair's chosen
+    completion, a rated example's completion if labelled good (else "")."""
+    chosen_prompts: list[int] = []
+    seen: set[str] = set()
+    for k in range(len(records)):
+        key = json.dumps(records[k]["prompt"], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            chosen_prompts.append(k)
+        if len(chosen_prompts) == n:
+            break
+    prompts = [records[k]["prompt"] for k in chosen_prompts]
+    # The known-good answer: a pair's chosen completion, a rated example's completion if labelled good.
+    answers = [records[k]["chosen"] if "chosen" in records[k] else
+               (records[k]["completion"] if records[k]["label"] else "") for k in chosen_prompts]  # fmt: skip
+    return prompts, answers
+
+
 def evaluate(
     policy,
     reference,
@@ -444,6 +464,7 @@ def evaluate(
     dpo = run.dpo if dpo is None else dpo
     if beta is not None:
         dpo = dataclasses.replace(dpo, beta=float(beta))
+    loss = dpo.loss_spec()  # the one loss of every metric below
     max_length = run.data.max_length if max_length is None else max_length
     max_prompt_length = run.data.max_prompt_length if max_prompt_length is None else max_prompt_length
     policy, reference = _as_generator(policy, mesh=mesh), _as_generator(reference, mesh=mesh)
@@ -460,26 +481,13 @@ def evaluate(
     if not len(pairs):
         raise DataError(f"no usable preference pairs in {data!r}: {report.pairs_read} read, dropped "
                         f"{dict(report.dropped) or 'none'}")  # fmt: skip
-    metrics = {"eval/beta": dpo.beta}
-    pref = preference_metrics(policy, reference, pairs, dpo=dpo, batch_rows=batch_rows)
+    metrics = {"eval/beta": loss.beta}
+    pref = preference_metrics(policy, reference, pairs, loss=loss, batch_rows=batch_rows)
     if "eval/kl" in pref:  # KTO's reference point z_0; eval/kl is the sampled KL below
         pref["eval/kto_kl"] = pref.pop("eval/kl")
     metrics.update(pref)
 
-    # N distinct prompts, in data order, for the samples.
-    chosen_prompts: list[int] = []
-    seen: set[str] = set()
-    for k in range(len(records)):
-        key = json.dumps(records[k]["prompt"], sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            chosen_prompts.append(k)
-        if len(chosen_prompts) == num_samples:
-            break
-    prompts = [records[k]["prompt"] for k in chosen_prompts]
-    # The known-good answer: a pair's chosen completion, a rated example's completion if labelled good.
-    answers = [records[k]["chosen"] if "chosen" in records[k] else
-               (records[k]["completion"] if records[k]["label"] else "") for k in chosen_prompts]  # fmt: skip
+    prompts, answers = _sample_prompts(records, num_samples)
     if prompts:
         prompt_ids = policy.encode_prompts(prompts, max_prompt_length=max_prompt_length)
         metrics.update(

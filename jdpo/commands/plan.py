@@ -70,8 +70,8 @@ from typing import Any
 from jdpo import data as jdata
 from jdpo.config import ConfigError
 from jdpo.models import ModelConfig, ModelOptions, Transformer
+from jdpo.models.adapters import adapter_spec, model_targets
 from jdpo.models.kernels import ATTENTION_KERNELS, LSE_KERNELS, REPEATS_KV, resolve_attention
-from jdpo.models.transformer import LoRASpec
 from jdpo.parallel.sharding import logical_to_spec
 from jdpo.train.step import LOGPROB_CHUNK, make_optimizer
 
@@ -181,9 +181,9 @@ def abstract_params(model_config, *, param_dtype: str = "float32", scan_layers: 
     from flax import nnx
 
     spec = None
-    if lora is not None and lora.rank > 0:
-        spec = LoRASpec(
-            rank=lora.rank, alpha=float(lora.alpha), targets=tuple(lora.targets), quantize=lora.quantize
+    if lora is not None and lora.rank > 0:  # targets resolved to the model's projections (phi3: fused)
+        spec = adapter_spec(
+            model_config, rank=lora.rank, alpha=lora.alpha, targets=lora.targets, quantize=lora.quantize
         )
     options = ModelOptions(param_dtype=jnp.dtype(param_dtype), scan_layers=scan_layers, lora=spec)
     model = nnx.eval_shape(lambda: Transformer(model_config, options=options, rngs=nnx.Rngs(0)))
@@ -361,7 +361,7 @@ def plan_memory(
     )
     if lora:  # each adapted projection also saves its rank-r intermediate x A
         L = model_config.num_layers
-        saved += L * len(cfg.lora.targets) * cfg.lora.rank * b
+        saved += L * len(model_targets(cfg.lora.targets, model_config)) * cfg.lora.rank * b
     act_bytes = B * T * (saved + recompute)
     V = _split(model_config.vocab_size, tensor)
     # The scan lays this device's B rows end to end as one group of B * T positions and projects one

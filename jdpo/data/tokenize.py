@@ -496,35 +496,9 @@ def tokenize_preferences(
     if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
         raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
 
-    where = record_locations(records)
-    keep, texts_p, texts_c, texts_r, chat_flags = [], [], [], [], []
-    for i, rec in enumerate(records):
-        if _empty(rec["chosen"]) or _empty(rec["rejected"]):
-            report.dropped["empty completion"] += 1
-            continue
-        if rec["chosen"] == rec["rejected"] and not keep_equal:
-            report.dropped["chosen == rejected"] += 1
-            continue
-        try:
-            p, c, r, chat = render(rec)
-        except Exception as e:  # the template's own checks (role order, unknown roles, ...)
-            if render.has_template:
-                err = DataError(
-                    f"{where[i]}: the chat template failed on this record: {type(e).__name__}: {e}"
-                )
-            else:  # a role `render_plain` cannot write
-                err = DataError(f"{where[i]}: {e}")
-            if not skip_bad_rows:
-                raise err from None
-            report.dropped["chat template error" if render.has_template else "role without a plain form"] += 1
-            if len(report.bad_examples) < 5:
-                report.bad_examples.append(str(err))
-            continue
-        keep.append(i)
-        texts_p.append(p)
-        texts_c.append(c)
-        texts_r.append(r)
-        chat_flags.append(chat)
+    keep, texts_p, texts_c, texts_r, chat_flags = _render_records(
+        records, render, report, keep_equal, skip_bad_rows
+    )
     report.template_fallbacks = render.fallbacks
     if max_length is not None:  # a huge text costs its tokens only up to a bound (see `char_bound`)
         n = char_bound(tokenizer, max_length)
@@ -566,6 +540,49 @@ def tokenize_preferences(
         out_src.append(i)
 
     pairs = TokenizedPairs(out_p, out_c, out_r, np.asarray(out_src, np.int64))
+    _length_stats(report, pairs)
+    if verbose:
+        print(report)
+    return pairs, report
+
+
+def _render_records(records, render, report: TokenizeReport, keep_equal: bool, skip_bad_rows: bool):
+    """Each usable record as (prompt, chosen, rejected) text through the chat template (or plain text);
+    empty / equal completions and records the template rejects are dropped and counted (or raise)."""
+    where = record_locations(records)
+    keep, texts_p, texts_c, texts_r, chat_flags = [], [], [], [], []
+    for i, rec in enumerate(records):
+        if _empty(rec["chosen"]) or _empty(rec["rejected"]):
+            report.dropped["empty completion"] += 1
+            continue
+        if rec["chosen"] == rec["rejected"] and not keep_equal:
+            report.dropped["chosen == rejected"] += 1
+            continue
+        try:
+            p, c, r, chat = render(rec)
+        except Exception as e:  # the template's own checks (role order, unknown roles, ...)
+            if render.has_template:
+                err = DataError(
+                    f"{where[i]}: the chat template failed on this record: {type(e).__name__}: {e}"
+                )
+            else:  # a role `render_plain` cannot write
+                err = DataError(f"{where[i]}: {e}")
+            if not skip_bad_rows:
+                raise err from None
+            report.dropped["chat template error" if render.has_template else "role without a plain form"] += 1
+            if len(report.bad_examples) < 5:
+                report.bad_examples.append(str(err))
+            continue
+        keep.append(i)
+        texts_p.append(p)
+        texts_c.append(c)
+        texts_r.append(r)
+        chat_flags.append(chat)
+    return keep, texts_p, texts_c, texts_r, chat_flags
+
+
+def _length_stats(report: TokenizeReport, pairs: TokenizedPairs) -> None:
+    """The kept pairs' token counts and length percentiles, into `report`."""
     report.pairs_kept = len(pairs)
     lp, lc, lr = pairs.lengths()
     report.prompt_tokens, report.chosen_tokens, report.rejected_tokens = (
@@ -577,6 +594,3 @@ def tokenize_preferences(
         seq = np.concatenate([lp + lc, lp + lr])
         report.pair_length_percentiles = {q: float(np.percentile(2 * lp + lc + lr, q)) for q in PERCENTILES}
         report.sequence_length_percentiles = {q: float(np.percentile(seq, q)) for q in PERCENTILES}
-    if verbose:
-        print(report)
-    return pairs, report

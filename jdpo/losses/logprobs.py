@@ -9,7 +9,7 @@ Imports only jax and numpy so that it loads fast and can be used without flax or
 - ``token_logprobs_from_hidden`` / ``sequence_logprobs_from_hidden``: from the final hidden states and the
   unembedding, in chunks of positions, so no [B, T, V] float32 tensor exists, not even in the backward pass.
 - ``segment_logprobs``: per-segment sums for packed rows (segment 0 is padding).
-- ``wpo_token_logprobs`` (+ ``_from_hidden``) and ``wpo_weights``: the WPO per-pair weights, built from the
+- ``wpo_token_logprobs`` and ``wpo_weights``: the WPO per-pair weights, built from the
   same chunked pass and handed to ``jdpo.losses.pairwise.dpo_loss(weights=...)``.
 """
 
@@ -83,8 +83,8 @@ def _put(x, chunk, i, C: int):
     return jax.lax.dynamic_update_slice_in_dim(x, chunk, i * C, axis=1)
 
 
-def _scored_forward(h_GxTxD, w_DxV, t_GxT, n_chunks, C: int, cap: float | None, wpo: bool):
-    """Target log-probs [G, T] (or WPO's log p - log sum_v p_v^2) and the log-sum-exp [G, T] of the
+def _scored_forward(h_GxTxD, w_DxV, t_GxT, n_chunks, C: int, cap: float | None):
+    """Target log-probs [G, T] and the log-sum-exp [G, T] of the
     first `n_chunks` chunks of C positions; the positions after them are 0."""
 
     def body(i, carry):
@@ -93,8 +93,6 @@ def _scored_forward(h_GxTxD, w_DxV, t_GxT, n_chunks, C: int, cap: float | None, 
         lse_GxC = jax.nn.logsumexp(logits_GxCxV, axis=-1)
         target_GxC = jnp.take_along_axis(logits_GxCxV, _slice(t_GxT, i, C)[..., None], axis=-1)[..., 0]
         logp_GxC = target_GxC - lse_GxC
-        if wpo:  # log sum_v p_v^2 = logsumexp(2 logits) - 2 lse
-            logp_GxC = logp_GxC - (jax.nn.logsumexp(2.0 * logits_GxCxV, axis=-1) - 2.0 * lse_GxC)
         return _put(logp_GxT, logp_GxC, i, C), _put(lse_GxT, lse_GxC, i, C)
 
     zeros = jnp.zeros_like(t_GxT, jnp.float32)  # sharded like the groups (explicit sharding mode)
@@ -103,11 +101,11 @@ def _scored_forward(h_GxTxD, w_DxV, t_GxT, n_chunks, C: int, cap: float | None, 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _scored_logprobs(h_GxTxD, w_DxV, t_GxT, n_chunks, C: int, cap: float | None):
-    return _scored_forward(h_GxTxD, w_DxV, t_GxT, n_chunks, C, cap, wpo=False)[0]
+    return _scored_forward(h_GxTxD, w_DxV, t_GxT, n_chunks, C, cap)[0]
 
 
 def _scored_logprobs_fwd(h_GxTxD, w_DxV, t_GxT, n_chunks, C, cap):
-    logp_GxT, lse_GxT = _scored_forward(h_GxTxD, w_DxV, t_GxT, n_chunks, C, cap, wpo=False)
+    logp_GxT, lse_GxT = _scored_forward(h_GxTxD, w_DxV, t_GxT, n_chunks, C, cap)
     return logp_GxT, (h_GxTxD, w_DxV, t_GxT, n_chunks, lse_GxT)
 
 
@@ -150,7 +148,6 @@ def _chunked(
     targets_BxT: Array,
     chunk_size: int,
     logit_soft_cap: float | None,
-    wpo: bool,
     mask_BxT: Array | None = None,
     row_groups: int = 1,
 ) -> tuple[Array, Array]:
@@ -189,10 +186,7 @@ def _chunked(
     # (`_scored_logprobs_bwd`): no [G, T, V] float32 tensor exists, forward or backward, and the backward
     # keeps only the log-sum-exp of each position besides the inputs.
     args = (hidden_GxTxD, unembed_DxV, targets_GxT, n_chunks, C, logit_soft_cap)
-    if wpo:  # no gradient: the plain loop
-        logp_GxT, _ = _scored_forward(*args, wpo=True)
-    else:
-        logp_GxT = _scored_logprobs(*args)
+    logp_GxT = _scored_logprobs(*args)
     logp_GxT = jnp.where(keep_GxT, logp_GxT[:, :T], 0.0)
     if mask_BxT is not None:
         logp_GxT = jnp.take_along_axis(logp_GxT, jnp.argsort(perm_GxT, axis=-1), axis=1)
@@ -232,7 +226,6 @@ def token_logprobs_from_hidden(
         targets_BxT,
         chunk_size,
         logit_soft_cap,
-        wpo=False,
         mask_BxT=mask_BxT,
         row_groups=row_groups,
     )[0]
@@ -296,31 +289,6 @@ def wpo_token_logprobs(logits_BxTxV: Array, targets_BxT: Array) -> Array:
     target_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
     log_sum_p2_BxT = jax.nn.logsumexp(2.0 * logits_BxTxV, axis=-1) - 2.0 * lse_BxT
     return target_BxT - lse_BxT - log_sum_p2_BxT
-
-
-def wpo_token_logprobs_from_hidden(
-    hidden_BxTxD: Array,
-    unembed_DxV: Array,
-    targets_BxT: Array,
-    *,
-    mask_BxT: Array | None = None,
-    chunk_size: int = 128,
-    logit_soft_cap: float | None = None,
-    row_groups: int = 1,
-) -> Array:
-    """Chunked ``wpo_token_logprobs`` from hidden states (see ``token_logprobs_from_hidden``, ``mask_BxT``
-    included); no gradient."""
-    hidden_BxTxD, unembed_DxV = jax.lax.stop_gradient((hidden_BxTxD, unembed_DxV))
-    return _chunked(
-        hidden_BxTxD,
-        unembed_DxV,
-        targets_BxT,
-        chunk_size,
-        logit_soft_cap,
-        wpo=True,
-        mask_BxT=mask_BxT,
-        row_groups=row_groups,
-    )[0]
 
 
 def wpo_weights(

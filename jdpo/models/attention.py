@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from jdpo.models.masks import AttentionMask, prefix
+from jdpo.parallel.sharding import current_mesh, logical_to_spec, spec_entry_size
 
 # Positions per tile. On the 2-core CPU bench (B=4, T=1024, 8 heads of 64, segments ~160): attention
 # fwd+bwd 64 ms at 32 and 64, 78 ms at 128, 113 ms at 256 (dense: 625 ms). Accelerators want larger
@@ -270,8 +271,6 @@ def per_device(fn, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, *replicated
     rules table (data x fsdp); heads over tensor when both N and K divide by it, so every local query
     head has its key head. `replicated` (e.g. a traced window) goes to every device whole. Every
     segment-aware kernel (blocked, splash, pallas_gpu) runs through here: per-row work is row-local."""
-    from jdpo.parallel.sharding import current_mesh, logical_to_spec, spec_entry_size
-
     args = (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, *replicated)
     mesh = current_mesh()
     if mesh is None:

@@ -17,13 +17,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jdpo.errors import UserError
 from jdpo.models import quantize as quantization
+from jdpo.models.config import ModelConfig
 from jdpo.models.families import WeightSpec, weight_table
-from jdpo.models.transformer import ModelConfig, ModelOptions, Transformer
+from jdpo.models.layers import Dense
+from jdpo.models.options import ModelOptions
+from jdpo.models.transformer import Transformer
 from jdpo.parallel.sharding import named_sharding, param_shardings
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -201,8 +205,6 @@ def from_pretrained(path, *, options: ModelOptions | None = None, mesh=None):
 
 def _quantized_kernels(model) -> dict:
     """Dotted kernel path -> its Dense, for the quantised projections of `model`."""
-    from jdpo.models.transformer import Dense
-
     return {
         ".".join(map(str, path)) + ".kernel": m
         for path, m in nnx.iter_graph(model)
@@ -266,8 +268,6 @@ def init_model(
 def host_array(array: jax.Array) -> np.ndarray:
     """The whole array on this host (gathered over processes when its shards are spread over them)."""
     if jax.process_count() > 1 and not array.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
         array = multihost_utils.process_allgather(array, tiled=True)
     return np.asarray(jax.device_get(array))
 

@@ -24,6 +24,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
+
+from jdpo.errors import ConfigError
+from jdpo.models import attention, pallas_gpu, splash
+
 ATTENTION_KERNELS = ("blocked", "splash", "pallas_gpu", "xla")
 ATTENTION_CHOICES = ("auto", *ATTENTION_KERNELS)
 #: Kernels whose backward pass recomputes the probabilities from a float32 log-sum-exp per query head
@@ -43,8 +48,6 @@ class AttentionChoice(NamedTuple):
 
 def default_block(kernel: str) -> int:
     """Positions per tile when `model.attention_block` is 0 (each kernel's own default)."""
-    from jdpo.models import attention, pallas_gpu, splash
-
     return {"splash": splash.DEFAULT_BLOCK, "pallas_gpu": pallas_gpu.DEFAULT_BLOCK}.get(
         kernel, attention.DEFAULT_BLOCK
     )
@@ -53,17 +56,13 @@ def default_block(kernel: str) -> int:
 def tile_of(kernel: str, block: int, T: int) -> int:
     """The tile `kernel` runs with `model.attention_block` resolved to `block` on rows of T positions."""
     if kernel == "splash":
-        from jdpo.models.splash import tile_for
-
-        return tile_for(T, block)
+        return splash.tile_for(T, block)
     return block
 
 
 def _nvidia_gpu(backend: str) -> bool:
     if backend != "gpu":
         return False
-    import jax
-
     try:
         version = jax.devices("gpu")[0].client.platform_version.lower()
     except Exception:  # no such attribute on some runtimes: jax's "gpu" backend is CUDA unless ROCm says so
@@ -85,8 +84,6 @@ def unsupported(kernel: str, config) -> str | None:
 def resolve_attention(requested: str, config, *, backend: str | None = None) -> AttentionChoice:
     """The kernel `model.attention = requested` runs for the model of `config` (a `ModelConfig`) on
     `backend` (default: jax's). Raises `ConfigError` for a kernel the model cannot run."""
-    from jdpo.config import ConfigError
-
     if requested not in ATTENTION_CHOICES:
         raise ConfigError(f"model.attention must be one of {list(ATTENTION_CHOICES)}, got {requested!r}")
     if requested != "auto":
@@ -97,8 +94,6 @@ def resolve_attention(requested: str, config, *, backend: str | None = None) -> 
             )
         return AttentionChoice(requested, f"model.attention={requested}")
     if backend is None:
-        import jax
-
         backend = jax.default_backend()
     if backend == "tpu":
         return AttentionChoice("splash", "model.attention=auto on TPU")
@@ -116,8 +111,6 @@ def shares_prompt(requested: str, kernel: str, config) -> tuple[bool, str]:
     the run log). Raises `ConfigError` for true where it cannot run: a kernel without the shared-prefix
     rule, or a sliding-window model (its window counts row slots, which a branch after its sibling
     does not share with its prompt)."""
-    from jdpo.config import ConfigError
-
     why = None
     if kernel not in SHARED_PREFIX_KERNELS:
         why = f"the {kernel} attention kernel has no shared-prefix rule (blocked and xla have)"

@@ -5,15 +5,18 @@ PEFT names a LoRA weight by the Hugging Face module it adapts, e.g.
 in torch's (out, in) convention with the update (lora_alpha / r) * B @ A. jdpo's A [*in, r] and B [r, *out]
 (per-head shapes) are the same numbers transposed: every family's projections flatten their head axes in
 HF's row-major order (`jdpo.models.families`: the q / k / v / o layouts are reshapes and transposes only),
-so the mapping is one transpose and one reshape for all of llama, mistral, qwen2, qwen3, gemma, gemma2.
+so the mapping is one transpose and one reshape for every family. phi3's fused projections are adapted
+as PEFT adapts them, as one module each: `...self_attn.qkv_proj.lora_B.weight` [(N + 2K) H, r] (q, k, v
+rows in HF's order) and `...mlp.gate_up_proj.lora_B.weight` [2F, r], one A each.
 
     save_adapter(model, "runs/x/final", base_model="path/to/base")   # only process 0 writes
-    check_adapter("sft_adapter", model_config, config.lora)          # before any weight loads
+    check_adapter("sft_adapter", model_config, spec)                  # before any weight loads
     load_adapter(model, "sft_adapter")                               # into the model's adapters
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,11 +26,13 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jdpo.config import ConfigError, LoRASection
+from jdpo.errors import ConfigError
 from jdpo.models.adapter_files import ADAPTER_CONFIG, read_adapter_config, record_base, verified_base
-from jdpo.models.hf import CheckpointError
-from jdpo.models.lora import dense_modules, projection_shapes
-from jdpo.models.transformer import ModelConfig, Transformer
+from jdpo.models.adapters import BLOCK, adapter_spec, dense_modules, merged, model_targets, projection_shapes
+from jdpo.models.config import ModelConfig
+from jdpo.models.hf import CheckpointError, from_pretrained, host_array
+from jdpo.models.options import PROJECTIONS, LoRASpec, ModelOptions
+from jdpo.models.transformer import Transformer
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -40,14 +45,12 @@ __all__ = [
 ]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_BLOCK = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}  # fmt: skip
 
 
 def _entries(config: ModelConfig, targets) -> list[tuple[int, str, str]]:
     """(layer, target, PEFT module key prefix) of every adapted projection, in layer order."""
     return [
-        (i, t, f"base_model.model.model.layers.{i}.{_BLOCK[t]}.{t}")
+        (i, t, f"base_model.model.model.layers.{i}.{BLOCK[t]}.{t}")
         for i in range(config.num_layers)
         for t in sorted(targets)
     ]
@@ -70,10 +73,11 @@ def _read_config(adapter_dir: str) -> dict:
     return read_adapter_config(adapter_dir)
 
 
-def check_adapter(adapter_dir: str, config: ModelConfig, section: LoRASection) -> None:
+def check_adapter(adapter_dir: str, config: ModelConfig, spec: LoRASpec) -> None:
     """Refuse (ConfigError naming the field or the tensor) a PEFT adapter that does not fit this model and
-    the `lora` settings: its rank, alpha and targets must be the config's, and its tensors exactly the
-    model's adapters with their shapes. Reads adapter_config.json and the safetensors header only."""
+    the run's adapters (`spec`, from the `lora` settings): its rank, alpha and targets must be the run's,
+    and its tensors exactly the model's adapters with their shapes. Reads adapter_config.json and the
+    safetensors header only."""
     cfg = _read_config(adapter_dir)
     where = f"lora.init_adapter {adapter_dir}"
     if cfg.get("peft_type", "LORA") != "LORA":
@@ -85,10 +89,11 @@ def check_adapter(adapter_dir: str, config: ModelConfig, section: LoRASection) -
         raise ConfigError(f"{where}: bias training or per-module rank / alpha patterns are not supported")
     targets = cfg.get("target_modules")
     targets = [targets] if isinstance(targets, str) else list(targets or [])
+    theirs_targets = list(model_targets(targets, config, field=f"{where}: target_modules"))
     for field, theirs, ours in [
-        ("lora.rank", cfg.get("r"), section.rank),
-        ("lora.alpha", float(cfg.get("lora_alpha", 8)), float(section.alpha)),
-        ("lora.targets", sorted(targets), sorted(section.targets)),
+        ("lora.rank", cfg.get("r"), spec.rank),
+        ("lora.alpha", float(cfg.get("lora_alpha", 8)), float(spec.alpha)),
+        ("lora.targets", theirs_targets, list(spec.targets)),
     ]:
         if theirs != ours:
             name = field.split(".")[1]
@@ -96,7 +101,7 @@ def check_adapter(adapter_dir: str, config: ModelConfig, section: LoRASection) -
     path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
     if not os.path.exists(path):
         raise ConfigError(f"{where}: no {ADAPTER_WEIGHTS}")
-    want = _expected_shapes(config, section.rank, section.targets)
+    want = _expected_shapes(config, spec.rank, spec.targets)
     with safe_open(path, framework="numpy") as f:
         have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     for key, shape in want.items():
@@ -122,21 +127,19 @@ def from_adapter_dir(path, *, options=None, mesh=None) -> tuple[Transformer, str
     """The model of a PEFT adapter directory: its base (`base_model_name_or_path`, a local checkpoint)
     with the adapter merged into the kernels. Returns (model, base path). What `jdpo eval` and
     `jdpo generate` load when given an adapter directory."""
-    from jdpo.config import LORA_TARGETS
-    from jdpo.models import ModelOptions, from_pretrained
-    from jdpo.models.lora import merged, model_options
-
     path = os.fspath(path)
     cfg = _read_config(path)
     base = verified_base(path, cfg)
     targets = cfg.get("target_modules")
     targets = tuple([targets] if isinstance(targets, str) else targets or ())
-    unknown = [t for t in targets if t not in LORA_TARGETS]
+    unknown = [t for t in targets if t not in PROJECTIONS]
     if unknown:
-        raise ConfigError(f"{path}: target_modules {unknown} are not among {', '.join(LORA_TARGETS)}")
-    section = LoRASection(rank=int(cfg.get("r", 8)), alpha=float(cfg.get("lora_alpha", 8)), targets=targets,
-                          init_adapter=path)  # fmt: skip
-    options = model_options(ModelOptions() if options is None else options, section, base)
+        raise ConfigError(f"{path}: target_modules {unknown} are not among {', '.join(PROJECTIONS)}")
+    config = ModelConfig.from_hf(base)
+    spec = adapter_spec(config, rank=int(cfg.get("r", 8)), alpha=float(cfg.get("lora_alpha", 8)),
+                        targets=targets, where=base)  # fmt: skip
+    check_adapter(path, config, spec)
+    options = dataclasses.replace(ModelOptions() if options is None else options, lora=spec)
     model, _ = from_pretrained(base, options=options, mesh=mesh)
     load_adapter(model, path)
     return merged(model), base
@@ -148,9 +151,9 @@ def _adapter_vars(model: Transformer):
     out = {}
     for i, t, _ in _entries(model.config, model.options.lora.targets):
         if model.options.scan_layers:
-            m, idx = modules[f"layers.{_BLOCK[t]}.{t}"], i
+            m, idx = modules[f"layers.{BLOCK[t]}.{t}"], i
         else:
-            m, idx = modules[f"layers.{i}.{_BLOCK[t]}.{t}"], None
+            m, idx = modules[f"layers.{i}.{BLOCK[t]}.{t}"], None
         out[i, t] = (m.lora_a, m.lora_b, idx)
     return out
 
@@ -172,7 +175,7 @@ def load_adapter(model: Transformer, adapter_dir: str) -> None:
         )
     stacked: dict[int, list] = {}
     for (i, t), (a_var, b_var, idx) in _adapter_vars(model).items():
-        prefix = f"base_model.model.model.layers.{i}.{_BLOCK[t]}.{t}"
+        prefix = f"base_model.model.model.layers.{i}.{BLOCK[t]}.{t}"
         a_shape = a_var.get_value().shape[1 if idx is not None else 0 :]
         b_shape = b_var.get_value().shape[1 if idx is not None else 0 :]
         a = tensors[f"{prefix}.lora_A.weight"].T.reshape(a_shape)  # [r, in] -> [*in, r]
@@ -195,15 +198,13 @@ def save_adapter(model: Transformer, out_dir, *, base_model: str) -> None:
     """Write the model's adapters as a PEFT adapter directory that `peft.PeftModel.from_pretrained(
     AutoModelForCausalLM.from_pretrained(base_model), out_dir)` loads. Every process takes part in
     gathering the shards; only process 0 writes."""
-    from jdpo.models.hf import host_array
-
     spec = model.options.lora
     weights = {}
     for (i, t), (a_var, b_var, idx) in _adapter_vars(model).items():
         a, b = host_array(a_var.get_value()), host_array(b_var.get_value())
         if idx is not None:
             a, b = a[idx], b[idx]
-        prefix = f"base_model.model.model.layers.{i}.{_BLOCK[t]}.{t}"
+        prefix = f"base_model.model.model.layers.{i}.{BLOCK[t]}.{t}"
         weights[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, spec.rank).T)
         weights[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b.reshape(spec.rank, -1).T)
     if jax.process_index() != 0:

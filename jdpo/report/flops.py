@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
-from jdpo.parallel.distributed import process_count, sum_over_processes
+from jdpo.parallel import distributed
 from jdpo.report.metrics import MFU, PADDING_FRACTION, STEP_TIME, TOKENS_PER_SEC
 
 
@@ -245,10 +245,10 @@ class TokenCounts:
         `jdpo.parallel.distributed.sum_over_processes`; call it on every process). The collective sums
         int32, and a large step's attended keys pass 2^31: each count crosses in base-2^20 digits."""
 
-        if process_count() == 1:
+        if distributed.process_count() == 1:
             return self
         digits = [(x >> shift) & (_DIGIT - 1) for x in self.astuple() for shift in (40, 20, 0)]
-        summed = [int(d) for d in sum_over_processes(digits)]
+        summed = [int(d) for d in distributed.sum_over_processes(digits)]
         return TokenCounts(*(sum(d << shift for d, shift in zip(summed[i : i + 3], (40, 20, 0), strict=True))
                              for i in range(0, len(summed), 3)))  # fmt: skip
 
@@ -256,11 +256,26 @@ class TokenCounts:
 _DIGIT = 1 << 20  # a digit's sum over up to 2048 processes stays below 2^31
 
 
-def token_counts(batches: Any, *, sliding_window: int | None = None) -> TokenCounts:
+def token_counts(
+    batches: Any, *, sliding_window: int | None = None, sliding_layers: tuple[bool, ...] | None = None
+) -> TokenCounts:
     """The :class:`TokenCounts` of one host-side batch (a `jdpo.data.batch.Batch` or a mapping with its
     ``segment_ids``, ``loss_mask`` and, for ``pairs``, ``pair_ids``) or of an iterable of them, summed.
-    This host's rows only: `TokenCounts.over_processes` gives the global batch's."""
+    This host's rows only: `TokenCounts.over_processes` gives the global batch's.
+
+    ``sliding_layers`` (per layer: does it slide? `ModelConfig.sliding_layers`): with a mix of sliding
+    and full layers (gemma2 / 3, olmo3) the attended keys are the per-layer mean, the window's count on
+    the sliding layers and the full causal count on the others (FLOPs credit keys per layer)."""
     import numpy as np
+
+    if sliding_window and sliding_layers and not all(sliding_layers):
+        full = token_counts(batches)
+        if not any(sliding_layers):
+            return full
+        windowed = token_counts(batches, sliding_window=sliding_window)
+        n, slide = len(sliding_layers), sum(sliding_layers)
+        keys = (slide * windowed.attended_keys + (n - slide) * full.attended_keys) // n
+        return dataclasses.replace(full, attended_keys=keys)
 
     if isinstance(batches, Mapping) or hasattr(batches, "segment_ids"):
         batches = [batches]

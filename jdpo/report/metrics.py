@@ -49,24 +49,6 @@ STEP_TIME = "step_time"  # seconds of wall clock per optimizer step
 
 EVAL_PREFIX = "eval/"
 
-#: The per-step training metrics, in the order the console and plots present them.
-TRAIN_METRICS = (
-    LOSS,
-    REWARDS_CHOSEN,
-    REWARDS_REJECTED,
-    REWARDS_ACCURACIES,
-    REWARDS_MARGINS,
-    LOGPS_CHOSEN,
-    LOGPS_REJECTED,
-    GRAD_NORM,
-    LEARNING_RATE,
-    EPOCH,
-    TOKENS_PER_SEC,
-    MFU,
-    PADDING_FRACTION,
-    STEP_TIME,
-)
-
 
 def eval_name(name: str) -> str:
     """The eval-split name of a metric: ``eval_name("loss") == "eval/loss"``."""

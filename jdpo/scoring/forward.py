@@ -20,6 +20,7 @@ import numpy as np
 
 from jdpo.data.batch import Batch
 from jdpo.losses import logprobs
+from jdpo.losses.spec import LossSpec
 from jdpo.losses.unpaired import running_moments_init
 from jdpo.parallel.sharding import batch_shards
 from jdpo.report import metrics
@@ -170,29 +171,27 @@ def _scatter(out: PairLogps, pair_ids_BxP, res: dict) -> None:
 
 
 def split_metrics(
-    policy: PairLogps, reference: PairLogps | None, dpo, *, labels=None, moments=None
+    policy: PairLogps, reference: PairLogps | None, loss: LossSpec, *, labels=None, moments=None, beta=None
 ) -> dict[str, float]:
-    """The loss and TRL's metrics (eval/ names) of a whole split, with the loss settings of `dpo` (a
-    `jdpo.config.DPOSection`): the mean over every pair both forwards computed (`jdpo.scoring.batch_loss`).
-    `reference` may be None for the reference-free losses.
+    """The loss and TRL's metrics (eval/ names) of a whole split under the run's `loss`
+    (`loss.for_eval`): the mean over every pair both forwards computed (`jdpo.scoring.batch_loss`).
+    `reference` may be None for the reference-free losses; `beta` (a scalar array or float): the adaptive
+    schedule's current beta (the train state's) in place of `loss.beta`.
 
     Unpaired losses: `labels` [N] are the split's (`TokenizedPairs.labels`), kto's z_0 is estimated over
     the whole split's KL completions, bco's delta is `moments`' mean (the train state's; without it the
     initial 0). A split of pairs (`labels` None, e.g. `jdpo eval` on paired data) under an unpaired loss
     gets the pairwise reward metrics (preference accuracy, margins) and the sigmoid loss at its beta: the
     implicit reward beta * (policy - reference) is the same. WPO weights do not enter the eval loss."""
-
-    if dpo.unpaired and labels is None:
-        dpo = dataclasses.replace(dpo, loss_type=("sigmoid",), loss_weights=())
-    dpo = dataclasses.replace(dpo, wpo=False)
-    if dpo.running_reward_mean and moments is None:
+    loss = loss.for_eval(labelled=labels is not None)
+    if loss.running_reward_mean and moments is None:
         moments = running_moments_init()
     # Pairs a forward did not compute hold 0 (finite) and are weighted 0.
     valid = policy.computed & (reference.computed if reference is not None else True)
     f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
     logps = {k: f32(getattr(policy, k)) for k in ("chosen", "rejected", "chosen_counts", "rejected_counts")}
-    loss, m, _ = batch_loss.slot_losses(
-        dpo,
+    slot_loss, m, _ = batch_loss.slot_losses(
+        loss,
         logps,
         None if reference is None else f32(reference.chosen),
         None if reference is None else f32(reference.rejected),
@@ -200,9 +199,10 @@ def split_metrics(
         labels=None if labels is None else jnp.asarray(labels),
         moments=moments,
         update=False,
+        beta=None if beta is None else float(jax.device_get(beta)),
     )
     sums = {k: jnp.sum(v) for k, v in m.items()}
-    sums["loss"], sums["pairs"] = jnp.sum(loss), jnp.sum(f32(valid))
-    means = batch_loss.step_means(dpo, sums)
+    sums["loss"], sums["pairs"] = jnp.sum(slot_loss), jnp.sum(f32(valid))
+    means = batch_loss.step_means(loss, sums)
     out = {metrics.eval_name(k): float(v) for k, v in means.items() if k != "pairs"}
     return out

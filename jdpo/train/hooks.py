@@ -49,7 +49,9 @@ class Throughput:
     def __call__(self, loop: Loop, ev: StepEvent) -> None:
         tr = loop.trainer
         # Each process counts its own rows; summed, the counters are the global batch's.
-        counts = token_counts(ev.host, sliding_window=tr.model_config.sliding_window).over_processes()
+        mc = tr.model_config
+        counts = token_counts(ev.host, sliding_window=mc.sliding_window, sliding_layers=mc.sliding_layers)
+        counts = counts.over_processes()
         tokens, keys, slots = counts.tokens, counts.attended_keys, counts.slots
         flops = train_flops(self.hf_config, tokens=tokens, attended_keys=keys,
                             reference_forward=tr.config.dpo.reference == "online",

@@ -45,9 +45,13 @@ class RunCheckpoints:
     """`<output_dir>/checkpoints`: opened on first use, closed by `close` (orbax's threads)."""
 
     def __init__(self, output_dir: epath.Path, *, keep: int, best_maximize: bool | None):
-        self.output_dir, self.directory = output_dir, output_dir / "checkpoints"
+        self.output_dir = output_dir
         self.keep, self.best_maximize = keep, best_maximize
         self._ckpt: Checkpointer | None = None
+
+    @property
+    def directory(self):
+        return self.output_dir / "checkpoints"
 
     @property
     def checkpointer(self) -> Checkpointer:

@@ -26,8 +26,9 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jdpo.config import DPOSection, OptimSection
+from jdpo.config import OptimSection
 from jdpo.data.batch import Batch
+from jdpo.losses.spec import LossSpec
 from jdpo.losses.unpaired import running_moments_init
 from jdpo.parallel.sharding import batch_sharding, jit_on_mesh
 from jdpo.scoring.batch_loss import slot_losses, step_means
@@ -66,7 +67,9 @@ class StepSettings:
     graphdef: Any
     mesh: Any
     abstract_params: tuple  # (treedef, leaves): ShapeDtypeStructs carrying the parameter shardings
-    dpo: DPOSection  # the loss and reference settings, whole
+    loss: LossSpec  # the loss, built once from the config (`DPOSection.loss_spec`)
+    reference: str  # dpo.reference: cached / online / none
+    ref_update_alpha: float  # dpo.ref_update_alpha (a soft update of the online reference)
     optim: OptimSection
     total_steps: int
     chunk_size: int = LOGPROB_CHUNK
@@ -100,19 +103,19 @@ def _micro_loss(s: StepSettings, params, ref_params, base, batch: Batch, moments
     policy forward only (the reference is deterministic). `beta`: the state's (adaptive schedule),
     traced; then the sums also hold the completions' log-ratio sum and count (KL_SUMS)."""
     out = pair_logprobs(_model(s, params, base), batch, chunk_size=s.chunk_size, dropout_key=dropout_key)
-    if s.dpo.reference == "online":
+    if s.reference == "online":
         ref = pair_logprobs(_model(s, ref_params, base), batch, chunk_size=s.chunk_size)
         ref_c, ref_r = jax.lax.stop_gradient(ref["chosen"]), jax.lax.stop_gradient(ref["rejected"])
     else:  # cached: looked up on the host and attached to the batch; none: reference-free losses
         ref_c, ref_r = batch.ref_chosen_logps, batch.ref_rejected_logps
     valid_BxP = batch.valid_pairs.astype(jnp.float32)
     loss_BxP, m, moments = slot_losses(
-        s.dpo, out, ref_c, ref_r, valid_BxP, labels=batch.labels, moments=moments, beta=beta
+        s.loss, out, ref_c, ref_r, valid_BxP, labels=batch.labels, moments=moments, beta=beta
     )
     sums = {k: jnp.sum(v) for k, v in m.items()}
     if beta is not None:
         # Unpaired slots: the rated completion only (the second segment is KTO's mismatched KL one).
-        pair = not s.dpo.unpaired
+        pair = not s.loss.unpaired
         sums[KL_SUMS[0]], sums[KL_SUMS[1]] = beta_schedule.sequence_kl(
             jax.lax.stop_gradient(out["chosen"]), ref_c, valid_BxP,
             jax.lax.stop_gradient(out["rejected"]) if pair else None, ref_r if pair else None,
@@ -211,12 +214,10 @@ def _train_step_fn(s: StepSettings, tx, schedule, param_sh) -> Callable:
         new_state = state.replace(params=new_params, opt_state=opt_state, step=state.step + 1, rng=rng,
                                   bco_moments=moments)  # fmt: skip
         kl_sum, kl_count = (sums.pop(k, None) for k in KL_SUMS)
-        out = step_means(s.dpo, sums)
+        out = step_means(s.loss, sums)
         if beta is not None:
             kl = kl_sum / jnp.maximum(kl_count, 1.0)
-            new_state = new_state.replace(
-                beta=beta_schedule.adaptive_beta(beta, kl, s.dpo.target_kl, s.dpo.beta_gain)
-            )
+            new_state = new_state.replace(beta=beta_schedule.adaptive_beta(beta, kl, *s.loss.adaptive_beta))
             out[BETA], out["ref_kl"] = beta, kl  # the beta this step's loss used, and its KL estimate
         # Checked by the loop before the state is checkpointed: a finite loss can still come with
         # non-finite weights (e.g. an overflowing update), and such a checkpoint must never be "good".
@@ -251,13 +252,13 @@ def compiled_steps(s: StepSettings) -> Steps:
         opt_state=opt_sh,
         step=replicated,
         rng=replicated,
-        ref_params=param_sh if s.dpo.reference == "online" else None,  # with LoRA: the reference adapters
+        ref_params=param_sh if s.reference == "online" else None,  # with LoRA: the reference adapters
         # frozen: passed through the step unchanged
         base=None if s.abstract_base is None else s.model_param_shardings()[1],
         bco_moments=jax.tree.map(lambda _: replicated, running_moments_init())
-        if s.dpo.running_reward_mean
+        if s.loss.running_reward_mean
         else None,
-        beta=replicated if s.dpo.beta_schedule == "adaptive" else None,
+        beta=replicated if s.loss.adaptive_beta is not None else None,
     )
     rows_acc, rows = batch_sharding(s.mesh, accum=True), batch_sharding(s.mesh)
 
@@ -285,9 +286,9 @@ def compiled_steps(s: StepSettings) -> Steps:
 def _reference_updates(s: StepSettings, param_sh, on_mesh) -> dict:
     """The online reference's updates, jitted: the old reference donated (updated in place), the result
     sharded like the params (with LoRA: the reference adapters). Compiled on first use."""
-    if s.dpo.reference != "online":
+    if s.reference != "online":
         return {}
-    alpha = s.dpo.ref_update_alpha
+    alpha = s.ref_update_alpha
     replicated = NamedSharding(s.mesh, PartitionSpec())
     hard = on_mesh(
         lambda ref, p: reference_update.hard_update(p, ref),

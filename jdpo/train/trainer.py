@@ -16,7 +16,6 @@ compiled step functions, resume check, reference (`reference`), initial state (`
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -91,7 +90,8 @@ class Trainer:
         self.data = source.load(c, self.tokenizer, mesh=self.mesh, shared_prompt=shared_prompt)
         params, base = self._load_model()
         self.settings = StepSettings(
-            graphdef=self.graphdef, mesh=self.mesh, abstract_params=_flat(params), dpo=c.dpo, optim=c.optim,
+            graphdef=self.graphdef, mesh=self.mesh, abstract_params=_flat(params), loss=c.dpo.loss_spec(),
+            reference=c.dpo.reference, ref_update_alpha=c.dpo.ref_update_alpha, optim=c.optim,
             total_steps=self.data.total_steps, abstract_base=None if base is None else _flat(base),
         )  # fmt: skip
         self.steps = compiled_steps(self.settings)
@@ -171,11 +171,9 @@ class Trainer:
         if self.data.eval_pairs is None:
             return {}
         policy = self.logprobs(self.data.eval_pairs, params)
-        dpo = self.config.dpo
-        if self.state.beta is not None:  # the adaptive schedule's current beta
-            dpo = dataclasses.replace(dpo, beta=float(jax.device_get(self.state.beta)))
-        return split_metrics(policy, self.reference.eval_logps(self.state), dpo,
-                             labels=self.data.eval_pairs.labels, moments=self.state.bco_moments)  # fmt: skip
+        return split_metrics(policy, self.reference.eval_logps(self.state), self.settings.loss,
+                             labels=self.data.eval_pairs.labels, moments=self.state.bco_moments,
+                             beta=self.state.beta)  # fmt: skip
 
     def generate(self, prompts, sampling=None, **kwargs) -> list[dict]:
         """Completions of the current policy for text / message prompts (`Generator.generate`: `sampling`

@@ -1,0 +1,72 @@
+"""The `model` section (the policy checkpoint and how it runs) and the `mesh` section (the devices), with
+their rules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from jdpo.config.fields import ConfigError, setting
+from jdpo.models.choices import attention_block_problem
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """The policy model: a Hugging Face checkpoint directory and how to run it."""
+
+    path: str = setting(
+        "", "Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer files)."
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = setting(
+        "auto", "Compute dtype; 'auto' is bfloat16 on GPU/TPU and float32 on CPU."
+    )
+    param_dtype: Literal["float32", "bfloat16"] = setting(
+        "float32", "Dtype the parameters (and so the optimizer's update) are stored in."
+    )
+    remat: Literal["none", "full", "dots_saveable"] = setting(
+        "none",
+        "Rematerialisation per layer: none, full (recompute all), dots_saveable (keep matmul outputs).",
+    )
+    scan_layers: bool = setting(
+        False, "Scan over the layer stack (one compiled layer; fast compiles of deep models)."
+    )
+    attention: Literal["auto", "blocked", "splash", "pallas_gpu", "xla"] = setting(
+        "auto",
+        "Attention kernel: auto (splash on TPU, pallas_gpu on NVIDIA GPUs unless the model soft-caps or "
+        "slides, else blocked; the run log says which), blocked (segment-aware, plain JAX), splash (TPU), "
+        "pallas_gpu (NVIDIA GPUs), xla (dense masked).",
+    )
+    attention_block: int = setting(
+        0,
+        "Positions per tile of the attention kernel; 0: the kernel's default (blocked 64, splash 512, "
+        "pallas_gpu 128).",
+    )
+
+
+def check_model(model: ModelSection) -> None:
+    block, kernel = model.attention_block, model.attention
+    if block < 0:
+        raise ConfigError(f"model.attention_block must be >= 0 (0: the kernel's default), got {block}")
+    if block and kernel != "auto":  # auto: checked once the kernel is known (`Transformer`)
+        if why := attention_block_problem(kernel, block):
+            raise ConfigError(why)
+
+
+@dataclass(frozen=True)
+class MeshSection:
+    """Device mesh axes; their product must equal the number of devices (-1: all remaining)."""
+
+    data: int = setting(1, "Data-parallel axis (replicated parameters).")
+    fsdp: int = setting(-1, "Fully sharded data-parallel axis (parameters and optimizer state sharded).")
+    tensor: int = setting(
+        1, "Tensor-parallel axis (heads / mlp sharded); use when per-device batch is small."
+    )
+
+
+def check_mesh(mesh: MeshSection) -> None:
+    sizes: dict[str, Any] = {name: getattr(mesh, name) for name in ("data", "fsdp", "tensor")}
+    for name, v in sizes.items():
+        if v == 0 or v < -1:
+            raise ConfigError(f"mesh.{name} must be a positive size or -1 (all remaining devices), got {v}")
+    if list(sizes.values()).count(-1) > 1:
+        raise ConfigError("at most one of mesh.data / mesh.fsdp / mesh.tensor may be -1")

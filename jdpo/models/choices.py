@@ -1,0 +1,22 @@
+"""The model's settings rules that `jdpo.config` validates against, without importing JAX.
+
+`jdpo.config` checks a run's settings before anything heavy loads; these rules belong to the model (the
+kernels' tile constraints, the projections an adapter may target), so they live here, in a module that
+imports nothing, and the config reads them from it.
+"""
+
+#: The projections a LoRA adapter may target, by their Hugging Face module names (the default targets).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: Fused projections (phi3) and the projections each one stands for: targeting all of the parts targets
+#: the fused module (PEFT names it so), and targeting the fused name on an unfused model targets the parts.
+FUSED_TARGETS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def attention_block_problem(kernel: str, block: int) -> str | None:
+    """Why `model.attention_block = block` (> 0) does not suit the attention kernel `kernel` (a resolved
+    `model.attention`), or None when it does."""
+    if kernel == "splash" and block % 128:
+        return f"model.attention_block={block} with splash: TPU tiles are multiples of 128"
+    if kernel == "pallas_gpu" and block & (block - 1):
+        return f"model.attention_block={block} with pallas_gpu: Triton tiles are powers of two"
+    return None
