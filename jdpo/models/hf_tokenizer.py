@@ -11,6 +11,8 @@ safetensors directly).
 
 import os
 
+from transformers import AutoTokenizer
+
 from jdpo.models.hf import CheckpointError
 
 # The files a transformers tokenizer is built from: a directory without any of them has no tokenizer (an
@@ -29,8 +31,6 @@ def load_tokenizer(path, *, what: str = "model"):
     Raises CheckpointError naming `path` when the directory holds no tokenizer file, when its tokenizer
     exists only as custom code (`auto_map`), or when transformers cannot read the files.
     """
-    from transformers import AutoTokenizer
-
     path = os.fspath(path)
     if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
         raise CheckpointError(
