@@ -268,6 +268,12 @@ class TrainSection:
         "Resume although settings that change the optimisation (loss, lr, steps, data, model...) differ "
         "from the checkpoint's; every config a run was started with is kept (config.<step>.yaml).",
     )
+    allow_base_change: bool = _f(
+        False,
+        "Resume although the weights at model.path differ from those the checkpoint trained from (its "
+        "meta records their fingerprint): the policy continues from the checkpoint and a reference that "
+        "is the initial weights is taken from the new ones.",
+    )
 
 
 # The projections a LoRA adapter may target, by their Hugging Face module names (every family has them).
@@ -763,8 +769,8 @@ def _validate_lora(cfg: Config) -> None:
 RESUMABLE_CHANGES = frozenset({
     "train.output_dir", "train.eval_every", "train.save_every", "train.keep_checkpoints",
     "train.log_every", "train.export", "train.early_stop_patience", "train.early_stop_accuracy",
-    "train.allow_config_change", "train.keep_best", "train.divergence_factor", "train.max_param_abs",
-    "dpo.cache_dir", "train.compile_cache", "model.remat", "model.attention",
+    "train.allow_config_change", "train.allow_base_change", "train.keep_best", "train.divergence_factor",
+    "train.max_param_abs", "dpo.cache_dir", "train.compile_cache", "model.remat", "model.attention",
     "model.attention_block", "mesh.data", "mesh.fsdp", "mesh.tensor", "logging.console",
     "logging.tensorboard", "logging.wandb", "logging.wandb_project",
 })  # fmt: skip

@@ -30,6 +30,9 @@ class RunMeta:
     config: dict  # the run's config (`jdpo.config.to_dict`)
     best: dict | None = None  # train.keep_best's bookkeeping
     reference: dict | None = None  # {"keys": {split: cache key}}: a cached reference that moved
+    # {"weights": fingerprint of the weights at model.path, "reference_keys": {split: cache key}}: the
+    # base the run trained from and the cached reference it trained against (None: an older jdpo's)
+    base: dict | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -38,7 +41,7 @@ class RunMeta:
     def from_json(cls, d: dict[str, Any]) -> RunMeta:
         return cls(step=int(d["step"]), data=d["data"], tracker=d.get("tracker", {}),
                    divergence=d.get("divergence", {}), config=d.get("config", {}), best=d.get("best"),
-                   reference=d.get("reference"))  # fmt: skip
+                   reference=d.get("reference"), base=d.get("base"))  # fmt: skip
 
 
 class RunCheckpoints:
@@ -117,6 +120,36 @@ class RunCheckpoints:
                 "belongs to other pairs, another seed or other batch settings): resume with the run's "
                 "data, or give another train.output_dir"
             )
+
+    def check_base(self, config: Config, weights: str) -> None:
+        """Refuse (before the reference pass) a resume whose weights at model.path are not those the
+        newest checkpoint trained from (`weights`: their fingerprint now), unless `train.allow_base_change`,
+        which then says what the run continues with."""
+        meta = self.newest_meta()
+        if meta is None or meta.base is None or meta.base["weights"] == weights:
+            return
+        where, old, new = self.directory / str(meta.step), meta.base["weights"][:16], weights[:16]
+        keys = ", ".join(f"{s} {k}" for s, k in sorted(meta.base.get("reference_keys", {}).items()))
+        against = f" (and against the reference cache entries {keys})" if keys else ""
+        changed = (
+            f"model.path {config.model.path}: its weights changed since checkpoint {where} was saved "
+            f"(fingerprint {old} then, {new} now)"
+        )
+        if not config.train.allow_base_change:
+            raise ConfigError(
+                f"{changed}. The checkpoint trained from the old weights{against}; resuming would continue "
+                "its policy against a reference taken from the new ones, two models mixed. Put the original "
+                "weights back, start again in another train.output_dir, or pass --train.allow_base_change "
+                "true to continue on the new weights"
+            )
+        lora = " (LoRA: the checkpoint's adapters on the new base)" if config.lora.rank else ""
+        log.warning(
+            "train.allow_base_change: %s. The policy continues from the checkpoint's weights%s; a reference "
+            "that is the initial weights is taken from the new ones (cached: computed again under new keys; "
+            "the checkpoint trained%s), so losses and rewards from step %d on are measured against another "
+            "reference than before; the checkpoints from here on record the new fingerprint",
+            changed, lora, against or " against the old weights", meta.step,
+        )  # fmt: skip
 
     def keep_config(self, config: Config, start: int) -> None:
         """config.yaml is the config the run was started with; a resume with another config (only

@@ -37,6 +37,7 @@ from jdpo.scoring.forward import PairLogps, over_split, split_metrics
 from jdpo.scoring.generate import Generator, SamplingParams
 from jdpo.train import compile_cache, loop
 from jdpo.train import export as exports
+from jdpo.train.fingerprint import weights_fingerprint
 from jdpo.train.guards import BestEval, DivergenceGuard, EarlyStopping
 from jdpo.train.hooks import standard_hooks
 from jdpo.train.loop import RunResult
@@ -99,6 +100,9 @@ class Trainer:
         self.reference_updates = UpdateSchedule(c.dpo, c.train, self.data.total_steps)
         # Before the reference pass: a refused resume costs no forward pass.
         self.checkpoints.check_resumable(c, self.data.state()["layout"])
+        # The weights the run starts from (LoRA: the frozen base), before the first step donates them.
+        self.base_fingerprint = weights_fingerprint(params if base is None else base)
+        self.checkpoints.check_base(c, self.base_fingerprint)
         self.reference = self._reference()
         # Reference log-probs of the initial weights, before the first step donates them.
         ref_params = initial_reference_params(c, params, lora_run=base is not None, dtype=self.dtype,
@@ -231,7 +235,8 @@ class Trainer:
         meta = RunMeta(step=step, data=self.data.state(), tracker=self.early_stopping.state(),
                        divergence=self.divergence.state(), config=to_dict(self.config),
                        best=None if self.best is None else self.best.state(),
-                       reference=self.reference.meta())  # fmt: skip
+                       reference=self.reference.meta(),
+                       base={"weights": self.base_fingerprint, "reference_keys": dict(self.reference.keys)})  # fmt: skip
         self.checkpoints.save(self.state, meta, frozen=self.frozen, metric=metric)
         if self.logger is not None:
             # On an object store metrics.jsonl is uploaded at sync points: make this one of them, so
