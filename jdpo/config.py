@@ -250,8 +250,8 @@ class TrainSection:
     )
     divergence_factor: float = _f(
         100.0,
-        "Stop, keeping the last good checkpoint, when the loss or the grad norm exceeds this factor times "
-        "the larger of its running median and its step-1 value (0: off).",
+        "Stop, keeping the last good checkpoint, when the loss exceeds this factor times its step-1 value, "
+        "or the grad norm this factor times the larger of its running median and its step-1 value (0: off).",
     )
     max_param_abs: float = _f(
         1e4, "Stop, keeping the last good checkpoint, when any parameter's magnitude exceeds this (0: off)."

@@ -121,6 +121,40 @@ def test_a_loss_spike_stops_the_run_and_keeps_the_last_good_checkpoint(assets, t
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["4", "6"]
 
 
+def _blowing_up(tr, ratio):
+    """Step k's logged loss times ratio^(k - 1): a loss that grows steadily, as a too-high learning rate's."""
+    real = tr.steps.train_step
+
+    def step(state, batch):
+        state, m = real(state, batch)
+        return state, dict(m, loss=m["loss"] * ratio ** (int(state.step) - 1))
+
+    tr.steps = train.dataclasses.replace(tr.steps, train_step=step)
+    return tr
+
+
+def test_a_steady_blow_up_stops_at_the_first_step_past_the_early_level_and_names_a_healthy_checkpoint(
+    assets, tmp_path
+):
+    """Issue 31, item 6: a loss x4 each step passes 100x its start at step 5, before the running median
+    has its 5 steps; after that the median rises with it, so the guard let it run and then named a diverged
+    checkpoint as good. The step-1 level is a bound from step 2 on, and a checkpoint whose loss was past
+    it is never named good: a run that saved diverged checkpoints with the guard off and is resumed with
+    it on names the newest checkpoint within the bound."""
+    every = {"train.save_every": 1, "train.keep_checkpoints": 10, "train.max_steps": 8, "train.export": False}
+    cfg = make_config(assets, tmp_path / "run", **every)
+    with pytest.raises(guards.DivergenceError, match=r"loss .* at step 5 .*checkpoint at step 4 "):
+        _blowing_up(train.Trainer(cfg, mesh=one_device()), 4.0).fit()
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints"), key=int) == ["1", "2", "3", "4"]
+
+    off = make_config(assets, tmp_path / "off", **every, **{"train.divergence_factor": 0.0})
+    _blowing_up(train.Trainer(off, mesh=one_device()), 4.0).fit(callbacks=[lambda m: m["step"] == 6])
+    on = jconfig.replace(off, **{"train.divergence_factor": 100.0})
+    with pytest.raises(guards.DivergenceError, match=r"at step 7 .*checkpoint at step 4 ") as e:
+        _blowing_up(train.Trainer(on, mesh=one_device()), 4.0).fit()
+    assert "steps 5, 6" in str(e.value)  # the newer ones it passed over, named
+
+
 def test_divergence_settings_are_validated():
     with pytest.raises(jconfig.ConfigError, match="train.divergence_factor must be 0"):
         jconfig.replace(jconfig.Config(), **{"train.divergence_factor": 0.5})
