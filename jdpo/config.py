@@ -246,7 +246,8 @@ class TrainSection:
         "",
         "Keep the checkpoint of the best eval ('<eval metric>:<min|max>', e.g. eval/loss:min or "
         "eval/rewards/accuracies:max; step 0 excluded) outside the keep_checkpoints rotation and export it "
-        "to <output_dir>/best ('': off).",
+        "to <output_dir>/best ('': off). With train.rounds > 1 or dpo.ref_update (a reference that moves) "
+        "only a metric of the policy alone, eval/logps/chosen or eval/logps/rejected.",
     )
     divergence_factor: float = _f(
         100.0,
@@ -656,6 +657,13 @@ def validate(cfg: Config) -> None:
     _validate_online(cfg)
 
 
+# Eval metrics of the policy alone, with no reference in them (ORPO's odds too): the ones `train.keep_best`
+# may compare in a run whose reference moves.
+REFERENCE_FREE_EVAL = (
+    "eval/logps/chosen", "eval/logps/rejected", "eval/log_odds_ratio", "eval/log_odds_chosen",
+)  # fmt: skip
+
+
 def _validate_reference_updates(cfg: Config) -> None:
     """dpo.ref_update / train.rounds (a reference that moves) and dpo.beta_schedule."""
     d, t = cfg.dpo, cfg.train
@@ -670,6 +678,15 @@ def _validate_reference_updates(cfg: Config) -> None:
     what = f"dpo.ref_update={d.ref_update}" if d.ref_update != "none" else f"train.rounds={t.rounds}"
     if moving and d.reference == "none":
         raise ConfigError(f"{what} updates the reference, but dpo.reference is none: use cached or online")
+    metric = t.keep_best.rpartition(":")[0]
+    if moving and t.keep_best and metric not in REFERENCE_FREE_EVAL:
+        raise ConfigError(
+            f"train.keep_best={t.keep_best!r} with {what}: the eval loss and rewards are measured against "
+            "the reference, which this run moves (each round or update restarts them near their start), so "
+            "evals on either side of a move do not compare and the best would stay before the first one; "
+            "name a metric of the policy alone (eval/logps/chosen:max, the chosen completions' "
+            "log-probability; eval/logps/rejected:min), or leave train.keep_best empty"
+        )
     if d.ref_update != "none":
         if d.ref_update_every < 1:
             raise ConfigError(f"dpo.ref_update_every must be >= 1, got {d.ref_update_every}")

@@ -80,6 +80,20 @@ def test_keep_best_is_checked_before_training(assets, tmp_path):
     assert not (tmp_path / "b" / "checkpoints").exists() or not os.listdir(tmp_path / "b" / "checkpoints")
 
 
+def test_keep_best_with_a_moving_reference_takes_only_reference_free_metrics():
+    """Issue 31, item 5: each round (or reference update) measures eval/loss and the rewards against
+    another reference (the loss restarts near ln 2), so `best/` was always the end of round 1. With a
+    reference that moves, keep_best must name a metric of the policy alone (its log-probs), and says why."""
+    moves = [({"train.rounds": 2}, "train.rounds=2"), ({"dpo.ref_update": "hard"}, "dpo.ref_update=hard")]
+    for moving, what in moves:
+        for metric in ("eval/loss:min", "eval/rewards/accuracies:max", "eval/rewards/margins:max"):
+            want = rf"train.keep_best='{metric}' with {what}: .*reference.*eval/logps/chosen"
+            with pytest.raises(jconfig.ConfigError, match=want):
+                jconfig.replace(jconfig.Config(), **moving, **{"train.keep_best": metric})
+        cfg = jconfig.replace(jconfig.Config(), **moving, **{"train.keep_best": "eval/logps/chosen:max"})
+        assert cfg.train.keep_best == "eval/logps/chosen:max"
+
+
 # -- the divergence guard ----------------------------------------------------------------------------
 
 
