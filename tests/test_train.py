@@ -404,3 +404,38 @@ def test_a_resume_on_a_base_changed_in_place_is_refused_naming_both_fingerprints
     assert all(f in caplog.text for f in fingerprints)
     # The checkpoints from here on record the new base: a plain resume no longer refuses.
     assert train.Trainer(cfg, mesh=one_device()).restore() == 3
+
+
+def test_the_run_lock_is_taken_first_and_held_from_construction_until_fit_ends_or_close(assets, tmp_path):
+    """Issue 31, item 14: the lock was taken by `fit`, after the model load and the reference pass, so two
+    runs started together on one directory both loaded and computed before one was refused. A Trainer
+    takes it first (a held directory is refused before anything is read or computed) and holds it until
+    its fit ends or it is closed; another process cannot take it meanwhile."""
+    import subprocess
+    import sys
+
+    from jdpo.train.runlock import LOCK_FILE, RunLock, RunLockedError
+
+    out = tmp_path / "run"
+    cfg = make_config(assets, out, **{"train.max_steps": 1, "train.export": False,
+                                      "dpo.cache_dir": str(tmp_path / "cache")})  # fmt: skip
+    with RunLock(out):  # another run holds the directory
+        with pytest.raises(RunLockedError, match=rf"{out} is in use by another jdpo run"):
+            train.Trainer(cfg, mesh=one_device())
+    assert not (tmp_path / "cache").exists() and os.listdir(out) == [LOCK_FILE]  # nothing loaded or computed
+
+    take = f"from jdpo.train.runlock import RunLock; RunLock({str(out)!r}).__enter__()"
+
+    def other_process_can_take_it() -> bool:
+        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        return subprocess.run([sys.executable, "-c", take], capture_output=True, env=env).returncode == 0
+
+    tr = train.Trainer(cfg, mesh=one_device())
+    assert not other_process_can_take_it()  # held from construction
+    tr.close()
+    assert other_process_can_take_it()
+    tr = train.Trainer(cfg, mesh=one_device())
+    assert tr.fit().step == 1 and other_process_can_take_it()  # released when fit ends
+    with train.Trainer(cfg, mesh=one_device()) as again:  # a context manager closes it
+        assert again.step == 0 and not other_process_can_take_it()
+    assert other_process_can_take_it()

@@ -18,7 +18,6 @@ from etils import epath
 
 from jdpo.report import metrics
 from jdpo.train.guards import Preemption, due
-from jdpo.train.runlock import RunLock
 
 
 @dataclasses.dataclass
@@ -111,9 +110,16 @@ def fit(
     trainer, callbacks: Sequence[Callable[[dict], Any]], attach_hooks: Callable[[Loop], None]
 ) -> RunResult:
     """Train to `total_steps` from the trainer's step (a restored checkpoint's, else the newest in the
-    output directory), with the output directory locked for the run's life (`jdpo.train.runlock`)."""
-    with RunLock(trainer.output_dir, main_process=jax.process_index() == 0):
+    output directory) under the trainer's run lock (`jdpo.train.runlock`: taken when the trainer was
+    built, taken again if it was closed or given up since), released when the run ends."""
+    lock = trainer.run_lock
+    lock.acquire()
+    lock.in_use = True
+    try:
         return _fit(trainer, callbacks, attach_hooks)
+    finally:
+        lock.in_use = False
+        lock.release()
 
 
 def _fit(tr, callbacks, attach_hooks) -> RunResult:

@@ -8,16 +8,19 @@
     trainer.evaluate()                        # eval/ metrics of the current policy on the held-out split
     trainer.generate(["2+2="])                # completions of the current policy
     jdpo.Trainer.from_checkpoint("runs/x")    # a run's newest checkpoint (or runs/x/checkpoints/<step>)
+    trainer.close()                           # the output directory's lock, held since Trainer(config)
 
-Set-up reads top to bottom: tokenizer, data (`run_data` / `online`, before the model loads), model,
-compiled step functions, resume check, reference (`reference`), initial state (`state`). The loop
-(`loop`, `hooks`) and the checkpoints (`resume`) and exports (`export`) are parts of their own.
+Set-up reads top to bottom: the output directory's run lock, tokenizer, data (`run_data` / `online`,
+before the model loads), model, compiled step functions, resume check, reference (`reference`), initial
+state (`state`). The loop (`loop`, `hooks`) and the checkpoints (`resume`) and exports (`export`) are
+parts of their own.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,7 @@ from jdpo.train.reference import Reference, cache_dir_of, initial_reference_para
 from jdpo.train.reference_update import UpdateSchedule
 from jdpo.train.resume import RunCheckpoints, RunMeta
 from jdpo.train.run_data import OfflineData, check_batch_rows, decide_shared_prompt, layout_key
+from jdpo.train.runlock import RunLock
 from jdpo.train.state import frozen_parts, initial_state
 from jdpo.train.step import StepSettings, compiled_steps
 
@@ -74,6 +78,18 @@ class Trainer:
             paths.check_checkpoint_dir(self.output_dir)  # before the reference pass, not at the first save
         except ValueError as e:  # the message names the path
             raise ConfigError(f"train.output_dir: {e}") from None
+        # The lock first, before the output directory is read or anything loads; held until `fit` ends or
+        # `close` (and released when this trainer is collected).
+        self.run_lock = RunLock(self.output_dir, main_process=jax.process_index() == 0)
+        self.run_lock.acquire()
+        weakref.finalize(self, self.run_lock.release)
+        try:
+            self._set_up(c)
+        except BaseException:
+            self.run_lock.release()
+            raise
+
+    def _set_up(self, c: Config) -> None:
         compile_cache.enable(c.train.compile_cache, self.output_dir)  # before anything compiles
         self.dtype = resolve_dtype(c.model.dtype)
         self.best = BestEval(c.train.keep_best) if c.train.keep_best else None
@@ -235,8 +251,8 @@ class Trainer:
         meta = RunMeta(step=step, data=self.data.state(), tracker=self.early_stopping.state(),
                        divergence=self.divergence.state(), config=to_dict(self.config),
                        best=None if self.best is None else self.best.state(),
-                       reference=self.reference.meta(),
-                       base={"weights": self.base_fingerprint, "reference_keys": dict(self.reference.keys)})  # fmt: skip
+                       reference=self.reference.meta(), base={"weights": self.base_fingerprint,
+                                                              "reference_keys": dict(self.reference.keys)})  # fmt: skip
         self.checkpoints.save(self.state, meta, frozen=self.frozen, metric=metric)
         if self.logger is not None:
             # On an object store metrics.jsonl is uploaded at sync points: make this one of them, so
@@ -266,13 +282,25 @@ class Trainer:
 
     # -- the loop and the exports ---------------------------------------------------------------------
 
+    def close(self) -> None:
+        """Release the output directory's run lock and the checkpointer (the trainer's views still work;
+        `fit` takes the lock again)."""
+        self.checkpoints.close()
+        self.run_lock.release()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def fit(self, callbacks: Sequence[Callable[[dict], Any]] = ()) -> RunResult:
         """Train to `total_steps`, resuming from the newest checkpoint in the output directory (or from
         the one `restore` / `from_checkpoint` loaded).
 
         callbacks: called with every logged record (train and eval, each with its "step"); one returning
-        True stops the run after that step (a checkpoint is saved). The output directory is locked for
-        the run's life (`jdpo.train.runlock`): a second run on it refuses to start."""
+        True stops the run after that step (a checkpoint is saved). The output directory's run lock
+        (`jdpo.train.runlock`), taken when the trainer was built, is released when fit ends."""
         return loop.fit(self, callbacks, standard_hooks)
 
     def export(self, params=None, name: str = "final"):
