@@ -623,12 +623,7 @@ def validate(cfg: Config) -> None:
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
     if t.keep_best:
-        metric, _, direction = t.keep_best.rpartition(":")
-        if not metric.startswith("eval/") or direction not in ("min", "max"):
-            raise ConfigError(
-                f"train.keep_best={t.keep_best!r} must be '<eval metric>:<min|max>', e.g. eval/loss:min or "
-                "eval/rewards/accuracies:max"
-            )
+        _validate_keep_best(t.keep_best, d.loss_type)
     if t.divergence_factor != 0 and t.divergence_factor <= 1:
         raise ConfigError(f"train.divergence_factor must be 0 (off) or > 1, got {t.divergence_factor}")
     if t.max_param_abs < 0:
@@ -655,6 +650,24 @@ def validate(cfg: Config) -> None:
     _validate_lora(cfg)
     _validate_reference_updates(cfg)
     _validate_online(cfg)
+
+
+def _validate_keep_best(spec: str, loss_type: tuple[str, ...]) -> None:
+    """train.keep_best names an eval metric this run's loss settings log (a typo costs no model load)."""
+    from jdpo.losses.defaults import metric_names
+
+    metric, _, direction = spec.rpartition(":")
+    if not metric.startswith("eval/") or direction not in ("min", "max"):
+        raise ConfigError(
+            f"train.keep_best={spec!r} must be '<eval metric>:<min|max>', e.g. eval/loss:min or "
+            "eval/rewards/accuracies:max"
+        )
+    names = [f"eval/{name}" for name in metric_names(loss_type)]
+    if metric not in names:
+        raise ConfigError(
+            f"train.keep_best={spec!r}: the evals of dpo.loss_type {list(loss_type)} have no {metric!r}; "
+            f"they have: {', '.join(sorted(names))}"
+        )
 
 
 # Eval metrics of the policy alone, with no reference in them (ORPO's odds too): the ones `train.keep_best`

@@ -74,10 +74,37 @@ def test_keep_best_is_checked_before_training(assets, tmp_path):
     no_eval = make_config(assets, tmp_path / "a", **{"data.eval": [], "train.keep_best": "eval/loss:min"})
     with pytest.raises(jconfig.ConfigError, match="needs an eval split"):
         train.Trainer(no_eval, mesh=one_device())
-    typo = make_config(assets, tmp_path / "b", **{"train.keep_best": "eval/los:min"})
+    # Issue 31, item 15: a typo was found at the step-0 eval, after the model load and the reference pass,
+    # leaving an output directory behind; the config names the metrics of its loss settings.
     with pytest.raises(jconfig.ConfigError, match=r"no 'eval/los'.*eval/loss"):
-        train.run(typo, mesh=one_device())  # at the step-0 eval, before any training step
-    assert not (tmp_path / "b" / "checkpoints").exists() or not os.listdir(tmp_path / "b" / "checkpoints")
+        make_config(assets, tmp_path / "b", **{"train.keep_best": "eval/los:min"})
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(jconfig.ConfigError, match=r"dpo.loss_type \['sigmoid'\] have no 'eval/kl'"):
+        jconfig.replace(jconfig.Config(), **{"train.keep_best": "eval/kl:min"})
+    for loss_type, metric in [(["kto"], "eval/kl:min"), (["orpo"], "eval/log_odds_ratio:max"),
+                              (["sigmoid", "sft"], "eval/loss/sft:min")]:  # fmt: skip
+        cfg = jconfig.replace(jconfig.Config(), **{"dpo.loss_type": loss_type, "train.keep_best": metric})
+        assert cfg.train.keep_best == metric
+
+
+@pytest.mark.parametrize("loss_type", [["sigmoid"], ["sigmoid", "sft"], ["orpo"], ["kto"], ["bco"]])
+def test_the_configs_eval_metric_names_are_those_an_eval_logs(loss_type):
+    """`jdpo.losses.defaults.metric_names` (what config validation checks keep_best against, without jax)
+    names exactly what `split_metrics` returns for those loss settings (under eval/)."""
+    from jdpo.losses.defaults import metric_names
+    from jdpo.scoring.forward import PairLogps, split_metrics
+
+    cfg = jconfig.replace(jconfig.Config(), **{"dpo.loss_type": loss_type})
+    n = 6
+    rng = np.random.default_rng(0)
+
+    def logps():
+        sums = -rng.uniform(1, 5, (2, n)).astype(np.float32)
+        return PairLogps(*sums, np.full(n, 3, np.int32), np.full(n, 3, np.int32), np.ones(n, bool))
+
+    labels = np.array([1, 0] * (n // 2), np.int32) if cfg.dpo.unpaired else None
+    got = split_metrics(logps(), logps(), cfg.dpo, labels=labels)
+    assert sorted(got) == sorted(f"eval/{name}" for name in metric_names(cfg.dpo.loss_type))
 
 
 def test_keep_best_with_a_moving_reference_takes_only_reference_free_metrics():
