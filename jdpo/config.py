@@ -325,6 +325,13 @@ class OnlineSection:
     temperature: float = _f(1.0, "Sampling temperature (> 0: equal greedy samples would always tie).")
     top_p: float = _f(1.0, "Nucleus sampling: keep the smallest set of tokens with this mass (1: off).")
     max_new_tokens: int = _f(64, "Tokens sampled per completion at most (the stop token included).")
+    reward_timeout: float = _f(
+        600.0,
+        "Seconds one call of the reward may take (0: no bound). The reward runs in a thread of its own: "
+        "past this, or when it raises (SystemExit included) or scores badly, the run checkpoints its last "
+        "completed step and stops with an error naming it; SIGTERM during a call checkpoints and stops "
+        "as a preemption.",
+    )
 
 
 @dataclass(frozen=True)
@@ -763,6 +770,8 @@ def _validate_online(cfg: Config) -> None:
                           f"always tie), got {on.temperature}")  # fmt: skip
     if not 0 < on.top_p <= 1:
         raise ConfigError(f"online.top_p must be in (0, 1], got {on.top_p}")
+    if not on.reward_timeout >= 0:
+        raise ConfigError(f"online.reward_timeout must be >= 0 s (0: no bound), got {on.reward_timeout}")
 
 
 def _validate_lora(cfg: Config) -> None:

@@ -110,10 +110,28 @@ class BestEval:
         return None
 
 
+class StopRun(Exception):  # noqa: N818 (a control-flow signal, not an error of its own)
+    """Raised by a part while it makes a step's batches when the run must end before that step (online:
+    the reward failed, or SIGTERM arrived during its call): the loop saves the last completed step, stops
+    with `reason`, then raises `error` (None: a plain stop)."""
+
+    def __init__(self, reason: str, error: BaseException | None = None):
+        super().__init__(reason)
+        self.reason, self.error = reason, error
+
+
+def sigterm_pending() -> bool:
+    """SIGTERM has arrived during the current run (this process; a part's long call polls it)."""
+    active = Preemption.active
+    return active is not None and active._event.is_set()
+
+
 class Preemption:
     """SIGTERM (a preempted TPU VM, `run_tpu.sh stop`, a scheduler's time limit) as a request to
     checkpoint and return. A context manager: the handler is installed for the run's life (from the main
     thread only; elsewhere signals cannot be caught) and the previous one restored after."""
+
+    active: Preemption | None = None  # the one whose handler is installed (`sigterm_pending`)
 
     def __init__(self):
         self._event = threading.Event()
@@ -122,9 +140,12 @@ class Preemption:
     def __enter__(self) -> Preemption:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
+        Preemption.active = self
         return self
 
     def __exit__(self, *exc) -> None:
+        if Preemption.active is self:
+            Preemption.active = None
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None

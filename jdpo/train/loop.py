@@ -17,7 +17,7 @@ import jax
 from etils import epath
 
 from jdpo.report import metrics
-from jdpo.train.guards import Preemption, due
+from jdpo.train.guards import Preemption, StopRun, due
 
 
 @dataclasses.dataclass
@@ -68,6 +68,7 @@ class Loop:
         self.new_best: float | None = None  # this step's keep_best value when its eval was a new best
         self.preemption: Preemption | None = None
         self.logger: metrics.MetricsLogger | None = None
+        self.error: BaseException | None = None  # raised once the last completed step is saved (`StopRun`)
 
     def add_hook(self, fn: Callable[[Loop, StepEvent], None], *, every: int | None = None) -> None:
         self.hooks.append(Hook(fn, every))
@@ -91,7 +92,12 @@ class Loop:
         tr, step = self.trainer, self.start
         while step < tr.data.total_steps and self.stop is None:
             t0 = time.perf_counter()
-            batch, host = tr.next_step_batches()
+            try:
+                batch, host = tr.next_step_batches()
+            except StopRun as e:  # the data ended the run before this step (online: the reward failed)
+                self.request_stop(e.reason)
+                self.error = e.error
+                break
             t1 = time.perf_counter()
             m: dict[str, Any] = {}
             if batch is not None:  # None: an online step whose prompts all tied, no update
@@ -153,10 +159,20 @@ def _fit(tr, callbacks, attach_hooks) -> RunResult:
             if step > start:
                 tr.save(step)  # the final state (a no-op when this step was just saved)
             tr.checkpoints.wait()
+            kept = tr.checkpoints.latest_step()
     finally:
         tr.checkpoints.close()
         tr.logger = None
         loop.logger.close()
+    if loop.error is not None:  # a part ended the run with an error (`StopRun`): raised now, step saved
+        where = (
+            f"checkpoint at step {kept} in {tr.checkpoints.directory}"
+            if kept is not None
+            else "no checkpoint"
+        )
+        loop.error.args = (f"{loop.error}. The run stopped before step {step + 1}; kept: {where}. Fix the "
+                           "cause and run the same command again to continue",)  # fmt: skip
+        raise loop.error
     reason = loop.stop or "completed"
     exporting = t.export and reason != "sigterm"
     final_dir = tr.export() if exporting else None
