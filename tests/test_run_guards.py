@@ -203,6 +203,68 @@ def test_divergence_settings_are_validated():
         jconfig.replace(jconfig.Config(), **{"train.max_param_abs": -1.0})
 
 
+# -- a full disk ----------------------------------------------------------------------------------------
+
+
+def test_a_full_disk_is_found_before_training_at_a_save_and_at_the_export(assets, tmp_path, monkeypatch):
+    """Issue 31, item 4: a full disk lost the run with a traceback, at a checkpoint (orbax's
+    RESOURCE_EXHAUSTED) and at the export (SafetensorError). Now: too little free space where the
+    filesystem says is refused before the first checkpoint write; a save that fails for space keeps the
+    previous checkpoint and says how much space is needed and where; an export that fails leaves the
+    checkpoint and says how to export again (the same command, which then only exports). Each is one
+    message and exit status 2 (`NoSpaceError`, `ExportError`: input errors)."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    from jdpo.errors import ExportError, NoSpaceError, UserError
+    from jdpo.train import diskspace
+    from jdpo.train import export as exports
+
+    assert issubclass(NoSpaceError, UserError) and issubclass(ExportError, UserError)
+    out = tmp_path / "run"
+    cfg = make_config(assets, out, **{"train.max_steps": 4, "train.save_every": 2})
+    with monkeypatch.context() as m:
+        m.setattr(diskspace, "free_bytes", lambda path: 500)
+        want = rf"train.output_dir {out}: a checkpoint of this run takes about [\d.]+ [kM]B; 500 B are free"
+        with pytest.raises(NoSpaceError, match=want):
+            train.Trainer(cfg, mesh=one_device())
+    assert not (out / "checkpoints").exists()
+
+    real_save = Checkpointer.save
+
+    def full_at_4(self, step, *args, **kwargs):
+        if step == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, step, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(Checkpointer, "save", full_at_4)
+        want = (
+            rf"checkpoint at step 4 could not be written to {out / 'checkpoints'}.*No space left on device.*"
+            r"takes about [\d.]+ [kM]B.*B are free there.*kept: the checkpoint at step 2"
+        )
+        with pytest.raises(NoSpaceError, match=want):
+            train.Trainer(cfg, mesh=one_device()).fit()
+    assert sorted(os.listdir(out / "checkpoints")) == ["2"]
+
+    def full_export(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                              '"No space left on device" })')  # fmt: skip
+
+    with monkeypatch.context() as m:
+        m.setattr(exports, "export_model", full_export)
+        want = (
+            rf"the export to {out / 'final'} failed .*No space left on device.*checkpoint at step 4 in "
+            rf"{out / 'checkpoints'} is intact.*run the same command again"
+        )
+        with pytest.raises(ExportError, match=want):
+            train.Trainer(cfg, mesh=one_device()).fit()
+    assert sorted(os.listdir(out / "checkpoints")) == ["2", "4"]
+    result = train.Trainer(cfg, mesh=one_device()).fit()  # only exports
+    assert result.step == 4 and (result.final_dir / "model.safetensors").exists()
+
+
 # -- SIGKILL fault injection -------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ restore and the best export.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 from etils import epath
 
 from jdpo.config import RESUMABLE_CHANGES, Config, ConfigError, config_changes, dump, load_config, to_dict
+from jdpo.errors import NoSpaceError
+from jdpo.train import diskspace
 from jdpo.train.checkpoint import Checkpointer
 from jdpo.train.state import TrainState
 
@@ -51,6 +54,8 @@ class RunCheckpoints:
         self.output_dir, self.directory = output_dir, output_dir / "checkpoints"
         self.keep, self.best_maximize = keep, best_maximize
         self._ckpt: Checkpointer | None = None
+        self.size: int | None = None  # bytes of one checkpoint's arrays (`check_space`)
+        self._saving: int | None = None  # the step of the newest save started
 
     @property
     def checkpointer(self) -> Checkpointer:
@@ -62,7 +67,69 @@ class RunCheckpoints:
         return self.checkpointer.latest_step()
 
     def save(self, state: TrainState, meta: RunMeta, *, frozen: tuple[str, ...], metric: float | None = None):
-        self.checkpointer.save(meta.step, state.to_checkpoint(frozen), meta.to_json(), metric=metric)
+        """Start saving (orbax writes in the background); a write that fails for lack of space, here or
+        at a later `wait` / `close`, is a NoSpaceError naming what was kept."""
+        with self._space_errors():  # the previous save first: a failure of its writes is named as its own
+            self.checkpointer.wait()
+        self._saving = meta.step
+        with self._space_errors():
+            self.checkpointer.save(meta.step, state.to_checkpoint(frozen), meta.to_json(), metric=metric)
+
+    def check_space(self, state: TrainState, *, frozen: tuple[str, ...]) -> None:
+        """Before the first checkpoint write: refuse a run whose filesystem (where it says) has not room
+        for one checkpoint."""
+        self.size = diskspace.checkpoint_bytes(state.to_checkpoint(frozen))
+        free = diskspace.free_bytes(self.directory)
+        if free is not None and free < self.size:
+            raise NoSpaceError(
+                f"train.output_dir {self.output_dir}: a checkpoint of this run takes about "
+                f"{diskspace.size_text(self.size)}; {diskspace.size_text(free)} are free there. Free space, "
+                "or give another train.output_dir"
+            )
+
+    @contextlib.contextmanager
+    def _space_errors(self):
+        try:
+            yield
+        except Exception as e:
+            if not diskspace.out_of_space(e):
+                raise
+            self._drop_checkpointer()  # its pending save failed: a later close must not raise it again
+            why = diskspace.excerpt(e)
+            free = diskspace.free_bytes(self.directory)
+            need = "" if self.size is None else f"; a checkpoint takes about {diskspace.size_text(self.size)}"
+            free = "" if free is None else f", {diskspace.size_text(free)} are free there"
+            kept = self._committed()
+            raise NoSpaceError(
+                f"checkpoint at step {self._saving} could not be written to {self.directory}: the filesystem "
+                f"is full ({why}){need}{free}. kept: "
+                + (
+                    f"the checkpoint at step {kept}"
+                    if kept is not None
+                    else "no checkpoint (none was written)"
+                )
+                + "; free space and run the same command again to continue from it"
+            ) from None
+
+    def _drop_checkpointer(self) -> None:
+        old, self._ckpt = self._ckpt, None
+        if old is not None:
+            try:
+                old.close()
+            except Exception as e:  # noqa: BLE001 (the failed save again, already being reported)
+                log.debug("closing the checkpointer after a failed save: %s", e)
+
+    def _committed(self) -> int | None:
+        """The newest checkpoint on disk, read afresh (orbax also removes the failed save's temporary
+        directory when it opens the directory)."""
+        try:
+            ckpt = Checkpointer(self.directory, keep=self.keep, best=self.best_maximize)
+        except Exception:  # noqa: BLE001 (a message's detail: the directory may not even list)
+            return None
+        try:
+            return ckpt.latest_step()
+        finally:
+            ckpt.close()
 
     def restore(self, state: TrainState, *, frozen: tuple[str, ...], step: int | None = None):
         """The newest intact checkpoint (at or before `step`) into `state`'s shardings: (state, meta).
@@ -161,9 +228,11 @@ class RunCheckpoints:
             dump(config, self.output_dir / f"config.{start}.yaml")
 
     def wait(self) -> None:
-        self.checkpointer.wait()
+        with self._space_errors():
+            self.checkpointer.wait()
 
     def close(self) -> None:
         if self._ckpt is not None:
-            self._ckpt.close()
-            self._ckpt = None
+            ckpt, self._ckpt = self._ckpt, None
+            with self._space_errors():
+                ckpt.close()

@@ -28,17 +28,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from safetensors import SafetensorError
 from transformers import AutoTokenizer
 
 from jdpo import paths
 from jdpo.config import Config, ConfigError, load_config, replace, to_dict
 from jdpo.data.batch import Batch
+from jdpo.errors import ExportError
 from jdpo.models import CheckpointError, ModelConfig, ModelOptions, from_pretrained, lora
 from jdpo.parallel.sharding import make_mesh
 from jdpo.report import metrics
 from jdpo.scoring.forward import PairLogps, over_split, split_metrics
 from jdpo.scoring.generate import Generator, SamplingParams
-from jdpo.train import compile_cache, loop
+from jdpo.train import compile_cache, diskspace, loop
 from jdpo.train import export as exports
 from jdpo.train.fingerprint import weights_fingerprint
 from jdpo.train.guards import BestEval, DivergenceGuard, EarlyStopping
@@ -127,6 +129,8 @@ class Trainer:
         self.state = initial_state(self.steps, params, seed=c.train.seed, base=base, dpo=c.dpo,
                                    ref_params=ref_params if c.dpo.reference == "online" else None)  # fmt: skip
         self.frozen = frozen_parts(self.reference_updates.moves and c.dpo.reference == "online")
+        if jax.process_index() == 0:  # before the first checkpoint write: room for one checkpoint
+            self.checkpoints.check_space(self.state, frozen=self.frozen)
         self.step = 0  # the last completed optimizer step (a restored checkpoint's)
         self.restored = False
         self.logger: metrics.MetricsLogger | None = None  # while `fit` runs
@@ -251,13 +255,16 @@ class Trainer:
         meta = RunMeta(step=step, data=self.data.state(), tracker=self.early_stopping.state(),
                        divergence=self.divergence.state(), config=to_dict(self.config),
                        best=None if self.best is None else self.best.state(),
-                       reference=self.reference.meta(), base={"weights": self.base_fingerprint,
-                                                              "reference_keys": dict(self.reference.keys)})  # fmt: skip
+                       reference=self.reference.meta(), base=self._base_meta())  # fmt: skip
         self.checkpoints.save(self.state, meta, frozen=self.frozen, metric=metric)
         if self.logger is not None:
             # On an object store metrics.jsonl is uploaded at sync points: make this one of them, so
             # the file holds every record up to any checkpoint a later run resumes from.
             self.logger.flush()
+
+    def _base_meta(self) -> dict:
+        """The base the run trained from and the cached reference it trained against (the resume check)."""
+        return {"weights": self.base_fingerprint, "reference_keys": dict(self.reference.keys)}
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, mesh=None) -> Trainer:
@@ -306,8 +313,19 @@ class Trainer:
     def export(self, params=None, name: str = "final"):
         """`params` (default: the current policy) as a Hugging Face checkpoint in `<output_dir>/<name>`
         (LoRA: a PEFT adapter directory, and the merged model in `<name>_merged`)."""
-        return exports.export_model(self.model(params), self.output_dir, name, lora_run=self.state.base is not None,
-                                   base_model=self.config.model.path, tokenizer=self.tokenizer)  # fmt: skip
+        try:
+            return exports.export_model(
+                self.model(params), self.output_dir, name, lora_run=self.state.base is not None,
+                base_model=self.config.model.path, tokenizer=self.tokenizer,
+            )  # fmt: skip
+        except (OSError, SafetensorError) as e:  # a full disk, a write error: the checkpoint is intact
+            why = diskspace.excerpt(e)
+            where = f"the checkpoint at step {self.step} in {self.checkpoints.directory} is intact"
+            raise ExportError(
+                f"the export to {self.output_dir / name} failed ({type(e).__name__}: {why}); {where}: "
+                "free space (or fix the cause) and run the same command again, which resumes at that "
+                "checkpoint and only exports (from Python: jdpo.Trainer.from_checkpoint(output_dir).export())"
+            ) from None
 
     def export_best(self):
         """The checkpoint of `train.keep_best`'s best eval as `<output_dir>/best` with `best.json`; None
