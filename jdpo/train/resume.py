@@ -17,6 +17,7 @@ from etils import epath
 
 from jdpo.config import RESUMABLE_CHANGES, Config, ConfigError, config_changes, dump, load_config, to_dict
 from jdpo.errors import NoSpaceError
+from jdpo.parallel.distributed import any_process, is_main_process
 from jdpo.train import diskspace
 from jdpo.train.checkpoint import Checkpointer
 from jdpo.train.state import TrainState
@@ -77,10 +78,14 @@ class RunCheckpoints:
 
     def check_space(self, state: TrainState, *, frozen: tuple[str, ...]) -> None:
         """Before the first checkpoint write: refuse a run whose filesystem (where it says) has not room
-        for one checkpoint."""
+        for one checkpoint. A joint decision: process 0 looks, every process refuses."""
         self.size = diskspace.checkpoint_bytes(state.to_checkpoint(frozen))
-        free = diskspace.free_bytes(self.directory)
-        if free is not None and free < self.size:
+        free = diskspace.free_bytes(self.directory) if is_main_process() else None
+        if any_process(free is not None and free < self.size):
+            if free is None:
+                raise NoSpaceError(
+                    f"train.output_dir {self.output_dir}: too little free space (see process 0)"
+                )
             raise NoSpaceError(
                 f"train.output_dir {self.output_dir}: a checkpoint of this run takes about "
                 f"{diskspace.size_text(self.size)}; {diskspace.size_text(free)} are free there. Free space, "

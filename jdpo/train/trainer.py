@@ -129,8 +129,7 @@ class Trainer:
         self.state = initial_state(self.steps, params, seed=c.train.seed, base=base, dpo=c.dpo,
                                    ref_params=ref_params if c.dpo.reference == "online" else None)  # fmt: skip
         self.frozen = frozen_parts(self.reference_updates.moves and c.dpo.reference == "online")
-        if jax.process_index() == 0:  # before the first checkpoint write: room for one checkpoint
-            self.checkpoints.check_space(self.state, frozen=self.frozen)
+        self.checkpoints.check_space(self.state, frozen=self.frozen)  # before the first checkpoint write
         self.step = 0  # the last completed optimizer step (a restored checkpoint's)
         self.restored = False
         self.logger: metrics.MetricsLogger | None = None  # while `fit` runs
