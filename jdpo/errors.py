@@ -25,3 +25,13 @@ class NonFiniteLossError(RuntimeError):
 class DivergenceError(NonFiniteLossError):
     """The run blew up while still finite (loss or grad-norm spike, runaway weights); the message names
     the step, the value, the limit and its setting, and the last good checkpoint."""
+
+
+class NoSpaceError(UserError):
+    """The filesystem of the run's output is full, or too full to start: the message names the directory,
+    the space a checkpoint takes and the space free there, and what was kept."""
+
+
+class ExportError(UserError):
+    """The export after training failed (a full disk, a write error); the checkpoint it was made from is
+    intact and the message says how to export again."""

@@ -50,3 +50,34 @@ def nan_after_the_probe(prompts, completions):
     if list(completions) == ["", "a", "ab"]:
         return [0.0, 0.0, 0.0]
     return [math.nan] * len(completions)
+
+
+# `misbehaving`: its MISBEHAVE["at_call"]-th call after the probe (step 3's with the default) misbehaves
+# as MISBEHAVE["how"] says: "exit" raises SystemExit(0), "raise" a RuntimeError, "inf" scores inf, "hang"
+# sleeps HANG seconds, "sigterm" sends this process SIGTERM and then sleeps HANG seconds.
+MISBEHAVE = {"at_call": 3, "how": "exit"}
+HANG = 20.0
+_CALLS = [0]
+
+
+def misbehaving(prompts, completions):
+    import os
+    import signal
+    import time
+
+    if list(completions) == ["", "a", "ab"]:  # the probe (one per Trainer): count this trainer's calls
+        _CALLS[0] = 0
+        return [0.0, 1.0, 2.0]
+    _CALLS[0] += 1
+    if _CALLS[0] == MISBEHAVE["at_call"]:
+        how = MISBEHAVE["how"]
+        if how == "exit":
+            raise SystemExit(0)
+        if how == "raise":
+            raise RuntimeError("the verifier is down")
+        if how == "inf":
+            return [math.inf] * len(completions)
+        if how == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(HANG)
+    return [float(len(c)) for c in completions]

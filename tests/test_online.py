@@ -71,6 +71,48 @@ def test_a_bad_score_during_training_stops_the_run_naming_the_reward_and_step(as
         tr.fit()
 
 
+@pytest.mark.parametrize(
+    "how, message",
+    [("exit", "raised SystemExit: 0"), ("raise", "raised RuntimeError: the verifier is down"),
+     ("inf", "score inf for completion 0"), ("hang", "did not return within online.reward_timeout=1 s")],
+)  # fmt: skip
+def test_a_reward_failing_mid_run_checkpoints_the_last_state_then_names_the_error(
+    assets, tmp_path, monkeypatch, how, message
+):
+    """Issue 31, item 3: a reward that raised SystemExit(0) at step 3 ended the run as a success, with
+    nothing saved; one that raised or scored inf stopped it discarding every step (save_every 0); one that
+    hung froze it. Now each is a RewardError (an input error: exit 2) naming online.reward and the step,
+    raised after the last completed step is checkpointed; each call is bounded by online.reward_timeout."""
+    from jdpo.errors import UserError
+
+    monkeypatch.setitem(online_rewards.MISBEHAVE, "how", how)
+    limits = {"train.max_steps": 4, "train.save_every": 0, "online.reward_timeout": 1.0}
+    cfg = online_config(assets, tmp_path / "run", "online_rewards:misbehaving", **limits)
+    tr = train.Trainer(cfg, mesh=one_device())
+    want = rf"online.reward='online_rewards:misbehaving' \(step 3\).*{message}.*checkpoint at step 2"
+    with pytest.raises(online.RewardError, match=want):
+        tr.fit()
+    assert issubclass(online.RewardError, UserError)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2"]
+    assert train.Trainer(cfg, mesh=one_device()).restore() == 2
+
+
+def test_sigterm_during_a_hung_reward_checkpoints_and_stops_as_preempted(assets, tmp_path, monkeypatch):
+    """SIGTERM while the reward runs (here: it hangs after the signal) stops the run at once with the last
+    completed step checkpointed, as a preemption (the CLI's exit 143), however long the reward would take."""
+    import time
+
+    monkeypatch.setitem(online_rewards.MISBEHAVE, "how", "sigterm")
+    limits = {"train.max_steps": 4, "train.save_every": 0, "online.reward_timeout": 600.0}
+    cfg = online_config(assets, tmp_path / "run", "online_rewards:misbehaving", **limits)
+    tr = train.Trainer(cfg, mesh=one_device())
+    t0 = time.monotonic()
+    result = tr.fit()
+    assert time.monotonic() - t0 < online_rewards.HANG
+    assert result.stop_reason == "sigterm" and result.step == 2
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2"]
+
+
 def test_a_reward_from_a_file_path(tmp_path):
     f = tmp_path / "my_reward.py"
     f.write_text("def score(prompts, completions):\n    return [1.0 for _ in completions]\n")

@@ -28,8 +28,8 @@ from jdpo.report import metrics
 from jdpo.scoring.forward import PairLogps
 from jdpo.train import export as exports
 from jdpo.train import refcache
-from jdpo.train.resume import RunCheckpoints
 from jdpo.train import trainer as train
+from jdpo.train.resume import RunCheckpoints
 
 OVER = {"train.max_steps": 3, "train.save_every": 2, "train.eval_every": 2}
 

@@ -75,10 +75,51 @@ def test_keep_best_is_checked_before_training(assets, tmp_path):
     no_eval = make_config(assets, tmp_path / "a", **{"data.eval": [], "train.keep_best": "eval/loss:min"})
     with pytest.raises(jconfig.ConfigError, match="needs an eval split"):
         train.Trainer(no_eval, mesh=one_device())
-    typo = make_config(assets, tmp_path / "b", **{"train.keep_best": "eval/los:min"})
+    # Issue 31, item 15: a typo was found at the step-0 eval, after the model load and the reference pass,
+    # leaving an output directory behind; the config names the metrics of its loss settings.
     with pytest.raises(jconfig.ConfigError, match=r"no 'eval/los'.*eval/loss"):
-        train.run(typo, mesh=one_device())  # at the step-0 eval, before any training step
-    assert not (tmp_path / "b" / "checkpoints").exists() or not os.listdir(tmp_path / "b" / "checkpoints")
+        make_config(assets, tmp_path / "b", **{"train.keep_best": "eval/los:min"})
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(jconfig.ConfigError, match=r"dpo.loss_type \['sigmoid'\] have no 'eval/kl'"):
+        jconfig.replace(jconfig.Config(), **{"train.keep_best": "eval/kl:min"})
+    for loss_type, metric in [(["kto"], "eval/kl:min"), (["orpo"], "eval/log_odds_ratio:max"),
+                              (["sigmoid", "sft"], "eval/loss/sft:min")]:  # fmt: skip
+        cfg = jconfig.replace(jconfig.Config(), **{"dpo.loss_type": loss_type, "train.keep_best": metric})
+        assert cfg.train.keep_best == metric
+
+
+@pytest.mark.parametrize("loss_type", [["sigmoid"], ["sigmoid", "sft"], ["orpo"], ["kto"], ["bco"]])
+def test_the_configs_eval_metric_names_are_those_an_eval_logs(loss_type):
+    """`jdpo.losses.defaults.metric_names` (what config validation checks keep_best against, without jax)
+    names exactly what `split_metrics` returns for those loss settings (under eval/)."""
+    from jdpo.losses.defaults import metric_names
+    from jdpo.scoring.forward import PairLogps, split_metrics
+
+    cfg = jconfig.replace(jconfig.Config(), **{"dpo.loss_type": loss_type})
+    n = 6
+    rng = np.random.default_rng(0)
+
+    def logps():
+        sums = -rng.uniform(1, 5, (2, n)).astype(np.float32)
+        return PairLogps(*sums, np.full(n, 3, np.int32), np.full(n, 3, np.int32), np.ones(n, bool))
+
+    labels = np.array([1, 0] * (n // 2), np.int32) if cfg.dpo.unpaired else None
+    got = split_metrics(logps(), logps(), cfg.dpo, labels=labels)
+    assert sorted(got) == sorted(f"eval/{name}" for name in metric_names(cfg.dpo.loss_type))
+
+
+def test_keep_best_with_a_moving_reference_takes_only_reference_free_metrics():
+    """Issue 31, item 5: each round (or reference update) measures eval/loss and the rewards against
+    another reference (the loss restarts near ln 2), so `best/` was always the end of round 1. With a
+    reference that moves, keep_best must name a metric of the policy alone (its log-probs), and says why."""
+    moves = [({"train.rounds": 2}, "train.rounds=2"), ({"dpo.ref_update": "hard"}, "dpo.ref_update=hard")]
+    for moving, what in moves:
+        for metric in ("eval/loss:min", "eval/rewards/accuracies:max", "eval/rewards/margins:max"):
+            want = rf"train.keep_best='{metric}' with {what}: .*reference.*eval/logps/chosen"
+            with pytest.raises(jconfig.ConfigError, match=want):
+                jconfig.replace(jconfig.Config(), **moving, **{"train.keep_best": metric})
+        cfg = jconfig.replace(jconfig.Config(), **moving, **{"train.keep_best": "eval/logps/chosen:max"})
+        assert cfg.train.keep_best == "eval/logps/chosen:max"
 
 
 # -- the divergence guard ----------------------------------------------------------------------------
@@ -122,11 +163,107 @@ def test_a_loss_spike_stops_the_run_and_keeps_the_last_good_checkpoint(assets, t
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["4", "6"]
 
 
+def _blowing_up(tr, ratio):
+    """Step k's logged loss times ratio^(k - 1): a loss that grows steadily, as a too-high learning rate's."""
+    real = tr.steps.train_step
+
+    def step(state, batch):
+        state, m = real(state, batch)
+        return state, dict(m, loss=m["loss"] * ratio ** (int(state.step) - 1))
+
+    tr.steps = train.dataclasses.replace(tr.steps, train_step=step)
+    return tr
+
+
+def test_a_steady_blow_up_stops_at_the_first_step_past_the_early_level_and_names_a_healthy_checkpoint(
+    assets, tmp_path
+):
+    """Issue 31, item 6: a loss x4 each step passes 100x its start at step 5, before the running median
+    has its 5 steps; after that the median rises with it, so the guard let it run and then named a diverged
+    checkpoint as good. The step-1 level is a bound from step 2 on, and a checkpoint whose loss was past
+    it is never named good: a run that saved diverged checkpoints with the guard off and is resumed with
+    it on names the newest checkpoint within the bound."""
+    every = {"train.save_every": 1, "train.keep_checkpoints": 10, "train.max_steps": 8, "train.export": False}
+    cfg = make_config(assets, tmp_path / "run", **every)
+    with pytest.raises(guards.DivergenceError, match=r"loss .* at step 5 .*checkpoint at step 4 "):
+        _blowing_up(train.Trainer(cfg, mesh=one_device()), 4.0).fit()
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints"), key=int) == ["1", "2", "3", "4"]
+
+    off = make_config(assets, tmp_path / "off", **every, **{"train.divergence_factor": 0.0})
+    _blowing_up(train.Trainer(off, mesh=one_device()), 4.0).fit(callbacks=[lambda m: m["step"] == 6])
+    on = jconfig.replace(off, **{"train.divergence_factor": 100.0})
+    with pytest.raises(guards.DivergenceError, match=r"at step 7 .*checkpoint at step 4 ") as e:
+        _blowing_up(train.Trainer(on, mesh=one_device()), 4.0).fit()
+    assert "steps 5, 6" in str(e.value)  # the newer ones it passed over, named
+
+
 def test_divergence_settings_are_validated():
     with pytest.raises(jconfig.ConfigError, match="train.divergence_factor must be 0"):
         jconfig.replace(jconfig.Config(), **{"train.divergence_factor": 0.5})
     with pytest.raises(jconfig.ConfigError, match="train.max_param_abs must be >= 0"):
         jconfig.replace(jconfig.Config(), **{"train.max_param_abs": -1.0})
+
+
+# -- a full disk ----------------------------------------------------------------------------------------
+
+
+def test_a_full_disk_is_found_before_training_at_a_save_and_at_the_export(assets, tmp_path, monkeypatch):
+    """Issue 31, item 4: a full disk lost the run with a traceback, at a checkpoint (orbax's
+    RESOURCE_EXHAUSTED) and at the export (SafetensorError). Now: too little free space where the
+    filesystem says is refused before the first checkpoint write; a save that fails for space keeps the
+    previous checkpoint and says how much space is needed and where; an export that fails leaves the
+    checkpoint and says how to export again (the same command, which then only exports). Each is one
+    message and exit status 2 (`NoSpaceError`, `ExportError`: input errors)."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    from jdpo.errors import ExportError, NoSpaceError, UserError
+    from jdpo.train import diskspace
+    from jdpo.train import export as exports
+
+    assert issubclass(NoSpaceError, UserError) and issubclass(ExportError, UserError)
+    out = tmp_path / "run"
+    cfg = make_config(assets, out, **{"train.max_steps": 4, "train.save_every": 2})
+    with monkeypatch.context() as m:
+        m.setattr(diskspace, "free_bytes", lambda path: 500)
+        want = rf"train.output_dir {out}: a checkpoint of this run takes about [\d.]+ [kM]B; 500 B are free"
+        with pytest.raises(NoSpaceError, match=want):
+            train.Trainer(cfg, mesh=one_device())
+    assert not (out / "checkpoints").exists()
+
+    real_save = Checkpointer.save
+
+    def full_at_4(self, step, *args, **kwargs):
+        if step == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, step, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(Checkpointer, "save", full_at_4)
+        want = (
+            rf"checkpoint at step 4 could not be written to {out / 'checkpoints'}.*No space left on device.*"
+            r"takes about [\d.]+ [kM]B.*B are free there.*kept: the checkpoint at step 2"
+        )
+        with pytest.raises(NoSpaceError, match=want):
+            train.Trainer(cfg, mesh=one_device()).fit()
+    assert sorted(os.listdir(out / "checkpoints")) == ["2"]
+
+    def full_export(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                              '"No space left on device" })')  # fmt: skip
+
+    with monkeypatch.context() as m:
+        m.setattr(exports, "export_model", full_export)
+        want = (
+            rf"the export to {out / 'final'} failed .*No space left on device.*checkpoint at step 4 in "
+            rf"{out / 'checkpoints'} is intact.*run the same command again"
+        )
+        with pytest.raises(ExportError, match=want):
+            train.Trainer(cfg, mesh=one_device()).fit()
+    assert sorted(os.listdir(out / "checkpoints")) == ["2", "4"]
+    result = train.Trainer(cfg, mesh=one_device()).fit()  # only exports
+    assert result.step == 4 and (result.final_dir / "model.safetensors").exists()
 
 
 # -- SIGKILL fault injection -------------------------------------------------------------------------

@@ -365,3 +365,77 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(assets,
     assert {k: v for k, v in resumed.metrics.items() if k not in TIMING} == pytest.approx(
         {k: v for k, v in full.metrics.items() if k not in TIMING}, rel=1e-6, abs=1e-7
     )
+
+
+def test_a_resume_on_a_base_changed_in_place_is_refused_naming_both_fingerprints(assets, tmp_path, caplog):
+    """The weights at model.path changed between a stop and the resume (issue 31, item 1): the policy
+    would continue from the checkpoint while the reference is recomputed from the new weights, two models
+    mixed with exit 0. The checkpoint records the base's fingerprint (and the reference cache keys); the
+    resume is refused before the reference pass, naming both, unless train.allow_base_change, which says
+    what it does."""
+    import dataclasses
+    import re
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(assets.model_dir, model)
+    out = tmp_path / "run"
+    cfg = make_config(dataclasses.replace(assets, model_dir=model), out,
+                      **{"train.max_steps": 3, "train.export": False})  # fmt: skip
+    train.run(cfg, callbacks=[lambda m: m["step"] == 1], mesh=one_device())
+    weights = load_file(model / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + np.float32(0.01)
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    cache = tmp_path / "refcache"
+    entries = sorted(p.name for p in cache.iterdir())
+    with pytest.raises(jconfig.ConfigError, match=r"model\.path .* changed") as e:
+        train.Trainer(cfg, mesh=one_device())
+    fingerprints = re.findall(r"\b[0-9a-f]{16}\b", str(e.value))
+    assert len(set(fingerprints)) == 2 and "train.allow_base_change" in str(e.value)
+    assert sorted(p.name for p in cache.iterdir()) == entries  # refused before the reference pass
+    allowed = jconfig.replace(cfg, **{"train.allow_base_change": True})
+    with caplog.at_level("WARNING", logger="jdpo.train.resume"):
+        result = train.Trainer(allowed, mesh=one_device()).fit()
+    assert result.step == 3
+    assert "train.allow_base_change" in caplog.text and "reference" in caplog.text
+    assert all(f in caplog.text for f in fingerprints)
+    # The checkpoints from here on record the new base: a plain resume no longer refuses.
+    assert train.Trainer(cfg, mesh=one_device()).restore() == 3
+
+
+def test_the_run_lock_is_taken_first_and_held_from_construction_until_fit_ends_or_close(assets, tmp_path):
+    """Issue 31, item 14: the lock was taken by `fit`, after the model load and the reference pass, so two
+    runs started together on one directory both loaded and computed before one was refused. A Trainer
+    takes it first (a held directory is refused before anything is read or computed) and holds it until
+    its fit ends or it is closed; another process cannot take it meanwhile."""
+    import subprocess
+    import sys
+
+    from jdpo.train.runlock import LOCK_FILE, RunLock, RunLockedError
+
+    out = tmp_path / "run"
+    cfg = make_config(assets, out, **{"train.max_steps": 1, "train.export": False,
+                                      "dpo.cache_dir": str(tmp_path / "cache")})  # fmt: skip
+    with RunLock(out):  # another run holds the directory
+        with pytest.raises(RunLockedError, match=rf"{out} is in use by another jdpo run"):
+            train.Trainer(cfg, mesh=one_device())
+    assert not (tmp_path / "cache").exists() and os.listdir(out) == [LOCK_FILE]  # nothing loaded or computed
+
+    take = f"from jdpo.train.runlock import RunLock; RunLock({str(out)!r}).__enter__()"
+
+    def other_process_can_take_it() -> bool:
+        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        return subprocess.run([sys.executable, "-c", take], capture_output=True, env=env).returncode == 0
+
+    tr = train.Trainer(cfg, mesh=one_device())
+    assert not other_process_can_take_it()  # held from construction
+    tr.close()
+    assert other_process_can_take_it()
+    tr = train.Trainer(cfg, mesh=one_device())
+    assert tr.fit().step == 1 and other_process_can_take_it()  # released when fit ends
+    with train.Trainer(cfg, mesh=one_device()) as again:  # a context manager closes it
+        assert again.step == 0 and not other_process_can_take_it()
+    assert other_process_can_take_it()

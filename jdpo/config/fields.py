@@ -11,4 +11,3 @@ from jdpo.errors import ConfigError  # noqa: F401  (the config's error, defined 
 def setting(default: Any, help: str) -> Any:
     """A section field with its help text (`jdpo train --help`); immutable defaults only (tuples)."""
     return field(default=default, metadata={"help": help})
-

@@ -27,6 +27,11 @@ class OnlineSection:
     temperature: float = setting(1.0, "Sampling temperature (> 0: equal greedy samples would always tie).")
     top_p: float = setting(1.0, "Nucleus sampling: keep the smallest set of tokens with this mass (1: off).")
     max_new_tokens: int = setting(64, "Tokens sampled per completion at most (the stop token included).")
+    reward_timeout: float = setting(
+        600.0,
+        "Seconds one call of the reward may take (0: no bound); past it, or when the reward raises or scores "
+        "badly, the run checkpoints its last step and stops naming the error.",
+    )
 
 
 def check_online(cfg: Config) -> None:
@@ -66,3 +71,5 @@ def check_online(cfg: Config) -> None:
                           f"always tie), got {on.temperature}")  # fmt: skip
     if not 0 < on.top_p <= 1:
         raise ConfigError(f"online.top_p must be in (0, 1], got {on.top_p}")
+    if not on.reward_timeout >= 0:
+        raise ConfigError(f"online.reward_timeout must be >= 0 s (0: no bound), got {on.reward_timeout}")

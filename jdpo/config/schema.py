@@ -14,7 +14,7 @@ from jdpo.config.lora import LoRASection, check_lora
 from jdpo.config.model import MeshSection, ModelSection, check_mesh, check_model
 from jdpo.config.online import OnlineSection, check_online
 from jdpo.config.optim import OptimSection, check_optim
-from jdpo.config.train import LoggingSection, TrainSection, check_train
+from jdpo.config.train import LoggingSection, TrainSection, check_keep_best, check_train
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ def validate(cfg: Config) -> None:
     check_lora(cfg)
     check_moving_reference(cfg)
     check_online(cfg)
+    check_keep_best(cfg)
 
 
 def sections() -> dict[str, type]:

@@ -4,8 +4,13 @@ with the train section's rules."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from jdpo.config.fields import ConfigError, setting
+from jdpo.losses.defaults import metric_names
+
+if TYPE_CHECKING:
+    from jdpo.config.schema import Config
 
 
 @dataclass(frozen=True)
@@ -36,12 +41,13 @@ class TrainSection:
     keep_best: str = setting(
         "",
         "Keep and export to <output_dir>/best the checkpoint of the best eval, as '<eval metric>:<min|max>' "
-        "(e.g. eval/loss:min; step 0 excluded; '': off).",
+        "(e.g. eval/loss:min; step 0 excluded; '': off). With a reference that moves (train.rounds > 1, "
+        "dpo.ref_update) only eval/logps/chosen or eval/logps/rejected.",
     )
     divergence_factor: float = setting(
         100.0,
-        "Stop, keeping the last good checkpoint, when the loss or the grad norm exceeds this factor times "
-        "the larger of its running median and its step-1 value (0: off).",
+        "Stop, keeping the last good checkpoint, when the loss exceeds this factor times its step-1 value, "
+        "or the grad norm this factor times the larger of its running median and its step-1 value (0: off).",
     )
     max_param_abs: float = setting(
         1e4, "Stop, keeping the last good checkpoint, when any parameter's magnitude exceeds this (0: off)."
@@ -56,6 +62,11 @@ class TrainSection:
         "Resume although settings that change the optimisation (loss, lr, steps, data, model...) differ "
         "from the checkpoint's; every config a run was started with is kept (config.<step>.yaml).",
     )
+    allow_base_change: bool = setting(
+        False,
+        "Resume although the weights at model.path differ from those the checkpoint trained from: the "
+        "policy continues from the checkpoint, a reference that is the initial weights comes from the new ones.",
+    )
 
 
 def check_train(t: TrainSection) -> None:
@@ -67,13 +78,6 @@ def check_train(t: TrainSection) -> None:
     ]:
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
-    if t.keep_best:
-        metric, _, direction = t.keep_best.rpartition(":")
-        if not metric.startswith("eval/") or direction not in ("min", "max"):
-            raise ConfigError(
-                f"train.keep_best={t.keep_best!r} must be '<eval metric>:<min|max>', e.g. eval/loss:min or "
-                "eval/rewards/accuracies:max"
-            )
     if t.divergence_factor != 0 and t.divergence_factor <= 1:
         raise ConfigError(f"train.divergence_factor must be 0 (off) or > 1, got {t.divergence_factor}")
     if t.max_param_abs < 0:
@@ -90,3 +94,43 @@ class LoggingSection:
     tensorboard: bool = setting(True, "Write TensorBoard event files under <output_dir>/tensorboard.")
     wandb: bool = setting(False, "Log to Weights & Biases (must be installed and logged in).")
     wandb_project: str = setting("jdpo", "Weights & Biases project name.")
+
+
+# Eval metrics of the policy alone, with no reference in them (ORPO's odds too): the ones `train.keep_best`
+# may compare in a run whose reference moves.
+REFERENCE_FREE_EVAL = (
+    "eval/logps/chosen",
+    "eval/logps/rejected",
+    "eval/log_odds_ratio",
+    "eval/log_odds_chosen",
+)
+
+
+def check_keep_best(cfg: Config) -> None:
+    """train.keep_best names an eval metric this run's loss settings log (a typo costs no model load), and
+    with a reference that moves, one of the policy alone."""
+    t, d = cfg.train, cfg.dpo
+    if not t.keep_best:
+        return
+    metric, _, direction = t.keep_best.rpartition(":")
+    if not metric.startswith("eval/") or direction not in ("min", "max"):
+        raise ConfigError(
+            f"train.keep_best={t.keep_best!r} must be '<eval metric>:<min|max>', e.g. eval/loss:min or "
+            "eval/rewards/accuracies:max"
+        )
+    names = [f"eval/{name}" for name in metric_names(d.loss_type)]
+    if metric not in names:
+        raise ConfigError(
+            f"train.keep_best={t.keep_best!r}: the evals of dpo.loss_type {list(d.loss_type)} have no "
+            f"{metric!r}; they have: {', '.join(sorted(names))}"
+        )
+    moving = d.ref_update != "none" or t.rounds > 1
+    what = f"dpo.ref_update={d.ref_update}" if d.ref_update != "none" else f"train.rounds={t.rounds}"
+    if moving and metric not in REFERENCE_FREE_EVAL:
+        raise ConfigError(
+            f"train.keep_best={t.keep_best!r} with {what}: the eval loss and rewards are measured against "
+            "the reference, which this run moves (each round or update restarts them near their start), so "
+            "evals on either side of a move do not compare and the best would stay before the first one; "
+            "name a metric of the policy alone (eval/logps/chosen:max, the chosen completions' "
+            "log-probability; eval/logps/rejected:min), or leave train.keep_best empty"
+        )

@@ -110,10 +110,28 @@ class BestEval:
         return None
 
 
+class StopRun(Exception):  # noqa: N818 (a control-flow signal, not an error of its own)
+    """Raised by a part while it makes a step's batches when the run must end before that step (online:
+    the reward failed, or SIGTERM arrived during its call): the loop saves the last completed step, stops
+    with `reason`, then raises `error` (None: a plain stop)."""
+
+    def __init__(self, reason: str, error: BaseException | None = None):
+        super().__init__(reason)
+        self.reason, self.error = reason, error
+
+
+def sigterm_pending() -> bool:
+    """SIGTERM has arrived during the current run (this process; a part's long call polls it)."""
+    active = Preemption.active
+    return active is not None and active._event.is_set()
+
+
 class Preemption:
     """SIGTERM (a preempted TPU VM, `run_tpu.sh stop`, a scheduler's time limit) as a request to
     checkpoint and return. A context manager: the handler is installed for the run's life (from the main
     thread only; elsewhere signals cannot be caught) and the previous one restored after."""
+
+    active: Preemption | None = None  # the one whose handler is installed (`sigterm_pending`)
 
     def __init__(self):
         self._event = threading.Event()
@@ -122,9 +140,12 @@ class Preemption:
     def __enter__(self) -> Preemption:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
+        Preemption.active = self
         return self
 
     def __exit__(self, *exc) -> None:
+        if Preemption.active is self:
+            Preemption.active = None
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
@@ -148,22 +169,47 @@ def check_finite(loss: float, state_finite: bool, step: int, checkpointer) -> No
     raise NonFiniteLossError(f"{what} at step {step}; stopping. Last good: {_last_good(checkpointer)}")
 
 
-def _last_good(checkpointer) -> str:
-    checkpointer.wait()
-    good = checkpointer.latest_step()
-    return f"checkpoint at step {good} in {checkpointer.directory}" if good is not None else "no checkpoint"
+def _last_good(checkpoints, past_bound=None) -> str:
+    """The newest checkpoint (`RunCheckpoints`) a stopped run can go back to. `past_bound(meta)`: True
+    for a checkpoint that must not be named good (the divergence guard's: its loss was already past the
+    bound); the ones passed over are named too."""
+    checkpoints.wait()
+    passed = []
+    for step in reversed(checkpoints.checkpointer.steps()):
+        if past_bound is not None:
+            try:
+                bad = past_bound(checkpoints.checkpointer.meta(step))
+            except Exception:  # an unreadable meta (orbax raises many kinds): not one to name good
+                bad = True
+            if bad:
+                passed.append(step)
+                continue
+        where = f"checkpoint at step {step} in {checkpoints.directory}"
+        break
+    else:
+        where = "no checkpoint"
+    if passed:
+        steps = ", ".join(str(s) for s in sorted(passed))
+        where += f" (not steps {steps}: their loss was already past the bound, or their meta unreadable)"
+    return where
 
 
 class DivergenceGuard:
     """Stops a run that blows up while still finite (the lr = 1e6 kind, which otherwise finishes and
-    exports weights in the millions): the loss or the grad norm above `train.divergence_factor` times the
-    larger of its running median (the last WINDOW steps) and its step-1 value, or a parameter's magnitude
-    above `train.max_param_abs`. Checked before the step's state is saved, so the last checkpoint on disk
-    is from before the blow-up. The history goes into the checkpoint: a resumed run decides the same."""
+    exports weights in the millions): the loss above `train.divergence_factor` times its early, healthy
+    level (its step-1 value, from step 2 on: a loss that climbs steadily drags its running median up with
+    it), the grad norm above that factor times the larger of its running median (the last WINDOW steps)
+    and its step-1 value, or a parameter's magnitude above `train.max_param_abs`. Checked before the
+    step's state is saved, and a checkpoint whose loss was already past the bound (saved with the guard
+    off or a larger factor) is never named the last good one. The history goes into the checkpoint: a
+    resumed run decides the same."""
 
     WINDOW = 50  # steps in the running median
-    MIN_HISTORY = 5  # steps seen before a spike can count (the first steps of a run move fast)
+    MIN_HISTORY = 5  # steps seen before a grad-norm spike can count (the first steps of a run move fast)
     WATCHED = ("loss", "grad_norm")
+    # The loss is on a fixed scale from the start (policy == reference: ln 2 for DPO), so its step-1
+    # value is a bound; below this magnitude (a loss that starts at ~0) only the running median is.
+    EARLY_FLOOR = 1e-3
 
     def __init__(self, train):
         self.factor, self.bound = train.divergence_factor, train.max_param_abs
@@ -177,26 +223,41 @@ class DivergenceGuard:
         self.history = {k: [float(v) for v in state.get("history", {}).get(k, [])] for k in self.WATCHED}
         self.first = {k: float(v) for k, v in state.get("first", {}).items()}
 
-    def check(self, step: int, m: dict[str, float], checkpointer) -> None:
+    def _scale(self, k: str) -> tuple[float, str] | None:
+        """The level metric `k` is compared against, and what it is; None while there is none yet."""
+        seen, first = self.history[k], abs(self.first.get(k, 0.0))
+        if k == "loss" and first >= self.EARLY_FLOOR:
+            return first, "its step-1 value, the run's early level"
+        if len(seen) >= self.MIN_HISTORY:
+            scale = max(abs(statistics.median(seen)), first)
+            return scale, f"the larger of its median over the last {len(seen)} steps and its step-1 value"
+        return None
+
+    def _past_bound(self, meta: dict) -> bool:
+        """A checkpoint's meta: its step's loss (the last in the history it saved) was past the bound."""
+        saved = meta.get("divergence", {})
+        losses, first = saved.get("history", {}).get("loss", []), abs(saved.get("first", {}).get("loss", 0))
+        return bool(
+            self.factor and losses and first >= self.EARLY_FLOOR and abs(losses[-1]) > self.factor * first
+        )
+
+    def check(self, step: int, m: dict[str, float], checkpoints) -> None:
         """Raise DivergenceError when step `step`'s metrics `m` show a blow-up; else record them."""
         biggest = float(m.get("param_abs_max", 0.0))
         if self.bound and biggest > self.bound:
             raise DivergenceError(
                 f"a parameter reached magnitude {biggest:.4g} at step {step}, over train.max_param_abs="
                 f"{self.bound:g}: the run diverged (learning rate too high?); stopping. Last good: "
-                f"{_last_good(checkpointer)}"
+                f"{_last_good(checkpoints, self._past_bound)}"
             )
         for k in self.WATCHED:
-            value, seen = float(m[k]), self.history[k]
-            if self.factor and len(seen) >= self.MIN_HISTORY:
-                scale = max(abs(statistics.median(seen)), abs(self.first[k]))
-                if abs(value) > self.factor * scale:
-                    raise DivergenceError(
-                        f"{k} {value:.4g} at step {step} is over train.divergence_factor={self.factor:g} "
-                        f"times its scale {scale:.4g} (the larger of its median over the last {len(seen)} "
-                        f"steps and its step-1 value): the run diverged; stopping. Last good: "
-                        f"{_last_good(checkpointer)}"
-                    )
+            value, scale = float(m[k]), self._scale(k) if self.factor else None
+            if scale is not None and abs(value) > self.factor * scale[0]:
+                raise DivergenceError(
+                    f"{k} {value:.4g} at step {step} is over train.divergence_factor={self.factor:g} times "
+                    f"{scale[0]:.4g} ({scale[1]}): the run diverged; stopping. Last good: "
+                    f"{_last_good(checkpoints, self._past_bound)}"
+                )
         for k in self.WATCHED:
             self.first.setdefault(k, float(m[k]))
             self.history[k] = (self.history[k] + [float(m[k])])[-self.WINDOW :]

@@ -17,8 +17,7 @@ import jax
 from etils import epath
 
 from jdpo.report import metrics
-from jdpo.train.guards import Preemption, due
-from jdpo.train.runlock import RunLock
+from jdpo.train.guards import Preemption, StopRun, due
 
 
 @dataclasses.dataclass
@@ -69,6 +68,7 @@ class Loop:
         self.new_best: float | None = None  # this step's keep_best value when its eval was a new best
         self.preemption: Preemption | None = None
         self.logger: metrics.MetricsLogger | None = None
+        self.error: BaseException | None = None  # raised once the last completed step is saved (`StopRun`)
 
     def add_hook(self, fn: Callable[[Loop, StepEvent], None], *, every: int | None = None) -> None:
         self.hooks.append(Hook(fn, every))
@@ -92,7 +92,12 @@ class Loop:
         tr, step = self.trainer, self.start
         while step < tr.data.total_steps and self.stop is None:
             t0 = time.perf_counter()
-            batch, host = tr.next_step_batches()
+            try:
+                batch, host = tr.next_step_batches()
+            except StopRun as e:  # the data ended the run before this step (online: the reward failed)
+                self.request_stop(e.reason)
+                self.error = e.error
+                break
             t1 = time.perf_counter()
             m: dict[str, Any] = {}
             if batch is not None:  # None: an online step whose prompts all tied, no update
@@ -111,9 +116,16 @@ def fit(
     trainer, callbacks: Sequence[Callable[[dict], Any]], attach_hooks: Callable[[Loop], None]
 ) -> RunResult:
     """Train to `total_steps` from the trainer's step (a restored checkpoint's, else the newest in the
-    output directory), with the output directory locked for the run's life (`jdpo.train.runlock`)."""
-    with RunLock(trainer.output_dir, main_process=jax.process_index() == 0):
+    output directory) under the trainer's run lock (`jdpo.train.runlock`: taken when the trainer was
+    built, taken again if it was closed or given up since), released when the run ends."""
+    lock = trainer.run_lock
+    lock.acquire()
+    lock.in_use = True
+    try:
         return _fit(trainer, callbacks, attach_hooks)
+    finally:
+        lock.in_use = False
+        lock.release()
 
 
 def _fit(tr, callbacks, attach_hooks) -> RunResult:
@@ -147,10 +159,20 @@ def _fit(tr, callbacks, attach_hooks) -> RunResult:
             if step > start:
                 tr.save(step)  # the final state (a no-op when this step was just saved)
             tr.checkpoints.wait()
+            kept = tr.checkpoints.latest_step()
     finally:
         tr.checkpoints.close()
         tr.logger = None
         loop.logger.close()
+    if loop.error is not None:  # a part ended the run with an error (`StopRun`): raised now, step saved
+        where = (
+            f"checkpoint at step {kept} in {tr.checkpoints.directory}"
+            if kept is not None
+            else "no checkpoint"
+        )
+        loop.error.args = (f"{loop.error}. The run stopped before step {step + 1}; kept: {where}. Fix the "
+                           "cause and run the same command again to continue",)  # fmt: skip
+        raise loop.error
     reason = loop.stop or "completed"
     exporting = t.export and reason != "sigterm"
     final_dir = tr.export() if exporting else None

@@ -42,6 +42,7 @@ import json
 import logging
 import math
 import numbers
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -67,6 +68,7 @@ from jdpo.data.layout import BatchLayout, pairs_per_row, row_length_for, sampled
 from jdpo.data.sources import DataError
 from jdpo.report.diversity import distinct_n
 from jdpo.scoring.generate import Generator, SamplingParams
+from jdpo.train.guards import StopRun, sigterm_pending
 from jdpo.train.run_data import account, eval_source
 
 log = logging.getLogger(__name__)
@@ -124,45 +126,92 @@ def load_reward(spec: str) -> RewardFn:
     return fn
 
 
-def score(fn: RewardFn, spec: str, prompts: Sequence[str], completions: Sequence[str], *, when: str):
-    """fn(prompts, completions) as a float64 array [n], checked: a sequence (list, tuple, 1-D array) of
-    one real number per completion, all finite. ConfigError naming `online.reward` and `when` otherwise."""
+class RewardError(ConfigError):
+    """The reward raised (SystemExit included), ran past `online.reward_timeout` or scored badly; the
+    message names `online.reward` and when (the probe, or the step; mid-run, the checkpoint kept)."""
+
+
+class RewardInterrupted(Exception):  # noqa: N818 (SIGTERM, not an error)
+    """SIGTERM arrived while the reward ran (`call_reward`)."""
+
+
+POLL_S = 0.05  # how often a waiting reward call looks at the clock and at SIGTERM
+
+
+def call_reward(fn: RewardFn, prompts: list, completions: list, *, timeout: float, where: str,
+                interrupted: Callable[[], bool] = sigterm_pending):  # fmt: skip
+    """fn(prompts, completions) in a daemon thread of its own, so that nothing it does ends or freezes the
+    run: any exception it raises (BaseException included: a SystemExit must not end a run as a success)
+    and a call past `timeout` seconds (0: no bound; the call is abandoned, still running) are RewardError;
+    `interrupted()` (SIGTERM) turning true during the call is RewardInterrupted."""
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def target():
+        try:
+            box["out"] = fn(prompts, completions)
+        except BaseException as e:  # noqa: BLE001 (handed to the caller, named)
+            box["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name="jdpo-reward", daemon=True).start()
+    deadline = time.monotonic() + timeout if timeout else math.inf
+    while not done.wait(POLL_S):
+        if interrupted():
+            raise RewardInterrupted(where)
+        if time.monotonic() > deadline:
+            raise RewardError(
+                f"{where}: did not return within online.reward_timeout={timeout:g} s (the call is "
+                "abandoned); make the reward faster, or raise online.reward_timeout (0: no bound)"
+            )
+    if "error" in box:
+        e = box["error"]
+        raise RewardError(f"{where} raised {type(e).__name__}: {e}") from None
+    return box["out"]
+
+
+def score(fn: RewardFn, spec: str, prompts: Sequence[str], completions: Sequence[str], *, when: str,
+          timeout: float = 0.0, interrupted: Callable[[], bool] = sigterm_pending):  # fmt: skip
+    """fn(prompts, completions) as a float64 array [n] (`call_reward`: in a thread, bounded by `timeout`),
+    checked: a sequence (list, tuple, 1-D array) of one real number per completion, all finite.
+    RewardError naming `online.reward` and `when` otherwise."""
     where = f"online.reward={spec!r} ({when})"
     n = len(completions)
-    try:
-        out = fn(list(prompts), list(completions))
-    except Exception as e:
-        raise ConfigError(f"{where} raised {type(e).__name__}: {e}") from None
+    out = call_reward(
+        fn, list(prompts), list(completions), timeout=timeout, where=where, interrupted=interrupted
+    )
     if isinstance(out, np.ndarray) or hasattr(out, "__array__"):
         arr = np.asarray(out)
         if arr.dtype.kind not in "biuf":
-            raise ConfigError(f"{where}: returned an array of {arr.dtype}, expected numbers")
+            raise RewardError(f"{where}: returned an array of {arr.dtype}, expected numbers")
         if arr.ndim != 1:
-            raise ConfigError(f"{where}: returned an array of shape {arr.shape}, expected [{n}]")
+            raise RewardError(f"{where}: returned an array of shape {arr.shape}, expected [{n}]")
         values = arr.astype(np.float64)
     elif isinstance(out, list | tuple):
         for i, x in enumerate(out):
             if not isinstance(x, numbers.Real | np.bool_):
-                raise ConfigError(f"{where}: item {i} is a {type(x).__name__} ({x!r:.60}), expected a number")
+                raise RewardError(f"{where}: item {i} is a {type(x).__name__} ({x!r:.60}), expected a number")
         values = np.asarray([float(x) for x in out], np.float64)
     else:
-        raise ConfigError(f"{where}: returned a {type(out).__name__}, expected a list of {n} numbers")
+        raise RewardError(f"{where}: returned a {type(out).__name__}, expected a list of {n} numbers")
     if len(values) != n:
-        raise ConfigError(f"{where}: returned {len(values)} scores for {n} completions (one each)")
+        raise RewardError(f"{where}: returned {len(values)} scores for {n} completions (one each)")
     bad = np.flatnonzero(~np.isfinite(values))
     if len(bad):
         i = int(bad[0])
-        raise ConfigError(
+        raise RewardError(
             f"{where}: score {values[i]} for completion {i} ({completions[i]!r:.60} of prompt "
             f"{prompts[i]!r:.60}); scores must be finite"
         )
     return values
 
 
-def probe_reward(fn: RewardFn, spec: str, prompt_texts: Sequence[str]) -> None:
+def probe_reward(fn: RewardFn, spec: str, prompt_texts: Sequence[str], timeout: float) -> None:
     """Call the reward once on a tiny probe (before the model loads): 3 completions of the first prompts."""
     prompts = [prompt_texts[min(i, len(prompt_texts) - 1)] for i in (0, 0, 1)]
-    score(fn, spec, prompts, ["", "a", "ab"], when="called on a probe of 3 completions before training")
+    score(fn, spec, prompts, ["", "a", "ab"], when="called on a probe of 3 completions before training",
+          timeout=timeout)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -316,7 +365,7 @@ class OnlineData:
         self.ids = _encode(tokenizer, prompts, wheres, c.data.max_prompt_length)
         self.texts = prompt_texts(tokenizer, prompts)
         self.reward = load_reward(on.reward)
-        probe_reward(self.reward, on.reward, self.texts)
+        probe_reward(self.reward, on.reward, self.texts, on.reward_timeout)
         longest = max(len(x) for x in self.ids)
         self.prompt_length = -(-longest // LENGTH_BUCKET) * LENGTH_BUCKET  # the sampler's fixed T
         self.rows = c.train.batch_rows * c.train.grad_accum
@@ -428,8 +477,13 @@ class OnlineData:
         out = gen.generate_ids([p for p in prompt_ids for _ in range(k)], self.sampling(seed))
         samples = [out.completion_ids(b) for b in range(len(idx) * k)]
         texts = [gen.decode(s) for s in samples]
-        rewards = score(self.reward, on.reward, [self.texts[i] for i in idx for _ in range(k)], texts,
-                        when=f"step {step}").reshape(len(idx), k)  # fmt: skip
+        try:  # a failed or interrupted call ends the run before this step, its last state saved
+            rewards = score(self.reward, on.reward, [self.texts[i] for i in idx for _ in range(k)], texts,
+                            when=f"step {step}", timeout=on.reward_timeout).reshape(len(idx), k)  # fmt: skip
+        except RewardError as e:
+            raise StopRun("reward_error", e) from None
+        except RewardInterrupted:
+            raise StopRun("sigterm") from None
         kept = [j for j in range(len(idx)) if rewards[j].max() != rewards[j].min()]  # ties teach nothing
         self.last = _sample_metrics(rewards, samples, kept)
         host = None

@@ -1,10 +1,15 @@
-"""One run per output directory: an exclusive lock held for the life of `Trainer.fit`.
+"""One run per output directory: an exclusive lock taken first by `Trainer` (before the output
+directory is read or anything loads) and held until its `fit` ends or it is closed.
 
 Two runs writing one output directory interleave their metrics.jsonl lines, checkpoints and
 config.yaml, and both exit 0. The lock is `<output_dir>/.jdpo.lock`, held with `fcntl.flock` by
 process 0 of the run (the processes of one multi-host run share it; the decision to refuse is
 unanimous, so no worker is left waiting in a collective). The file records who holds it (host, pid,
 start time) for the message a second run gets.
+
+Within one process, a newer Trainer on the same directory takes the lock over from an older one that
+is not training (a notebook re-creating its trainer; `fit` takes it back when it can); one that is
+training, or a `with RunLock(...)` block, keeps it.
 
 What is guaranteed: on a local filesystem, and on a network filesystem whose `flock` is honoured
 across hosts (NFSv4, Lustre, GPFS and Filestore do), a second run refuses to start while the first
@@ -30,6 +35,8 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = ".jdpo.lock"
 
+_HELD: dict[str, RunLock] = {}  # lock file -> the RunLock of this process holding it
+
 
 class RunLockedError(UserError, RuntimeError):
     """Another live run holds the output directory; the message names it."""
@@ -52,27 +59,43 @@ class RunLock:
         self.output_dir = output_dir
         self.main_process = main_process
         self._fd: int | None = None
+        self._warned = False  # an object store's "no lock" warning, once
+        self.held = False  # acquired and not released (process 0 holds the file)
+        self.in_use = False  # a run is training under it: no other lock of this process takes it over
 
     def __enter__(self) -> RunLock:
-
-        error = self._acquire() if self.main_process else None
-        if any_process(error is not None):  # every process of the run refuses together
-            raise RunLockedError(error or f"{self.output_dir} is locked by another run (see process 0)")
+        self.acquire()
+        self.in_use = True
         return self
 
     def __exit__(self, *exc) -> None:
+        self.in_use = False
         self.release()
+
+    def acquire(self) -> None:
+        """Hold the lock: kept when held, else taken; RunLockedError when a live run holds it. A collective
+        over the run's processes (call it on every one): only process 0 touches the file."""
+        error = self._acquire() if self.main_process and self._fd is None else None
+        if any_process(error is not None):  # every process of the run refuses together
+            raise RunLockedError(error or f"{self.output_dir} is locked by another run (see process 0)")
+        self.held = True
 
     def _acquire(self) -> str | None:
         """Take the lock; the refusal message when another live run holds it, else None."""
         import fcntl
 
         if "://" in str(self.output_dir) and not str(self.output_dir).startswith("file://"):
-            log.warning("%s is on an object store: no run lock is taken; start one run per directory",
-                        self.output_dir)  # fmt: skip
+            if not self._warned:
+                log.warning("%s is on an object store: no run lock is taken; start one run per directory",
+                            self.output_dir)  # fmt: skip
+            self._warned = True
             return None
         path = Path(str(self.output_dir).removeprefix("file://")) / LOCK_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
+        earlier = _HELD.get(str(path))
+        if earlier is not None and earlier is not self and not earlier.in_use:
+            log.info("%s: taken over from an earlier Trainer of this process, which is not training", path)
+            earlier.release()
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -99,14 +122,18 @@ class RunLock:
                   "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         self._fd, self._path = fd, path
+        _HELD[str(path)] = self
         return None
 
     def release(self) -> None:
         """Drop the lock and clear its record (a clean exit leaves nothing to take over)."""
         import fcntl
 
+        self.held = False
         if self._fd is None:
             return
+        if _HELD.get(str(self._path)) is self:
+            del _HELD[str(self._path)]
         os.ftruncate(self._fd, 0)
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)

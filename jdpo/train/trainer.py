@@ -8,15 +8,18 @@
     trainer.evaluate()                        # eval/ metrics of the current policy on the held-out split
     trainer.generate(["2+2="])                # completions of the current policy
     jdpo.Trainer.from_checkpoint("runs/x")    # a run's newest checkpoint (or runs/x/checkpoints/<step>)
+    trainer.close()                           # the output directory's lock, held since Trainer(config)
 
-Set-up reads top to bottom: tokenizer, data (`run_data` / `online`, before the model loads), model,
-compiled step functions, resume check, reference (`reference`), initial state (`state`). The loop
-(`loop`, `hooks`) and the checkpoints (`resume`) and exports (`export`) are parts of their own.
+Set-up reads top to bottom: the output directory's run lock, tokenizer, data (`run_data` / `online`,
+before the model loads), model, compiled step functions, resume check, reference (`reference`), initial
+state (`state`). The loop (`loop`, `hooks`) and the checkpoints (`resume`) and exports (`export`) are
+parts of their own.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,17 +27,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from safetensors import SafetensorError
 
 from jdpo import paths
 from jdpo.config import Config, ConfigError, load_config, replace, to_dict
 from jdpo.data.batch import Batch
+from jdpo.errors import ExportError
 from jdpo.models import ModelConfig, ModelOptions, from_pretrained, load_tokenizer, lora
 from jdpo.parallel.sharding import make_mesh
 from jdpo.report import metrics
 from jdpo.scoring.forward import PairLogps, over_split, split_metrics
 from jdpo.scoring.generate import Generator, SamplingParams
-from jdpo.train import compile_cache, loop
+from jdpo.train import compile_cache, diskspace, loop
 from jdpo.train import export as exports
+from jdpo.train.fingerprint import weights_fingerprint
 from jdpo.train.guards import BestEval, DivergenceGuard, EarlyStopping
 from jdpo.train.hooks import standard_hooks
 from jdpo.train.loop import RunResult
@@ -43,6 +49,7 @@ from jdpo.train.reference import Reference, cache_dir_of, initial_reference_para
 from jdpo.train.reference_update import UpdateSchedule
 from jdpo.train.resume import RunCheckpoints, RunMeta
 from jdpo.train.run_data import OfflineData, check_batch_rows, decide_shared_prompt, layout_key
+from jdpo.train.runlock import RunLock
 from jdpo.train.state import frozen_parts, initial_state
 from jdpo.train.step import StepSettings, compiled_steps
 
@@ -71,6 +78,18 @@ class Trainer:
             paths.check_checkpoint_dir(self.output_dir)  # before the reference pass, not at the first save
         except ValueError as e:  # the message names the path
             raise ConfigError(f"train.output_dir: {e}") from None
+        # The lock first, before the output directory is read or anything loads; held until `fit` ends or
+        # `close` (and released when this trainer is collected).
+        self.run_lock = RunLock(self.output_dir, main_process=jax.process_index() == 0)
+        self.run_lock.acquire()
+        weakref.finalize(self, self.run_lock.release)
+        try:
+            self._set_up(c)
+        except BaseException:
+            self.run_lock.release()
+            raise
+
+    def _set_up(self, c: Config) -> None:
         compile_cache.enable(c.train.compile_cache, self.output_dir)  # before anything compiles
         self.dtype = resolve_dtype(c.model.dtype)
         self.best = BestEval(c.train.keep_best) if c.train.keep_best else None
@@ -98,6 +117,9 @@ class Trainer:
         self.reference_updates = UpdateSchedule(c.dpo, c.train, self.data.total_steps)
         # Before the reference pass: a refused resume costs no forward pass.
         self.checkpoints.check_resumable(c, self.data.state()["layout"])
+        # The weights the run starts from (LoRA: the frozen base), before the first step donates them.
+        self.base_fingerprint = weights_fingerprint(params if base is None else base)
+        self.checkpoints.check_base(c, self.base_fingerprint)
         self.reference = self._reference()
         # Reference log-probs of the initial weights, before the first step donates them.
         ref_params = initial_reference_params(c, params, lora_run=base is not None, dtype=self.dtype,
@@ -106,6 +128,7 @@ class Trainer:
         self.state = initial_state(self.steps, params, seed=c.train.seed, base=base, dpo=c.dpo,
                                    ref_params=ref_params if c.dpo.reference == "online" else None)  # fmt: skip
         self.frozen = frozen_parts(self.reference_updates.moves and c.dpo.reference == "online")
+        self.checkpoints.check_space(self.state, frozen=self.frozen)  # before the first checkpoint write
         self.step = 0  # the last completed optimizer step (a restored checkpoint's)
         self.restored = False
         self.logger: metrics.MetricsLogger | None = None  # while `fit` runs
@@ -228,12 +251,16 @@ class Trainer:
         meta = RunMeta(step=step, data=self.data.state(), tracker=self.early_stopping.state(),
                        divergence=self.divergence.state(), config=to_dict(self.config),
                        best=None if self.best is None else self.best.state(),
-                       reference=self.reference.meta())  # fmt: skip
+                       reference=self.reference.meta(), base=self._base_meta())  # fmt: skip
         self.checkpoints.save(self.state, meta, frozen=self.frozen, metric=metric)
         if self.logger is not None:
             # On an object store metrics.jsonl is uploaded at sync points: make this one of them, so
             # the file holds every record up to any checkpoint a later run resumes from.
             self.logger.flush()
+
+    def _base_meta(self) -> dict:
+        """The base the run trained from and the cached reference it trained against (the resume check)."""
+        return {"weights": self.base_fingerprint, "reference_keys": dict(self.reference.keys)}
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, mesh=None) -> Trainer:
@@ -258,20 +285,43 @@ class Trainer:
 
     # -- the loop and the exports ---------------------------------------------------------------------
 
+    def close(self) -> None:
+        """Release the output directory's run lock and the checkpointer (the trainer's views still work;
+        `fit` takes the lock again)."""
+        self.checkpoints.close()
+        self.run_lock.release()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def fit(self, callbacks: Sequence[Callable[[dict], Any]] = ()) -> RunResult:
         """Train to `total_steps`, resuming from the newest checkpoint in the output directory (or from
         the one `restore` / `from_checkpoint` loaded).
 
         callbacks: called with every logged record (train and eval, each with its "step"); one returning
-        True stops the run after that step (a checkpoint is saved). The output directory is locked for
-        the run's life (`jdpo.train.runlock`): a second run on it refuses to start."""
+        True stops the run after that step (a checkpoint is saved). The output directory's run lock
+        (`jdpo.train.runlock`), taken when the trainer was built, is released when fit ends."""
         return loop.fit(self, callbacks, standard_hooks)
 
     def export(self, params=None, name: str = "final"):
         """`params` (default: the current policy) as a Hugging Face checkpoint in `<output_dir>/<name>`
         (LoRA: a PEFT adapter directory, and the merged model in `<name>_merged`)."""
-        return exports.export_model(self.model(params), self.output_dir, name, lora_run=self.state.base is not None,
-                                   base_model=self.config.model.path, tokenizer=self.tokenizer)  # fmt: skip
+        try:
+            return exports.export_model(
+                self.model(params), self.output_dir, name, lora_run=self.state.base is not None,
+                base_model=self.config.model.path, tokenizer=self.tokenizer,
+            )  # fmt: skip
+        except (OSError, SafetensorError) as e:  # a full disk, a write error: the checkpoint is intact
+            why = diskspace.excerpt(e)
+            where = f"the checkpoint at step {self.step} in {self.checkpoints.directory} is intact"
+            raise ExportError(
+                f"the export to {self.output_dir / name} failed ({type(e).__name__}: {why}); {where}: "
+                "free space (or fix the cause) and run the same command again, which resumes at that "
+                "checkpoint and only exports (from Python: jdpo.Trainer.from_checkpoint(output_dir).export())"
+            ) from None
 
     def export_best(self):
         """The checkpoint of `train.keep_best`'s best eval as `<output_dir>/best` with `best.json`; None
