@@ -104,7 +104,7 @@ def test_the_configs_eval_metric_names_are_those_an_eval_logs(loss_type):
         return PairLogps(*sums, np.full(n, 3, np.int32), np.full(n, 3, np.int32), np.ones(n, bool))
 
     labels = np.array([1, 0] * (n // 2), np.int32) if cfg.dpo.unpaired else None
-    got = split_metrics(logps(), logps(), cfg.dpo, labels=labels)
+    got = split_metrics(logps(), logps(), cfg.dpo.loss_spec(), labels=labels)
     assert sorted(got) == sorted(f"eval/{name}" for name in metric_names(cfg.dpo.loss_type))
 
 
@@ -171,7 +171,7 @@ def _blowing_up(tr, ratio):
         state, m = real(state, batch)
         return state, dict(m, loss=m["loss"] * ratio ** (int(state.step) - 1))
 
-    tr.steps = train.dataclasses.replace(tr.steps, train_step=step)
+    tr.steps = dataclasses.replace(tr.steps, train_step=step)
     return tr
 
 

@@ -91,6 +91,8 @@ class RunLock:
             self._warned = True
             return None
         path = Path(str(self.output_dir).removeprefix("file://")) / LOCK_FILE
+        # The directories this lock creates (deepest first): a set-up that fails removes them again.
+        self._created = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
         path.parent.mkdir(parents=True, exist_ok=True)
         earlier = _HELD.get(str(path))
         if earlier is not None and earlier is not self and not earlier.in_use:
@@ -124,6 +126,20 @@ class RunLock:
         self._fd, self._path = fd, path
         _HELD[str(path)] = self
         return None
+
+    def abandon(self) -> None:
+        """Release, and remove the lock file and the directories acquiring it created when nothing else
+        was written there (a run refused at set-up leaves no stray output directory)."""
+        path, created = getattr(self, "_path", None), getattr(self, "_created", [])
+        self.release()
+        if path is None or not created:
+            return
+        path.unlink(missing_ok=True)
+        for d in created:
+            try:
+                d.rmdir()  # only when empty: anything else written there stays
+            except OSError:
+                return
 
     def release(self) -> None:
         """Drop the lock and clear its record (a clean exit leaves nothing to take over)."""

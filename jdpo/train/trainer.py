@@ -86,7 +86,7 @@ class Trainer:
         try:
             self._set_up(c)
         except BaseException:
-            self.run_lock.release()
+            self.run_lock.abandon()
             raise
 
     def _set_up(self, c: Config) -> None:
