@@ -40,6 +40,7 @@ from jdpo.scoring.forward import PairLogps, over_split, split_metrics
 from jdpo.scoring.generate import Generator, SamplingParams
 from jdpo.train import compile_cache, diskspace, loop
 from jdpo.train import export as exports
+from jdpo.train.checkpoint import abstract_like
 from jdpo.train.fingerprint import weights_fingerprint
 from jdpo.train.guards import BestEval, DivergenceGuard, EarlyStopping
 from jdpo.train.hooks import standard_hooks
@@ -352,7 +353,8 @@ def _tokenizer(path: str):
 
 
 def _flat(tree) -> tuple:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+    """`StepSettings`' hashable form of a pytree of arrays: (treedef, abstract leaves with shardings)."""
+    abstract = abstract_like(tree)
     return jax.tree.structure(abstract), tuple(jax.tree.leaves(abstract))
 
 
