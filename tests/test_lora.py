@@ -295,6 +295,8 @@ def test_lora_dropout_changes_the_adapter_gradient(assets, tmp_path):
     assert first["grad_norm"] != pytest.approx(plain["grad_norm"], rel=1e-3)  # but d/dB sees dropped inputs
 
 
+# slow (35 s): sharded forwards are covered fast by test_sharding.py::test_sharded_model_matches_one_device.
+@pytest.mark.slow
 def test_eight_device_fsdp_mesh_matches_one_device(assets, tmp_path):
     # With LoRA dropout (its masks do not depend on the sharding: jax's partitionable threefry) on an
     # nf4 base (codes and block scales sharded like the kernels they replace).

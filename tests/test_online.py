@@ -288,6 +288,8 @@ def test_plan_of_an_online_run_on_prompts_only(assets, tmp_path, capsys):
     assert rc == 0 and "online reference: frozen copy" in out and "reference cache" not in out
 
 
+# slow (39 s): hard updates are covered fast by test_reference_update.py, online runs by the tests above.
+@pytest.mark.slow
 def test_an_online_run_with_hard_reference_updates_restarts_at_ln2(assets, tmp_path):
     """TR-DPO on online pairs: after each step's hard update the reference is the policy, so the next
     step's fresh samples start from loss ln 2 again."""

@@ -72,6 +72,8 @@ def _assert_not_run(p, marker):
     assert "Do you wish to run the custom code" not in out, out
 
 
+# slow (49 s): the refusal of custom code is covered fast by the test below; this runs all three commands.
+@pytest.mark.slow
 def test_train_generate_eval_never_import_a_model_directorys_module(assets, tmp_path):
     model = _evil_copy(assets.model_dir, tmp_path / "evil")
     out = tmp_path / "run"

@@ -269,6 +269,9 @@ def test_a_full_disk_is_found_before_training_at_a_save_and_at_the_export(assets
 # -- SIGKILL fault injection -------------------------------------------------------------------------
 
 
+# slow (53 s): the bit-identical resume is covered fast by test_train.py::test_resume_is_bit_identical and
+# test_paths.py's resumes; this adds the SIGKILL timings.
+@pytest.mark.slow
 def test_sigkill_at_any_point_resumes_bit_identically(assets, tmp_path):
     """Killed (SIGKILL, no chance to clean up) after step 1 (no checkpoint yet), while step 4's checkpoint
     is being written in the background, and after step 5 (before its save): each rerun of the same
