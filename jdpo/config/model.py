@@ -41,12 +41,20 @@ class ModelSection:
         "Positions per tile of the attention kernel; 0: the kernel's default (blocked 64, splash 512, "
         "pallas_gpu 128).",
     )
+    router_aux_loss_coef: float | None = setting(
+        None,
+        "MoE models: weight of the router's load-balancing loss added to the training loss (logged as "
+        "aux_loss); unset: the checkpoint's router_aux_loss_coef, else 0.",
+    )
+    freeze_router: bool = setting(False, "MoE models: no gradient and no update reach the router weights.")
 
 
 def check_model(model: ModelSection) -> None:
     block, kernel = model.attention_block, model.attention
     if block < 0:
         raise ConfigError(f"model.attention_block must be >= 0 (0: the kernel's default), got {block}")
+    if model.router_aux_loss_coef is not None and not model.router_aux_loss_coef >= 0:
+        raise ConfigError(f"model.router_aux_loss_coef must be >= 0, got {model.router_aux_loss_coef}")
     if block and kernel != "auto":  # auto: checked once the kernel is known (`Transformer`)
         if why := attention_block_problem(kernel, block):
             raise ConfigError(why)
@@ -61,12 +69,15 @@ class MeshSection:
     tensor: int = setting(
         1, "Tensor-parallel axis (heads / mlp sharded); use when per-device batch is small."
     )
+    expert: int = setting(
+        1, "Expert-parallel axis (MoE models: experts sharded over it; it also splits the batch rows)."
+    )
 
 
 def check_mesh(mesh: MeshSection) -> None:
-    sizes: dict[str, Any] = {name: getattr(mesh, name) for name in ("data", "fsdp", "tensor")}
+    sizes: dict[str, Any] = {name: getattr(mesh, name) for name in ("data", "fsdp", "tensor", "expert")}
     for name, v in sizes.items():
         if v == 0 or v < -1:
             raise ConfigError(f"mesh.{name} must be a positive size or -1 (all remaining devices), got {v}")
     if list(sizes.values()).count(-1) > 1:
-        raise ConfigError("at most one of mesh.data / mesh.fsdp / mesh.tensor may be -1")
+        raise ConfigError("at most one of mesh.data / mesh.fsdp / mesh.tensor / mesh.expert may be -1")

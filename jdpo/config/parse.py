@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -55,6 +56,11 @@ _FALSE = ("false", "0", "no", "off")
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Convert a YAML value or a command-line string to the field's type, or raise ConfigError."""
     origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is types.UnionType and len(args) == 2 and type(None) in args:  # `X | None`: unset is None
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), where)
     if origin is Literal:
         choices = typing.get_args(tp)
         if isinstance(value, bool) and str(value).lower() in choices:  # YAML's true / false

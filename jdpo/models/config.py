@@ -16,7 +16,7 @@ from jdpo.errors import UserError
 
 FAMILIES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "olmo3", "smollm3",
-    "phi3",
+    "phi3", "qwen3_moe", "mixtral",
 )  # fmt: skip
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 ARCHITECTURES = {
@@ -31,7 +31,10 @@ ARCHITECTURES = {
     "olmo3": "Olmo3ForCausalLM",
     "smollm3": "SmolLM3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
 }
+_MOE = ("qwen3_moe", "mixtral")
 # Families whose sliding and full layers have their own RoPE parameters (`rope_parameters` per layer type).
 _PER_TYPE_ROPE = ("gemma3_text", "olmo3")
 # transformers' RoPE base when a config.json names none (global, local).
@@ -99,6 +102,16 @@ class ModelConfig:
     final_logit_softcapping: float | None = None  # gemma2; also passed to the chunked log-prob path
     query_pre_attn_scalar: float | None = None  # gemma2: scores scale by query_pre_attn_scalar**-0.5
     initializer_range: float = 0.02
+    # Mixture of experts (`jdpo.models.moe`; qwen3_moe, mixtral): E experts of F_e = moe_intermediate_size,
+    # each token routed to its top `experts_per_token` of a float32 softmax over E (renormalised over the
+    # chosen ones with norm_topk_prob, always on mixtral). 0 experts: a dense model.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    # per layer: is its MLP the experts (qwen3_moe's decoder_sparse_step / mlp_only_layers); () = every layer
+    moe_layers: tuple[bool, ...] = ()
+    router_aux_loss_coef: float = 0.0  # the checkpoint's (config.json); the run's default coefficient
     bos_token_id: Any = None
     eos_token_id: Any = None
     pad_token_id: Any = None
@@ -130,6 +143,13 @@ class ModelConfig:
         )
 
     @property
+    def expert_layers(self) -> tuple[bool, ...]:
+        """Per layer: is its MLP a mixture of experts?"""
+        if not self.num_experts:
+            return (False,) * self.num_layers
+        return self.moe_layers or (True,) * self.num_layers
+
+    @property
     def attention_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
@@ -147,7 +167,16 @@ class ModelConfig:
         attn = D * N * H * 2 + D * K * H * 2 + (N + 2 * K) * H * self.qkv_bias + D * self.o_bias
         qk = (N + K) * H if self.qk_norm_scope == "projection" else 2 * H
         norms = D * (4 if self.sandwich_norm else 2) + qk * self.qk_norm
-        return V * D * (1 if self.tie_word_embeddings else 2) + D + L * (attn + 3 * D * F + norms)
+        moe = sum(self.expert_layers)
+        experts = moe * (D * self.num_experts + 3 * D * self.moe_intermediate_size * self.num_experts)
+        mlp = (L - moe) * 3 * D * F + experts
+        return V * D * (1 if self.tie_word_embeddings else 2) + D + L * (attn + norms) + mlp
+
+    def num_active_params(self) -> int:
+        """Parameters one token runs through: `num_params` with only `experts_per_token` of each MoE
+        layer's experts (the router counts whole). The MFU of an MoE model counts these."""
+        idle = self.num_experts - self.experts_per_token
+        return self.num_params() - sum(self.expert_layers) * idle * 3 * self.hidden_size * self.moe_intermediate_size
 
 
 def _read_config(config_or_path) -> dict:
@@ -252,7 +281,7 @@ def _family_fields(family: str, hf: dict) -> dict:
         kw["qkv_bias"] = True  # qwen2 always has q/k/v bias and never an o_proj bias
     elif family not in (*_GEMMA, "phi3"):
         kw["qkv_bias"] = kw["o_bias"] = attention_bias
-    if family in ("qwen3", "gemma3_text"):
+    if family in ("qwen3", "qwen3_moe", "gemma3_text"):
         kw["qk_norm"] = True
     if family in ("olmo2", "olmo3"):
         kw.update(qk_norm=True, qk_norm_scope="projection", post_norm=True)
@@ -267,6 +296,8 @@ def _family_fields(family: str, hf: dict) -> dict:
         )
     if family == "phi3":
         kw["fused_projections"] = True
+    if family in _MOE:
+        kw.update(_moe_fields(family, hf))
     if family == "smollm3":
         flags = hf.get("no_rope_layers")  # 1: the layer applies RoPE (the name is transformers')
         if flags is None:
@@ -278,6 +309,33 @@ def _family_fields(family: str, hf: dict) -> dict:
     return kw
 
 
+def _moe_fields(family: str, hf: dict) -> dict:
+    """The experts of qwen3_moe / mixtral: their count, size, top-k and which layers have them."""
+    L = hf["num_hidden_layers"]
+    if family == "mixtral":
+        if hf.get("router_jitter_noise", 0.0):
+            raise ModelConfigError(f"mixtral: router_jitter_noise={hf['router_jitter_noise']} is not "
+                                   "implemented (set it to 0.0)")  # fmt: skip
+        E, F, norm, moe = hf.get("num_local_experts", 8), hf["intermediate_size"], True, ()
+    else:
+        # transformers 5 writes num_local_experts (its attribute for num_experts)
+        E = hf.get("num_experts", hf.get("num_local_experts", 128))
+        F, norm = hf.get("moe_intermediate_size", 768), hf.get("norm_topk_prob")
+        step, dense = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or ())
+        if step < 1 or dense - set(range(L)):
+            raise ModelConfigError(f"qwen3_moe: decoder_sparse_step={step} / mlp_only_layers={sorted(dense)} "
+                                   f"do not describe {L} layers")  # fmt: skip
+        moe = tuple(i not in dense and E > 0 and (i + 1) % step == 0 for i in range(L))
+        moe = () if all(moe) else moe
+    k = hf.get("num_experts_per_tok", 2 if family == "mixtral" else 8)
+    if E > 0 and not 1 <= k <= E:
+        raise ModelConfigError(f"{family}: num_experts_per_tok={k} must be between 1 and the {E} experts")
+    return dict(
+        num_experts=E, experts_per_token=k, moe_intermediate_size=F, norm_topk_prob=bool(norm),
+        moe_layers=moe, router_aux_loss_coef=float(hf.get("router_aux_loss_coef") or 0.0),
+    )  # fmt: skip
+
+
 def _layer_types(family: str, hf: dict, L: int) -> tuple[int | None, tuple[str, ...] | None]:
     """(sliding window, layer types) of a family. mistral and phi3 apply the window to every layer; qwen
     only with use_sliding_window and from max_window_layers on; smollm3 only with use_sliding_window; the
@@ -285,11 +343,11 @@ def _layer_types(family: str, hf: dict, L: int) -> tuple[int | None, tuple[str, 
     of six, olmo3 three of four)."""
     window = hf.get("sliding_window", 4096 if family in ("gemma3_text", "olmo3") else None)  # HF defaults
     layer_types = hf.get("layer_types")
-    if family in ("qwen2", "qwen3", "smollm3") and not hf.get("use_sliding_window", False):
+    if family in ("qwen2", "qwen3", "qwen3_moe", "smollm3") and not hf.get("use_sliding_window", False):
         window = None
-    if family in ("mistral", "phi3") and window is not None:
+    if family in ("mistral", "phi3", "mixtral") and window is not None:
         layer_types = ["sliding_attention"] * L
-    elif family in ("qwen2", "qwen3") and layer_types is None and window is not None:
+    elif family in ("qwen2", "qwen3", "qwen3_moe") and layer_types is None and window is not None:
         first = hf.get("max_window_layers", L)
         layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(L)]
     elif family == "gemma2" and layer_types is None:
@@ -423,7 +481,7 @@ def config_to_hf(c: ModelConfig) -> dict:
         hf.pop("rope_scaling", None)
     if c.family == "phi3":
         hf["original_max_position_embeddings"] = c.rope_original_max_position_embeddings
-    if c.family in ("llama", "mistral", "qwen3", "olmo2", "olmo3", "smollm3"):
+    if c.family in ("llama", "mistral", "qwen3", "olmo2", "olmo3", "smollm3", "qwen3_moe"):
         hf["attention_bias"] = c.qkv_bias
     if c.family in ("gemma2", "gemma3_text"):
         hf.update(
@@ -432,14 +490,28 @@ def config_to_hf(c: ModelConfig) -> dict:
             final_logit_softcapping=c.final_logit_softcapping,
             query_pre_attn_scalar=c.query_pre_attn_scalar,
         )
-    if c.family in ("mistral", "gemma2", "gemma3_text", "olmo3", "phi3"):
+    if c.family in ("mistral", "gemma2", "gemma3_text", "olmo3", "phi3", "mixtral"):
         hf["sliding_window"] = c.sliding_window
-    if c.family in ("qwen2", "qwen3", "smollm3"):
+    if c.family in _MOE:
+        hf.update(_moe_to_hf(c))
+    if c.family in ("qwen2", "qwen3", "qwen3_moe", "smollm3"):
         hf.update(use_sliding_window=c.sliding_window is not None, sliding_window=c.sliding_window)
-    if c.family in ("qwen2", "qwen3"):
+    if c.family in ("qwen2", "qwen3", "qwen3_moe"):
         hf["max_window_layers"] = c.num_layers
     if c.family == "smollm3":
         hf["no_rope_layers"] = [int(r) for r in c.rope_layers or (True,) * c.num_layers]
-    if c.layer_types and c.family not in ("mistral", "phi3"):
+    if c.layer_types and c.family not in ("mistral", "phi3", "mixtral"):
         hf["layer_types"] = list(c.layer_types)
     return hf
+
+
+def _moe_to_hf(c: ModelConfig) -> dict:
+    """The experts' config.json fields (see `_moe_fields`)."""
+    hf: dict[str, Any] = {"num_experts_per_tok": c.experts_per_token, "router_aux_loss_coef": c.router_aux_loss_coef}
+    if c.family == "mixtral":
+        return {**hf, "num_local_experts": c.num_experts, "router_jitter_noise": 0.0}
+    dense = [i for i, moe in enumerate(c.expert_layers) if not moe]
+    return {
+        **hf, "num_experts": c.num_experts, "moe_intermediate_size": c.moe_intermediate_size,
+        "norm_topk_prob": c.norm_topk_prob, "decoder_sparse_step": 1, "mlp_only_layers": dense,
+    }  # fmt: skip

@@ -23,6 +23,10 @@ class WeightSpec:
     hf_key: str  # HF tensor name, "{i}" for the layer index
     groups: tuple[tuple[int, ...], ...]  # HF dim i is reshaped into the factors groups[i]
     perm: tuple[int, ...]  # then transposed by perm into the model's layout
+    # MoE experts: the model parameter stacks E such tensors on a leading [E] axis, "{j}" in hf_key the
+    # expert's index; 0: one tensor
+    experts: int = 0
+    layers: tuple[int, ...] | None = None  # the layers that have it ("{i}" entries); None: every layer
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
@@ -96,6 +100,24 @@ FAMILY_LAYER_WEIGHTS = {
     "smollm3": _LAYER_COMMON,
     "phi3": _LAYER_FUSED,
 }
+# Mixture of experts (`jdpo.models.moe`): the router [E, D] and each expert's projections, stacked [E, ...]
+# in the model. (model path, HF name, layout, stacked over the experts)
+_ATTENTION_QK_NORM = _INPUT_NORM + _POST_ATTENTION_NORM + _QKV + _O + _LAYER_QK_NORM
+_MOE_WEIGHTS = {
+    "qwen3_moe": [
+        ("mlp.router.kernel", "mlp.gate.weight", "ExD->DE", False),
+        ("mlp.experts.gate_proj", "mlp.experts.{j}.gate_proj.weight", "FexD->DFe", True),
+        ("mlp.experts.up_proj", "mlp.experts.{j}.up_proj.weight", "FexD->DFe", True),
+        ("mlp.experts.down_proj", "mlp.experts.{j}.down_proj.weight", "DxFe->FeD", True),
+    ],
+    "mixtral": [
+        ("mlp.router.kernel", "block_sparse_moe.gate.weight", "ExD->DE", False),
+        ("mlp.experts.gate_proj", "block_sparse_moe.experts.{j}.w1.weight", "FexD->DFe", True),
+        ("mlp.experts.up_proj", "block_sparse_moe.experts.{j}.w3.weight", "FexD->DFe", True),
+        ("mlp.experts.down_proj", "block_sparse_moe.experts.{j}.w2.weight", "DxFe->FeD", True),
+    ],
+}
+_MOE_ATTENTION = {"qwen3_moe": _ATTENTION_QK_NORM, "mixtral": _INPUT_NORM + _POST_ATTENTION_NORM + _QKV + _O}
 _TOP = [
     ("embed_tokens.embedding", "model.embed_tokens.weight", "VxD->VD"),
     ("norm.weight", "model.norm.weight", "vector_D"),
@@ -128,11 +150,38 @@ def _layout(c: ModelConfig, name: str):
         "KH->KH": (((K, H),), (0, 1)),
         "VxD->VD": (((V,), (D,)), (0, 1)),
         "VxD->DV": (((V,), (D,)), (1, 0)),
+        "ExD->DE": (((c.num_experts,), (D,)), (1, 0)),
+        "FexD->DFe": (((c.moe_intermediate_size,), (D,)), (1, 0)),
+        "DxFe->FeD": (((D,), (c.moe_intermediate_size,)), (1, 0)),
     }[name]
 
 
+def _moe_table(c: ModelConfig) -> list[WeightSpec]:
+    """The per-layer entries of an MoE family: attention and norms on every layer, the router and the
+    experts on the MoE layers, the gated MLP on the others (qwen3_moe's mlp_only_layers)."""
+    experts = [i for i, moe in enumerate(c.expert_layers) if moe]
+    dense = [i for i, moe in enumerate(c.expert_layers) if not moe]
+    out = [(m, h, lay, 0, None) for m, h, lay in _MOE_ATTENTION[c.family]]
+    out += [(m, h, lay, c.num_experts if stacked else 0, tuple(experts)) for m, h, lay, stacked in _MOE_WEIGHTS[c.family]]
+    if dense:
+        out += [(m, h, lay, 0, tuple(dense)) for m, h, lay in _GATE_UP + _DOWN]
+    if c.qkv_bias:
+        out += [(m, h, lay, 0, None) for m, h, lay in _LAYER_QKV_BIAS]
+    if c.o_bias:
+        out += [(m, h, lay, 0, None) for m, h, lay in _LAYER_O_BIAS]
+    return [
+        WeightSpec(f"layers.{{i}}.{m}", f"model.layers.{{i}}.{h}", *_layout(c, lay), experts=e,
+                   layers=None if layers is not None and len(layers) == c.num_layers else layers)
+        for m, h, lay, e, layers in out
+    ]  # fmt: skip
+
+
 def weight_table(c: ModelConfig) -> list[WeightSpec]:
-    """Every parameter of a model with this config; per-layer entries carry "{i}" placeholders."""
+    """Every parameter of a model with this config; per-layer entries carry "{i}" placeholders (and MoE
+    experts' "{j}")."""
+    if c.family in _MOE_WEIGHTS:
+        top = [WeightSpec(m, h, *_layout(c, lay)) for m, h, lay in _TOP + ([] if c.tie_word_embeddings else _LM_HEAD)]
+        return top[:2] + _moe_table(c) + top[2:]
     layer = list(FAMILY_LAYER_WEIGHTS[c.family])
     if c.qkv_bias and c.family != "qwen2":  # (phi3 and the gemmas refuse attention_bias at load)
         layer += _LAYER_QKV_BIAS

@@ -164,17 +164,11 @@ def from_pretrained(path, *, options: ModelOptions | None = None, mesh=None):
 
         for spec in weight_table(config):
             per_layer = "{i}" in spec.model_path
-            if per_layer and not scan_layers:
-                targets = [(spec.model_path.format(i=i), [spec.hf_key.format(i=i)]) for i in range(L)]
-            elif per_layer:
-                targets = [(spec.model_path.replace(".{i}", ""), [spec.hf_key.format(i=i) for i in range(L)])]
-            else:
-                targets = [(spec.model_path, [spec.hf_key])]
-            for model_path, keys in targets:
+            for model_path, keys in _targets(spec, L, scan_layers):
                 var = params.pop(model_path, None)
                 if var is None:
                     raise CheckpointError(f"weight table names {model_path}, which the model does not have")
-                tensors = [open_tensor(k, spec.hf_shape, model_path) for k in keys]
+                tensors = jax.tree.map(lambda k, p=model_path: open_tensor(k, spec.hf_shape, p), keys)
                 dense = quantized.get(model_path)
                 shape = var.get_value().shape
                 if dense is not None:
@@ -184,7 +178,7 @@ def from_pretrained(path, *, options: ModelOptions | None = None, mesh=None):
                     _sharding_for(var, mesh, shape),
                     tensors,
                     spec,
-                    stacked=per_layer and scan_layers,
+                    stacked=int(per_layer and scan_layers) + bool(spec.experts),
                     param_dtype=param_dtype,
                 )
                 if dense is None:
@@ -201,6 +195,31 @@ def from_pretrained(path, *, options: ModelOptions | None = None, mesh=None):
     if options.lora is not None:
         _init_adapters(model, config, options, mesh)
     return model, config
+
+
+def _expert_keys(spec: WeightSpec, i: int):
+    """The HF key of layer i (a list over the experts for a stacked expert parameter)."""
+    if spec.experts:
+        return [spec.hf_key.format(i=i, j=j) for j in range(spec.experts)]
+    return spec.hf_key.format(i=i)
+
+
+def _targets(spec: WeightSpec, L: int, scan_layers: bool) -> list[tuple[str, object]]:
+    """(model path, HF keys) of one table entry: one key, or nested lists over the layers of a scanned
+    stack and over the experts of an expert parameter (the order of the array's leading axes)."""
+    if "{i}" not in spec.model_path:
+        return [(spec.model_path, spec.hf_key)]
+    layers = range(L) if spec.layers is None else spec.layers
+    if scan_layers:
+        return [(spec.model_path.replace(".{i}", ""), [_expert_keys(spec, i) for i in layers])]
+    return [(spec.model_path.format(i=i), _expert_keys(spec, i)) for i in layers]
+
+
+def _flat_keys(keys, index=()) -> list[tuple[str, tuple[int, ...]]]:
+    """(HF key, its index in the parameter's leading axes) of every key of `_targets`' nested lists."""
+    if isinstance(keys, str):
+        return [(keys, index)]
+    return [flat for n, k in enumerate(keys) for flat in _flat_keys(k, (*index, n))]
 
 
 def _quantized_kernels(model) -> dict:
@@ -231,21 +250,23 @@ def _init_adapters(model, config: ModelConfig, options: ModelOptions, mesh) -> N
     nnx.update(model, init())
 
 
-def _load_array(shape, sharding, tensors, spec: WeightSpec, *, stacked: bool, param_dtype):
-    """One jax.Array of `shape` in `sharding`, each device's block read lazily from the file(s)."""
+def _load_array(shape, sharding, tensors, spec: WeightSpec, *, stacked: int, param_dtype):
+    """One jax.Array of `shape` in `sharding`, each device's block read lazily from the file(s).
+    `stacked`: how many leading axes index into nested lists of `tensors` (layers, experts); 0: one."""
     np_dtype = np.dtype(jnp.dtype(param_dtype))
     cache: dict = {}  # replicated blocks are requested once per device; read them once
+
+    def read(tensors, index, depth):
+        if not depth:
+            return _read_block(tensors, spec, index)
+        rows = range(index[0].start, index[0].stop)
+        return np.stack([read(tensors[i], index[1:], depth - 1) for i in rows])
 
     def callback(index):
         index = _norm_index(index, shape)
         key = tuple((s.start, s.stop) for s in index)
         if key not in cache:
-            if stacked:
-                rows = range(index[0].start, index[0].stop)
-                block = np.stack([_read_block(tensors[i], spec, index[1:]) for i in rows])
-            else:
-                block = _read_block(tensors[0], spec, index)
-            cache[key] = np.ascontiguousarray(block.astype(np_dtype))
+            cache[key] = np.ascontiguousarray(read(tensors, index, stacked).astype(np_dtype))
         return cache[key]
 
     return jax.make_array_from_callback(shape, sharding, callback)
@@ -304,24 +325,16 @@ def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_size=
     L = config.num_layers
     entries = []  # (hf_key, fetch) in table order
     for spec in weight_table(config):
-        if "{i}" not in spec.model_path:
-            entries.append((spec.hf_key, lambda s=spec: _to_hf_layout(params[s.model_path].get_value(), s)))
-        elif model.options.scan_layers:
-            stack = params[spec.model_path.replace(".{i}", "")]
-            for i in range(L):
-                fetch = lambda s=spec, i=i, v=stack: _to_hf_layout(v.get_value()[i], s)  # noqa: E731
-                entries.append((spec.hf_key.format(i=i), fetch))
-        else:
-            for i in range(L):
-                var = params[spec.model_path.format(i=i)]
-                entries.append(
-                    (spec.hf_key.format(i=i), lambda s=spec, v=var: _to_hf_layout(v.get_value(), s))
-                )
+        for model_path, keys in _targets(spec, L, model.options.scan_layers):
+            var = params[model_path]
+            for key, index in _flat_keys(keys):
+                fetch = lambda s=spec, v=var, ix=index: _to_hf_layout(v.get_value()[ix], s)  # noqa: E731
+                entries.append((key, fetch))
     dtype = np.dtype(jnp.dtype(model.embed_tokens.embedding.get_value().dtype))
     sizes = {}
     for spec in weight_table(config):
-        for i in range(L if "{i}" in spec.hf_key else 1):
-            sizes[spec.hf_key.format(i=i)] = math.prod(spec.hf_shape) * dtype.itemsize
+        for key, _ in _flat_keys([keys for _, keys in _targets(spec, L, False)]):
+            sizes[key] = math.prod(spec.hf_shape) * dtype.itemsize
     limit = _parse_size(max_shard_size)
     shards: list[list] = [[]]
     current = 0

@@ -308,7 +308,8 @@ class DecoderLayer(nnx.Module):
     """Pre-norm block; gemma2/3 add norms on the attention and MLP outputs ("sandwich"); olmo2/3 have only
     those ("post-norm": the residual stream's inputs to attention and MLP are not normalised)."""
 
-    def __init__(self, config: ModelConfig, options: ModelOptions, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, options: ModelOptions, *, rngs: nnx.Rngs, mlp=None):
+        """`mlp`: the layer's MLP when it is not the gated MLP (an MoE block, `jdpo.models.moe`)."""
         c = config
 
         def norm():
@@ -330,37 +331,43 @@ class DecoderLayer(nnx.Module):
             self.pre_feedforward_layernorm = norm()
         if c.sandwich_norm or c.post_norm:
             self.post_feedforward_layernorm = norm()
-        self.mlp = MLP(c, options, rngs=rngs)
-        self.sandwich, self.post_norm = c.sandwich_norm, c.post_norm
+        self.mlp = MLP(c, options, rngs=rngs) if mlp is None else mlp
+        self.sandwich, self.post_norm, self.moe = c.sandwich_norm, c.post_norm, mlp is not None
 
     def _attention_input(self, x_BxTxD):
         return x_BxTxD if self.post_norm else self.input_layernorm(x_BxTxD)
 
     def __call__(self, x_BxTxD, cos, sin, mask: AttentionMask, dropout_key=None):
+        """(x [B, T, D], the MoE router's statistics of the real tokens or None for a gated MLP)."""
         attn_BxTxD = self.self_attn(self._attention_input(x_BxTxD), cos, sin, mask, dropout_key)
-        return self._finish(x_BxTxD, attn_BxTxD, dropout_key)
+        return self._finish(x_BxTxD, attn_BxTxD, dropout_key, mask.segment_ids_BxT)
 
     def extend(self, x_BxTxD, cos, sin, mask: AttentionMask, k_BxSxKxH, v_BxSxKxH, slot):
         """The layer on T new tokens with a KV cache (see `Attention.extend`): (x, new k, new v)."""
         attn_BxTxD, k_new, v_new = self.self_attn.extend(
             self._attention_input(x_BxTxD), cos, sin, mask, k_BxSxKxH, v_BxSxKxH, slot
         )
-        return self._finish(x_BxTxD, attn_BxTxD), k_new, v_new
+        return self._finish(x_BxTxD, attn_BxTxD, None, mask.segment_ids_BxT)[0], k_new, v_new
 
-    def _finish(self, x_BxTxD, attn_BxTxD, dropout_key=None):
-        """Residual adds and the MLP after attention."""
+    def _mlp(self, x_BxTxD, dropout_key, segment_ids_BxT):
+        if self.moe:
+            return self.mlp(x_BxTxD, dropout_key, segment_ids_BxT)
+        return self.mlp(x_BxTxD, dropout_key), None
+
+    def _finish(self, x_BxTxD, attn_BxTxD, dropout_key, segment_ids_BxT):
+        """Residual adds and the MLP after attention: (x, router statistics or None)."""
         if self.sandwich:
             x_BxTxD = x_BxTxD + self.post_attention_layernorm(attn_BxTxD)
-            mlp_BxTxD = self.post_feedforward_layernorm(
-                self.mlp(self.pre_feedforward_layernorm(x_BxTxD), dropout_key)
-            )
+            mlp_BxTxD, stats = self._mlp(self.pre_feedforward_layernorm(x_BxTxD), dropout_key, segment_ids_BxT)
+            mlp_BxTxD = self.post_feedforward_layernorm(mlp_BxTxD)
         elif self.post_norm:
             x_BxTxD = x_BxTxD + self.post_attention_layernorm(attn_BxTxD)
-            mlp_BxTxD = self.post_feedforward_layernorm(self.mlp(x_BxTxD, dropout_key))
+            mlp_BxTxD, stats = self._mlp(x_BxTxD, dropout_key, segment_ids_BxT)
+            mlp_BxTxD = self.post_feedforward_layernorm(mlp_BxTxD)
         else:
             x_BxTxD = x_BxTxD + attn_BxTxD
-            mlp_BxTxD = self.mlp(self.post_attention_layernorm(x_BxTxD), dropout_key)
-        return constrain(x_BxTxD + mlp_BxTxD, ("batch", "length", "act_embed"))
+            mlp_BxTxD, stats = self._mlp(self.post_attention_layernorm(x_BxTxD), dropout_key, segment_ids_BxT)
+        return constrain(x_BxTxD + mlp_BxTxD, ("batch", "length", "act_embed")), stats
 
 
 def remat(fn, policy: str):

@@ -13,6 +13,7 @@ REMAT_POLICIES = ("none", "full", "dots_saveable")
 # blocked, splash, pallas_gpu, xla); `kernels.resolve_attention` decides what "auto" runs. The KV-cache
 # path (`extend`: generation) always takes the dense mask.
 ATTENTION_IMPLS = ATTENTION_CHOICES
+MOE_DISPATCH = ("ragged", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,11 @@ class ModelOptions:
     # Low-rank adapters on these projections (`jdpo.models.lora`); unlike the fields above they are weights of
     # their own, zero-effect at initialisation (B = 0). None: no adapters.
     lora: "LoRASpec | None" = None
+    # Mixture-of-experts models (`jdpo.models.moe`): how the experts run ("ragged": sorted by expert,
+    # grouped matmuls, dropless; "dense": every expert on every token, one-hot combine), and
+    # `model.freeze_router` (no gradient into the router).
+    moe_dispatch: str = "ragged"
+    freeze_router: bool = False
 
     def __post_init__(self):
         if self.attention_block < 0:
@@ -42,6 +48,8 @@ class ModelOptions:
             )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.moe_dispatch not in MOE_DISPATCH:
+            raise ValueError(f"moe_dispatch must be one of {MOE_DISPATCH}, got {self.moe_dispatch!r}")
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
 
@@ -56,6 +64,7 @@ class ModelOptions:
             scan_layers=section.scan_layers,
             attention=section.attention,
             attention_block=section.attention_block,
+            freeze_router=section.freeze_router,
         )
 
 

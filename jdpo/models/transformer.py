@@ -20,6 +20,7 @@ from jdpo.models.config import ModelConfig
 from jdpo.models.kernels import default_block, resolve_attention
 from jdpo.models.layers import DecoderLayer, Dense, Embedding, RMSNorm, remat
 from jdpo.models.masks import AttentionMask
+from jdpo.models.moe import SparseMoE
 from jdpo.models.options import PROJECTIONS, LoRASpec, ModelOptions
 from jdpo.models.rope import rope_tables
 from jdpo.parallel.sharding import constrain
@@ -51,16 +52,26 @@ class Transformer(nnx.Module):
         self.attention_reason = choice.reason  # what the run log says about the kernel
         c, dtype, param_dtype = config, options.dtype, options.param_dtype
         self.embed_tokens = Embedding(c, param_dtype=param_dtype, rngs=rngs)
+
+        def make_layer(moe: bool, rngs):
+            return DecoderLayer(c, options, rngs=rngs, mlp=SparseMoE(c, options, rngs=rngs) if moe else None)
+
+        experts = c.expert_layers
         if options.scan_layers:
+            if len(set(experts)) > 1:  # one scanned body: every layer the same kind
+                raise ConfigError(
+                    f"model.scan_layers: {c.family}'s layers mix experts and dense MLPs (layers "
+                    f"{[i for i, e in enumerate(experts) if not e]} are dense); set model.scan_layers: false"
+                )
 
             @nnx.split_rngs(splits=c.num_layers)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def make_stack(rngs):
-                return DecoderLayer(c, options, rngs=rngs)
+                return make_layer(experts[0], rngs)
 
             self.layers = make_stack(rngs)
         else:
-            self.layers = nnx.List([DecoderLayer(c, options, rngs=rngs) for _ in range(c.num_layers)])
+            self.layers = nnx.List([make_layer(moe, rngs) for moe in experts])
         self.norm = RMSNorm(
             c.hidden_size, eps=c.rms_norm_eps, offset=c.norm_offset, dtype=dtype, param_dtype=param_dtype
         )
@@ -92,6 +103,11 @@ class Transformer(nnx.Module):
     def hidden_states(self, input_ids_BxT, positions_BxT=None, segment_ids_BxT=None, dropout_key=None):
         """Final hidden states [B, T, D] in the compute dtype, final norm applied. `dropout_key`: a
         training forward with LoRA dropout (layer i's projections fold in i, then their site)."""
+        return self.hidden_and_router(input_ids_BxT, positions_BxT, segment_ids_BxT, dropout_key)[0]
+
+    def hidden_and_router(self, input_ids_BxT, positions_BxT=None, segment_ids_BxT=None, dropout_key=None):
+        """`hidden_states` and the MoE layers' router statistics over the real tokens (`moe.router_stats`
+        stacked over the MoE layers: counts, probs [Lm, E], tokens [Lm]; None for a dense model)."""
         c = self.config
         B, T = input_ids_BxT.shape
         if positions_BxT is None:
@@ -111,22 +127,26 @@ class Transformer(nnx.Module):
         policy = self.options.remat
         if self.options.scan_layers:
             graphdef, state = nnx.split(self.layers)
-            body = remat(lambda x, xs: (layer_fn(graphdef, *xs[:1], x, *xs[1:]), None), policy)
+            body = remat(lambda x, xs: layer_fn(graphdef, *xs[:1], x, *xs[1:]), policy)
             xs = (
                 state,
                 jnp.asarray(flags),
                 jnp.asarray(rope_index),
                 jnp.arange(c.num_layers, dtype=jnp.int32),
             )
-            x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, xs)
+            x_BxTxD, stats = jax.lax.scan(body, x_BxTxD, xs)
         else:
+            per_layer = []
             for i, (layer, is_sliding, rope) in enumerate(zip(self.layers, flags, rope_index, strict=True)):
                 graphdef, state = nnx.split(layer)
                 fn = remat(
                     lambda s, x, gd=graphdef, f=is_sliding, r=rope, i=i: layer_fn(gd, s, x, f, r, i), policy
                 )
-                x_BxTxD = fn(state, x_BxTxD)
-        return self.norm(x_BxTxD)
+                x_BxTxD, layer_stats = fn(state, x_BxTxD)
+                per_layer.append(layer_stats)
+            moe = [s for s in per_layer if s is not None]
+            stats = jax.tree.map(lambda *xs: jnp.stack(xs), *moe) if moe else None
+        return self.norm(x_BxTxD), stats
 
     def unembedding(self):
         """Unembedding [D, V] in the compute dtype (tied: the embedding matrix transposed)."""

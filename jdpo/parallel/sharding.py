@@ -15,7 +15,9 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# "expert": MoE experts sharded over it (expert parallelism, `jdpo.models.expert_parallel`); it also
+# splits the batch rows, so the layers around the experts run data-parallel over it.
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 # logical name -> mesh axis, tuple of mesh axes, or None (replicated).
 # Parameters: the model dimension is split over fsdp (ZeRO-3 style: gathered per layer in the forward),
@@ -31,8 +33,9 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "norm": None,
     "layers": None,
+    "expert": "expert",
     # activations
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),
     "length": None,
     "act_embed": None,
     "act_heads": "tensor",
@@ -42,15 +45,16 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, *, devices=None) -> Mesh:
-    """A ("data", "fsdp", "tensor") mesh with explicit-free (Auto) axis types.
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, *, expert: int = 1, devices=None) -> Mesh:
+    """A ("data", "fsdp", "tensor", "expert") mesh with explicit-free (Auto) axis types.
 
     One of the sizes may be -1, meaning "all remaining devices" (e.g. `make_mesh(fsdp=-1)`).
     """
     devices = list(jax.devices() if devices is None else devices)
-    shape = [data, fsdp, tensor]
+    shape = [data, fsdp, tensor, expert]
     if shape.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+        raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor} "
+                         f"expert={expert}")  # fmt: skip
     if -1 in shape:
         known = int(np.prod([s for s in shape if s != -1]))
         if len(devices) % known:
@@ -61,7 +65,9 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, *, devices=None) ->
         raise ValueError(
             f"mesh {dict(zip(MESH_AXES, shape, strict=True))} needs {total} devices, have {len(devices)}"
         )
-    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices[:total])
+    return jax.make_mesh(
+        tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices[:total]
+    )
 
 
 def _axes(rule) -> tuple[str, ...]:
@@ -91,8 +97,8 @@ def logical_to_spec(
         if name is not None and name not in rules:
             raise KeyError(f"logical axis {name!r} has no rule in LOGICAL_AXIS_RULES")
         axes = [a for a in _axes(rules.get(name)) if a not in used]
-        if mesh is not None:
-            axes = [a for a in axes if mesh.shape[a] > 1]
+        if mesh is not None:  # (a mesh without an axis of the rules: size 1)
+            axes = [a for a in axes if dict(mesh.shape).get(a, 1) > 1]
         if shape is not None and mesh is not None and axes:
             if shape[i] % int(np.prod([mesh.shape[a] for a in axes])):
                 axes = []  # replicate a dimension that does not divide (see module docstring)
@@ -107,7 +113,7 @@ def named_sharding(mesh: Mesh, names: Sequence[str | None] | None, shape: Sequen
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, *, accum: bool = False) -> NamedSharding:
-    """Rows over ("data", "fsdp"), every other dimension replicated: for [B, T, ...] batch arrays; with
+    """Rows over ("data", "fsdp", "expert"), every other dimension replicated: for [B, T, ...] batch arrays; with
     `accum` a leading micro-batch axis [A, B, T, ...] that is not sharded."""
     spec = logical_to_spec(("batch",) + (None,) * (ndim - 1), mesh=mesh)
     return NamedSharding(mesh, PartitionSpec(None, *spec) if accum else spec)

@@ -28,7 +28,7 @@ from jdpo.scoring import batch_loss
 
 
 def pair_logprobs(
-    model: Any, batch: Batch, *, chunk_size: int = 1024, dropout_key=None
+    model: Any, batch: Batch, *, chunk_size: int = 1024, dropout_key=None, router_stats: bool = False
 ) -> dict[str, jax.Array]:
     """Summed completion log-probs and token counts of every pair slot of a packed batch.
 
@@ -42,11 +42,15 @@ def pair_logprobs(
       model: a `jdpo.models.Transformer` (inside jit: merged from graphdef + params).
       batch: a `Batch` ([B, T] token arrays, pair_ids [B, P]).
       dropout_key: the training policy forward's key for LoRA dropout (None: no dropout).
+      router_stats: also return an MoE model's router statistics under "router" (the train step's
+        policy forward: `Transformer.hidden_and_router`).
     Returns `chosen`, `rejected` [B, P] float32 summed log-probs and `chosen_counts`,
     `rejected_counts` [B, P] float32 completion token counts (0 in empty slots).
     """
     P = batch.pair_ids.shape[1]
-    hidden_BxTxD = model.hidden_states(batch.input_ids, batch.positions, batch.segment_ids, dropout_key)
+    hidden_BxTxD, router = model.hidden_and_router(
+        batch.input_ids, batch.positions, batch.segment_ids, dropout_key
+    )
     logp_BxT = logprobs.token_logprobs_from_hidden(
         hidden_BxTxD,
         model.unembedding(),
@@ -58,12 +62,15 @@ def pair_logprobs(
         row_groups=batch_shards(batch.input_ids.shape[0]),
     )
     logps_BxS, counts_BxS = logprobs.segment_logprobs(logp_BxT, batch.loss_mask, batch.segment_ids, 2 * P)
-    return {
+    out = {
         "chosen": logps_BxS[:, 0::2],
         "rejected": logps_BxS[:, 1::2],
         "chosen_counts": counts_BxS[:, 0::2].astype(jnp.float32),
         "rejected_counts": counts_BxS[:, 1::2].astype(jnp.float32),
     }
+    if router_stats:
+        out["router"] = router
+    return out
 
 
 @dataclasses.dataclass

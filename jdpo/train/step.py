@@ -34,6 +34,7 @@ from jdpo.parallel.sharding import batch_sharding, jit_on_mesh
 from jdpo.scoring.batch_loss import slot_losses, step_means
 from jdpo.scoring.forward import pair_logprobs
 from jdpo.train import beta_schedule, reference_update
+from jdpo.train.router_loss import MoESettings
 from jdpo.train.state import TrainState
 
 
@@ -75,6 +76,8 @@ class StepSettings:
     chunk_size: int = LOGPROB_CHUNK
     # LoRA (`jdpo.models.lora`): the frozen base as (treedef, leaves); the params above are then the adapters.
     abstract_base: tuple | None = None
+    # A mixture-of-experts model's router terms (`jdpo.train.router_loss`); None: a dense model.
+    moe: MoESettings | None = None
 
     def params_like(self):
         return jax.tree.unflatten(*self.abstract_params)
@@ -95,14 +98,20 @@ def _model(s: StepSettings, params, base=None):
     return nnx.merge(s.graphdef, params) if base is None else nnx.merge(s.graphdef, params, base)
 
 
-def _micro_loss(s: StepSettings, params, ref_params, base, batch: Batch, moments, dropout_key, beta=None):
+def _micro_loss(
+    s: StepSettings, params, ref_params, base, batch: Batch, moments, dropout_key, beta=None, aux_weight=None
+):
     """Summed per-slot loss of one micro-batch, and (the sums its metrics are made of, with the slot count
     in "pairs"; BCO's running moments after it, None when the loss keeps none). Sums, not means: the
     caller divides by the step's total count once. With LoRA the online reference is the frozen base
     with the reference adapters (no second copy of the base). `dropout_key` drives LoRA dropout in the
     policy forward only (the reference is deterministic). `beta`: the state's (adaptive schedule),
-    traced; then the sums also hold the completions' log-ratio sum and count (KL_SUMS)."""
-    out = pair_logprobs(_model(s, params, base), batch, chunk_size=s.chunk_size, dropout_key=dropout_key)
+    traced; then the sums also hold the completions' log-ratio sum and count (KL_SUMS). An MoE model's
+    policy forward adds its router terms (`MoESettings.micro_terms`, `aux_weight` its multiplier)."""
+    out = pair_logprobs(
+        _model(s, params, base), batch, chunk_size=s.chunk_size, dropout_key=dropout_key,
+        router_stats=s.moe is not None,
+    )  # fmt: skip
     if s.reference == "online":
         ref = pair_logprobs(_model(s, ref_params, base), batch, chunk_size=s.chunk_size)
         ref_c, ref_r = jax.lax.stop_gradient(ref["chosen"]), jax.lax.stop_gradient(ref["rejected"])
@@ -122,7 +131,12 @@ def _micro_loss(s: StepSettings, params, ref_params, base, batch: Batch, moments
         )  # fmt: skip
     sums["loss"] = jnp.sum(loss_BxP)
     sums["pairs"] = jnp.sum(valid_BxP)
-    return sums["loss"], (sums, moments)
+    objective = sums["loss"]
+    if s.moe is not None:
+        aux_term, router_sums = s.moe.micro_terms(out["router"], aux_weight)
+        objective = objective + aux_term
+        sums.update(router_sums)
+    return objective, (sums, moments)
 
 
 STATE_FINITE = "state_finite"  # a train-step output, not a logged metric
@@ -168,7 +182,8 @@ def _train_step_fn(s: StepSettings, tx, schedule, param_sh) -> Callable:
     def train_step(state, batch):
         params, ref_params, base = state.params, state.ref_params, state.base
         beta = state.beta  # None: dpo.beta, a constant of the compiled step
-        grad_fn = jax.grad(functools.partial(_micro_loss, s), has_aux=True)
+        aux_weight = None if s.moe is None else s.moe.aux_weight(batch)
+        grad_fn = jax.grad(functools.partial(_micro_loss, s, aux_weight=aux_weight), has_aux=True)
 
         # LoRA dropout's key of micro-batch i: the step's key (state.rng, advanced every step) with i
         # folded in, so a resumed run draws the same masks.
@@ -193,7 +208,7 @@ def _train_step_fn(s: StepSettings, tx, schedule, param_sh) -> Callable:
             grads = jax.tree.map(lambda x: x.astype(jnp.float32), g)
         else:
             sums_shape = jax.eval_shape(
-                lambda: _micro_loss(s, params, ref_params, base, first, moments0, step_key, beta)[1][0]
+                lambda: _micro_loss(s, params, ref_params, base, first, moments0, step_key, beta, aux_weight)[1][0]
             )
             carry0 = (
                 jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
@@ -207,6 +222,8 @@ def _train_step_fn(s: StepSettings, tx, schedule, param_sh) -> Callable:
         grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grads, params)
         grads = jax.lax.with_sharding_constraint(grads, param_sh)
         updates, opt_state = tx.update(grads, state.opt_state, params)
+        if s.moe is not None:
+            updates = s.moe.freeze(updates)
         new_params = optax.apply_updates(params, updates)
         # The RNG advances every step so that anything stochastic in the step (LoRA dropout) gets fresh,
         # checkpointed randomness; the built-in losses use none.
@@ -214,7 +231,11 @@ def _train_step_fn(s: StepSettings, tx, schedule, param_sh) -> Callable:
         new_state = state.replace(params=new_params, opt_state=opt_state, step=state.step + 1, rng=rng,
                                   bco_moments=moments)  # fmt: skip
         kl_sum, kl_count = (sums.pop(k, None) for k in KL_SUMS)
+        router = {} if s.moe is None else s.moe.metrics(sums, A)
         out = step_means(s.loss, sums)
+        out.update(router)
+        if router and s.moe.aux_loss_coef > 0:
+            out["loss"] = out["loss"] + s.moe.aux_loss_coef * router["aux_loss"]
         if beta is not None:
             kl = kl_sum / jnp.maximum(kl_count, 1.0)
             new_state = new_state.replace(beta=beta_schedule.adaptive_beta(beta, kl, *s.loss.adaptive_beta))

@@ -50,6 +50,7 @@ from jdpo.train.reference import Reference, cache_dir_of, initial_reference_para
 from jdpo.train.reference_update import UpdateSchedule
 from jdpo.train.resume import RunCheckpoints, RunMeta
 from jdpo.train.run_data import OfflineData, check_batch_rows, decide_shared_prompt, layout_key
+from jdpo.train.router_loss import moe_settings
 from jdpo.train.runlock import RunLock
 from jdpo.train.state import frozen_parts, initial_state
 from jdpo.train.step import StepSettings, compiled_steps
@@ -102,6 +103,7 @@ class Trainer:
             best_maximize=None if self.best is None else self.best.maximize,
         )
         self.hf_model_config = ModelConfig.from_hf(c.model.path)  # a bad config.json, named, first
+        self.moe = moe_settings(c, self.hf_model_config)
         self.tokenizer = _tokenizer(c.model.path)
         # The data before the model: a bad line or an empty split costs seconds, not a model load.
         shared_prompt = decide_shared_prompt(c, self.hf_model_config)
@@ -113,6 +115,7 @@ class Trainer:
             graphdef=self.graphdef, mesh=self.mesh, abstract_params=_flat(params), loss=c.dpo.loss_spec(),
             reference=c.dpo.reference, ref_update_alpha=c.dpo.ref_update_alpha, optim=c.optim,
             total_steps=self.data.total_steps, abstract_base=None if base is None else _flat(base),
+            moe=self.moe,
         )  # fmt: skip
         self.steps = compiled_steps(self.settings)
         self.reference_updates = UpdateSchedule(c.dpo, c.train, self.data.total_steps)
@@ -341,10 +344,12 @@ class Trainer:
 
 def _mesh(c: Config):
     try:
-        return make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+        return make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, expert=c.mesh.expert)
     except ValueError as e:
         m = c.mesh
-        raise ConfigError(f"mesh.data={m.data} mesh.fsdp={m.fsdp} mesh.tensor={m.tensor}: {e}") from None
+        raise ConfigError(
+            f"mesh.data={m.data} mesh.fsdp={m.fsdp} mesh.tensor={m.tensor} mesh.expert={m.expert}: {e}"
+        ) from None
 
 
 def _tokenizer(path: str):

@@ -1,0 +1,106 @@
+"""The mixture-of-experts MLP (qwen3_moe, mixtral): a float32 top-k router and E gated experts as stacked
+kernels, dispatched without computing every expert for every token.
+
+Parameter layouts (x @ W convention, experts stacked on a leading [E] axis, logical name "expert"):
+  router.kernel [D, E]   experts.gate_proj / experts.up_proj [E, D, F]   experts.down_proj [E, F, D]
+
+Dispatch (`ModelOptions.moe_dispatch`):
+  "ragged" (default, dropless): the M x k (token, expert) assignments are sorted by expert, gathered into
+  one [M k, D] array and run by `jax.lax.ragged_dot` (a grouped matmul: rows of group e times expert e's
+  kernel), then unsorted and combined with the router's weights. No capacity, no dropped token; the cost
+  is k experts per token.
+  "dense": every expert on every token, combined with one-hot weights (E / k times the FLOPs; the
+  reference the ragged path is tested against and the bench's baseline).
+With a mesh whose "expert" axis is > 1 the experts are sharded over it (`jdpo.models.expert_parallel`).
+
+The router also returns per-layer statistics of the real (non-padding) tokens, from which the
+load-balancing loss and the expert load are computed (`jdpo.losses.router`).
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jdpo.models.config import ModelConfig
+from jdpo.models.dispatch import DISPATCH
+from jdpo.models.expert_parallel import expert_axis_size, sharded_experts
+from jdpo.models.layers import _param
+from jdpo.models.options import ModelOptions
+
+class Router(nnx.Module):
+    """Top-k routing in float32: softmax over the E logits, the k largest, renormalised when asked."""
+
+    def __init__(self, config: ModelConfig, options: ModelOptions, *, rngs: nnx.Rngs):
+        D, E = config.hidden_size, config.num_experts
+        self.kernel = _param(
+            rngs.params(), (D, E), ("embed", None), options.param_dtype, "normal", config.initializer_range
+        )
+        self.k, self.normalise = config.experts_per_token, config.norm_topk_prob
+        self.frozen = options.freeze_router
+
+    def __call__(self, x_MxD):
+        """(probabilities [M, E], chosen experts [M, k] int32, their weights [M, k]), all float32."""
+        kernel_DxE = self.kernel[...].astype(jnp.float32)
+        if self.frozen:  # model.freeze_router: no gradient reaches the router (the step leaves it as is)
+            kernel_DxE = jax.lax.stop_gradient(kernel_DxE)
+        logits_MxE = jnp.dot(x_MxD.astype(jnp.float32), kernel_DxE, precision=jax.lax.Precision.HIGHEST)
+        probs_MxE = jax.nn.softmax(logits_MxE, axis=-1)
+        weights_MxK, experts_MxK = jax.lax.top_k(probs_MxE, self.k)
+        if self.normalise:
+            weights_MxK = weights_MxK / jnp.sum(weights_MxK, axis=-1, keepdims=True)
+        return probs_MxE, experts_MxK.astype(jnp.int32), weights_MxK
+
+
+class Experts(nnx.Module):
+    """E gated MLPs as stacked kernels."""
+
+    def __init__(self, config: ModelConfig, options: ModelOptions, *, rngs: nnx.Rngs):
+        D, E, F = config.hidden_size, config.num_experts, config.moe_intermediate_size
+        kw = dict(param_dtype=options.param_dtype, init="normal", std=config.initializer_range)
+        self.gate_proj = _param(rngs.params(), (E, D, F), ("expert", "embed", "mlp"), **kw)
+        self.up_proj = _param(rngs.params(), (E, D, F), ("expert", "embed", "mlp"), **kw)
+        self.down_proj = _param(rngs.params(), (E, F, D), ("expert", "mlp", "embed"), **kw)
+
+    def kernels(self, dtype):
+        return tuple(p[...].astype(dtype) for p in (self.gate_proj, self.up_proj, self.down_proj))
+
+
+def _activation(name: str):
+    return jax.nn.silu if name == "silu" else (lambda x: jax.nn.gelu(x, approximate=True))
+
+
+def router_stats(probs_MxE, experts_MxK, valid_M):
+    """Sums over the real tokens of one layer: `counts` [E] (top-k assignments per expert), `probs` [E]
+    (router probability per expert) and `tokens` [] (how many real tokens)."""
+    v_M = valid_M.astype(jnp.float32)
+    assigned_MxE = jnp.sum(jax.nn.one_hot(experts_MxK, probs_MxE.shape[-1], dtype=jnp.float32), axis=1)
+    return {
+        "counts": jnp.einsum("ME,M->E", assigned_MxE, v_M),
+        "probs": jnp.einsum("ME,M->E", probs_MxE, v_M),
+        "tokens": jnp.sum(v_M),
+    }
+
+
+class SparseMoE(nnx.Module):
+    """The MoE block in place of a layer's MLP: `(y [B, T, D], router statistics)`."""
+
+    def __init__(self, config: ModelConfig, options: ModelOptions, *, rngs: nnx.Rngs):
+        self.router = Router(config, options, rngs=rngs)
+        self.experts = Experts(config, options, rngs=rngs)
+        self.num_experts, self.act_name = config.num_experts, config.hidden_act
+        self.dtype, self.dispatch = options.dtype, options.moe_dispatch
+
+    def __call__(self, x_BxTxD, dropout_key=None, valid_BxT=None):
+        """`valid_BxT`: the real tokens (segment id != 0), the ones the statistics count; None: all."""
+        del dropout_key  # LoRA dropout applies to adapted Dense projections; the experts have none
+        B, T, D = x_BxTxD.shape
+        x_MxD = x_BxTxD.reshape(B * T, D)
+        probs_MxE, experts_MxK, weights_MxK = self.router(x_MxD)
+        kernels = self.experts.kernels(self.dtype)
+        act = _activation(self.act_name)
+        if expert_axis_size() > 1:
+            y_MxD = sharded_experts(x_MxD, experts_MxK, weights_MxK, kernels, act, self.num_experts)
+        else:
+            y_MxD = DISPATCH[self.dispatch](x_MxD, experts_MxK, weights_MxK, kernels, act, self.num_experts)
+        valid_M = jnp.ones((B * T,), bool) if valid_BxT is None else valid_BxT.reshape(-1) != 0
+        return y_MxD.reshape(B, T, D).astype(self.dtype), router_stats(probs_MxE, experts_MxK, valid_M)

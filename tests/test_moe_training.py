@@ -1,0 +1,156 @@
+"""Training mixture-of-experts models (issue 29): the router's load-balancing loss equals transformers'
+`aux_loss` on the same padded batch, enters the train step's loss (never the reference's) with its
+metrics, `model.freeze_router` leaves the router bitwise unchanged, a resumed MoE run is bit-identical,
+and experts sharded over `mesh.expert` (data 2 x expert 4 of 8 CPU devices) train like one device."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import logged_records, one_device, run_config
+from helpers import train_steps as steps
+
+from jdpo.errors import ConfigError
+from jdpo.losses.router import load_balancing_loss
+from jdpo.models import ModelConfig, from_pretrained, init_model, load_tokenizer, save_pretrained
+from jdpo.parallel.sharding import make_mesh
+from jdpo.train import trainer as train
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def moe_assets(assets, tmp_path_factory):
+    """The tiny task with a random qwen3_moe model (4 experts, top 2; the checkpoint's coefficient 0.02)
+    in place of the dense one."""
+    tokenizer = load_tokenizer(str(assets.model_dir))
+    dense = ModelConfig.from_hf(assets.model_dir)
+    config = dataclasses.replace(
+        dense, family="qwen3_moe", qk_norm=True, num_experts=4, experts_per_token=2, moe_intermediate_size=32,
+        norm_topk_prob=True, router_aux_loss_coef=0.02,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("moe_model")
+    save_pretrained(init_model(config, seed=1), path, tokenizer=tokenizer)
+    return dataclasses.replace(assets, model_dir=path)
+
+
+def make_config(assets, out, **overrides):
+    return run_config(assets, out, **{"train.max_steps": 3, "train.log_every": 1, "train.export": False,
+                                      **overrides})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "model_type,overrides",
+    [
+        ("qwen3_moe", dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=16, mlp_only_layers=[1])),
+        ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+    ],
+)
+def test_aux_loss_equals_transformers(model_type, overrides, tmp_path):
+    """On right-padded rows: transformers weights each layer's rows by the attention mask (padding out)
+    and pools the MoE layers; jdpo's statistics count the tokens of segment != 0 the same way."""
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(
+        model_type, vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, **overrides,
+    )  # fmt: skip
+    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # routers far from uniform
+    hf.save_pretrained(tmp_path)
+    ids = np.random.RandomState(0).randint(0, 64, (3, 10))
+    mask = (np.arange(10)[None] < np.array([[10], [6], [3]])).astype(np.int64)
+    with torch.no_grad():
+        want = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                  output_router_logits=True).aux_loss.item()  # fmt: skip
+    model, _ = from_pretrained(tmp_path)
+    _, stats = model.hidden_and_router(jnp.asarray(ids, jnp.int32), segment_ids_BxT=jnp.asarray(mask, jnp.int32))
+    assert stats["counts"].shape == (1 if model_type == "qwen3_moe" else 2, config.num_local_experts)
+    got = float(load_balancing_loss(stats["counts"], stats["probs"], stats["tokens"]))
+    assert got == pytest.approx(want, rel=1e-5)
+    # padding counts: the unmasked loss differs
+    _, all_rows = model.hidden_and_router(jnp.asarray(ids, jnp.int32))
+    assert float(load_balancing_loss(all_rows["counts"], all_rows["probs"], all_rows["tokens"])) != pytest.approx(got)
+
+
+def test_aux_loss_enters_the_training_loss_with_its_metrics(moe_assets, tmp_path):
+    """The coefficient defaults to the checkpoint's (0.02): step 1's loss is ln 2 (policy == reference)
+    plus 0.02 x aux_loss (the reference pass has none: its log-probs equal the policy's)."""
+    tr = train.Trainer(make_config(moe_assets, tmp_path / "a"), mesh=one_device())
+    assert tr.moe.aux_loss_coef == 0.02
+    first, second = steps(tr, 2)
+    assert first["aux_loss"] > 0 and first["moe/expert_load_max"] >= 1.0 >= first["moe/expert_load_min"] >= 0
+    assert first["loss"] == pytest.approx(math.log(2) + 0.02 * first["aux_loss"], abs=1e-6)
+
+
+def _router_and_experts(tr):
+    model = tr.model()
+    return np.asarray(model.layers[0].mlp.router.kernel[...]), np.asarray(model.layers[0].mlp.experts.up_proj[...])
+
+
+def test_freeze_router_leaves_the_router_bitwise_unchanged(moe_assets, tmp_path):
+    over = {"model.router_aux_loss_coef": 0.1, "optim.weight_decay": 0.1}
+    frozen = train.Trainer(make_config(moe_assets, tmp_path / "f", **over, **{"model.freeze_router": True}),
+                           mesh=one_device())  # fmt: skip
+    router0, experts0 = _router_and_experts(frozen)
+    steps(frozen, 2)
+    router1, experts1 = _router_and_experts(frozen)
+    assert np.array_equal(router0, router1) and not np.array_equal(experts0, experts1)
+    free = train.Trainer(make_config(moe_assets, tmp_path / "u", **over), mesh=one_device())
+    steps(free, 1)
+    assert not np.array_equal(_router_and_experts(free)[0], router0)  # the test can fail
+
+
+def test_moe_settings_refused_on_a_dense_model(assets, tmp_path):
+    for over, field in [({"model.freeze_router": True}, "model.freeze_router=True"),
+                        ({"mesh.expert": 2, "mesh.fsdp": 1}, "mesh.expert=2")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=f"{field}: model.path=.* is a dense llama model"):
+            train.Trainer(make_config(assets, tmp_path / "d", **over), mesh=one_device())
+
+
+def test_resume_of_an_moe_run_is_bit_identical(moe_assets, tmp_path):
+    over = {"train.max_steps": 4, "train.save_every": 2, "model.router_aux_loss_coef": 0.05}
+    full = train.run(make_config(moe_assets, tmp_path / "full", **over), mesh=one_device())
+    cfg = make_config(moe_assets, tmp_path / "resumed", **over)
+    first = train.run(cfg, callbacks=[lambda m: m["step"] == 2], mesh=one_device())
+    assert first.step == 2
+    result = train.Trainer(cfg, mesh=one_device()).fit()
+    want, got = logged_records(full.metrics_path), logged_records(result.metrics_path)
+    assert [r["step"] for r in got if "aux_loss" in r] == [1, 2, 3, 4]
+    assert got == want
+
+
+def test_expert_sharded_forward_matches_one_device(moe_assets):
+    """The MoE forward and its router statistics with the experts sharded over expert 4 x data 2."""
+    model, _ = from_pretrained(moe_assets.model_dir)
+    ids = jnp.asarray(np.random.RandomState(0).randint(1, 100, (8, 12)), jnp.int32)
+    segments = jnp.asarray(np.arange(12)[None] < np.arange(5, 13)[:, None], jnp.int32)
+    want_h, want_stats = model.hidden_and_router(ids, segment_ids_BxT=segments)
+    mesh = make_mesh(2, 1, 1, expert=4)
+    sharded, _ = from_pretrained(moe_assets.model_dir, mesh=mesh)
+    with jax.set_mesh(mesh):
+        got_h, got_stats = jax.jit(lambda i, s: sharded.hidden_and_router(i, segment_ids_BxT=s))(ids, segments)
+    np.testing.assert_allclose(got_h, want_h, atol=1e-5)
+    for k in want_stats:
+        np.testing.assert_allclose(got_stats[k], want_stats[k], rtol=1e-6)
+
+
+@pytest.mark.slow  # 30 s; the sharded forward above is the fast check
+def test_expert_parallel_run_matches_one_device(moe_assets, tmp_path):
+    """data 2 x expert 4: each device holds one expert and a quarter of each data shard's rows."""
+    over = {"model.router_aux_loss_coef": 0.05, "mesh.data": 2, "mesh.fsdp": 1, "mesh.expert": 4}
+    single = steps(train.Trainer(make_config(moe_assets, tmp_path / "one", **over), mesh=one_device()), 3)
+    sharded_tr = train.Trainer(make_config(moe_assets, tmp_path / "ep", **over), mesh=make_mesh(2, 1, 1, expert=4))
+    kernel = sharded_tr.state.params["layers"][0]["mlp"]["experts"]["up_proj"].get_value()
+    assert kernel.sharding.shard_shape(kernel.shape)[0] == 1  # one expert per device
+    sharded = steps(sharded_tr, 3)
+    for a, b in zip(single, sharded, strict=True):
+        for k in ("loss", "aux_loss", "grad_norm", "moe/expert_load_max", "rewards/margins"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
