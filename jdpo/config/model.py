@@ -47,6 +47,11 @@ class ModelSection:
         "aux_loss); unset: the checkpoint's router_aux_loss_coef, else 0.",
     )
     freeze_router: bool = setting(False, "MoE models: no gradient and no update reach the router weights.")
+    moe_dispatch: Literal["ragged", "dense"] = setting(
+        "ragged",
+        "MoE models: ragged (tokens sorted by expert, grouped matmuls, dropless) or dense (every expert on "
+        "every token, one-hot combine: E / k times the expert FLOPs; a baseline).",
+    )
 
 
 def check_model(model: ModelSection) -> None:

@@ -4,6 +4,7 @@ field table behind `jdpo train --help`."""
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -67,4 +68,6 @@ def _type_name(tp: Any) -> str:
         return "{" + ",".join(map(str, typing.get_args(tp))) + "}"
     if typing.get_origin(tp) is tuple:
         return f"list[{typing.get_args(tp)[0].__name__}]"
+    if typing.get_origin(tp) is types.UnionType:  # X | None
+        return " | ".join(a.__name__ if a is not type(None) else "none" for a in typing.get_args(tp))
     return tp.__name__

@@ -65,6 +65,7 @@ class ModelOptions:
             attention=section.attention,
             attention_block=section.attention_block,
             freeze_router=section.freeze_router,
+            moe_dispatch=section.moe_dispatch,
         )
 
 
