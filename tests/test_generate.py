@@ -43,6 +43,10 @@ CONFIGS.update(
     ),
     smollm3=tiny_hf_config("llama", model_type="smollm3", vocab_size=V, no_rope_layers=[0, 1]),
     phi3=tiny_hf_config("llama", model_type="phi3", vocab_size=V, sliding_window=4),
+    # mixtures of experts (issue 29): a dense layer among the MoE ones, a sliding window on every layer
+    qwen3_moe=tiny_hf_config("qwen3", model_type="qwen3_moe", vocab_size=V, num_experts=4, num_experts_per_tok=2,
+                             moe_intermediate_size=16, mlp_only_layers=[0]),
+    mixtral=tiny_hf_config("llama", model_type="mixtral", vocab_size=V, num_local_experts=4, sliding_window=4),
 )
 PROMPTS = [np.array([1, 17, 99, 4, 250, 31, 77], np.int32), np.array([1, 5], np.int32), np.arange(1, 12)]
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0)
@@ -80,7 +84,8 @@ def _full_logits(model, prompts, tokens_BxN):
 @pytest.mark.parametrize(
     "name,scan",
     [("llama", False), ("gemma2", False), ("qwen3", False), ("gemma2", True), ("gemma3_text", False),
-     ("gemma3_text", True), ("olmo3", True), ("smollm3", True), ("phi3", False)],
+     ("gemma3_text", True), ("olmo3", True), ("smollm3", True), ("phi3", False), ("qwen3_moe", False),
+     ("mixtral", True)],
 )  # fmt: skip
 def test_cache_equals_full_recomputation(name, scan):
     model = tiny_model(name, scan_layers=scan)
@@ -151,6 +156,7 @@ def test_sharded_generation_equals_one_device(llama_dir):
 # with its own RoPE base (the global one scaled).
 _HF_GENERATE = {
     "llama": dict(eos_token_id=2),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, eos_token_id=113),  # one row stops early
     "gemma3_text": dict(
         head_dim=8,
         sliding_window=4,
