@@ -154,3 +154,13 @@ def test_expert_parallel_run_matches_one_device(moe_assets, tmp_path):
     for a, b in zip(single, sharded, strict=True):
         for k in ("loss", "aux_loss", "grad_norm", "moe/expert_load_max", "rewards/margins"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+
+
+def test_lora_on_an_moe_model_adapts_the_attention_and_refuses_the_experts(moe_assets, tmp_path):
+    over = {"lora.rank": 4, "lora.targets": ["q_proj", "k_proj", "v_proj", "o_proj"], "train.max_steps": 1}
+    result = train.run(make_config(moe_assets, tmp_path / "lora", **over, **{"train.export": True}), mesh=one_device())
+    assert result.step == 1 and (result.final_dir / "adapter_model.safetensors").exists()
+    merged, config = from_pretrained(result.final_dir.parent / "final_merged")
+    assert config.num_experts == 4
+    with pytest.raises(ConfigError, match="lora.targets: 'gate_proj' on qwen3_moe is an MoE layer's experts'"):
+        train.Trainer(make_config(moe_assets, tmp_path / "experts", **{"lora.rank": 4}), mesh=one_device())

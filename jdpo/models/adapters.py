@@ -57,6 +57,13 @@ def model_targets(targets, config: ModelConfig, *, field: str = "lora.targets") 
     have = projection_shapes(config)
     out = set()
     for name in targets:
+        if config.num_experts and BLOCK.get(name) == "mlp":
+            raise ConfigError(
+                f"{field}: {name!r} on {config.family} is an MoE layer's experts' projection; jdpo has no "
+                "per-expert adapters (PEFT adapts transformers' fused expert parameters through "
+                "target_parameters, a layout jdpo does not write): adapt the attention, e.g. "
+                f"{field}: [q_proj, k_proj, v_proj, o_proj]"
+            )
         if name in have:
             out.add(name)
         elif name in FUSED_TARGETS and not config.fused_projections:

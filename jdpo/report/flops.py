@@ -50,10 +50,23 @@ def matmul_params(cfg: Any) -> int:
     """Parameters that take part in a matmul for every token: per layer the q/k/v/o projections and
     the gated MLP (3 matrices), plus the unembedding. The input embedding is a lookup (no FLOPs)
     and norms and biases are element-wise, so neither is counted. For Llama-3-8B this is
-    7,504,658,432 of its 8,030,261,248 parameters. ``cfg``: see :func:`_dims`."""
+    7,504,658,432 of its 8,030,261,248 parameters. ``cfg``: see :func:`_dims`; a mixture of experts counts
+    the experts a token runs (:func:`_mlp_matmul_params`)."""
     L, D, F, N, K, H, V = _dims(cfg)
-    per_layer = D * N * H + 2 * D * K * H + N * H * D + 3 * D * F
-    return L * per_layer + D * V
+    per_layer = D * N * H + 2 * D * K * H + N * H * D
+    return L * per_layer + _mlp_matmul_params(cfg, L, D, F) + D * V
+
+
+def _mlp_matmul_params(cfg: Any, L: int, D: int, F: int) -> int:
+    """The MLPs' matmul parameters per token: 3 D F a layer; an MoE layer (a `ModelConfig` with experts)
+    its router (D E) and the k experts a token runs (3 D F_e k), not all E: the active parameters, so the
+    MFU of an MoE model credits the work it does."""
+    experts = getattr(cfg, "expert_layers", None)
+    if not experts or not getattr(cfg, "num_experts", 0):
+        return L * 3 * D * F
+    moe = sum(experts)
+    routed = D * cfg.num_experts + 3 * D * cfg.moe_intermediate_size * cfg.experts_per_token
+    return (L - moe) * 3 * D * F + moe * routed
 
 
 def _attention_flops_per_key(cfg: Any) -> float:
