@@ -149,15 +149,15 @@ class _MeshShape:
     """Stands in for a jax Mesh in `logical_to_spec` (which reads only `.shape`): plans a mesh of any
     size without having its devices."""
 
-    def __init__(self, data: int, fsdp: int, tensor: int):
-        self.shape = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    def __init__(self, data: int, fsdp: int, tensor: int, expert: int = 1):
+        self.shape = {"data": data, "fsdp": fsdp, "tensor": tensor, "expert": expert}
 
 
 def resolve_mesh(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
     """(data, fsdp, tensor) with the one -1 axis filled from `num_devices` (as `sharding.make_mesh`)."""
     shape = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
-    if -1 in shape:
-        known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:  # mesh.expert (MoE) is one more fixed axis
+        known = math.prod(s for s in shape if s != -1) * mesh_cfg.expert
         if num_devices % known:
             raise ValueError(f"{num_devices} devices do not divide by the fixed mesh axes ({known})")
         shape[shape.index(-1)] = num_devices // known
@@ -226,6 +226,7 @@ class MemoryPlan:
     row_length: int  # T
     ref_cache_bytes: int | None  # host / disk, not on the device; None when the pair count is unknown
     num_pairs: int | None
+    expert: int = 1  # mesh.expert (MoE experts sharded over it; it also splits the rows)
 
     @property
     def total(self) -> int:
@@ -260,9 +261,26 @@ def target_backend(device: str) -> str | None:
     return None
 
 
+def _mlp_elements(c, tensor: int, expert: int) -> tuple[float, float]:
+    """(elements saved per token and layer by the MLP without remat, with dots_saveable), averaged over
+    the layers. Gated MLP: gate, up, act * up (3F; dots: 2F). MoE layer (`jdpo.models.moe`): the float32
+    router probabilities (E, in dtype units of 2 bytes: counted as 2E), and the dispatch buffers of the
+    k assignments per token, gathered from the X = mesh.expert devices of the expert group: the sorted
+    token copy, gate, up, act * up and the expert outputs, X k (2D + 3F_e) (dots: X k (D + 2F_e))."""
+    F, L = _split(c.intermediate_size, tensor), c.num_layers
+    moe = sum(c.expert_layers)
+    if not moe:
+        return 3 * F, 2 * F
+    D, Fe, k = c.hidden_size, _split(c.moe_intermediate_size, tensor), c.experts_per_token
+    full = expert * k * (2 * D + 3 * Fe) + 2 * c.num_experts
+    dots = expert * k * (D + 2 * Fe) + 2 * c.num_experts
+    return ((L - moe) * 3 * F + moe * full) / L, ((L - moe) * 2 * F + moe * dots) / L
+
+
 def activation_bytes_per_token(
-    model_config, *, remat: str, attention: str, row_length: int, dtype_bytes: int, tensor: int = 1
-):
+    model_config, *, remat: str, attention: str, row_length: int, dtype_bytes: int, tensor: int = 1,
+    expert: int = 1,
+):  # fmt: skip
     """(bytes saved per token for the whole layer stack, bytes of one layer's full set per token):
     the second is what a rematerialised layer holds again while it is recomputed. `attention` is the
     kernel (resolved, not auto): it decides whether a layer keeps N float32 log-sum-exps per token
@@ -272,11 +290,11 @@ def activation_bytes_per_token(
 
     c = model_config
     D, L = c.hidden_size, c.num_layers
-    N, K, F = _split(c.num_heads, tensor), _split(c.num_kv_heads, tensor), _split(c.intermediate_size, tensor)
-    H = c.head_dim
+    N, K, H = _split(c.num_heads, tensor), _split(c.num_kv_heads, tensor), c.head_dim
     extra = 2 * D if c.sandwich_norm else 0
     kv_heads = N if attention in REPEATS_KV else K
-    full_elems = 4 * D + 2 * N * H + 2 * kv_heads * H + 3 * F + extra
+    mlp_full, mlp_dots = _mlp_elements(c, tensor, expert)
+    full_elems = 4 * D + 2 * N * H + 2 * kv_heads * H + mlp_full + extra
     if attention in LSE_KERNELS:
         attn_state = N * 4  # float32 log-sum-exp per query head
     elif attention == "xla":
@@ -287,12 +305,12 @@ def activation_bytes_per_token(
     if remat == "none":
         per_layer = full_layer
     elif remat == "dots_saveable":
-        per_layer = (3 * D + N * H + 2 * K * H + 2 * F) * dtype_bytes
+        per_layer = (3 * D + N * H + 2 * K * H + mlp_dots) * dtype_bytes
     elif remat == "full":
         per_layer = D * dtype_bytes
     else:
         raise ValueError(f"remat must be none, dots_saveable or full, got {remat!r}")
-    return L * per_layer + 2 * D * dtype_bytes, (0 if remat == "none" else full_layer)
+    return int(L * per_layer + 2 * D * dtype_bytes), int(0 if remat == "none" else full_layer)
 
 
 def plan_memory(
@@ -314,7 +332,8 @@ def plan_memory(
     import optax
 
     data, fsdp, tensor = resolve_mesh(cfg.mesh, num_devices)
-    mesh = _MeshShape(data, fsdp, tensor)
+    expert = cfg.mesh.expert
+    mesh = _MeshShape(data, fsdp, tensor, expert)
     m = cfg.model
     dtype = jnp.dtype(m.dtype if m.dtype != "auto" else ("float32" if on_cpu else "bfloat16"))
     b = dtype.itemsize
@@ -353,12 +372,13 @@ def plan_memory(
     opt_bytes = int(sum(jax.tree.leaves(per_leaf)))
 
     T = cfg.data.row_length or 2 * cfg.data.max_length
-    rows_dp = data * fsdp
+    rows_dp = data * fsdp * expert  # the expert axis also splits the rows
     B = -(-cfg.train.batch_rows // rows_dp)
     kernel = resolve_attention(m.attention, model_config, backend="cpu" if on_cpu else backend).kernel
     saved, recompute = activation_bytes_per_token(
-        model_config, remat=m.remat, attention=kernel, row_length=T, dtype_bytes=b, tensor=tensor
-    )
+        model_config, remat=m.remat, attention=kernel, row_length=T, dtype_bytes=b, tensor=tensor,
+        expert=expert,
+    )  # fmt: skip
     if lora:  # each adapted projection also saves its rank-r intermediate x A
         L = model_config.num_layers
         saved += L * len(model_targets(cfg.lora.targets, model_config)) * cfg.lora.rank * b
@@ -374,7 +394,13 @@ def plan_memory(
     remat_note = {"none": f"no remat: all layer tensors + {attn_note}",
                   "dots_saveable": "remat dots_saveable: matmul outputs saved + one layer recomputed",
                   "full": "remat full: layer inputs saved + one layer recomputed"}[m.remat]  # fmt: skip
-    rows = [("parameters", param_bytes, f"{num_params:,} params, {m.param_dtype}")]
+    active = (
+        f" ({model_config.num_active_params():,} active: {model_config.experts_per_token} of "
+        f"{model_config.num_experts} experts, over expert={expert})"
+        if model_config.num_experts
+        else ""
+    )
+    rows = [("parameters", param_bytes, f"{num_params:,} params{active}, {m.param_dtype}")]
     if lora:
         base_dtype = (
             m.param_dtype
@@ -382,7 +408,7 @@ def plan_memory(
             else f"{cfg.lora.quantize} projections, {m.param_dtype} rest"
         )
         rows = [
-            ("base (frozen)", frozen_bytes, f"{num_all - num_params:,} params, {base_dtype}"),
+            ("base (frozen)", frozen_bytes, f"{num_all - num_params:,} params{active}, {base_dtype}"),
             ("adapters", param_bytes, f"{num_params:,} LoRA params (rank {cfg.lora.rank}), {m.param_dtype}"),
         ]
     rows += [
@@ -414,7 +440,7 @@ def plan_memory(
     ref_cache = (
         None if num_pairs is None or cfg.dpo.reference != "cached" else num_pairs * REF_CACHE_BYTES_PER_PAIR
     )
-    return MemoryPlan(rows, num_all, (data, fsdp, tensor), B, T, ref_cache, num_pairs)
+    return MemoryPlan(rows, num_all, (data, fsdp, tensor), B, T, ref_cache, num_pairs, expert)
 
 
 def human(n: float) -> str:
@@ -433,8 +459,9 @@ def fits(plan: MemoryPlan, device_bytes: int) -> bool:
 def format_plan(plan: MemoryPlan, *, device: str, device_bytes: int) -> str:
     """The table `jdpo plan` prints, with the verdict against one device's memory."""
     d, f, t = plan.mesh
+    x = f" expert={plan.expert}" if plan.expert > 1 else ""
     lines = [
-        f"memory per device, mesh data={d} fsdp={f} tensor={t} ({d * f * t} devices)",
+        f"memory per device, mesh data={d} fsdp={f} tensor={t}{x} ({d * f * t * plan.expert} devices)",
         f"{'part':<18}{'per device':>14}  how",
         "-" * 78,
     ]
