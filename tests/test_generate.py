@@ -44,9 +44,27 @@ CONFIGS.update(
     smollm3=tiny_hf_config("llama", model_type="smollm3", vocab_size=V, no_rope_layers=[0, 1]),
     phi3=tiny_hf_config("llama", model_type="phi3", vocab_size=V, sliding_window=4),
     # mixtures of experts (issue 29): a dense layer among the MoE ones, a sliding window on every layer
-    qwen3_moe=tiny_hf_config("qwen3", model_type="qwen3_moe", vocab_size=V, num_experts=4, num_experts_per_tok=2,
-                             moe_intermediate_size=16, mlp_only_layers=[0]),
-    mixtral=tiny_hf_config("llama", model_type="mixtral", vocab_size=V, num_local_experts=4, sliding_window=4),
+    qwen3_moe=tiny_hf_config(
+        "qwen3",
+        model_type="qwen3_moe",
+        vocab_size=V,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        mlp_only_layers=[0],
+    ),
+    mixtral=tiny_hf_config(
+        "llama", model_type="mixtral", vocab_size=V, num_local_experts=4, sliding_window=4
+    ),
+    gpt_oss=tiny_hf_config(
+        "llama",
+        model_type="gpt_oss",
+        vocab_size=V,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        head_dim=8,
+        sliding_window=3,
+    ),
 )
 PROMPTS = [np.array([1, 17, 99, 4, 250, 31, 77], np.int32), np.array([1, 5], np.int32), np.arange(1, 12)]
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0)
@@ -85,7 +103,7 @@ def _full_logits(model, prompts, tokens_BxN):
     "name,scan",
     [("llama", False), ("gemma2", False), ("qwen3", False), ("gemma2", True), ("gemma3_text", False),
      ("gemma3_text", True), ("olmo3", True), ("smollm3", True), ("phi3", False), ("qwen3_moe", False),
-     ("mixtral", True)],
+     ("mixtral", True), ("gpt_oss", False)],
 )  # fmt: skip
 def test_cache_equals_full_recomputation(name, scan):
     model = tiny_model(name, scan_layers=scan)

@@ -125,7 +125,10 @@ def test_model_options_from_the_config_section():
     fields = {f.name for f in dataclasses.fields(ModelOptions)}
     # lora comes from the run's `lora:` section (jdpo.models.lora.model_options), the rest from `model:`;
     # router_aux_loss_coef is the train step's (jdpo.train.router_loss), not the model's.
-    assert fields - {"lora"} == {f.name for f in dataclasses.fields(ModelSection)} - {"path", "router_aux_loss_coef"}
+    assert fields - {"lora"} == {f.name for f in dataclasses.fields(ModelSection)} - {
+        "path",
+        "router_aux_loss_coef",
+    }
     with pytest.raises(ValueError, match="remat must be one of"):
         ModelOptions(remat="some")
 

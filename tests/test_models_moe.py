@@ -1,6 +1,9 @@
-"""Mixture-of-experts families (issue 29: qwen3_moe, mixtral): logit parity with `transformers` in float32
-(every parameter moved off its init, right-padded rows), export back to `transformers`, parameter counts,
-the config readers' refusals, and the dropless ragged dispatch against every expert on every token."""
+"""Mixture-of-experts families (issue 29: qwen3_moe, mixtral, gpt_oss): logit parity with `transformers`
+in float32 (every parameter moved off its init, right-padded rows), export back to `transformers`,
+parameter counts, the config readers' refusals, and the dropless ragged dispatch against every expert
+on every token."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +16,8 @@ transformers = pytest.importorskip("transformers")
 from jdpo.errors import ConfigError  # noqa: E402
 from jdpo.models import ModelConfig, ModelOptions, from_pretrained, save_pretrained  # noqa: E402
 from jdpo.models.config import ModelConfigError  # noqa: E402
-from jdpo.models.dispatch import dense_experts, ragged_experts  # noqa: E402
+from jdpo.models.dispatch import dense_experts, expert_mlp, ragged_experts  # noqa: E402
+from jdpo.models.kernels import resolve_attention  # noqa: E402
 
 TOL = 1e-4
 B, T, V = 2, 12, 96
@@ -28,6 +32,12 @@ CASES = {
                                              mlp_only_layers=[1], norm_topk_prob=True)),
     "qwen3_moe": ("qwen3_moe", dict(num_experts=6, num_experts_per_tok=3, moe_intermediate_size=16)),
     "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=5)),
+    # sliding / full layers, attention sinks, biases, the clamped SwiGLU (a low limit so it clamps), YaRN
+    "gpt_oss": ("gpt_oss", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                                swiglu_limit=0.5, rope_parameters={
+                                    "rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                    "truncate": False, "original_max_position_embeddings": 8,
+                                    "rope_theta": 1e4})),
 }  # fmt: skip
 
 
@@ -65,7 +75,9 @@ def case(request, tmp_path_factory):
     model.save_pretrained(path)
     ids, mask = _inputs()
     n_params = sum(p.numel() for p in model.parameters())
-    return dict(name=request.param, path=path, ids=ids, mask=mask, ref=_hf_logits(model, ids, mask), n=n_params)
+    return dict(
+        name=request.param, path=path, ids=ids, mask=mask, ref=_hf_logits(model, ids, mask), n=n_params
+    )
 
 
 def _jdpo_logits(model, case):
@@ -105,28 +117,33 @@ def test_export_reloads_in_transformers(case, tmp_path):
     assert _max_diff(_jdpo_logits(again, case), case["ref"], case["mask"]) <= TOL
 
 
-def test_ragged_dispatch_equals_every_expert_reference():
+@pytest.mark.parametrize("limit", [None, 0.5], ids=["gated", "gpt_oss"])
+def test_ragged_dispatch_equals_every_expert_reference(limit):
     """Sorting the assignments by expert and running grouped matmuls gives what computing every expert
     on every token and combining with one-hot weights gives, values and gradients, including experts
-    no token chose."""
+    no token chose (gpt_oss: with biases and the clamped SwiGLU, clamping some values)."""
     M, D, F, E, K = 40, 16, 24, 8, 2
-    keys = jax.random.split(jax.random.key(0), 5)
-    x = jax.random.normal(keys[0], (M, D))
-    kernels = tuple(
-        0.2 * jax.random.normal(k, s) for k, s in zip(keys[1:4], [(E, D, F), (E, D, F), (E, F, D)], strict=True)
-    )
-    experts = jax.random.randint(keys[4], (M, K), 0, E - 2)  # experts 6 and 7 get no token
+    keys = iter(jax.random.split(jax.random.key(0), 8))
+    shapes = {"down_proj": (E, F, D)}
+    if limit is None:
+        shapes.update(gate_proj=(E, D, F), up_proj=(E, D, F))
+    else:
+        shapes.update(gate_up_proj=(E, D, F, 2), gate_up_proj_bias=(E, F, 2), down_proj_bias=(E, D))
+    kernels = {name: 0.3 * jax.random.normal(next(keys), s) for name, s in shapes.items()}
+    x = jax.random.normal(next(keys), (M, D))
+    experts = jax.random.randint(next(keys), (M, K), 0, E - 2)  # experts 6 and 7 get no token
     experts = experts.at[:, 1].set((experts[:, 0] + 1) % (E - 2))  # k distinct experts per token
-    weights = jax.nn.softmax(jax.random.normal(keys[4], (M, K)))
+    weights = jax.nn.softmax(jax.random.normal(next(keys), (M, K)))
+    fn = functools.partial(expert_mlp, act="silu", limit=limit)
 
-    def out(fn, x, kernels):
-        return fn(x, experts, weights, kernels, jax.nn.silu, E)
+    def out(dispatch, x, kernels):
+        return dispatch(x, experts, weights, kernels, fn, E)
 
     np.testing.assert_allclose(out(ragged_experts, x, kernels), out(dense_experts, x, kernels), atol=1e-5)
     g_ragged = jax.grad(lambda *a: jnp.sum(out(ragged_experts, *a) ** 2), argnums=(0, 1))(x, kernels)
     g_dense = jax.grad(lambda *a: jnp.sum(out(dense_experts, *a) ** 2), argnums=(0, 1))(x, kernels)
     for a, b in zip(jax.tree.leaves(g_ragged), jax.tree.leaves(g_dense), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_moe_config_fields_and_refusals():
@@ -148,22 +165,48 @@ def test_moe_config_fields_and_refusals():
         ModelConfig.from_hf(dict(BASE, model_type="mixtral", num_local_experts=8, num_experts_per_tok=9))
     with pytest.raises(ModelConfigError, match=r"mlp_only_layers=\[5\] do not describe 2 layers"):
         ModelConfig.from_hf(dict(BASE, model_type="qwen3_moe", mlp_only_layers=[5]))
+    # gpt_oss: transformers' defaults (top-4, alternating sliding / full, YaRN, biases, sinks)
+    oss = ModelConfig.from_hf(dict(BASE, model_type="gpt_oss", num_hidden_layers=4, num_local_experts=8))
+    assert (oss.experts_per_token, oss.sliding_window, oss.rope_type, oss.rope_factor) == (
+        4,
+        128,
+        "yarn",
+        32.0,
+    )
+    assert (
+        oss.sliding_layers == (True, False, True, False)
+        and oss.qkv_bias
+        and oss.o_bias
+        and oss.attention_sinks
+    )
+    assert ModelConfig.from_hf(oss.to_hf()) == oss
+    assert resolve_attention("auto", oss).kernel == "xla"
+    with pytest.raises(
+        ConfigError, match="model.attention=blocked cannot run this model: it has no attention sinks"
+    ):
+        resolve_attention("blocked", oss)
+    with pytest.raises(ModelConfigError, match="quantization_config='mxfp4'.*use a dequantised"):
+        ModelConfig.from_hf(dict(BASE, model_type="gpt_oss", quantization_config={"quant_method": "mxfp4"}))
+
+
+QWEN3_30B_A3B = dict(
+    model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+    num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+    moe_intermediate_size=768, norm_topk_prob=True,
+)  # fmt: skip
+MIXTRAL_8X7B = dict(
+    model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+)  # fmt: skip
 
 
 @pytest.mark.parametrize(
     "name,hf,expected",
     [
-        # Qwen3-30B-A3B (config.json): 30.5B total, 3.3B active
-        ("Qwen3-30B-A3B", dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
-                               num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-                               num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
-                               norm_topk_prob=True), (30_532_122_624, 3_353_032_704)),
-        # Mixtral-8x7B-v0.1: 46.7B total, 12.9B active
-        ("Mixtral-8x7B", dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-                              num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                              num_local_experts=8, num_experts_per_tok=2), (46_702_792_704, 12_879_925_248)),
+        ("Qwen3-30B-A3B", QWEN3_30B_A3B, (30_532_122_624, 3_353_032_704)),  # 30.5B total, 3.3B active
+        ("Mixtral-8x7B", MIXTRAL_8X7B, (46_702_792_704, 12_879_925_248)),  # 46.7B total, 12.9B active
     ],
-)  # fmt: skip
+)
 def test_real_size_parameter_counts(name, hf, expected):
     config = ModelConfig.from_hf(hf)
     assert (config.num_params(), config.num_active_params()) == expected, name

@@ -48,8 +48,12 @@ def make_config(assets, out, **overrides):
 @pytest.mark.parametrize(
     "model_type,overrides",
     [
-        ("qwen3_moe", dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=16, mlp_only_layers=[1])),
+        (
+            "qwen3_moe",
+            dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=16, mlp_only_layers=[1]),
+        ),
         ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+        ("gpt_oss", dict(num_local_experts=4, num_experts_per_tok=2)),  # the router's bias in the logits
     ],
 )
 def test_aux_loss_equals_transformers(model_type, overrides, tmp_path):
@@ -71,13 +75,17 @@ def test_aux_loss_equals_transformers(model_type, overrides, tmp_path):
         want = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                   output_router_logits=True).aux_loss.item()  # fmt: skip
     model, _ = from_pretrained(tmp_path)
-    _, stats = model.hidden_and_router(jnp.asarray(ids, jnp.int32), segment_ids_BxT=jnp.asarray(mask, jnp.int32))
+    _, stats = model.hidden_and_router(
+        jnp.asarray(ids, jnp.int32), segment_ids_BxT=jnp.asarray(mask, jnp.int32)
+    )
     assert stats["counts"].shape == (1 if model_type == "qwen3_moe" else 2, config.num_local_experts)
     got = float(load_balancing_loss(stats["counts"], stats["probs"], stats["tokens"]))
     assert got == pytest.approx(want, rel=1e-5)
     # padding counts: the unmasked loss differs
     _, all_rows = model.hidden_and_router(jnp.asarray(ids, jnp.int32))
-    assert float(load_balancing_loss(all_rows["counts"], all_rows["probs"], all_rows["tokens"])) != pytest.approx(got)
+    assert float(
+        load_balancing_loss(all_rows["counts"], all_rows["probs"], all_rows["tokens"])
+    ) != pytest.approx(got)
 
 
 def test_aux_loss_enters_the_training_loss_with_its_metrics(moe_assets, tmp_path):
@@ -92,7 +100,9 @@ def test_aux_loss_enters_the_training_loss_with_its_metrics(moe_assets, tmp_path
 
 def _router_and_experts(tr):
     model = tr.model()
-    return np.asarray(model.layers[0].mlp.router.kernel[...]), np.asarray(model.layers[0].mlp.experts.up_proj[...])
+    return np.asarray(model.layers[0].mlp.router.kernel[...]), np.asarray(
+        model.layers[0].mlp.experts.up_proj[...]
+    )
 
 
 def test_freeze_router_leaves_the_router_bitwise_unchanged(moe_assets, tmp_path):
@@ -136,7 +146,9 @@ def test_expert_sharded_forward_matches_one_device(moe_assets):
     mesh = make_mesh(2, 1, 1, expert=4)
     sharded, _ = from_pretrained(moe_assets.model_dir, mesh=mesh)
     with jax.set_mesh(mesh):
-        got_h, got_stats = jax.jit(lambda i, s: sharded.hidden_and_router(i, segment_ids_BxT=s))(ids, segments)
+        got_h, got_stats = jax.jit(lambda i, s: sharded.hidden_and_router(i, segment_ids_BxT=s))(
+            ids, segments
+        )
     np.testing.assert_allclose(got_h, want_h, atol=1e-5)
     for k in want_stats:
         np.testing.assert_allclose(got_stats[k], want_stats[k], rtol=1e-6)
@@ -147,7 +159,9 @@ def test_expert_parallel_run_matches_one_device(moe_assets, tmp_path):
     """data 2 x expert 4: each device holds one expert and a quarter of each data shard's rows."""
     over = {"model.router_aux_loss_coef": 0.05, "mesh.data": 2, "mesh.fsdp": 1, "mesh.expert": 4}
     single = steps(train.Trainer(make_config(moe_assets, tmp_path / "one", **over), mesh=one_device()), 3)
-    sharded_tr = train.Trainer(make_config(moe_assets, tmp_path / "ep", **over), mesh=make_mesh(2, 1, 1, expert=4))
+    sharded_tr = train.Trainer(
+        make_config(moe_assets, tmp_path / "ep", **over), mesh=make_mesh(2, 1, 1, expert=4)
+    )
     kernel = sharded_tr.state.params["layers"][0]["mlp"]["experts"]["up_proj"].get_value()
     assert kernel.sharding.shard_shape(kernel.shape)[0] == 1  # one expert per device
     sharded = steps(sharded_tr, 3)
@@ -158,9 +172,13 @@ def test_expert_parallel_run_matches_one_device(moe_assets, tmp_path):
 
 def test_lora_on_an_moe_model_adapts_the_attention_and_refuses_the_experts(moe_assets, tmp_path):
     over = {"lora.rank": 4, "lora.targets": ["q_proj", "k_proj", "v_proj", "o_proj"], "train.max_steps": 1}
-    result = train.run(make_config(moe_assets, tmp_path / "lora", **over, **{"train.export": True}), mesh=one_device())
+    result = train.run(
+        make_config(moe_assets, tmp_path / "lora", **over, **{"train.export": True}), mesh=one_device()
+    )
     assert result.step == 1 and (result.final_dir / "adapter_model.safetensors").exists()
     merged, config = from_pretrained(result.final_dir.parent / "final_merged")
     assert config.num_experts == 4
-    with pytest.raises(ConfigError, match="lora.targets: 'gate_proj' on qwen3_moe is an MoE layer's experts'"):
+    with pytest.raises(
+        ConfigError, match="lora.targets: 'gate_proj' on qwen3_moe is an MoE layer's experts'"
+    ):
         train.Trainer(make_config(moe_assets, tmp_path / "experts", **{"lora.rank": 4}), mesh=one_device())

@@ -16,9 +16,9 @@ from jdpo.errors import UserError
 
 FAMILIES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "olmo3", "smollm3",
-    "phi3", "qwen3_moe", "mixtral",
+    "phi3", "qwen3_moe", "mixtral", "gpt_oss",
 )  # fmt: skip
-ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -33,8 +33,9 @@ ARCHITECTURES = {
     "phi3": "Phi3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
 }
-_MOE = ("qwen3_moe", "mixtral")
+_MOE = ("qwen3_moe", "mixtral", "gpt_oss")
 # Families whose sliding and full layers have their own RoPE parameters (`rope_parameters` per layer type).
 _PER_TYPE_ROPE = ("gemma3_text", "olmo3")
 # transformers' RoPE base when a config.json names none (global, local).
@@ -79,7 +80,10 @@ class ModelConfig:
     # scale of cos and sin
     rope_short_factor: tuple[float, ...] = ()
     rope_long_factor: tuple[float, ...] = ()
-    rope_attention_factor: float = 1.0
+    rope_attention_factor: float = 1.0  # longrope, yarn: cos and sin scaled by it
+    rope_beta_fast: float = 32.0  # yarn (gpt_oss): the ramp's bounds in rotations, and whether they round
+    rope_beta_slow: float = 1.0
+    rope_truncate: bool = True
     # gemma3 / olmo3: the RoPE base of the sliding layers (unscaled); None: the global one on every layer
     local_rope_theta: float | None = None
     # smollm3 (no_rope_layers): per layer, does it rotate q and k; () = every layer does
@@ -112,6 +116,13 @@ class ModelConfig:
     # per layer: is its MLP the experts (qwen3_moe's decoder_sparse_step / mlp_only_layers); () = every layer
     moe_layers: tuple[bool, ...] = ()
     router_aux_loss_coef: float = 0.0  # the checkpoint's (config.json); the run's default coefficient
+    # gpt_oss: biases on the router and the experts, the clamped SwiGLU (gate <= limit, |up| <= limit,
+    # (up + 1) * gate * sigmoid(1.702 gate); gate and up interleaved in one kernel), and a learned sink
+    # logit per head in every attention softmax
+    router_bias: bool = False
+    expert_bias: bool = False
+    swiglu_limit: float | None = None
+    attention_sinks: bool = False
     bos_token_id: Any = None
     eos_token_id: Any = None
     pad_token_id: Any = None
@@ -167,16 +178,26 @@ class ModelConfig:
         attn = D * N * H * 2 + D * K * H * 2 + (N + 2 * K) * H * self.qkv_bias + D * self.o_bias
         qk = (N + K) * H if self.qk_norm_scope == "projection" else 2 * H
         norms = D * (4 if self.sandwich_norm else 2) + qk * self.qk_norm
-        moe = sum(self.expert_layers)
-        experts = moe * (D * self.num_experts + 3 * D * self.moe_intermediate_size * self.num_experts)
+        moe, E = sum(self.expert_layers), self.num_experts
+        experts = moe * (D * E + E * self.router_bias + E * self._per_expert())
         mlp = (L - moe) * 3 * D * F + experts
-        return V * D * (1 if self.tie_word_embeddings else 2) + D + L * (attn + norms) + mlp
+        return (
+            V * D * (1 if self.tie_word_embeddings else 2)
+            + D
+            + L * (attn + norms + N * self.attention_sinks)
+            + mlp
+        )
+
+    def _per_expert(self) -> int:
+        """Parameters of one expert (gpt_oss: with its biases)."""
+        D, Fe = self.hidden_size, self.moe_intermediate_size
+        return 3 * D * Fe + self.expert_bias * (2 * Fe + D)
 
     def num_active_params(self) -> int:
         """Parameters one token runs through: `num_params` with only `experts_per_token` of each MoE
         layer's experts (the router counts whole). The MFU of an MoE model counts these."""
         idle = self.num_experts - self.experts_per_token
-        return self.num_params() - sum(self.expert_layers) * idle * 3 * self.hidden_size * self.moe_intermediate_size
+        return self.num_params() - sum(self.expert_layers) * idle * self._per_expert()
 
 
 def _read_config(config_or_path) -> dict:
@@ -203,6 +224,10 @@ def _rope_parameters(hf: dict, family: str) -> tuple[dict, dict | None]:
     """(global, sliding-layer) rope parameters from either the transformers>=5 `rope_parameters` (one
     dict, or one per layer type) or the legacy `rope_theta` / `rope_scaling` / `rope_local_base_freq`."""
     params = hf.get("rope_parameters") or {}
+    if family == "gpt_oss" and not params and not hf.get("rope_scaling"):  # transformers' default
+        params = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                  "original_max_position_embeddings": 4096,
+                  "rope_theta": hf.get("rope_theta") or 150000.0}  # fmt: skip
     theta, local_theta = _DEFAULT_THETA.get(family, (10000.0, None))
     per_type = "full_attention" in params or "sliding_attention" in params
     if per_type and family not in _PER_TYPE_ROPE:
@@ -251,6 +276,21 @@ def _rope(params: dict, hf: dict, field: str) -> dict:
             rope_long_factor=tuple(float(x) for x in params["long_factor"]),
             rope_attention_factor=float(attention_factor),
         )
+    elif rope_type == "yarn":  # transformers' _compute_yarn_parameters
+        factor = float(params["factor"])
+        attention_factor = params.get("attention_factor")
+        if params.get("mscale") or params.get("mscale_all_dim"):
+            raise ModelConfigError(f"{field}: yarn's mscale / mscale_all_dim are not implemented")
+        if attention_factor is None:
+            attention_factor = 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
+        out.update(
+            rope_factor=factor,
+            rope_original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+            rope_attention_factor=float(attention_factor),
+            rope_beta_fast=float(params.get("beta_fast") or 32),
+            rope_beta_slow=float(params.get("beta_slow") or 1),
+            rope_truncate=bool(params.get("truncate", True)),
+        )
     elif params.get("attention_factor") not in (None, 1.0):
         raise ModelConfigError(f"{field}.attention_factor={params['attention_factor']} is not implemented")
     return out
@@ -273,7 +313,7 @@ def config_from_hf(config_or_path) -> ModelConfig:
 
 def _family_fields(family: str, hf: dict) -> dict:
     """The switches of one family (what sets it apart from llama)."""
-    attention_bias = bool(hf.get("attention_bias", False))
+    attention_bias = bool(hf.get("attention_bias", family == "gpt_oss"))
     if family in (*_GEMMA, "phi3") and attention_bias:
         raise ModelConfigError(f"{family}: attention_bias=True is not supported")
     kw: dict[str, Any] = {}
@@ -312,7 +352,20 @@ def _family_fields(family: str, hf: dict) -> dict:
 def _moe_fields(family: str, hf: dict) -> dict:
     """The experts of qwen3_moe / mixtral: their count, size, top-k and which layers have them."""
     L = hf["num_hidden_layers"]
-    if family == "mixtral":
+    extra: dict[str, Any] = {}
+    if family == "gpt_oss":
+        if hf.get("quantization_config"):
+            raise ModelConfigError(
+                f"gpt_oss: quantization_config={hf['quantization_config'].get('quant_method')!r}: jdpo reads "
+                "the experts unquantised (bfloat16 / float32 gate_up_proj, down_proj), not MXFP4 blocks; "
+                "use a dequantised (BF16) export of the checkpoint"
+            )
+        if hf.get("swiglu_alpha", 1.702) != 1.702:
+            raise ModelConfigError(f"gpt_oss: swiglu_alpha={hf['swiglu_alpha']} is not supported (1.702)")
+        E, F, norm, moe = hf.get("num_local_experts", 128), hf["intermediate_size"], True, ()
+        extra = dict(router_bias=True, expert_bias=True, swiglu_limit=float(hf.get("swiglu_limit", 7.0)),
+                     attention_sinks=True)  # fmt: skip
+    elif family == "mixtral":
         if hf.get("router_jitter_noise", 0.0):
             raise ModelConfigError(f"mixtral: router_jitter_noise={hf['router_jitter_noise']} is not "
                                    "implemented (set it to 0.0)")  # fmt: skip
@@ -327,12 +380,12 @@ def _moe_fields(family: str, hf: dict) -> dict:
                                    f"do not describe {L} layers")  # fmt: skip
         moe = tuple(i not in dense and E > 0 and (i + 1) % step == 0 for i in range(L))
         moe = () if all(moe) else moe
-    k = hf.get("num_experts_per_tok", 2 if family == "mixtral" else 8)
+    k = hf.get("num_experts_per_tok", {"mixtral": 2, "gpt_oss": 4}.get(family, 8))
     if E > 0 and not 1 <= k <= E:
         raise ModelConfigError(f"{family}: num_experts_per_tok={k} must be between 1 and the {E} experts")
     return dict(
         num_experts=E, experts_per_token=k, moe_intermediate_size=F, norm_topk_prob=bool(norm),
-        moe_layers=moe, router_aux_loss_coef=float(hf.get("router_aux_loss_coef") or 0.0),
+        moe_layers=moe, router_aux_loss_coef=float(hf.get("router_aux_loss_coef") or 0.0), **extra,
     )  # fmt: skip
 
 
@@ -341,7 +394,9 @@ def _layer_types(family: str, hf: dict, L: int) -> tuple[int | None, tuple[str, 
     only with use_sliding_window and from max_window_layers on; smollm3 only with use_sliding_window; the
     gemma2/3 and olmo3 layers marked "sliding_attention" (by default gemma2 every other one, gemma3 five
     of six, olmo3 three of four)."""
-    window = hf.get("sliding_window", 4096 if family in ("gemma3_text", "olmo3") else None)  # HF defaults
+    window = hf.get(
+        "sliding_window", {"gemma3_text": 4096, "olmo3": 4096, "gpt_oss": 128}.get(family)
+    )  # HF defaults
     layer_types = hf.get("layer_types")
     if family in ("qwen2", "qwen3", "qwen3_moe", "smollm3") and not hf.get("use_sliding_window", False):
         window = None
@@ -355,6 +410,8 @@ def _layer_types(family: str, hf: dict, L: int) -> tuple[int | None, tuple[str, 
     elif family == "gemma3_text" and layer_types is None:
         pattern = hf.get("sliding_window_pattern", 6)
         layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(L)]
+    elif family == "gpt_oss" and layer_types is None:
+        layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(L)]
     elif family == "olmo3" and layer_types is None:
         layer_types = ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(L)]
     elif family in ("llama", "gemma", "olmo2"):
@@ -415,7 +472,7 @@ def _config_from_dict(hf: dict) -> ModelConfig:
         num_layers=L,
         num_heads=N,
         num_kv_heads=hf.get("num_key_value_heads") or N,
-        head_dim=hf.get("head_dim") or D // N,
+        head_dim=hf.get("head_dim") or (64 if family == "gpt_oss" else D // N),
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         max_position_embeddings=hf.get("max_position_embeddings", 8192),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", family in (*_GEMMA, "smollm3"))),
@@ -433,9 +490,12 @@ def _config_from_dict(hf: dict) -> ModelConfig:
 
 def _rope_to_hf(c: ModelConfig) -> dict:
     rope: dict[str, Any] = {"rope_type": c.rope_type, "rope_theta": c.rope_theta}
-    if c.rope_type in ("linear", "llama3", "longrope"):
+    if c.rope_type in ("linear", "llama3", "longrope", "yarn"):
         rope["factor"] = c.rope_factor
-    if c.rope_type in ("llama3", "longrope"):
+    if c.rope_type == "yarn":
+        rope.update(beta_fast=c.rope_beta_fast, beta_slow=c.rope_beta_slow, truncate=c.rope_truncate,
+                    attention_factor=c.rope_attention_factor)  # fmt: skip
+    if c.rope_type in ("llama3", "longrope", "yarn"):
         rope["original_max_position_embeddings"] = c.rope_original_max_position_embeddings
     if c.rope_type == "llama3":
         rope.update(low_freq_factor=c.rope_low_freq_factor, high_freq_factor=c.rope_high_freq_factor)
@@ -481,7 +541,7 @@ def config_to_hf(c: ModelConfig) -> dict:
         hf.pop("rope_scaling", None)
     if c.family == "phi3":
         hf["original_max_position_embeddings"] = c.rope_original_max_position_embeddings
-    if c.family in ("llama", "mistral", "qwen3", "olmo2", "olmo3", "smollm3", "qwen3_moe"):
+    if c.family in ("llama", "mistral", "qwen3", "olmo2", "olmo3", "smollm3", "qwen3_moe", "gpt_oss"):
         hf["attention_bias"] = c.qkv_bias
     if c.family in ("gemma2", "gemma3_text"):
         hf.update(
@@ -490,7 +550,7 @@ def config_to_hf(c: ModelConfig) -> dict:
             final_logit_softcapping=c.final_logit_softcapping,
             query_pre_attn_scalar=c.query_pre_attn_scalar,
         )
-    if c.family in ("mistral", "gemma2", "gemma3_text", "olmo3", "phi3", "mixtral"):
+    if c.family in ("mistral", "gemma2", "gemma3_text", "olmo3", "phi3", "mixtral", "gpt_oss"):
         hf["sliding_window"] = c.sliding_window
     if c.family in _MOE:
         hf.update(_moe_to_hf(c))
@@ -507,9 +567,19 @@ def config_to_hf(c: ModelConfig) -> dict:
 
 def _moe_to_hf(c: ModelConfig) -> dict:
     """The experts' config.json fields (see `_moe_fields`)."""
-    hf: dict[str, Any] = {"num_experts_per_tok": c.experts_per_token, "router_aux_loss_coef": c.router_aux_loss_coef}
+    hf: dict[str, Any] = {
+        "num_experts_per_tok": c.experts_per_token,
+        "router_aux_loss_coef": c.router_aux_loss_coef,
+    }
     if c.family == "mixtral":
         return {**hf, "num_local_experts": c.num_experts, "router_jitter_noise": 0.0}
+    if c.family == "gpt_oss":
+        return {
+            **hf,
+            "num_local_experts": c.num_experts,
+            "swiglu_limit": c.swiglu_limit,
+            "swiglu_alpha": 1.702,
+        }
     dense = [i for i, moe in enumerate(c.expert_layers) if not moe]
     return {
         **hf, "num_experts": c.num_experts, "moe_intermediate_size": c.moe_intermediate_size,

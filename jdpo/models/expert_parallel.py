@@ -36,7 +36,7 @@ def _local_assignments(experts_MxK, num_local: int, first):
     return jnp.where((local >= 0) & (local < num_local), local, num_local)
 
 
-def sharded_experts(x_MxD, experts_MxK, weights_MxK, kernels, act, num_experts: int):
+def sharded_experts(x_MxD, experts_MxK, weights_MxK, kernels: dict, expert_fn, num_experts: int):
     """The MoE output [M, D] with the experts sharded over the current mesh's "expert" axis."""
     mesh = current_mesh()
     X = expert_axis_size()
@@ -47,16 +47,20 @@ def sharded_experts(x_MxD, experts_MxK, weights_MxK, kernels, act, num_experts: 
 
     def body(x_mxD, experts_mxK, weights_mxK, kernels):
         gather = functools.partial(jax.lax.all_gather, axis_name=EXPERT_AXIS, tiled=True)
-        num_local = kernels[0].shape[0]
+        num_local = next(iter(kernels.values())).shape[0]
         first = jax.lax.axis_index(EXPERT_AXIS) * num_local
         local_MxK = _local_assignments(gather(experts_mxK), num_local, first)
-        y_MxD = ragged_experts(gather(x_mxD), local_MxK, gather(weights_mxK), kernels, act, num_local)
+        y_MxD = ragged_experts(gather(x_mxD), local_MxK, gather(weights_mxK), kernels, expert_fn, num_local)
         return jax.lax.psum_scatter(y_MxD, EXPERT_AXIS, tiled=True)
 
     if EXPERT_AXIS not in _axes(rows[0]):
         raise ValueError(f"the rows are not split over the {EXPERT_AXIS!r} mesh axis (spec {rows})")
     run = jax.shard_map(
-        body, mesh=mesh, in_specs=(rows, rows, rows, (expert,) * 3), out_specs=rows, check_vma=False
+        body,
+        mesh=mesh,
+        in_specs=(rows, rows, rows, {k: expert for k in kernels}),
+        out_specs=rows,
+        check_vma=False,
     )
     return run(x_MxD, experts_MxK, weights_MxK, kernels)
 

@@ -116,8 +116,25 @@ _MOE_WEIGHTS = {
         ("mlp.experts.up_proj", "block_sparse_moe.experts.{j}.w3.weight", "FexD->DFe", True),
         ("mlp.experts.down_proj", "block_sparse_moe.experts.{j}.w2.weight", "DxFe->FeD", True),
     ],
+    # one [E, D, 2F] tensor per projection (gate and up interleaved), with biases
+    "gpt_oss": [
+        ("mlp.router.kernel", "mlp.router.weight", "ExD->DE", False),
+        ("mlp.router.bias", "mlp.router.bias", "vector_E", False),
+        ("mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj", "ExDx2Fe->EDFe2", False),
+        ("mlp.experts.gate_up_proj_bias", "mlp.experts.gate_up_proj_bias", "Ex2Fe->EFe2", False),
+        ("mlp.experts.down_proj", "mlp.experts.down_proj", "ExFexD->EFeD", False),
+        ("mlp.experts.down_proj_bias", "mlp.experts.down_proj_bias", "ExD->ED", False),
+    ],
 }
-_MOE_ATTENTION = {"qwen3_moe": _ATTENTION_QK_NORM, "mixtral": _INPUT_NORM + _POST_ATTENTION_NORM + _QKV + _O}
+_MOE_ATTENTION = {
+    "qwen3_moe": _ATTENTION_QK_NORM,
+    "mixtral": _INPUT_NORM + _POST_ATTENTION_NORM + _QKV + _O,
+    "gpt_oss": _INPUT_NORM
+    + _POST_ATTENTION_NORM
+    + _QKV
+    + _O
+    + [("self_attn.sinks", "self_attn.sinks", "vector_N")],
+}
 _TOP = [
     ("embed_tokens.embedding", "model.embed_tokens.weight", "VxD->VD"),
     ("norm.weight", "model.norm.weight", "vector_D"),
@@ -153,6 +170,12 @@ def _layout(c: ModelConfig, name: str):
         "ExD->DE": (((c.num_experts,), (D,)), (1, 0)),
         "FexD->DFe": (((c.moe_intermediate_size,), (D,)), (1, 0)),
         "DxFe->FeD": (((D,), (c.moe_intermediate_size,)), (1, 0)),
+        "vector_E": (((c.num_experts,),), (0,)),
+        "vector_N": (((N,),), (0,)),
+        "ExDx2Fe->EDFe2": (((c.num_experts,), (D,), (c.moe_intermediate_size, 2)), (0, 1, 2, 3)),
+        "Ex2Fe->EFe2": (((c.num_experts,), (c.moe_intermediate_size, 2)), (0, 1, 2)),
+        "ExFexD->EFeD": (((c.num_experts,), (c.moe_intermediate_size,), (D,)), (0, 1, 2)),
+        "ExD->ED": (((c.num_experts,), (D,)), (0, 1)),
     }[name]
 
 
@@ -162,7 +185,10 @@ def _moe_table(c: ModelConfig) -> list[WeightSpec]:
     experts = [i for i, moe in enumerate(c.expert_layers) if moe]
     dense = [i for i, moe in enumerate(c.expert_layers) if not moe]
     out = [(m, h, lay, 0, None) for m, h, lay in _MOE_ATTENTION[c.family]]
-    out += [(m, h, lay, c.num_experts if stacked else 0, tuple(experts)) for m, h, lay, stacked in _MOE_WEIGHTS[c.family]]
+    out += [
+        (m, h, lay, c.num_experts if stacked else 0, tuple(experts))
+        for m, h, lay, stacked in _MOE_WEIGHTS[c.family]
+    ]
     if dense:
         out += [(m, h, lay, 0, tuple(dense)) for m, h, lay in _GATE_UP + _DOWN]
     if c.qkv_bias:
@@ -180,7 +206,10 @@ def weight_table(c: ModelConfig) -> list[WeightSpec]:
     """Every parameter of a model with this config; per-layer entries carry "{i}" placeholders (and MoE
     experts' "{j}")."""
     if c.family in _MOE_WEIGHTS:
-        top = [WeightSpec(m, h, *_layout(c, lay)) for m, h, lay in _TOP + ([] if c.tie_word_embeddings else _LM_HEAD)]
+        top = [
+            WeightSpec(m, h, *_layout(c, lay))
+            for m, h, lay in _TOP + ([] if c.tie_word_embeddings else _LM_HEAD)
+        ]
         return top[:2] + _moe_table(c) + top[2:]
     layer = list(FAMILY_LAYER_WEIGHTS[c.family])
     if c.qkv_bias and c.family != "qwen2":  # (phi3 and the gemmas refuse attention_bias at load)

@@ -72,6 +72,8 @@ def _nvidia_gpu(backend: str) -> bool:
 
 def unsupported(kernel: str, config) -> str | None:
     """Why `kernel` cannot run the model of `config` (a `ModelConfig`), or None when it can."""
+    if getattr(config, "attention_sinks", False) and kernel != "xla":
+        return f"it has no attention sinks ({config.family} adds a learned sink logit to every softmax)"
     if kernel == "pallas_gpu":
         if config.attn_logit_softcapping is not None:
             cap = config.attn_logit_softcapping
@@ -90,11 +92,16 @@ def resolve_attention(requested: str, config, *, backend: str | None = None) -> 
         why = unsupported(requested, config)
         if why:
             raise ConfigError(
-                f"model.attention={requested} cannot run this model: {why}; use auto or blocked"
+                f"model.attention={requested} cannot run this model: {why}; use auto or "
+                f"{'xla' if getattr(config, 'attention_sinks', False) else 'blocked'}"
             )
         return AttentionChoice(requested, f"model.attention={requested}")
     if backend is None:
         backend = jax.default_backend()
+    if getattr(config, "attention_sinks", False):
+        return AttentionChoice(
+            "xla", f"model.attention=auto: {config.family}'s attention sinks run on xla only"
+        )
     if backend == "tpu":
         return AttentionChoice("splash", "model.attention=auto on TPU")
     if _nvidia_gpu(backend):

@@ -179,6 +179,8 @@ class Attention(nnx.Module):
             else:
                 self.q_norm = RMSNorm(H, names=("head_dim",), **norm_kw)
                 self.k_norm = RMSNorm(H, names=("head_dim",), **norm_kw)
+        if c.attention_sinks:  # gpt_oss: a learned logit per head that every query's softmax also weighs
+            self.sinks = _param(None, (N,), ("heads",), param_dtype, "zeros", 0.0)
         self.config, self.dtype = c, options.dtype
         self.attention, self.attention_block = options.attention, options.attention_block
 
@@ -224,6 +226,10 @@ class Attention(nnx.Module):
             out_BxTxNxH = pallas_gpu_attention(
                 q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, sliding_window=c.sliding_window, **segment_aware
             )
+        elif c.attention_sinks:  # xla only (`kernels.unsupported`), and the KV cache
+            out_BxTxNxH = _sink_attention(
+                q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask.dense(), c.attention_scale, self.sinks[...]
+            )
         elif c.attn_logit_softcapping is None:
             out_BxTxNxH = jax.nn.dot_product_attention(
                 q_BxTxNxH,
@@ -268,6 +274,21 @@ def _softcapped_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale, 
     scores = jnp.where(mask_Bx1xTxS[:, :, None], scores, -0.7 * jnp.finfo(jnp.float32).max)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BxSxKxH)
+    return out.reshape(B, T, N, H)
+
+
+def _sink_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale, sinks_N):
+    """Attention whose softmax also weighs a per-head sink logit (gpt_oss): p = exp(s) / (sum exp(s) +
+    exp(sink)); the sink holds no value, so a query's weights sum to less than 1."""
+    B, T, N, H = q_BxTxNxH.shape
+    K = k_BxSxKxH.shape[2]
+    q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, N // K, H)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask_Bx1xTxS[:, :, None], scores * scale, -0.7 * jnp.finfo(jnp.float32).max)
+    sink_KxG = sinks_N.astype(jnp.float32).reshape(K, N // K)
+    sink_BxKxGxTx1 = jnp.broadcast_to(sink_KxG[None, :, :, None, None], (*scores.shape[:-1], 1))
+    probs = jax.nn.softmax(jnp.concatenate([scores, sink_BxKxGxTx1], axis=-1), axis=-1)[..., :-1]
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v_BxSxKxH.dtype), v_BxSxKxH)
     return out.reshape(B, T, N, H)
 
 
@@ -358,7 +379,9 @@ class DecoderLayer(nnx.Module):
         """Residual adds and the MLP after attention: (x, router statistics or None)."""
         if self.sandwich:
             x_BxTxD = x_BxTxD + self.post_attention_layernorm(attn_BxTxD)
-            mlp_BxTxD, stats = self._mlp(self.pre_feedforward_layernorm(x_BxTxD), dropout_key, segment_ids_BxT)
+            mlp_BxTxD, stats = self._mlp(
+                self.pre_feedforward_layernorm(x_BxTxD), dropout_key, segment_ids_BxT
+            )
             mlp_BxTxD = self.post_feedforward_layernorm(mlp_BxTxD)
         elif self.post_norm:
             x_BxTxD = x_BxTxD + self.post_attention_layernorm(attn_BxTxD)

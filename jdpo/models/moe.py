@@ -1,8 +1,10 @@
-"""The mixture-of-experts MLP (qwen3_moe, mixtral): a float32 top-k router and E gated experts as stacked
-kernels, dispatched without computing every expert for every token.
+"""The mixture-of-experts MLP (qwen3_moe, mixtral, gpt_oss): a float32 top-k router and E gated experts as
+stacked kernels, dispatched without computing every expert for every token.
 
 Parameter layouts (x @ W convention, experts stacked on a leading [E] axis, logical name "expert"):
-  router.kernel [D, E]   experts.gate_proj / experts.up_proj [E, D, F]   experts.down_proj [E, F, D]
+  router.kernel [D, E] (gpt_oss: router.bias [E])
+  experts.gate_proj / experts.up_proj [E, D, F]   experts.down_proj [E, F, D]
+  gpt_oss: experts.gate_up_proj [E, D, F, 2] (gate, up), gate_up_proj_bias [E, F, 2], down_proj_bias [E, D]
 
 Dispatch (`ModelOptions.moe_dispatch`):
   "ragged" (default, dropless): the M x k (token, expert) assignments are sorted by expert, gathered into
@@ -17,15 +19,18 @@ The router also returns per-layer statistics of the real (non-padding) tokens, f
 load-balancing loss and the expert load are computed (`jdpo.losses.router`).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jdpo.models.config import ModelConfig
-from jdpo.models.dispatch import DISPATCH
+from jdpo.models.dispatch import DISPATCH, expert_mlp
 from jdpo.models.expert_parallel import expert_axis_size, sharded_experts
 from jdpo.models.layers import _param
 from jdpo.models.options import ModelOptions
+
 
 class Router(nnx.Module):
     """Top-k routing in float32: softmax over the E logits, the k largest, renormalised when asked."""
@@ -34,6 +39,9 @@ class Router(nnx.Module):
         D, E = config.hidden_size, config.num_experts
         self.kernel = _param(
             rngs.params(), (D, E), ("embed", None), options.param_dtype, "normal", config.initializer_range
+        )
+        self.bias = (
+            _param(None, (E,), (None,), options.param_dtype, "zeros", 0.0) if config.router_bias else None
         )
         self.k, self.normalise = config.experts_per_token, config.norm_topk_prob
         self.frozen = options.freeze_router
@@ -44,6 +52,9 @@ class Router(nnx.Module):
         if self.frozen:  # model.freeze_router: no gradient reaches the router (the step leaves it as is)
             kernel_DxE = jax.lax.stop_gradient(kernel_DxE)
         logits_MxE = jnp.dot(x_MxD.astype(jnp.float32), kernel_DxE, precision=jax.lax.Precision.HIGHEST)
+        if self.bias is not None:  # gpt_oss
+            bias_E = self.bias[...].astype(jnp.float32)
+            logits_MxE = logits_MxE + (jax.lax.stop_gradient(bias_E) if self.frozen else bias_E)
         probs_MxE = jax.nn.softmax(logits_MxE, axis=-1)
         weights_MxK, experts_MxK = jax.lax.top_k(probs_MxE, self.k)
         if self.normalise:
@@ -57,16 +68,24 @@ class Experts(nnx.Module):
     def __init__(self, config: ModelConfig, options: ModelOptions, *, rngs: nnx.Rngs):
         D, E, F = config.hidden_size, config.num_experts, config.moe_intermediate_size
         kw = dict(param_dtype=options.param_dtype, init="normal", std=config.initializer_range)
-        self.gate_proj = _param(rngs.params(), (E, D, F), ("expert", "embed", "mlp"), **kw)
-        self.up_proj = _param(rngs.params(), (E, D, F), ("expert", "embed", "mlp"), **kw)
+        if config.swiglu_limit is None:
+            self.gate_proj = _param(rngs.params(), (E, D, F), ("expert", "embed", "mlp"), **kw)
+            self.up_proj = _param(rngs.params(), (E, D, F), ("expert", "embed", "mlp"), **kw)
+        else:  # gpt_oss: gate and up interleaved, biases
+            self.gate_up_proj = _param(rngs.params(), (E, D, F, 2), ("expert", "embed", "mlp", None), **kw)
+            zeros = dict(param_dtype=options.param_dtype, init="zeros", std=0.0)
+            self.gate_up_proj_bias = _param(None, (E, F, 2), ("expert", "mlp", None), **zeros)
+            self.down_proj_bias = _param(None, (E, D), ("expert", None), **zeros)
         self.down_proj = _param(rngs.params(), (E, F, D), ("expert", "mlp", "embed"), **kw)
+        self.act, self.limit = config.hidden_act, config.swiglu_limit
 
-    def kernels(self, dtype):
-        return tuple(p[...].astype(dtype) for p in (self.gate_proj, self.up_proj, self.down_proj))
+    @property
+    def fn(self):
+        """The expert function (`dispatch.expert_mlp` of this family)."""
+        return functools.partial(expert_mlp, act=self.act, limit=self.limit)
 
-
-def _activation(name: str):
-    return jax.nn.silu if name == "silu" else (lambda x: jax.nn.gelu(x, approximate=True))
+    def kernels(self, dtype) -> dict:
+        return {k: v[...].astype(dtype) for k, v in vars(self).items() if isinstance(v, nnx.Param)}
 
 
 def router_stats(probs_MxE, experts_MxK, valid_M):
@@ -87,7 +106,7 @@ class SparseMoE(nnx.Module):
     def __init__(self, config: ModelConfig, options: ModelOptions, *, rngs: nnx.Rngs):
         self.router = Router(config, options, rngs=rngs)
         self.experts = Experts(config, options, rngs=rngs)
-        self.num_experts, self.act_name = config.num_experts, config.hidden_act
+        self.num_experts = config.num_experts
         self.dtype, self.dispatch = options.dtype, options.moe_dispatch
 
     def __call__(self, x_BxTxD, dropout_key=None, valid_BxT=None):
@@ -96,11 +115,10 @@ class SparseMoE(nnx.Module):
         B, T, D = x_BxTxD.shape
         x_MxD = x_BxTxD.reshape(B * T, D)
         probs_MxE, experts_MxK, weights_MxK = self.router(x_MxD)
-        kernels = self.experts.kernels(self.dtype)
-        act = _activation(self.act_name)
+        kernels, fn = self.experts.kernels(self.dtype), self.experts.fn
         if expert_axis_size() > 1:
-            y_MxD = sharded_experts(x_MxD, experts_MxK, weights_MxK, kernels, act, self.num_experts)
+            y_MxD = sharded_experts(x_MxD, experts_MxK, weights_MxK, kernels, fn, self.num_experts)
         else:
-            y_MxD = DISPATCH[self.dispatch](x_MxD, experts_MxK, weights_MxK, kernels, act, self.num_experts)
+            y_MxD = DISPATCH[self.dispatch](x_MxD, experts_MxK, weights_MxK, kernels, fn, self.num_experts)
         valid_M = jnp.ones((B * T,), bool) if valid_BxT is None else valid_BxT.reshape(-1) != 0
         return y_MxD.reshape(B, T, D).astype(self.dtype), router_stats(probs_MxE, experts_MxK, valid_M)

@@ -42,9 +42,32 @@ def rope_inv_freq(config: ModelConfig, *, kind: int = GLOBAL, long: bool = False
         # Phi-3: each frequency divided by its own factor, short or long by the row length.
         factors = np.asarray(config.rope_long_factor if long else config.rope_short_factor, np.float32)
         inv_freq = (1.0 / (factors * config.rope_theta**exponents)).astype(np.float32)
+    elif config.rope_type == "yarn":
+        inv_freq = _yarn(config, exponents, inv_freq)
     elif config.rope_type != "default":
         raise ValueError(f"rope_type {config.rope_type!r} is not implemented")
     return inv_freq
+
+
+def _yarn(config: ModelConfig, exponents, inv_freq) -> np.ndarray:
+    """YaRN (gpt_oss): the original frequencies above the ramp, divided by `factor` below it, mixed
+    linearly across the ramp between the dimensions that turn beta_fast and beta_slow times over the
+    original length (transformers' `_compute_yarn_parameters`)."""
+    H, base, L0 = config.head_dim, config.rope_theta, config.rope_original_max_position_embeddings
+
+    def dim_of(rotations):
+        return H * math.log(L0 / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(config.rope_beta_fast), dim_of(config.rope_beta_slow)
+    if config.rope_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, H - 1)
+    high = high + 0.001 if low == high else high
+    ramp = np.clip((np.arange(H // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    pos_freqs = (base**exponents).astype(np.float32)
+    interpolated = 1.0 / (config.rope_factor * pos_freqs)
+    return (interpolated * (1 - extrapolation) + inv_freq * extrapolation).astype(np.float32)
 
 
 def rope_cos_sin(positions_BxT, config: ModelConfig, dtype, kind: int = GLOBAL):
@@ -62,6 +85,8 @@ def rope_cos_sin(positions_BxT, config: ModelConfig, dtype, kind: int = GLOBAL):
         long_H2 = jnp.asarray(rope_inv_freq(config, long=True))
         beyond = jnp.max(positions_BxT) + 1 > config.rope_original_max_position_embeddings
         inv_freq_H2 = jnp.where(beyond, long_H2, inv_freq_H2)
+        scale = config.rope_attention_factor
+    elif kind == GLOBAL and config.rope_type == "yarn":
         scale = config.rope_attention_factor
     freqs_BxTxH2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_H2
     emb_BxTxH = jnp.concatenate([freqs_BxTxH2, freqs_BxTxH2], axis=-1)

@@ -113,8 +113,8 @@ def named_sharding(mesh: Mesh, names: Sequence[str | None] | None, shape: Sequen
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, *, accum: bool = False) -> NamedSharding:
-    """Rows over ("data", "fsdp", "expert"), every other dimension replicated: for [B, T, ...] batch arrays; with
-    `accum` a leading micro-batch axis [A, B, T, ...] that is not sharded."""
+    """Rows over ("data", "fsdp", "expert"), every other dimension replicated: for [B, T, ...] batch
+    arrays; with `accum` a leading micro-batch axis [A, B, T, ...] that is not sharded."""
     spec = logical_to_spec(("batch",) + (None,) * (ndim - 1), mesh=mesh)
     return NamedSharding(mesh, PartitionSpec(None, *spec) if accum else spec)
 

@@ -70,7 +70,9 @@ def moe_settings(config, model_config) -> MoESettings | None:
                                     ("model.freeze_router", m.freeze_router, False),
                                     ("mesh.expert", config.mesh.expert, 1)):  # fmt: skip
             if value != unset:
-                raise ConfigError(f"{field}={value}: {where} is a dense {model_config.family} model (no experts)")
+                raise ConfigError(
+                    f"{field}={value}: {where} is a dense {model_config.family} model (no experts)"
+                )
         return None
     X = config.mesh.expert
     if X > 1 and model_config.num_experts % X:

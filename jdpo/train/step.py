@@ -208,7 +208,9 @@ def _train_step_fn(s: StepSettings, tx, schedule, param_sh) -> Callable:
             grads = jax.tree.map(lambda x: x.astype(jnp.float32), g)
         else:
             sums_shape = jax.eval_shape(
-                lambda: _micro_loss(s, params, ref_params, base, first, moments0, step_key, beta, aux_weight)[1][0]
+                lambda: _micro_loss(s, params, ref_params, base, first, moments0, step_key, beta, aux_weight)[
+                    1
+                ][0]
             )
             carry0 = (
                 jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),

@@ -49,8 +49,8 @@ from jdpo.train.online import OnlineData
 from jdpo.train.reference import Reference, cache_dir_of, initial_reference_params
 from jdpo.train.reference_update import UpdateSchedule
 from jdpo.train.resume import RunCheckpoints, RunMeta
-from jdpo.train.run_data import OfflineData, check_batch_rows, decide_shared_prompt, layout_key
 from jdpo.train.router_loss import moe_settings
+from jdpo.train.run_data import OfflineData, check_batch_rows, decide_shared_prompt, layout_key
 from jdpo.train.runlock import RunLock
 from jdpo.train.state import frozen_parts, initial_state
 from jdpo.train.step import StepSettings, compiled_steps
