@@ -168,7 +168,7 @@ def from_pretrained(path, *, options: ModelOptions | None = None, mesh=None):
                 var = params.pop(model_path, None)
                 if var is None:
                     raise CheckpointError(f"weight table names {model_path}, which the model does not have")
-                tensors = jax.tree.map(lambda k, p=model_path: open_tensor(k, spec.hf_shape, p), keys)
+                tensors = jax.tree.map(lambda k, p=model_path, s=spec: open_tensor(k, s.hf_shape, p), keys)
                 dense = quantized.get(model_path)
                 shape = var.get_value().shape
                 if dense is not None:
