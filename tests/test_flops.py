@@ -279,3 +279,17 @@ def test_token_counts_of_a_model_mixing_sliding_and_full_layers_credit_each_laye
     # All sliding (mistral): the window's count; none: the full count.
     assert token_counts(batch, sliding_window=4, sliding_layers=(True, True)).attended_keys == windowed
     assert token_counts(batch, sliding_window=4, sliding_layers=(False, False)).attended_keys == full
+
+
+def test_moe_matmul_params_count_the_active_experts():
+    """A mixture of experts is credited with the router and the k experts a token runs, from a
+    ModelConfig or its config.json alike (Mixtral-8x7B: 12.88B active = matmul params + the embedding
+    + norms)."""
+    from jdpo.models import ModelConfig
+
+    hf = dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+              num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+              num_experts_per_tok=2)  # fmt: skip
+    config = ModelConfig.from_hf(hf)
+    embedding, norms = 32000 * 4096, 4096 * (2 * 32 + 1)
+    assert F.matmul_params(config) == F.matmul_params(hf) == config.num_active_params() - embedding - norms

@@ -195,3 +195,30 @@ def test_cli(tmp_path, capsys):
     assert rc == 0 and "fits: yes" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli.main(["plan", "--device-memory", "h100"])  # no model
+
+
+def test_moe_experts_shard_over_the_expert_axis_and_the_dispatch_buffers_count():
+    """A mixtral-shaped TINY (4 experts of 32, top 2): every expert parameter counted, sharded over
+    mesh.expert (which also splits the rows), the active parameters named, and the dispatch buffers of
+    the k assignments per token in the activations (X k (2D + 3F) per MoE layer and token)."""
+    import dataclasses
+
+    moe = dataclasses.replace(TINY, family="mixtral", num_experts=4, experts_per_token=2,
+                              moe_intermediate_size=32, norm_topk_prob=True)  # fmt: skip
+    experts = 2 * (16 * 4 + 4 * 3 * 16 * 32)  # router + 4 experts, per layer
+    assert moe.num_params() == TINY_PARAMS - 2 * 1536 + experts
+    one = plan.plan_memory(moe, tiny_cfg(**{"mesh.fsdp": 1}), num_devices=1)
+    assert one.num_params == moe.num_params() and "active: 2 of 4 experts" in one.rows[0][2]
+    ep = plan.plan_memory(moe, tiny_cfg(**{"mesh.fsdp": 1, "mesh.expert": 4, "train.batch_rows": 4}),
+                          num_devices=4)  # fmt: skip
+    expert_kernels = 2 * 3 * 4 * 16 * 32
+    assert one.part("parameters") - ep.part("parameters") == expert_kernels * 3 // 4 * 4  # float32
+    assert ep.rows_per_device == 1 and ep.expert == 4
+    dense = plan.plan_memory(TINY, tiny_cfg(**{"mesh.fsdp": 1}), num_devices=1)
+    # per token and layer: k (2D + 3F_e) dispatch elements + 2E for the float32 probabilities, in place
+    # of the gated MLP's 3F; L = 2 layers, 4 bytes
+    more = (2 * (2 * 16 + 3 * 32) + 2 * 4) - 3 * 32
+    assert (
+        one.part("activations") - dense.part("activations")
+        == one.rows_per_device * one.row_length * 2 * more * 4
+    )

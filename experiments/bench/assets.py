@@ -12,7 +12,9 @@ and TRL tokenise every pair to the same ids. The length mixes (`LENGTHS`):
   - uniform: short and even, prompts uniform in [17, 49] tokens (mean 33), completions in [25, 57]
     (mean 41), max_length 256.
 The model sizes (`MODELS`): 50m (hidden 512, 6 layers: 52.0M parameters) and 20m (hidden 256, 4
-layers: 19.6M), both vocab 32k with an untied unembedding. The model is the same checkpoint for both.
+layers: 19.6M), both vocab 32k with an untied unembedding; moe20m: 20m with each MLP replaced by 8
+Mixtral experts of half its width, top-2 (the same active size, 4 x the MLP parameters). The model is
+the same checkpoint for both.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ VOCAB_SIZE = 32000
 MODELS = {
     "50m": dict(hidden_size=512, intermediate_size=1408, num_layers=6, num_heads=8, num_kv_heads=8),
     "20m": dict(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4, num_kv_heads=4),
+    # A mixture of experts with 20m's active size: 8 experts of 344, top-2 (2 x 344 = 688 per token).
+    "moe20m": dict(hidden_size=256, intermediate_size=344, num_layers=4, num_heads=4, num_kv_heads=4,
+                   family="mixtral", num_experts=8, experts_per_token=2, moe_intermediate_size=344,
+                   norm_topk_prob=True),  # fmt: skip
 }
 
 #: (max_length: prompt + one completion, max_prompt_length) per length mix.
@@ -117,8 +123,9 @@ def build(
         from jdpo.models import ModelConfig, init_model, save_pretrained
 
         tok = make_tokenizer()
+        sizes = dict(MODELS[model_size])
         config = ModelConfig(
-            family="llama",
+            family=sizes.pop("family", "llama"),
             vocab_size=VOCAB_SIZE,
             head_dim=MODELS[model_size]["hidden_size"] // MODELS[model_size]["num_heads"],
             rms_norm_eps=1e-5,
@@ -127,7 +134,7 @@ def build(
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
-            **MODELS[model_size],
+            **sizes,
         )
         save_pretrained(init_model(config, seed=seed), model_dir, tokenizer=tok)
     return {"model": model_dir, "data": data}
@@ -139,6 +146,6 @@ if __name__ == "__main__":
     ap.add_argument("--pairs", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lengths", choices=sorted(LENGTHS), default="hh")
-    ap.add_argument("--model-size", choices=sorted(MODELS), default="50m")
+    ap.add_argument("--model-size", choices=sorted(MODELS), default="50m")  # moe20m: the MoE bench
     a = ap.parse_args()
     print(build(a.out, a.pairs, seed=a.seed, lengths=a.lengths, model_size=a.model_size))

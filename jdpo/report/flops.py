@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
+from jdpo.models.config import ModelConfig
 from jdpo.parallel import distributed
 from jdpo.report.metrics import MFU, PADDING_FRACTION, STEP_TIME, TOKENS_PER_SEC
 
@@ -61,6 +62,8 @@ def _mlp_matmul_params(cfg: Any, L: int, D: int, F: int) -> int:
     """The MLPs' matmul parameters per token: 3 D F a layer; an MoE layer (a `ModelConfig` with experts)
     its router (D E) and the k experts a token runs (3 D F_e k), not all E: the active parameters, so the
     MFU of an MoE model credits the work it does."""
+    if isinstance(cfg, Mapping) and (cfg.get("num_experts") or cfg.get("num_local_experts")):
+        cfg = ModelConfig.from_hf(dict(cfg))  # a HF config.json of an MoE family: its expert fields
     experts = getattr(cfg, "expert_layers", None)
     if not experts or not getattr(cfg, "num_experts", 0):
         return L * 3 * D * F
