@@ -13,6 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from test_models_hf_parity import _hf_logits, _max_diff  # noqa: E402
+
 from jdpo.errors import ConfigError  # noqa: E402
 from jdpo.models import ModelConfig, ModelOptions, from_pretrained, save_pretrained  # noqa: E402
 from jdpo.models.config import ModelConfigError  # noqa: E402
@@ -45,15 +47,6 @@ def _inputs():
     ids = np.random.RandomState(0).randint(0, V, (B, T)).astype(np.int64)
     mask = (np.arange(T)[None, :] < np.array(LENGTHS)[:, None]).astype(np.int64)
     return ids, mask
-
-
-def _hf_logits(model, ids, mask):
-    with torch.no_grad():
-        return model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
-
-
-def _max_diff(a, b, mask):
-    return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))[mask.astype(bool)].max())
 
 
 def hf_moe_model(model_type: str, **overrides):
