@@ -250,8 +250,8 @@ def _rope(params: dict, hf: dict, field: str) -> dict:
     # YaRN is checked against transformers for gpt_oss only; elsewhere it stays refused
     if rope_type not in ROPE_TYPES or (rope_type == "yarn" and hf.get("model_type") != "gpt_oss"):
         raise ModelConfigError(
-            f"{field}.rope_type={rope_type!r} is not implemented (supported: {', '.join(ROPE_TYPES)}; yarn on "
-            "gpt_oss)"
+            f"{field}.rope_type={rope_type!r} is not implemented (supported: {', '.join(ROPE_TYPES)}; "
+            "yarn on gpt_oss)"
         )
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise ModelConfigError(f"{field}.partial_rotary_factor={params['partial_rotary_factor']} is not "
