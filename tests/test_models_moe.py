@@ -29,10 +29,9 @@ BASE = dict(
     num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
 )  # fmt: skip
 CASES = {
-    # a dense layer among the MoE ones, renormalised top-k
-    "qwen3_moe_mlp_only": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-                                             mlp_only_layers=[1], norm_topk_prob=True)),
-    "qwen3_moe": ("qwen3_moe", dict(num_experts=6, num_experts_per_tok=3, moe_intermediate_size=16)),
+    # a dense layer among the MoE ones, top-3 of 6 without renormalising (mixtral renormalises)
+    "qwen3_moe_mlp_only": ("qwen3_moe", dict(num_experts=6, num_experts_per_tok=3, moe_intermediate_size=16,
+                                             mlp_only_layers=[1], norm_topk_prob=False)),
     "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=5)),
     # sliding / full layers, attention sinks, biases, the clamped SwiGLU (a low limit so it clamps), YaRN
     "gpt_oss": ("gpt_oss", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=4,

@@ -88,34 +88,33 @@ def test_aux_loss_equals_transformers(model_type, overrides, tmp_path):
     ) != pytest.approx(got)
 
 
+def _router_and_experts(tr):
+    model = tr.model()
+    mlp = model.layers[0].mlp
+    return np.asarray(mlp.router.kernel[...]), np.asarray(mlp.experts.up_proj[...])
+
+
 def test_aux_loss_enters_the_training_loss_with_its_metrics(moe_assets, tmp_path):
-    """The coefficient defaults to the checkpoint's (0.02): step 1's loss is ln 2 (policy == reference)
-    plus 0.02 x aux_loss (the reference pass has none: its log-probs equal the policy's)."""
+    """The coefficient defaults to the checkpoint's (0.02): step 1's loss is ln 2 (policy == reference:
+    the reference pass has no aux term) plus 0.02 x aux_loss; the router trains."""
     tr = train.Trainer(make_config(moe_assets, tmp_path / "a"), mesh=one_device())
     assert tr.moe.aux_loss_coef == 0.02
+    router0, _ = _router_and_experts(tr)
     first, second = steps(tr, 2)
     assert first["aux_loss"] > 0 and first["moe/expert_load_max"] >= 1.0 >= first["moe/expert_load_min"] >= 0
     assert first["loss"] == pytest.approx(math.log(2) + 0.02 * first["aux_loss"], abs=1e-6)
-
-
-def _router_and_experts(tr):
-    model = tr.model()
-    return np.asarray(model.layers[0].mlp.router.kernel[...]), np.asarray(
-        model.layers[0].mlp.experts.up_proj[...]
-    )
+    assert second["loss"] != pytest.approx(first["loss"], abs=1e-6)
+    assert not np.array_equal(_router_and_experts(tr)[0], router0)  # so freezing it is a real test
 
 
 def test_freeze_router_leaves_the_router_bitwise_unchanged(moe_assets, tmp_path):
-    over = {"model.router_aux_loss_coef": 0.1, "optim.weight_decay": 0.1}
-    frozen = train.Trainer(make_config(moe_assets, tmp_path / "f", **over, **{"model.freeze_router": True}),
-                           mesh=one_device())  # fmt: skip
+    """With a large aux coefficient and weight decay, the router still does not move; the experts do."""
+    over = {"model.router_aux_loss_coef": 0.1, "optim.weight_decay": 0.1, "model.freeze_router": True}
+    frozen = train.Trainer(make_config(moe_assets, tmp_path / "f", **over), mesh=one_device())
     router0, experts0 = _router_and_experts(frozen)
     steps(frozen, 2)
     router1, experts1 = _router_and_experts(frozen)
     assert np.array_equal(router0, router1) and not np.array_equal(experts0, experts1)
-    free = train.Trainer(make_config(moe_assets, tmp_path / "u", **over), mesh=one_device())
-    steps(free, 1)
-    assert not np.array_equal(_router_and_experts(free)[0], router0)  # the test can fail
 
 
 def test_moe_settings_refused_on_a_dense_model(assets, tmp_path):
@@ -170,7 +169,15 @@ def test_expert_parallel_run_matches_one_device(moe_assets, tmp_path):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
 
 
-def test_lora_on_an_moe_model_adapts_the_attention_and_refuses_the_experts(moe_assets, tmp_path):
+def test_lora_on_the_experts_is_refused_before_the_model_loads(moe_assets, tmp_path):
+    with pytest.raises(
+        ConfigError, match="lora.targets: 'gate_proj' on qwen3_moe is an MoE layer's experts'"
+    ):
+        train.Trainer(make_config(moe_assets, tmp_path / "experts", **{"lora.rank": 4}), mesh=one_device())
+
+
+@pytest.mark.slow  # 33 s; the refusal above and the attention LoRA of the dense models' tests are fast
+def test_lora_on_an_moe_model_adapts_the_attention(moe_assets, tmp_path):
     over = {"lora.rank": 4, "lora.targets": ["q_proj", "k_proj", "v_proj", "o_proj"], "train.max_steps": 1}
     result = train.run(
         make_config(moe_assets, tmp_path / "lora", **over, **{"train.export": True}), mesh=one_device()
@@ -178,7 +185,3 @@ def test_lora_on_an_moe_model_adapts_the_attention_and_refuses_the_experts(moe_a
     assert result.step == 1 and (result.final_dir / "adapter_model.safetensors").exists()
     merged, config = from_pretrained(result.final_dir.parent / "final_merged")
     assert config.num_experts == 4
-    with pytest.raises(
-        ConfigError, match="lora.targets: 'gate_proj' on qwen3_moe is an MoE layer's experts'"
-    ):
-        train.Trainer(make_config(moe_assets, tmp_path / "experts", **{"lora.rank": 4}), mesh=one_device())
