@@ -14,6 +14,7 @@ from jdpo.losses import logprobs
 from jdpo.parallel.sharding import make_mesh
 from jdpo.scoring.forward import PairLogps
 from jdpo.train import refcache
+from jdpo.train.fingerprint import weights_fingerprint
 from jdpo.train import trainer as train
 
 
@@ -95,17 +96,17 @@ def test_weights_fingerprint_is_sharding_invariant_and_sensitive():
     one = {"w": jax.device_put(x, jax.devices()[0]), "b": jax.numpy.ones((3,), jax.numpy.bfloat16)}
     mesh = make_mesh(1, 8, 1)
     sharded = {"w": jax.device_put(x, NamedSharding(mesh, PartitionSpec("fsdp"))), "b": one["b"]}
-    assert refcache.weights_fingerprint(one) == refcache.weights_fingerprint(sharded)
+    assert weights_fingerprint(one) == weights_fingerprint(sharded)
     y = x.copy()
     y[17, 3] = np.nextafter(y[17, 3], np.float32(np.inf))  # one ulp in one element
-    assert refcache.weights_fingerprint({**one, "w": jax.numpy.asarray(y)}) != refcache.weights_fingerprint(
+    assert weights_fingerprint({**one, "w": jax.numpy.asarray(y)}) != weights_fingerprint(
         one
     )
     swapped = x.copy()
     swapped[[0, 1]] = swapped[[1, 0]]  # same multiset of values, other positions
-    assert refcache.weights_fingerprint(
+    assert weights_fingerprint(
         {**one, "w": jax.numpy.asarray(swapped)}
-    ) != refcache.weights_fingerprint(one)
+    ) != weights_fingerprint(one)
 
 
 def test_lookup_and_save_roundtrip(tmp_path):

@@ -46,7 +46,6 @@ import numpy as np
 from jdpo.parallel import distributed
 from jdpo.paths import as_path, is_local
 from jdpo.scoring.forward import PairLogps
-from jdpo.train.fingerprint import weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +76,13 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
-def ingredients(params: Any, *, model_config: dict, tokenizer: Any, pairs: Any, settings: dict) -> dict:
+def ingredients(weights: str, *, model_config: dict, tokenizer: Any, pairs: Any, settings: dict) -> dict:
     """What a split's reference log-probs depend on, as fingerprints (the arguments of `cache_key`):
-    the weights, the architecture (`ModelConfig.to_hf()`), the tokenizer, the tokenised pairs
+    the weights (`jdpo.train.fingerprint.weights_fingerprint`, computed once by the caller for every
+    split), the architecture (`ModelConfig.to_hf()`), the tokenizer, the tokenised pairs
     (`TokenizedPairs`) and the length / dtype settings."""
     return {
-        "weights": weights_fingerprint(params),
+        "weights": weights,
         "model_config": model_config,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "pairs": pairs.fingerprint(),
@@ -224,7 +224,7 @@ def load_or_compute(
 
 
 def for_split(
-    params: Any,
+    weights: str,
     pairs: Any,
     *,
     compute: Callable[[], PairLogps],
@@ -234,11 +234,11 @@ def for_split(
     settings: dict,
     expected: np.ndarray | None = None,
 ) -> tuple[PairLogps, bool, str]:
-    """Reference log-probs of one split (`pairs`, a TokenizedPairs) under `params`: the key from
-    `ingredients`, then `load_or_compute` (`expected`: [N] bool, the pairs the batches hold).
+    """Reference log-probs of one split (`pairs`, a TokenizedPairs) under the weights whose fingerprint
+    is `weights`: the key from `ingredients`, then `load_or_compute` (`expected`: [N] bool, the pairs the batches hold).
     Returns (ref_logps, reused, key)."""
     parts = ingredients(
-        params, model_config=model_config, tokenizer=tokenizer, pairs=pairs, settings=settings
+        weights, model_config=model_config, tokenizer=tokenizer, pairs=pairs, settings=settings
     )
     key = cache_key(**parts)
     ref, reused = load_or_compute(

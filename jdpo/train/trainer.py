@@ -125,7 +125,9 @@ class Trainer:
         # Reference log-probs of the initial weights, before the first step donates them.
         ref_params = initial_reference_params(c, params, lora_run=base is not None, dtype=self.dtype,
                                               model_config=self.model_config, mesh=self.mesh)  # fmt: skip
-        self.reference.prepare(ref_params, base)
+        # Full fine-tuning from model.path: the reference weights are the base just fingerprinted.
+        same = base is None and ref_params is params
+        self.reference.prepare(ref_params, base, weights=self.base_fingerprint if same else None)
         self.state = initial_state(self.steps, params, seed=c.train.seed, base=base, dpo=c.dpo,
                                    ref_params=ref_params if c.dpo.reference == "online" else None)  # fmt: skip
         self.frozen = frozen_parts(self.reference_updates.moves and c.dpo.reference == "online")
