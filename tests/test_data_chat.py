@@ -91,7 +91,9 @@ def test_tools_tool_calls_and_results_render_through_the_template(kind):
     if kind == "qwen3":  # reasoning kept in the completion: chosen and rejected differ in it
         assert "the tool said sunny" in tok.decode(pairs[0]["chosen_ids"])
         assert "I guess rain" in tok.decode(pairs[0]["rejected_ids"])
-        assert "add them" in tok.decode(pairs[2]["chosen_ids"]) and "guess" in tok.decode(pairs[2]["rejected_ids"])
+        assert "add them" in tok.decode(pairs[2]["chosen_ids"]) and "guess" in tok.decode(
+            pairs[2]["rejected_ids"]
+        )
 
 
 def test_enable_thinking_from_the_run_and_per_row():
@@ -144,7 +146,10 @@ def test_rows_carry_tools_kwargs_and_message_fields_from_files(tmp_path):
     recs = load_preferences(write_jsonl(tmp_path / "tools.jsonl", rows))
     assert recs[0]["tools"] == [WEATHER] and recs[0]["chat_template_kwargs"] == {"enable_thinking": True}
     assert recs[0]["chosen"][0]["reasoning_content"] == "the tool said sunny"
-    assert recs[0]["prompt"][2]["tool_calls"] == [call("Paris")] and recs[0]["prompt"][3]["name"] == "get_weather"
+    assert (
+        recs[0]["prompt"][2]["tool_calls"] == [call("Paris")]
+        and recs[0]["prompt"][3]["name"] == "get_weather"
+    )
     assert recs[1]["chosen"][0] == {"role": "assistant", "content": "", "tool_calls": [call("Rome")]}
     assert recs[1]["tools"] == [WEATHER]
     pairs, report = tokenize_preferences(recs, chat_tokenizer("qwen3"))
@@ -161,8 +166,18 @@ def test_rows_carry_tools_kwargs_and_message_fields_from_files(tmp_path):
 def test_a_template_that_cannot_render_tools_is_refused_naming_the_line(tmp_path, skip_bad_rows):
     plain = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "a"}],
              "rejected": [{"role": "assistant", "content": "b"}]}  # fmt: skip
-    path = write_jsonl(tmp_path / "mix.jsonl", [plain, plain, {**CALL_RECORD, "chosen": CALL_RECORD["rejected"],
-                                                           "rejected": [{"role": "assistant", "content": "c"}]}])
+    path = write_jsonl(
+        tmp_path / "mix.jsonl",
+        [
+            plain,
+            plain,
+            {
+                **CALL_RECORD,
+                "chosen": CALL_RECORD["rejected"],
+                "rejected": [{"role": "assistant", "content": "c"}],
+            },
+        ],
+    )
     recs = load_preferences(path)
     chatml = make_tokenizer("chatml")  # renders role and content only
     with pytest.raises(DataError, match=r"mix\.jsonl:3: .*does not render tools"):
@@ -170,7 +185,9 @@ def test_a_template_that_cannot_render_tools_is_refused_naming_the_line(tmp_path
     # Reasoning a template drops, and tool calls, are refused the same way; so is a tokenizer without one.
     think = write_jsonl(tmp_path / "think.jsonl", [plain, TOOL_RECORD | {"tools": None}])
     # (ChatML writes a tool turn's content like any other turn: tool results are not refused.)
-    with pytest.raises(DataError, match=r"think\.jsonl:2: .*does not render tool_calls, reasoning_content \("):
+    with pytest.raises(
+        DataError, match=r"think\.jsonl:2: .*does not render tool_calls, reasoning_content \("
+    ):
         tokenize_preferences(load_preferences(think), chatml)
     with pytest.raises(DataError, match=r"mix\.jsonl:3: tools need a chat template"):
         tokenize_preferences(recs, make_tokenizer(None))
@@ -178,3 +195,70 @@ def test_a_template_that_cannot_render_tools_is_refused_naming_the_line(tmp_path
         encode_prompts(chatml, [[{"role": "user", "content": "hi"}]], options=[{"tools": [WEATHER]}])
     # The same rows through a template that renders them are fine.
     tokenize_preferences(recs, chat_tokenizer("llama31"))
+
+
+def test_data_chat_template_kwargs_setting():
+    from jdpo.config import ConfigError, load_config
+
+    cfg = load_config(None, ["--data.chat_template_kwargs", '{"enable_thinking": false}'])
+    assert cfg.data.chat_template_kwargs == {"enable_thinking": False}
+    assert hash(cfg.data) == hash(
+        load_config(None, ["--data.chat_template_kwargs={enable_thinking: false}"]).data
+    )
+    with pytest.raises(TypeError, match="cannot be changed"):
+        cfg.data.chat_template_kwargs["enable_thinking"] = True
+    with pytest.raises(ConfigError, match="data.chat_template_kwargs: expected a mapping"):
+        load_config(None, ["--data.chat_template_kwargs", "[1, 2]"])
+    assert load_config().data.chat_template_kwargs == {}
+
+
+def test_yaml_mapping_round_trips(tmp_path):
+    from jdpo.config import dump, load_config
+
+    (tmp_path / "run.yaml").write_text("data:\n  chat_template_kwargs: {enable_thinking: false, depth: 2}\n")
+    cfg = load_config(tmp_path / "run.yaml")
+    dump(cfg, tmp_path / "again.yaml")
+    assert load_config(tmp_path / "again.yaml") == cfg
+    assert cfg.data.chat_template_kwargs == {"enable_thinking": False, "depth": 2}
+
+
+def test_online_and_generate_prompt_rows_carry_their_chat_fields(tmp_path):
+    from jdpo.scoring.generate import read_prompts
+    from jdpo.train import online
+
+    rows = [{"messages": TOOL_PROMPT, "tools": [WEATHER]},
+            {"prompt": "plain"}, {"prompt": [{"role": "user", "content": "2+2?"}],
+                                  "chat_template_kwargs": {"enable_thinking": False}}]  # fmt: skip
+    path = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    prompts, wheres, options = online.read_prompts(path)
+    assert prompts[0][2]["tool_calls"] == [call("Paris")] and options[0] == {"tools": [WEATHER]}
+    assert options[1] == {} and options[2] == {"chat_template_kwargs": {"enable_thinking": False}}
+    assert read_prompts(path, with_options=True) == (prompts, options)
+    # The prompts' ids are those of a record's prompt with the same fields.
+    tok = chat_tokenizer("qwen3")
+    ids = online._encode(tok, prompts, wheres, 256, options=options)
+    assert "get_weather" in tok.decode(ids[0]) and tok.decode(ids[2]).endswith("</think>\n\n")
+    with pytest.raises(DataError, match=r"prompts\.jsonl:1: .*does not render tools"):
+        online._encode(make_tokenizer("chatml"), prompts, wheres, 256, options=options)
+
+
+def test_generate_flag_parses_or_defaults_to_the_run(tmp_path):
+    import argparse
+
+    from jdpo.commands.cli_inference import chat_template_kwargs
+    from jdpo.config import dump, load_config
+
+    parser = argparse.ArgumentParser()
+    args = argparse.Namespace(
+        chat_template_kwargs='{"enable_thinking": false}', model=str(tmp_path / "final")
+    )
+    assert chat_template_kwargs(args, parser) == {"enable_thinking": False}
+    args.chat_template_kwargs = None
+    assert chat_template_kwargs(args, parser) == {}  # not a run's export
+    dump(
+        load_config(None, ["--data.chat_template_kwargs={enable_thinking: false}"]), tmp_path / "config.yaml"
+    )
+    assert chat_template_kwargs(args, parser) == {"enable_thinking": False}  # the run's setting
+    args.chat_template_kwargs = "[1]"
+    with pytest.raises(SystemExit):
+        chat_template_kwargs(args, parser)

@@ -107,8 +107,10 @@ def features_used(messages: Sequence[Sequence[dict]], options: Mapping) -> list[
 
 def message_is_empty(m: Mapping) -> bool:
     """A message with nothing to train on: no content, no tool call, no reasoning."""
-    return not (m.get("content") or "").strip() and not m.get("tool_calls") and not any(
-        m.get(f) for f in REASONING_FIELDS
+    return (
+        not (m.get("content") or "").strip()
+        and not m.get("tool_calls")
+        and not any(m.get(f) for f in REASONING_FIELDS)
     )
 
 
@@ -131,8 +133,9 @@ class TemplateFeatures:
             found = {
                 "tools": self._shows([user], {**base, "tools": [_PROBE_TOOL]}, _PROBE, True),
                 "tool_calls": self._shows([user, call], base, _PROBE, False),
-                "tool results": self._shows([user, call, result], {**base, "tools": [_PROBE_TOOL]},
-                                            _PROBE + "_result", True),  # fmt: skip
+                "tool results": self._shows(
+                    [user, call, result], {**base, "tools": [_PROBE_TOOL]}, _PROBE + "_result", True
+                ),  # fmt: skip
             }
             for f in REASONING_FIELDS:
                 turn = {"role": "assistant", "content": "a", f: _PROBE + "_reasoning"}

@@ -257,8 +257,10 @@ class _Renderer:
         if not used:
             return None
         what = "text records" if self.has_template else "the tokenizer has no chat template; it"
-        return (f"{', '.join(used)} need a chat template and message records ({what} cannot show them): "
-                "use message lists and a tokenizer with a chat template that renders them")
+        return (
+            f"{', '.join(used)} need a chat template and message records ({what} cannot show them): "
+            "use message lists and a tokenizer with a chat template that renders them"
+        )
 
     def _completion(
         self, prompt: list[dict], prompt_text: str, completion: list[dict], options: Mapping | None = None

@@ -104,9 +104,8 @@ class OfflineData:
         c, d = config, config.data
         records, held, dropped = _records(c)
         tokenize = unpaired_data.tokenizer_for(c.dpo, seed=c.train.seed)
-        kw = dict(
-            max_length=d.max_length, max_prompt_length=d.max_prompt_length, skip_bad_rows=d.skip_bad_rows
-        )
+        kw = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+                  skip_bad_rows=d.skip_bad_rows, chat_template_kwargs=d.chat_template_kwargs)  # fmt: skip
         train_pairs, train_report = tokenize(records, tokenizer, **kw)
         # data.eval given: its split is checked even when the readers left nothing of it.
         eval_pairs, eval_report = tokenize(held, tokenizer, **kw) if held or d.eval else (None, None)
