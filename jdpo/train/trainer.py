@@ -106,8 +106,11 @@ class Trainer:
         # The data before the model: a bad line or an empty split costs seconds, not a model load.
         shared_prompt = decide_shared_prompt(c, self.hf_model_config)
         check_batch_rows(c, self.mesh)
-        source = OnlineData if c.dpo.online else OfflineData
-        self.data = source.load(c, self.tokenizer, mesh=self.mesh, shared_prompt=shared_prompt)
+        if c.dpo.online:
+            self.data = OnlineData.load(c, self.tokenizer, mesh=self.mesh, shared_prompt=shared_prompt)
+        else:  # tokenised once, then from the cache beside the reference cache (`jdpo.train.token_cache`)
+            self.data = OfflineData.load(c, self.tokenizer, mesh=self.mesh, shared_prompt=shared_prompt,
+                                         cache_dir=cache_dir_of(c, self.output_dir))  # fmt: skip
         params, base = self._load_model()
         self.settings = StepSettings(
             graphdef=self.graphdef, mesh=self.mesh, abstract_params=_flat(params), loss=c.dpo.loss_spec(),
