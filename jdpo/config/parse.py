@@ -42,7 +42,7 @@ RESUMABLE_CHANGES = frozenset({
     "train.output_dir", "train.eval_every", "train.save_every", "train.keep_checkpoints",
     "train.log_every", "train.export", "train.early_stop_patience", "train.early_stop_accuracy",
     "train.allow_config_change", "train.allow_base_change", "train.keep_best", "train.divergence_factor",
-    "train.max_param_abs",
+    "train.max_param_abs", "train.push_to_hub", "train.hub_private", "train.hub_revision",
     "dpo.cache_dir", "data.token_cache", "train.compile_cache", "model.remat", "model.attention",
     "model.attention_block", "mesh.data", "mesh.fsdp", "mesh.tensor", "logging.console",
     "logging.tensorboard", "logging.wandb", "logging.wandb_project",
