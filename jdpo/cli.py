@@ -414,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--debug",
             action="store_true",
             help="Show the Python traceback of an input error (also with JDPO_DEBUG=1); without it such "
-            f"an error is one message and exit status {EXIT_USER_ERROR} (a diverged run: {EXIT_DIVERGED}).",
+            f"an error is one message and exit status {EXIT_USER_ERROR} (a diverged run: {EXIT_DIVERGED}; a "
+            f"failed Hub upload after the export: {EXIT_UPLOAD_FAILED}).",
         )
     return parser
 

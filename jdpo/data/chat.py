@@ -52,29 +52,26 @@ def _decoded(value: Any) -> Any:
     return value.tolist() if hasattr(value, "tolist") else value
 
 
+def _checked(row: Mapping, name: str, ok, want: str, where: str) -> Any:
+    """The row's field `name` decoded, None when absent, null or empty; a `DataError` unless `ok(value)`."""
+    value = _decoded(row.get(name))
+    if value is None:
+        return None
+    if not ok(value):
+        raise DataError(f"{where}: field {name!r} must be {want}, got {value!r:.80}")
+    return value or None
+
+
 def read_chat_fields(row: Mapping, where: str) -> dict:
     """The row's `tools` and `chat_template_kwargs` (those present and not null), checked: tools a list of
     objects, the kwargs an object with text keys. A bad one is a `DataError` naming the row and field."""
-    out: dict[str, Any] = {}
-    tools = _decoded(row.get("tools"))
-    if tools is not None:
-        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-            raise DataError(
-                f"{where}: field 'tools' must be a list of JSON-schema function definitions (objects), got "
-                f"{tools!r:.80}"
-            )
-        if tools:
-            out["tools"] = tools
-    kwargs = _decoded(row.get("chat_template_kwargs"))
-    if kwargs is not None:
-        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
-            raise DataError(
-                f"{where}: field 'chat_template_kwargs' must be an object of template arguments (e.g. "
-                f'{{"enable_thinking": false}}), got {kwargs!r:.80}'
-            )
-        if kwargs:
-            out["chat_template_kwargs"] = kwargs
-    return out
+    tools = _checked(row, "tools", lambda v: isinstance(v, list) and all(isinstance(t, dict) for t in v),
+                     "a list of JSON-schema function definitions (objects)", where)  # fmt: skip
+    kwargs = _checked(row, "chat_template_kwargs",
+                      lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
+                      'an object of template arguments (e.g. {"enable_thinking": false})', where)  # fmt: skip
+    fields = {"tools": tools, "chat_template_kwargs": kwargs}
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def chat_fields(record: Mapping) -> dict:
