@@ -122,3 +122,19 @@ def test_a_damaged_entry_is_found_and_rebuilt(run, tmp_path, caplog):
     assert splits is None and "do not give the 40 pairs" in problem
     assert not load(config(), tok, cache).tokens_reused
     assert token_cache.load(entry, key)[0] is not None
+
+
+def test_a_directory_source_is_keyed_by_every_file_in_it(tmp_path):
+    """A `datasets` directory (or a directory of data files) is hashed file by file with relative paths."""
+    d = tmp_path / "saved"
+    (d / "train").mkdir(parents=True)
+    (d / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    (d / "train" / "data-00000-of-00001.arrow").write_bytes(b"rows")
+    first = token_cache.source_fingerprint(str(d))
+    assert first == token_cache.source_fingerprint(str(d))
+    (d / "train" / "data-00000-of-00001.arrow").write_bytes(b"other rows")
+    second = token_cache.source_fingerprint(str(d))
+    assert second != first
+    (d / "train" / "data-00000-of-00001.arrow").rename(d / "train" / "data.arrow")  # same bytes, other name
+    assert token_cache.source_fingerprint(str(d)) not in (first, second, None)
+    assert token_cache.source_fingerprint("someone/hub-dataset") is None
