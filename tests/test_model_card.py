@@ -9,7 +9,7 @@ import re
 
 import pytest
 import yaml
-from helpers import one_device, run_config
+from helpers import run_config
 
 from jdpo import config as jconfig
 from jdpo.errors import EXIT_UPLOAD_FAILED, HubUploadError
@@ -36,7 +36,7 @@ def test_card_header_settings_metrics_and_loading(base, tmp_path):
     local = tmp_path / "prefs.jsonl"
     local.write_text("{}\n")
     cfg = jconfig.replace(jconfig.Config(), **{
-        "model.path": str(base), "data.train": [f"someone/prefs:1000", str(local)],
+        "model.path": str(base), "data.train": ["someone/prefs:1000", str(local)],
         "data.eval": ["someone/prefs-test"], "lora.rank": 8, "lora.quantize": "nf4", "dpo.beta": 0.2,
         "data.chat_template_kwargs": "{enable_thinking: false}",
     })  # fmt: skip
@@ -46,8 +46,13 @@ def test_card_header_settings_metrics_and_loading(base, tmp_path):
     card = ModelCard(cfg, step=4, evals=evals, best=(2, "eval/loss", 0.61))
     adapter = card.render("adapter", "final")
     h = header(adapter)
-    assert h["base_model"] == "SomeOrg/Tiny-1B" and h["library_name"] == "peft" and h["license"] == "apache-2.0"
-    assert h["tags"] == ["dpo", "jdpo", "sigmoid", "lora"] and h["datasets"] == ["someone/prefs", "someone/prefs-test"]
+    assert (
+        h["base_model"] == "SomeOrg/Tiny-1B" and h["library_name"] == "peft" and h["license"] == "apache-2.0"
+    )
+    assert h["tags"] == ["dpo", "jdpo", "sigmoid", "lora"] and h["datasets"] == [
+        "someone/prefs",
+        "someone/prefs-test",
+    ]
     assert "| beta | 0.2 |" in adapter and "{'enable_thinking': False}" in adapter
     assert "| eval/loss | 0.65 | 0.61 |" in adapter  # final (step 4) and best (step 2)
     assert "final (step 4)" in adapter and "best by eval/loss (step 2)" in adapter
@@ -70,8 +75,8 @@ def test_upload_plan_revisions_and_retries(base, tmp_path, monkeypatch):
     for d in (final, best):
         d.mkdir(parents=True)
         (d / "model.safetensors").write_bytes(b"x")
-    cfg = jconfig.replace(jconfig.Config(), **{"model.path": str(base), "train.push_to_hub": "me/tiny-dpo",
-                                               "train.hub_private": True, "train.keep_best": "eval/loss:min"})  # fmt: skip
+    hub = {"train.push_to_hub": "me/tiny-dpo", "train.hub_private": True, "train.keep_best": "eval/loss:min"}
+    cfg = jconfig.replace(jconfig.Config(), **{"model.path": str(base), **hub})
     card = ModelCard(cfg, step=4, evals={2: {"eval/loss": 0.6}}, best=(2, "eval/loss", 0.6))
     sent, failures = [], [ConnectionError("no route"), TimeoutError("slow")]
 
@@ -98,7 +103,9 @@ def test_upload_plan_revisions_and_retries(base, tmp_path, monkeypatch):
         raise hub_upload.OfflineModeIsEnabled("HF_HUB_OFFLINE is set")
 
     monkeypatch.setattr(hub_upload, "upload_to_hub", refused)
-    with pytest.raises(HubUploadError, match=r"failed \(OfflineModeIsEnabled.*on disk .*hf upload me/tiny-dpo"):
+    with pytest.raises(
+        HubUploadError, match=r"failed \(OfflineModeIsEnabled.*on disk .*hf upload me/tiny-dpo"
+    ):
         hub_upload.push(cfg, card, final, None, lora_run=False, backoff_s=0)
     assert len(calls) == 1
 
@@ -127,8 +134,9 @@ def test_a_run_without_network_exports_then_fails_the_upload_with_status_4(asset
     monkeypatch.setattr(hub_upload, "BACKOFF_S", 0.0)
     monkeypatch.setattr(hub_upload, "ATTEMPTS", 2)
     out = tmp_path / "run"
-    cfg = run_config(assets, out, **{"train.max_steps": 2, "train.eval_every": 1, "train.keep_best": "eval/loss:min",
-                                     "train.push_to_hub": "me/tiny-dpo"})  # fmt: skip
+    cfg = run_config(assets, out, **{"train.max_steps": 2, "train.eval_every": 1,
+                                     "train.keep_best": "eval/loss:min", "train.push_to_hub": "me/tiny-dpo",
+                                     "mesh.data": 1, "mesh.fsdp": 1, "train.batch_rows": 4})  # fmt: skip
     jconfig.dump(cfg, tmp_path / "run.yaml")
     assert cli.main(["train", "--config", str(tmp_path / "run.yaml")]) == EXIT_UPLOAD_FAILED == 4
     err = capsys.readouterr().err
@@ -137,7 +145,7 @@ def test_a_run_without_network_exports_then_fails_the_upload_with_status_4(asset
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     loss = {r["step"]: r["eval/loss"] for r in records if "eval/loss" in r}
     best_step = json.loads((out / "best" / "best.json").read_text())["step"]
-    for name, step in (("final", 2), ("best", best_step)):
+    for name in ("final", "best"):
         text = (out / name / "README.md").read_text()
         assert header(text)["tags"][:2] == ["dpo", "jdpo"]
         assert f"| eval/loss | {loss[2]:.4g} | {loss[best_step]:.4g} |" in text

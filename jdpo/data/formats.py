@@ -2,7 +2,8 @@
 
 A record's fields are either all text (`str`) or all chat messages (`list[{"role", "content"}]`; the
 prompt holds every turn before the completion, `chosen` / `rejected` hold the completion turns, usually
-one assistant message). A row's `tools` and `chat_template_kwargs` go with its record (`jdpo.data.chat`). Formats, auto-detected from the fields of the first rows:
+one assistant message). A row's `tools` and `chat_template_kwargs` go with its record (`jdpo.data.chat`).
+Formats, auto-detected from the fields of the first rows:
 
   standard         prompt, chosen, rejected as text
   implicit_prompt  chosen, rejected as text; prompt = their longest common prefix, cut at a turn boundary
