@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jdpo.losses import logprobs
 from jdpo.parallel.sharding import make_mesh
 from jdpo.scoring.forward import PairLogps
-from jdpo.train import refcache
+from jdpo.train import refcache, token_cache
 from jdpo.train.fingerprint import weights_fingerprint
 from jdpo.train import trainer as train
 
@@ -44,7 +44,9 @@ def test_key_changes_with_weights_data_and_lengths_and_is_reused_otherwise(asset
     cache = tmp_path / "cache"
     first = trainer(a, cache)
     assert first.reference.reused == {"train": False, "eval": False}
-    assert sorted(p.name for p in cache.iterdir()) == sorted(first.reference.keys.values())
+    entries = [p.name for p in cache.iterdir() if p.name != token_cache.SUBDIR]  # the tokenised data beside
+    assert sorted(entries) == sorted(first.reference.keys.values())
+    assert first.data.tokens_reused is False and trainer(a, cache).data.tokens_reused is True
 
     again = trainer(a, cache)  # a later (or resumed) run: same key, loaded from disk
     assert again.reference.reused == {"train": True, "eval": True} and again.reference.keys == first.reference.keys
@@ -172,7 +174,7 @@ def test_a_stale_or_damaged_entry_is_never_used_and_is_replaced(assets, tmp_path
         np.testing.assert_array_equal(again.reference.train.chosen, full.reference.train.chosen)
         assert entry.read_bytes() == good  # replaced with a verified entry
         assert sorted(p.name for p in cache.iterdir()) == sorted(
-            {*short.reference.keys.values(), *full.reference.keys.values()}
+            {*short.reference.keys.values(), *full.reference.keys.values(), token_cache.SUBDIR}
         )  # no temporary or stale directories left behind
 
 
