@@ -23,7 +23,7 @@ from typing import Any
 
 from jdpo import config as C
 from jdpo.commands.cli_inference import add_eval, add_generate
-from jdpo.errors import EXIT_USER_ERROR, NonFiniteLossError, UserError
+from jdpo.errors import EXIT_UPLOAD_FAILED, EXIT_USER_ERROR, HubUploadError, NonFiniteLossError, UserError
 
 
 def format_default(value: Any) -> str:
@@ -414,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--debug",
             action="store_true",
             help="Show the Python traceback of an input error (also with JDPO_DEBUG=1); without it such "
-            f"an error is one message and exit status {EXIT_USER_ERROR} (a diverged run: {EXIT_DIVERGED}).",
+            f"an error is one message and exit status {EXIT_USER_ERROR} (a diverged run: {EXIT_DIVERGED}; a "
+            f"failed Hub upload after the export: {EXIT_UPLOAD_FAILED}).",
         )
     return parser
 
@@ -475,6 +476,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A run that diverged (NaN, a spike, runaway weights) is told apart from bad input: the input was
         # fine, the optimisation settings were not; its last good checkpoint is named in the message.
         return EXIT_DIVERGED if isinstance(e, NonFiniteLossError) else EXIT_USER_ERROR
+    except HubUploadError as e:  # the run is done and exported; only the upload failed
+        print(f"jdpo {args.command}: error: {e} (exit status {EXIT_UPLOAD_FAILED})", file=sys.stderr)
+        return EXIT_UPLOAD_FAILED
 
 
 def entry() -> None:

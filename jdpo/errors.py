@@ -8,6 +8,7 @@ anything else is a bug and keeps its traceback. No imports: the command line loa
 """
 
 EXIT_USER_ERROR = 2  # the same status argparse gives a bad command line
+EXIT_UPLOAD_FAILED = 4  # the run finished and exported, the Hub upload (train.push_to_hub) failed
 
 
 class UserError(Exception):
@@ -30,6 +31,14 @@ class DivergenceError(NonFiniteLossError):
 class NoSpaceError(UserError):
     """The filesystem of the run's output is full, or too full to start: the message names the directory,
     the space a checkpoint takes and the space free there, and what was kept."""
+
+
+class HubUploadError(RuntimeError):
+    """The upload of a finished run's export to the Hugging Face Hub failed after its retries; the export
+    is on disk and the message names it and how to upload it later. The `jdpo` command exits with
+    `EXIT_UPLOAD_FAILED`; `result` is the run's `RunResult` (set by the loop)."""
+
+    result = None
 
 
 class ExportError(UserError):

@@ -256,6 +256,21 @@ def test_chat_prompts_use_the_template_with_one_bos(llama):
     assert pieces == out[1]["completion"]
 
 
+def test_chat_template_kwargs_and_row_options_reach_the_prompt(llama):
+    from helpers_chat_templates import chat_tokenizer
+
+    tok = chat_tokenizer("qwen3")
+    messages = [{"role": "user", "content": "hello there"}]
+    off = Generator(llama, tok, chat_template_kwargs={"enable_thinking": False})
+    (ids,) = off.encode_prompts([messages])
+    assert tok.decode(ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    (row_on,) = off.encode_prompts([messages], options=[{"chat_template_kwargs": {"enable_thinking": True}}])
+    assert tok.decode(row_on).endswith("<|im_start|>assistant\n")
+    assert tok.convert_tokens_to_ids("<|im_end|>") in off.stop_ids
+    out = off.generate([messages], SamplingParams(max_new_tokens=2, temperature=0.0), options=[{}])
+    assert len(out[0]["tokens"]) <= 2
+
+
 @pytest.mark.parametrize("template", [None, "chatml", "chatml_bos"])
 @pytest.mark.parametrize("add_bos", [True, False])
 def test_encode_prompts_are_the_prompt_ids_training_sees(llama, template, add_bos):

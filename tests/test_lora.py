@@ -168,6 +168,10 @@ def test_peft_export_loads_in_peft_and_the_merged_export_in_transformers(trained
     final, merged = tr.output_dir / "final", tr.output_dir / "final_merged"
     cfg = json.loads((final / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 8.0
+    # Model cards on both: the adapter's loads through peft, the merged model through transformers.
+    adapter_card, merged_card = ((d / "README.md").read_text() for d in (final, merged))
+    assert "library_name: peft" in adapter_card and "AutoPeftModelForCausalLM" in adapter_card
+    assert "library_name: transformers" in merged_card and "- lora" in merged_card
     assert cfg["base_model_name_or_path"] == tr.config.model.path
     assert sorted(cfg["target_modules"]) == sorted(jconfig.LORA_TARGETS)
     ids = np.asarray([tr.tokenizer("12+7=19")["input_ids"]], np.int32)
@@ -381,11 +385,13 @@ def test_quantised_runs_start_at_ln2_on_a_smaller_base_that_stays_bitwise(assets
 
 def test_a_qlora_export_says_the_adapter_on_the_full_precision_base_differs(trained, assets, tmp_path):
     """Issue 31, smaller messages: QLoRA's PEFT final/ applied to the full-precision base differs from
-    final_merged/ (up to 0.2 in logits with nf4); the export's model card says so, a plain LoRA's has none."""
+    final_merged/ (up to 0.2 in logits with nf4); the export's model card says so, a plain LoRA's does not."""
     over = {"lora.quantize": "nf4", "train.max_steps": 1}
     tr = train.Trainer(make_config(assets, tmp_path / "run", **over), mesh=one_device())
     tr.fit()
     card = (tr.output_dir / "final" / "README.md").read_text()
     assert "trained on the base quantised to nf4 (QLoRA)" in card
     assert "final_merged/" in card and "full-precision base" in card
-    assert not (trained[0].output_dir / "final" / "README.md").exists()
+    assert card.startswith("---\n") and "library_name: peft" in card  # the model card holds the note
+    plain = (trained[0].output_dir / "final" / "README.md").read_text()
+    assert "library_name: peft" in plain and "QLoRA" not in plain

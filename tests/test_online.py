@@ -221,7 +221,8 @@ def test_prompts_come_from_prompt_files_and_preference_files(assets, tmp_path):
     from jdpo.data import DataError
     from jdpo.demo import read_jsonl
 
-    prompts, wheres = online.read_prompts(str(assets.train_path))
+    prompts, wheres, options = online.read_prompts(str(assets.train_path))
+    assert options == [{}] * len(prompts)
     assert prompts == [r["prompt"] for r in read_jsonl(assets.train_path)]
     assert wheres[0].endswith("train.jsonl:1")
     chat = tmp_path / "chat.jsonl"

@@ -13,7 +13,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jdpo.losses import logprobs
 from jdpo.parallel.sharding import make_mesh
 from jdpo.scoring.forward import PairLogps
-from jdpo.train import refcache
+from jdpo.train import refcache, token_cache
+from jdpo.train.fingerprint import weights_fingerprint
 from jdpo.train import trainer as train
 
 
@@ -43,7 +44,9 @@ def test_key_changes_with_weights_data_and_lengths_and_is_reused_otherwise(asset
     cache = tmp_path / "cache"
     first = trainer(a, cache)
     assert first.reference.reused == {"train": False, "eval": False}
-    assert sorted(p.name for p in cache.iterdir()) == sorted(first.reference.keys.values())
+    entries = [p.name for p in cache.iterdir() if p.name != token_cache.SUBDIR]  # the tokenised data beside
+    assert sorted(entries) == sorted(first.reference.keys.values())
+    assert first.data.tokens_reused is False and trainer(a, cache).data.tokens_reused is True
 
     again = trainer(a, cache)  # a later (or resumed) run: same key, loaded from disk
     assert again.reference.reused == {"train": True, "eval": True} and again.reference.keys == first.reference.keys
@@ -95,17 +98,17 @@ def test_weights_fingerprint_is_sharding_invariant_and_sensitive():
     one = {"w": jax.device_put(x, jax.devices()[0]), "b": jax.numpy.ones((3,), jax.numpy.bfloat16)}
     mesh = make_mesh(1, 8, 1)
     sharded = {"w": jax.device_put(x, NamedSharding(mesh, PartitionSpec("fsdp"))), "b": one["b"]}
-    assert refcache.weights_fingerprint(one) == refcache.weights_fingerprint(sharded)
+    assert weights_fingerprint(one) == weights_fingerprint(sharded)
     y = x.copy()
     y[17, 3] = np.nextafter(y[17, 3], np.float32(np.inf))  # one ulp in one element
-    assert refcache.weights_fingerprint({**one, "w": jax.numpy.asarray(y)}) != refcache.weights_fingerprint(
+    assert weights_fingerprint({**one, "w": jax.numpy.asarray(y)}) != weights_fingerprint(
         one
     )
     swapped = x.copy()
     swapped[[0, 1]] = swapped[[1, 0]]  # same multiset of values, other positions
-    assert refcache.weights_fingerprint(
+    assert weights_fingerprint(
         {**one, "w": jax.numpy.asarray(swapped)}
-    ) != refcache.weights_fingerprint(one)
+    ) != weights_fingerprint(one)
 
 
 def test_lookup_and_save_roundtrip(tmp_path):
@@ -171,7 +174,7 @@ def test_a_stale_or_damaged_entry_is_never_used_and_is_replaced(assets, tmp_path
         np.testing.assert_array_equal(again.reference.train.chosen, full.reference.train.chosen)
         assert entry.read_bytes() == good  # replaced with a verified entry
         assert sorted(p.name for p in cache.iterdir()) == sorted(
-            {*short.reference.keys.values(), *full.reference.keys.values()}
+            {*short.reference.keys.values(), *full.reference.keys.values(), token_cache.SUBDIR}
         )  # no temporary or stale directories left behind
 
 

@@ -54,6 +54,11 @@ def test_keep_best_survives_the_rotation_and_a_resume_and_is_exported(assets, tm
     assert result.best_step == 1 and result.best_dir == tmp_path / "run" / "best"
     assert json.loads((result.best_dir / "best.json").read_text()) == {
         "step": 1, "metric": "eval/loss", "value": losses[0]}  # fmt: skip
+    # Both exports' model cards: the final (step 6) and best (step 1) evals side by side.
+    row = f"| eval/loss | {losses[-1]:.4g} | {losses[0]:.4g} |"
+    for d in (result.final_dir, result.best_dir):
+        assert row in (d / "README.md").read_text()
+    assert "the checkpoint of the best eval (eval/loss" in (result.best_dir / "README.md").read_text()
 
     from jdpo.models import from_pretrained
 

@@ -48,6 +48,19 @@ from assets import LENGTHS, MODELS, build  # noqa: E402
 BETA, LR, WARMUP_RATIO, MAX_GRAD_NORM, SEED = 0.1, 5e-7, 0.1, 1.0, 0
 
 
+def measured_run(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+    """Run one whole process; (wall seconds start to exit, its peak RSS in GiB from the kernel's
+    accounting of that child alone, `wait4`)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return wall, usage.ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
 def _need_trl() -> None:
     try:
         import trl  # noqa: F401
@@ -250,9 +263,7 @@ def run_jdpo(model_dir: str, data: str, work: Path, *, plan: dict, max_length: i
     for k, v in over.items():
         cmd += [f"--{k}", str(v)]
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env)
-    process_s = time.perf_counter() - t0
+    process_s, peak_rss_gib = measured_run(cmd, env)
     from jdpo.report import metrics
 
     records = [r for r in metrics.read_metrics(run / "out" / metrics.METRICS_FILE) if "step_time" in r]
@@ -278,6 +289,7 @@ def run_jdpo(model_dir: str, data: str, work: Path, *, plan: dict, max_length: i
         "shared_prompt": plan["shared_prompt"],
         "steps": len(steps),
         "process_s": process_s,
+        "peak_rss_gib": peak_rss_gib,
         "step_times": times,
         "timed_steps": len(times[timed]),
         "timed_s": timed_s,
@@ -342,22 +354,22 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--trl-child", "--out", str(out), "--pairs", str(a.pairs),
                "--lengths", a.lengths, "--model-size", a.model_size, "--batch-pairs", str(a.batch_pairs),
                "--steps-warmup", str(a.steps_warmup)]  # fmt: skip
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, env=env)
-        process_s = time.perf_counter() - t0
-        results["trl"] = {**json.loads((out / "trl.json").read_text()), "process_s": process_s}
+        process_s, peak_rss_gib = measured_run(cmd, env)
+        results["trl"] = {**json.loads((out / "trl.json").read_text()), "process_s": process_s,
+                          "peak_rss_gib": peak_rss_gib}  # fmt: skip
         (out / "trl.json").write_text(json.dumps(results["trl"], indent=2) + "\n")
     report(results, out, f"{a.lengths} lengths, {a.model_size} model, {a.pairs} pairs", suffix)
 
 
 def report(results: dict, out: Path, what: str, suffix: str = "") -> None:
-    head = (f"{'':11}{'process':>9}{'pairs/s':>9}{'tok/s':>9}{'padding':>9}{'pairs/step':>11}{'ref pass':>10}"
-            f"{'steps':>7}{'MFU':>7}{'strict':>8}")  # fmt: skip
+    head = (f"{'':11}{'process':>9}{'peak RSS':>10}{'pairs/s':>9}{'tok/s':>9}{'padding':>9}{'pairs/step':>11}"
+            f"{'ref pass':>10}{'steps':>7}{'MFU':>7}{'strict':>8}")  # fmt: skip
     lines = [what, head]
     for n, r in results.items():
         ref = r.get("ref_pass_s")
         mfu = f"{r['mfu']:7.1%}{r['mfu_strict']:8.1%}" if "mfu" in r else ""
-        lines.append(f"{n:11}{r['process_s']:8.1f}s{r['pairs_per_s']:9.3f}{r['tokens_per_s']:9.1f}"
+        rss = f"{r['peak_rss_gib']:7.2f}GiB" if "peak_rss_gib" in r else ""
+        lines.append(f"{n:11}{r['process_s']:8.1f}s{rss:>10}{r['pairs_per_s']:9.3f}{r['tokens_per_s']:9.1f}"
                      f"{r['padding_fraction']:9.1%}{r['pairs_per_step']:11.1f}"
                      f"{'' if ref is None else f'{ref:9.1f}s':>10}{r['steps']:7d}{mfu}")  # fmt: skip
     if "jdpo" in results and "trl" in results:

@@ -34,6 +34,34 @@ def mesh_arg(value: str | None, parser: argparse.ArgumentParser):
         parser.error(f"--mesh {value}: {e} (expected DATA,FSDP,TENSOR, e.g. 1,-1,1)")
 
 
+def add_chat_template_kwargs_argument(p: argparse.ArgumentParser) -> None:
+    """`--chat-template-kwargs` of the commands that render chat prompts (read by `chat_template_kwargs`)."""
+    p.add_argument(
+        "--chat-template-kwargs",
+        metavar="MAPPING",
+        default=None,
+        help="Arguments of the chat template as JSON / YAML, e.g. '{\"enable_thinking\": false}' (default: "
+        "the run's data.chat_template_kwargs when the model is a run's export, else none); a prompt row's "
+        "own chat_template_kwargs field overrides them.",
+    )
+
+
+def chat_template_kwargs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """--chat-template-kwargs, else the run's data.chat_template_kwargs (the export's ../config.yaml)."""
+    from jdpo.config import ConfigError, load_config, replace
+
+    if args.chat_template_kwargs is None:
+        from jdpo.commands.evaluate import run_config
+
+        run = run_config(args.model)
+        return dict(run.data.chat_template_kwargs) if run is not None else {}
+    try:
+        cfg = replace(load_config(), **{"data.chat_template_kwargs": args.chat_template_kwargs})
+    except ConfigError as e:
+        parser.error(f"--chat-template-kwargs: {str(e).split(': ', 2)[-1]}")
+    return dict(cfg.data.chat_template_kwargs)
+
+
 def add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "generate",
@@ -42,7 +70,8 @@ def add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "Generate with a Hugging Face checkpoint directory (e.g. a run's final/). --prompt streams the "
             'completion as it decodes; --prompts FILE (JSONL with a "prompt" text or messages field, or '
             "plain text with one prompt per line) writes one JSON line per prompt. Message prompts use the "
-            "tokenizer's chat template with the generation prompt. Greedy unless --temperature > 0."
+            "tokenizer's chat template with the generation prompt (a JSONL row's tools and "
+            "chat_template_kwargs fields go to the template). Greedy unless --temperature > 0."
         ),
         allow_abbrev=False,
     )
@@ -68,6 +97,7 @@ def add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--out", metavar="FILE", default=None, help="JSONL output for --prompts (default: stdout)."
     )
+    add_chat_template_kwargs_argument(p)
     add_mesh_argument(p)
     p.set_defaults(func=run_generate)
     return p
@@ -88,17 +118,19 @@ def run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             top_p=args.top_p,
             seed=args.seed,
         )
-        prompts = read_prompts(args.prompts) if args.prompts else None
+        prompts, options = read_prompts(args.prompts, with_options=True) if args.prompts else (None, None)
     except (OSError, ValueError) as e:
         parser.error(str(e))
-    gen = Generator.from_pretrained(args.model, mesh=mesh_arg(args.mesh, parser))
+    template_kwargs = chat_template_kwargs(args, parser)
+    gen = Generator.from_pretrained(args.model, mesh=mesh_arg(args.mesh, parser),
+                                    chat_template_kwargs=template_kwargs)  # fmt: skip
     if prompts is None:
         prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
         for piece in gen.stream(prompt, sampling):
             print(piece, end="", flush=True)
         print()
         return 0
-    rows = gen.generate(prompts, sampling, batch_size=args.batch_size)
+    rows = gen.generate(prompts, sampling, batch_size=args.batch_size, options=options)
     out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115
     try:
         for r in rows:
@@ -159,6 +191,7 @@ def add_eval(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default="arithmetic",
         help="Answer checker: arithmetic checks a+b= prompts, other prompts are not scored (default).",
     )
+    add_chat_template_kwargs_argument(p)
     add_mesh_argument(p)
     p.set_defaults(func=run_eval)
     return p
@@ -194,6 +227,7 @@ def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         seed=args.seed,
         answer_checker=evaluate.arithmetic_checker if args.checker == "arithmetic" else None,
         mesh=mesh_arg(args.mesh, parser),
+        chat_template_kwargs=chat_template_kwargs(args, parser),
     )
     print(json.dumps(report["metrics"], indent=2))
     if report["summary"]:

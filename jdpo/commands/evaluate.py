@@ -41,6 +41,7 @@ from flax import nnx
 from jdpo import data as jdata
 from jdpo.config import Config, load_config
 from jdpo.data import TokenizedPairs, make_batch, unpaired
+from jdpo.data.chat import chat_fields
 from jdpo.data.layout import BatchLayout
 from jdpo.data.sources import DataError
 from jdpo.losses import logprobs
@@ -128,8 +129,10 @@ def completion_logprobs(
 # ------------------------------------------------------------------------------------------------
 
 
-def _as_generator(model, *, mesh=None) -> Generator:
-    return model if isinstance(model, Generator) else Generator.from_pretrained(model, mesh=mesh)
+def _as_generator(model, *, mesh=None, chat_template_kwargs=None) -> Generator:
+    if isinstance(model, Generator):
+        return model
+    return Generator.from_pretrained(model, mesh=mesh, chat_template_kwargs=chat_template_kwargs)
 
 
 def _check_same_architecture(policy: Generator, reference: Generator) -> None:
@@ -261,6 +264,7 @@ def compare_generations(
     mesh=None,
     title: str = "Side-by-side generations",
     metrics: dict[str, Any] | None = None,
+    options: Sequence[dict] | None = None,
 ) -> dict[str, Any]:
     """Generate with both models on the same prompts and put the answers side by side.
 
@@ -273,14 +277,15 @@ def compare_generations(
       sampling: default greedy with 64 new tokens, so the comparison is deterministic.
       out_dir: when given, writes samples.jsonl and samples.md there.
       metrics: extra numbers for the page's summary table (e.g. `evaluate`'s).
+      options: per prompt its `tools` / `chat_template_kwargs` (`jdpo.data.chat`), as records carry them.
     Returns {"rows": [{"prompt", "reference", "policy", ["answer"], ["reference_correct", "policy_correct"]}],
     "summary": {"checked", "policy_correct", "reference_correct", "wins", "losses", "ties", "win_rate"}
     (rates as fractions; empty without a checker or checkable prompt), "paths": written files}.
     """
     policy, reference = _as_generator(policy, mesh=mesh), _as_generator(reference, mesh=mesh)
     sampling = sampling or SamplingParams(max_new_tokens=64, temperature=0.0)
-    pol = policy.generate(prompts, sampling, batch_size=batch_size)
-    ref = reference.generate(prompts, sampling, batch_size=batch_size)
+    pol = policy.generate(prompts, sampling, batch_size=batch_size, options=options)
+    ref = reference.generate(prompts, sampling, batch_size=batch_size, options=options)
     rows = []
     for i, prompt in enumerate(prompts):
         row: dict[str, Any] = {
@@ -402,9 +407,9 @@ def run_config(model_dir):
     return load_config(cfg) if cfg.exists() else None
 
 
-def _sample_prompts(records, n: int) -> tuple[list, list]:
-    """The first `n` distinct prompts in data order, with their known-good answers: a pair's chosen
-    completion, a rated example's completion if labelled good (else "")."""
+def _sample_prompts(records, n: int) -> tuple[list, list, list]:
+    """The first `n` distinct prompts in data order, with their known-good answers (a pair's chosen
+    completion, a rated example's completion if labelled good, else "") and their chat fields."""
     chosen_prompts: list[int] = []
     seen: set[str] = set()
     for k in range(len(records)):
@@ -418,7 +423,7 @@ def _sample_prompts(records, n: int) -> tuple[list, list]:
     # The known-good answer: a pair's chosen completion, a rated example's completion if labelled good.
     answers = [records[k]["chosen"] if "chosen" in records[k] else
                (records[k]["completion"] if records[k]["label"] else "") for k in chosen_prompts]  # fmt: skip
-    return prompts, answers
+    return prompts, answers, [chat_fields(records[k]) for k in chosen_prompts]
 
 
 def evaluate(
@@ -440,6 +445,7 @@ def evaluate(
     batch_rows: int = 8,
     batch_size: int = 16,
     mesh=None,
+    chat_template_kwargs=None,
 ) -> dict[str, Any]:
     """Preference metrics on `data`; KL on policy samples and side by side generations for `num_samples`
     prompts (the data's first distinct ones).
@@ -455,6 +461,8 @@ def evaluate(
       sampling: of the side-by-side generations (default greedy with max_new_tokens); the KL always samples
         at temperature 1.
       out_dir: writes metrics.json, samples.jsonl, samples.md.
+      chat_template_kwargs: the chat template's arguments (default: the run's data.chat_template_kwargs);
+        a record's own `chat_template_kwargs` / `tools` apply to its pair and its samples.
     Returns {"metrics": {eval/... numbers}, "summary": correctness (see `summarize`), "rows", "paths"}.
     """
     import dataclasses
@@ -467,7 +475,10 @@ def evaluate(
     loss = dpo.loss_spec()  # the one loss of every metric below
     max_length = run.data.max_length if max_length is None else max_length
     max_prompt_length = run.data.max_prompt_length if max_prompt_length is None else max_prompt_length
-    policy, reference = _as_generator(policy, mesh=mesh), _as_generator(reference, mesh=mesh)
+    if chat_template_kwargs is None:
+        chat_template_kwargs = dict(run.data.chat_template_kwargs)
+    policy, reference = (_as_generator(m, mesh=mesh, chat_template_kwargs=chat_template_kwargs)
+                         for m in (policy, reference))  # fmt: skip
     _check_same_architecture(policy, reference)
     records = data if isinstance(data, list) else jdata.load_preferences(data, format, seed=seed)
     rated = any(unpaired.is_unpaired(r) for r in records)
@@ -475,9 +486,9 @@ def evaluate(
     tokenize = unpaired.tokenizer_for(
         dpo if rated else Config().dpo, seed=seed, setting="--loss-type", use="be scored with"
     )
-    pairs, report = tokenize(
-        records, policy.tokenizer, max_length=max_length, max_prompt_length=max_prompt_length
-    )
+    pairs, report = tokenize(records, policy.tokenizer, max_length=max_length,
+                             max_prompt_length=max_prompt_length,
+                             chat_template_kwargs=policy.chat_template_kwargs)  # fmt: skip
     if not len(pairs):
         raise DataError(f"no usable preference pairs in {data!r}: {report.pairs_read} read, dropped "
                         f"{dict(report.dropped) or 'none'}")  # fmt: skip
@@ -487,9 +498,9 @@ def evaluate(
         pref["eval/kto_kl"] = pref.pop("eval/kl")
     metrics.update(pref)
 
-    prompts, answers = _sample_prompts(records, num_samples)
+    prompts, answers, options = _sample_prompts(records, num_samples)
     if prompts:
-        prompt_ids = policy.encode_prompts(prompts, max_prompt_length=max_prompt_length)
+        prompt_ids = policy.encode_prompts(prompts, max_prompt_length=max_prompt_length, options=options)
         metrics.update(
             kl_on_samples(
                 policy, reference, prompt_ids, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size
@@ -507,6 +518,7 @@ def evaluate(
         batch_size=batch_size,
         title="Policy vs reference",
         metrics=metrics,
+        options=options,
     )
     for k, v in cmp["summary"].items():
         metrics[f"eval/correct/{k}"] = v

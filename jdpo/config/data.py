@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from jdpo.config.fields import ConfigError, setting
+from jdpo.config.fields import ConfigError, FrozenMapping, setting
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,16 @@ class DataSection:
         "log-probs): auto (on where the attention kernel runs it), true, false.",
     )
     skip_bad_rows: bool = setting(False, "Skip malformed rows (count and print them) instead of stopping.")
+    token_cache: bool = setting(
+        True,
+        "Keep the tokenised splits beside the reference cache (dpo.cache_dir), keyed by the tokenizer, "
+        "template, data files and length settings, so a resume or a second run does not tokenise again.",
+    )
+    chat_template_kwargs: FrozenMapping = setting(
+        FrozenMapping(),
+        "Arguments of every chat template render (training, reference, eval, online sampling), e.g. "
+        "{enable_thinking: false} for Qwen3; a row's own chat_template_kwargs field overrides them.",
+    )
 
 
 def check_data(data: DataSection) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from jdpo.config.fields import ConfigError
+from jdpo.config.fields import ConfigError, FrozenMapping
 from jdpo.config.schema import Config, sections, validate
 from jdpo.paths import as_path
 
@@ -43,8 +43,8 @@ RESUMABLE_CHANGES = frozenset({
     "train.output_dir", "train.eval_every", "train.save_every", "train.keep_checkpoints",
     "train.log_every", "train.export", "train.early_stop_patience", "train.early_stop_accuracy",
     "train.allow_config_change", "train.allow_base_change", "train.keep_best", "train.divergence_factor",
-    "train.max_param_abs",
-    "dpo.cache_dir", "train.compile_cache", "model.remat", "model.attention",
+    "train.max_param_abs", "train.push_to_hub", "train.hub_private", "train.hub_revision",
+    "dpo.cache_dir", "data.token_cache", "train.compile_cache", "model.remat", "model.attention",
     "model.attention_block", "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.expert", "model.moe_dispatch",
     "logging.console",
     "logging.tensorboard", "logging.wandb", "logging.wandb_project",
@@ -77,6 +77,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         elif not isinstance(value, list | tuple):
             value = [value]
         return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is FrozenMapping:
+        return _coerce_mapping(value, where)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -94,6 +96,22 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return str(value)
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     raise TypeError(f"unsupported config field type {tp!r} at {where}")  # a bug in a section
+
+
+def _coerce_mapping(value: Any, where: str) -> FrozenMapping:
+    """A mapping with text keys: from YAML as is, from the command line as YAML / JSON text
+    (`{enable_thinking: false}`; an empty string is the empty mapping)."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value) if value.strip() else {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where}: not a YAML / JSON mapping ({e})") from None
+    if value is None:
+        value = {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(f"{where}: expected a mapping of names to values, e.g. {{enable_thinking: false}}, "
+                          f"got {value!r}")  # fmt: skip
+    return FrozenMapping(value)
 
 
 def _coerce_int(value: Any, where: str) -> int:
@@ -247,10 +265,11 @@ def replace(cfg: Config, **dotted: Any) -> Config:
 
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     """Nested plain dict (tuples as lists): what gets written next to a run's outputs as config.yaml."""
-    return {
-        s: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(getattr(cfg, s)).items()}
-        for s in sections()
-    }
+
+    def plain(v: Any) -> Any:
+        return list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, FrozenMapping) else v
+
+    return {s: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, s)).items()} for s in sections()}
 
 
 def dump(cfg: Config, path: str | Path) -> None:

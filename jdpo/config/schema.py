@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from jdpo.config.data import DataSection, check_data
 from jdpo.config.dpo import DPOSection, check_loss, check_moving_reference
+from jdpo.config.fields import FrozenMapping
 from jdpo.config.lora import LoRASection, check_lora
 from jdpo.config.model import MeshSection, ModelSection, check_mesh, check_model
 from jdpo.config.online import OnlineSection, check_online
@@ -70,4 +71,6 @@ def _type_name(tp: Any) -> str:
         return f"list[{typing.get_args(tp)[0].__name__}]"
     if typing.get_origin(tp) is types.UnionType:  # X | None
         return " | ".join(a.__name__ if a is not type(None) else "none" for a in typing.get_args(tp))
+    if tp is FrozenMapping:
+        return "mapping"
     return tp.__name__

@@ -3,6 +3,7 @@ with the train section's rules."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -62,6 +63,15 @@ class TrainSection:
         "Resume although settings that change the optimisation (loss, lr, steps, data, model...) differ "
         "from the checkpoint's; every config a run was started with is kept (config.<step>.yaml).",
     )
+    push_to_hub: str = setting(
+        "",
+        "Upload final/ (and best/) to this Hugging Face Hub model repository, OWNER/NAME, after the export "
+        "(token: HF_TOKEN or a login; '': no upload).",
+    )
+    hub_private: bool = setting(False, "Create the train.push_to_hub repository as private.")
+    hub_revision: str = setting(
+        "", "The branch final/ is uploaded to ('': main); best/ goes to '<hub_revision>-best' (or 'best')."
+    )
     allow_base_change: bool = setting(
         False,
         "Resume although the weights at model.path differ from those the checkpoint trained from: the "
@@ -84,6 +94,23 @@ def check_train(t: TrainSection) -> None:
         raise ConfigError(f"train.max_param_abs must be >= 0 (0: off), got {t.max_param_abs}")
     if t.max_steps < 0 or t.num_epochs <= 0:
         raise ConfigError("train.max_steps must be >= 0 and train.num_epochs > 0")
+    check_hub(t)
+
+
+def check_hub(t: TrainSection) -> None:
+    """train.push_to_hub is OWNER/NAME and needs the export; its options need it."""
+    if not t.push_to_hub:
+        for name, value in (("hub_private", t.hub_private), ("hub_revision", t.hub_revision)):
+            if value:
+                raise ConfigError(f"train.{name}={value!r} is a setting of the upload: it needs "
+                                  "train.push_to_hub")  # fmt: skip
+        return
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", t.push_to_hub):
+        raise ConfigError(f"train.push_to_hub={t.push_to_hub!r} must be a Hub repository id, OWNER/NAME")
+    if not t.export:
+        raise ConfigError("train.push_to_hub uploads the export: it needs train.export true")
+    if t.hub_revision and not re.fullmatch(r"[\w.-]+(/[\w.-]+)*", t.hub_revision):
+        raise ConfigError(f"train.hub_revision={t.hub_revision!r} is not a branch name")
 
 
 @dataclass(frozen=True)

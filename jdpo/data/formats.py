@@ -2,7 +2,8 @@
 
 A record's fields are either all text (`str`) or all chat messages (`list[{"role", "content"}]`; the
 prompt holds every turn before the completion, `chosen` / `rejected` hold the completion turns, usually
-one assistant message). Formats, auto-detected from the fields of the first rows:
+one assistant message). A row's `tools` and `chat_template_kwargs` go with its record (`jdpo.data.chat`).
+Formats, auto-detected from the fields of the first rows:
 
   standard         prompt, chosen, rejected as text
   implicit_prompt  chosen, rejected as text; prompt = their longest common prefix, cut at a turn boundary
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from jdpo.data.chat import read_chat_fields
 from jdpo.data.records import as_messages, get_field, get_number, get_text, is_unpaired, record_locations
 from jdpo.data.sources import DataError, parse_source_spec, read_rows
 from jdpo.data.unpaired import UNPAIRED_FORMAT, is_unpaired_row, read_unpaired_row
@@ -394,6 +396,8 @@ def read_source(
     for where, row in rows:
         try:
             rec = reader(row, where, options)  # the row's own errors first, then its kind
+            if isinstance(rec, dict):
+                rec.update(read_chat_fields(row, where))  # tools, chat_template_kwargs
             kind = _check_kind(row, where, first) if format in _ONE_READER_FOR_BOTH else None
         except DataError as e:
             bad(e)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from jdpo.data.chat import MESSAGE_FIELDS
 from jdpo.data.sources import DataError
 
 # Message roles chat templates know; anything else (a typo such as "asistant") is a bad row.
@@ -46,7 +47,9 @@ def get_number(row: dict, name: str, where: str) -> float:
 
 def as_messages(value: Any, name: str, where: str, default_role: str) -> list[dict]:
     """Text -> one message with `default_role`; a list is checked to hold {"role": str, "content": str}
-    with a known role."""
+    with a known role. The fields chat templates read besides (`chat.MESSAGE_FIELDS`: tool_calls,
+    tool_call_id, name, reasoning_content, ...) are kept when not null; an assistant turn that only calls
+    tools may have a null or missing content (kept as "")."""
     if isinstance(value, str):
         return [{"role": default_role, "content": value}]
     if hasattr(value, "tolist"):  # numpy arrays from parquet / datasets
@@ -63,13 +66,24 @@ def as_messages(value: Any, name: str, where: str, default_role: str) -> list[di
             raise DataError(
                 f"{where}: field {name!r} message {i} has role {m['role']!r}; known roles: {', '.join(ROLES)}"
             )
+        extra = {k: m[k] for k in MESSAGE_FIELDS if m.get(k) is not None}
         content = m.get("content")
+        if content is None and extra.get("tool_calls"):
+            content = ""
         if not isinstance(content, str):
             raise DataError(
                 f"{where}: field {name!r} message {i} 'content' must be text, got {type(content).__name__}"
             )
-        out.append({"role": m["role"], "content": content})
+        if "tool_calls" in extra:
+            calls = extra["tool_calls"] = _decoded_list(extra["tool_calls"])
+            if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+                raise DataError(f"{where}: field {name!r} message {i} 'tool_calls' must be a list of objects")
+        out.append({"role": m["role"], "content": content, **extra})
     return out
+
+
+def _decoded_list(value: Any) -> Any:
+    return value.tolist() if hasattr(value, "tolist") else value
 
 
 def is_unpaired(record: dict) -> bool:

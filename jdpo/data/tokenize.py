@@ -15,6 +15,15 @@ Rules (tested in tests/test_data_tokenize.py):
   which is what generation stops on. Whitespace the template writes after that last special token is
   dropped (never generated). If the rendered completion holds no special token, the tokenizer's EOS is
   appended. Without a chat template messages are rendered as "\\n\\nHuman: ...\\n\\nAssistant: ..." text.
+- Template arguments (`jdpo.data.chat`): every render gets `chat_template_kwargs` (the run's
+  `data.chat_template_kwargs`) with the record's own `chat_template_kwargs` over it, and the record's
+  `tools` as `tools=`; prompt and completion are rendered with the same ones, so a Qwen3 template's
+  `enable_thinking: false` puts its empty think block in the prompt, and tool definitions sit in the
+  prompt. Tool calls, tool results and reasoning traces (`reasoning_content`) render where the template
+  puts them: a completion keeps its reasoning, so chosen and rejected may differ in it. A record using
+  one the template does not render is refused (`DataError` naming its file and line, not skipped by
+  `skip_bad_rows`: it is the tokenizer that is wrong for the data); so is a template that renders the
+  prompt differently once a completion with tool calls or reasoning follows it.
 - Tokenizers that treat the start of a text specially (SentencePiece's dummy "▁" prefix, Llama-2 style)
   get their completions encoded after a "\\n" anchor that is then removed, so completion tokens are the
   ones the text has in context after the prompt.
@@ -39,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from jdpo.data.chat import TemplateFeatures, features_used, message_is_empty, template_kwargs
 from jdpo.data.records import record_locations
 from jdpo.data.sources import DataError
 
@@ -180,7 +190,7 @@ def _is_messages(x: Any) -> bool:
 def _empty(x: Any) -> bool:
     if isinstance(x, str):
         return not x.strip()
-    return not x or all(not (m.get("content") or "").strip() for m in x)
+    return not x or all(message_is_empty(m) for m in x)
 
 
 _PLAIN_ROLES = ("system", "user", "assistant")
@@ -216,21 +226,55 @@ def _plain_completion(messages: list[dict]) -> str:
 class _Renderer:
     """Turns a record into (prompt_text, chosen_text, rejected_text, is_chat)."""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, chat_template_kwargs: Mapping | None = None):
         self.tok = tokenizer
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
         self.special = sorted(
             {t for t in getattr(tokenizer, "all_special_tokens", []) if t}, key=len, reverse=True
         )
         self.fallbacks = 0
+        self.kwargs = dict(chat_template_kwargs or {})
+        self.features = TemplateFeatures(self._render)
 
-    def _template(self, messages: list[dict], generation_prompt: bool) -> str:
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    def _render(self, messages: list[dict], generation_prompt: bool, kwargs: Mapping) -> str:
+        return self.tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs
+        )
 
-    def _completion(self, prompt: list[dict], prompt_text: str, completion: list[dict]) -> str:
-        full = self._template(prompt + completion, False)
+    def _template(self, messages: list[dict], generation_prompt: bool, options: Mapping | None = None) -> str:
+        return self._render(messages, generation_prompt, self.kwargs if options is None else options)
+
+    def options(self, record: Mapping | None) -> dict:
+        """The template's keyword arguments for `record` (`chat.template_kwargs`)."""
+        return template_kwargs(self.kwargs, record)
+
+    def refusal(self, parts: list, options: Mapping, chat: bool) -> str | None:
+        """Why the template cannot render what these message lists / options use (None: it can)."""
+        used = features_used(parts, options)
+        if chat and self.has_template:
+            return self.features.problem(parts, options) if used else None
+        used = [u for u in used if u != "tool results"]  # plain text refuses a tool turn (`render_plain`)
+        if not used:
+            return None
+        what = "text records" if self.has_template else "the tokenizer has no chat template; it"
+        return (
+            f"{', '.join(used)} need a chat template and message records ({what} cannot show them): "
+            "use message lists and a tokenizer with a chat template that renders them"
+        )
+
+    def _completion(
+        self, prompt: list[dict], prompt_text: str, completion: list[dict], options: Mapping | None = None
+    ) -> str:
+        full = self._template(prompt + completion, False, options)
         if full.startswith(prompt_text):
             text = full[len(prompt_text) :]
+        elif features_used([completion], {}):
+            raise ValueError(
+                "the template renders the prompt differently once this completion follows it (not "
+                "prefix-stable), so its tool calls / reasoning cannot be split from the prompt exactly "
+                "(e.g. Qwen3's enable_thinking: false with a reasoning_content: the prompt then ends with an "
+                "empty think block the completion does not continue)"
+            )
         else:
             # Templates that rewrite earlier turns (e.g. drop reasoning) are not prefix-stable; fall back
             # to the completion content, which still gets an EOS.
@@ -241,19 +285,21 @@ class _Renderer:
             text = stripped  # whitespace after the end-of-turn token is never generated
         return text
 
-    def prompt(self, prompt: str | list[dict]) -> str:
+    def prompt(self, prompt: str | list[dict], options: Mapping | None = None) -> str:
         """The text of a prompt: text as is; messages through the chat template with
         add_generation_prompt=True (an empty list renders as ""), or without a template as plain turns
-        ending with the assistant header (the completion then starts with its space)."""
+        ending with the assistant header (the completion then starts with its space). `options`: the
+        template's keyword arguments (default: the run's)."""
         if not _is_messages(prompt):
             return prompt
         if not self.has_template:
             return render_plain(prompt) + _HEAD
-        return self._template(prompt, True) if prompt else ""
+        return self._template(prompt, True, options) if prompt else ""
 
     def __call__(self, rec: dict) -> tuple[str, str, str, bool]:
         prompt, chosen, rejected = rec["prompt"], rec["chosen"], rec["rejected"]
         chat = _is_messages(chosen) or _is_messages(prompt)
+        options = self.options(rec)
         if not chat:
             return self.prompt(prompt), chosen, rejected, False
         as_msgs = lambda x, role: x if isinstance(x, list) else [{"role": role, "content": x}]  # noqa: E731
@@ -262,10 +308,11 @@ class _Renderer:
             as_msgs(chosen, "assistant"),
             as_msgs(rejected, "assistant"),
         )
-        p = self.prompt(prompt)
+        p = self.prompt(prompt, options)
         if not self.has_template:
             return p, _plain_completion(chosen), _plain_completion(rejected), False
-        return p, self._completion(prompt, p, chosen), self._completion(prompt, p, rejected), True
+        c, r = (self._completion(prompt, p, x, options) for x in (chosen, rejected))
+        return p, c, r, True
 
 
 def bos_eos(tokenizer: Any) -> tuple[int | None, bool, int | None]:
@@ -398,6 +445,8 @@ def encode_prompts(
     *,
     max_prompt_length: int | None = None,
     batch_size: int = 2048,
+    chat_template_kwargs: Mapping | None = None,
+    options: Sequence[Mapping | None] | None = None,
 ) -> list[np.ndarray]:
     """Token ids (int32) of prompts to generate from, built by the code that builds a record's prompt ids
     in `tokenize_preferences`: text as is; a message list through the tokenizer's chat template with
@@ -407,16 +456,23 @@ def encode_prompts(
 
     A text prompt stays text, also where training made it a user turn (records whose completions are
     messages); pass `[{"role": "user", "content": text}]` for that prompt. Raises TypeError for a prompt
-    that is neither, ValueError where the chat template rejects a message list.
+    that is neither, ValueError where the chat template rejects a message list or cannot render what it
+    uses. `chat_template_kwargs`: the template's arguments (the run's `data.chat_template_kwargs`);
+    `options[k]`: prompt k's row fields `tools` / `chat_template_kwargs` (`jdpo.data.chat`), as a record
+    carries them.
     """
     if tokenizer is None:
         raise ValueError("encoding prompts needs a tokenizer")
-    render = _Renderer(tokenizer)
+    render = _Renderer(tokenizer, chat_template_kwargs)
     texts, bos_elsewhere = [], []
     for k, prompt in enumerate(prompts):
         _check_prompt(prompt, k)
+        opts = render.options(options[k] if options is not None else None)
+        refusal = render.refusal([prompt], opts, _is_messages(prompt))
+        if refusal:
+            raise ValueError(f"prompt {k}: {refusal}")
         try:
-            texts.append(render.prompt(prompt))
+            texts.append(render.prompt(prompt, opts))
         except Exception as e:  # the template's own checks (role order, unknown roles, ...)
             raise ValueError(
                 f"prompt {k}: the tokenizer's chat template rejected it ({type(e).__name__}: {e}); give the "
@@ -435,11 +491,20 @@ def encode_prompts(
     return [np.asarray(p, np.int32) for p in ids]
 
 
-def prompt_texts(tokenizer: Any, prompts: Sequence[str | list[dict]]) -> list[str]:
-    """The text each prompt is encoded from by `encode_prompts`: text as is, message lists through the
-    chat template with the generation prompt (without a template: plain turns)."""
-    render = _Renderer(tokenizer)
-    return [render.prompt(p) for p in prompts]
+def prompt_texts(
+    tokenizer: Any,
+    prompts: Sequence[str | list[dict]],
+    *,
+    chat_template_kwargs: Mapping | None = None,
+    options: Sequence[Mapping | None] | None = None,
+) -> list[str]:
+    """The text each prompt is encoded from by `encode_prompts` (same arguments): text as is, message
+    lists through the chat template with the generation prompt (without a template: plain turns)."""
+    render = _Renderer(tokenizer, chat_template_kwargs)
+    return [
+        render.prompt(p, render.options(options[k] if options is not None else None))
+        for k, p in enumerate(prompts)
+    ]
 
 
 def _template_writes_bos(render: _Renderer) -> bool:
@@ -448,11 +513,11 @@ def _template_writes_bos(render: _Renderer) -> bool:
     return bos is not None and bool(ids) and ids[0] == bos
 
 
-def end_of_turn_id(tokenizer: Any) -> int | None:
+def end_of_turn_id(tokenizer: Any, chat_template_kwargs: Mapping | None = None) -> int | None:
     """The special token an assistant turn ends with under the tokenizer's chat template (`<|im_end|>`,
     `<|eot_id|>`, ...: what a chat completion ends with in training and what generation stops on), or
     None without a chat template or when the turn ends with no special token."""
-    render = _Renderer(tokenizer)
+    render = _Renderer(tokenizer, chat_template_kwargs)
     if not render.has_template:
         return None
     prompt = [{"role": "user", "content": "hi"}]
@@ -476,6 +541,7 @@ def tokenize_preferences(
     skip_bad_rows: bool = False,
     verbose: bool = False,
     keep_equal: bool = False,
+    chat_template_kwargs: Mapping | None = None,
 ) -> tuple[TokenizedPairs, TokenizeReport]:
     """Tokenise records {"prompt", "chosen", "rejected"} (text or messages) with `tokenizer`.
 
@@ -488,10 +554,12 @@ def tokenize_preferences(
         line when `records` are `PreferenceRecords` (as `load_preferences` returns), else its index.
       keep_equal: keep records whose chosen == rejected (unpaired examples, whose "rejected" is another
         example's completion for the KL estimate: the same answer to another prompt is still a mismatch).
+      chat_template_kwargs: arguments of every chat template render (`data.chat_template_kwargs`); a
+        record's own `chat_template_kwargs` override them, its `tools` go as `tools=`.
     Returns (pairs, report). `pairs.source_index[k]` is the record index of pair k.
     """
     report = TokenizeReport(pairs_read=len(records))
-    render = _Renderer(tokenizer)
+    render = _Renderer(tokenizer, chat_template_kwargs)
     bos, _, eos = bos_eos(tokenizer)
     if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
         raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
@@ -558,6 +626,10 @@ def _render_records(records, render, report: TokenizeReport, keep_equal: bool, s
         if rec["chosen"] == rec["rejected"] and not keep_equal:
             report.dropped["chosen == rejected"] += 1
             continue
+        parts = [rec["prompt"], rec["chosen"], rec["rejected"]]
+        refusal = render.refusal(parts, render.options(rec), any(map(_is_messages, parts)))
+        if refusal:  # the tokenizer is wrong for the data: never skipped as a bad row
+            raise DataError(f"{where[i]}: {refusal}")
         try:
             p, c, r, chat = render(rec)
         except Exception as e:  # the template's own checks (role order, unknown roles, ...)

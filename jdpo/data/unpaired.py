@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from jdpo.data.chat import chat_fields
 from jdpo.data.records import as_messages, get_field, is_unpaired
 from jdpo.data.sources import DataError
 from jdpo.data.tokenize import tokenize_preferences
@@ -74,11 +75,11 @@ def split_pairs(records: Sequence[dict]) -> tuple[list[dict], np.ndarray]:
     out, labels = [], []
     for rec in records:
         if is_unpaired(rec):
-            out.append({"prompt": rec["prompt"], "completion": rec["completion"]})
+            out.append({"prompt": rec["prompt"], "completion": rec["completion"], **chat_fields(rec)})
             labels.append(bool(rec["label"]))
         else:
-            out.append({"prompt": rec["prompt"], "completion": rec["chosen"]})
-            out.append({"prompt": rec["prompt"], "completion": rec["rejected"]})
+            out.append({"prompt": rec["prompt"], "completion": rec["chosen"], **chat_fields(rec)})
+            out.append({"prompt": rec["prompt"], "completion": rec["rejected"], **chat_fields(rec)})
             labels.extend((True, False))
     return out, np.asarray(labels, bool)
 
@@ -125,7 +126,7 @@ def to_examples(records: Sequence[dict], *, seed: int) -> tuple[list[dict], np.n
     kl_of = kl_mismatch_order(len(unpaired))
     examples = [
         {"prompt": u["prompt"], "chosen": u["completion"],
-         "rejected": _as_kind(unpaired[j]["completion"], u["prompt"])}
+         "rejected": _as_kind(unpaired[j]["completion"], u["prompt"]), **chat_fields(u)}
         for u, j in zip(unpaired, kl_of.tolist(), strict=True)
     ]  # fmt: skip
     return examples, labels

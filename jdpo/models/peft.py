@@ -232,16 +232,22 @@ def save_adapter(model: Transformer, out_dir, *, base_model: str) -> None:
         _write_qlora_card(out_dir, spec.quantize)
 
 
+def qlora_note(quantize: str, name: str) -> str:
+    """What a QLoRA adapter's card says: it was trained on the quantised base, so on the full-precision
+    one it is not quite the model that was trained; `<name>_merged/` is."""
+    return (
+        f"# LoRA adapter trained on the base quantised to {quantize} (QLoRA)\n\n"
+        "The adapter learned to correct the quantised base. Applied to the full-precision base "
+        "(`peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), this_dir)`), "
+        "its logits differ from the trained model's by the quantisation error (up to about 0.2 with "
+        f"nf4 on jdpo's test model). The model as trained is `{name}_merged/` beside this directory: "
+        "the dequantised base with the adapter merged in; use it where exact outputs matter.\n"
+    )
+
+
 def _write_qlora_card(out_dir: str, quantize: str) -> None:
-    """README.md of a QLoRA adapter: it was trained on the quantised base, so on the full-precision one
-    it is not quite the model that was trained; `<name>_merged/` is."""
+    """README.md of a QLoRA adapter (`qlora_note`); a run's export replaces it by its model card, which
+    holds the note."""
     name = os.path.basename(os.path.normpath(out_dir))
     with open(os.path.join(out_dir, "README.md"), "w") as f:
-        f.write(
-            f"# LoRA adapter trained on the base quantised to {quantize} (QLoRA)\n\n"
-            "The adapter learned to correct the quantised base. Applied to the full-precision base "
-            "(`peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), this_dir)`), "
-            "its logits differ from the trained model's by the quantisation error (up to about 0.2 with "
-            f"nf4 on jdpo's test model). The model as trained is `{name}_merged/` beside this directory: "
-            "the dequantised base with the adapter merged in; use it where exact outputs matter.\n"
-        )
+        f.write(qlora_note(quantize, name))

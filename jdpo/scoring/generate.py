@@ -45,6 +45,8 @@ import numpy as np
 from flax import nnx
 
 from jdpo.data import encode_prompts, end_of_turn_id
+from jdpo.data.chat import read_chat_fields
+from jdpo.data.records import as_messages
 from jdpo.models import from_pretrained, load_tokenizer
 from jdpo.models import peft as peft_export
 from jdpo.parallel.sharding import batch_sharding, constrain, jit_on_mesh, round_rows
@@ -203,13 +205,16 @@ class Generator:
       stop_ids: token ids that end a row (default: see the module docstring).
       pad_id: emitted after a row's stop token (default: the tokenizer's pad, else EOS, else 0).
       length_bucket: prompt lengths are padded up to a multiple of this (fewer distinct compiled shapes).
+      chat_template_kwargs: arguments of the chat template's renders (e.g. {"enable_thinking": False}), as
+        a run's `data.chat_template_kwargs`; a prompt's own `options` override them (`encode_prompts`).
     """
 
     def __init__(self, model, tokenizer=None, *, mesh=None, stop_ids=None, pad_id=None, length_bucket=16,
-                 model_dir=None):  # fmt: skip
+                 model_dir=None, chat_template_kwargs=None):  # fmt: skip
         self.graphdef, self.params = nnx.split(model)
         self.config = model.config
         self.tokenizer, self.mesh, self.length_bucket = tokenizer, mesh, length_bucket
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         if stop_ids is None:
             stop_ids = self._default_stop_ids(model_dir)
         self.stop_ids = tuple(sorted({int(t) for t in stop_ids}))
@@ -256,19 +261,21 @@ class Generator:
                 ids.append(tok.eos_token_id)
             # The last token of a rendered assistant turn is the template's end-of-turn token (what the
             # training completions end with, see jdpo.data.tokenize).
-            end_of_turn = end_of_turn_id(tok)
+            end_of_turn = end_of_turn_id(tok, self.chat_template_kwargs)
             if end_of_turn is not None:
                 ids.append(end_of_turn)
         return ids
 
     def encode_prompts(
-        self, prompts: Sequence[Prompt], *, max_prompt_length: int | None = None
+        self, prompts: Sequence[Prompt], *, max_prompt_length: int | None = None, options=None
     ) -> list[np.ndarray]:
         """Prompt token ids as training builds them (`jdpo.data.encode_prompts`): text as is, message lists
-        through the chat template with add_generation_prompt=True; one BOS; long prompts keep their end."""
+        through the chat template with add_generation_prompt=True; one BOS; long prompts keep their end.
+        `options[k]`: prompt k's `tools` / `chat_template_kwargs` (`jdpo.data.chat`)."""
         if self.tokenizer is None:
             raise ValueError("text prompts need a tokenizer: pass one to Generator or use generate_ids")
-        return encode_prompts(self.tokenizer, prompts, max_prompt_length=max_prompt_length)
+        return encode_prompts(self.tokenizer, prompts, max_prompt_length=max_prompt_length,
+                              chat_template_kwargs=self.chat_template_kwargs, options=options)  # fmt: skip
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(t) for t in ids], skip_special_tokens=True)
@@ -338,11 +345,12 @@ class Generator:
         )
 
     def generate(self, prompts: Sequence[Prompt], sampling: SamplingParams = SamplingParams(), *,
-                 batch_size: int = 32, max_prompt_length: int | None = None) -> list[dict]:  # fmt: skip
+                 batch_size: int = 32, max_prompt_length: int | None = None,
+                 options=None) -> list[dict]:  # fmt: skip
         """Completions of text / message prompts, `batch_size` at a time (the last batch padded to the same
-        shape). Returns per prompt {"prompt", "completion" (text, special tokens dropped), "tokens",
-        "finished"}."""
-        ids = self.encode_prompts(prompts, max_prompt_length=max_prompt_length)
+        shape); `options[k]`: prompt k's `tools` / `chat_template_kwargs`. Returns per prompt {"prompt",
+        "completion" (text, special tokens dropped), "tokens", "finished"}."""
+        ids = self.encode_prompts(prompts, max_prompt_length=max_prompt_length, options=options)
         out = []
         for lo in range(0, len(ids), batch_size):
             chunk = ids[lo : lo + batch_size]
@@ -398,17 +406,20 @@ def step_cache_size(generator: Generator, sampling: SamplingParams) -> int:
     return step._cache_size()
 
 
-def read_prompts(path) -> list[Prompt]:
+def read_prompts(path, *, with_options: bool = False):
     """Prompts from a file: JSONL with a "prompt" (text or messages) or "messages" field per line, or plain
-    text with one prompt per non-empty line."""
+    text with one prompt per non-empty line. `with_options`: (prompts, options), options[k] the line's
+    `tools` / `chat_template_kwargs` fields (`jdpo.data.chat`; {} for none)."""
     lines = Path(path).read_text().splitlines()
     prompts: list[Prompt] = []
+    options: list[dict] = []
     jsonl = path.__str__().endswith((".jsonl", ".json")) or (lines and lines[0].lstrip().startswith("{"))
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         if not jsonl:
             prompts.append(line)
+            options.append({})
             continue
         try:
             row = json.loads(line)
@@ -417,5 +428,8 @@ def read_prompts(path) -> list[Prompt]:
         value = row.get("prompt", row.get("messages")) if isinstance(row, dict) else None
         if not isinstance(value, str | list):
             raise ValueError(f'{path}:{n}: expected a "prompt" (text or messages) or "messages" field')
+        if isinstance(value, list):
+            value = as_messages(value, "prompt", f"{path}:{n}", "user")
         prompts.append(value)
-    return prompts
+        options.append(read_chat_fields(row, f"{path}:{n}"))
+    return (prompts, options) if with_options else prompts

@@ -16,8 +16,11 @@ from typing import Any
 import jax
 from etils import epath
 
+from jdpo.errors import HubUploadError
 from jdpo.report import metrics
+from jdpo.train import hub_upload
 from jdpo.train.guards import Preemption, StopRun, due
+from jdpo.train.model_card import ModelCard
 
 
 @dataclasses.dataclass
@@ -177,7 +180,7 @@ def _fit(tr, callbacks, attach_hooks) -> RunResult:
     exporting = t.export and reason != "sigterm"
     final_dir = tr.export() if exporting else None
     best_dir = tr.export_best() if exporting and tr.best is not None else None
-    return RunResult(
+    result = RunResult(
         step=step,
         metrics=loop.last,
         eval_metrics=loop.last_eval,
@@ -189,3 +192,12 @@ def _fit(tr, callbacks, attach_hooks) -> RunResult:
         checkpoint_dir=tr.checkpoints.directory,
         stop_reason=reason,
     )
+    if c.train.push_to_hub and final_dir is not None:  # after the export is on disk (`hub_upload`)
+        try:
+            card = ModelCard.of_run(c, tr.output_dir, step, tr.best)
+            hub_upload.push(c, card, final_dir, best_dir, lora_run=tr.state.base is not None,
+                            best_step=result.best_step)  # fmt: skip
+        except HubUploadError as e:
+            e.result = result
+            raise
+    return result

@@ -64,7 +64,9 @@ from jdpo.data import (
     read_source,
 )
 from jdpo.data.batch import Batch
+from jdpo.data.chat import chat_fields, read_chat_fields
 from jdpo.data.layout import BatchLayout, pairs_per_row, row_length_for, sampled_pair_length
+from jdpo.data.records import as_messages
 from jdpo.data.sources import DataError
 from jdpo.report.diversity import distinct_n
 from jdpo.scoring.generate import Generator, SamplingParams
@@ -229,21 +231,23 @@ def _check_prompt(value: Any, where: str) -> Prompt:
     if isinstance(value, str):
         return value
     if isinstance(value, list) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        isinstance(m, dict) and isinstance(m.get("role"), str)
+        and (isinstance(m.get("content"), str) or m.get("tool_calls"))
         for m in value
-    ):
-        return value
+    ):  # fmt: skip
+        return as_messages(value, "prompt", where, "user")  # keeps tool calls, tool turns, reasoning
     raise DataError(f'{where}: "prompt" must be text or a list of {{"role", "content"}} messages, got '
                     f"{value!r:.80}")  # fmt: skip
 
 
-def read_prompts(path: str, format: str = "auto", *, skip_bad_rows: bool = False) -> tuple[list, list]:
-    """(prompts, where each came from) of one source: rows of {"prompt"} or {"messages"} alone (a prompt
-    file), or, for any preference source `jdpo.data.read_source` reads, the records' prompts (a text
-    prompt of a record whose completions are messages becomes a user turn, as training renders it)."""
+def read_prompts(path: str, format: str = "auto", *, skip_bad_rows: bool = False) -> tuple[list, list, list]:
+    """(prompts, where each came from, each one's chat fields) of one source: rows of {"prompt"} or
+    {"messages"} (a prompt file; besides them only `tools` / `chat_template_kwargs`), or, for any
+    preference source `jdpo.data.read_source` reads, the records' prompts (a text prompt of a record
+    whose completions are messages becomes a user turn, as training renders it) and chat fields."""
 
     first = next((row for _, row in read_rows(path) if not isinstance(row, DataError)), None)
-    prompts, wheres = [], []
+    prompts, wheres, options = [], [], []
     if _is_prompt_row(first):
         for where, row in read_rows(path):
             try:
@@ -253,12 +257,14 @@ def read_prompts(path: str, format: str = "auto", *, skip_bad_rows: bool = False
                     got = sorted(row) if isinstance(row, dict) else row
                     raise DataError(f"{where}: a prompt file's rows hold a \"prompt\" or \"messages\" "
                                     f"field only, got {got!r:.80}")  # fmt: skip
-                prompts.append(_check_prompt(row.get("prompt", row.get("messages")), where))
+                prompt = _check_prompt(row.get("prompt", row.get("messages")), where)
+                options.append(read_chat_fields(row, where))
+                prompts.append(prompt)
                 wheres.append(where)
             except DataError:
                 if not skip_bad_rows:
                     raise
-        return prompts, wheres
+        return prompts, wheres, options
     records = read_source(path, format, skip_bad_rows=skip_bad_rows)
     for rec, where in zip(records, records.where, strict=True):
         prompt = rec["prompt"]
@@ -267,27 +273,30 @@ def read_prompts(path: str, format: str = "auto", *, skip_bad_rows: bool = False
             prompt = [{"role": "user", "content": prompt}]
         prompts.append(prompt)
         wheres.append(where)
-    return prompts, wheres
+        options.append(chat_fields(rec))
+    return prompts, wheres, options
 
 
 def load_prompts(sources: Sequence[str], format: str = "auto", *, seed: int = 0,
-                 skip_bad_rows: bool = False) -> tuple[list, list]:  # fmt: skip
+                 skip_bad_rows: bool = False) -> tuple[list, list, list]:  # fmt: skip
     """The distinct prompts of a mixture (`path:5000` / `path:0.25` amounts as `load_preferences` takes
-    them, the subset deterministic for `seed`), first occurrence kept, with where each came from."""
+    them, the subset deterministic for `seed`), first occurrence kept, with where each came from and its
+    chat fields (a prompt with other tools or template arguments is another prompt)."""
 
-    prompts, wheres, seen = [], [], set()
+    prompts, wheres, options, seen = [], [], [], set()
     for i, source in enumerate(sources):
         spec = parse_source_spec(source)
-        got, where = read_prompts(spec.path, format, skip_bad_rows=skip_bad_rows)
+        got, where, opts = read_prompts(spec.path, format, skip_bad_rows=skip_bad_rows)
         for k in spec.take(len(got), np.random.default_rng([seed, i])):
-            key = json.dumps(got[k], sort_keys=True)
+            key = json.dumps([got[k], opts[k]], sort_keys=True)
             if key not in seen:
                 seen.add(key)
                 prompts.append(got[k])
                 wheres.append(where[k])
+                options.append(opts[k])
     if not prompts:
         raise DataError(f"data.train ({', '.join(sources)}) holds no prompts")
-    return prompts, wheres
+    return prompts, wheres, options
 
 
 def _rng_state(rng: np.random.Generator) -> dict:
@@ -358,12 +367,13 @@ class OnlineData:
     train_pairs = None  # no fixed pairs: they are sampled every step
 
     def __init__(self, config: Config, tokenizer, prompts: list, wheres: list, *, mesh, layout: BatchLayout,
-                 eval_pairs=None):  # fmt: skip
+                 eval_pairs=None, options: list | None = None):  # fmt: skip
         c, on = config, config.online
         self.config, self.tokenizer, self.mesh, self.layout = config, tokenizer, mesh, layout
         self.prompts, self.where, self.eval_pairs = prompts, wheres, eval_pairs
-        self.ids = _encode(tokenizer, prompts, wheres, c.data.max_prompt_length)
-        self.texts = prompt_texts(tokenizer, prompts)
+        chat = dict(chat_template_kwargs=c.data.chat_template_kwargs, options=options)
+        self.ids = _encode(tokenizer, prompts, wheres, c.data.max_prompt_length, **chat)
+        self.texts = prompt_texts(tokenizer, prompts, **chat)
         self.reward = load_reward(on.reward)
         probe_reward(self.reward, on.reward, self.texts, on.reward_timeout)
         longest = max(len(x) for x in self.ids)
@@ -391,7 +401,7 @@ class OnlineData:
         if d.eval_fraction > 0:
             raise ConfigError("dpo.online: data.eval_fraction holds out preference records; an online run's "
                               "eval split is data.eval (preference pairs): set data.eval_fraction 0")  # fmt: skip
-        prompts, wheres = load_prompts(
+        prompts, wheres, options = load_prompts(
             list(d.train), d.format, seed=c.train.seed, skip_bad_rows=d.skip_bad_rows
         )
         eval_pairs = report = held = None
@@ -401,7 +411,7 @@ class OnlineData:
             )
             eval_pairs, report = jdata.tokenize_preferences(
                 held, tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
-                skip_bad_rows=d.skip_bad_rows,
+                skip_bad_rows=d.skip_bad_rows, chat_template_kwargs=d.chat_template_kwargs,
             )  # fmt: skip
         # P from the eval pairs (the training pairs are sampled: `online_slots` sizes their rows).
         row_length = row_length_for(d.max_length, d.row_length)
@@ -412,7 +422,8 @@ class OnlineData:
             packing=d.packing,
             shared_prompt=shared_prompt,
         )
-        data = cls(c, tokenizer, prompts, wheres, mesh=mesh, layout=layout, eval_pairs=eval_pairs)
+        data = cls(c, tokenizer, prompts, wheres, mesh=mesh, layout=layout, eval_pairs=eval_pairs,
+                   options=options)  # fmt: skip
         if c.train.keep_best and eval_pairs is None:
             raise ConfigError(
                 f"train.keep_best={c.train.keep_best!r} needs an eval split: give data.eval files"
@@ -455,7 +466,8 @@ class OnlineData:
         """The KV-cache sampler on the current weights (made once; its parameters follow the policy)."""
         if self._generator is None:
             self._generator = Generator(model, self.tokenizer, mesh=self.mesh, length_bucket=self.prompt_length,
-                                        model_dir=self.config.model.path)  # fmt: skip
+                                        model_dir=self.config.model.path,
+                                        chat_template_kwargs=self.config.data.chat_template_kwargs)  # fmt: skip
         else:
             self._generator.params = nnx.split(model)[1]
         return self._generator
@@ -500,14 +512,16 @@ class OnlineData:
         return host
 
 
-def _encode(tokenizer, prompts: list, wheres: list, max_prompt_length: int) -> list[np.ndarray]:
+def _encode(tokenizer, prompts: list, wheres: list, max_prompt_length: int, *, chat_template_kwargs=None,
+            options=None) -> list[np.ndarray]:  # fmt: skip
     """The prompts' ids, as training encodes them; a template error or an empty prompt names its line."""
+    chat = dict(chat_template_kwargs=chat_template_kwargs)
     try:
-        ids = encode_prompts(tokenizer, prompts, max_prompt_length=max_prompt_length)
+        ids = encode_prompts(tokenizer, prompts, max_prompt_length=max_prompt_length, options=options, **chat)
     except (TypeError, ValueError):  # the chat template rejected one: find it, name its line
         for k, prompt in enumerate(prompts):
             try:
-                encode_prompts(tokenizer, [prompt])
+                encode_prompts(tokenizer, [prompt], options=None if options is None else [options[k]], **chat)
             except (TypeError, ValueError) as e:
                 raise DataError(f"{wheres[k]}: {str(e).removeprefix('prompt 0: ')}") from None
         raise

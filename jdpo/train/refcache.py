@@ -13,18 +13,15 @@ or a resumed one); any change: a new key. An entry is verified before use (its c
 pairs, the set of computed pairs against the pairs the batches hold, finite values) and recomputed and
 replaced when it fails.
 
-Layout of one cache entry (locally written to a temporary directory and renamed, so a half-written
-cache never looks complete):
+Layout of one cache entry (`jdpo.train.cache_entry`: locally written to a temporary directory and
+renamed, so a half-written cache never looks complete):
     <cache_dir>/<key>/arrays.npz      chosen, rejected [N] float32, chosen_counts, rejected_counts [N]
                                       int32, computed [N] bool (0 values for pairs no batch held),
                                       indexed by pair id
     <cache_dir>/<key>/manifest.json   key, number of pairs, SHA-256 of arrays.npz, the key's
                                       ingredients (for humans), timing
 
-The cache directory may be on an object store (gs://...). There is no rename there (fsspec copies and
-deletes, which a reader can see half-way), but each object is written whole or not at all, so the entry
-is written in place with the manifest last: an entry counts only once its manifest exists, and then
-arrays.npz is complete. Two processes writing the same key write identical bytes.
+The cache directory may be on an object store (gs://...): `cache_entry` writes the manifest last there.
 """
 
 from __future__ import annotations
@@ -34,7 +31,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import time
 import zipfile
 from collections.abc import Callable
@@ -44,14 +40,13 @@ import jax
 import numpy as np
 
 from jdpo.parallel import distributed
-from jdpo.paths import as_path, is_local
+from jdpo.paths import as_path
 from jdpo.scoring.forward import PairLogps
-from jdpo.train.fingerprint import weights_fingerprint
+from jdpo.train import cache_entry
 
 log = logging.getLogger(__name__)
 
-ARRAYS = "arrays.npz"
-MANIFEST = "manifest.json"
+ARRAYS, MANIFEST = cache_entry.ARRAYS, cache_entry.MANIFEST
 FORMAT_VERSION = 2  # 2: a `computed` mask instead of NaN for pairs no batch held; a checksum
 
 
@@ -77,12 +72,13 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
-def ingredients(params: Any, *, model_config: dict, tokenizer: Any, pairs: Any, settings: dict) -> dict:
+def ingredients(weights: str, *, model_config: dict, tokenizer: Any, pairs: Any, settings: dict) -> dict:
     """What a split's reference log-probs depend on, as fingerprints (the arguments of `cache_key`):
-    the weights, the architecture (`ModelConfig.to_hf()`), the tokenizer, the tokenised pairs
+    the weights (`jdpo.train.fingerprint.weights_fingerprint`, computed once by the caller for every
+    split), the architecture (`ModelConfig.to_hf()`), the tokenizer, the tokenised pairs
     (`TokenizedPairs`) and the length / dtype settings."""
     return {
-        "weights": weights_fingerprint(params),
+        "weights": weights,
         "model_config": model_config,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "pairs": pairs.fingerprint(),
@@ -115,40 +111,11 @@ def cache_key(*, weights: str, model_config: dict, tokenizer: str, pairs: str, s
 def save_entry(
     directory: str | os.PathLike, logps: PairLogps, manifest: dict, *, replace: bool = False
 ) -> None:
-    """Write one entry to `directory` so that it never looks complete half-written: locally into a
-    sibling temporary directory, then renamed; on an object store in place, the manifest last. The
-    manifest records the SHA-256 of arrays.npz. `replace`: an existing (damaged) entry is swapped out
-    (locally by two renames, so a reader sees the old or the new entry, never a mix); otherwise an
-    existing entry is another process's identical result and is kept."""
-    directory = as_path(directory)
+    """Write one entry to `directory` (`cache_entry.save_entry`: never complete half-written; the manifest
+    records the SHA-256 of arrays.npz; `replace` swaps out a damaged entry)."""
     buf = io.BytesIO()  # np.savez into memory: the same bytes on every backend (an entry is ~16 B a pair)
     logps.save(buf)
-    raw = buf.getvalue()
-    text = json.dumps({**manifest, "sha256": hashlib.sha256(raw).hexdigest()}, indent=2, sort_keys=True,
-                      default=str)  # fmt: skip
-    if not is_local(directory):
-        if (directory / MANIFEST).exists() and not replace:
-            return
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / ARRAYS).write_bytes(raw)
-        (directory / MANIFEST).write_text(text)  # the commit marker: written after the arrays
-        return
-    tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / ARRAYS).write_bytes(raw)
-    (tmp / MANIFEST).write_text(text)
-    if directory.exists():
-        if not replace:
-            shutil.rmtree(tmp)
-            return
-        bad = directory.with_name(f"{directory.name}.bad-{os.getpid()}")
-        shutil.rmtree(bad, ignore_errors=True)
-        directory.rename(bad)
-        tmp.rename(directory)
-        shutil.rmtree(bad, ignore_errors=True)
-        return
-    tmp.rename(directory)
+    cache_entry.save_entry(directory, buf.getvalue(), manifest, replace=replace)
 
 
 def load_entry(directory: str | os.PathLike, num_pairs: int, expected: np.ndarray | None = None):
@@ -156,14 +123,10 @@ def load_entry(directory: str | os.PathLike, num_pairs: int, expected: np.ndarra
     damaged or stale: unreadable or truncated files, a checksum that does not match, another number of
     pairs, another set of computed pairs than `expected` ([N] bool, the pairs the batches hold), or a
     non-finite value of a computed pair. (None, None) when there is no entry."""
-    directory = as_path(directory)
-    if not (directory / MANIFEST).exists():
-        return None, None
+    _, raw, problem = cache_entry.read_entry(directory)
+    if raw is None:
+        return None, problem
     try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-        raw = (directory / ARRAYS).read_bytes()
-        if hashlib.sha256(raw).hexdigest() != manifest.get("sha256"):
-            return None, "arrays.npz does not match the checksum in manifest.json (damaged or rewritten)"
         ref = PairLogps.load(io.BytesIO(raw))
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         return None, f"unreadable ({type(e).__name__}: {e})"
@@ -224,7 +187,7 @@ def load_or_compute(
 
 
 def for_split(
-    params: Any,
+    weights: str,
     pairs: Any,
     *,
     compute: Callable[[], PairLogps],
@@ -234,11 +197,11 @@ def for_split(
     settings: dict,
     expected: np.ndarray | None = None,
 ) -> tuple[PairLogps, bool, str]:
-    """Reference log-probs of one split (`pairs`, a TokenizedPairs) under `params`: the key from
-    `ingredients`, then `load_or_compute` (`expected`: [N] bool, the pairs the batches hold).
+    """Reference log-probs of one split (`pairs`, a TokenizedPairs) under the weights whose fingerprint
+    is `weights`: the key from `ingredients`, then `load_or_compute` (`expected`: [N] bool, the pairs the batches hold).
     Returns (ref_logps, reused, key)."""
     parts = ingredients(
-        params, model_config=model_config, tokenizer=tokenizer, pairs=pairs, settings=settings
+        weights, model_config=model_config, tokenizer=tokenizer, pairs=pairs, settings=settings
     )
     key = cache_key(**parts)
     ref, reused = load_or_compute(

@@ -25,6 +25,7 @@ from jdpo.models import CheckpointError, ModelOptions, from_pretrained, lora
 from jdpo.parallel.distributed import any_process
 from jdpo.scoring.forward import PairLogps
 from jdpo.train import refcache
+from jdpo.train.fingerprint import weights_fingerprint
 from jdpo.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -69,16 +70,19 @@ class Reference:
     def eval(self) -> PairLogps | None:
         return self.logps.get("eval")
 
-    def prepare(self, ref_params, base) -> None:
-        """The cached reference's log-probs of every split, from the cache when its key matches."""
+    def prepare(self, ref_params, base, weights: str | None = None) -> None:
+        """The cached reference's log-probs of every split, from the cache when its key matches.
+        `weights`: the fingerprint of `ref_params` when the caller has it (the run's base check does)."""
         if self.mode == "cached":
-            self._cache_all(ref_params, base)
+            self._cache_all(ref_params, base, weights)
 
-    def _cache_all(self, params, base) -> None:
+    def _cache_all(self, params, base, weights: str | None = None) -> None:
+        if weights is None:  # once for every split; the key covers a LoRA run's adapters too
+            weights = weights_fingerprint(params if base is None else (params, base))
         for split, pairs in self.data.reference_splits():
             settings = {**self.key_settings, "split": split}
             ref, reused, key = refcache.for_split(
-                params if base is None else (params, base),  # the key covers the adapters too
+                weights,
                 pairs,
                 expected=self.data.one_pass(pairs).fits,
                 compute=lambda pairs=pairs: self.score(pairs, params, base),

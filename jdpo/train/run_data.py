@@ -22,6 +22,8 @@ from jdpo.data.batching import make_batch
 from jdpo.data.layout import BatchLayout, row_length_for
 from jdpo.models.kernels import resolve_attention, shares_prompt
 from jdpo.parallel.sharding import row_shards
+from jdpo.train import token_cache
+from jdpo.train.token_cache import TokenizedSplits
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,20 @@ def _records(config: Config):
     return records, held, dropped
 
 
+def tokenized_splits(config: Config, tokenizer) -> TokenizedSplits:
+    """Read and tokenise both splits (what the tokenised-data cache holds)."""
+    d = config.data
+    records, held, dropped = _records(config)
+    tokenize = unpaired_data.tokenizer_for(config.dpo, seed=config.train.seed)
+    kw = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+              skip_bad_rows=d.skip_bad_rows, chat_template_kwargs=d.chat_template_kwargs)  # fmt: skip
+    train_pairs, train_report = tokenize(records, tokenizer, **kw)
+    # data.eval given: its split is checked even when the readers left nothing of it.
+    eval_pairs, eval_report = tokenize(held, tokenizer, **kw) if held or d.eval else (None, None)
+    dropped = {split: dict(counts) for split, counts in dropped.items()}
+    return TokenizedSplits(train_pairs, train_report, eval_pairs, eval_report, dropped)
+
+
 def eval_source(config: Config) -> str:
     d = config.data
     return f"data.eval ({', '.join(d.eval)})" if d.eval else f"data.eval_fraction={d.eval_fraction}"
@@ -97,19 +113,20 @@ class OfflineData:
                 math.ceil(self.batches.num_batches(e) / t.grad_accum) for e in range(t.rounds)
             )
         self.round = 1  # the round (1-based) of the last step's batches
+        self.tokens_reused = False  # the splits came from the tokenised-data cache
 
     @classmethod
-    def load(cls, config: Config, tokenizer, *, mesh, shared_prompt: bool) -> OfflineData:
-        """Records -> (train, eval) -> token ids -> the layout, each split accounted for."""
+    def load(cls, config: Config, tokenizer, *, mesh, shared_prompt: bool, cache_dir=None) -> OfflineData:
+        """Records -> (train, eval) -> token ids (from the tokenised-data cache in `cache_dir` when it
+        holds them: `jdpo.train.token_cache`) -> the layout, each split accounted for."""
         c, d = config, config.data
-        records, held, dropped = _records(c)
-        tokenize = unpaired_data.tokenizer_for(c.dpo, seed=c.train.seed)
-        kw = dict(
-            max_length=d.max_length, max_prompt_length=d.max_prompt_length, skip_bad_rows=d.skip_bad_rows
-        )
-        train_pairs, train_report = tokenize(records, tokenizer, **kw)
-        # data.eval given: its split is checked even when the readers left nothing of it.
-        eval_pairs, eval_report = tokenize(held, tokenizer, **kw) if held or d.eval else (None, None)
+        build = lambda: tokenized_splits(c, tokenizer)  # noqa: E731
+        if cache_dir is None:
+            splits, reused = build(), False
+        else:
+            splits, reused = token_cache.load_or_build(c, tokenizer, cache_dir, build)
+        train_pairs, train_report, eval_pairs, eval_report, dropped = (
+            splits.train, splits.train_report, splits.eval, splits.eval_report, splits.dropped)  # fmt: skip
         if c.dpo.unpaired:
             unpaired_data.check_classes(train_pairs.labels, split="train", loss_type=c.dpo.loss_type[0],
                                         desirable_weight=c.dpo.desirable_weight,
@@ -121,6 +138,7 @@ class OfflineData:
                                        rows_per_batch=c.train.batch_rows, row_length=row_length,
                                        packing=d.packing, shared_prompt=shared_prompt)  # fmt: skip
         data = cls(c, train_pairs, eval_pairs, layout)
+        data.tokens_reused = reused
         account(
             "train",
             train_report,

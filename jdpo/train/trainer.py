@@ -38,13 +38,14 @@ from jdpo.parallel.sharding import make_mesh
 from jdpo.report import metrics
 from jdpo.scoring.forward import PairLogps, over_split, split_metrics
 from jdpo.scoring.generate import Generator, SamplingParams
-from jdpo.train import compile_cache, diskspace, loop
+from jdpo.train import compile_cache, diskspace, hub_upload, loop
 from jdpo.train import export as exports
 from jdpo.train.checkpoint import abstract_like
 from jdpo.train.fingerprint import weights_fingerprint
 from jdpo.train.guards import BestEval, DivergenceGuard, EarlyStopping
 from jdpo.train.hooks import standard_hooks
 from jdpo.train.loop import RunResult
+from jdpo.train.model_card import ModelCard
 from jdpo.train.online import OnlineData
 from jdpo.train.reference import Reference, cache_dir_of, initial_reference_params
 from jdpo.train.reference_update import UpdateSchedule
@@ -102,14 +103,18 @@ class Trainer:
             keep=c.train.keep_checkpoints,
             best_maximize=None if self.best is None else self.best.maximize,
         )
+        hub_upload.check_token(c)  # an upload's token before anything loads, not after the run
         self.hf_model_config = ModelConfig.from_hf(c.model.path)  # a bad config.json, named, first
         self.moe = moe_settings(c, self.hf_model_config)
         self.tokenizer = _tokenizer(c.model.path)
         # The data before the model: a bad line or an empty split costs seconds, not a model load.
         shared_prompt = decide_shared_prompt(c, self.hf_model_config)
         check_batch_rows(c, self.mesh)
-        source = OnlineData if c.dpo.online else OfflineData
-        self.data = source.load(c, self.tokenizer, mesh=self.mesh, shared_prompt=shared_prompt)
+        if c.dpo.online:
+            self.data = OnlineData.load(c, self.tokenizer, mesh=self.mesh, shared_prompt=shared_prompt)
+        else:  # tokenised once, then from the cache beside the reference cache (`jdpo.train.token_cache`)
+            self.data = OfflineData.load(c, self.tokenizer, mesh=self.mesh, shared_prompt=shared_prompt,
+                                         cache_dir=cache_dir_of(c, self.output_dir))  # fmt: skip
         params, base = self._load_model()
         self.settings = StepSettings(
             graphdef=self.graphdef, mesh=self.mesh, abstract_params=_flat(params), loss=c.dpo.loss_spec(),
@@ -128,7 +133,9 @@ class Trainer:
         # Reference log-probs of the initial weights, before the first step donates them.
         ref_params = initial_reference_params(c, params, lora_run=base is not None, dtype=self.dtype,
                                               model_config=self.model_config, mesh=self.mesh)  # fmt: skip
-        self.reference.prepare(ref_params, base)
+        # Full fine-tuning from model.path: the reference weights are the base just fingerprinted.
+        same = base is None and ref_params is params
+        self.reference.prepare(ref_params, base, weights=self.base_fingerprint if same else None)
         self.state = initial_state(self.steps, params, seed=c.train.seed, base=base, dpo=c.dpo,
                                    ref_params=ref_params if c.dpo.reference == "online" else None)  # fmt: skip
         self.frozen = frozen_parts(self.reference_updates.moves and c.dpo.reference == "online")
@@ -310,13 +317,16 @@ class Trainer:
         (`jdpo.train.runlock`), taken when the trainer was built, is released when fit ends."""
         return loop.fit(self, callbacks, standard_hooks)
 
-    def export(self, params=None, name: str = "final"):
+    def export(self, params=None, name: str = "final", *, step: int | None = None, best: bool = False):
         """`params` (default: the current policy) as a Hugging Face checkpoint in `<output_dir>/<name>`
-        (LoRA: a PEFT adapter directory, and the merged model in `<name>_merged`)."""
+        (LoRA: a PEFT adapter directory, and the merged model in `<name>_merged`), with its model card
+        (`step`: the step `params` are at, default the current one; `best`: `train.keep_best`'s)."""
+        card = ModelCard.of_run(self.config, self.output_dir, self.step if step is None else step, self.best,
+                                final_step=self.step)  # fmt: skip
         try:
             return exports.export_model(
                 self.model(params), self.output_dir, name, lora_run=self.state.base is not None,
-                base_model=self.config.model.path, tokenizer=self.tokenizer,
+                base_model=self.config.model.path, tokenizer=self.tokenizer, card=card, best=best,
             )  # fmt: skip
         except (OSError, SafetensorError) as e:  # a full disk, a write error: the checkpoint is intact
             why = diskspace.excerpt(e)
@@ -337,7 +347,7 @@ class Trainer:
         params = self.state.params
         if b.step != self.step:
             params = self.checkpoints.params_at(self.state, b.step, frozen=self.frozen)
-        best_dir = self.export(params, "best")
+        best_dir = self.export(params, "best", step=b.step, best=True)
         exports.write_best_json(best_dir, b)
         return best_dir
 
