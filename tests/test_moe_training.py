@@ -17,6 +17,8 @@ from helpers import train_steps as steps
 
 from jdpo.errors import ConfigError
 from jdpo.losses.router import load_balancing_loss
+from jdpo.models.adapters import model_targets
+from jdpo.models.choices import LORA_TARGETS
 from jdpo.models import ModelConfig, from_pretrained, init_model, load_tokenizer, save_pretrained
 from jdpo.parallel.sharding import make_mesh
 from jdpo.train import trainer as train
@@ -170,10 +172,18 @@ def test_expert_parallel_run_matches_one_device(moe_assets, tmp_path):
 
 
 def test_lora_on_the_experts_is_refused_before_the_model_loads(moe_assets, tmp_path):
+    over = {"lora.rank": 4, "lora.targets": ["q_proj", "gate_proj"]}
     with pytest.raises(
         ConfigError, match="lora.targets: 'gate_proj' on qwen3_moe is an MoE layer's experts'"
     ):
-        train.Trainer(make_config(moe_assets, tmp_path / "experts", **{"lora.rank": 4}), mesh=one_device())
+        train.Trainer(make_config(moe_assets, tmp_path / "experts", **over), mesh=one_device())
+
+
+def test_the_default_lora_targets_of_an_moe_model_are_its_attention_projections(assets, moe_assets):
+    """The default names every projection; on an MoE model that is the attention (no expert adapters)."""
+    moe, dense = ModelConfig.from_hf(moe_assets.model_dir), ModelConfig.from_hf(assets.model_dir)
+    assert set(model_targets(LORA_TARGETS, moe)) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert set(model_targets(LORA_TARGETS, dense)) == set(LORA_TARGETS)
 
 
 @pytest.mark.slow  # 33 s; the refusal above and the attention LoRA of the dense models' tests are fast

@@ -16,7 +16,7 @@ from flax import nnx
 
 from jdpo.errors import ConfigError
 from jdpo.models import quantize as quantization
-from jdpo.models.choices import FUSED_TARGETS
+from jdpo.models.choices import FUSED_TARGETS, LORA_TARGETS
 from jdpo.models.config import ModelConfig
 from jdpo.models.layers import Dense
 from jdpo.models.options import PROJECTIONS, LoRASpec
@@ -55,6 +55,10 @@ def model_targets(targets, config: ModelConfig, *, field: str = "lora.targets") 
     on an unfused model stands for its parts; on a fused model (phi3) the parts stand for the fused
     projection when all of them are named (the fused module has one adapter: a part alone is refused)."""
     have = projection_shapes(config)
+    if config.num_experts and tuple(targets) == LORA_TARGETS:
+        # The default on an MoE model: every projection that takes an adapter, the attention's (the
+        # experts' take none, below); named explicitly, an expert projection is refused.
+        targets = [name for name in LORA_TARGETS if BLOCK.get(name) == "self_attn"]
     out = set()
     for name in targets:
         if config.num_experts and BLOCK.get(name) == "mlp":
