@@ -22,11 +22,12 @@ from jdpo.parallel.sharding import (
 def test_make_mesh_axes_and_remaining_devices():
     assert jax.device_count() == 8
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
-    assert mesh.axis_names == ("data", "fsdp", "tensor") and dict(mesh.shape) == dict(
-        data=2, fsdp=2, tensor=2
+    assert mesh.axis_names == ("data", "fsdp", "tensor", "context") and dict(mesh.shape) == dict(
+        data=2, fsdp=2, tensor=2, context=1
     )
-    assert dict(make_mesh(fsdp=-1).shape) == dict(data=1, fsdp=8, tensor=1)
-    assert dict(make_mesh(data=2, fsdp=-1).shape) == dict(data=2, fsdp=4, tensor=1)
+    assert dict(make_mesh(fsdp=-1).shape) == dict(data=1, fsdp=8, tensor=1, context=1)
+    assert dict(make_mesh(data=2, fsdp=-1).shape) == dict(data=2, fsdp=4, tensor=1, context=1)
+    assert dict(make_mesh(fsdp=-1, context=4).shape) == dict(data=1, fsdp=2, tensor=1, context=4)
     assert make_mesh().size == 1
     with pytest.raises(ValueError, match="needs 16 devices"):
         make_mesh(data=4, fsdp=4)
@@ -36,8 +37,10 @@ def test_make_mesh_axes_and_remaining_devices():
 
 def test_logical_to_spec_rules_and_fallbacks():
     assert logical_to_spec(("embed", "mlp")) == P("fsdp", "tensor")
-    assert logical_to_spec(("batch", "length", "act_embed")) == P(("data", "fsdp"), None, None)
+    assert logical_to_spec(("batch", "length", "act_embed")) == P(("data", "fsdp"), "context", None)
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    # the token axis of activations splits over context only where the mesh has one
+    assert logical_to_spec(("batch", "length"), (8, 64), mesh) == P(("data", "fsdp"), None)
     # a dimension that does not divide by its mesh axes is replicated, not an error
     assert logical_to_spec(("vocab", "embed"), (127, 64), mesh) == P(None, "fsdp")
     assert logical_to_spec(("embed", "kv_heads", "head_dim"), (64, 1, 16), mesh) == P("fsdp", None, None)

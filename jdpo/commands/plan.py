@@ -157,7 +157,8 @@ def resolve_mesh(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
     """(data, fsdp, tensor) with the one -1 axis filled from `num_devices` (as `sharding.make_mesh`)."""
     shape = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
     if -1 in shape:
-        known = math.prod(s for s in shape if s != -1)
+        # the context axis (rows split over devices) takes its share of the devices first
+        known = math.prod(s for s in shape if s != -1) * getattr(mesh_cfg, "context", 1)
         if num_devices % known:
             raise ValueError(f"{num_devices} devices do not divide by the fixed mesh axes ({known})")
         shape[shape.index(-1)] = num_devices // known

@@ -36,6 +36,12 @@ class ModelSection:
         "slides, else blocked; the run log says which), blocked (segment-aware, plain JAX), splash (TPU), "
         "pallas_gpu (NVIDIA GPUs), xla (dense masked).",
     )
+    context_attention: Literal["auto", "all_gather", "ring"] = setting(
+        "auto",
+        "With mesh.context > 1: how a shard's queries reach the row's keys / values: all_gather (gather "
+        "k / v, small with grouped-query heads), ring (k / v shards passed around the devices, online "
+        "softmax), auto (all_gather).",
+    )
     attention_block: int = setting(
         0,
         "Positions per tile of the attention kernel; 0: the kernel's default (blocked 64, splash 512, "
@@ -61,6 +67,11 @@ class MeshSection:
     tensor: int = setting(
         1, "Tensor-parallel axis (heads / mlp sharded); use when per-device batch is small."
     )
+    context: int = setting(
+        1,
+        "Context-parallel axis: every row's tokens split over this many devices (long rows); the row "
+        "length must be a multiple of 2 x context.",
+    )
 
 
 def check_mesh(mesh: MeshSection) -> None:
@@ -70,3 +81,7 @@ def check_mesh(mesh: MeshSection) -> None:
             raise ConfigError(f"mesh.{name} must be a positive size or -1 (all remaining devices), got {v}")
     if list(sizes.values()).count(-1) > 1:
         raise ConfigError("at most one of mesh.data / mesh.fsdp / mesh.tensor may be -1")
+    if mesh.context < 1:
+        raise ConfigError(
+            f"mesh.context must be a positive size (1: rows whole on a device), got {mesh.context}"
+        )

@@ -44,7 +44,8 @@ RESUMABLE_CHANGES = frozenset({
     "train.allow_config_change", "train.allow_base_change", "train.keep_best", "train.divergence_factor",
     "train.max_param_abs",
     "dpo.cache_dir", "train.compile_cache", "model.remat", "model.attention",
-    "model.attention_block", "mesh.data", "mesh.fsdp", "mesh.tensor", "logging.console",
+    "model.attention_block", "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.context",
+    "model.context_attention", "logging.console",
     "logging.tensorboard", "logging.wandb", "logging.wandb_project",
 })  # fmt: skip
 

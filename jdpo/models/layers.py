@@ -18,12 +18,13 @@ from flax import nnx
 from jdpo.models import quantize as quantization
 from jdpo.models.attention import blocked_attention
 from jdpo.models.config import ModelConfig
+from jdpo.models.context_attention import context_attention
 from jdpo.models.masks import AttentionMask
 from jdpo.models.options import REMAT_POLICIES, ModelOptions
 from jdpo.models.pallas_gpu import pallas_gpu_attention
 from jdpo.models.rope import apply_rope
 from jdpo.models.splash import splash_attention
-from jdpo.parallel.sharding import constrain
+from jdpo.parallel.sharding import constrain, context_size
 
 
 def _param(key, shape, names, param_dtype, init: str, std: float):
@@ -181,6 +182,7 @@ class Attention(nnx.Module):
                 self.k_norm = RMSNorm(H, names=("head_dim",), **norm_kw)
         self.config, self.dtype = c, options.dtype
         self.attention, self.attention_block = options.attention, options.attention_block
+        self.context_attention = options.context_attention
 
     def _qkv(self, x_BxTxD, cos, sin, dropout_key=None):
         """q [B, T, N, H], k and v [B, T, K, H] of new tokens (q/k norm and RoPE applied)."""
@@ -211,7 +213,12 @@ class Attention(nnx.Module):
         c = self.config
         kernel, block = self.attention, self.attention_block
         segment_aware = dict(scale=c.attention_scale, block=block)
-        if mask.self_attention and kernel == "blocked":
+        if mask.self_attention and context_size() > 1:  # rows split over the mesh's context axis
+            out_BxTxNxH = context_attention(
+                q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, softcap=c.attn_logit_softcapping,
+                how=self.context_attention, **segment_aware,
+            )  # fmt: skip
+        elif mask.self_attention and kernel == "blocked":
             out_BxTxNxH = blocked_attention(
                 q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, softcap=c.attn_logit_softcapping, **segment_aware
             )

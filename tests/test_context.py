@@ -1,0 +1,92 @@
+"""Context parallelism (`mesh.context`): every row's tokens split over devices in the balanced layout.
+Per-pair log-probs and their gradients on `data 2 x context 4` and `context 8` equal one device's, on
+packed rows whose pairs straddle the shard boundaries, with and without the shared prompt, with
+grouped-query heads and a sliding-window family; the layout's chunk exchange."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from helpers import random_model, tiny_hf_config
+from test_shared_prompt import pairs_of
+
+from jdpo.data import make_batch
+from jdpo.models import ModelConfig
+from jdpo.parallel import context_layout
+from jdpo.parallel.sharding import make_mesh
+from jdpo.scoring.forward import pair_logprobs
+
+MESHES = {"data2_context4": dict(data=2, context=4), "context8": dict(context=8)}
+
+
+def _loss_fn(graphdef):
+    def loss(params, batch):
+        out = pair_logprobs(nnx.merge(graphdef, params), batch, chunk_size=16)
+        weights = jnp.arange(1.0, 1.0 + out["chosen"].size).reshape(out["chosen"].shape)
+        return jnp.sum(weights * (out["chosen"] - 0.5 * out["rejected"])), out
+
+    return loss
+
+
+def _straddles(segment_ids_BxT, shards: int) -> bool:
+    """Whether some pair's sequence crosses a boundary between the natural order's contiguous shards."""
+    T = segment_ids_BxT.shape[1]
+    cut = np.arange(1, shards) * (T // shards)
+    left, right = segment_ids_BxT[:, cut - 1], segment_ids_BxT[:, cut]
+    return bool(((left == right) & (left != 0)).any())
+
+
+# (family, shared prompt, mesh): each mesh runs GQA with and without the shared prompt and the
+# sliding-window, soft-capped family (gemma2: window 3, so local layers see across a shard's start).
+CASES = [
+    ("llama", False, "data2_context4"),
+    ("llama", True, "context8"),
+    ("qwen3", True, "data2_context4"),
+    ("gemma2", False, "context8"),
+    pytest.param("gemma2", False, "data2_context4", marks=pytest.mark.slow),
+    pytest.param("llama", False, "context8", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("family, shared, mesh_name", CASES)
+def test_pair_logprobs_and_gradients_equal_one_device(family, shared, mesh_name):
+    config = ModelConfig.from_hf(tiny_hf_config(family))
+    graphdef, params = nnx.split(random_model(config, attention="blocked", attention_block=16))
+    pairs = pairs_of(9)
+    rows = [[0, 1, 2, 3], [4, 5], [6, 7, 8], []]
+    batch = make_batch(pairs, rows, 256, 4, shared_prompt=shared)
+    assert _straddles(batch.segment_ids, 8) and _straddles(batch.segment_ids, 4)
+    step = jax.value_and_grad(_loss_fn(graphdef), has_aux=True)
+    (l_one, out_one), g_one = jax.jit(step)(params, jax.tree.map(jnp.asarray, batch))
+    mesh = make_mesh(**MESHES[mesh_name])
+    with jax.set_mesh(mesh):
+        (l_ctx, out_ctx), g_ctx = jax.jit(step)(params, batch.on_mesh(mesh))
+    assert np.asarray(out_one["chosen_counts"]).sum() > 0
+    for key in out_one:
+        np.testing.assert_allclose(out_ctx[key], out_one[key], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(l_ctx, l_one, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_ctx), jax.tree.leaves(g_one), strict=True):
+        # float32 sums in another order: tolerance relative to the gradient's scale (up to ~50 here)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6 * max(1.0, float(np.abs(b).max())))
+
+
+def test_balanced_layout_holds_chunks_i_and_2c_minus_1_minus_i_and_moves_back():
+    C, T = 4, 32
+    mesh = make_mesh(context=C)
+    x = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (2, T))
+    with jax.set_mesh(mesh):
+        x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "context")))
+        balanced = jax.jit(context_layout.to_balanced)(x)
+        back = jax.jit(context_layout.from_balanced)(balanced)
+    chunk = T // (2 * C)
+    order = context_layout.balanced_order(C)
+    assert order == [0, 7, 1, 6, 2, 5, 3, 4]
+    expected = np.concatenate([np.arange(c * chunk, (c + 1) * chunk) for c in order])
+    np.testing.assert_array_equal(np.asarray(balanced)[0], expected)
+    for shard in balanced.addressable_shards:  # device i: chunks i and 2C - 1 - i
+        i = shard.index[1].start // (T // C)
+        np.testing.assert_array_equal(
+            np.asarray(shard.data)[0], expected[i * 2 * chunk : (i + 1) * 2 * chunk]
+        )
+    np.testing.assert_array_equal(np.asarray(back), np.asarray(x))
