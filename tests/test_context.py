@@ -13,6 +13,8 @@ from test_shared_prompt import pairs_of
 
 from jdpo.data import make_batch
 from jdpo.models import ModelConfig
+from jdpo.models.context_attention import context_attention
+from jdpo.models.masks import AttentionMask
 from jdpo.parallel import context_layout
 from jdpo.parallel.sharding import make_mesh
 from jdpo.scoring.forward import pair_logprobs
@@ -37,22 +39,25 @@ def _straddles(segment_ids_BxT, shards: int) -> bool:
     return bool(((left == right) & (left != 0)).any())
 
 
-# (family, shared prompt, mesh): each mesh runs GQA with and without the shared prompt and the
-# sliding-window, soft-capped family (gemma2: window 3, so local layers see across a shard's start).
+# (family, shared prompt, mesh, how k / v reach the queries): each mesh runs GQA with and without the
+# shared prompt and the sliding-window, soft-capped family (gemma2: window 3, so local layers see across
+# a shard's start), the all-gather and the ring.
+SLOW = pytest.mark.slow  # covered fast by the dense-attention check below and the qwen3 ring case
 CASES = [
-    ("llama", False, "data2_context4"),
-    ("llama", True, "context8"),
-    ("qwen3", True, "data2_context4"),
-    ("gemma2", False, "context8"),
-    pytest.param("gemma2", False, "data2_context4", marks=pytest.mark.slow),
-    pytest.param("llama", False, "context8", marks=pytest.mark.slow),
+    ("qwen3", True, "data2_context4", "ring"),
+    pytest.param("llama", False, "data2_context4", "all_gather", marks=SLOW),
+    pytest.param("llama", True, "context8", "all_gather", marks=SLOW),
+    pytest.param("gemma2", False, "context8", "ring", marks=SLOW),
+    pytest.param("gemma2", False, "data2_context4", "all_gather", marks=SLOW),
+    pytest.param("llama", False, "context8", "ring", marks=SLOW),
 ]
 
 
-@pytest.mark.parametrize("family, shared, mesh_name", CASES)
-def test_pair_logprobs_and_gradients_equal_one_device(family, shared, mesh_name):
+@pytest.mark.parametrize("family, shared, mesh_name, how", CASES)
+def test_pair_logprobs_and_gradients_equal_one_device(family, shared, mesh_name, how):
     config = ModelConfig.from_hf(tiny_hf_config(family))
-    graphdef, params = nnx.split(random_model(config, attention="blocked", attention_block=16))
+    model = random_model(config, attention="blocked", attention_block=16, context_attention=how)
+    graphdef, params = nnx.split(model)
     pairs = pairs_of(9)
     rows = [[0, 1, 2, 3], [4, 5], [6, 7, 8], []]
     batch = make_batch(pairs, rows, 256, 4, shared_prompt=shared)
@@ -90,3 +95,37 @@ def test_balanced_layout_holds_chunks_i_and_2c_minus_1_minus_i_and_moves_back():
             np.asarray(shard.data)[0], expected[i * 2 * chunk : (i + 1) * 2 * chunk]
         )
     np.testing.assert_array_equal(np.asarray(back), np.asarray(x))
+
+
+@pytest.mark.parametrize(
+    "how, mesh_shape", [("ring", dict(context=8)), ("all_gather", dict(fsdp=2, context=4))]
+)
+def test_context_attention_and_its_backward_equal_dense_attention(how, mesh_shape):
+    """The ring's backward (and the all-gather's) against dense masked attention: values and the
+    gradients of q, k, v, on packed rows with a shared prefix, over context 8 and fsdp 2 x context 4."""
+    B, T, N, K, H = 2, 64, 4, 2, 8
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((B, T, n, H)), jnp.float32) for n in (N, K, K))
+    seg = np.zeros((B, T), np.int32)
+    seg[0, :10], seg[0, 10:30], seg[0, 30:50], seg[0, 50:60] = -1, 1, 2, 3
+    seg[1, :40], seg[1, 40:] = 1, 2
+    mask = AttentionMask(jnp.asarray(seg))
+    w = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32) * (jnp.asarray(seg) != 0)[..., None, None]
+
+    def dense(q, k, v):
+        kk, vv = (jnp.repeat(x, N // K, axis=2) for x in (k, v))
+        out = jax.nn.dot_product_attention(q, kk, vv, mask=mask.dense(), scale=0.3, implementation="xla")
+        return jnp.sum(out * w)
+
+    def split(q, k, v):  # the kernel takes the balanced layout (device i: chunks i and 2C - 1 - i)
+        q, k, v, ids = (context_layout.to_balanced(x) for x in (q, k, v, mask.segment_ids_BxT))
+        out = context_attention(q, k, v, AttentionMask(ids), scale=0.3, block=4, how=how)
+        return jnp.sum(context_layout.from_balanced(out) * w)
+
+    want, want_g = jax.value_and_grad(dense, argnums=(0, 1, 2))(q, k, v)
+    mesh = make_mesh(**mesh_shape)
+    with jax.set_mesh(mesh):
+        got, got_g = jax.jit(jax.value_and_grad(split, argnums=(0, 1, 2)))(q, k, v)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for a, b in zip(got_g, want_g, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -24,6 +24,7 @@ def _config(assets, out, **over):
     return run_config(assets, out, **{**CONTEXT, **over})
 
 
+@pytest.mark.slow  # ~30 s each on 2 cores; the forward and its gradients: tests/test_context.py
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_three_steps_with_context_4_equal_one_device(assets, tmp_path, lora):
     over = {"lora.rank": 4, "lora.alpha": 8.0} if lora else {}

@@ -8,7 +8,7 @@ two ways (`model.context_attention`):
               grouped-query heads keep them small) and runs the blocked kernel on its two query chunks
               against the whole row (`attention._local` with `q_starts`). The backward's dk / dv are
               summed back to their owners by the all-gather's transpose (a reduce-scatter).
-  ring        (`jdpo.models.ring`) the k / v shards travel around the ring with `ppermute`, one
+  ring        (`jdpo.models.ring.ring_local`) the k / v shards travel around the ring with `ppermute`, one
               step per device, each step's partial attention merged by its log-sum-exp: only two
               shards of k / v live on a device at a time.
 
@@ -28,7 +28,7 @@ import math
 import jax
 from jax.sharding import PartitionSpec
 
-from jdpo.models import attention
+from jdpo.models import attention, ring
 from jdpo.parallel import context_layout
 from jdpo.parallel.sharding import CONTEXT_AXIS, context_size, current_mesh, logical_to_spec, spec_entry_size
 
@@ -64,7 +64,7 @@ def context_attention(
     if T % (2 * C):
         raise ValueError(f"rows of {T} tokens do not split into 2 x context = {2 * C} chunks")
     blk = shard_block(T, C, block)
-    local = _all_gather_local
+    local = ring.ring_local if how == "ring" else _all_gather_local
     fn = functools.partial(local, C=C, scale=scale, softcap=softcap, block=blk)
     args = (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask.segment_ids_BxT)
     replicated = () if mask.window is None else (jax.numpy.asarray(mask.window, jax.numpy.int32),)
