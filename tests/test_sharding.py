@@ -36,7 +36,11 @@ def test_make_mesh_axes_and_remaining_devices():
 
 
 def test_logical_to_spec_rules_and_fallbacks():
-    assert logical_to_spec(("embed", "mlp")) == P("fsdp", "tensor")
+    assert logical_to_spec(("embed", "mlp")) == P(("fsdp", "context"), "tensor")
+    # parameters split over the devices of a row (context) as over fsdp
+    assert logical_to_spec(("embed", "mlp"), (64, 8), make_mesh(fsdp=2, context=4)) == P(
+        ("fsdp", "context"), None
+    )
     assert logical_to_spec(("batch", "length", "act_embed")) == P(("data", "fsdp"), "context", None)
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     # the token axis of activations splits over context only where the mesh has one
@@ -47,7 +51,7 @@ def test_logical_to_spec_rules_and_fallbacks():
     # mesh axes of size 1 are dropped
     assert logical_to_spec(("batch", "act_vocab"), (8, 128), make_mesh(fsdp=8)) == P("fsdp", None)
     # a mesh axis is used once per spec
-    assert logical_to_spec(("embed", "embed")) == P("fsdp", None)
+    assert logical_to_spec(("embed", "embed")) == P(("fsdp", "context"), None)
     with pytest.raises(KeyError, match="no_such_axis"):
         logical_to_spec(("no_such_axis",))
     assert set(LOGICAL_AXIS_RULES) >= {

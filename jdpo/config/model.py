@@ -23,9 +23,10 @@ class ModelSection:
     param_dtype: Literal["float32", "bfloat16"] = setting(
         "float32", "Dtype the parameters (and so the optimizer's update) are stored in."
     )
-    remat: Literal["none", "full", "dots_saveable"] = setting(
+    remat: Literal["none", "full", "dots_saveable", "offload"] = setting(
         "none",
-        "Rematerialisation per layer: none, full (recompute all), dots_saveable (keep matmul outputs).",
+        "Rematerialisation per layer: none, full (recompute all), dots_saveable (keep matmul outputs), "
+        "offload (keep each layer's input in pinned host memory, recompute the rest).",
     )
     scan_layers: bool = setting(
         False, "Scan over the layer stack (one compiled layer; fast compiles of deep models)."

@@ -14,6 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jdpo.models import quantize as quantization
 from jdpo.models.attention import blocked_attention
@@ -278,6 +279,18 @@ def _softcapped_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale, 
     return out.reshape(B, T, N, H)
 
 
+#: The residual stream entering a decoder layer (`checkpoint_name`): `remat: offload` saves it, and only
+#: it, in pinned host memory (JAX's offload checkpoint policy), for rows whose activations do not fit
+#: the device even split over the context axis; the layer is recomputed from it in the backward.
+LAYER_INPUT = "decoder_layer_input"
+OFFLOAD_POLICY = jax.checkpoint_policies.save_and_offload_only_these_names(
+    names_which_can_be_saved=[],
+    names_which_can_be_offloaded=[LAYER_INPUT],
+    offload_src="device",
+    offload_dst="pinned_host",
+)
+
+
 class MLP(nnx.Module):
     """Gated MLP: down(act(gate(x)) * up(x)); phi3 keeps gate and up as one [D, 2, F] kernel."""
 
@@ -344,6 +357,7 @@ class DecoderLayer(nnx.Module):
         return x_BxTxD if self.post_norm else self.input_layernorm(x_BxTxD)
 
     def __call__(self, x_BxTxD, cos, sin, mask: AttentionMask, dropout_key=None):
+        x_BxTxD = checkpoint_name(x_BxTxD, LAYER_INPUT)  # what `remat: offload` keeps, on the host
         attn_BxTxD = self.self_attn(self._attention_input(x_BxTxD), cos, sin, mask, dropout_key)
         return self._finish(x_BxTxD, attn_BxTxD, dropout_key)
 
@@ -378,4 +392,6 @@ def remat(fn, policy: str):
         return jax.checkpoint(fn)
     if policy == "dots_saveable":
         return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    if policy == "offload":  # the layer's input in pinned host memory, everything else recomputed
+        return jax.checkpoint(fn, policy=OFFLOAD_POLICY)
     raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {policy!r}")

@@ -9,7 +9,7 @@ from jdpo.models.choices import FUSED_TARGETS, LORA_TARGETS
 from jdpo.models.context_attention import CONTEXT_ATTENTION
 from jdpo.models.kernels import ATTENTION_CHOICES
 
-REMAT_POLICIES = ("none", "full", "dots_saveable")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "offload")
 # Attention without a KV cache: `model.attention`, one of `jdpo.models.kernels.ATTENTION_CHOICES` (auto,
 # blocked, splash, pallas_gpu, xla); `kernels.resolve_attention` decides what "auto" runs. The KV-cache
 # path (`extend`: generation) always takes the dense mask.
@@ -28,7 +28,7 @@ class ModelOptions:
 
     dtype: Any = jnp.float32  # compute dtype of activations and matmuls
     param_dtype: Any = jnp.float32  # dtype the parameters are stored in
-    remat: str = "none"  # REMAT_POLICIES: what a layer saves for the backward pass
+    remat: str = "none"  # REMAT_POLICIES: what a layer saves for the backward pass (offload: to host)
     scan_layers: bool = False  # stacked [L, ...] layer parameters run by lax.scan (one compiled layer)
     attention: str = "auto"  # ATTENTION_IMPLS: the kernel without a KV cache (`kernels.resolve_attention`)
     attention_block: int = 0  # positions per tile of the attention kernel; 0: the kernel's default

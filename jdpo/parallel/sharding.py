@@ -20,13 +20,14 @@ MESH_AXES = ("data", "fsdp", "tensor", "context")
 CONTEXT_AXIS = "context"
 
 # logical name -> mesh axis, tuple of mesh axes, or None (replicated).
-# Parameters: the model dimension is split over fsdp (ZeRO-3 style: gathered per layer in the forward),
+# Parameters: the model dimension is split over fsdp (ZeRO-3 style: gathered per layer in the forward) and
+# context (the devices that split a row hold a share of the weights too, as MaxText does),
 # the "wide" dimensions (vocab, heads, mlp) over tensor. Activations: rows over data x fsdp, the wide
 # dimensions over tensor; the model dimension of activations stays whole ("act_embed"); the token axis of
 # activations ("length") over context (a row's tokens split across devices; size 1 by default).
 LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     # parameters
-    "embed": "fsdp",
+    "embed": ("fsdp", "context"),
     "vocab": "tensor",
     "heads": "tensor",
     "kv_heads": "tensor",
