@@ -129,3 +129,21 @@ def test_context_attention_and_its_backward_equal_dense_attention(how, mesh_shap
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for a, b in zip(got_g, want_g, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_rows_that_do_not_split_run_whole_on_a_context_mesh():
+    """Sequences of a length that does not cut into 2 x context chunks (sampled text, `jdpo eval`'s
+    fitted rows) run unsplit on every device of the context group: the same logits as one device."""
+    config = ModelConfig.from_hf(tiny_hf_config("llama"))
+    graphdef, params = nnx.split(random_model(config, attention="blocked", attention_block=16))
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, 128, (2, 60)), jnp.int32)  # 60 % 8 != 0
+
+    def logits(params, ids):
+        return nnx.merge(graphdef, params)(ids)
+
+    want = jax.jit(logits)(params, ids)
+    mesh = make_mesh(fsdp=2, context=4)
+    with jax.set_mesh(mesh):
+        assert context_layout.splits(60) == 1 and context_layout.splits(64) == 4
+        got = jax.jit(logits)(params, ids)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

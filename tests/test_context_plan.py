@@ -55,7 +55,8 @@ def _estimate(config, T: int, context: int) -> int:
     return sum(p.part(name) for name in parts)
 
 
-@pytest.mark.slow  # two compiles (~20 s); the plan's arithmetic: test_plan::test_context_axis_and_offload_by_hand
+# Two compiles (~20 s); the plan's arithmetic is test_plan::test_context_axis_and_offload_by_hand.
+@pytest.mark.slow
 def test_activation_estimate_against_xla_compiled_memory():
     config, T = ModelConfig.from_hf(SMALL), 1024
     compiled = {c: _compiled_temp(config, T, c) for c in (1, 4)}

@@ -41,6 +41,11 @@ def test_three_steps_with_context_4_equal_one_device(assets, tmp_path, lora):
         assert_close_metrics(a, b)
     e1, e2 = one.evaluate(), ctx.evaluate()
     assert e2["eval/loss"] == pytest.approx(e1["eval/loss"], rel=1e-5)
+    # Sampling (the KV cache, never split) on the context mesh: the same greedy completions.
+    prompts = ["3+4=", "12+7="]
+    assert [g["completion"] for g in ctx.generate(prompts)] == [
+        g["completion"] for g in one.generate(prompts)
+    ]
 
 
 @pytest.mark.slow

@@ -59,9 +59,8 @@ def context_attention(
     measurement)."""
     if not (mask.self_attention and mask.causal):
         raise ValueError("context attention takes causal self-attention masks (no KV cache)")
-    mesh, C = current_mesh(), context_size()
-    T = q_BxTxNxH.shape[1]
-    if T % (2 * C):
+    mesh, C, T = current_mesh(), context_size(), q_BxTxNxH.shape[1]
+    if context_layout.splits(T) != C:
         raise ValueError(f"rows of {T} tokens do not split into 2 x context = {2 * C} chunks")
     blk = shard_block(T, C, block)
     local = ring.ring_local if how == "ring" else _all_gather_local

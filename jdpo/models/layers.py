@@ -25,7 +25,8 @@ from jdpo.models.options import REMAT_POLICIES, ModelOptions
 from jdpo.models.pallas_gpu import pallas_gpu_attention
 from jdpo.models.rope import apply_rope
 from jdpo.models.splash import splash_attention
-from jdpo.parallel.sharding import constrain, context_size
+from jdpo.parallel.context_layout import splits
+from jdpo.parallel.sharding import constrain
 
 
 def _param(key, shape, names, param_dtype, init: str, std: float):
@@ -214,7 +215,7 @@ class Attention(nnx.Module):
         c = self.config
         kernel, block = self.attention, self.attention_block
         segment_aware = dict(scale=c.attention_scale, block=block)
-        if mask.self_attention and context_size() > 1:  # rows split over the mesh's context axis
+        if mask.self_attention and splits(q_BxTxNxH.shape[1]) > 1:  # rows split over the context axis
             out_BxTxNxH = context_attention(
                 q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, softcap=c.attn_logit_softcapping,
                 how=self.context_attention, **segment_aware,

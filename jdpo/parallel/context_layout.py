@@ -24,6 +24,16 @@ from jax.sharding import PartitionSpec
 from jdpo.parallel.sharding import CONTEXT_AXIS, context_size, current_mesh, logical_to_spec
 
 
+def splits(T: int) -> int:
+    """Over how many devices rows of T tokens split under the current mesh: its context size C when T
+    cuts into 2C chunks, else 1 (rows of another length, e.g. sampled sequences or `jdpo eval`'s rows,
+    run whole on every device of the context group: the model's activation constraints replicate a
+    token axis that does not divide). Training rows always split: `jdpo.config.context` refuses a row
+    length that does not."""
+    C = context_size()
+    return C if C > 1 and T % (2 * C) == 0 else 1
+
+
 def chunk_owner(c: int, C: int) -> tuple[int, int]:
     """(device, slot) of chunk c of 2C in the balanced layout: chunk c < C is device c's first chunk,
     chunk c >= C device 2C - 1 - c's second."""
@@ -82,14 +92,9 @@ def _exchange(x_BxTlx, C: int, *, forward: bool) -> jax.Array:
 
 
 def _move(x_BxTx, *, forward: bool):
-    mesh, C = current_mesh(), context_size()
+    mesh, C = current_mesh(), splits(x_BxTx.shape[1])
     if C == 1:
         return x_BxTx
-    if x_BxTx.shape[1] % (2 * C):
-        raise ValueError(
-            f"rows of {x_BxTx.shape[1]} tokens do not split into 2 x context = {2 * C} chunks "
-            "(mesh.context: the row length must be a multiple of 2 x context)"
-        )
     names = ("batch", "length") + (None,) * (x_BxTx.ndim - 2)
     spec = logical_to_spec(names, x_BxTx.shape, mesh)
     spec = PartitionSpec(spec[0], CONTEXT_AXIS, *spec[2:])
@@ -101,7 +106,8 @@ def _move(x_BxTx, *, forward: bool):
 
 def to_balanced(x_BxTx):
     """[B, T, ...] in the natural token order -> the balanced layout (still [B, T, ...], sharded over
-    "context": device i's shard holds chunks i and 2C - 1 - i). Identity without a context axis."""
+    "context": device i's shard holds chunks i and 2C - 1 - i). Identity where rows do not split
+    (`splits`)."""
     return _move(x_BxTx, forward=True)
 
 
@@ -114,8 +120,8 @@ def split_rows(x_BxTx):
     """[B, T, ...] in the natural order, tokens over "context" -> [B C, T / C, ...]: each row's C
     contiguous shards as rows of their own, on the device that holds them (rows over the batch axes
     and "context"), so per-token work that regroups positions (the chunked log-probs) stays local.
-    Identity without a context axis."""
-    mesh, C = current_mesh(), context_size()
+    Identity where rows do not split (`splits`)."""
+    mesh, C = current_mesh(), splits(x_BxTx.shape[1])
     if C == 1:
         return x_BxTx
     B, T = x_BxTx.shape[:2]
@@ -126,9 +132,9 @@ def split_rows(x_BxTx):
     return jax.lax.with_sharding_constraint(out, jax.sharding.NamedSharding(mesh, spec))
 
 
-def join_rows(x_BCx):
-    """The per-row sums of `split_rows`' rows: [B C, ...] -> [B, ...] (a sum over "context")."""
-    C = context_size()
+def join_rows(x_BCx, C: int):
+    """The per-row sums of `split_rows`' rows of rows that split over C devices (`splits`): [B C, ...] ->
+    [B, ...] (a sum over "context")."""
     if C == 1:
         return x_BCx
     return x_BCx.reshape(-1, C, *x_BCx.shape[1:]).sum(axis=1)
