@@ -100,7 +100,7 @@ def logical_to_spec(
             raise KeyError(f"logical axis {name!r} has no rule in LOGICAL_AXIS_RULES")
         axes = [a for a in _axes(rules.get(name)) if a not in used]
         if mesh is not None:
-            axes = [a for a in axes if mesh.shape[a] > 1]
+            axes = [a for a in axes if mesh.shape.get(a, 1) > 1]  # a mesh may lack an axis (e.g. context)
         if shape is not None and mesh is not None and axes:
             if shape[i] % int(np.prod([mesh.shape[a] for a in axes])):
                 axes = []  # replicate a dimension that does not divide (see module docstring)
