@@ -340,9 +340,14 @@ def _run_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except ValueError as e:
         parser.error(str(e))
     print(plan.format_plan(result, device=device, device_bytes=device_bytes))
+    backend = plan.target_backend(device)
+    longest = plan.longest_row(
+        model_config, cfg, num_devices=num_devices, device_bytes=device_bytes, backend=backend
+    )
+    print(f"longest row that fits: {longest:,} tokens (these settings, mesh.context={cfg.mesh.context})")
     if args.json:
         out = {**result.to_dict(), "device": device, "device_bytes": device_bytes,
-               "fits": plan.fits(result, device_bytes)}  # fmt: skip
+               "fits": plan.fits(result, device_bytes), "longest_row": longest}  # fmt: skip
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0 if plan.fits(result, device_bytes) else 2
 

@@ -85,7 +85,7 @@ def test_rejected_branch_skips_the_chosen_branch_blocks():
     seg[0, :16], seg[0, 16:32], seg[0, 32:] = -1, 1, 2
     q, k, v = qkv(1, T, 2, 2, 4)
     *_, ranges = _layout(q, k, v, jnp.asarray(seg), None, block)
-    a0, a1, b0 = np.asarray(ranges).T
+    a0, a1, b0, _ = np.asarray(ranges).T
     np.testing.assert_array_equal(b0, [0, 0, 2, 2, 4, 4])
     np.testing.assert_array_equal(a0[2:], [0, 0, 0, 0])  # the prompt blocks, for every branch block
     np.testing.assert_array_equal(a1[2:], [1, 1, 1, 1])

@@ -123,12 +123,13 @@ def test_model_options_from_the_config_section():
     got = ModelOptions.from_section(section, dtype=jnp.bfloat16)
     assert got == ModelOptions(jnp.bfloat16, jnp.dtype("bfloat16"), "full", True, "xla", 32)
     fields = {f.name for f in dataclasses.fields(ModelOptions)}
-    # lora comes from the run's `lora:` section (jdpo.models.lora.model_options), the rest from `model:`;
-    # router_aux_loss_coef is the train step's (jdpo.train.router_loss), not the model's.
-    assert fields - {"lora"} == {f.name for f in dataclasses.fields(ModelSection)} - {
+    # lora comes from the run's `lora:` section (jdpo.models.lora.model_options), context from `mesh:`, the
+    # rest from `model:`; router_aux_loss_coef is the train step's (jdpo.train.router_loss), not the model's.
+    assert fields - {"lora", "context"} == {f.name for f in dataclasses.fields(ModelSection)} - {
         "path",
         "router_aux_loss_coef",
     }
+    assert ModelOptions.from_section(section, dtype=jnp.bfloat16, context=4).context == 4
     with pytest.raises(ValueError, match="remat must be one of"):
         ModelOptions(remat="some")
 

@@ -222,3 +222,23 @@ def test_moe_experts_shard_over_the_expert_axis_and_the_dispatch_buffers_count()
         one.part("activations") - dense.part("activations")
         == one.rows_per_device * one.row_length * 2 * more * 4
     )
+
+
+def test_context_axis_and_offload_by_hand():
+    """mesh.context = 4: a device holds T / 4 of each row's activations, plus one layer's k / v of the
+    whole row (all_gather) or two shards (ring) with float32 gradients; `remat: offload` keeps no layer
+    input on the device and L D b per token in host memory."""
+    one = plan.plan_memory(TINY, tiny_cfg(**{"data.row_length": 64, "mesh.fsdp": 1}), num_devices=1)
+    over = {"data.row_length": 64, "mesh.fsdp": 1, "mesh.context": 4}
+    ctx = plan.plan_memory(TINY, tiny_cfg(**over), num_devices=4)
+    assert dict(ctx.to_dict()["mesh"]) == dict(data=1, fsdp=1, tensor=1, expert=1, context=4)
+    assert ctx.part("activations") * 4 == one.part("activations")
+    kv = 2 * 2 * 4 * (4 + 4)  # 2 (k, v) x K x H x (float32 value + float32 gradient) per token
+    assert ctx.part("context k / v") == 2 * 64 * kv  # B rows x the whole row
+    ring = plan.plan_memory(TINY, tiny_cfg(**over, **{"model.context_attention": "ring"}), num_devices=4)
+    assert ring.part("context k / v") == 2 * (2 * 64 // 4) * kv  # the held and the incoming shard
+    off = plan.plan_memory(TINY, tiny_cfg(**over, **{"model.remat": "offload"}), num_devices=4)
+    full = plan.plan_memory(TINY, tiny_cfg(**over, **{"model.remat": "full"}), num_devices=4)
+    assert off.part("activations") == full.part("activations") - 2 * 16 * 2 * 16 * 4  # L D b x B T/C
+    assert off.host_bytes == 2 * 16 * 2 * 16 * 4 and full.host_bytes == 0
+    assert "host (offload)" in plan.format_plan(off, device="h100", device_bytes=80 * 2**30)

@@ -22,12 +22,13 @@ from jdpo.parallel.sharding import (
 def test_make_mesh_axes_and_remaining_devices():
     assert jax.device_count() == 8
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
-    assert mesh.axis_names == ("data", "fsdp", "tensor", "expert") and dict(mesh.shape) == dict(
-        data=2, fsdp=2, tensor=2, expert=1
+    assert mesh.axis_names == ("data", "fsdp", "tensor", "expert", "context") and dict(mesh.shape) == dict(
+        data=2, fsdp=2, tensor=2, expert=1, context=1
     )
-    assert dict(make_mesh(fsdp=-1).shape) == dict(data=1, fsdp=8, tensor=1, expert=1)
-    assert dict(make_mesh(data=2, fsdp=-1).shape) == dict(data=2, fsdp=4, tensor=1, expert=1)
-    assert dict(make_mesh(data=2, expert=4).shape) == dict(data=2, fsdp=1, tensor=1, expert=4)
+    assert dict(make_mesh(fsdp=-1).shape) == dict(data=1, fsdp=8, tensor=1, expert=1, context=1)
+    assert dict(make_mesh(data=2, fsdp=-1).shape) == dict(data=2, fsdp=4, tensor=1, expert=1, context=1)
+    assert dict(make_mesh(data=2, expert=4).shape) == dict(data=2, fsdp=1, tensor=1, expert=4, context=1)
+    assert dict(make_mesh(fsdp=-1, context=4).shape) == dict(data=1, fsdp=2, tensor=1, expert=1, context=4)
     assert make_mesh().size == 1
     with pytest.raises(ValueError, match="needs 16 devices"):
         make_mesh(data=4, fsdp=4)
@@ -36,20 +37,26 @@ def test_make_mesh_axes_and_remaining_devices():
 
 
 def test_logical_to_spec_rules_and_fallbacks():
-    assert logical_to_spec(("embed", "mlp")) == P("fsdp", "tensor")
-    assert logical_to_spec(("batch", "length", "act_embed")) == P(("data", "fsdp", "expert"), None, None)
+    assert logical_to_spec(("embed", "mlp")) == P(("fsdp", "context"), "tensor")
+    # parameters split over the devices of a row (context) as over fsdp
+    assert logical_to_spec(("embed", "mlp"), (64, 8), make_mesh(fsdp=2, context=4)) == P(
+        ("fsdp", "context"), None
+    )
+    assert logical_to_spec(("batch", "length", "act_embed")) == P(("data", "fsdp", "expert"), "context", None)
     # MoE experts over the expert axis, which also splits the rows
     ep = make_mesh(data=2, expert=4)
     assert logical_to_spec(("expert", "embed", "mlp"), (4, 32, 16), ep) == P("expert", None, None)
     assert logical_to_spec(("batch", None), (8, 4), ep) == P(("data", "expert"), None)
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    # the token axis of activations splits over context only where the mesh has one
+    assert logical_to_spec(("batch", "length"), (8, 64), mesh) == P(("data", "fsdp"), None)
     # a dimension that does not divide by its mesh axes is replicated, not an error
     assert logical_to_spec(("vocab", "embed"), (127, 64), mesh) == P(None, "fsdp")
     assert logical_to_spec(("embed", "kv_heads", "head_dim"), (64, 1, 16), mesh) == P("fsdp", None, None)
     # mesh axes of size 1 are dropped
     assert logical_to_spec(("batch", "act_vocab"), (8, 128), make_mesh(fsdp=8)) == P("fsdp", None)
     # a mesh axis is used once per spec
-    assert logical_to_spec(("embed", "embed")) == P("fsdp", None)
+    assert logical_to_spec(("embed", "embed")) == P(("fsdp", "context"), None)
     with pytest.raises(KeyError, match="no_such_axis"):
         logical_to_spec(("no_such_axis",))
     assert set(LOGICAL_AXIS_RULES) >= {

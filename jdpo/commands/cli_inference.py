@@ -12,26 +12,29 @@ import sys
 
 
 def add_mesh_argument(p: argparse.ArgumentParser) -> None:
-    """`--mesh DATA,FSDP,TENSOR` of the commands that shard a loaded model (parsed by `mesh_arg`)."""
+    """`--mesh DATA,FSDP,TENSOR[,CONTEXT]` of the commands that shard a loaded model (`mesh_arg`)."""
     p.add_argument(
         "--mesh",
-        metavar="DATA,FSDP,TENSOR",
+        metavar="DATA,FSDP,TENSOR[,CONTEXT]",
         default=None,
-        help="Shard over a device mesh, e.g. 1,-1,1 (rows over data x fsdp; default: one device).",
+        help="Shard over a device mesh, e.g. 1,-1,1 (rows over data x fsdp; default: one device); a fourth "
+        "size splits rows of a multiple of 2 x CONTEXT tokens over that many devices.",
     )
 
 
 def mesh_arg(value: str | None, parser: argparse.ArgumentParser):
-    """--mesh DATA,FSDP,TENSOR -> a jdpo.parallel.sharding mesh (None without the option)."""
+    """--mesh DATA,FSDP,TENSOR[,CONTEXT] -> a jdpo.parallel.sharding mesh (None without the option)."""
     if value is None:
         return None
     from jdpo.parallel.sharding import make_mesh
 
     try:
-        data, fsdp, tensor = (int(x) for x in value.split(","))
-        return make_mesh(data, fsdp, tensor)
+        sizes = [int(x) for x in value.split(",")]
+        if len(sizes) not in (3, 4):
+            raise ValueError(f"{len(sizes)} sizes")
+        return make_mesh(*sizes[:3], context=sizes[3] if len(sizes) == 4 else 1)
     except ValueError as e:
-        parser.error(f"--mesh {value}: {e} (expected DATA,FSDP,TENSOR, e.g. 1,-1,1)")
+        parser.error(f"--mesh {value}: {e} (expected DATA,FSDP,TENSOR[,CONTEXT], e.g. 1,-1,1 or 1,-1,1,4)")
 
 
 def add_chat_template_kwargs_argument(p: argparse.ArgumentParser) -> None:

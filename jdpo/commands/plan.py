@@ -40,8 +40,15 @@ they divide by it):
                     remat dots_saveable: the matmul outputs (dots without batch dims) and the layer input
                                 = (3D + NH + 2KH + 2F) * b
                     remat full: the layer input D * b
+                    remat offload: nothing on the device (the layer input D * b goes to pinned host
+                                memory: the "host (offload)" line, not in the device total)
                   plus, with remat, one layer's full set live again while it is recomputed, and the
-                  final hidden states and their norm input 2D * b per token
+                  final hidden states and their norm input 2D * b per token; with mesh.context = C a
+                  device holds T / C tokens of each row, so every per-token term divides by C
+  context k / v   mesh.context > 1 (`jdpo.models.context_attention`): one layer's keys and values from
+                  the other devices while it attends, and their float32 gradients in the backward:
+                    all_gather (auto): the whole row's, B T 2 K H (b + 4)
+                    ring: the held and the incoming shard, 2 x B (T / C) 2 K H (b + 4)
   log-prob chunk  chunk x V float32 logits of the chunked log-prob loop, chunk = min(LOGPROB_CHUNK,
                   B * T): this device's rows are laid end to end as one group and projected one chunk of
                   positions at a time (`jdpo.train.step.LOGPROB_CHUNK`, the train step's chunk size)
@@ -59,6 +66,7 @@ Leave headroom: a plan above ~90% of the device's memory is reported as not fitt
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -149,15 +157,17 @@ class _MeshShape:
     """Stands in for a jax Mesh in `logical_to_spec` (which reads only `.shape`): plans a mesh of any
     size without having its devices."""
 
-    def __init__(self, data: int, fsdp: int, tensor: int, expert: int = 1):
-        self.shape = {"data": data, "fsdp": fsdp, "tensor": tensor, "expert": expert}
+    def __init__(self, data: int, fsdp: int, tensor: int, expert: int = 1, context: int = 1):
+        self.shape = {"data": data, "fsdp": fsdp, "tensor": tensor, "expert": expert, "context": context}
 
 
 def resolve_mesh(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
     """(data, fsdp, tensor) with the one -1 axis filled from `num_devices` (as `sharding.make_mesh`)."""
     shape = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
-    if -1 in shape:  # mesh.expert (MoE) is one more fixed axis
-        known = math.prod(s for s in shape if s != -1) * mesh_cfg.expert
+    if -1 in shape:
+        # mesh.expert (MoE) and mesh.context (rows split over devices) are fixed axes: they take their
+        # share of the devices first
+        known = math.prod(s for s in shape if s != -1) * mesh_cfg.expert * mesh_cfg.context
         if num_devices % known:
             raise ValueError(f"{num_devices} devices do not divide by the fixed mesh axes ({known})")
         shape[shape.index(-1)] = num_devices // known
@@ -173,6 +183,7 @@ def read_model_config(path: str | os.PathLike):
     return ModelConfig.from_hf(json.loads((p / "config.json" if p.is_dir() else p).read_text()))
 
 
+@functools.lru_cache(maxsize=8)  # `longest_row` plans the same model many times
 def abstract_params(model_config, *, param_dtype: str = "float32", scan_layers: bool = False, lora=None):
     """[(name, shape, dtype, logical names)] of every parameter, from `nnx.eval_shape` (no allocation).
     `lora`: a `jdpo.config.LoRASection`; with rank > 0 the adapters are included (names end in lora_a /
@@ -227,6 +238,8 @@ class MemoryPlan:
     ref_cache_bytes: int | None  # host / disk, not on the device; None when the pair count is unknown
     num_pairs: int | None
     expert: int = 1  # mesh.expert (MoE experts sharded over it; it also splits the rows)
+    context: int = 1  # mesh.context: devices each row is split over
+    host_bytes: int = 0  # pinned host memory per device (remat: offload), not in `total`
 
     @property
     def total(self) -> int:
@@ -240,7 +253,12 @@ class MemoryPlan:
             "parts": {n: b for n, b, _ in self.rows},
             "total_bytes": self.total,
             "num_params": self.num_params,
-            "mesh": dict(zip(("data", "fsdp", "tensor"), self.mesh, strict=True)),
+            "mesh": {
+                **dict(zip(("data", "fsdp", "tensor"), self.mesh, strict=True)),
+                "expert": self.expert,
+                "context": self.context,
+            },
+            "host_offload_bytes": self.host_bytes,
             "rows_per_device": self.rows_per_device,
             "row_length": self.row_length,
             "ref_cache_bytes": self.ref_cache_bytes,
@@ -308,9 +326,27 @@ def activation_bytes_per_token(
         per_layer = (3 * D + N * H + 2 * K * H + mlp_dots) * dtype_bytes
     elif remat == "full":
         per_layer = D * dtype_bytes
+    elif remat == "offload":  # the layer input is in host memory (`host_offload_bytes_per_token`)
+        per_layer = 0
     else:
-        raise ValueError(f"remat must be none, dots_saveable or full, got {remat!r}")
+        raise ValueError(f"remat must be none, dots_saveable, full or offload, got {remat!r}")
     return int(L * per_layer + 2 * D * dtype_bytes), int(0 if remat == "none" else full_layer)
+
+
+def host_offload_bytes_per_token(model_config, *, remat: str, dtype_bytes: int) -> int:
+    """Pinned host memory per token of `remat: offload`: every layer's input, L * D * b."""
+    return model_config.num_layers * model_config.hidden_size * dtype_bytes if remat == "offload" else 0
+
+
+def context_kv_bytes(model_config, *, how: str, rows: int, row_length: int, context: int, dtype_bytes: int,
+                     tensor: int = 1) -> int:  # fmt: skip
+    """One layer's keys / values from other devices (and their float32 gradients) under mesh.context > 1:
+    the whole row's with all_gather, two shards' with the ring; 0 without a context axis."""
+    if context == 1:
+        return 0
+    kv = 2 * _split(model_config.num_kv_heads, tensor) * model_config.head_dim * (dtype_bytes + 4)
+    tokens = row_length if how in ("auto", "all_gather") else 2 * row_length // context
+    return rows * tokens * kv
 
 
 def plan_memory(
@@ -332,8 +368,8 @@ def plan_memory(
     import optax
 
     data, fsdp, tensor = resolve_mesh(cfg.mesh, num_devices)
-    expert = cfg.mesh.expert
-    mesh = _MeshShape(data, fsdp, tensor, expert)
+    expert, context = cfg.mesh.expert, cfg.mesh.context
+    mesh = _MeshShape(data, fsdp, tensor, expert, context)
     m = cfg.model
     dtype = jnp.dtype(m.dtype if m.dtype != "auto" else ("float32" if on_cpu else "bfloat16"))
     b = dtype.itemsize
@@ -374,7 +410,9 @@ def plan_memory(
     T = cfg.data.row_length or 2 * cfg.data.max_length
     rows_dp = data * fsdp * expert  # the expert axis also splits the rows
     B = -(-cfg.train.batch_rows // rows_dp)
-    kernel = resolve_attention(m.attention, model_config, backend="cpu" if on_cpu else backend).kernel
+    kernel = resolve_attention(
+        m.attention, model_config, backend="cpu" if on_cpu else backend, context=context
+    ).kernel
     saved, recompute = activation_bytes_per_token(
         model_config, remat=m.remat, attention=kernel, row_length=T, dtype_bytes=b, tensor=tensor,
         expert=expert,
@@ -382,18 +420,22 @@ def plan_memory(
     if lora:  # each adapted projection also saves its rank-r intermediate x A
         L = model_config.num_layers
         saved += L * len(model_targets(cfg.lora.targets, model_config)) * cfg.lora.rank * b
-    act_bytes = B * T * (saved + recompute)
+    Tl = T // context  # a device's share of each row (mesh.context)
+    act_bytes = B * Tl * (saved + recompute)
     V = _split(model_config.vocab_size, tensor)
     # The scan lays this device's B rows end to end as one group of B * T positions and projects one
     # chunk of them at a time: a chunk x V float32 block, whatever B is.
-    chunk = min(LOGPROB_CHUNK, B * T)
+    chunk = min(LOGPROB_CHUNK, B * Tl)
     chunk_bytes = chunk * V * 4
     batch_bytes = cfg.train.grad_accum * B * T * BATCH_ARRAYS * 4
 
     attn_note = "f32 attention probs" if kernel == "xla" else "f32 attention log-sum-exp"
     remat_note = {"none": f"no remat: all layer tensors + {attn_note}",
                   "dots_saveable": "remat dots_saveable: matmul outputs saved + one layer recomputed",
-                  "full": "remat full: layer inputs saved + one layer recomputed"}[m.remat]  # fmt: skip
+                  "full": "remat full: layer inputs saved + one layer recomputed",
+                  "offload": "remat offload: layer inputs on the host + one layer recomputed",
+                  }[m.remat]  # fmt: skip
+    split = f" / context {context}" if context > 1 else ""
     active = (
         f" ({model_config.num_active_params():,} active: {model_config.experts_per_token} of "
         f"{model_config.num_experts} experts, over expert={expert})"
@@ -423,10 +465,17 @@ def plan_memory(
         )
         rows.append(("reference params", param_bytes, note))
     rows += [
-        ("activations", act_bytes, f"B={B} x T={T}, {dtype.name}, {kernel} attention, {remat_note}"),
+        ("activations", act_bytes, f"B={B} x T={T}{split}, {dtype.name}, {kernel} attention, {remat_note}"),
         ("log-prob chunk", chunk_bytes, f"chunk={chunk} x V={V} float32 (this device's rows as one group)"),
         ("batch", batch_bytes, f"A={cfg.train.grad_accum} x B x T x {BATCH_ARRAYS} int32/float32"),
     ]
+    if context > 1:
+        how = m.context_attention
+        kv = context_kv_bytes(
+            model_config, how=how, rows=B, row_length=T, context=context, dtype_bytes=b, tensor=tensor
+        )
+        what = "the whole row's" if how in ("auto", "all_gather") else "two ring shards'"
+        rows.append(("context k / v", kv, f"{how}: one layer's k / v, {what}, with f32 gradients"))
     if lora and cfg.lora.quantize != "none":  # each layer's kernels are dequantised as it runs
         c = model_config
         D, N, K, F = (
@@ -440,7 +489,30 @@ def plan_memory(
     ref_cache = (
         None if num_pairs is None or cfg.dpo.reference != "cached" else num_pairs * REF_CACHE_BYTES_PER_PAIR
     )
-    return MemoryPlan(rows, num_all, (data, fsdp, tensor), B, T, ref_cache, num_pairs, expert)
+    host = B * Tl * host_offload_bytes_per_token(model_config, remat=m.remat, dtype_bytes=b)
+    return MemoryPlan(rows, num_all, (data, fsdp, tensor), B, T, ref_cache, num_pairs, expert, context, host)
+
+
+def longest_row(model_config, cfg, *, num_devices: int, device_bytes: int, backend: str | None = None,
+                step: int = 1024, limit: int = 1 << 21) -> int:  # fmt: skip
+    """The longest row length (a multiple of `step` and of 2 x mesh.context, up to `limit`) whose plan
+    fits `device_bytes` (`fits`: within the headroom) with `cfg`'s other settings; 0 when none does.
+    The plan grows with the row length, so a bisection finds it."""
+    step = step * 2 * cfg.mesh.context // math.gcd(step, 2 * cfg.mesh.context)
+
+    def ok(T: int) -> bool:
+        at = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, row_length=T))
+        on_cpu = backend == "cpu"
+        plan = plan_memory(model_config, at, num_devices=num_devices, on_cpu=on_cpu, backend=backend)
+        return fits(plan, device_bytes)
+
+    lo, hi = 0, limit // step  # multiples of step: lo fits (or is 0), hi + 1 does not
+    if ok(hi * step):
+        return hi * step
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid * step) else (lo, mid)
+    return lo * step
 
 
 def human(n: float) -> str:
@@ -459,9 +531,11 @@ def fits(plan: MemoryPlan, device_bytes: int) -> bool:
 def format_plan(plan: MemoryPlan, *, device: str, device_bytes: int) -> str:
     """The table `jdpo plan` prints, with the verdict against one device's memory."""
     d, f, t = plan.mesh
+    c = plan.context
     x = f" expert={plan.expert}" if plan.expert > 1 else ""
     lines = [
-        f"memory per device, mesh data={d} fsdp={f} tensor={t}{x} ({d * f * t * plan.expert} devices)",
+        f"memory per device, mesh data={d} fsdp={f} tensor={t}{x} context={c} "
+        f"({d * f * t * plan.expert * c} devices)",
         f"{'part':<18}{'per device':>14}  how",
         "-" * 78,
     ]
@@ -469,6 +543,8 @@ def format_plan(plan: MemoryPlan, *, device: str, device_bytes: int) -> str:
     lines.append("-" * 78)
     share = plan.total / device_bytes
     lines.append(f"{'total':<18}{human(plan.total):>14}  {share:.0%} of {device} ({human(device_bytes)})")
+    if plan.host_bytes:
+        lines.append(f"{'host (offload)':<18}{human(plan.host_bytes):>14}  pinned host memory: layer inputs")
     if plan.ref_cache_bytes is not None:
         lines.append(
             f"{'reference cache':<18}{human(plan.ref_cache_bytes):>14}  host/disk, {plan.num_pairs:,} pairs"

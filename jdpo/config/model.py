@@ -23,9 +23,10 @@ class ModelSection:
     param_dtype: Literal["float32", "bfloat16"] = setting(
         "float32", "Dtype the parameters (and so the optimizer's update) are stored in."
     )
-    remat: Literal["none", "full", "dots_saveable"] = setting(
+    remat: Literal["none", "full", "dots_saveable", "offload"] = setting(
         "none",
-        "Rematerialisation per layer: none, full (recompute all), dots_saveable (keep matmul outputs).",
+        "Rematerialisation per layer: none, full (recompute all), dots_saveable (keep matmul outputs), "
+        "offload (keep each layer's input in pinned host memory, recompute the rest).",
     )
     scan_layers: bool = setting(
         False, "Scan over the layer stack (one compiled layer; fast compiles of deep models)."
@@ -35,6 +36,12 @@ class ModelSection:
         "Attention kernel: auto (splash on TPU, pallas_gpu on NVIDIA GPUs unless the model soft-caps or "
         "slides, else blocked; the run log says which), blocked (segment-aware, plain JAX), splash (TPU), "
         "pallas_gpu (NVIDIA GPUs), xla (dense masked).",
+    )
+    context_attention: Literal["auto", "all_gather", "ring"] = setting(
+        "auto",
+        "With mesh.context > 1: how a shard's queries reach the row's keys / values: all_gather (gather "
+        "k / v, small with grouped-query heads), ring (k / v shards passed around the devices, online "
+        "softmax), auto (all_gather).",
     )
     attention_block: int = setting(
         0,
@@ -77,6 +84,11 @@ class MeshSection:
     expert: int = setting(
         1, "Expert-parallel axis (MoE models: experts sharded over it; it also splits the batch rows)."
     )
+    context: int = setting(
+        1,
+        "Context-parallel axis: every row's tokens split over this many devices (long rows); the row "
+        "length must be a multiple of 2 x context.",
+    )
 
 
 def check_mesh(mesh: MeshSection) -> None:
@@ -86,3 +98,7 @@ def check_mesh(mesh: MeshSection) -> None:
             raise ConfigError(f"mesh.{name} must be a positive size or -1 (all remaining devices), got {v}")
     if list(sizes.values()).count(-1) > 1:
         raise ConfigError("at most one of mesh.data / mesh.fsdp / mesh.tensor / mesh.expert may be -1")
+    if mesh.context < 1:
+        raise ConfigError(
+            f"mesh.context must be a positive size (1: rows whole on a device), got {mesh.context}"
+        )

@@ -9,6 +9,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from jdpo.config.context import check_context
 from jdpo.config.data import DataSection, check_data
 from jdpo.config.dpo import DPOSection, check_loss, check_moving_reference
 from jdpo.config.fields import FrozenMapping
@@ -42,6 +43,7 @@ def validate(cfg: Config) -> None:
     check_train(cfg.train)
     check_model(cfg.model)
     check_mesh(cfg.mesh)
+    check_context(cfg)
     check_lora(cfg)
     check_moving_reference(cfg)
     check_online(cfg)

@@ -78,35 +78,67 @@ def _visibility(segment_ids_BxT, window):
     return lo_BxT, pfirst_BxT, plast_BxT
 
 
-def _layout(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window, block):
-    """Pad T to a multiple of `block`, lay rows end to end and cut into blocks (heads first, so each tile
-    product is a plain batched matmul): q [nb, K, G, C, H], k / v [nb, K, C, H]; per position the
-    segment id and lowest visible key of its own segment (global indices) [nb, C]; per query block its
-    key blocks: `ranges` [nb, 3] int32 = (a0, a1, b0): the prefix blocks [a0, a1] (empty when a1 < a0),
-    then [b0, i], disjoint (a1 < b0)."""
+def _layout(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxS, window, block, q_starts=None):
+    """Pad the rows to a multiple of `block`, lay rows end to end and cut into blocks (heads first, so
+    each tile product is a plain batched matmul): q [nq, K, G, C, H], k / v [nk, K, C, H]; per query
+    position its segment id and lowest visible key of its own segment (global indices) [nq, C]; per key
+    position its segment id [nk, C]; per query block its key blocks and where it is: `ranges` [nq, 4]
+    int32 = (a0, a1, b0, qblk): the prefix blocks [a0, a1] (empty when a1 < a0), then [b0, qblk],
+    disjoint (a1 < b0), qblk the global index of the query block's own block of positions.
+
+    The queries are the keys themselves (T == S) when `q_starts` is None; else they are a shard of the
+    row (context parallelism, `jdpo.models.context_attention`): len(q_starts) chunks of T / len(q_starts)
+    positions, chunk c starting at row slot q_starts[c] (traced), every length a multiple of `block`."""
     B, T, N, H = q_BxTxNxH.shape
-    K = k_BxTxKxH.shape[2]
-    pad = -T % block
+    S, K = k_BxSxKxH.shape[1], k_BxSxKxH.shape[2]
+    pad = -S % block
     if pad:
+        if q_starts is not None:
+            raise ValueError(f"a query shard needs rows of a multiple of the block {block}, got {S}")
         widths = ((0, 0), (0, pad), (0, 0), (0, 0))
-        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = (jnp.pad(x, widths) for x in (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH))
-        segment_ids_BxT = jnp.pad(segment_ids_BxT, ((0, 0), (0, pad)))
-    Tp = T + pad
-    nb, C = B * Tp // block, block
-    row_start_Bx1 = (jnp.arange(B, dtype=jnp.int32) * Tp)[:, None]
-    lo_BxT, pfirst_BxT, plast_BxT = _visibility(segment_ids_BxT, window)
-    q = q_BxTxNxH.reshape(nb, C, K, N // K, H).transpose(0, 2, 3, 1, 4)
-    k = k_BxTxKxH.reshape(nb, C, K, H).transpose(0, 2, 1, 3)
-    v = v_BxTxKxH.reshape(nb, C, K, H).transpose(0, 2, 1, 3)
-    lo = (lo_BxT + row_start_Bx1).reshape(nb, C)
+        q_BxTxNxH, k_BxSxKxH, v_BxSxKxH = (jnp.pad(x, widths) for x in (q_BxTxNxH, k_BxSxKxH, v_BxSxKxH))
+        segment_ids_BxS = jnp.pad(segment_ids_BxS, ((0, 0), (0, pad)))
+    Sp, C = S + pad, block
+    if q_starts is None:
+        slot_T = jnp.arange(Sp, dtype=jnp.int32)
+    else:
+        n = len(q_starts)
+        if T % (n * C):
+            raise ValueError(f"{n} query chunks of {T // n} positions do not divide into blocks of {C}")
+        slot_T = jnp.concatenate([s + jnp.arange(T // n, dtype=jnp.int32) for s in q_starts])
+    q, seg_q, lo, ranges = query_layout(q_BxTxNxH, segment_ids_BxS, window, C, slot_T, K)
+    k, v = key_layout(k_BxSxKxH, C), key_layout(v_BxSxKxH, C)
+    return q, k, v, (seg_q, segment_ids_BxS.reshape(-1, C)), lo, ranges
+
+
+def key_layout(k_BxSxKxH, C: int):
+    """Keys or values [B, S, K, H] (S a multiple of C) -> blocks [B S / C, K, C, H], rows end to end."""
+    B, S, K, H = k_BxSxKxH.shape
+    return k_BxSxKxH.reshape(B * S // C, C, K, H).transpose(0, 2, 1, 3)
+
+
+def query_layout(q_BxTxNxH, segment_ids_BxS, window, C: int, slot_T, K: int):
+    """Queries [B, T, N, H] (K key heads) at row slots `slot_T` [T] of rows of S keys (segment ids
+    [B, S], S a multiple of C) -> (q [nq, K, G, C, H], segment ids [nq, C], lo [nq, C], ranges [nq, 4]):
+    see `_layout`."""
+    B, T, N, H = q_BxTxNxH.shape
+    Sp = segment_ids_BxS.shape[1]
+    nq = B * T // C
+    row_start_Bx1 = (jnp.arange(B, dtype=jnp.int32) * Sp)[:, None]
+    lo_BxS, pfirst_BxS, plast_BxS = _visibility(segment_ids_BxS, window)
+    lo_BxT, pfirst_BxT, plast_BxT = (x[:, slot_T] for x in (lo_BxS, pfirst_BxS, plast_BxS))
+    q = q_BxTxNxH.reshape(nq, C, K, N // K, H).transpose(0, 2, 3, 1, 4)
+    qblk = ((row_start_Bx1 + slot_T[None, :]).reshape(nq, C)[:, 0] // C).astype(jnp.int32)
+    lo = (lo_BxT + row_start_Bx1).reshape(nq, C)
     b0 = jnp.min(lo, axis=1) // C
-    has = (pfirst_BxT >= 0).reshape(nb, C)
+    has = (pfirst_BxT >= 0).reshape(nq, C)
     big = jnp.iinfo(jnp.int32).max
-    a0 = jnp.min(jnp.where(has, (pfirst_BxT + row_start_Bx1).reshape(nb, C), big), axis=1) // C
-    a1 = jnp.max(jnp.where(has, (plast_BxT + row_start_Bx1).reshape(nb, C), -1), axis=1) // C
+    a0 = jnp.min(jnp.where(has, (pfirst_BxT + row_start_Bx1).reshape(nq, C), big), axis=1) // C
+    a1 = jnp.max(jnp.where(has, (plast_BxT + row_start_Bx1).reshape(nq, C), -1), axis=1) // C
     a1 = jnp.minimum(a1, b0 - 1)  # blocks from b0 on are the second range's
     a0 = jnp.where(jnp.any(has, axis=1), a0, b0)  # no prefix: [b0, b0 - 1], empty
-    return q, k, v, segment_ids_BxT.reshape(nb, C), lo, jnp.stack([a0, a1, b0], axis=1)
+    seg_q = segment_ids_BxS[:, slot_T].reshape(nq, C)
+    return q, seg_q, lo, jnp.stack([a0, a1, b0, qblk], axis=1)
 
 
 def _unlayout(x_nbxKxGxCxH, B, T):
@@ -120,8 +152,9 @@ def _kv_unlayout(x_nbxKxCxH, B, T):
 
 
 def _tile(q_i, k_j, seg_i, seg_j, lo_i, i, j, scale, softcap):
-    """Scores [K, G, C, C] (float32, soft-capped) of query block i against key block j, the tanh for the
-    soft-cap's derivative (or None) and the visibility mask [C, C]."""
+    """Scores [K, G, C, C] (float32, soft-capped) of the query block of positions i (its global block
+    index) against key block j, the tanh for the soft-cap's derivative (or None) and the visibility mask
+    [C, C]."""
     C = q_i.shape[-2]
     s = jnp.einsum("kgqh,ksh->kgqs", q_i, k_j, preferred_element_type=jnp.float32) * scale
     tanh = None
@@ -136,28 +169,43 @@ def _tile(q_i, k_j, seg_i, seg_j, lo_i, i, j, scale, softcap):
     return s, tanh, mask
 
 
-def _key_blocks(ranges_i, i, body, init):
-    """`body(j, carry)` over the key blocks of query block i: its prefix blocks, then [b0, i]."""
-    a0, a1, b0 = ranges_i[0], ranges_i[1], ranges_i[2]
-    return jax.lax.fori_loop(b0, i + 1, body, jax.lax.fori_loop(a0, a1 + 1, body, init))
+def _key_blocks(ranges_i, body, init, kmap_i=None):
+    """`body(j, jl, carry)` over the key blocks of a query block: its prefix blocks, then [b0, its own];
+    j is the block's global index, jl its index in the key arrays. `kmap_i` None: the key arrays hold
+    every block (jl = j); else [n, 3] int32 rows (first, last, base): they hold only global blocks
+    first..last, at base.. (a ring step's visiting shard, `jdpo.models.ring`), and only those run."""
+    a0, a1, b0, own = ranges_i[0], ranges_i[1], ranges_i[2], ranges_i[3]
+    carry = init
+    for lo, hi in ((a0, a1), (b0, own)):
+        if kmap_i is None:
+            carry = jax.lax.fori_loop(lo, hi + 1, lambda j, c: body(j, j, c), carry)
+            continue
+        for first, last, base in kmap_i:
+            shift = base - first
+            step = lambda j, c, shift=shift: body(j, j + shift, c)  # noqa: E731
+            carry = jax.lax.fori_loop(jnp.maximum(lo, first), jnp.minimum(hi, last) + 1, step, carry)
+    return carry
 
 
-def _forward(q, k, v, seg, lo, ranges, scale, softcap):
-    """Blocked forward: out [nb, K, G, C, H] (q dtype) and log-sum-exp [nb, K, G, C] float32."""
-    nb, K, G, C, H = q.shape
+def _forward(q, k, v, seg, lo, ranges, scale, softcap, kmap=None):
+    """Blocked forward: out [nq, K, G, C, H] (q dtype) and log-sum-exp [nq, K, G, C] float32. `kmap`
+    [nq, n, 3]: the key arrays hold some blocks only (`_key_blocks`); a query that sees none of them
+    gets out 0 and log-sum-exp NEG (nothing to merge)."""
+    nq, K, G, C, H = q.shape
+    seg_q, seg_k = seg
 
     def query_block(i):
-        q_i, seg_i, lo_i = q[i], seg[i], lo[i]
+        q_i, seg_i, lo_i, gi = q[i], seg_q[i], lo[i], ranges[i, 3]
 
-        def key_block(j, carry):
+        def key_block(j, jl, carry):
             m, l, acc = carry
-            s, _, mask = _tile(q_i, k[j], seg_i, seg[j], lo_i, i, j, scale, softcap)
+            s, _, mask = _tile(q_i, k[jl], seg_i, seg_k[jl], lo_i, gi, j, scale, softcap)
             s = jnp.where(mask, s, NEG)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
             corr = jnp.exp(m - m_new)
             l = l * corr + jnp.sum(p, axis=-1)
-            pv = jnp.einsum("kgqs,ksh->kgqh", p.astype(v.dtype), v[j], preferred_element_type=jnp.float32)
+            pv = jnp.einsum("kgqs,ksh->kgqh", p.astype(v.dtype), v[jl], preferred_element_type=jnp.float32)
             return m_new, l, acc * corr[..., None] + pv
 
         init = (
@@ -165,38 +213,43 @@ def _forward(q, k, v, seg, lo, ranges, scale, softcap):
             jnp.zeros((K, G, C), jnp.float32),
             jnp.zeros((K, G, C, H), jnp.float32),
         )
-        m, l, acc = _key_blocks(ranges[i], i, key_block, init)
-        # Every query sees at least itself (the diagonal block is always visited), so l > 0.
-        return (acc / l[..., None]).astype(q.dtype), m + jnp.log(l)
+        m, l, acc = _key_blocks(ranges[i], key_block, init, None if kmap is None else kmap[i])
+        # With every key block, every query sees at least itself (the diagonal block), so l > 0.
+        seen = l > 0
+        l = jnp.where(seen, l, 1.0)
+        return (acc / l[..., None]).astype(q.dtype), jnp.where(seen, m + jnp.log(l), NEG)
 
-    return jax.lax.map(query_block, jnp.arange(nb, dtype=jnp.int32))
+    return jax.lax.map(query_block, jnp.arange(nq, dtype=jnp.int32))
 
 
-def _backward(q, k, v, seg, lo, ranges, out, lse, d_out, scale, softcap):
-    """Gradients of the blocked attention w.r.t. the laid-out q, k, v (float32)."""
-    nb, K, G, C, H = q.shape
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [nb, K, G, C]
+def _backward(q, k, v, seg, lo, ranges, out, lse, d_out, scale, softcap, kmap=None):
+    """Gradients of the blocked attention w.r.t. the laid-out q, k, v (float32); `out` and `lse` are the
+    whole attention's (with `kmap`, the keys a ring step holds: their share of the gradients)."""
+    nq, K, G, C, H = q.shape
+    seg_q, seg_k = seg
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [nq, K, G, C]
 
     def query_block(i, carry):
         dq, dk, dv = carry
-        q_i, do_i, seg_i, lo_i = q[i], d_out[i], seg[i], lo[i]
+        q_i, do_i, seg_i, lo_i, gi = q[i], d_out[i], seg_q[i], lo[i], ranges[i, 3]
 
-        def key_block(j, carry):
+        def key_block(j, jl, carry):
             dq_i, dk, dv = carry
-            s, tanh, mask = _tile(q_i, k[j], seg_i, seg[j], lo_i, i, j, scale, softcap)
+            s, tanh, mask = _tile(q_i, k[jl], seg_i, seg_k[jl], lo_i, gi, j, scale, softcap)
             p = jnp.where(mask, jnp.exp(s - lse[i][..., None]), 0.0)
-            dv = dv.at[j].add(jnp.einsum("kgqs,kgqh->ksh", p.astype(do_i.dtype), do_i,
+            dv = dv.at[jl].add(jnp.einsum("kgqs,kgqh->ksh", p.astype(do_i.dtype), do_i,
                                          preferred_element_type=jnp.float32))  # fmt: skip
-            dp = jnp.einsum("kgqh,ksh->kgqs", do_i, v[j], preferred_element_type=jnp.float32)
+            dp = jnp.einsum("kgqh,ksh->kgqs", do_i, v[jl], preferred_element_type=jnp.float32)
             ds = p * (dp - delta[i][..., None])
             if tanh is not None:
                 ds = ds * (1.0 - tanh * tanh)
             ds = (ds * scale).astype(q.dtype)
-            dq_i = dq_i + jnp.einsum("kgqs,ksh->kgqh", ds, k[j], preferred_element_type=jnp.float32)
-            dk = dk.at[j].add(jnp.einsum("kgqs,kgqh->ksh", ds, q_i, preferred_element_type=jnp.float32))
+            dq_i = dq_i + jnp.einsum("kgqs,ksh->kgqh", ds, k[jl], preferred_element_type=jnp.float32)
+            dk = dk.at[jl].add(jnp.einsum("kgqs,kgqh->ksh", ds, q_i, preferred_element_type=jnp.float32))
             return dq_i, dk, dv
 
-        dq_i, dk, dv = _key_blocks(ranges[i], i, key_block, (jnp.zeros((K, G, C, H), jnp.float32), dk, dv))
+        init = (jnp.zeros((K, G, C, H), jnp.float32), dk, dv)
+        dq_i, dk, dv = _key_blocks(ranges[i], key_block, init, None if kmap is None else kmap[i])
         return dq.at[i].set(dq_i), dk, dv
 
     zeros = (
@@ -204,7 +257,7 @@ def _backward(q, k, v, seg, lo, ranges, out, lse, d_out, scale, softcap):
         jnp.zeros(k.shape, jnp.float32),
         jnp.zeros(v.shape, jnp.float32),
     )
-    return jax.lax.fori_loop(0, nb, query_block, zeros)
+    return jax.lax.fori_loop(0, nq, query_block, zeros)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
@@ -223,15 +276,19 @@ def _blocked_fwd(q, k, v, seg, lo_ranges, scale, softcap, block):
 def _blocked_bwd(scale, softcap, block, res, d_out):
     q, k, v, seg, (lo, ranges), out, lse = res
     dq, dk, dv = _backward(q, k, v, seg, lo, ranges, out, lse, d_out, scale, softcap)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, (None, None)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), (None, None), (None, None)
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
-def _local(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window, *, scale, softcap, block):
-    B, T = segment_ids_BxT.shape
-    q, k, v, seg, lo, ranges = _layout(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window, block)
+def _local(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxS, window, *, scale, softcap, block, q_starts=None):
+    """The kernel on one device's rows: the queries are the keys' positions (q_starts None) or chunks
+    of them starting at row slots `q_starts` (a context shard, see `_layout`)."""
+    B, T = q_BxTxNxH.shape[:2]
+    q, k, v, seg, lo, ranges = _layout(
+        q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxS, window, block, q_starts
+    )
     return _unlayout(_blocked(q, k, v, seg, (lo, ranges), scale, softcap, block), B, T)
 
 

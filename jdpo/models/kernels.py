@@ -83,11 +83,21 @@ def unsupported(kernel: str, config) -> str | None:
     return None
 
 
-def resolve_attention(requested: str, config, *, backend: str | None = None) -> AttentionChoice:
+def resolve_attention(
+    requested: str, config, *, backend: str | None = None, context: int = 1
+) -> AttentionChoice:
     """The kernel `model.attention = requested` runs for the model of `config` (a `ModelConfig`) on
-    `backend` (default: jax's). Raises `ConfigError` for a kernel the model cannot run."""
+    `backend` (default: jax's) with rows split over `context` devices (`mesh.context`). Raises
+    `ConfigError` for a kernel the model cannot run."""
     if requested not in ATTENTION_CHOICES:
         raise ConfigError(f"model.attention must be one of {list(ATTENTION_CHOICES)}, got {requested!r}")
+    if context > 1:  # only the blocked kernel takes a shard of the queries (`context_attention`)
+        if requested not in ("auto", "blocked"):
+            raise ConfigError(
+                f"model.attention={requested} cannot run rows split over mesh.context={context}: only the "
+                "blocked kernel attends a shard of a row's queries; use auto or blocked"
+            )
+        return AttentionChoice("blocked", f"model.attention={requested}, rows over mesh.context={context}")
     if requested != "auto":
         why = unsupported(requested, config)
         if why:

@@ -14,15 +14,18 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jdpo.models import quantize as quantization
 from jdpo.models.attention import blocked_attention
 from jdpo.models.config import ModelConfig
+from jdpo.models.context_attention import context_attention
 from jdpo.models.masks import AttentionMask
 from jdpo.models.options import REMAT_POLICIES, ModelOptions
 from jdpo.models.pallas_gpu import pallas_gpu_attention
 from jdpo.models.rope import apply_rope
 from jdpo.models.splash import splash_attention
+from jdpo.parallel.context_layout import splits
 from jdpo.parallel.sharding import constrain
 
 
@@ -183,6 +186,7 @@ class Attention(nnx.Module):
             self.sinks = _param(None, (N,), ("heads",), param_dtype, "zeros", 0.0)
         self.config, self.dtype = c, options.dtype
         self.attention, self.attention_block = options.attention, options.attention_block
+        self.context_attention = options.context_attention
 
     def _qkv(self, x_BxTxD, cos, sin, dropout_key=None):
         """q [B, T, N, H], k and v [B, T, K, H] of new tokens (q/k norm and RoPE applied)."""
@@ -213,7 +217,12 @@ class Attention(nnx.Module):
         c = self.config
         kernel, block = self.attention, self.attention_block
         segment_aware = dict(scale=c.attention_scale, block=block)
-        if mask.self_attention and kernel == "blocked":
+        if mask.self_attention and splits(q_BxTxNxH.shape[1]) > 1:  # rows split over the context axis
+            out_BxTxNxH = context_attention(
+                q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, softcap=c.attn_logit_softcapping,
+                how=self.context_attention, **segment_aware,
+            )  # fmt: skip
+        elif mask.self_attention and kernel == "blocked":
             out_BxTxNxH = blocked_attention(
                 q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, softcap=c.attn_logit_softcapping, **segment_aware
             )
@@ -292,6 +301,18 @@ def _sink_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale, sinks_
     return out.reshape(B, T, N, H)
 
 
+#: The residual stream entering a decoder layer (`checkpoint_name`): `remat: offload` saves it, and only
+#: it, in pinned host memory (JAX's offload checkpoint policy), for rows whose activations do not fit
+#: the device even split over the context axis; the layer is recomputed from it in the backward.
+LAYER_INPUT = "decoder_layer_input"
+OFFLOAD_POLICY = jax.checkpoint_policies.save_and_offload_only_these_names(
+    names_which_can_be_saved=[],
+    names_which_can_be_offloaded=[LAYER_INPUT],
+    offload_src="device",
+    offload_dst="pinned_host",
+)
+
+
 class MLP(nnx.Module):
     """Gated MLP: down(act(gate(x)) * up(x)); phi3 keeps gate and up as one [D, 2, F] kernel."""
 
@@ -360,6 +381,7 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x_BxTxD, cos, sin, mask: AttentionMask, dropout_key=None):
         """(x [B, T, D], the MoE router's statistics of the real tokens or None for a gated MLP)."""
+        x_BxTxD = checkpoint_name(x_BxTxD, LAYER_INPUT)  # what `remat: offload` keeps, on the host
         attn_BxTxD = self.self_attn(self._attention_input(x_BxTxD), cos, sin, mask, dropout_key)
         return self._finish(x_BxTxD, attn_BxTxD, dropout_key, mask.segment_ids_BxT)
 
@@ -401,4 +423,6 @@ def remat(fn, policy: str):
         return jax.checkpoint(fn)
     if policy == "dots_saveable":
         return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    if policy == "offload":  # the layer's input in pinned host memory, everything else recomputed
+        return jax.checkpoint(fn, policy=OFFLOAD_POLICY)
     raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {policy!r}")

@@ -6,9 +6,10 @@ from typing import Any
 import jax.numpy as jnp
 
 from jdpo.models.choices import FUSED_TARGETS, LORA_TARGETS
+from jdpo.models.context_attention import CONTEXT_ATTENTION
 from jdpo.models.kernels import ATTENTION_CHOICES
 
-REMAT_POLICIES = ("none", "full", "dots_saveable")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "offload")
 # Attention without a KV cache: `model.attention`, one of `jdpo.models.kernels.ATTENTION_CHOICES` (auto,
 # blocked, splash, pallas_gpu, xla); `kernels.resolve_attention` decides what "auto" runs. The KV-cache
 # path (`extend`: generation) always takes the dense mask.
@@ -28,10 +29,14 @@ class ModelOptions:
 
     dtype: Any = jnp.float32  # compute dtype of activations and matmuls
     param_dtype: Any = jnp.float32  # dtype the parameters are stored in
-    remat: str = "none"  # REMAT_POLICIES: what a layer saves for the backward pass
+    remat: str = "none"  # REMAT_POLICIES: what a layer saves for the backward pass (offload: to host)
     scan_layers: bool = False  # stacked [L, ...] layer parameters run by lax.scan (one compiled layer)
     attention: str = "auto"  # ATTENTION_IMPLS: the kernel without a KV cache (`kernels.resolve_attention`)
     attention_block: int = 0  # positions per tile of the attention kernel; 0: the kernel's default
+    # Rows split over the mesh's context axis: how keys / values reach a shard's queries
+    # (`jdpo.models.context_attention.CONTEXT_ATTENTION`: auto, all_gather, ring).
+    context_attention: str = "auto"
+    context: int = 1  # devices each row's tokens are split over (mesh.context): decides what auto runs
     # Low-rank adapters on these projections (`jdpo.models.lora`); unlike the fields above they are weights of
     # their own, zero-effect at initialisation (B = 0). None: no adapters.
     lora: "LoRASpec | None" = None
@@ -50,13 +55,18 @@ class ModelOptions:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.moe_dispatch not in MOE_DISPATCH:
             raise ValueError(f"moe_dispatch must be one of {MOE_DISPATCH}, got {self.moe_dispatch!r}")
+        if self.context_attention not in CONTEXT_ATTENTION:
+            raise ValueError(
+                f"context_attention must be one of {CONTEXT_ATTENTION}, got {self.context_attention!r}"
+            )
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
 
     @classmethod
-    def from_section(cls, section, *, dtype) -> "ModelOptions":
+    def from_section(cls, section, *, dtype, context: int = 1) -> "ModelOptions":
         """From a run's `model:` config section (read by its field names); `dtype` is its compute dtype
-        already resolved (its "auto" depends on the device, see `jdpo.train.trainer.resolve_dtype`)."""
+        already resolved (its "auto" depends on the device, see `jdpo.train.trainer.resolve_dtype`);
+        `context`: the run's `mesh.context`."""
         return cls(
             dtype=dtype,
             param_dtype=jnp.dtype(section.param_dtype),
@@ -66,6 +76,8 @@ class ModelOptions:
             attention_block=section.attention_block,
             freeze_router=section.freeze_router,
             moe_dispatch=section.moe_dispatch,
+            context_attention=section.context_attention,
+            context=context,
         )
 
 

@@ -23,6 +23,7 @@ from jdpo.models.masks import AttentionMask
 from jdpo.models.moe import SparseMoE
 from jdpo.models.options import PROJECTIONS, LoRASpec, ModelOptions
 from jdpo.models.rope import rope_tables
+from jdpo.parallel.context_layout import from_balanced, to_balanced
 from jdpo.parallel.sharding import constrain
 
 # Also importable from here: what a decoder is and how it runs.
@@ -42,7 +43,7 @@ class Transformer(nnx.Module):
     def __init__(self, config: ModelConfig, *, options: ModelOptions | None = None, rngs: nnx.Rngs):
         options = ModelOptions() if options is None else options  # None: the defaults
         # "auto" and a 0 block become the kernel that runs and its tile here, once for every layer.
-        choice = resolve_attention(options.attention, config)
+        choice = resolve_attention(options.attention, config, context=options.context)
         if options.attention_block and (
             why := attention_block_problem(choice.kernel, options.attention_block)
         ):
@@ -112,11 +113,16 @@ class Transformer(nnx.Module):
         B, T = input_ids_BxT.shape
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        x_BxTxD = self._embed(input_ids_BxT)
-        cos_R, sin_R, rope_index = rope_tables(positions_BxT, c, self.options.dtype)
         flags = c.sliding_layers
         # Without segment ids the row is one sequence (segment 1 everywhere).
         ids_BxT = jnp.ones((B, T), jnp.int32) if segment_ids_BxT is None else segment_ids_BxT
+        # A row split over the mesh's context axis runs in the balanced layout (device i: chunks i and
+        # 2C - 1 - i), its positions and segment ids moved with its tokens; identity without the axis.
+        input_ids_BxT, positions_BxT, ids_BxT = (
+            to_balanced(x) for x in (input_ids_BxT, positions_BxT, ids_BxT)
+        )
+        x_BxTxD = self._embed(input_ids_BxT)
+        cos_R, sin_R, rope_index = rope_tables(positions_BxT, c, self.options.dtype)
         mask = AttentionMask(ids_BxT, window=c.sliding_window if any(flags) else None)
 
         def layer_fn(graphdef, state, x, is_sliding, rope, i):
@@ -146,7 +152,7 @@ class Transformer(nnx.Module):
                 per_layer.append(layer_stats)
             moe = [s for s in per_layer if s is not None]
             stats = jax.tree.map(lambda *xs: jnp.stack(xs), *moe) if moe else None
-        return self.norm(x_BxTxD), stats
+        return from_balanced(self.norm(x_BxTxD)), stats
 
     def unembedding(self):
         """Unembedding [D, V] in the compute dtype (tied: the embedding matrix transposed)."""

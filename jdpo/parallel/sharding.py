@@ -16,16 +16,20 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 # "expert": MoE experts sharded over it (expert parallelism, `jdpo.models.expert_parallel`); it also
-# splits the batch rows, so the layers around the experts run data-parallel over it.
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+# splits the batch rows, so the layers around the experts run data-parallel over it. "context": the axis
+# over which every row's tokens are split (long context, `jdpo.parallel.context_layout`).
+MESH_AXES = ("data", "fsdp", "tensor", "expert", "context")
+CONTEXT_AXIS = "context"
 
 # logical name -> mesh axis, tuple of mesh axes, or None (replicated).
-# Parameters: the model dimension is split over fsdp (ZeRO-3 style: gathered per layer in the forward),
+# Parameters: the model dimension is split over fsdp (ZeRO-3 style: gathered per layer in the forward) and
+# context (the devices that split a row hold a share of the weights too, as MaxText does),
 # the "wide" dimensions (vocab, heads, mlp) over tensor. Activations: rows over data x fsdp, the wide
-# dimensions over tensor; the model dimension of activations stays whole ("act_embed").
+# dimensions over tensor; the model dimension of activations stays whole ("act_embed"); the token axis of
+# activations ("length") over context (a row's tokens split across devices; size 1 by default).
 LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     # parameters
-    "embed": "fsdp",
+    "embed": ("fsdp", "context"),
     "vocab": "tensor",
     "heads": "tensor",
     "kv_heads": "tensor",
@@ -36,7 +40,7 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "expert": "expert",
     # activations
     "batch": ("data", "fsdp", "expert"),
-    "length": None,
+    "length": "context",
     "act_embed": None,
     "act_heads": "tensor",
     "act_kv_heads": "tensor",
@@ -45,13 +49,18 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, *, expert: int = 1, devices=None) -> Mesh:
-    """A ("data", "fsdp", "tensor", "expert") mesh with explicit-free (Auto) axis types.
+def make_mesh(
+    data: int = 1, fsdp: int = 1, tensor: int = 1, *, expert: int = 1, context: int = 1, devices=None
+) -> Mesh:
+    """A ("data", "fsdp", "tensor", "expert", "context") mesh with explicit-free (Auto) axis types.
 
-    One of the sizes may be -1, meaning "all remaining devices" (e.g. `make_mesh(fsdp=-1)`).
+    One of the sizes may be -1, meaning "all remaining devices" (e.g. `make_mesh(fsdp=-1)`). `context`
+    splits every row's tokens (`jdpo.parallel.context_layout`); it is never -1.
     """
     devices = list(jax.devices() if devices is None else devices)
-    shape = [data, fsdp, tensor, expert]
+    if context < 1:
+        raise ValueError(f"the context axis must be a positive size, got {context}")
+    shape = [data, fsdp, tensor, expert, context]
     if shape.count(-1) > 1:
         raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor} "
                          f"expert={expert}")  # fmt: skip
@@ -65,9 +74,8 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, *, expert: int = 1,
         raise ValueError(
             f"mesh {dict(zip(MESH_AXES, shape, strict=True))} needs {total} devices, have {len(devices)}"
         )
-    return jax.make_mesh(
-        tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices[:total]
-    )
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=axis_types, devices=devices[:total])
 
 
 def _axes(rule) -> tuple[str, ...]:
@@ -177,6 +185,15 @@ def batch_shards(num_rows: int) -> int:
     traced function: `row_shards`, or 1 without a mesh or when the rows do not divide (replicated)."""
     shards = row_shards(current_mesh())
     return shards if num_rows % shards == 0 else 1
+
+
+def context_size(mesh=None) -> int:
+    """How many devices split each row's tokens: the "context" axis of `mesh` (default: the current
+    mesh, `jax.set_mesh`); 1 without a mesh or without the axis."""
+    mesh = current_mesh() if mesh is None else mesh
+    if mesh is None or CONTEXT_AXIS not in mesh.axis_names:
+        return 1
+    return int(mesh.shape[CONTEXT_AXIS])
 
 
 def spec_entry_size(mesh, entry) -> int:

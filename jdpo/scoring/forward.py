@@ -22,6 +22,7 @@ from jdpo.data.batch import Batch
 from jdpo.losses import logprobs
 from jdpo.losses.spec import LossSpec
 from jdpo.losses.unpaired import running_moments_init
+from jdpo.parallel.context_layout import join_rows, split_rows, splits
 from jdpo.parallel.sharding import batch_shards
 from jdpo.report import metrics
 from jdpo.scoring import batch_loss
@@ -51,17 +52,25 @@ def pair_logprobs(
     hidden_BxTxD, router = model.hidden_and_router(
         batch.input_ids, batch.positions, batch.segment_ids, dropout_key
     )
-    logp_BxT = logprobs.token_logprobs_from_hidden(
-        hidden_BxTxD,
+    # A row split over the mesh's context axis is scored shard by shard (`split_rows`: each device's
+    # C-th of a row as a row of its own), its per-segment sums added over the shards (`join_rows`).
+    parts = splits(batch.input_ids.shape[1])
+    hidden_RxLxD, targets_RxL, mask_RxL, segments_RxL = (
+        split_rows(x) for x in (hidden_BxTxD, batch.targets, batch.loss_mask, batch.segment_ids)
+    )
+    logp_RxL = logprobs.token_logprobs_from_hidden(
+        hidden_RxLxD,
         model.unembedding(),
-        batch.targets,
-        mask_BxT=batch.loss_mask,
+        targets_RxL,
+        mask_BxT=mask_RxL,
         chunk_size=chunk_size,
         logit_soft_cap=model.config.final_logit_softcapping,
-        # One group of rows per batch shard: each device sorts and chunks its own rows' scored positions.
-        row_groups=batch_shards(batch.input_ids.shape[0]),
+        # One group of rows per batch (and context) shard: each device sorts and chunks its own scored
+        # positions.
+        row_groups=batch_shards(batch.input_ids.shape[0]) * parts,
     )
-    logps_BxS, counts_BxS = logprobs.segment_logprobs(logp_BxT, batch.loss_mask, batch.segment_ids, 2 * P)
+    logps_RxS, counts_RxS = logprobs.segment_logprobs(logp_RxL, mask_RxL, segments_RxL, 2 * P)
+    logps_BxS, counts_BxS = join_rows(logps_RxS, parts), join_rows(counts_RxS, parts)
     out = {
         "chosen": logps_BxS[:, 0::2],
         "rejected": logps_BxS[:, 1::2],

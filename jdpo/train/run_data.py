@@ -37,7 +37,7 @@ def check_batch_rows(config: Config, mesh) -> None:
 
 def decide_shared_prompt(config: Config, hf_model_config) -> bool:
     """`data.shared_prompt` for the kernel that will run (resolved as the model load will resolve it)."""
-    kernel = resolve_attention(config.model.attention, hf_model_config).kernel
+    kernel = resolve_attention(config.model.attention, hf_model_config, context=config.mesh.context).kernel
     on, why = shares_prompt(config.data.shared_prompt, kernel, hf_model_config)
     log.info("shared prompt: %s (%s)", "on" if on else "off", why)
     return on

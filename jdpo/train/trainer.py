@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 
 from jdpo import paths
 from jdpo.config import Config, ConfigError, load_config, replace, to_dict
+from jdpo.config.context import mesh_advice
 from jdpo.data.batch import Batch
 from jdpo.errors import ExportError
 from jdpo.models import ModelConfig, ModelOptions, from_pretrained, load_tokenizer, lora
@@ -149,7 +150,8 @@ class Trainer:
     def _load_model(self):
         """The policy from `model.path`: (trained params, LoRA's frozen base or None), born sharded."""
         m = self.config.model
-        options = lora.model_options(ModelOptions.from_section(m, dtype=self.dtype), self.config.lora, m.path)
+        options = ModelOptions.from_section(m, dtype=self.dtype, context=self.config.mesh.context)
+        options = lora.model_options(options, self.config.lora, m.path)
         model, self.model_config = from_pretrained(m.path, options=options, mesh=self.mesh)
         # The kernel that runs (model.attention "auto" resolved for this backend and model) and its tile.
         self.attention = (model.options.attention, model.options.attention_block)
@@ -353,12 +355,13 @@ class Trainer:
 
 
 def _mesh(c: Config):
+    m = c.mesh
     try:
-        return make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, expert=c.mesh.expert)
+        return make_mesh(m.data, m.fsdp, m.tensor, expert=m.expert, context=m.context)
     except ValueError as e:
-        m = c.mesh
         raise ConfigError(
-            f"mesh.data={m.data} mesh.fsdp={m.fsdp} mesh.tensor={m.tensor} mesh.expert={m.expert}: {e}"
+            f"mesh.data={m.data} mesh.fsdp={m.fsdp} mesh.tensor={m.tensor} mesh.expert={m.expert} "
+            f"mesh.context={m.context}: {e}{mesh_advice(m, jax.device_count())}"
         ) from None
 
 

@@ -1,0 +1,85 @@
+"""Attention over a row split across the mesh's "context" axis (long context, `mesh.context`).
+
+Each device holds T / C tokens of every row in the balanced layout (`jdpo.parallel.context_layout`:
+chunks i and 2C - 1 - i) and keeps its queries; the keys and values of the whole row reach it one of
+two ways (`model.context_attention`):
+
+  all_gather  every device gathers the row's k / v (an all-gather over "context", [B, T, K, H] each:
+              grouped-query heads keep them small) and runs the blocked kernel on its two query chunks
+              against the whole row (`attention._local` with `q_starts`). The backward's dk / dv are
+              summed back to their owners by the all-gather's transpose (a reduce-scatter).
+  ring        (`jdpo.models.ring.ring_local`) the k / v shards travel around the ring with `ppermute`, one
+              step per device, each step's partial attention merged by its log-sum-exp: only two
+              shards of k / v live on a device at a time.
+
+Both visit only the key blocks a query block can see (its segment, its shared prefix, the causal past),
+so a key shard no query of this device sees costs nothing but its transfer. Segment ids are gathered
+whole (int32 [B, T]): the visibility rule needs every key's segment.
+
+Only the blocked kernel takes a query shard: splash, pallas_gpu and xla are refused with mesh.context > 1
+(`kernels.resolve_attention`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+from jax.sharding import PartitionSpec
+
+from jdpo.models import attention, ring
+from jdpo.parallel import context_layout
+from jdpo.parallel.sharding import CONTEXT_AXIS, context_size, current_mesh, logical_to_spec, spec_entry_size
+
+CONTEXT_ATTENTION = ("auto", "all_gather", "ring")
+
+
+def shard_block(T: int, C: int, block: int) -> int:
+    """The kernel's tile on a context shard: a divisor of the chunk (T / 2C) no larger than `block`."""
+    return math.gcd(block, T // (2 * C))
+
+
+def _all_gather_local(q, k, v, seg, *window, C, scale, softcap, block):
+    """One device: its balanced query shard against the gathered row."""
+    T = q.shape[1] * C
+    k_all, v_all, seg_all = (context_layout.gather_keys(x, C) for x in (k, v, seg))
+    starts = context_layout.local_chunk_starts(T, C)
+    return attention._local(
+        q, k_all, v_all, seg_all, window[0] if window else None,
+        scale=scale, softcap=softcap, block=block, q_starts=starts,
+    )  # fmt: skip
+
+
+def context_attention(
+    q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask, *, scale, softcap=None, block=attention.DEFAULT_BLOCK, how="auto"
+):
+    """Exact causal self-attention of packed rows split over "context" (balanced layout); same contract
+    as `attention.blocked_attention`. `how`: all_gather, ring, or auto (all_gather: see the README's
+    measurement)."""
+    if not (mask.self_attention and mask.causal):
+        raise ValueError("context attention takes causal self-attention masks (no KV cache)")
+    mesh, C, T = current_mesh(), context_size(), q_BxTxNxH.shape[1]
+    if context_layout.splits(T) != C:
+        raise ValueError(f"rows of {T} tokens do not split into 2 x context = {2 * C} chunks")
+    blk = shard_block(T, C, block)
+    local = ring.ring_local if how == "ring" else _all_gather_local
+    fn = functools.partial(local, C=C, scale=scale, softcap=softcap, block=blk)
+    args = (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask.segment_ids_BxT)
+    replicated = () if mask.window is None else (jax.numpy.asarray(mask.window, jax.numpy.int32),)
+    specs = shard_specs(mesh, q_BxTxNxH, k_BxTxKxH)
+    in_specs = specs + (PartitionSpec(),) * len(replicated)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=specs[0], check_vma=False)(
+        *args, *replicated
+    )
+
+
+def shard_specs(mesh, q_BxTxNxH, k_BxTxKxH):
+    """(q, k, v, segment ids) PartitionSpecs of a context shard: rows over the batch axes, tokens over
+    "context", heads over tensor when both N and K divide by it."""
+    rows = logical_to_spec(("batch",), q_BxTxNxH.shape[:1], mesh)[0]
+    heads = logical_to_spec((None, None, "act_kv_heads", None), k_BxTxKxH.shape, mesh)[2]
+    if heads is not None and q_BxTxNxH.shape[2] % spec_entry_size(mesh, heads):
+        heads = None
+    qspec = PartitionSpec(rows, CONTEXT_AXIS, heads, None)
+    return qspec, qspec, qspec, PartitionSpec(rows, CONTEXT_AXIS)

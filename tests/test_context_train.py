@@ -1,0 +1,74 @@
+"""Training with rows split over the mesh's context axis (`mesh.context: 4`, fsdp 2 on the 8 simulated
+devices): a three-step run's metrics equal one device's, full fine-tuning and LoRA; the reference pass
+and eval run on the context mesh; a resume on the same mesh is bit-identical; bad settings are refused
+before the model loads with the numbers that would work."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from helpers import logged_records, one_device, run_config
+from helpers import train_steps as steps
+from test_train import assert_close_metrics
+
+from jdpo import config as jconfig
+from jdpo.config import ConfigError
+from jdpo.train import trainer as train
+
+# Rows of 64 tokens: 2 x context = 8 chunks of 8, pairs of up to 16 + 16 tokens straddle them.
+CONTEXT = {"mesh.context": 4, "data.row_length": 64, "train.max_steps": 3, "train.log_every": 1}
+
+
+def _config(assets, out, **over):
+    return run_config(assets, out, **{**CONTEXT, **over})
+
+
+@pytest.mark.slow  # ~30 s each on 2 cores; the forward and its gradients: tests/test_context.py
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_three_steps_with_context_4_equal_one_device(assets, tmp_path, lora):
+    over = {"lora.rank": 4, "lora.alpha": 8.0} if lora else {}
+    one = train.Trainer(_config(assets, tmp_path / "one", **{**over, "mesh.context": 1}), mesh=one_device())
+    ctx = train.Trainer(_config(assets, tmp_path / "ctx", **over, **{"dpo.cache_dir": str(tmp_path / "c")}))
+    assert not any(ctx.reference.reused.values())
+    assert dict(ctx.mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 1, "context": 4}
+    assert ctx.attention[0] == "blocked"
+    # The reference pass ran on the context mesh: the same cached log-probs as one device's.
+    for split in ("train", "eval"):
+        a, b = one.reference.logps[split], ctx.reference.logps[split]
+        np.testing.assert_allclose(b.chosen, a.chosen, rtol=1e-5, atol=1e-5)
+    for a, b in zip(steps(one, 3), steps(ctx, 3), strict=True):
+        assert_close_metrics(a, b)
+    e1, e2 = one.evaluate(), ctx.evaluate()
+    assert e2["eval/loss"] == pytest.approx(e1["eval/loss"], rel=1e-5)
+    # Sampling (the KV cache, never split) on the context mesh: the same greedy completions.
+    prompts = ["3+4=", "12+7="]
+    assert [g["completion"] for g in ctx.generate(prompts)] == [
+        g["completion"] for g in one.generate(prompts)
+    ]
+
+
+@pytest.mark.slow
+def test_resume_on_a_context_mesh_is_bit_identical(assets, tmp_path):
+    over = {"train.max_steps": 4, "train.save_every": 2, "train.export": False}
+    full = train.run(_config(assets, tmp_path / "full", **over))
+    cfg = _config(assets, tmp_path / "resumed", **over)
+    first = train.run(cfg, callbacks=[lambda m: m["step"] == 2])
+    assert first.step == 2
+    result = train.Trainer(cfg).fit()
+    assert result.step == 4
+    assert logged_records(result.metrics_path) == logged_records(full.metrics_path)
+
+
+def test_bad_context_settings_are_refused_before_the_model_loads(assets, tmp_path):
+    base = _config(assets, tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"data.row_length = 60 .* multiple of 2 x context = 8.* 56 or 64"):
+        jconfig.validate(jconfig.replace(base, **{"data.row_length": 60}))
+    with pytest.raises(ConfigError, match="model.attention=xla cannot run rows split over mesh.context=4"):
+        jconfig.validate(jconfig.replace(base, **{"model.attention": "xla"}))
+    bad = jconfig.replace(
+        base, **{"model.path": str(tmp_path / "absent"), "mesh.context": 3, "data.row_length": 48}
+    )
+    with pytest.raises(ConfigError, match=r"mesh.context=3: .* leave 8: mesh.context may be 1, 2, 4, 8"):
+        train.Trainer(bad)  # the mesh is made first: no model was looked for
+    assert jax.device_count() == 8
