@@ -73,7 +73,9 @@ def test_an_eval_fraction_that_holds_out_nothing_warns_with_the_numbers(
 def test_a_mesh_that_does_not_fit_names_the_fields(assets, tmp_path):
     cfg = run_config(assets, tmp_path / "out", **{"mesh.data": 16})
     with pytest.raises(
-        ConfigError, match=r"mesh\.data=16 mesh\.fsdp=-1 mesh\.tensor=1: 8 devices do not divide"
+        ConfigError,
+        match=r"mesh\.data=16 mesh\.fsdp=-1 mesh\.tensor=1 mesh\.expert=1 mesh\.context=1: "
+        r"8 devices do not divide",
     ):
         train.Trainer(cfg)
 
