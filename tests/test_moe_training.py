@@ -17,9 +17,9 @@ from helpers import train_steps as steps
 
 from jdpo.errors import ConfigError
 from jdpo.losses.router import load_balancing_loss
+from jdpo.models import ModelConfig, from_pretrained, init_model, load_tokenizer, save_pretrained
 from jdpo.models.adapters import model_targets
 from jdpo.models.choices import LORA_TARGETS
-from jdpo.models import ModelConfig, from_pretrained, init_model, load_tokenizer, save_pretrained
 from jdpo.parallel.sharding import make_mesh
 from jdpo.train import trainer as train
 

@@ -14,8 +14,8 @@ from jdpo.losses import logprobs
 from jdpo.parallel.sharding import make_mesh
 from jdpo.scoring.forward import PairLogps
 from jdpo.train import refcache, token_cache
-from jdpo.train.fingerprint import weights_fingerprint
 from jdpo.train import trainer as train
+from jdpo.train.fingerprint import weights_fingerprint
 
 
 @pytest.fixture(scope="module")

