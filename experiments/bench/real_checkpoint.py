@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--steps-warmup", type=int, default=2, help="Leading steps left out of the steady state.")
     ap.add_argument("--only", choices=["jdpo", "trl"], default=None, help="Run only one side.")
     ap.add_argument("--trl-python", default=sys.executable,
-                    help="A python with trl, transformers and gguf (converts the model, runs TRL).")  # fmt: skip
+                    help="A python with trl, transformers and gguf (to convert and to run TRL).")
     ap.add_argument("--trl-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--convert-child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
