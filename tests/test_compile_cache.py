@@ -29,6 +29,8 @@ def _run(cfg, tmp_path, name: str) -> list[dict]:
     return logged_records(Path(cfg.train.output_dir) / metrics.METRICS_FILE)
 
 
+# slow (29 s, two whole runs): the setting itself is covered fast by the test below.
+@pytest.mark.slow
 def test_a_rerun_finds_every_program_in_the_cache_beside_the_run_and_logs_the_same(assets, tmp_path):
     over = {"train.max_steps": 3, "train.eval_every": 2, "dpo.cache_dir": ""}
     first = _run(run_config(assets, tmp_path / "first", **over), tmp_path, "first")

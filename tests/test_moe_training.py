@@ -126,6 +126,8 @@ def test_moe_settings_refused_on_a_dense_model(assets, tmp_path):
             train.Trainer(make_config(assets, tmp_path / "d", **over), mesh=one_device())
 
 
+# slow (17 s): bit-identical resume is covered fast by test_train.py; the MoE step by the tests above.
+@pytest.mark.slow
 def test_resume_of_an_moe_run_is_bit_identical(moe_assets, tmp_path):
     over = {"train.max_steps": 4, "train.save_every": 2, "model.router_aux_loss_coef": 0.05}
     full = train.run(make_config(moe_assets, tmp_path / "full", **over), mesh=one_device())

@@ -130,6 +130,8 @@ def test_keep_best_with_a_moving_reference_takes_only_reference_free_metrics():
 # -- the divergence guard ----------------------------------------------------------------------------
 
 
+# slow (22 s): the divergence guard is covered fast by the loss-spike and steady blow-up tests below.
+@pytest.mark.slow
 def test_a_runaway_learning_rate_stops_the_run_before_weights_blow_up(assets, tmp_path, capsys):
     """lr 1e6 (finite loss, weights in the millions after one step) used to finish and export. `jdpo
     train` now stops at step 1 with one message (no traceback) and exit status 3, not bad input's 2."""
