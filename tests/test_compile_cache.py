@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import jax
+import pytest
 from helpers import logged_records, run_config
 
 from jdpo import config as jconfig
