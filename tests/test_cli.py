@@ -226,7 +226,11 @@ def test_every_input_error_is_one_family(monkeypatch):
 @pytest.mark.parametrize(
     ("argv", "status"),
     # The error is one main returns (not argparse's SystemExit, which exits the ordinary way).
-    [(["train", "--print-config", "--dpo.beta", "0.3"], 0), (["train", "--data.train", "a.jsonl"], 2)],
+    # user_error is slow (15 s): the exit status of a user error is covered fast by the in-process tests.
+    [
+        (["train", "--print-config", "--dpo.beta", "0.3"], 0),
+        pytest.param(["train", "--data.train", "a.jsonl"], 2, marks=pytest.mark.slow),
+    ],
     ids=["returns", "user_error"],
 )
 def test_the_console_script_ends_with_main_s_status_its_output_whole_and_exit_handlers_run(argv, status):

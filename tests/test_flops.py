@@ -231,9 +231,8 @@ def test_computed_attention_keys_per_kernel():
     packed = np.sort(rng.integers(0, 6, (3, 50)), axis=1)[:, ::-1].copy()  # segments, padding (0) last
     for seg in (packed, shared_prompt_segments(rng, 3, 50)):
         *_, ranges = _layout(*(jnp.zeros((3, 50, 1, 2)),) * 3, jnp.asarray(seg), None, 16)
-        a0, a1, b0 = np.asarray(ranges).T
-        diagonal = np.arange(len(b0))
-        visited = int(np.sum(np.maximum(a1 - a0 + 1, 0)) + np.sum(diagonal - b0 + 1))
+        a0, a1, b0, own = np.asarray(ranges).T  # own: the query block's index (the diagonal)
+        visited = int(np.sum(np.maximum(a1 - a0 + 1, 0)) + np.sum(own - b0 + 1))
         assert F.computed_attention_keys("blocked", seg, tile=16) == visited * 16 * 16
     # Every kernel computes at least the credited pairs.
     seg = packed

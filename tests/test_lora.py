@@ -315,6 +315,8 @@ def test_eight_device_fsdp_mesh_matches_one_device(assets, tmp_path):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
 
 
+# slow (18 s): the plan's adapter count is covered fast by tests/test_models_families.py's phi3 plan test.
+@pytest.mark.slow
 def test_plan_counts_a_lora_run_of_llama3_8b():
     from jdpo.commands import plan
     from jdpo.models import ModelConfig
@@ -373,6 +375,9 @@ def test_quantised_base_logits_are_close_to_full_precision(assets, kind, toleran
         np.testing.assert_array_equal(np.asarray(lora.merged(q)(ids)), got)  # B = 0: merging adds 0
 
 
+# slow (26 s): a QLoRA run is covered fast by
+# test_a_qlora_export_says_the_adapter_on_the_full_precision_base_differs.
+@pytest.mark.slow
 def test_quantised_runs_start_at_ln2_on_a_smaller_base_that_stays_bitwise(assets, tmp_path):
     plain = nbytes(train.Trainer(make_config(assets, tmp_path / "plain"), mesh=one_device()).state.base)
     for kind, share in (("int8", 0.6), ("nf4", 0.35)):

@@ -123,6 +123,8 @@ def test_hub_settings_are_checked_before_anything_loads(monkeypatch):
         hub_upload.check_token(jconfig.replace(jconfig.Config(), **{"train.push_to_hub": "me/x"}))
 
 
+# slow (19 s): the upload's retries and failure by test_upload_plan_revisions_and_retries.
+@pytest.mark.slow
 def test_a_run_without_network_exports_then_fails_the_upload_with_status_4(assets, tmp_path, monkeypatch,
                                                                            capsys):  # fmt: skip
     """The real upload call against an endpoint nothing listens on: retried, then exit status 4 with the

@@ -269,6 +269,8 @@ def test_prompt_order_and_sampler_rng_resume_exactly():
     assert [c.next() for _ in range(2)] == steps[2:]
 
 
+# slow (13 s): LoRA with an online reference is covered fast by tests/test_lora.py.
+@pytest.mark.slow
 def test_lora_online_run_trains_against_the_base(assets, tmp_path):
     cfg = online_config(assets, tmp_path / "run", **{"lora.rank": 2, "train.max_steps": 1})
     tr = train.Trainer(cfg, mesh=one_device())

@@ -200,6 +200,8 @@ def test_export_loads_in_transformers_with_the_same_logits(assets, tmp_path):
     np.testing.assert_allclose(np.asarray(reloaded(ids)), want, atol=1e-4, rtol=1e-4)
 
 
+# slow (15 s): sharded forwards by tests/test_sharding.py, sharded runs by test_distributed.py.
+@pytest.mark.slow
 def test_sharded_run_matches_one_device(assets, tmp_path):
     cfg = make_config(assets, tmp_path / "one", **{"train.max_steps": 3})
     one = train.Trainer(cfg, mesh=one_device())
@@ -234,6 +236,8 @@ def test_early_stop_when_eval_accuracy_reaches_the_ceiling(assets, tmp_path):
     assert sorted(os.listdir(result.checkpoint_dir)) == ["2"]
 
 
+# slow (14 s): buckets by tests/test_data_batching.py, accumulation by the tests above.
+@pytest.mark.slow
 def test_unpacked_length_buckets_with_accumulation(assets, tmp_path):
     # One pair per row in length buckets: micro-batches of different lengths share a step.
     over = {"data.packing": False, "data.row_length": 64, "train.grad_accum": 2, "train.batch_rows": 4}

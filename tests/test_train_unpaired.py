@@ -69,6 +69,8 @@ def test_kto_weights_scale_the_loss_as_the_formula_says(assets, tmp_path):
     assert m["loss"] == pytest.approx(want, abs=1e-5)
 
 
+# slow (16 s): the unpaired losses' first steps and references by the tests around it.
+@pytest.mark.slow
 def test_kto_cached_and_online_reference_agree_and_learn(assets, tmp_path):
     over = {"dpo.loss_type": ["kto"], "dpo.beta": 0.5}
     cached = train.Trainer(make_config(assets, tmp_path / "a", **over), mesh=one_device())
@@ -182,6 +184,8 @@ def test_unpaired_data_refusals(assets, tmp_path):
         train.Trainer(make_config(assets, tmp_path / "b", **over), mesh=one_device())
 
 
+# slow (21 s): jdpo eval by tests/test_evaluate.py, unpaired runs by the tests above.
+@pytest.mark.slow
 def test_jdpo_eval_of_an_unpaired_run(assets, tmp_path):
     from jdpo.commands import evaluate
 
