@@ -257,6 +257,8 @@ def test_the_console_script_ends_with_main_s_status_its_output_whole_and_exit_ha
         assert "jdpo train: error: model.path is empty" in p.stderr and p.stdout == ""
 
 
+# slow (12 s): SIGTERM in the loop is covered fast by tests/test_train.py.
+@pytest.mark.slow
 def test_sigterm_before_the_training_loop_says_so_and_exits_143(tmp_path):
     """Issue 31, smaller messages: SIGTERM while the run loads (before the loop's own handler) ended the
     process with status 143 and no message."""

@@ -126,6 +126,8 @@ def test_the_online_recipe_is_the_presets_dpo_stage_trained_online(assets, tmp_p
     assert demo.recipe_overrides("offline") == {}
 
 
+# slow (12 s): rounds are covered fast by tests/test_reference_update.py.
+@pytest.mark.slow
 def test_the_iterative_recipe_is_the_presets_pairs_in_rounds(assets, tmp_path):
     """`recipe_overrides("iterative")` on the demo preset: whole passes, a hard update between them."""
     from jdpo.train import trainer as train

@@ -164,7 +164,9 @@ def _logits_and_grads(config, attention, scan_layers):
         pytest.param("gemma3_text", "blocked", False, marks=pytest.mark.slow),
         ("olmo3", "blocked", True),
         ("smollm3", "blocked", True), ("phi3", "blocked", False), ("olmo2", "blocked", True),
-        ("gemma3_text", "splash", True), ("smollm3", "pallas_gpu", True),
+        # splash and pallas_gpu run interpreted on CPU (slow): tests/test_attention_pallas.py covers them
+        pytest.param("gemma3_text", "splash", True, marks=pytest.mark.slow),
+        pytest.param("smollm3", "pallas_gpu", True, marks=pytest.mark.slow),
     ],
 )  # fmt: skip
 def test_every_kernel_equals_dense_attention_on_packed_rows(family, kernel, scan_layers):

@@ -50,9 +50,10 @@ def make_config(assets, out, **overrides):
 @pytest.mark.parametrize(
     "model_type,overrides",
     [
-        (
+        pytest.param(  # slow (15 s): the formula by mixtral and gpt_oss; dense layers by test_models_moe
             "qwen3_moe",
             dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=16, mlp_only_layers=[1]),
+            marks=pytest.mark.slow,
         ),
         ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
         ("gpt_oss", dict(num_local_experts=4, num_experts_per_tok=2)),  # the router's bias in the logits

@@ -239,6 +239,9 @@ def test_prompts_come_from_prompt_files_and_preference_files(assets, tmp_path):
     assert twice == prompts  # distinct prompts, first occurrence kept
 
 
+# slow (13 s): the sampler's resumable state by test_prompt_order_and_sampler_rng_resume_exactly, resume by
+# tests/test_train.py.
+@pytest.mark.slow
 def test_resume_of_an_online_run_is_bit_identical(assets, tmp_path):
     over = {"train.max_steps": 3, "train.save_every": 2, "train.eval_every": 2,
             "data.eval": [str(assets.eval_path)]}  # fmt: skip
