@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from jdpo import config as C
+from jdpo.commands import lean_process
 from jdpo.commands.cli_inference import add_eval, add_generate
 from jdpo.errors import EXIT_UPLOAD_FAILED, EXIT_USER_ERROR, HubUploadError, NonFiniteLossError, UserError
 
@@ -113,6 +114,8 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         print(yaml.safe_dump(C.to_dict(cfg), sort_keys=False), end="")
         return 0
     _check_run_outputs(cfg)
+    if not cfg.dpo.online:  # online DPO's reward function may use transformers' PyTorch models
+        lean_process.keep_torch_out()
     # Before any JAX computation: joins jax.distributed when a cluster is detected, else a no-op.
     from jdpo.parallel import distributed
 
@@ -165,7 +168,7 @@ def _check_run_outputs(cfg) -> None:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from jdpo.demo import RECIPES  # no jax at module level
+    from jdpo.commands.demo_recipes import RECIPES  # without the demo's imports (JAX, the trainer)
 
     p = sub.add_parser(
         "demo",
@@ -496,6 +499,7 @@ def entry() -> None:
     shutdown on a multi-host run); an exception propagates as usual. ``main`` itself, which tests and
     scripts call in-process, returns normally, and ``python -m jdpo.cli`` exits the ordinary way (so a
     profiler or debugger that runs the module gets to write its report)."""
+    lean_process.limit_arenas()  # before JAX starts its threads
     status = main()
     import atexit
 

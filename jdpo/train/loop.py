@@ -17,7 +17,7 @@ import jax
 from etils import epath
 
 from jdpo.errors import HubUploadError
-from jdpo.report import metrics
+from jdpo.report import metrics, phases
 from jdpo.train import hub_upload
 from jdpo.train.guards import Preemption, StopRun, due
 from jdpo.train.model_card import ModelCard
@@ -156,12 +156,15 @@ def _fit(tr, callbacks, attach_hooks) -> RunResult:
     step = start
     try:
         with Preemption() as loop.preemption:
-            for fn in loop.start_hooks if start == 0 else ():
-                fn(loop)
+            with phases.timed("step-0 eval"):
+                for fn in loop.start_hooks if start == 0 else ():
+                    fn(loop)
+            _log_phases(loop, "set-up", step=start)
             step = loop.run()
-            if step > start:
-                tr.save(step)  # the final state (a no-op when this step was just saved)
-            tr.checkpoints.wait()
+            with phases.timed("final checkpoint"):
+                if step > start:
+                    tr.save(step)  # the final state (a no-op when this step was just saved)
+                tr.checkpoints.wait()
             kept = tr.checkpoints.latest_step()
     finally:
         tr.checkpoints.close()
@@ -178,8 +181,10 @@ def _fit(tr, callbacks, attach_hooks) -> RunResult:
         raise loop.error
     reason = loop.stop or "completed"
     exporting = t.export and reason != "sigterm"
-    final_dir = tr.export() if exporting else None
-    best_dir = tr.export_best() if exporting and tr.best is not None else None
+    with phases.timed("export"):
+        final_dir = tr.export() if exporting else None
+        best_dir = tr.export_best() if exporting and tr.best is not None else None
+    _log_phases(None, "wrap-up", step=step, console=c.logging.console)
     result = RunResult(
         step=step,
         metrics=loop.last,
@@ -201,3 +206,16 @@ def _fit(tr, callbacks, attach_hooks) -> RunResult:
             e.result = result
             raise
     return result
+
+
+def _log_phases(loop: Loop | None, what: str, *, step: int, console: bool | None = None) -> None:
+    """The phases timed since the last call (`jdpo.report.phases`): a console line, and with a loop a
+    record in metrics.jsonl (setup/<phase> seconds) at `step`."""
+    values = phases.take()
+    if not values or jax.process_index() != 0:
+        return
+    console = loop.trainer.config.logging.console if console is None else console
+    if console:
+        print(f"jdpo: {what}: {phases.line(values)}", flush=True)
+    if loop is not None:
+        loop.logger.log(step, phases.record(values))

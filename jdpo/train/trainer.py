@@ -36,7 +36,7 @@ from jdpo.data.batch import Batch
 from jdpo.errors import ExportError
 from jdpo.models import ModelConfig, ModelOptions, from_pretrained, load_tokenizer, lora
 from jdpo.parallel.sharding import make_mesh
-from jdpo.report import metrics
+from jdpo.report import metrics, phases
 from jdpo.scoring.forward import PairLogps, over_split, split_metrics
 from jdpo.scoring.generate import Generator, SamplingParams
 from jdpo.train import compile_cache, diskspace, hub_upload, loop
@@ -94,6 +94,7 @@ class Trainer:
             raise
 
     def _set_up(self, c: Config) -> None:
+        phases.reset()  # this run's set-up (the loop logs it before the first step)
         compile_cache.enable(c.train.compile_cache, self.output_dir)  # before anything compiles
         self.dtype = resolve_dtype(c.model.dtype)
         self.best = BestEval(c.train.keep_best) if c.train.keep_best else None
@@ -107,16 +108,19 @@ class Trainer:
         hub_upload.check_token(c)  # an upload's token before anything loads, not after the run
         self.hf_model_config = ModelConfig.from_hf(c.model.path)  # a bad config.json, named, first
         self.moe = moe_settings(c, self.hf_model_config)
-        self.tokenizer = _tokenizer(c.model.path)
+        with phases.timed("tokenizer"):
+            self.tokenizer = _tokenizer(c.model.path)
         # The data before the model: a bad line or an empty split costs seconds, not a model load.
         shared_prompt = decide_shared_prompt(c, self.hf_model_config)
         check_batch_rows(c, self.mesh)
-        if c.dpo.online:
-            self.data = OnlineData.load(c, self.tokenizer, mesh=self.mesh, shared_prompt=shared_prompt)
-        else:  # tokenised once, then from the cache beside the reference cache (`jdpo.train.token_cache`)
-            self.data = OfflineData.load(c, self.tokenizer, mesh=self.mesh, shared_prompt=shared_prompt,
-                                         cache_dir=cache_dir_of(c, self.output_dir))  # fmt: skip
-        params, base = self._load_model()
+        with phases.timed("data"):
+            if c.dpo.online:
+                self.data = OnlineData.load(c, self.tokenizer, mesh=self.mesh, shared_prompt=shared_prompt)
+            else:  # tokenised once, then from the cache beside the reference cache (`jdpo.train.token_cache`)
+                self.data = OfflineData.load(c, self.tokenizer, mesh=self.mesh, shared_prompt=shared_prompt,
+                                             cache_dir=cache_dir_of(c, self.output_dir))  # fmt: skip
+        with phases.timed("model load"):
+            params, base = self._load_model()
         self.settings = StepSettings(
             graphdef=self.graphdef, mesh=self.mesh, abstract_params=_flat(params), loss=c.dpo.loss_spec(),
             reference=c.dpo.reference, ref_update_alpha=c.dpo.ref_update_alpha, optim=c.optim,
@@ -128,7 +132,8 @@ class Trainer:
         # Before the reference pass: a refused resume costs no forward pass.
         self.checkpoints.check_resumable(c, self.data.state()["layout"])
         # The weights the run starts from (LoRA: the frozen base), before the first step donates them.
-        self.base_fingerprint = weights_fingerprint(params if base is None else base)
+        with phases.timed("weights fingerprint"):
+            self.base_fingerprint = weights_fingerprint(params if base is None else base)
         self.checkpoints.check_base(c, self.base_fingerprint)
         self.reference = self._reference()
         # Reference log-probs of the initial weights, before the first step donates them.
@@ -136,9 +141,11 @@ class Trainer:
                                               model_config=self.model_config, mesh=self.mesh)  # fmt: skip
         # Full fine-tuning from model.path: the reference weights are the base just fingerprinted.
         same = base is None and ref_params is params
-        self.reference.prepare(ref_params, base, weights=self.base_fingerprint if same else None)
-        self.state = initial_state(self.steps, params, seed=c.train.seed, base=base, dpo=c.dpo,
-                                   ref_params=ref_params if c.dpo.reference == "online" else None)  # fmt: skip
+        with phases.timed("reference pass"):
+            self.reference.prepare(ref_params, base, weights=self.base_fingerprint if same else None)
+        with phases.timed("initial state"):  # the optimizer's moments
+            self.state = initial_state(self.steps, params, seed=c.train.seed, base=base, dpo=c.dpo,
+                                       ref_params=ref_params if c.dpo.reference == "online" else None)  # fmt: skip
         self.frozen = frozen_parts(self.reference_updates.moves and c.dpo.reference == "online")
         self.checkpoints.check_space(self.state, frozen=self.frozen)  # before the first checkpoint write
         self.step = 0  # the last completed optimizer step (a restored checkpoint's)

@@ -1,0 +1,72 @@
+"""jdpo.report.phases (the run's time outside its steps) and jdpo.commands.lean_process (the process's
+memory): the phase records a run logs, the console line, and PyTorch kept out of `jdpo train`."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers import one_device, run_config
+
+from jdpo.commands import lean_process
+from jdpo.report import metrics, phases
+
+
+def test_phases_add_up_in_order_with_the_resident_memory_at_each_end():
+    phases.reset()
+    for name in ("tokenizer", "model load", "tokenizer"):
+        with phases.timed(name):
+            time.sleep(0.01)
+    got = phases.take()
+    names = [k for k in got if k != "process start"]  # measured once per process, from /proc
+    assert names == ["tokenizer", "model load"]
+    assert got["tokenizer"][0] >= 0.02 and got["model load"][0] >= 0.01
+    assert all(gib is None or 0 < gib < 1024 for _, gib in got.values())
+    assert phases.take() == {}  # taken: the next report holds only what runs after
+    rec = phases.record({"model load": (1.25, 0.5), "step-0 eval": (0.0, None)})
+    assert rec == {"setup/model_load": 1.25, "setup/model_load_rss_gib": 0.5, "setup/step_0_eval": 0.0}
+    assert phases.line({"model load": (1.25, 0.5), "export": (2.0, None)}) == (
+        "model load 1.2 s (0.50 GiB), export 2.0 s; 3.2 s in all"
+    )
+
+
+def test_a_run_logs_its_set_up_phases_once_and_the_console_prints_no_progress_line_for_them(assets, tmp_path):
+    from jdpo.train import trainer as train
+
+    cfg = run_config(assets, tmp_path / "run", **{"train.max_steps": 2, "train.export": False})
+    result = train.run(cfg, mesh=one_device())
+    records = metrics.read_metrics(result.metrics_path)
+    setup = [r for r in records if any(k.startswith(metrics.SETUP_PREFIX) for k in r)]
+    assert len(setup) == 1 and setup[0]["step"] == 0
+    for phase in ("tokenizer", "data", "model_load", "reference_pass", "initial_state", "step_0_eval"):
+        assert setup[0][f"setup/{phase}"] >= 0, phase
+        assert setup[0][f"setup/{phase}_rss_gib"] > 0, phase
+    out = io.StringIO()
+    metrics.ConsoleWriter(total_steps=2, stream=out).write(0, {k: v for k, v in setup[0].items() if k != "step"})
+    assert out.getvalue() == ""
+
+
+def test_jdpo_train_keeps_torch_out_and_user_code_may_still_import_it():
+    pytest.importorskip("torch")
+    code = (
+        "import sys\n"
+        "from jdpo.commands import lean_process as L\n"
+        "assert L.keep_torch_out()\n"
+        "from transformers import AutoTokenizer, PretrainedConfig\n"
+        "import jdpo.train.trainer\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "import torch\n"
+        "assert torch.ones(2).sum().item() == 2.0\n"
+        "assert not L.keep_torch_out()  # too late once transformers (or torch) is loaded\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_the_arena_limit_applies_on_glibc():
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's mallopt is Linux-only")
+    assert lean_process.limit_arenas(2) is True
