@@ -174,7 +174,7 @@ def test_expert_parallel_run_matches_one_device(moe_assets, tmp_path):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
 
 
-def test_lora_on_the_experts_is_refused_before_the_model_loads(moe_assets, tmp_path):
+def test_plain_mlp_names_on_an_moe_model_are_refused_before_the_model_loads(moe_assets, tmp_path):
     over = {"lora.rank": 4, "lora.targets": ["q_proj", "gate_proj"]}
     with pytest.raises(
         ConfigError, match="lora.targets: 'gate_proj' on qwen3_moe is an MoE layer's experts'"
