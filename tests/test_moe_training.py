@@ -159,6 +159,28 @@ def test_expert_sharded_forward_matches_one_device(moe_assets):
         np.testing.assert_allclose(got_stats[k], want_stats[k], rtol=1e-6)
 
 
+def test_generate_on_an_expert_mesh_matches_one_device(moe_assets, tmp_path):
+    """`jdpo generate --mesh 2,1,1,expert=4`: the experts over 4 devices, the same greedy completions."""
+    from jdpo.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt number {i}\n" for i in range(8)))
+    args = [
+        "generate",
+        "--model",
+        str(moe_assets.model_dir),
+        "--prompts",
+        str(prompts),
+        "--max-new-tokens",
+        "3",
+    ]
+    outs = []
+    for i, mesh in enumerate([[], ["--mesh", "2,1,1,expert=4"]]):
+        outs.append(tmp_path / f"out{i}.jsonl")
+        assert main([*args, *mesh, "--out", str(outs[-1])]) == 0
+    assert outs[0].read_text() == outs[1].read_text()
+
+
 @pytest.mark.slow  # 30 s; the sharded forward above is the fast check
 def test_expert_parallel_run_matches_one_device(moe_assets, tmp_path):
     """data 2 x expert 4: each device holds one expert and a quarter of each data shard's rows."""
