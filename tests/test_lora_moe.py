@@ -78,7 +78,7 @@ def _real(x):
 
 def test_peft_loads_the_expert_adapters_to_jdpos_logits(moe_dir, tmp_path):
     peft = pytest.importorskip("peft")
-    model, spec = _adapted(moe_dir)
+    model, _ = _adapted(moe_dir)
     want = _logits(model)
     save_adapter(model, tmp_path, base_model=str(moe_dir))
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -99,13 +99,23 @@ def test_peft_loads_the_expert_adapters_to_jdpos_logits(moe_dir, tmp_path):
     print(f"{moe_dir.name} merged: max |logit diff| vs peft's merge = {merge_diff:.2e}")
     assert merge_diff < 1e-4
     np.testing.assert_allclose(_real(jdpo_merged), _real(want), atol=1e-4)
-    # and back: checked against the model, loaded into a fresh (scanned) one, from the adapter directory
+
+
+def test_the_export_checks_and_reloads_into_jdpo(moe_dir, tmp_path):
+    """Back: the exported adapter is checked against the model, loads into a fresh scanned model, and
+    `jdpo eval` / `jdpo generate`'s adapter-directory path merges it to the same logits."""
+    model, spec = _adapted(moe_dir)
+    want = _logits(model)
+    save_adapter(model, tmp_path, base_model=str(moe_dir))
     check_adapter(str(tmp_path), ModelConfig.from_hf(moe_dir), spec)
     fresh, _ = _adapted(moe_dir, scan_layers=True, seed=7)
     load_adapter(fresh, str(tmp_path))
     np.testing.assert_allclose(_real(_logits(fresh)), _real(want), atol=1e-5)
     again, _ = from_adapter_dir(tmp_path)
     np.testing.assert_allclose(_real(_logits(again)), _real(want), atol=1e-4)
+    attention = adapter_spec(ModelConfig.from_hf(moe_dir), rank=2, alpha=6.0, targets=("q_proj", "v_proj"))
+    with pytest.raises(ConfigError, match="has targets .* but lora.targets is"):
+        check_adapter(str(tmp_path), ModelConfig.from_hf(moe_dir), attention)
 
 
 def test_one_expert_parameter_alone_has_peft_s_unnested_keys(moe_dir, tmp_path):
@@ -119,6 +129,27 @@ def test_one_expert_parameter_alone_has_peft_s_unnested_keys(moe_dir, tmp_path):
     base = transformers.AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32).eval()
     got = _hf_logits(peft.PeftModel.from_pretrained(base, str(tmp_path)).eval())
     assert np.abs(_real(got - _logits(model))).max() < 1e-4
+
+
+def test_an_adapter_peft_wrote_loads_into_jdpo(moe_dir, tmp_path):
+    """The other direction: PEFT's own adapter (random A and B, target_parameters listed down_proj first)
+    as lora.init_adapter / an adapter directory gives PEFT's logits."""
+    peft = pytest.importorskip("peft")
+    base = transformers.AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32).eval()
+    config = peft.LoraConfig(
+        r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+        target_parameters=["mlp.experts.down_proj", "mlp.experts.gate_up_proj"],
+    )  # fmt: skip
+    adapted = peft.get_peft_model(base, config).eval()
+    want = _hf_logits(adapted)
+    adapted.save_pretrained(tmp_path)
+    spec = adapter_spec(ModelConfig.from_hf(moe_dir), rank=2, alpha=6.0, targets=ATTENTION_AND_EXPERTS)
+    check_adapter(str(tmp_path), ModelConfig.from_hf(moe_dir), spec)
+    model, _ = from_pretrained(moe_dir, options=ModelOptions(lora=spec))
+    load_adapter(model, str(tmp_path))
+    diff = float(np.abs(_real(_logits(model) - want)).max())
+    print(f"{moe_dir.name} peft's own adapter in jdpo: max |logit diff| = {diff:.2e}")
+    assert diff < 1e-4
 
 
 def test_dispatches_agree_and_gradients_reach_only_the_adapters(moe_dir):
