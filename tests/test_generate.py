@@ -333,3 +333,26 @@ def test_cli_generate(llama_dir, tmp_path, capsys):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["hello", "The quick brown fox"]
     assert streamed == rows[0]["completion"] + "\n"
+
+
+def test_mesh_argument_names_any_axis(capsys):
+    import argparse
+
+    from jdpo.commands.cli_inference import mesh_arg
+
+    parser = argparse.ArgumentParser()
+    shape = lambda value: dict(mesh_arg(value, parser).shape)  # noqa: E731
+    assert shape("1,-1,1") == dict(data=1, fsdp=8, tensor=1, expert=1, context=1)
+    assert shape("1,2,1,4") == dict(data=1, fsdp=2, tensor=1, expert=1, context=4)
+    assert shape("2,1,1,expert=4") == dict(data=2, fsdp=1, tensor=1, expert=4, context=1)
+    assert shape("1,1,1,2,expert=2") == dict(data=1, fsdp=1, tensor=1, expert=2, context=2)
+    bad = {
+        "1,1,expert=2": "2 positional sizes",
+        "expert=2,1,1,1": "come after",
+        "1,1,1,router=2": "no mesh axis 'router'",
+        "1,1,1,data=2": "the data axis is given twice",
+    }
+    for value, why in bad.items():
+        with pytest.raises(SystemExit):
+            mesh_arg(value, parser)
+        assert why in capsys.readouterr().err

@@ -6,6 +6,7 @@ and experts sharded over `mesh.expert` (data 2 x expert 4 of 8 CPU devices) trai
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import jax
@@ -158,6 +159,28 @@ def test_expert_sharded_forward_matches_one_device(moe_assets):
         np.testing.assert_allclose(got_stats[k], want_stats[k], rtol=1e-6)
 
 
+def test_generate_on_an_expert_mesh_matches_one_device(moe_assets, tmp_path):
+    """`jdpo generate --mesh 2,1,1,expert=4`: the experts over 4 devices, the same greedy completions."""
+    from jdpo.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt number {i}\n" for i in range(8)))
+    args = [
+        "generate",
+        "--model",
+        str(moe_assets.model_dir),
+        "--prompts",
+        str(prompts),
+        "--max-new-tokens",
+        "3",
+    ]
+    outs = []
+    for i, mesh in enumerate([[], ["--mesh", "2,1,1,expert=4"]]):
+        outs.append(tmp_path / f"out{i}.jsonl")
+        assert main([*args, *mesh, "--out", str(outs[-1])]) == 0
+    assert outs[0].read_text() == outs[1].read_text()
+
+
 @pytest.mark.slow  # 30 s; the sharded forward above is the fast check
 def test_expert_parallel_run_matches_one_device(moe_assets, tmp_path):
     """data 2 x expert 4: each device holds one expert and a quarter of each data shard's rows."""
@@ -174,7 +197,7 @@ def test_expert_parallel_run_matches_one_device(moe_assets, tmp_path):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
 
 
-def test_lora_on_the_experts_is_refused_before_the_model_loads(moe_assets, tmp_path):
+def test_plain_mlp_names_on_an_moe_model_are_refused_before_the_model_loads(moe_assets, tmp_path):
     over = {"lora.rank": 4, "lora.targets": ["q_proj", "gate_proj"]}
     with pytest.raises(
         ConfigError, match="lora.targets: 'gate_proj' on qwen3_moe is an MoE layer's experts'"
@@ -187,6 +210,41 @@ def test_the_default_lora_targets_of_an_moe_model_are_its_attention_projections(
     moe, dense = ModelConfig.from_hf(moe_assets.model_dir), ModelConfig.from_hf(assets.model_dir)
     assert set(model_targets(LORA_TARGETS, moe)) == {"q_proj", "k_proj", "v_proj", "o_proj"}
     assert set(model_targets(LORA_TARGETS, dense)) == set(LORA_TARGETS)
+
+
+@pytest.mark.slow  # 28 s; the expert adapters' parity, gradients and export are test_lora_moe.py's, fast
+def test_lora_on_the_experts_trains_the_expert_adapters_and_exports(moe_assets, tmp_path):
+    """A LoRA run with per-expert adapters: the step moves them (the frozen experts stay as loaded), the
+    FLOPs count k of E expert adapters, and the PEFT export equals the merged one."""
+    over = {"lora.rank": 2, "lora.targets": ["q_proj", "experts.gate_up_proj", "experts.down_proj"],
+            "train.max_steps": 1, "optim.learning_rate": 1e-2, "train.export": True}  # fmt: skip
+    tr = train.Trainer(make_config(moe_assets, tmp_path / "experts", **over), mesh=one_device())
+    experts = tr.state.params["layers"][0]["mlp"]["experts"]
+    assert set(experts) == {
+        "gate_up_proj_lora_a",
+        "gate_up_proj_lora_b",
+        "down_proj_lora_a",
+        "down_proj_lora_b",
+    }
+    before = np.asarray(experts["down_proj_lora_b"].get_value())
+    kernel = np.asarray(tr.state.base["layers"][0]["mlp"]["experts"]["down_proj"].get_value())
+    E, D, F, r, L = 4, tr.model_config.hidden_size, 32, 2, tr.model_config.num_layers
+    q = D * r + r * tr.model_config.num_heads * tr.model_config.head_dim
+    assert tr.lora_params() == L * (q + (E * (D * r + r * 2 * F) + E * (F * r + r * D)) * 2 // E)
+    result = tr.fit()
+    after = tr.state.params["layers"][0]["mlp"]["experts"]
+    assert np.abs(np.asarray(after["down_proj_lora_b"].get_value()) - before).max() > 0
+    assert np.array_equal(
+        np.asarray(tr.state.base["layers"][0]["mlp"]["experts"]["down_proj"].get_value()), kernel
+    )
+    cfg = json.loads((result.final_dir / "adapter_config.json").read_text())
+    assert cfg["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    from jdpo.models.peft import from_adapter_dir
+
+    ids = jnp.asarray(np.random.RandomState(0).randint(1, 100, (2, 10)), jnp.int32)
+    adapted, _ = from_adapter_dir(result.final_dir)
+    merged, _ = from_pretrained(result.final_dir.parent / "final_merged")
+    np.testing.assert_allclose(np.asarray(adapted(ids)), np.asarray(merged(ids)), atol=1e-5)
 
 
 @pytest.mark.slow  # 33 s; the refusal above and the attention LoRA of the dense models' tests are fast

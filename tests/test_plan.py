@@ -224,6 +224,30 @@ def test_moe_experts_shard_over_the_expert_axis_and_the_dispatch_buffers_count()
     )
 
 
+def test_expert_lora_counts_one_adapter_per_expert_by_hand():
+    """Per-expert LoRA on the mixtral-shaped TINY (4 experts of 32, top 2, rank 2): each MoE layer's
+    experts.gate_up_proj adapter is A [4, 16, 2] + B [4, 2, 2, 32], experts.down_proj's A [4, 32, 2] +
+    B [4, 2, 16]; the saved x A intermediates count k = 2 per token and expert target."""
+    import dataclasses
+
+    moe = dataclasses.replace(TINY, family="mixtral", num_experts=4, experts_per_token=2,
+                              moe_intermediate_size=32, norm_topk_prob=True)  # fmt: skip
+    attention = {"mesh.fsdp": 1, "lora.rank": 2, "lora.targets": ("q_proj", "o_proj")}
+    base = plan.plan_memory(moe, tiny_cfg(**attention), num_devices=1)
+    q_o = 2 * ((16 * 2 + 2 * 16) + (16 * 2 + 2 * 16))  # per layer: q A [16, 2] B [2, 4, 4]; o likewise
+    assert base.part("adapters") == 4 * q_o  # float32
+    experts = {**attention, "lora.targets": ("q_proj", "o_proj", "experts.gate_up_proj", "experts.down_proj")}
+    p = plan.plan_memory(moe, tiny_cfg(**experts), num_devices=1)
+    per_layer = 4 * (16 * 2 + 2 * 2 * 32) + 4 * (32 * 2 + 2 * 16)
+    assert p.part("adapters") == 4 * (q_o + 2 * per_layer)
+    assert f"{q_o + 2 * per_layer:,} LoRA params (rank 2)" in p.rows[1][2]
+    # activations: 2 layers x 2 expert targets x k = 2 assignments x rank 2 x 4 bytes per token
+    assert (
+        p.part("activations") - base.part("activations")
+        == p.rows_per_device * p.row_length * 2 * 2 * 2 * 2 * 4
+    )
+
+
 def test_context_axis_and_offload_by_hand():
     """mesh.context = 4: a device holds T / 4 of each row's activations, plus one layer's k / v of the
     whole row (all_gather) or two shards (ring) with float32 gradients; `remat: offload` keeps no layer

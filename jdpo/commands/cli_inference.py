@@ -10,31 +10,50 @@ import argparse
 import json
 import sys
 
+MESH_FORM = "DATA,FSDP,TENSOR[,CONTEXT][,expert=N]"
+
 
 def add_mesh_argument(p: argparse.ArgumentParser) -> None:
-    """`--mesh DATA,FSDP,TENSOR[,CONTEXT]` of the commands that shard a loaded model (`mesh_arg`)."""
+    """`--mesh DATA,FSDP,TENSOR[,CONTEXT][,expert=N]` of the commands that shard a loaded model
+    (`mesh_arg`)."""
     p.add_argument(
         "--mesh",
-        metavar="DATA,FSDP,TENSOR[,CONTEXT]",
+        metavar=MESH_FORM,
         default=None,
         help="Shard over a device mesh, e.g. 1,-1,1 (rows over data x fsdp; default: one device); a fourth "
-        "size splits rows of a multiple of 2 x CONTEXT tokens over that many devices.",
+        "size splits rows of a multiple of 2 x CONTEXT tokens over that many devices; any axis may also be "
+        "given by name, e.g. 2,1,1,expert=4 (an MoE model's experts over 4 devices, which also split the "
+        "rows).",
     )
 
 
 def mesh_arg(value: str | None, parser: argparse.ArgumentParser):
-    """--mesh DATA,FSDP,TENSOR[,CONTEXT] -> a jdpo.parallel.sharding mesh (None without the option)."""
+    """--mesh DATA,FSDP,TENSOR[,CONTEXT][,AXIS=N...] -> a jdpo.parallel.sharding mesh (None without the
+    option). Sizes without a name are data, fsdp, tensor and context in that order; a named one (data,
+    fsdp, tensor, expert, context) after them."""
     if value is None:
         return None
-    from jdpo.parallel.sharding import make_mesh
+    from jdpo.parallel.sharding import MESH_AXES, make_mesh
 
     try:
-        sizes = [int(x) for x in value.split(",")]
-        if len(sizes) not in (3, 4):
-            raise ValueError(f"{len(sizes)} sizes")
-        return make_mesh(*sizes[:3], context=sizes[3] if len(sizes) == 4 else 1)
+        items = value.split(",")
+        named = [item for item in items if "=" in item]
+        plain = items[: len(items) - len(named)]
+        if any("=" not in item for item in items[len(plain) :]):
+            raise ValueError("named sizes (axis=N) come after the positional ones")
+        if len(plain) not in (3, 4):
+            raise ValueError(f"{len(plain)} positional sizes")
+        sizes = dict(zip(("data", "fsdp", "tensor", "context"), map(int, plain), strict=False))
+        for item in named:
+            axis, size = (x.strip() for x in item.split("=", 1))
+            if axis not in MESH_AXES:
+                raise ValueError(f"no mesh axis {axis!r} (axes: {', '.join(MESH_AXES)})")
+            if axis in sizes:
+                raise ValueError(f"the {axis} axis is given twice")
+            sizes[axis] = int(size)
+        return make_mesh(**sizes)
     except ValueError as e:
-        parser.error(f"--mesh {value}: {e} (expected DATA,FSDP,TENSOR[,CONTEXT], e.g. 1,-1,1 or 1,-1,1,4)")
+        parser.error(f"--mesh {value}: {e} (expected {MESH_FORM}, e.g. 1,-1,1 or 1,-1,1,4 or 2,1,1,expert=4)")
 
 
 def add_chat_template_kwargs_argument(p: argparse.ArgumentParser) -> None:

@@ -79,6 +79,7 @@ from jdpo import data as jdata
 from jdpo.config import ConfigError
 from jdpo.models import ModelConfig, ModelOptions, Transformer
 from jdpo.models.adapters import adapter_spec, model_targets
+from jdpo.models.choices import EXPERT_TARGETS
 from jdpo.models.kernels import ATTENTION_KERNELS, LSE_KERNELS, REPEATS_KV, resolve_attention
 from jdpo.parallel.sharding import logical_to_spec
 from jdpo.train.step import LOGPROB_CHUNK, make_optimizer
@@ -417,9 +418,12 @@ def plan_memory(
         model_config, remat=m.remat, attention=kernel, row_length=T, dtype_bytes=b, tensor=tensor,
         expert=expert,
     )  # fmt: skip
-    if lora:  # each adapted projection also saves its rank-r intermediate x A
-        L = model_config.num_layers
-        saved += L * len(model_targets(cfg.lora.targets, model_config)) * cfg.lora.rank * b
+    if lora:  # each adapted projection also saves its rank-r intermediate x A (an expert's: k per token)
+        targets = model_targets(cfg.lora.targets, model_config)
+        n_experts = sum(t in EXPERT_TARGETS for t in targets)
+        per_token = model_config.num_layers * (len(targets) - n_experts)
+        per_token += sum(model_config.expert_layers) * n_experts * model_config.experts_per_token
+        saved += per_token * cfg.lora.rank * b
     Tl = T // context  # a device's share of each row (mesh.context)
     act_bytes = B * Tl * (saved + recompute)
     V = _split(model_config.vocab_size, tensor)

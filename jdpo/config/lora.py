@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from jdpo.config.fields import ConfigError, setting
-from jdpo.models.choices import LORA_TARGETS
+from jdpo.models.choices import EXPERT_TARGETS, LORA_TARGETS
 
 if TYPE_CHECKING:
     from jdpo.config.schema import Config
@@ -27,7 +27,9 @@ class LoRASection:
     )
     targets: tuple[str, ...] = setting(
         LORA_TARGETS,
-        "Hugging Face module names that get adapters (default: all attention and MLP projections).",
+        "Hugging Face module names that get adapters (default: all attention and MLP projections; on an MoE "
+        "model the attention). An MoE model's experts: experts.gate_up_proj, experts.down_proj (one adapter "
+        "per expert, PEFT's target_parameters).",
     )
     quantize: Literal["none", "int8", "nf4"] = setting(
         "none",
@@ -58,11 +60,11 @@ def check_lora(cfg: Config) -> None:
         raise ConfigError(f"lora.alpha must be > 0, got {lo.alpha}")
     if not 0.0 <= lo.dropout < 1.0:
         raise ConfigError(f"lora.dropout must be in [0, 1), got {lo.dropout}")
-    unknown = [t for t in lo.targets if t not in LORA_TARGETS]
+    unknown = [t for t in lo.targets if t not in LORA_TARGETS + EXPERT_TARGETS]
     if unknown or not lo.targets:
         raise ConfigError(
             f"lora.targets: {unknown or 'empty'} are not modules of the model; its modules are "
-            f"{', '.join(LORA_TARGETS)}"
+            f"{', '.join(LORA_TARGETS)} (an MoE model's experts: {', '.join(EXPERT_TARGETS)})"
         )
     if cfg.dpo.reference_path:
         raise ConfigError(

@@ -16,9 +16,10 @@ from flax import nnx
 
 from jdpo.errors import ConfigError
 from jdpo.models import quantize as quantization
-from jdpo.models.choices import FUSED_TARGETS, LORA_TARGETS
+from jdpo.models.choices import EXPERT_TARGETS, FUSED_TARGETS, LORA_TARGETS
 from jdpo.models.config import ModelConfig
 from jdpo.models.layers import Dense
+from jdpo.models.moe import Experts, expert_adapter_shapes
 from jdpo.models.options import PROJECTIONS, LoRASpec
 from jdpo.models.transformer import Transformer
 
@@ -50,23 +51,43 @@ def projection_shapes(c: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[
     }
 
 
+def expert_shapes(c: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """An MoE model's expert projections (EXPERT_TARGETS) -> (input shape, output shape) of one expert's
+    adapted projection in jdpo's layout ({} for a dense model)."""
+    if not c.num_experts:
+        return {}
+    return {
+        f"experts.{name}": ((n_in,), tuple(n for n, _ in out))
+        for name, ((n_in, _), out) in expert_adapter_shapes(c).items()
+    }
+
+
 def model_targets(targets, config: ModelConfig, *, field: str = "lora.targets") -> tuple[str, ...]:
-    """The model's projections that `targets` (HF module names) adapt, in PROJECTIONS order. A fused name
-    on an unfused model stands for its parts; on a fused model (phi3) the parts stand for the fused
-    projection when all of them are named (the fused module has one adapter: a part alone is refused)."""
+    """The model's projections that `targets` (HF module names) adapt, in PROJECTIONS order, then the
+    experts' (EXPERT_TARGETS). A fused name on an unfused model stands for its parts; on a fused model
+    (phi3) the parts stand for the fused projection when all of them are named (the fused module has one
+    adapter: a part alone is refused)."""
     have = projection_shapes(config)
     if config.num_experts and tuple(targets) == LORA_TARGETS:
-        # The default on an MoE model: every projection that takes an adapter, the attention's (the
-        # experts' take none, below); named explicitly, an expert projection is refused.
+        # The default on an MoE model: the attention (its experts take adapters only when named, as
+        # experts.gate_up_proj / experts.down_proj); the plain MLP names are refused below.
         targets = [name for name in LORA_TARGETS if BLOCK.get(name) == "self_attn"]
-    out = set()
+    out, experts = set(), set()
     for name in targets:
+        if name in EXPERT_TARGETS:
+            if not config.num_experts:
+                raise ConfigError(
+                    f"{field}: {name!r} adapts an MoE layer's experts, and {config.family} has none: name "
+                    f"its projections ({', '.join(have)})"
+                )
+            experts.add(name)
+            continue
         if config.num_experts and BLOCK.get(name) == "mlp":
             raise ConfigError(
-                f"{field}: {name!r} on {config.family} is an MoE layer's experts' projection; jdpo has no "
-                "per-expert adapters (PEFT adapts transformers' fused expert parameters through "
-                "target_parameters, a layout jdpo does not write): adapt the attention, e.g. "
-                f"{field}: [q_proj, k_proj, v_proj, o_proj]"
+                f"{field}: {name!r} on {config.family} is an MoE layer's experts' projection; adapt the "
+                "experts by their stacked parameters (one adapter per expert, PEFT's target_parameters): "
+                f"{field}: [q_proj, k_proj, v_proj, o_proj, experts.gate_up_proj, experts.down_proj] (gate "
+                "and up share one adapter, as in transformers' fused gate_up_proj)"
             )
         if name in have:
             out.add(name)
@@ -82,7 +103,7 @@ def model_targets(targets, config: ModelConfig, *, field: str = "lora.targets") 
             out.add(fused[0])
         else:
             raise ConfigError(f"{field}: {name!r} is not a projection of the model ({', '.join(have)})")
-    return tuple(p for p in PROJECTIONS if p in out)
+    return tuple(p for p in PROJECTIONS if p in out) + tuple(t for t in EXPERT_TARGETS if t in experts)
 
 
 def adapter_spec(
@@ -93,7 +114,14 @@ def adapter_spec(
     model's projections (`model_targets`), the rank checked against every target's dimensions and nf4
     against the input axes it packs. `where` (the model's path) ends the error messages."""
     resolved = model_targets(targets, config)
-    shapes = projection_shapes(config)
+    shapes = {**projection_shapes(config), **expert_shapes(config)}
+    experts = [t for t in resolved if t in EXPERT_TARGETS]
+    if experts and dropout:
+        raise ConfigError(
+            f"lora.dropout={dropout} with lora.targets {', '.join(experts)}: PEFT's adapters on the experts' "
+            "stacked parameters (target_parameters) take no dropout; set lora.dropout: 0, or adapt the "
+            "attention only"
+        )
     for name in resolved:
         n_in, n_out = (math.prod(s) for s in shapes[name])
         if rank > min(n_in, n_out):
@@ -101,7 +129,7 @@ def adapter_spec(
                 f"lora.rank={rank} is larger than {name}'s dimensions ({n_in} in, {n_out} out) in {where}"
             )
     if quantize == "nf4":  # two 4-bit codes per byte along each projection's last input axis
-        for name, (in_shape, _) in shapes.items():
+        for name, (in_shape, _) in projection_shapes(config).items():
             if in_shape[-1] % 2:
                 raise ConfigError(
                     f"lora.quantize=nf4 packs two weights per byte along {name}'s input axis, whose size "
@@ -148,13 +176,36 @@ def delta(dense) -> jax.Array:
     return ab.reshape(*a.shape[:-1], *b.shape[b.ndim - dense.n_out :]) * dense.lora_scale
 
 
+def expert_deltas(experts: Experts) -> dict[str, jax.Array]:
+    """The per-expert adapters' change to each stacked expert kernel of `experts` (a `moe.Experts`):
+    kernel name -> (alpha / r) A_e B_e in float32 and the kernel's shape (stacked layers keep [L])."""
+    out = {}
+    for target in EXPERT_TARGETS:
+        name = target.split(".")[1]
+        a_var = getattr(experts, f"{name}_lora_a", None)
+        if a_var is None:
+            continue
+        a = a_var[...].astype(jnp.float32)  # [..., E, in, r]
+        b = getattr(experts, f"{name}_lora_b")[...].astype(jnp.float32)  # [..., E, r, *out]
+        lead = a.ndim - 2  # (L,) E or E
+        ab = jnp.matmul(a, b.reshape(*b.shape[: lead + 1], -1)).reshape(*a.shape[:-1], *b.shape[lead + 1 :])
+        ab = ab * experts.lora_scale
+        if name == "gate_up_proj" and experts.limit is None:  # [..., E, D, 2, F] -> gate_proj, up_proj
+            out["gate_proj"], out["up_proj"] = ab[..., 0, :], ab[..., 1, :]
+        else:
+            out[name] = ab
+    return out
+
+
 def merged(model: Transformer) -> Transformer:
     """The same function without adapters: every adapted kernel W + (alpha / r) A B (a quantised base
-    dequantised first), in `param_dtype` and the kernel's sharding; every other parameter shared. What
-    `final_merged/` exports."""
+    dequantised first; a stacked expert kernel W_e + (alpha / r) A_e B_e per expert), in `param_dtype`
+    and the kernel's sharding; every other parameter shared. What `final_merged/` exports."""
     options = dataclasses.replace(model.options, lora=None)
     plain = nnx.eval_shape(lambda: Transformer(model.config, options=options, rngs=nnx.Rngs(0)))
     projections = dense_modules(model, adapted=False)
+    experts = {p: m for p, m in nnx.iter_graph(model) if isinstance(m, Experts) and m.lora_scale is not None}
+    deltas: dict[tuple, dict] = {}
     source = {path: v for path, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
     for path, var in nnx.iter_graph(plain):
         if not isinstance(var, nnx.Variable):
@@ -166,5 +217,11 @@ def merged(model: Transformer) -> Transformer:
             if dense.lora_scale is not None:
                 kernel = kernel + delta(dense)
             value = jax.device_put(kernel.astype(var.get_value().dtype), value.sharding)
+        elif path[:-1] in experts:
+            if path[:-1] not in deltas:
+                deltas[path[:-1]] = expert_deltas(experts[path[:-1]])
+            if (d := deltas[path[:-1]].get(path[-1])) is not None:
+                kernel = value.astype(jnp.float32) + d
+                value = jax.device_put(kernel.astype(var.get_value().dtype), value.sharding)
         var.set_value(value)
     return plain

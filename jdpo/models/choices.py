@@ -10,6 +10,10 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 #: Fused projections (phi3) and the projections each one stands for: targeting all of the parts targets
 #: the fused module (PEFT names it so), and targeting the fused name on an unfused model targets the parts.
 FUSED_TARGETS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+#: The experts' stacked projections of an MoE model (qwen3_moe, mixtral, gpt_oss), named as PEFT's
+#: target_parameters name transformers' fused 3-D expert parameters (mlp.experts.gate_up_proj): one
+#: adapter per expert, gate and up sharing A as in transformers' fused gate_up_proj.
+EXPERT_TARGETS = ("experts.gate_up_proj", "experts.down_proj")
 
 
 def attention_block_problem(kernel: str, block: int) -> str | None:

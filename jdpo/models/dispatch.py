@@ -13,19 +13,36 @@ import jax.numpy as jnp
 SWIGLU_ALPHA = 1.702  # gpt_oss's clamped SwiGLU: gate * sigmoid(alpha * gate)
 
 
-def expert_mlp(kernels: dict, x, matmul, bias_of, *, act: str, limit: float | None):
+def expert_mlp(kernels: dict, x, matmul, bias_of, *, act: str, limit: float | None, lora_scale=None):
     """One gated expert on rows x: down(act(gate x) * up x). gpt_oss (`limit`): gate and up interleaved
     in one kernel [E, D, F, 2] with biases, gate clamped above at `limit`, up to +-limit, and
-    (up + 1) * gate * sigmoid(1.702 gate); the output projection has a bias."""
+    (up + 1) * gate * sigmoid(1.702 gate); the output projection has a bias. Per-expert LoRA adapters
+    (`kernels["gate_up_proj_lora_a"]` [E, D, r] and `_lora_b` [E, r, 2, F] (gpt_oss [E, r, F, 2]), likewise
+    down_proj's) add lora_scale (x A_e) B_e to their projection: two more grouped matmuls, no merged
+    kernel."""
+
+    def adapter(name, x):
+        if f"{name}_lora_a" not in kernels:
+            return None
+        xa = matmul(x, kernels[f"{name}_lora_a"])
+        return matmul(xa, kernels[f"{name}_lora_b"]) * jnp.asarray(lora_scale, xa.dtype)
+
     if limit is None:
         gate, up = matmul(x, kernels["gate_proj"]), matmul(x, kernels["up_proj"])
+        if (d := adapter("gate_up_proj", x)) is not None:
+            gate, up = gate + d[..., 0, :], up + d[..., 1, :]
         gate = jax.nn.silu(gate) if act == "silu" else jax.nn.gelu(gate, approximate=True)
-        return matmul(gate * up, kernels["down_proj"])
+        h = gate * up
+        y = matmul(h, kernels["down_proj"])
+        return y if (d := adapter("down_proj", h)) is None else y + d
     gate_up = matmul(x, kernels["gate_up_proj"]) + bias_of(kernels["gate_up_proj_bias"])
+    if (d := adapter("gate_up_proj", x)) is not None:
+        gate_up = gate_up + d
     gate = jnp.minimum(gate_up[..., 0], limit)
     up = jnp.clip(gate_up[..., 1], -limit, limit)
     h = (up + 1) * (gate * jax.nn.sigmoid(gate * SWIGLU_ALPHA))
-    return matmul(h, kernels["down_proj"]) + bias_of(kernels["down_proj_bias"])
+    y = matmul(h, kernels["down_proj"]) + bias_of(kernels["down_proj_bias"])
+    return y if (d := adapter("down_proj", h)) is None else y + d
 
 
 def _as_3d(op, x, w):

@@ -2,7 +2,9 @@
 
 A LoRA run (`lora.rank > 0`) builds the decoder with `ModelOptions.lora`: every targeted projection
 (`jdpo.models.layers.Dense`) computes y = x W + (alpha / r) x A B with A [*in, r] ~ U(+-1/sqrt(in))
-and B [r, *out] = 0, both `nnx.LoRAParam`. The model's state then splits in two:
+and B [r, *out] = 0, both `nnx.LoRAParam`; an MoE model's experts named in the targets
+(experts.gate_up_proj / experts.down_proj) hold one such pair per expert, [E, in, r] and [E, r, *out],
+beside their stacked kernels (`jdpo.models.moe.Experts`). The model's state then splits in two:
 
     graphdef, adapters, base = lora.split(model, config.lora)   # nnx.split(model, nnx.LoRAParam, ...)
 

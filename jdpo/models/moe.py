@@ -5,6 +5,11 @@ Parameter layouts (x @ W convention, experts stacked on a leading [E] axis, logi
   router.kernel [D, E] (gpt_oss: router.bias [E])
   experts.gate_proj / experts.up_proj [E, D, F]   experts.down_proj [E, F, D]
   gpt_oss: experts.gate_up_proj [E, D, F, 2] (gate, up), gate_up_proj_bias [E, F, 2], down_proj_bias [E, D]
+  LoRA on the experts (`lora.targets` experts.gate_up_proj / experts.down_proj, PEFT's target_parameters):
+  one adapter per expert, as `nnx.LoRAParam`s beside the kernels: experts.gate_up_proj_lora_a [E, D, r]
+  with _lora_b [E, r, 2, F] (gate, up: one A for both, as PEFT adapts transformers' fused gate_up_proj;
+  gpt_oss [E, r, F, 2], its interleaved order), experts.down_proj_lora_a [E, F, r], _lora_b [E, r, D].
+  They run inside the dispatch as two more stacked per-expert matmuls, (x A_e) B_e, never merged.
 
 Dispatch (`ModelOptions.moe_dispatch`):
   "ragged" (default, dropless): the M x k (token, expert) assignments are sorted by expert, gathered into
@@ -25,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdpo.models.choices import EXPERT_TARGETS
 from jdpo.models.config import ModelConfig
 from jdpo.models.dispatch import DISPATCH, expert_mlp
 from jdpo.models.expert_parallel import expert_axis_size, sharded_experts
@@ -78,14 +84,39 @@ class Experts(nnx.Module):
             self.down_proj_bias = _param(None, (E, D), ("expert", None), **zeros)
         self.down_proj = _param(rngs.params(), (E, F, D), ("expert", "mlp", "embed"), **kw)
         self.act, self.limit = config.hidden_act, config.swiglu_limit
+        lora = options.lora
+        adapted = [t for t in EXPERT_TARGETS if lora is not None and t in lora.targets]
+        self.lora_scale = lora.scale if adapted else None
+        for target in adapted:
+            name = target.split(".")[1]
+            (n_in, in_axis), out = expert_adapter_shapes(config)[name]
+            # PEFT's init per expert: A ~ U(+-1/sqrt(fan_in)), B = 0 (the adapted model starts as the base).
+            bound = n_in**-0.5
+            a = jax.random.uniform(rngs.params(), (E, n_in, lora.rank), jnp.float32, -bound, bound)
+            setattr(self, f"{name}_lora_a", nnx.LoRAParam(
+                a.astype(options.param_dtype), out_sharding=("expert", in_axis, None), eager_sharding=False
+            ))  # fmt: skip
+            setattr(self, f"{name}_lora_b", nnx.LoRAParam(
+                jnp.zeros((E, lora.rank, *(n for n, _ in out)), options.param_dtype),
+                out_sharding=("expert", None, *(axis for _, axis in out)), eager_sharding=False,
+            ))  # fmt: skip
 
     @property
     def fn(self):
-        """The expert function (`dispatch.expert_mlp` of this family)."""
-        return functools.partial(expert_mlp, act=self.act, limit=self.limit)
+        """The expert function (`dispatch.expert_mlp` of this family, its adapters' scale bound)."""
+        return functools.partial(expert_mlp, act=self.act, limit=self.limit, lora_scale=self.lora_scale)
 
     def kernels(self, dtype) -> dict:
-        return {k: v[...].astype(dtype) for k, v in vars(self).items() if isinstance(v, nnx.Param)}
+        """The stacked kernels, biases and adapters (names ending in _lora_a / _lora_b) in `dtype`."""
+        return {k: v[...].astype(dtype) for k, v in vars(self).items() if isinstance(v, nnx.Variable)}
+
+
+def expert_adapter_shapes(config: ModelConfig) -> dict:
+    """Per expert, ((in, its logical axis), ((out size, logical axis), ...)) of each adaptable expert
+    projection: gate_up_proj's output is (2, F) (gate, up), gpt_oss's (F, 2) (interleaved)."""
+    D, F = config.hidden_size, config.moe_intermediate_size
+    gate_up = ((F, "mlp"), (2, None)) if config.swiglu_limit is not None else ((2, None), (F, "mlp"))
+    return {"gate_up_proj": ((D, "embed"), gate_up), "down_proj": ((F, "mlp"), ((D, "embed"),))}
 
 
 def router_stats(probs_MxE, experts_MxK, valid_M):

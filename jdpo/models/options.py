@@ -5,7 +5,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jdpo.models.choices import FUSED_TARGETS, LORA_TARGETS
+from jdpo.models.choices import EXPERT_TARGETS, FUSED_TARGETS, LORA_TARGETS
 from jdpo.models.context_attention import CONTEXT_ATTENTION
 from jdpo.models.kernels import ATTENTION_CHOICES
 
@@ -88,7 +88,9 @@ class LoRASpec:
 
     rank: int
     alpha: float
-    targets: tuple[str, ...]  # HF module names of the model's projections (PROJECTIONS)
+    # HF module names of the model's projections (PROJECTIONS), then an MoE model's expert projections
+    # (EXPERT_TARGETS: one adapter per expert, `jdpo.models.moe.Experts`)
+    targets: tuple[str, ...]
     # The frozen base's projection kernels (all of them, adapted or not) stored quantised, "int8" or
     # "nf4" (`jdpo.models.quantize`), and dequantised inside the matmul (QLoRA); "none": param_dtype.
     quantize: str = "none"
@@ -96,6 +98,10 @@ class LoRASpec:
     # given a dropout key; reference, eval and generation forwards get none.
     dropout: float = 0.0
     site: int = 0  # which projection (PROJECTIONS index): folded into the dropout key
+
+    @property
+    def expert_targets(self) -> tuple[str, ...]:
+        return tuple(t for t in self.targets if t in EXPERT_TARGETS)
 
     @property
     def scale(self) -> float:

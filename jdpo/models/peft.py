@@ -9,6 +9,15 @@ so the mapping is one transpose and one reshape for every family. phi3's fused p
 as PEFT adapts them, as one module each: `...self_attn.qkv_proj.lora_B.weight` [(N + 2K) H, r] (q, k, v
 rows in HF's order) and `...mlp.gate_up_proj.lora_B.weight` [2F, r], one A each.
 
+An MoE model's per-expert adapters (`lora.targets` experts.gate_up_proj / experts.down_proj) are PEFT's
+`target_parameters` on transformers 5's fused 3-D expert parameters (`mlp.experts.gate_up_proj`
+[E, 2F, D], gpt_oss [E, D, 2F] gate / up interleaved; `mlp.experts.down_proj`), PEFT's `ParamWrapper`:
+`lora_A.weight` [r E, in] (expert e's A_e [r, in] in rows e r .. e r + r - 1) and `lora_B.weight`
+[out, r E] (B_e [out, r] in columns j E + e: rank-major), the update (lora_alpha / r) B_e A_e per expert.
+Both parameters of one experts module nest two wrappers: gate_up_proj's (the parameter transformers
+registers first) is the inner one, `...mlp.experts.base_layer.lora_A.weight`, down_proj's the outer,
+`...mlp.experts.lora_A.weight`; a single adapted parameter is `...mlp.experts.lora_A.weight`.
+
     save_adapter(model, "runs/x/final", base_model="path/to/base")   # only process 0 writes
     check_adapter("sft_adapter", model_config, spec)                  # before any weight loads
     load_adapter(model, "sft_adapter")                               # into the model's adapters
@@ -23,14 +32,25 @@ import os
 
 import jax
 import numpy as np
+from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jdpo.errors import ConfigError
 from jdpo.models.adapter_files import ADAPTER_CONFIG, read_adapter_config, record_base, verified_base
-from jdpo.models.adapters import BLOCK, adapter_spec, dense_modules, merged, model_targets, projection_shapes
+from jdpo.models.adapters import (
+    BLOCK,
+    adapter_spec,
+    expert_shapes,
+    merged,
+    model_targets,
+    projection_shapes,
+)
+from jdpo.models.choices import EXPERT_TARGETS
 from jdpo.models.config import ModelConfig
 from jdpo.models.hf import CheckpointError, from_pretrained, host_array
+from jdpo.models.layers import Dense
+from jdpo.models.moe import Experts
 from jdpo.models.options import PROJECTIONS, LoRASpec, ModelOptions
 from jdpo.models.transformer import Transformer
 
@@ -48,22 +68,53 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def _entries(config: ModelConfig, targets) -> list[tuple[int, str, str]]:
-    """(layer, target, PEFT module key prefix) of every adapted projection, in layer order."""
-    return [
-        (i, t, f"base_model.model.model.layers.{i}.{BLOCK[t]}.{t}")
-        for i in range(config.num_layers)
-        for t in sorted(targets)
-    ]
+    """(layer, target, PEFT module key prefix) of every adapted projection, in layer order; an MoE
+    layer's expert adapters after its projections' (gate_up_proj's inner wrapper under base_layer when
+    down_proj is adapted too)."""
+    experts = [t for t in EXPERT_TARGETS if t in targets]
+    out = []
+    for i in range(config.num_layers):
+        out += [(i, t, f"base_model.model.model.layers.{i}.{BLOCK[t]}.{t}")
+                for t in sorted(targets) if t not in EXPERT_TARGETS]  # fmt: skip
+        if config.num_experts and config.expert_layers[i]:
+            for t in experts:
+                inner = ".base_layer" if len(experts) > 1 and t == EXPERT_TARGETS[0] else ""
+                out.append((i, t, f"base_model.model.model.layers.{i}.mlp.experts{inner}"))
+    return out
 
 
 def _expected_shapes(config: ModelConfig, rank: int, targets) -> dict[str, tuple[int, int]]:
-    shapes = projection_shapes(config)
+    shapes = {**projection_shapes(config), **expert_shapes(config)}
     out = {}
     for _, t, prefix in _entries(config, targets):
         n_in, n_out = (math.prod(s) for s in shapes[t])
-        out[f"{prefix}.lora_A.weight"] = (rank, n_in)
-        out[f"{prefix}.lora_B.weight"] = (n_out, rank)
+        E = config.num_experts if t in EXPERT_TARGETS else 1
+        out[f"{prefix}.lora_A.weight"] = (rank * E, n_in)
+        out[f"{prefix}.lora_B.weight"] = (n_out, rank * E)
     return out
+
+
+def _target_parameters(cfg: dict, where: str) -> list[str]:
+    """adapter_config.json's target_parameters as jdpo's expert targets (mlp.experts.gate_up_proj ->
+    experts.gate_up_proj); ConfigError naming one that is not an MoE expert projection."""
+    names = cfg.get("target_parameters") or []
+    names = [names] if isinstance(names, str) else names
+    out = []
+    for name in names:
+        hit = [t for t in EXPERT_TARGETS if isinstance(name, str) and (name == t or name.endswith("." + t))]
+        if not hit:
+            raise ConfigError(
+                f"{where}: target_parameters {name!r} is not an MoE expert parameter jdpo adapts "
+                f"({', '.join('mlp.' + t for t in EXPERT_TARGETS)})"
+            )
+        out.append(hit[0])
+    return out
+
+
+def _targets(cfg: dict, where: str) -> list[str]:
+    targets = cfg.get("target_modules")
+    targets = [targets] if isinstance(targets, str) else list(targets or [])
+    return targets + _target_parameters(cfg, where)
 
 
 def _read_config(adapter_dir: str) -> dict:
@@ -87,8 +138,7 @@ def check_adapter(adapter_dir: str, config: ModelConfig, spec: LoRASpec) -> None
             raise ConfigError(f"{where}: {key}=true adapters are not supported (plain LoRA only)")
     if cfg.get("bias", "none") != "none" or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise ConfigError(f"{where}: bias training or per-module rank / alpha patterns are not supported")
-    targets = cfg.get("target_modules")
-    targets = [targets] if isinstance(targets, str) else list(targets or [])
+    targets = _targets(cfg, where)
     theirs_targets = list(model_targets(targets, config, field=f"{where}: target_modules"))
     for field, theirs, ours in [
         ("lora.rank", cfg.get("r"), spec.rank),
@@ -130,9 +180,8 @@ def from_adapter_dir(path, *, options=None, mesh=None) -> tuple[Transformer, str
     path = os.fspath(path)
     cfg = _read_config(path)
     base = verified_base(path, cfg)
-    targets = cfg.get("target_modules")
-    targets = tuple([targets] if isinstance(targets, str) else targets or ())
-    unknown = [t for t in targets if t not in PROJECTIONS]
+    targets = tuple(_targets(cfg, path))
+    unknown = [t for t in targets if t not in PROJECTIONS + EXPERT_TARGETS]
     if unknown:
         raise ConfigError(f"{path}: target_modules {unknown} are not among {', '.join(PROJECTIONS)}")
     config = ModelConfig.from_hf(base)
@@ -146,16 +195,43 @@ def from_adapter_dir(path, *, options=None, mesh=None) -> tuple[Transformer, str
 
 
 def _adapter_vars(model: Transformer):
-    """(layer, target) -> (A variable, B variable, stacked layer index or None)."""
-    modules = {".".join(map(str, p)): m for p, m in dense_modules(model).items()}
+    """(layer, target) -> (A variable, B variable, stacked layer index or None, PEFT key prefix)."""
+    modules = {".".join(map(str, p)): m for p, m in nnx.iter_graph(model) if isinstance(m, Dense | Experts)}
     out = {}
-    for i, t, _ in _entries(model.config, model.options.lora.targets):
+    for i, t, prefix in _entries(model.config, model.options.lora.targets):
+        block, name = ("mlp", t) if t in EXPERT_TARGETS else (BLOCK[t], t)
+        module, attr = name.rsplit(".", 1) if "." in name else (name, None)
         if model.options.scan_layers:
-            m, idx = modules[f"layers.{BLOCK[t]}.{t}"], i
+            m, idx = modules[f"layers.{block}.{module}"], i
         else:
-            m, idx = modules[f"layers.{i}.{BLOCK[t]}.{t}"], None
-        out[i, t] = (m.lora_a, m.lora_b, idx)
+            m, idx = modules[f"layers.{i}.{block}.{module}"], None
+        if attr is None:
+            out[i, t] = (m.lora_a, m.lora_b, idx, prefix)
+        else:
+            out[i, t] = (getattr(m, f"{attr}_lora_a"), getattr(m, f"{attr}_lora_b"), idx, prefix)
     return out
+
+
+def _from_peft(t: str, a, b, a_shape, b_shape):
+    """PEFT's lora_A [r E, in] / lora_B [out, r E] (E = 1 for a projection) -> jdpo's A [(E,) *in, r] and
+    B [(E,) r, *out]."""
+    if t not in EXPERT_TARGETS:
+        return a.T.reshape(a_shape), b.T.reshape(b_shape)
+    E, r = a_shape[0], a_shape[-1]
+    a = a.reshape(E, r, -1).transpose(0, 2, 1)  # expert-major rows -> [E, in, r]
+    b = b.reshape(b.shape[0], r, E).transpose(2, 1, 0)  # rank-major columns -> [E, r, out]
+    return a.reshape(a_shape), b.reshape(b_shape)
+
+
+def _to_peft(t: str, a, b):
+    """The inverse of `_from_peft`."""
+    if t not in EXPERT_TARGETS:
+        r = a.shape[-1]
+        return a.reshape(-1, r).T, b.reshape(r, -1).T
+    E, r = a.shape[0], a.shape[-1]
+    a = a.reshape(E, -1, r).transpose(0, 2, 1).reshape(E * r, -1)
+    b = b.reshape(E, r, -1).transpose(2, 1, 0).reshape(-1, r * E)
+    return a, b
 
 
 def load_adapter(model: Transformer, adapter_dir: str) -> None:
@@ -174,12 +250,12 @@ def load_adapter(model: Transformer, adapter_dir: str) -> None:
             "from a diverged run; use another adapter or re-export it"
         )
     stacked: dict[int, list] = {}
-    for (i, t), (a_var, b_var, idx) in _adapter_vars(model).items():
-        prefix = f"base_model.model.model.layers.{i}.{BLOCK[t]}.{t}"
+    for (_, t), (a_var, b_var, idx, prefix) in _adapter_vars(model).items():
         a_shape = a_var.get_value().shape[1 if idx is not None else 0 :]
         b_shape = b_var.get_value().shape[1 if idx is not None else 0 :]
-        a = tensors[f"{prefix}.lora_A.weight"].T.reshape(a_shape)  # [r, in] -> [*in, r]
-        b = tensors[f"{prefix}.lora_B.weight"].T.reshape(b_shape)  # [out, r] -> [r, *out]
+        a, b = _from_peft(
+            t, tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"], a_shape, b_shape
+        )
         for var, value in ((a_var, a), (b_var, b)):
             if idx is None:
                 _set(var, value)
@@ -200,13 +276,13 @@ def save_adapter(model: Transformer, out_dir, *, base_model: str) -> None:
     gathering the shards; only process 0 writes."""
     spec = model.options.lora
     weights = {}
-    for (i, t), (a_var, b_var, idx) in _adapter_vars(model).items():
+    for (_, t), (a_var, b_var, idx, prefix) in _adapter_vars(model).items():
         a, b = host_array(a_var.get_value()), host_array(b_var.get_value())
         if idx is not None:
             a, b = a[idx], b[idx]
-        prefix = f"base_model.model.model.layers.{i}.{BLOCK[t]}.{t}"
-        weights[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, spec.rank).T)
-        weights[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b.reshape(spec.rank, -1).T)
+        a, b = _to_peft(t, a, b)
+        weights[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a)
+        weights[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b)
     if jax.process_index() != 0:
         return
     out_dir = os.fspath(out_dir)
@@ -219,7 +295,9 @@ def save_adapter(model: Transformer, out_dir, *, base_model: str) -> None:
         "r": spec.rank,
         "lora_alpha": spec.alpha,
         "lora_dropout": spec.dropout,
-        "target_modules": sorted(spec.targets),
+        "target_modules": sorted(t for t in spec.targets if t not in EXPERT_TARGETS),
+        # PEFT's ParamWrapper on transformers' fused 3-D expert parameters
+        **({"target_parameters": [f"mlp.{t}" for t in spec.expert_targets]} if spec.expert_targets else {}),
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,

@@ -225,8 +225,16 @@ class Trainer:
         return gen.generate(prompts, sampling or SamplingParams(), **kwargs)
 
     def lora_params(self) -> int | None:
-        """The number of trained adapter weights of a LoRA run (None: full fine-tuning)."""
-        return None if self.state.base is None else sum(x.size for x in jax.tree.leaves(self.state.params))
+        """The adapter weights a token runs through in a LoRA run, what its FLOPs count (None: full
+        fine-tuning): every adapter, but an MoE layer's per-expert adapters k of E (k experts a token)."""
+        if self.state.base is None:
+            return None
+        c = self.model_config
+        total = 0.0
+        for path, x in jax.tree_util.tree_leaves_with_path(self.state.params):
+            experts = any(getattr(k, "key", None) == "experts" for k in path)
+            total += x.size * (c.experts_per_token / c.num_experts if experts else 1)
+        return round(total)
 
     def describe(self, start: int = 0) -> str:
         """A few lines on what this run is about to do (printed at the start of `fit`)."""
