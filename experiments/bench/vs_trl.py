@@ -77,7 +77,8 @@ def _need_trl() -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def run_trl(model_dir: str, data: str, *, batch_pairs: int, max_length: int, warmup_steps: int) -> dict:
+def run_trl(model_dir: str, data: str, *, batch_pairs: int, max_length: int, warmup_steps: int,
+            gradient_checkpointing: bool = False) -> dict:
     import torch
 
     torch.set_num_threads(2)
@@ -126,9 +127,9 @@ def run_trl(model_dir: str, data: str, *, batch_pairs: int, max_length: int, war
         loss_type=["sigmoid"],
         max_length=max_length,
         precompute_ref_log_probs=True,
-        # TRL 1.16 turns activation checkpointing on by default; jdpo runs without remat here, so TRL
-        # gets the same (faster) choice: no recomputation, the memory is there.
-        gradient_checkpointing=False,
+        # TRL 1.16 turns activation checkpointing on by default; jdpo's default is no remat, so TRL
+        # gets the same (faster) choice unless --checkpointing asks both sides to recompute.
+        gradient_checkpointing=gradient_checkpointing,
         use_cpu=True,
         bf16=False,
         fp16=False,
@@ -242,7 +243,7 @@ def jdpo_plan(model_dir: str, data: str, *, rows: int, max_length: int, max_prom
 
 
 def run_jdpo(model_dir: str, data: str, work: Path, *, plan: dict, max_length: int, max_prompt_length: int,
-             warmup_steps: int, xla_cache: Path) -> dict:  # fmt: skip
+             warmup_steps: int, xla_cache: Path, overrides: dict | None = None) -> dict:  # fmt: skip
     """One whole `jdpo train` process (fresh output and reference cache; the XLA compilation cache at
     `xla_cache`), timed from its start to its exit; the steady state from its per-step metrics."""
     import shutil
@@ -257,7 +258,7 @@ def run_jdpo(model_dir: str, data: str, work: Path, *, plan: dict, max_length: i
         "train.batch_rows": plan["rows"], "train.seed": SEED, "train.num_epochs": 1.0, "train.log_every": 1,
         "train.output_dir": run / "out", "train.compile_cache": xla_cache,
         "data.shared_prompt": str(plan["shared_prompt"]).lower(),
-        "logging.console": "false", "logging.tensorboard": "false",
+        "logging.console": "false", "logging.tensorboard": "false", **(overrides or {}),
     }  # fmt: skip
     cmd = [str(Path(sys.executable).with_name("jdpo")), "train"]
     for k, v in over.items():
@@ -266,7 +267,11 @@ def run_jdpo(model_dir: str, data: str, work: Path, *, plan: dict, max_length: i
     process_s, peak_rss_gib = measured_run(cmd, env)
     from jdpo.report import metrics
 
-    records = [r for r in metrics.read_metrics(run / "out" / metrics.METRICS_FILE) if "step_time" in r]
+    logged = metrics.read_metrics(run / "out" / metrics.METRICS_FILE)
+    records = [r for r in logged if "step_time" in r]
+    # The set-up's phases (`jdpo.report.phases`): seconds, and the resident GiB at each one's end.
+    setup = {k.removeprefix(metrics.SETUP_PREFIX): v for r in logged for k, v in r.items()
+             if k.startswith(metrics.SETUP_PREFIX)}  # fmt: skip
     steps = plan["steps"]
     if len(records) != len(steps):
         raise RuntimeError(f"jdpo logged {len(records)} steps, the packing plan has {len(steps)}")
@@ -301,6 +306,8 @@ def run_jdpo(model_dir: str, data: str, work: Path, *, plan: dict, max_length: i
         "mfu": sum(s["flops"] for s in steps[timed]) / (timed_s * peak),
         "mfu_strict": sum(s["flops_strict"] for s in steps[timed]) / (timed_s * peak),
         "train_s": sum(times),
+        "setup": setup,
+        "overrides": {k: str(v) for k, v in (overrides or {}).items()},
     }
 
 
@@ -347,7 +354,7 @@ def main() -> None:
 
 def compare(model: str, data: str, out: Path, *, only: str | None, rows: int, batch_pairs: int,
             steps_warmup: int, max_length: int, max_prompt_length: int, shared_prompt: bool,
-            trl_cmd: list[str], suffix: str = "") -> dict:  # fmt: skip
+            trl_cmd: list[str], suffix: str = "", jdpo_overrides: dict | None = None) -> dict:  # fmt: skip
     """The side-by-side runs: jdpo twice (the first compiles into a fresh XLA cache, the rerun finds its
     programs there), then TRL as the child process `trl_cmd` (which writes <out>/trl.json); each one's
     JSON written under `out`. `only`: "jdpo" or "trl" runs one side."""
@@ -362,14 +369,14 @@ def compare(model: str, data: str, out: Path, *, only: str | None, rows: int, ba
         for name in ("jdpo", "jdpo_rerun"):  # the rerun finds its programs in the compilation cache
             results[name] = run_jdpo(model, data, out, plan=plan, max_length=max_length,
                                      max_prompt_length=max_prompt_length, warmup_steps=steps_warmup,
-                                     xla_cache=xla_cache)  # fmt: skip
+                                     xla_cache=xla_cache, overrides=jdpo_overrides)  # fmt: skip
             (out / f"{name}{suffix}.json").write_text(json.dumps(results[name], indent=2) + "\n")
     if only != "jdpo":
         env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
         process_s, peak_rss_gib = measured_run(trl_cmd, env)
         results["trl"] = {**json.loads((out / "trl.json").read_text()), "process_s": process_s,
                           "peak_rss_gib": peak_rss_gib}  # fmt: skip
-        (out / "trl.json").write_text(json.dumps(results["trl"], indent=2) + "\n")
+        (out / f"trl{suffix}.json").write_text(json.dumps(results["trl"], indent=2) + "\n")
     return results
 
 
@@ -396,6 +403,17 @@ def report(results: dict, out: Path, what: str, suffix: str = "") -> None:
             lines.append(f"jdpo shares each prompt: {j['tokens_total']} tokens in its rows for "
                          f"{j['tokens_sequences']} in the sequences (tok/s counts the former)")  # fmt: skip
     if "jdpo" in results:
+        j = results["jdpo"]
+        phase = {k: v for k, v in j.get("setup", {}).items() if not k.endswith("_rss_gib")}
+        if phase:
+            setup_s, first = sum(phase.values()), j["step_times"][0]
+            rest = j["process_s"] - setup_s - j["train_s"]
+            lines.append(f"jdpo outside the steps: set-up {setup_s:.1f} s ("
+                         + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in phase.items() if v >= 0.5)
+                         + f"), the first step {first:.1f} s (its compile), after the last step {rest:.1f} s "
+                         "(final checkpoint, export, exit)")  # fmt: skip
+        if j.get("overrides"):
+            lines.append("jdpo settings: " + " ".join(f"{k}={v}" for k, v in j["overrides"].items()))
         lines.append(f"MFU: steady state, of the measured matmul peak "
                      f"({results['jdpo']['peak_flops'] / 1e9:.0f} GFLOP/s); strict: the unembedding "
                      "credited on scored tokens only")  # fmt: skip
