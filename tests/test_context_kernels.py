@@ -104,6 +104,7 @@ def test_kernel_choice_on_a_context_mesh():
     assert resolve_attention("splash", llama, context=4).kernel == "splash"
     assert resolve_attention("auto", llama, context=4, backend="tpu").kernel == "splash"
     assert resolve_attention("auto", llama, context=4, backend="gpu").kernel == "blocked"
+    assert resolve_attention("auto", llama, context=4, backend="tpu", how="all_gather").kernel == "blocked"
     assert shares_prompt("auto", "splash", llama, context=4)[0]
     assert not shares_prompt("auto", "splash", llama)[0]
     with pytest.raises(ConfigError, match=r"pallas_gpu cannot run .* one segment-id array for queries"):

@@ -12,7 +12,10 @@ rounding on every non-padding position:
               the others are tested against);
   auto        (the default) splash on TPU, pallas_gpu on NVIDIA GPUs (blocked for models it cannot
               run: soft-capped or sliding-window attention), blocked elsewhere.
-The KV-cache path (generation) always takes the dense mask.
+The KV-cache path (generation) always takes the dense mask. Rows split over `mesh.context` run the
+blocked kernel or splash (inside the ring, `jdpo.models.ring_splash`); `auto` is splash on TPU (unless
+`model.context_attention: all_gather`) and blocked elsewhere there, and pallas_gpu and xla are refused
+with the reason (`choices.context_refusal`).
 
 `resolve_attention` turns the requested name into the kernel and the reason, for the model's
 configuration and the backend. `Transformer` calls it when it is built (so every caller, the trainer,
@@ -105,7 +108,8 @@ def resolve_attention(
             return AttentionChoice(
                 requested, f"model.attention={requested}, rows over mesh.context={context}"
             )
-        if (backend or jax.default_backend()) == "tpu" and not unsupported("splash", config):
+        tpu = (backend or jax.default_backend()) == "tpu"
+        if tpu and how != "all_gather" and not unsupported("splash", config):  # splash runs in the ring
             return AttentionChoice("splash", f"model.attention=auto on TPU, rows over mesh.context={context}")
         return AttentionChoice("blocked", f"model.attention=auto, rows over mesh.context={context}")
     if requested != "auto":
