@@ -2,7 +2,8 @@
 8 CPU devices: Splash attention as each ring step's kernel (`jdpo.models.ring_splash`) equals dense
 masked attention in values and the gradients of q, k, v on packed rows with the shared prompt and
 grouped-query heads, and with a sliding window and soft-capping; per-pair log-probs of a model at
-context 4 equal one device's; the Pallas GPU kernel is refused with its reason before the model loads."""
+context 4 equal one device's, and so do two training steps (slow); the kernel choice on a context mesh,
+the Pallas GPU kernel refused with its reason."""
 
 import jax
 import jax.numpy as jnp
@@ -113,3 +114,27 @@ def test_kernel_choice_on_a_context_mesh():
         resolve_attention("xla", llama, context=2)
     with pytest.raises(ConfigError, match="all_gather with model.attention=splash .* in the ring only"):
         resolve_attention("splash", llama, context=4, how="all_gather")
+
+
+# Slow (interpret-mode Splash in a jitted train step, ~1 min): the ring's values and gradients are
+# test_splash_ring_equals_dense_attention_*, the model's forward test_pair_logprobs_with_splash_*.
+@pytest.mark.slow
+def test_training_steps_with_splash_at_context_4_equal_one_device(assets, tmp_path):
+    from helpers import one_device, run_config
+    from helpers import train_steps as steps
+    from test_train import assert_close_metrics
+
+    from jdpo.train import trainer as train
+
+    base = {"data.row_length": 64, "train.max_steps": 2, "train.log_every": 1}
+    one = train.Trainer(run_config(assets, tmp_path / "one", **base), mesh=one_device())
+    over = {**base, "mesh.context": 4, "model.attention": "splash", "dpo.cache_dir": str(tmp_path / "c")}
+    ctx = train.Trainer(run_config(assets, tmp_path / "ctx", **over))
+    assert ctx.attention[0] == "splash" and one.attention[0] == "blocked"
+    assert ctx.data.layout.shared_prompt and one.data.layout.shared_prompt
+    for split in ("train", "eval"):
+        np.testing.assert_allclose(
+            ctx.reference.logps[split].chosen, one.reference.logps[split].chosen, rtol=1e-5, atol=1e-5
+        )
+    for a, b in zip(steps(one, 2), steps(ctx, 2), strict=True):
+        assert_close_metrics(a, b)
