@@ -24,14 +24,17 @@ def _config(assets, out, **over):
     return run_config(assets, out, **{**CONTEXT, **over})
 
 
+LORA = {"lora.rank": 4, "lora.alpha": 8.0}
+KTO_QLORA = {**LORA, "lora.quantize": "nf4", "dpo.loss_type": ["kto"], "dpo.beta": 0.5}
+
+
 @pytest.mark.slow  # ~30 s each on 2 cores; the forward and its gradients: tests/test_context.py
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_three_steps_with_context_4_equal_one_device(assets, tmp_path, lora):
-    over = {"lora.rank": 4, "lora.alpha": 8.0} if lora else {}
+@pytest.mark.parametrize("over", [{}, LORA, KTO_QLORA], ids=["full", "lora", "kto_qlora"])
+def test_three_steps_with_context_4_equal_one_device(assets, tmp_path, over):
     one = train.Trainer(_config(assets, tmp_path / "one", **{**over, "mesh.context": 1}), mesh=one_device())
     ctx = train.Trainer(_config(assets, tmp_path / "ctx", **over, **{"dpo.cache_dir": str(tmp_path / "c")}))
     assert not any(ctx.reference.reused.values())
-    assert dict(ctx.mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 1, "context": 4}
+    assert dict(ctx.mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 1, "expert": 1, "context": 4}
     assert ctx.attention[0] == "blocked"
     # The reference pass ran on the context mesh: the same cached log-probs as one device's.
     for split in ("train", "eval"):
@@ -66,6 +69,12 @@ def test_bad_context_settings_are_refused_before_the_model_loads(assets, tmp_pat
         jconfig.validate(jconfig.replace(base, **{"data.row_length": 60}))
     with pytest.raises(ConfigError, match="model.attention=xla cannot run rows split over mesh.context=4"):
         jconfig.validate(jconfig.replace(base, **{"model.attention": "xla"}))
+    with pytest.raises(ConfigError, match="model.attention=pallas_gpu cannot run rows split .* segment-id"):
+        jconfig.validate(jconfig.replace(base, **{"model.attention": "pallas_gpu"}))
+    splash_gather = {"model.attention": "splash", "model.context_attention": "all_gather"}
+    with pytest.raises(ConfigError, match="splash runs a context-split row in the ring only"):
+        jconfig.validate(jconfig.replace(base, **splash_gather))
+    jconfig.validate(jconfig.replace(base, **{"model.attention": "splash"}))  # the ring with splash
     with pytest.raises(ConfigError, match="mesh.context=4 with mesh.expert=2: the expert exchange"):
         jconfig.validate(jconfig.replace(base, **{"mesh.expert": 2, "mesh.data": 1, "mesh.fsdp": 1}))
     bad = jconfig.replace(
@@ -74,3 +83,44 @@ def test_bad_context_settings_are_refused_before_the_model_loads(assets, tmp_pat
     with pytest.raises(ConfigError, match=r"mesh.context=3: .* leave 8: mesh.context may be 1, 2, 4, 8"):
         train.Trainer(bad)  # the mesh is made first: no model was looked for
     assert jax.device_count() == 8
+
+
+def test_kto_with_qlora_on_a_context_mesh_equals_one_device(assets, tmp_path):
+    """Issue 27's combinations on context 4 x fsdp 2: unpaired (KTO) data and a QLoRA (nf4) base with
+    adapters: the reference pass and the eval pass equal one device's (their training steps:
+    test_three_steps_with_context_4_equal_one_device[kto_qlora], slow)."""
+    over = {
+        "dpo.loss_type": ["kto"], "dpo.beta": 0.5, "lora.rank": 4, "lora.alpha": 8.0, "lora.quantize": "nf4",
+        "train.max_steps": 1,
+    }  # fmt: skip
+    one_cfg = _config(
+        assets, tmp_path / "one", **over, **{"mesh.context": 1, "dpo.cache_dir": str(tmp_path / "c1")}
+    )
+    one = train.Trainer(one_cfg, mesh=one_device())
+    ctx = train.Trainer(_config(assets, tmp_path / "ctx", **over, **{"dpo.cache_dir": str(tmp_path / "c4")}))
+    assert dict(ctx.mesh.shape)["context"] == 4 and not any(ctx.reference.reused.values())
+    for split in ("train", "eval"):
+        a, b = one.reference.logps[split], ctx.reference.logps[split]
+        np.testing.assert_allclose(b.chosen, a.chosen, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(b.rejected, a.rejected, rtol=1e-5, atol=1e-5)
+    e1, e2 = one.evaluate(), ctx.evaluate()
+    assert e2["eval/loss"] == pytest.approx(e1["eval/loss"], rel=1e-5)
+
+
+def test_jdpo_eval_of_rated_data_on_a_context_mesh_equals_one_device(assets, tmp_path):
+    """`jdpo eval` (`--mesh 1,2,1,4`) of unpaired (KTO) records: its rows are fitted to the data and run
+    whole on each context group where they do not split; the metrics equal one device's."""
+    from test_train_unpaired import write_unpaired
+
+    from jdpo.commands import evaluate
+    from jdpo.parallel.sharding import make_mesh
+
+    rated = write_unpaired(tmp_path / "rated.jsonl", [True, False, True, True, False])
+    dpo = jconfig.replace(jconfig.Config(), **{"dpo.loss_type": ["kto"], "dpo.beta": 0.5}).dpo
+    kw = dict(num_samples=2, max_new_tokens=3, max_length=16, max_prompt_length=8, dpo=dpo)
+    model = str(assets.model_dir)
+    m1 = evaluate.evaluate(model, model, rated, mesh=one_device(), **kw)["metrics"]
+    m4 = evaluate.evaluate(model, model, rated, mesh=make_mesh(fsdp=2, context=4), **kw)["metrics"]
+    assert m4.keys() == m1.keys() and m4["eval/count/chosen"] == 3
+    for k, v in m1.items():
+        assert m4[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k

@@ -412,7 +412,11 @@ def plan_memory(
     rows_dp = data * fsdp * expert  # the expert axis also splits the rows
     B = -(-cfg.train.batch_rows // rows_dp)
     kernel = resolve_attention(
-        m.attention, model_config, backend="cpu" if on_cpu else backend, context=context
+        m.attention,
+        model_config,
+        backend="cpu" if on_cpu else backend,
+        context=context,
+        how=m.context_attention,
     ).kernel
     saved, recompute = activation_bytes_per_token(
         model_config, remat=m.remat, attention=kernel, row_length=T, dtype_bytes=b, tensor=tensor,
@@ -474,7 +478,7 @@ def plan_memory(
         ("batch", batch_bytes, f"A={cfg.train.grad_accum} x B x T x {BATCH_ARRAYS} int32/float32"),
     ]
     if context > 1:
-        how = m.context_attention
+        how = "ring" if kernel == "splash" else m.context_attention  # splash runs in the ring only
         kv = context_kv_bytes(
             model_config, how=how, rows=B, row_length=T, context=context, dtype_bytes=b, tensor=tensor
         )

@@ -1,14 +1,13 @@
 """The rules of context parallelism (`mesh.context` > 1: every row's tokens split over devices), checked
 before anything loads: the row length must cut into 2 x context chunks (the balanced layout,
-`jdpo.parallel.context_layout`), only the blocked kernel attends a shard of a row's queries, and the mesh
-must fit the devices (`mesh_advice`: the sizes that would)."""
+`jdpo.parallel.context_layout`), only the blocked kernel and splash (in the ring) attend a shard of a
+row's queries (`jdpo.models.choices.context_refusal`), and the mesh must fit the devices (`mesh_advice`:
+the sizes that would)."""
 
 from __future__ import annotations
 
 from jdpo.config.fields import ConfigError
-
-#: Kernels that cannot take a query shard (`jdpo.models.kernels.resolve_attention` refuses them too).
-NO_QUERY_SHARD = ("splash", "pallas_gpu", "xla")
+from jdpo.models.choices import context_refusal
 
 
 def row_length(cfg) -> int:
@@ -20,11 +19,9 @@ def check_context(cfg) -> None:
     C = cfg.mesh.context
     if C == 1:
         return
-    if cfg.model.attention in NO_QUERY_SHARD:
-        raise ConfigError(
-            f"model.attention={cfg.model.attention} cannot run rows split over mesh.context={C}: only the "
-            "blocked kernel attends a shard of a row's queries; use auto or blocked"
-        )
+    why = context_refusal(cfg.model.attention, C, cfg.model.context_attention)
+    if why:
+        raise ConfigError(why)
     if cfg.mesh.expert != 1:
         raise ConfigError(
             f"mesh.context={C} with mesh.expert={cfg.mesh.expert}: the expert exchange does not yet take a "

@@ -16,8 +16,9 @@ Both visit only the key blocks a query block can see (its segment, its shared pr
 so a key shard no query of this device sees costs nothing but its transfer. Segment ids are gathered
 whole (int32 [B, T]): the visibility rule needs every key's segment.
 
-Only the blocked kernel takes a query shard: splash, pallas_gpu and xla are refused with mesh.context > 1
-(`kernels.resolve_attention`).
+The ring also runs TPU Splash attention as each step's kernel (`kernel="splash"`,
+`jdpo.models.ring_splash`); pallas_gpu and xla take no query shard and are refused with mesh.context > 1
+(`jdpo.models.choices.context_refusal`, with the reasons).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import math
 import jax
 from jax.sharding import PartitionSpec
 
-from jdpo.models import attention, ring
+from jdpo.models import attention, ring, ring_splash
 from jdpo.parallel import context_layout
 from jdpo.parallel.sharding import CONTEXT_AXIS, context_size, current_mesh, logical_to_spec, spec_entry_size
 
@@ -52,19 +53,33 @@ def _all_gather_local(q, k, v, seg, *window, C, scale, softcap, block):
 
 
 def context_attention(
-    q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask, *, scale, softcap=None, block=attention.DEFAULT_BLOCK, how="auto"
-):
+    q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask, *, scale, softcap=None, block=attention.DEFAULT_BLOCK, how="auto",
+    kernel="blocked", sliding_window=None, interpret=None,
+):  # fmt: skip
     """Exact causal self-attention of packed rows split over "context" (balanced layout); same contract
-    as `attention.blocked_attention`. `how`: all_gather, ring, or auto (all_gather: see the README's
-    measurement)."""
+    as `attention.blocked_attention`. `how`: all_gather, ring, or auto (all_gather for the blocked kernel:
+    see the README's measurement; ring for splash). `kernel`: blocked, or splash (the ring only,
+    `ring_splash`; `sliding_window` is the model's static window, read when `mask.window` is traced;
+    `interpret`: Pallas' interpreter, None: off on TPU)."""
     if not (mask.self_attention and mask.causal):
         raise ValueError("context attention takes causal self-attention masks (no KV cache)")
+    if kernel not in ("blocked", "splash"):
+        raise ValueError(f"context attention runs the blocked or the splash kernel, not {kernel!r}")
+    if kernel == "splash" and how == "all_gather":
+        raise ValueError("the splash kernel runs rows split over context in the ring only")
     mesh, C, T = current_mesh(), context_size(), q_BxTxNxH.shape[1]
     if context_layout.splits(T) != C:
         raise ValueError(f"rows of {T} tokens do not split into 2 x context = {2 * C} chunks")
-    blk = shard_block(T, C, block)
-    local = ring.ring_local if how == "ring" else _all_gather_local
-    fn = functools.partial(local, C=C, scale=scale, softcap=softcap, block=blk)
+    if kernel == "splash":
+        if isinstance(mask.window, int):  # it reaches the kernel traced (below): name its static value
+            sliding_window = mask.window
+        fn = functools.partial(
+            ring_splash.ring_splash_local, C=C, scale=scale, softcap=softcap, block=block,
+            sliding_window=sliding_window, interpret=interpret,
+        )  # fmt: skip
+    else:
+        local = ring.ring_local if how == "ring" else _all_gather_local
+        fn = functools.partial(local, C=C, scale=scale, softcap=softcap, block=shard_block(T, C, block))
     args = (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask.segment_ids_BxT)
     replicated = () if mask.window is None else (jax.numpy.asarray(mask.window, jax.numpy.int32),)
     specs = shard_specs(mesh, q_BxTxNxH, k_BxTxKxH)

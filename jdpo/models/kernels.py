@@ -12,7 +12,10 @@ rounding on every non-padding position:
               the others are tested against);
   auto        (the default) splash on TPU, pallas_gpu on NVIDIA GPUs (blocked for models it cannot
               run: soft-capped or sliding-window attention), blocked elsewhere.
-The KV-cache path (generation) always takes the dense mask.
+The KV-cache path (generation) always takes the dense mask. Rows split over `mesh.context` run the
+blocked kernel or splash (inside the ring, `jdpo.models.ring_splash`); `auto` is splash on TPU (unless
+`model.context_attention: all_gather`) and blocked elsewhere there, and pallas_gpu and xla are refused
+with the reason (`choices.context_refusal`).
 
 `resolve_attention` turns the requested name into the kernel and the reason, for the model's
 configuration and the backend. `Transformer` calls it when it is built (so every caller, the trainer,
@@ -28,6 +31,7 @@ import jax
 
 from jdpo.errors import ConfigError
 from jdpo.models import attention, pallas_gpu, splash
+from jdpo.models.choices import context_refusal
 
 ATTENTION_KERNELS = ("blocked", "splash", "pallas_gpu", "xla")
 ATTENTION_CHOICES = ("auto", *ATTENTION_KERNELS)
@@ -84,20 +88,30 @@ def unsupported(kernel: str, config) -> str | None:
 
 
 def resolve_attention(
-    requested: str, config, *, backend: str | None = None, context: int = 1
+    requested: str, config, *, backend: str | None = None, context: int = 1, how: str = "auto"
 ) -> AttentionChoice:
     """The kernel `model.attention = requested` runs for the model of `config` (a `ModelConfig`) on
-    `backend` (default: jax's) with rows split over `context` devices (`mesh.context`). Raises
-    `ConfigError` for a kernel the model cannot run."""
+    `backend` (default: jax's) with rows split over `context` devices (`mesh.context`, keys reaching
+    them by `how`, `model.context_attention`). Raises `ConfigError` for a kernel the model cannot run."""
     if requested not in ATTENTION_CHOICES:
         raise ConfigError(f"model.attention must be one of {list(ATTENTION_CHOICES)}, got {requested!r}")
-    if context > 1:  # only the blocked kernel takes a shard of the queries (`context_attention`)
-        if requested not in ("auto", "blocked"):
-            raise ConfigError(
-                f"model.attention={requested} cannot run rows split over mesh.context={context}: only the "
-                "blocked kernel attends a shard of a row's queries; use auto or blocked"
+    if context > 1:  # blocked and splash take a shard of the queries (`context_attention`)
+        why = context_refusal(requested, context, how)
+        if why:
+            raise ConfigError(why)
+        if requested != "auto":
+            why = unsupported(requested, config)
+            if why:
+                raise ConfigError(
+                    f"model.attention={requested} cannot run this model: {why}; use auto or blocked"
+                )
+            return AttentionChoice(
+                requested, f"model.attention={requested}, rows over mesh.context={context}"
             )
-        return AttentionChoice("blocked", f"model.attention={requested}, rows over mesh.context={context}")
+        tpu = (backend or jax.default_backend()) == "tpu"
+        if tpu and how != "all_gather" and not unsupported("splash", config):  # splash runs in the ring
+            return AttentionChoice("splash", f"model.attention=auto on TPU, rows over mesh.context={context}")
+        return AttentionChoice("blocked", f"model.attention=auto, rows over mesh.context={context}")
     if requested != "auto":
         why = unsupported(requested, config)
         if why:
@@ -122,14 +136,15 @@ def resolve_attention(
     return AttentionChoice("blocked", f"model.attention=auto on {backend}")
 
 
-def shares_prompt(requested: str, kernel: str, config) -> tuple[bool, str]:
+def shares_prompt(requested: str, kernel: str, config, *, context: int = 1) -> tuple[bool, str]:
     """Whether a run lays its pairs out with the prompt shared (`data.shared_prompt` = requested: auto,
-    true or false) under the resolved `kernel` for the model of `config`: (True / False, the reason for
-    the run log). Raises `ConfigError` for true where it cannot run: a kernel without the shared-prefix
-    rule, or a sliding-window model (its window counts row slots, which a branch after its sibling
-    does not share with its prompt)."""
+    true or false) under the resolved `kernel` for the model of `config` with rows split over `context`
+    devices: (True / False, the reason for the run log). Raises `ConfigError` for true where it cannot
+    run: a kernel without the shared-prefix rule (splash has it in the context ring only, where a
+    second call per chunk pair attends the prefix: `jdpo.models.ring_splash`), or a sliding-window model
+    (its window counts row slots, which a branch after its sibling does not share with its prompt)."""
     why = None
-    if kernel not in SHARED_PREFIX_KERNELS:
+    if kernel not in SHARED_PREFIX_KERNELS and not (kernel == "splash" and context > 1):
         why = f"the {kernel} attention kernel has no shared-prefix rule (blocked and xla have)"
     elif any(config.sliding_layers):
         why = f"{config.family} has sliding_window={config.sliding_window}, counted in row slots"

@@ -220,7 +220,7 @@ class Attention(nnx.Module):
         if mask.self_attention and splits(q_BxTxNxH.shape[1]) > 1:  # rows split over the context axis
             out_BxTxNxH = context_attention(
                 q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, softcap=c.attn_logit_softcapping,
-                how=self.context_attention, **segment_aware,
+                how=self.context_attention, kernel=kernel, sliding_window=c.sliding_window, **segment_aware,
             )  # fmt: skip
         elif mask.self_attention and kernel == "blocked":
             out_BxTxNxH = blocked_attention(

@@ -43,7 +43,9 @@ class Transformer(nnx.Module):
     def __init__(self, config: ModelConfig, *, options: ModelOptions | None = None, rngs: nnx.Rngs):
         options = ModelOptions() if options is None else options  # None: the defaults
         # "auto" and a 0 block become the kernel that runs and its tile here, once for every layer.
-        choice = resolve_attention(options.attention, config, context=options.context)
+        choice = resolve_attention(
+            options.attention, config, context=options.context, how=options.context_attention
+        )
         if options.attention_block and (
             why := attention_block_problem(choice.kernel, options.attention_block)
         ):

@@ -37,8 +37,11 @@ def check_batch_rows(config: Config, mesh) -> None:
 
 def decide_shared_prompt(config: Config, hf_model_config) -> bool:
     """`data.shared_prompt` for the kernel that will run (resolved as the model load will resolve it)."""
-    kernel = resolve_attention(config.model.attention, hf_model_config, context=config.mesh.context).kernel
-    on, why = shares_prompt(config.data.shared_prompt, kernel, hf_model_config)
+    C = config.mesh.context
+    kernel = resolve_attention(
+        config.model.attention, hf_model_config, context=C, how=config.model.context_attention
+    ).kernel
+    on, why = shares_prompt(config.data.shared_prompt, kernel, hf_model_config, context=C)
     log.info("shared prompt: %s (%s)", "on" if on else "off", why)
     return on
 
