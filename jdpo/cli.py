@@ -25,6 +25,7 @@ from jdpo import config as C
 from jdpo.commands import lean_process
 from jdpo.commands.cli_inference import add_eval, add_generate
 from jdpo.errors import EXIT_UPLOAD_FAILED, EXIT_USER_ERROR, HubUploadError, NonFiniteLossError, UserError
+from jdpo.parallel import host_memory
 
 
 def format_default(value: Any) -> str:
@@ -499,7 +500,7 @@ def entry() -> None:
     shutdown on a multi-host run); an exception propagates as usual. ``main`` itself, which tests and
     scripts call in-process, returns normally, and ``python -m jdpo.cli`` exits the ordinary way (so a
     profiler or debugger that runs the module gets to write its report)."""
-    lean_process.limit_arenas()  # before JAX starts its threads
+    host_memory.limit_arenas()  # before JAX starts its threads
     status = main()
     import atexit
 

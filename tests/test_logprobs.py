@@ -258,3 +258,42 @@ def test_log_probs_shard_with_batch_rows():
     sharded = f(*(jax.device_put(x, rows) for x in (h_BxTxD, t_BxT, seg_BxT, mask_BxT)))
     np.testing.assert_allclose(sharded, f(h_BxTxD, t_BxT, seg_BxT, mask_BxT), rtol=1e-5, atol=1e-5)
     assert sharded.sharding.spec[0] == "data"
+
+
+@pytest.mark.parametrize("cap", [None, 1.5])
+def test_vocab_first_unembedding_equals_the_transposed_one_and_copies_no_vxd_matrix(cap):
+    """A tied embedding [V, D] passed as stored (`vocab_first=True`) scores and differentiates like its
+    transpose [D, V]; its gradient comes back [V, D], and the compiled backward holds no transposed copy of
+    the matrix or of its gradient (on CPU, where XLA otherwise materialises both)."""
+    h, w_DxV, t, mask = _lm_inputs(seed=7)
+    w_VxD = jnp.asarray(w_DxV).T
+    coef = jnp.asarray([1.0, -0.5])
+
+    def objective(h, w, vocab_first):
+        logp = LP.token_logprobs_from_hidden(
+            h, w if vocab_first else w.T, t, mask_BxT=mask, chunk_size=3, logit_soft_cap=cap, vocab_first=vocab_first
+        )
+        return jnp.sum(coef[:, None] * logp)
+
+    grad = {vf: jax.jit(jax.value_and_grad(objective, argnums=(0, 1)), static_argnums=2) for vf in (True, False)}
+    (v1, (gh1, gw1)), (v0, (gh0, gw0)) = grad[True](h, w_VxD, True), grad[False](h, w_VxD, False)
+    assert gw1.shape == w_VxD.shape
+    np.testing.assert_allclose(v1, v0, rtol=1e-6)
+    np.testing.assert_allclose(gh1, gh0, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gw1, gw0, rtol=1e-5, atol=1e-6)
+    # A vocabulary large enough that one [V, D] float32 matrix dominates the step's temporaries.
+    v, d = 8192, 64
+    hb, tb, mb = jnp.zeros((2, 16, d)), jnp.zeros((2, 16), jnp.int32), jnp.ones((2, 16))
+    wb = jnp.zeros((v, d))
+
+    def temps(vocab_first):
+        def f(h, w):
+            logp = LP.token_logprobs_from_hidden(h, w if vocab_first else w.T, tb, mask_BxT=mb, chunk_size=8,
+                                                 vocab_first=vocab_first)  # fmt: skip
+            return jnp.sum(logp)
+
+        mem = jax.jit(jax.grad(f, argnums=(0, 1))).lower(hb, wb).compile().memory_analysis()
+        return None if mem is None else mem.temp_size_in_bytes
+
+    if temps(True) is not None:
+        assert temps(True) <= temps(False) - v * d * 4  # at least one [V, D] float32 copy fewer

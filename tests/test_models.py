@@ -21,6 +21,7 @@ from jdpo.models import (
     from_pretrained,
     save_pretrained,
 )
+from jdpo.models.choices import SCAN_LAYERS_ABOVE, layer_loop
 
 TINY_CONFIGS = {family: tiny_hf_config(family, num_hidden_layers=3) for family in ("llama", "gemma2")}
 
@@ -118,9 +119,10 @@ def test_model_options_from_the_config_section():
     from jdpo.config import ModelSection
 
     section = ModelSection(
-        path="x", param_dtype="bfloat16", remat="full", scan_layers=True, attention="xla", attention_block=32
+        path="x", param_dtype="bfloat16", remat="full", scan_layers="true", attention="xla", attention_block=32
     )
-    got = ModelOptions.from_section(section, dtype=jnp.bfloat16)
+    two_layers = ModelConfig.from_hf(TINY_CONFIGS["llama"])  # three layers: the loop under "auto"
+    got = ModelOptions.from_section(section, dtype=jnp.bfloat16, model_config=two_layers)
     assert got == ModelOptions(jnp.bfloat16, jnp.dtype("bfloat16"), "full", True, "xla", 32)
     fields = {f.name for f in dataclasses.fields(ModelOptions)}
     # lora comes from the run's `lora:` section (jdpo.models.lora.model_options), context from `mesh:`, the
@@ -129,7 +131,15 @@ def test_model_options_from_the_config_section():
         "path",
         "router_aux_loss_coef",
     }
-    assert ModelOptions.from_section(section, dtype=jnp.bfloat16, context=4).context == 4
+    assert ModelOptions.from_section(section, dtype=jnp.bfloat16, model_config=two_layers, context=4).context == 4
+    # "auto": scanned (with dots_saveable remat) above SCAN_LAYERS_ABOVE layers of one kind, else the loop.
+    auto = dataclasses.replace(section, scan_layers="auto", remat="auto")
+    deep = dataclasses.replace(two_layers, num_layers=SCAN_LAYERS_ABOVE + 1)
+    for config, want in ((two_layers, (False, "none")), (deep, (True, "dots_saveable"))):
+        got = ModelOptions.from_section(auto, dtype=jnp.float32, model_config=config)
+        assert (got.scan_layers, got.remat) == want
+    assert layer_loop("auto", "auto", num_layers=48, mixed_layers=True) == (False, "none")  # MoE + dense
+    assert layer_loop("auto", "full", num_layers=48, mixed_layers=False) == (True, "full")
     with pytest.raises(ValueError, match="remat must be one of"):
         ModelOptions(remat="some")
 

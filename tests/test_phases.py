@@ -1,5 +1,6 @@
-"""jdpo.report.phases (the run's time outside its steps) and jdpo.commands.lean_process (the process's
-memory): the phase records a run logs, the console line, and PyTorch kept out of `jdpo train`."""
+"""jdpo.report.phases (the run's time outside its steps), jdpo.commands.lean_process and
+jdpo.parallel.host_memory (the process's memory): the phase records a run logs, the console line,
+PyTorch kept out of `jdpo train`, the heap handed back after a compile."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import time
 import pytest
 from helpers import one_device, run_config
 
-from jdpo.commands import lean_process
+from jdpo.parallel import host_memory
 from jdpo.report import metrics, phases
 
 
@@ -69,4 +70,5 @@ def test_jdpo_train_keeps_torch_out_and_user_code_may_still_import_it():
 def test_the_arena_limit_applies_on_glibc():
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc's mallopt is Linux-only")
-    assert lean_process.limit_arenas(2) is True
+    assert host_memory.limit_arenas(2) is True
+    assert host_memory.release_free_heap() is True

@@ -121,6 +121,11 @@ def main() -> None:
     ap.add_argument("--only", choices=["jdpo", "trl"], default=None, help="Run only one side.")
     ap.add_argument("--trl-python", default=sys.executable,
                     help="A python with trl, transformers and gguf (to convert and to run TRL).")
+    ap.add_argument("--checkpointing", action="store_true",
+                    help="Both sides recompute activations: TRL's gradient_checkpointing (its default) and jdpo's "
+                    "model.remat full; results get a _ckpt suffix.")  # fmt: skip
+    ap.add_argument("--jdpo-set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="More jdpo settings for its runs (e.g. model.scan_layers=true).")  # fmt: skip
     ap.add_argument("--trl-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--convert-child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -133,7 +138,7 @@ def main() -> None:
     if a.trl_child:
         model = out / "model_cache" / "hf"
         r = run_trl(str(model), str(data), batch_pairs=a.batch_pairs, max_length=MAX_LENGTH,
-                    warmup_steps=a.steps_warmup)  # fmt: skip
+                    warmup_steps=a.steps_warmup, gradient_checkpointing=a.checkpointing)  # fmt: skip
         (out / "trl.json").write_text(json.dumps(r, indent=2) + "\n")
         return
     model = fetch_model(out / "model_cache", a.trl_python)
@@ -144,10 +149,19 @@ def main() -> None:
             _need_trl()
     trl_cmd = [a.trl_python, __file__, "--trl-child", "--out", str(out), "--pairs", str(a.pairs),
                "--batch-pairs", str(a.batch_pairs), "--steps-warmup", str(a.steps_warmup)]  # fmt: skip
+    if a.checkpointing:
+        trl_cmd.append("--checkpointing")
+    overrides = dict(kv.split("=", 1) for kv in a.jdpo_set)
+    if a.checkpointing:
+        overrides.setdefault("model.remat", "full")
+    suffix = "_ckpt" if a.checkpointing else ""
     results = compare(str(model), str(data), out, only=a.only, rows=a.rows, batch_pairs=a.batch_pairs,
                       steps_warmup=a.steps_warmup, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH,
-                      shared_prompt=True, trl_cmd=trl_cmd)  # fmt: skip
-    report(results, out, f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantised, float32), {a.pairs} chat pairs")
+                      shared_prompt=True, trl_cmd=trl_cmd, suffix=suffix, jdpo_overrides=overrides)  # fmt: skip
+    what = f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantised, float32), {a.pairs} chat pairs"
+    if a.checkpointing:
+        what += ", activations recomputed on both sides (TRL gradient_checkpointing, jdpo remat)"
+    report(results, out, what, suffix)
 
 
 if __name__ == "__main__":

@@ -81,10 +81,12 @@ def _token_logprobs_fn(graphdef, mesh):
     def fn(params, ids_BxT, targets_BxT, segment_ids_BxT):
         model = nnx.merge(graphdef, params)
         h_BxTxD = model.hidden_states(ids_BxT, None, segment_ids_BxT)
+        unembed, vocab_first = model.unembedding_as_stored()
         return logprobs.token_logprobs_from_hidden(
             h_BxTxD,
-            model.unembedding(),
+            unembed,
             targets_BxT,
+            vocab_first=vocab_first,
             logit_soft_cap=model.config.final_logit_softcapping,
             row_groups=batch_shards(ids_BxT.shape[0]),
         )

@@ -1,40 +1,13 @@
-"""A `jdpo` process's memory: glibc's allocator set for XLA's threads, and PyTorch kept out of a run that
-never uses it.
+"""PyTorch kept out of a `jdpo` process that never uses it (the heap itself: `jdpo.parallel.host_memory`).
 
-Measured on SmolLM2-135M (float32, 2 CPU cores; `experiments/bench/real_checkpoint.py`):
-- glibc gives every thread that allocates an arena of its own and keeps what is freed there; XLA's
-  compiler and its CPU runtime allocate from many threads, so a run's resident memory grew by freed
-  buffers nobody reused. Two arenas (`limit_arenas`, before any thread starts) cut the peak by ~0.3 GiB.
-- `transformers` imports PyTorch whenever it is installed (its configuration module imports it), for a
-  tokenizer and a config that never use it: ~0.2 GiB and ~2 s of every `jdpo train` on a machine that
-  has torch (`keep_torch_out`).
+`transformers` imports PyTorch whenever it is installed (its configuration module imports it), for a
+tokenizer and a config that never use it: ~0.2 GiB and ~2 s of every `jdpo train` on a machine that has
+torch (`keep_torch_out`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import sys
-
-_M_ARENA_MAX = -8  # glibc's mallopt parameter number
-
-
-def _libc():
-    name = ctypes.util.find_library("c")
-    if name is None or not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(name)
-        return libc if hasattr(libc, "mallopt") else None
-    except OSError:
-        return None
-
-
-def limit_arenas(n: int = 2) -> bool:
-    """At most `n` glibc malloc arenas for this process (call before threads start); False where the
-    allocator is not glibc's."""
-    libc = _libc()
-    return bool(libc is not None and libc.mallopt(_M_ARENA_MAX, n))
 
 
 def keep_torch_out() -> bool:

@@ -80,6 +80,7 @@ from jdpo.config import ConfigError
 from jdpo.models import ModelConfig, ModelOptions, Transformer
 from jdpo.models.adapters import adapter_spec, model_targets
 from jdpo.models.choices import EXPERT_TARGETS
+from jdpo.models.options import layer_loop_of
 from jdpo.models.kernels import ATTENTION_KERNELS, LSE_KERNELS, REPEATS_KV, resolve_attention
 from jdpo.parallel.sharding import logical_to_spec
 from jdpo.train.step import LOGPROB_CHUNK, make_optimizer
@@ -372,10 +373,11 @@ def plan_memory(
     expert, context = cfg.mesh.expert, cfg.mesh.context
     mesh = _MeshShape(data, fsdp, tensor, expert, context)
     m = cfg.model
+    scan_layers, remat = layer_loop_of(m, model_config)  # their "auto" resolved for this model
     dtype = jnp.dtype(m.dtype if m.dtype != "auto" else ("float32" if on_cpu else "bfloat16"))
     b = dtype.itemsize
     everything = abstract_params(
-        model_config, param_dtype=m.param_dtype, scan_layers=m.scan_layers, lora=cfg.lora
+        model_config, param_dtype=m.param_dtype, scan_layers=scan_layers, lora=cfg.lora
     )
     local = {name: _local_elements(s, names, mesh) for name, s, _, names in everything}
     # What trains: every parameter, or (LoRA) the adapters alone on the frozen base.
@@ -419,7 +421,7 @@ def plan_memory(
         how=m.context_attention,
     ).kernel
     saved, recompute = activation_bytes_per_token(
-        model_config, remat=m.remat, attention=kernel, row_length=T, dtype_bytes=b, tensor=tensor,
+        model_config, remat=remat, attention=kernel, row_length=T, dtype_bytes=b, tensor=tensor,
         expert=expert,
     )  # fmt: skip
     if lora:  # each adapted projection also saves its rank-r intermediate x A (an expert's: k per token)
@@ -442,7 +444,7 @@ def plan_memory(
                   "dots_saveable": "remat dots_saveable: matmul outputs saved + one layer recomputed",
                   "full": "remat full: layer inputs saved + one layer recomputed",
                   "offload": "remat offload: layer inputs on the host + one layer recomputed",
-                  }[m.remat]  # fmt: skip
+                  }[remat]  # fmt: skip
     split = f" / context {context}" if context > 1 else ""
     active = (
         f" ({model_config.num_active_params():,} active: {model_config.experts_per_token} of "
@@ -497,7 +499,7 @@ def plan_memory(
     ref_cache = (
         None if num_pairs is None or cfg.dpo.reference != "cached" else num_pairs * REF_CACHE_BYTES_PER_PAIR
     )
-    host = B * Tl * host_offload_bytes_per_token(model_config, remat=m.remat, dtype_bytes=b)
+    host = B * Tl * host_offload_bytes_per_token(model_config, remat=remat, dtype_bytes=b)
     return MemoryPlan(rows, num_all, (data, fsdp, tensor), B, T, ref_cache, num_pairs, expert, context, host)
 
 

@@ -23,13 +23,16 @@ class ModelSection:
     param_dtype: Literal["float32", "bfloat16"] = setting(
         "float32", "Dtype the parameters (and so the optimizer's update) are stored in."
     )
-    remat: Literal["none", "full", "dots_saveable", "offload"] = setting(
-        "none",
-        "Rematerialisation per layer: none, full (recompute all), dots_saveable (keep matmul outputs), "
-        "offload (keep each layer's input in pinned host memory, recompute the rest).",
+    remat: Literal["auto", "none", "full", "dots_saveable", "offload"] = setting(
+        "auto",
+        "Rematerialisation per layer: auto (none on unrolled layers, dots_saveable on scanned ones), none, "
+        "full (recompute all), dots_saveable (keep matmul outputs), offload (keep each layer's input in "
+        "pinned host memory, recompute the rest).",
     )
-    scan_layers: bool = setting(
-        False, "Scan over the layer stack (one compiled layer; fast compiles of deep models)."
+    scan_layers: Literal["auto", "true", "false"] = setting(
+        "auto",
+        "Scan over the layer stack (one compiled layer; fast compiles of deep models); auto: scan models "
+        "of more than 8 layers when all their layers are of one kind.",
     )
     attention: Literal["auto", "blocked", "splash", "pallas_gpu", "xla"] = setting(
         "auto",

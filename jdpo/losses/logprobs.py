@@ -68,9 +68,14 @@ def sequence_logprobs(
     return _masked_sums(token_logprobs(logits_BxTxV, targets_BxT), mask_BxT, average)
 
 
-def _chunk_logits(h_GxCxD: Array, w_DxV: Array, cap: float | None) -> Array:
+def _w_spec(vocab_first: bool) -> str:
+    """The einsum operand of the unembedding: [D, V], or [V, D] (a tied embedding matrix as stored)."""
+    return "vd" if vocab_first else "dv"
+
+
+def _chunk_logits(h_GxCxD: Array, w: Array, cap: float | None, vocab_first: bool = False) -> Array:
     """float32 logits of one chunk (soft-capped when `cap` is set)."""
-    logits_GxCxV = jnp.einsum("gcd,dv->gcv", h_GxCxD, w_DxV, preferred_element_type=jnp.float32)
+    logits_GxCxV = jnp.einsum(f"gcd,{_w_spec(vocab_first)}->gcv", h_GxCxD, w, preferred_element_type=jnp.float32)
     return logits_GxCxV if cap is None else cap * jnp.tanh(logits_GxCxV / cap)
 
 
@@ -83,13 +88,13 @@ def _put(x, chunk, i, C: int):
     return jax.lax.dynamic_update_slice_in_dim(x, chunk, i * C, axis=1)
 
 
-def _scored_forward(h_GxTxD, w_DxV, t_GxT, n_chunks, C: int, cap: float | None):
+def _scored_forward(h_GxTxD, w, t_GxT, n_chunks, C: int, cap: float | None, vocab_first: bool):
     """Target log-probs [G, T] and the log-sum-exp [G, T] of the
     first `n_chunks` chunks of C positions; the positions after them are 0."""
 
     def body(i, carry):
         logp_GxT, lse_GxT = carry
-        logits_GxCxV = _chunk_logits(_slice(h_GxTxD, i, C), w_DxV, cap)
+        logits_GxCxV = _chunk_logits(_slice(h_GxTxD, i, C), w, cap, vocab_first)
         lse_GxC = jax.nn.logsumexp(logits_GxCxV, axis=-1)
         target_GxC = jnp.take_along_axis(logits_GxCxV, _slice(t_GxT, i, C)[..., None], axis=-1)[..., 0]
         logp_GxC = target_GxC - lse_GxC
@@ -99,41 +104,44 @@ def _scored_forward(h_GxTxD, w_DxV, t_GxT, n_chunks, C: int, cap: float | None):
     return jax.lax.fori_loop(0, n_chunks, body, (zeros, zeros))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _scored_logprobs(h_GxTxD, w_DxV, t_GxT, n_chunks, C: int, cap: float | None):
-    return _scored_forward(h_GxTxD, w_DxV, t_GxT, n_chunks, C, cap)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _scored_logprobs(h_GxTxD, w, t_GxT, n_chunks, C: int, cap: float | None, vocab_first: bool):
+    return _scored_forward(h_GxTxD, w, t_GxT, n_chunks, C, cap, vocab_first)[0]
 
 
-def _scored_logprobs_fwd(h_GxTxD, w_DxV, t_GxT, n_chunks, C, cap):
-    logp_GxT, lse_GxT = _scored_forward(h_GxTxD, w_DxV, t_GxT, n_chunks, C, cap)
-    return logp_GxT, (h_GxTxD, w_DxV, t_GxT, n_chunks, lse_GxT)
+def _scored_logprobs_fwd(h_GxTxD, w, t_GxT, n_chunks, C, cap, vocab_first):
+    logp_GxT, lse_GxT = _scored_forward(h_GxTxD, w, t_GxT, n_chunks, C, cap, vocab_first)
+    return logp_GxT, (h_GxTxD, w, t_GxT, n_chunks, lse_GxT)
 
 
-def _scored_logprobs_bwd(C, cap, residuals, g_GxT):
+def _scored_logprobs_bwd(C, cap, vocab_first, residuals, g_GxT):
     """d/dz of log p(target) is onehot(target) - softmax(z) (times the soft-cap's derivative): per chunk
     the logits are recomputed (the forward kept only their log-sum-exp, [G, T]), then dh = dz W^T and
-    dW += h^T dz. Chunks past `n_chunks` hold no scored position: their gradient is 0, not computed."""
-    h_GxTxD, w_DxV, t_GxT, n_chunks, lse_GxT = residuals
+    dW += h^T dz, in W's own layout ([D, V] or [V, D]: no transposed copy of a tied embedding, nor of its
+    gradient). Chunks past `n_chunks` hold no scored position: their gradient is 0, not computed."""
+    h_GxTxD, w, t_GxT, n_chunks, lse_GxT = residuals
+    ws = _w_spec(vocab_first)
+    V = w.shape[0] if vocab_first else w.shape[-1]
 
     def body(i, carry):
-        dh_GxTxD, dw_DxV = carry
+        dh_GxTxD, dw = carry
         h_GxCxD, t_GxC, g_GxC = _slice(h_GxTxD, i, C), _slice(t_GxT, i, C), _slice(g_GxT, i, C)
-        logits_GxCxV = _chunk_logits(h_GxCxD, w_DxV, cap)
+        logits_GxCxV = _chunk_logits(h_GxCxD, w, cap, vocab_first)
         p_GxCxV = jnp.exp(logits_GxCxV - _slice(lse_GxT, i, C)[..., None])
-        onehot_GxCxV = jax.nn.one_hot(t_GxC, w_DxV.shape[-1], dtype=jnp.float32)
+        onehot_GxCxV = jax.nn.one_hot(t_GxC, V, dtype=jnp.float32)
         dz_GxCxV = g_GxC[..., None] * (onehot_GxCxV - p_GxCxV)
         if cap is not None:
             dz_GxCxV = dz_GxCxV * (1.0 - jnp.square(logits_GxCxV / cap))
-        dh_GxCxD = jnp.einsum("gcv,dv->gcd", dz_GxCxV, w_DxV, preferred_element_type=jnp.float32)
-        dw_DxV = dw_DxV + jnp.einsum("gcd,gcv->dv", h_GxCxD, dz_GxCxV, preferred_element_type=jnp.float32)
-        return _put(dh_GxTxD, dh_GxCxD.astype(dh_GxTxD.dtype), i, C), dw_DxV
+        dh_GxCxD = jnp.einsum(f"gcv,{ws}->gcd", dz_GxCxV, w, preferred_element_type=jnp.float32)
+        dw = dw + jnp.einsum(f"gcd,gcv->{ws}", h_GxCxD, dz_GxCxV, preferred_element_type=jnp.float32)
+        return _put(dh_GxTxD, dh_GxCxD.astype(dh_GxTxD.dtype), i, C), dw
 
-    init = (jnp.zeros_like(h_GxTxD), jnp.zeros_like(w_DxV, jnp.float32))
-    dh_GxTxD, dw_DxV = jax.lax.fori_loop(0, n_chunks, body, init)
+    init = (jnp.zeros_like(h_GxTxD), jnp.zeros_like(w, jnp.float32))
+    dh_GxTxD, dw = jax.lax.fori_loop(0, n_chunks, body, init)
     # Integer inputs (targets, the chunk count) take float0 cotangents.
     return (
         dh_GxTxD,
-        dw_DxV.astype(w_DxV.dtype),
+        dw.astype(w.dtype),
         np.zeros(t_GxT.shape, jax.dtypes.float0),
         np.zeros((), jax.dtypes.float0),
     )
@@ -150,6 +158,7 @@ def _chunked(
     logit_soft_cap: float | None,
     mask_BxT: Array | None = None,
     row_groups: int = 1,
+    vocab_first: bool = False,
 ) -> tuple[Array, Array]:
     """(log-probs float32 [B, T], number of chunks projected: a traced int32, for tests)."""
     if chunk_size < 1:
@@ -162,7 +171,8 @@ def _chunked(
     # (scored positions of the fullest row) x rows / chunk_size. Groups are whole rows in batch order, so
     # with one group per batch shard the regrouping and the sort stay on each device.
     hidden_GxTxD = hidden_BxTxD.reshape(row_groups, -1, D)
-    targets_GxT = _safe_targets(targets_BxT.reshape(row_groups, -1), unembed_DxV.shape[-1])
+    V = unembed_DxV.shape[0] if vocab_first else unembed_DxV.shape[-1]
+    targets_GxT = _safe_targets(targets_BxT.reshape(row_groups, -1), V)
     G, T, _ = hidden_GxTxD.shape
     if mask_BxT is not None:
         # Completion-only: a stable sort of each group puts its scored positions first (in order), so the
@@ -185,7 +195,7 @@ def _chunked(
     # A loop over exactly the chunks that hold scored positions, with a hand-written backward
     # (`_scored_logprobs_bwd`): no [G, T, V] float32 tensor exists, forward or backward, and the backward
     # keeps only the log-sum-exp of each position besides the inputs.
-    args = (hidden_GxTxD, unembed_DxV, targets_GxT, n_chunks, C, logit_soft_cap)
+    args = (hidden_GxTxD, unembed_DxV, targets_GxT, n_chunks, C, logit_soft_cap, vocab_first)
     logp_GxT = _scored_logprobs(*args)
     logp_GxT = jnp.where(keep_GxT, logp_GxT[:, :T], 0.0)
     if mask_BxT is not None:
@@ -202,6 +212,7 @@ def token_logprobs_from_hidden(
     chunk_size: int = 128,
     logit_soft_cap: float | None = None,
     row_groups: int = 1,
+    vocab_first: bool = False,
 ) -> Array:
     """Target log-probs from final hidden states and the unembedding, float32 [B, T].
 
@@ -219,6 +230,10 @@ def token_logprobs_from_hidden(
     scored positions (rounded up to chunks) instead of B x T. ``row_groups`` must divide B; when the rows
     are sharded over devices, pass the number of batch shards so each group lives on one device (the
     default, 1, sorts across all rows).
+
+    ``vocab_first=True``: ``unembed_DxV`` is given as [V, D] instead, e.g. a tied embedding matrix as it
+    is stored; it is contracted in that layout, forward and backward, and so is its gradient (no
+    transposed copy of a [V, D] matrix and of its gradient: 2 x 113 MB for a 49k x 576 float32 vocabulary).
     """
     return _chunked(
         hidden_BxTxD,
@@ -228,6 +243,7 @@ def token_logprobs_from_hidden(
         logit_soft_cap,
         mask_BxT=mask_BxT,
         row_groups=row_groups,
+        vocab_first=vocab_first,
     )[0]
 
 

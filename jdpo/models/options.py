@@ -5,7 +5,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jdpo.models.choices import EXPERT_TARGETS, FUSED_TARGETS, LORA_TARGETS
+from jdpo.models.choices import EXPERT_TARGETS, FUSED_TARGETS, LORA_TARGETS, layer_loop
 from jdpo.models.context_attention import CONTEXT_ATTENTION
 from jdpo.models.kernels import ATTENTION_CHOICES
 
@@ -63,15 +63,17 @@ class ModelOptions:
             raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
 
     @classmethod
-    def from_section(cls, section, *, dtype, context: int = 1) -> "ModelOptions":
+    def from_section(cls, section, *, dtype, model_config, context: int = 1) -> "ModelOptions":
         """From a run's `model:` config section (read by its field names); `dtype` is its compute dtype
         already resolved (its "auto" depends on the device, see `jdpo.train.trainer.resolve_dtype`);
-        `context`: the run's `mesh.context`."""
+        `model_config`: the checkpoint's `ModelConfig` (scan_layers and remat "auto" depend on its layers,
+        `choices.layer_loop`); `context`: the run's `mesh.context`."""
+        scan, remat = layer_loop_of(section, model_config)
         return cls(
             dtype=dtype,
             param_dtype=jnp.dtype(section.param_dtype),
-            remat=section.remat,
-            scan_layers=section.scan_layers,
+            remat=remat,
+            scan_layers=scan,
             attention=section.attention,
             attention_block=section.attention_block,
             freeze_router=section.freeze_router,
@@ -114,3 +116,9 @@ class LoRASpec:
 #: The projections of a decoder layer, by their Hugging Face module names: the seven of every family, then
 #: phi3's fused ones (qkv_proj in place of q/k/v_proj, gate_up_proj in place of gate/up_proj).
 PROJECTIONS = (*LORA_TARGETS, *FUSED_TARGETS)
+
+
+def layer_loop_of(section, model_config) -> tuple[bool, str]:
+    """A `model:` section's scan_layers and remat resolved for `model_config` (`choices.layer_loop`)."""
+    return layer_loop(section.scan_layers, section.remat, num_layers=model_config.num_layers,
+                      mixed_layers=len(set(model_config.expert_layers)) > 1)  # fmt: skip

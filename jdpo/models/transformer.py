@@ -162,6 +162,14 @@ class Transformer(nnx.Module):
             return self.embed_tokens.embedding[...].T.astype(self.options.dtype)
         return self.lm_head.kernel[...].astype(self.options.dtype)
 
+    def unembedding_as_stored(self):
+        """(the unembedding in the compute dtype, vocab_first): [D, V], or a tied model's embedding
+        matrix [V, D] untransposed with vocab_first True (`logprobs.token_logprobs_from_hidden` contracts
+        it in that layout, so neither it nor its gradient is copied transposed)."""
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.embedding[...].astype(self.options.dtype), True
+        return self.lm_head.kernel[...].astype(self.options.dtype), False
+
     def logits(self, h_BxTxD):
         """Logits [B, T, V] in float32 from final hidden states (final soft-cap applied when configured)."""
         logits_BxTxV = jnp.einsum(

@@ -58,10 +58,12 @@ def pair_logprobs(
     hidden_RxLxD, targets_RxL, mask_RxL, segments_RxL = (
         split_rows(x) for x in (hidden_BxTxD, batch.targets, batch.loss_mask, batch.segment_ids)
     )
+    unembed, vocab_first = model.unembedding_as_stored()
     logp_RxL = logprobs.token_logprobs_from_hidden(
         hidden_RxLxD,
-        model.unembedding(),
+        unembed,
         targets_RxL,
+        vocab_first=vocab_first,
         mask_BxT=mask_RxL,
         chunk_size=chunk_size,
         logit_soft_cap=model.config.final_logit_softcapping,

@@ -40,7 +40,8 @@ def initial_reference_params(config: Config, params, *, lora_run: bool, model_co
     if not path or Path(path).resolve() == Path(config.model.path).resolve():
         return params
     # The policy's options: the same parameter dtype and layout (only the parameters are used).
-    options = ModelOptions.from_section(config.model, dtype=dtype, context=config.mesh.context)
+    options = ModelOptions.from_section(config.model, dtype=dtype, model_config=model_config,
+                                        context=config.mesh.context)  # fmt: skip
     ref_model, ref_cfg = from_pretrained(path, options=options, mesh=mesh)
     if ref_cfg != model_config:
         raise ConfigError(f"dpo.reference_path {path} has another architecture than model.path")

@@ -294,6 +294,7 @@ def compiled_steps(s: StepSettings) -> Steps:
             in_shardings=(state_sh, rows_acc),
             out_shardings=(state_sh, replicated),
             donate_argnums=0,
+            compile_apart=True,  # the compiler's heap returned before the step's buffers are laid out
         ),
         forward=on_mesh(forward, in_shardings=(s.model_param_shardings(), rows), out_shardings=rows),
         init_opt=on_mesh(tx.init, in_shardings=(param_sh,), out_shardings=opt_sh),

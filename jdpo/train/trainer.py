@@ -157,7 +157,8 @@ class Trainer:
     def _load_model(self):
         """The policy from `model.path`: (trained params, LoRA's frozen base or None), born sharded."""
         m = self.config.model
-        options = ModelOptions.from_section(m, dtype=self.dtype, context=self.config.mesh.context)
+        options = ModelOptions.from_section(m, dtype=self.dtype, model_config=self.hf_model_config,
+                                            context=self.config.mesh.context)  # fmt: skip
         options = lora.model_options(options, self.config.lora, m.path)
         model, self.model_config = from_pretrained(m.path, options=options, mesh=self.mesh)
         # The kernel that runs (model.attention "auto" resolved for this backend and model) and its tile.
