@@ -132,12 +132,11 @@ TIMING = frozenset({"step_time", "tokens_per_sec", "mfu"})
 
 
 def logged_records(path, *, timing=TIMING) -> list[dict]:
-    """The records of a run's metrics.jsonl without the `timing` keys and the set-up records (wall times
-    of the run's phases, `jdpo.report.phases`): equal for runs that computed the same."""
+    """The records of a run's metrics.jsonl without the `timing` keys (equal for runs that computed the
+    same)."""
     from jdpo.report import metrics
 
-    records = [r for r in metrics.read_metrics(path) if not any(k.startswith(metrics.SETUP_PREFIX) for k in r)]
-    return [{k: v for k, v in r.items() if k not in timing} for r in records]
+    return [{k: v for k, v in r.items() if k not in timing} for r in metrics.read_metrics(path)]
 
 
 def train_steps(trainer, n):

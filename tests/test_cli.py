@@ -166,6 +166,8 @@ def test_preset_parses(preset):
     for section, values in raw.items():
         for name, value in values.items():
             parsed = getattr(getattr(cfg, section), name)
+            if isinstance(value, bool) and isinstance(parsed, str):  # an auto / true / false setting
+                value = str(value).lower()
             assert parsed == (tuple(value) if isinstance(value, list) else value), f"{section}.{name}"
 
 

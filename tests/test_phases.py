@@ -4,7 +4,6 @@ PyTorch kept out of `jdpo train`, the heap handed back after a compile."""
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
 import time
@@ -27,27 +26,26 @@ def test_phases_add_up_in_order_with_the_resident_memory_at_each_end():
     assert got["tokenizer"][0] >= 0.02 and got["model load"][0] >= 0.01
     assert all(gib is None or 0 < gib < 1024 for _, gib in got.values())
     assert phases.take() == {}  # taken: the next report holds only what runs after
-    rec = phases.record({"model load": (1.25, 0.5), "step-0 eval": (0.0, None)})
-    assert rec == {"setup/model_load": 1.25, "setup/model_load_rss_gib": 0.5, "setup/step_0_eval": 0.0}
+    rec = phases.record("set-up", 0, {"model load": (1.25, 0.5), "step-0 eval": (0.0, None)})
+    assert rec == {"what": "set-up", "step": 0, "seconds": {"model load": 1.25, "step-0 eval": 0.0},
+                   "rss_gib": {"model load": 0.5}}  # fmt: skip
     assert phases.line({"model load": (1.25, 0.5), "export": (2.0, None)}) == (
         "model load 1.2 s (0.50 GiB), export 2.0 s; 3.2 s in all"
     )
 
 
-def test_a_run_logs_its_set_up_phases_once_and_the_console_prints_no_progress_line_for_them(assets, tmp_path):
+def test_a_run_writes_its_set_up_and_wrap_up_phases_beside_its_metrics(assets, tmp_path):
     from jdpo.train import trainer as train
 
-    cfg = run_config(assets, tmp_path / "run", **{"train.max_steps": 2, "train.export": False})
+    cfg = run_config(assets, tmp_path / "run", **{"train.max_steps": 2, "train.export": True})
     result = train.run(cfg, mesh=one_device())
-    records = metrics.read_metrics(result.metrics_path)
-    setup = [r for r in records if any(k.startswith(metrics.SETUP_PREFIX) for k in r)]
-    assert len(setup) == 1 and setup[0]["step"] == 0
-    for phase in ("tokenizer", "data", "model_load", "reference_pass", "initial_state", "step_0_eval"):
-        assert setup[0][f"setup/{phase}"] >= 0, phase
-        assert setup[0][f"setup/{phase}_rss_gib"] > 0, phase
-    out = io.StringIO()
-    metrics.ConsoleWriter(total_steps=2, stream=out).write(0, {k: v for k, v in setup[0].items() if k != "step"})
-    assert out.getvalue() == ""
+    setup, wrap_up = phases.read(result.output_dir)
+    assert (setup["what"], setup["step"], wrap_up["what"], wrap_up["step"]) == ("set-up", 0, "wrap-up", 2)
+    for phase in ("tokenizer", "data", "model load", "reference pass", "initial state", "step-0 eval"):
+        assert setup["seconds"][phase] >= 0 and setup["rss_gib"][phase] > 0, phase
+    assert set(wrap_up["seconds"]) == {"final checkpoint", "export"}
+    # metrics.jsonl stays the training curve: every record has a step's or an eval's numbers.
+    assert all("loss" in r or "eval/loss" in r for r in metrics.read_metrics(result.metrics_path))
 
 
 def test_jdpo_train_keeps_torch_out_and_user_code_may_still_import_it():

@@ -267,11 +267,11 @@ def run_jdpo(model_dir: str, data: str, work: Path, *, plan: dict, max_length: i
     process_s, peak_rss_gib = measured_run(cmd, env)
     from jdpo.report import metrics
 
-    logged = metrics.read_metrics(run / "out" / metrics.METRICS_FILE)
-    records = [r for r in logged if "step_time" in r]
-    # The set-up's phases (`jdpo.report.phases`): seconds, and the resident GiB at each one's end.
-    setup = {k.removeprefix(metrics.SETUP_PREFIX): v for r in logged for k, v in r.items()
-             if k.startswith(metrics.SETUP_PREFIX)}  # fmt: skip
+    records = [r for r in metrics.read_metrics(run / "out" / metrics.METRICS_FILE) if "step_time" in r]
+    # The run's phases outside its steps (`jdpo.report.phases`): seconds, and the resident GiB at each end.
+    from jdpo.report import phases
+
+    setup = {r["what"]: r for r in phases.read(run / "out")}
     steps = plan["steps"]
     if len(records) != len(steps):
         raise RuntimeError(f"jdpo logged {len(records)} steps, the packing plan has {len(steps)}")
@@ -404,14 +404,16 @@ def report(results: dict, out: Path, what: str, suffix: str = "") -> None:
                          f"{j['tokens_sequences']} in the sequences (tok/s counts the former)")  # fmt: skip
     if "jdpo" in results:
         j = results["jdpo"]
-        phase = {k: v for k, v in j.get("setup", {}).items() if not k.endswith("_rss_gib")}
+        phase = j.get("setup", {}).get("set-up", {}).get("seconds", {})
         if phase:
             setup_s, first = sum(phase.values()), j["step_times"][0]
             rest = j["process_s"] - setup_s - j["train_s"]
+            wrap = j["setup"].get("wrap-up", {}).get("seconds", {})
             lines.append(f"jdpo outside the steps: set-up {setup_s:.1f} s ("
-                         + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in phase.items() if v >= 0.5)
-                         + f"), the first step {first:.1f} s (its compile), after the last step {rest:.1f} s "
-                         "(final checkpoint, export, exit)")  # fmt: skip
+                         + ", ".join(f"{k} {v:.1f}" for k, v in phase.items() if v >= 0.5)
+                         + f"), the first step {first:.1f} s (with its compile), after the last step "
+                         f"{rest:.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in wrap.items())
+                         + ", exit)")  # fmt: skip
         if j.get("overrides"):
             lines.append("jdpo settings: " + " ".join(f"{k}={v}" for k, v in j["overrides"].items()))
         lines.append(f"MFU: steady state, of the measured matmul peak "

@@ -48,8 +48,6 @@ PADDING_FRACTION = "padding_fraction"  # pad tokens / all token slots of the ste
 STEP_TIME = "step_time"  # seconds of wall clock per optimizer step
 
 EVAL_PREFIX = "eval/"
-# Seconds of the run's phases outside its steps (`jdpo.report.phases`), in a record of their own.
-SETUP_PREFIX = "setup/"
 
 
 def eval_name(name: str) -> str:
@@ -287,10 +285,6 @@ class ConsoleWriter:
         return None
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-        # The set-up phases have their own console line (`jdpo.train.loop`), not a progress line.
-        metrics = {k: v for k, v in metrics.items() if not k.startswith(SETUP_PREFIX)}
-        if not metrics:
-            return
         stream = self.stream or sys.stdout
         if stream.isatty():
             self._write_bar(stream, step, metrics)

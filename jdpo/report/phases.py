@@ -6,16 +6,22 @@
 
 One recorder per process (the phases of one run; a second run in the same process starts it again with
 `reset`). "process start" is the time from the process's start (from /proc on Linux) to the first phase:
-the interpreter, the imports and the config. The train loop logs the summary once before the first step
-(`setup/<phase>` in metrics.jsonl and a console line) and once after the run (the final save and the
-export). This module imports nothing heavy.
+the interpreter, the imports and the config. The train loop reports the phases once before the first
+step ("set-up") and once after the run ("wrap-up": the final save and the export): a console line each,
+and a record each in `<output_dir>/phases.jsonl` (PHASES_FILE; apart from metrics.jsonl, whose records
+are the training curve). This module imports nothing heavy.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
+
+from jdpo.paths import as_path
+
+PHASES_FILE = "phases.jsonl"
 
 _phases: dict[str, float] = {}
 _rss: dict[str, float] = {}  # phase -> the process's resident memory (GiB) when it last ended
@@ -96,13 +102,25 @@ def line(values: dict[str, tuple[float, float | None]]) -> str:
     return f"{parts}; {sum(s for s, _ in values.values()):.1f} s in all"
 
 
-def record(values: dict[str, tuple[float, float | None]]) -> dict[str, float]:
-    """The metrics.jsonl form (`jdpo.report.metrics.SETUP_PREFIX`): {"setup/model_load": 6.2,
-    "setup/model_load_rss_gib": 1.6, ...}."""
-    out = {}
-    for k, (s, g) in values.items():
-        key = "setup/" + k.replace(" ", "_").replace("-", "_")
-        out[key] = round(s, 3)
-        if g is not None:
-            out[key + "_rss_gib"] = round(g, 3)
-    return out
+def record(what: str, step: int, values: dict[str, tuple[float, float | None]]) -> dict:
+    """One line of PHASES_FILE: {"what": "set-up", "step": 0, "seconds": {"model load": 6.2, ...},
+    "rss_gib": {"model load": 1.6, ...}} (`step`: the run's step when it was taken)."""
+    return {
+        "what": what,
+        "step": step,
+        "seconds": {k: round(s, 3) for k, (s, _) in values.items()},
+        "rss_gib": {k: round(g, 3) for k, (_, g) in values.items() if g is not None},
+    }
+
+
+def append(output_dir, rec: dict) -> None:
+    """Add `rec` as a line of `<output_dir>/phases.jsonl` (a local path or an `etils.epath` URL)."""
+    path = as_path(output_dir) / PHASES_FILE
+    before = path.read_text() if path.exists() else ""
+    path.write_text(before + json.dumps(rec) + "\n")
+
+
+def read(output_dir) -> list[dict]:
+    """The records of `<output_dir>/phases.jsonl` ([] when there is none)."""
+    path = as_path(output_dir) / PHASES_FILE
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []

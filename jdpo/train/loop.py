@@ -159,7 +159,7 @@ def _fit(tr, callbacks, attach_hooks) -> RunResult:
             with phases.timed("step-0 eval"):
                 for fn in loop.start_hooks if start == 0 else ():
                     fn(loop)
-            _log_phases(loop, "set-up", step=start)
+            _log_phases(tr, "set-up", step=start)
             step = loop.run()
             with phases.timed("final checkpoint"):
                 if step > start:
@@ -184,7 +184,7 @@ def _fit(tr, callbacks, attach_hooks) -> RunResult:
     with phases.timed("export"):
         final_dir = tr.export() if exporting else None
         best_dir = tr.export_best() if exporting and tr.best is not None else None
-    _log_phases(None, "wrap-up", step=step, console=c.logging.console)
+    _log_phases(tr, "wrap-up", step=step)
     result = RunResult(
         step=step,
         metrics=loop.last,
@@ -208,14 +208,12 @@ def _fit(tr, callbacks, attach_hooks) -> RunResult:
     return result
 
 
-def _log_phases(loop: Loop | None, what: str, *, step: int, console: bool | None = None) -> None:
-    """The phases timed since the last call (`jdpo.report.phases`): a console line, and with a loop a
-    record in metrics.jsonl (setup/<phase> seconds) at `step`."""
+def _log_phases(tr, what: str, *, step: int) -> None:
+    """The phases timed since the last call (`jdpo.report.phases`): a console line and a line of
+    `<output_dir>/phases.jsonl`, on process 0."""
     values = phases.take()
     if not values or jax.process_index() != 0:
         return
-    console = loop.trainer.config.logging.console if console is None else console
-    if console:
+    if tr.config.logging.console:
         print(f"jdpo: {what}: {phases.line(values)}", flush=True)
-    if loop is not None:
-        loop.logger.log(step, phases.record(values))
+    phases.append(tr.output_dir, phases.record(what, step, values))
