@@ -7,6 +7,7 @@ torch (`keep_torch_out`).
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -18,9 +19,14 @@ def keep_torch_out() -> bool:
     if "torch" in sys.modules or "transformers" in sys.modules:
         return False
     sys.modules["torch"] = None  # type: ignore[assignment]  # find_spec("torch") -> None, import fails
+    # Without transformers' advice that "models won't be available": jdpo never asks it for one.
+    quiet = "TRANSFORMERS_NO_ADVISORY_WARNINGS" not in os.environ
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         from transformers.utils import import_utils
 
         return not import_utils.is_torch_available()
     finally:
         del sys.modules["torch"]  # code that imports torch itself later still can
+        if quiet:
+            os.environ.pop("TRANSFORMERS_NO_ADVISORY_WARNINGS", None)
