@@ -25,7 +25,6 @@ from jdpo import config as C
 from jdpo.commands import lean_process
 from jdpo.commands.cli_inference import add_eval, add_generate
 from jdpo.errors import EXIT_UPLOAD_FAILED, EXIT_USER_ERROR, HubUploadError, NonFiniteLossError, UserError
-from jdpo.parallel import host_memory
 
 
 def format_default(value: Any) -> str:
@@ -500,7 +499,6 @@ def entry() -> None:
     shutdown on a multi-host run); an exception propagates as usual. ``main`` itself, which tests and
     scripts call in-process, returns normally, and ``python -m jdpo.cli`` exits the ordinary way (so a
     profiler or debugger that runs the module gets to write its report)."""
-    host_memory.limit_arenas()  # before JAX starts its threads
     status = main()
     import atexit
 
