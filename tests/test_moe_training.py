@@ -1,7 +1,8 @@
 """Training mixture-of-experts models (issue 29): the router's load-balancing loss equals transformers'
 `aux_loss` on the same padded batch, enters the train step's loss (never the reference's) with its
 metrics, `model.freeze_router` leaves the router bitwise unchanged, a resumed MoE run is bit-identical,
-and experts sharded over `mesh.expert` (data 2 x expert 4 of 8 CPU devices) train like one device."""
+and experts sharded over `mesh.expert` (data 2 x expert 4, and data 2 x fsdp 2 x expert 2, of 8 CPU
+devices) run and train like one device."""
 
 from __future__ import annotations
 
@@ -157,6 +158,41 @@ def test_expert_sharded_forward_matches_one_device(moe_assets):
     np.testing.assert_allclose(got_h, want_h, atol=1e-5)
     for k in want_stats:
         np.testing.assert_allclose(got_stats[k], want_stats[k], rtol=1e-6)
+
+
+FSDP_EXPERT = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.expert": 2}
+
+
+def test_expert_and_fsdp_sharded_forward_matches_one_device(moe_assets):
+    """data 2 x fsdp 2 x expert 2: the experts over the expert axis and their model dimension (like
+    every parameter's) over fsdp, the rows over all three axes; the same hidden states and statistics."""
+    model, config = from_pretrained(moe_assets.model_dir)
+    ids = jnp.asarray(np.random.RandomState(0).randint(1, 100, (8, 12)), jnp.int32)
+    segments = jnp.asarray(np.arange(12)[None] < np.arange(5, 13)[:, None], jnp.int32)
+    want_h, want_stats = model.hidden_and_router(ids, segment_ids_BxT=segments)
+    mesh = make_mesh(2, 2, 1, expert=2)
+    sharded, _ = from_pretrained(moe_assets.model_dir, mesh=mesh)
+    kernel = sharded.layers[0].mlp.experts.up_proj.get_value()  # [E, D, F]
+    assert kernel.sharding.shard_shape(kernel.shape)[:2] == (2, config.hidden_size // 2)
+    with jax.set_mesh(mesh):
+        got_h, got_stats = jax.jit(lambda i, s: sharded.hidden_and_router(i, segment_ids_BxT=s))(
+            ids, segments
+        )
+    np.testing.assert_allclose(got_h, want_h, atol=1e-5)
+    for k in want_stats:
+        np.testing.assert_allclose(got_stats[k], want_stats[k], rtol=1e-6)
+
+
+def test_expert_and_fsdp_sharded_train_step_matches_one_device(moe_assets, tmp_path):
+    """One DPO step on data 2 x fsdp 2 x expert 2 (the aux loss on): loss, aux loss and gradient norm."""
+    over = {"model.router_aux_loss_coef": 0.05, "train.max_steps": 1, **FSDP_EXPERT}
+    single = steps(train.Trainer(make_config(moe_assets, tmp_path / "one", **over), mesh=one_device()), 1)
+    sharded_tr = train.Trainer(
+        make_config(moe_assets, tmp_path / "fsdp_ep", **over), mesh=make_mesh(2, 2, 1, expert=2)
+    )
+    sharded = steps(sharded_tr, 1)
+    for k in ("loss", "aux_loss", "grad_norm", "moe/expert_load_max", "rewards/margins"):
+        assert single[0][k] == pytest.approx(sharded[0][k], rel=1e-4, abs=1e-6), k
 
 
 def test_generate_on_an_expert_mesh_matches_one_device(moe_assets, tmp_path):

@@ -248,6 +248,35 @@ def test_expert_lora_counts_one_adapter_per_expert_by_hand():
     )
 
 
+def test_quantised_experts_count_by_hand():
+    """QLoRA on the mixtral-shaped TINY (4 experts of 32, top 2; nf4): the stacked experts are stored as
+    two codes per byte plus a float32 absmax per block (16 along D = 16, 32 along F_e = 32), and the
+    dequantised layer is the attention's four kernels and the device's experts' three stacked ones."""
+    import dataclasses
+
+    moe = dataclasses.replace(TINY, family="mixtral", num_experts=4, experts_per_token=2,
+                              moe_intermediate_size=32, norm_topk_prob=True)  # fmt: skip
+    over = {"mesh.fsdp": 1, "lora.rank": 2, "lora.targets": ("q_proj",)}
+    plain = plan.plan_memory(moe, tiny_cfg(**over), num_devices=1)
+    nf4 = plan.plan_memory(moe, tiny_cfg(**over, **{"lora.quantize": "nf4"}), num_devices=1)
+    attention = 256 + 128 + 128 + 256  # q, k, v, o weights of one layer
+    experts = 3 * 4 * 16 * 32  # gate, up, down of 4 experts
+    # per layer, float32 -> nf4: attention blocks of 16 (q, k, v along D) and 4 (o along H); expert blocks
+    # of 16 (gate, up along D) and 32 (down along F_e)
+    attention_nf4 = attention // 2 + (256 + 128 + 128) // 16 * 4 + 256 // 4 * 4
+    experts_nf4 = experts // 2 + 2 * (4 * 16 * 32) // 16 * 4 + (4 * 32 * 16) // 32 * 4
+    saved = 2 * (attention * 4 - attention_nf4 + experts * 4 - experts_nf4)
+    assert plain.part("base (frozen)") - nf4.part("base (frozen)") == saved
+    assert "nf4 projections and experts" in nf4.rows[0][2]
+    assert f"{moe.num_params():,} params" in nf4.rows[0][2]  # weights, not stored bytes
+    assert nf4.part("dequantised layer") == (attention + experts) * 4
+    ep = plan.plan_memory(
+        moe, tiny_cfg(**over, **{"lora.quantize": "int8", "mesh.expert": 2, "train.batch_rows": 2}),
+        num_devices=2,
+    )  # fmt: skip
+    assert ep.part("dequantised layer") == (attention + experts // 2) * 4  # this device's 2 experts
+
+
 def test_context_axis_and_offload_by_hand():
     """mesh.context = 4: a device holds T / 4 of each row's activations, plus one layer's k / v of the
     whole row (all_gather) or two shards (ring) with float32 gradients; `remat: offload` keeps no layer

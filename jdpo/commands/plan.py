@@ -19,9 +19,10 @@ they divide by it):
   optimizer       AdamW state from `jax.eval_shape(optimizer.init)` (two moments shaped like the
                   parameters, in the parameter dtype), sharded like the parameters
   reference       online reference only: a frozen copy of the parameters
-  LoRA            with lora.rank > 0 the parameters are the frozen base (its projection kernels int8
-                  plus a float32 scale per output channel with lora.quantize: int8; 4-bit codes plus a
-                  float32 scale per 64 weights with nf4) and the adapters;
+  LoRA            with lora.rank > 0 the parameters are the frozen base (its projection kernels, and an
+                  MoE model's stacked expert kernels, int8 plus a float32 scale per output channel with
+                  lora.quantize: int8; 4-bit codes plus a float32 scale per 64 weights with nf4) and the
+                  adapters;
                   gradients, optimizer state and the online reference count the adapters only, and
                   the activations add each adapted projection's rank-r intermediate x A, L * targets *
                   r * b per token
@@ -54,7 +55,9 @@ they divide by it):
                   positions at a time (`jdpo.train.step.LOGPROB_CHUNK`, the train step's chunk size)
   batch           the step's [A, B, T] int32/float32 input arrays (5 per token)
   dequantised     lora.quantize int8 / nf4: one layer's seven projection kernels dequantised into the
-  layer           compute dtype while the layer runs, (D (N + 2K) H + N H D + 3 D F) * b
+  layer           compute dtype while the layer runs, (D (N + 2K) H + N H D + 3 D F) * b; an MoE layer's
+                  stacked experts are quantised too, and dequantised per layer: its E / X experts'
+                  (this device's, X = mesh.expert) 3 D F_e each in place of the MLP's 3 D F
   reference cache on host / disk, not on the device: 16 bytes per pair (two float32 log-probs and
                   two int32 token counts), train + eval pairs
 
@@ -351,6 +354,24 @@ def context_kv_bytes(model_config, *, how: str, rows: int, row_length: int, cont
     return rows * tokens * kv
 
 
+def dequantised_layer_bytes(model_config, *, tensor: int, expert: int, dtype_bytes: int) -> tuple[int, str]:
+    """(bytes, what) of the largest layer's kernels dequantised into the compute dtype under
+    lora.quantize: the attention's four projections plus the gated MLP's three (a dense layer) or this
+    device's E / X experts' stacked kernels (an MoE layer; the expert-parallel dispatch dequantises a
+    device's own experts only)."""
+    c = model_config
+    D, N, K = c.hidden_size, _split(c.num_heads, tensor), _split(c.num_kv_heads, tensor)
+    attention = D * (N + 2 * K) * c.head_dim + N * c.head_dim * D
+    moe = sum(c.expert_layers)
+    dense = 3 * D * _split(c.intermediate_size, tensor) if moe < c.num_layers else 0
+    experts = 3 * D * _split(c.moe_intermediate_size, tensor) * (c.num_experts // expert) if moe else 0
+    if experts >= dense:
+        what = f"4 attention kernels and {c.num_experts // expert} experts' 3 stacked kernels"
+    else:
+        what = "7 projection kernels"
+    return (attention + max(dense, experts)) * dtype_bytes, what
+
+
 def plan_memory(
     model_config,
     cfg,
@@ -389,7 +410,7 @@ def plan_memory(
     num_all = sum(
         math.prod(s) * (2 if dt == jnp.uint8 else 1)
         for name, s, dt, _ in everything
-        if not name.endswith("kernel_scale")
+        if not name.endswith("_scale")
     )
     param_bytes = sum(local[name] * dt.itemsize for name, _, dt, _ in params)
     frozen_bytes = sum(local[name] * dt.itemsize for name, _, dt, _ in frozen)
@@ -457,7 +478,8 @@ def plan_memory(
         base_dtype = (
             m.param_dtype
             if cfg.lora.quantize == "none"
-            else f"{cfg.lora.quantize} projections, {m.param_dtype} rest"
+            else f"{cfg.lora.quantize} projections{' and experts' if model_config.num_experts else ''}, "
+            f"{m.param_dtype} rest"
         )
         rows = [
             ("base (frozen)", frozen_bytes, f"{num_all - num_params:,} params{active}, {base_dtype}"),
@@ -487,15 +509,8 @@ def plan_memory(
         what = "the whole row's" if how in ("auto", "all_gather") else "two ring shards'"
         rows.append(("context k / v", kv, f"{how}: one layer's k / v, {what}, with f32 gradients"))
     if lora and cfg.lora.quantize != "none":  # each layer's kernels are dequantised as it runs
-        c = model_config
-        D, N, K, F = (
-            c.hidden_size,
-            _split(c.num_heads, tensor),
-            _split(c.num_kv_heads, tensor),
-            _split(c.intermediate_size, tensor),
-        )
-        layer = (D * (N + 2 * K) * c.head_dim + N * c.head_dim * D + 3 * D * F) * b
-        rows.append(("dequantised layer", layer, f"one layer's 7 projection kernels in {dtype.name}"))
+        layer, what = dequantised_layer_bytes(model_config, tensor=tensor, expert=expert, dtype_bytes=b)
+        rows.append(("dequantised layer", layer, f"one layer's {what} in {dtype.name}"))
     ref_cache = (
         None if num_pairs is None or cfg.dpo.reference != "cached" else num_pairs * REF_CACHE_BYTES_PER_PAIR
     )

@@ -18,6 +18,7 @@ from jdpo.errors import ConfigError
 from jdpo.models import quantize as quantization
 from jdpo.models.choices import EXPERT_TARGETS, FUSED_TARGETS, LORA_TARGETS
 from jdpo.models.config import ModelConfig
+from jdpo.models.dispatch import QUANTIZED_KERNELS
 from jdpo.models.layers import Dense
 from jdpo.models.moe import Experts, expert_adapter_shapes
 from jdpo.models.options import PROJECTIONS, LoRASpec
@@ -128,8 +129,8 @@ def adapter_spec(
             raise ConfigError(
                 f"lora.rank={rank} is larger than {name}'s dimensions ({n_in} in, {n_out} out) in {where}"
             )
-    if quantize == "nf4":  # two 4-bit codes per byte along each projection's last input axis
-        for name, (in_shape, _) in projection_shapes(config).items():
+    if quantize == "nf4":  # two 4-bit codes per byte along each projection's (and expert's) last input axis
+        for name, (in_shape, _) in {**projection_shapes(config), **expert_shapes(config)}.items():
             if in_shape[-1] % 2:
                 raise ConfigError(
                     f"lora.quantize=nf4 packs two weights per byte along {name}'s input axis, whose size "
@@ -163,6 +164,15 @@ def base_kernel(dense) -> jax.Array:
         dense.kernel[...], dense.kernel_scale[...], dense.quantize, n_in=dense.n_in, n_out=dense.n_out,
         dtype=jnp.float32,
     )  # fmt: skip
+
+
+def expert_kernel(experts: Experts, name: str) -> jax.Array:
+    """A stacked expert kernel of `experts` ([..., E, in, *out]) in float32 (a quantised one dequantised)."""
+    value = getattr(experts, name)[...]
+    if experts.quantize == "none":
+        return value.astype(jnp.float32)
+    scale, n_out = getattr(experts, f"{name}_scale")[...], QUANTIZED_KERNELS[name]
+    return quantization.dequantize(value, scale, experts.quantize, n_in=1, n_out=n_out, dtype=jnp.float32)
 
 
 def delta(dense) -> jax.Array:
@@ -199,12 +209,16 @@ def expert_deltas(experts: Experts) -> dict[str, jax.Array]:
 
 def merged(model: Transformer) -> Transformer:
     """The same function without adapters: every adapted kernel W + (alpha / r) A B (a quantised base
-    dequantised first; a stacked expert kernel W_e + (alpha / r) A_e B_e per expert), in `param_dtype`
-    and the kernel's sharding; every other parameter shared. What `final_merged/` exports."""
+    dequantised first, the experts' too; a stacked expert kernel W_e + (alpha / r) A_e B_e per expert), in
+    `param_dtype` and the kernel's sharding; every other parameter shared. What `final_merged/` exports."""
     options = dataclasses.replace(model.options, lora=None)
     plain = nnx.eval_shape(lambda: Transformer(model.config, options=options, rngs=nnx.Rngs(0)))
     projections = dense_modules(model, adapted=False)
-    experts = {p: m for p, m in nnx.iter_graph(model) if isinstance(m, Experts) and m.lora_scale is not None}
+    experts = {
+        p: m
+        for p, m in nnx.iter_graph(model)
+        if isinstance(m, Experts) and (m.lora_scale is not None or m.quantize != "none")
+    }
     deltas: dict[tuple, dict] = {}
     source = {path: v for path, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
     for path, var in nnx.iter_graph(plain):
@@ -220,8 +234,12 @@ def merged(model: Transformer) -> Transformer:
         elif path[:-1] in experts:
             if path[:-1] not in deltas:
                 deltas[path[:-1]] = expert_deltas(experts[path[:-1]])
-            if (d := deltas[path[:-1]].get(path[-1])) is not None:
-                kernel = value.astype(jnp.float32) + d
+            module = experts[path[:-1]]
+            d = deltas[path[:-1]].get(path[-1])
+            quantized = module.quantize != "none" and path[-1] in QUANTIZED_KERNELS
+            if d is not None or quantized:
+                kernel = expert_kernel(module, path[-1]) if quantized else value.astype(jnp.float32)
+                kernel = kernel if d is None else kernel + d
                 value = jax.device_put(kernel.astype(var.get_value().dtype), value.sharding)
         var.set_value(value)
     return plain

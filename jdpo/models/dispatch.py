@@ -10,16 +10,32 @@ kernel w [E, in, *out]) and `bias_of(b)` (their expert's bias from b [E, *out]).
 import jax
 import jax.numpy as jnp
 
+from jdpo.models import quantize as quantization
+
 SWIGLU_ALPHA = 1.702  # gpt_oss's clamped SwiGLU: gate * sigmoid(alpha * gate)
 
+#: The stacked expert kernels a quantised base stores as codes (`lora.quantize`; biases stay float), with
+#: their number of output axes (gpt_oss's gate_up_proj [E, D, F, 2]: two).
+QUANTIZED_KERNELS = {"gate_proj": 1, "up_proj": 1, "gate_up_proj": 2, "down_proj": 1}
 
-def expert_mlp(kernels: dict, x, matmul, bias_of, *, act: str, limit: float | None, lora_scale=None):
+
+def expert_mlp(
+    kernels: dict, x, matmul, bias_of, *, act: str, limit: float | None, lora_scale=None, quantize="none"
+):  # fmt: skip
     """One gated expert on rows x: down(act(gate x) * up x). gpt_oss (`limit`): gate and up interleaved
     in one kernel [E, D, F, 2] with biases, gate clamped above at `limit`, up to +-limit, and
     (up + 1) * gate * sigmoid(1.702 gate); the output projection has a bias. Per-expert LoRA adapters
     (`kernels["gate_up_proj_lora_a"]` [E, D, r] and `_lora_b` [E, r, 2, F] (gpt_oss [E, r, F, 2]), likewise
     down_proj's) add lora_scale (x A_e) B_e to their projection: two more grouped matmuls, no merged
-    kernel."""
+    kernel. `quantize` (int8 / nf4, QLoRA): the kernels are codes with their scales under <name>_scale,
+    dequantised here to x's dtype (inside the expert-parallel shard_map: the device's own experts)."""
+
+    def kernel(name):
+        w = kernels[name]
+        if quantize == "none":
+            return w
+        scale, n_out = kernels[f"{name}_scale"], QUANTIZED_KERNELS[name]
+        return quantization.dequantize(w, scale, quantize, n_in=1, n_out=n_out, dtype=x.dtype)
 
     def adapter(name, x):
         if f"{name}_lora_a" not in kernels:
@@ -28,20 +44,20 @@ def expert_mlp(kernels: dict, x, matmul, bias_of, *, act: str, limit: float | No
         return matmul(xa, kernels[f"{name}_lora_b"]) * jnp.asarray(lora_scale, xa.dtype)
 
     if limit is None:
-        gate, up = matmul(x, kernels["gate_proj"]), matmul(x, kernels["up_proj"])
+        gate, up = matmul(x, kernel("gate_proj")), matmul(x, kernel("up_proj"))
         if (d := adapter("gate_up_proj", x)) is not None:
             gate, up = gate + d[..., 0, :], up + d[..., 1, :]
         gate = jax.nn.silu(gate) if act == "silu" else jax.nn.gelu(gate, approximate=True)
         h = gate * up
-        y = matmul(h, kernels["down_proj"])
+        y = matmul(h, kernel("down_proj"))
         return y if (d := adapter("down_proj", h)) is None else y + d
-    gate_up = matmul(x, kernels["gate_up_proj"]) + bias_of(kernels["gate_up_proj_bias"])
+    gate_up = matmul(x, kernel("gate_up_proj")) + bias_of(kernels["gate_up_proj_bias"])
     if (d := adapter("gate_up_proj", x)) is not None:
         gate_up = gate_up + d
     gate = jnp.minimum(gate_up[..., 0], limit)
     up = jnp.clip(gate_up[..., 1], -limit, limit)
     h = (up + 1) * (gate * jax.nn.sigmoid(gate * SWIGLU_ALPHA))
-    y = matmul(h, kernels["down_proj"]) + bias_of(kernels["down_proj_bias"])
+    y = matmul(h, kernel("down_proj")) + bias_of(kernels["down_proj_bias"])
     return y if (d := adapter("down_proj", h)) is None else y + d
 
 

@@ -37,7 +37,10 @@ def _local_assignments(experts_MxK, num_local: int, first):
 
 
 def sharded_experts(x_MxD, experts_MxK, weights_MxK, kernels: dict, expert_fn, num_experts: int):
-    """The MoE output [M, D] with the experts sharded over the current mesh's "expert" axis."""
+    """The MoE output [M, D] with the experts sharded over the current mesh's "expert" axis. Every entry of
+    `kernels` has a leading [E] axis (a quantised base's codes and scales too: each device dequantises
+    its own experts inside `expert_fn`); their other axes are gathered whole per device (an fsdp split of
+    the model dimension, as FSDP gathers a layer's weights)."""
     mesh = current_mesh()
     X = expert_axis_size()
     if num_experts % X:

@@ -8,10 +8,12 @@ skipped silently are `rotary_emb.inv_freq` buffers some old exports carry (deriv
 """
 
 import contextlib
+import functools
 import json
 import math
 import os
 import re
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +26,10 @@ from safetensors.numpy import save_file
 from jdpo.errors import UserError
 from jdpo.models import quantize as quantization
 from jdpo.models.config import ModelConfig
+from jdpo.models.dispatch import QUANTIZED_KERNELS
 from jdpo.models.families import WeightSpec, weight_table
 from jdpo.models.layers import Dense
+from jdpo.models.moe import Experts
 from jdpo.models.options import ModelOptions
 from jdpo.models.transformer import Transformer
 from jdpo.parallel.sharding import named_sharding, param_shardings
@@ -126,12 +130,13 @@ def from_pretrained(path, *, options: ModelOptions | None = None, mesh=None):
     scan_layers, param_dtype = options.scan_layers, options.param_dtype
     # LoRA adapters (options.lora) are not in a base checkpoint: they are initialised after the load.
     params = {k: v for k, v in _model_params(model).items() if not isinstance(v, nnx.LoRAParam)}
-    # A quantised base (options.lora.quantize, `jdpo.models.quantize`): each kernel is read as float and
-    # quantised right after it loads, its scale computed from it, so at most one float kernel is held
-    # at a time.
+    # A quantised base (options.lora.quantize, `jdpo.models.quantize`; the projections' kernels and the
+    # MoE experts' stacked kernels): each kernel is read as float and quantised right after it loads, its
+    # scale computed from it, so at most one float kernel (one layer's, in a scanned stack) is held at a
+    # time.
     quantized = _quantized_kernels(model)
     for name in quantized:
-        params.pop(name[: -len("kernel")] + "kernel_scale")
+        params.pop(name + "_scale")
     key_to_file = _checkpoint_files(path)
     L = config.num_layers
     used: set[str] = set()
@@ -169,22 +174,19 @@ def from_pretrained(path, *, options: ModelOptions | None = None, mesh=None):
                 if var is None:
                     raise CheckpointError(f"weight table names {model_path}, which the model does not have")
                 tensors = jax.tree.map(lambda k, p=model_path, s=spec: open_tensor(k, s.hf_shape, p), keys)
-                dense = quantized.get(model_path)
-                shape = var.get_value().shape
-                if dense is not None:
-                    shape = quantization.float_shape(dense.quantize, shape, dense.n_out)
-                loaded = _load_array(
-                    shape,
-                    _sharding_for(var, mesh, shape),
-                    tensors,
-                    spec,
-                    stacked=int(per_layer and scan_layers) + bool(spec.experts),
-                    param_dtype=param_dtype,
-                )
-                if dense is None:
+                stacked = int(per_layer and scan_layers) + bool(spec.experts)
+                target = quantized.get(model_path)
+                if target is None:
+                    shape = var.get_value().shape
+                    loaded = _load_array(
+                        shape, _sharding_for(var, mesh, shape), tensors, spec, stacked=stacked,
+                        param_dtype=param_dtype,
+                    )  # fmt: skip
                     var.set_value(loaded)
                 else:
-                    _set_quantized(dense, loaded, mesh=mesh)
+                    load = functools.partial(_load_array, spec=spec, param_dtype=param_dtype)
+                    layers = per_layer and scan_layers
+                    _load_quantized(target, load, tensors, stacked, layers=layers, mesh=mesh)
     if params:
         raise CheckpointError(f"model parameters with no checkpoint tensor in {path}: {sorted(params)}")
     unused = sorted(k for k in key_to_file if k not in used and not k.endswith(_IGNORED_SUFFIXES))
@@ -222,20 +224,60 @@ def _flat_keys(keys, index=()) -> list[tuple[str, tuple[int, ...]]]:
     return [flat for n, k in enumerate(keys) for flat in _flat_keys(k, (*index, n))]
 
 
-def _quantized_kernels(model) -> dict:
-    """Dotted kernel path -> its Dense, for the quantised projections of `model`."""
-    return {
-        ".".join(map(str, path)) + ".kernel": m
-        for path, m in nnx.iter_graph(model)
-        if isinstance(m, Dense) and m.quantize != "none"
-    }
+class _Quantized(NamedTuple):
+    """A kernel stored quantised: its codes' and scale's variables and how it was quantised."""
+
+    codes: nnx.Variable
+    scale: nnx.Variable
+    kind: str
+    n_in: int
+    n_out: int
 
 
-def _set_quantized(dense, kernel: jax.Array, *, mesh) -> None:
-    """Store a just-loaded float kernel as its codes and scale (in their shardings)."""
-    codes, scale = quantization.quantize(kernel, dense.quantize, n_in=dense.n_in, n_out=dense.n_out)
-    dense.kernel.set_value(jax.device_put(codes, _sharding_for(dense.kernel, mesh)))
-    dense.kernel_scale.set_value(jax.device_put(scale, _sharding_for(dense.kernel_scale, mesh)))
+def _quantized_kernels(model) -> dict[str, _Quantized]:
+    """Dotted kernel path -> its `_Quantized`, for the quantised projections and expert kernels of `model`
+    (a kernel's scale is the variable of the same path + "_scale")."""
+    out = {}
+    for path, m in nnx.iter_graph(model):
+        prefix = ".".join(map(str, path))
+        if isinstance(m, Dense) and m.quantize != "none":
+            out[f"{prefix}.kernel"] = _Quantized(m.kernel, m.kernel_scale, m.quantize, m.n_in, m.n_out)
+        elif isinstance(m, Experts) and m.quantize != "none":
+            for name, n_out in QUANTIZED_KERNELS.items():
+                if (codes := getattr(m, name, None)) is not None:
+                    scale = getattr(m, f"{name}_scale")
+                    out[f"{prefix}.{name}"] = _Quantized(codes, scale, m.quantize, 1, n_out)
+    return out
+
+
+_quantize = jax.jit(quantization.quantize, static_argnames=("kind", "n_in", "n_out"))
+
+
+def _stack_to(arrays, sharding):
+    return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding)(*arrays)
+
+
+def _load_quantized(q: _Quantized, load, tensors, stacked: int, *, layers: bool, mesh) -> None:
+    """Read a float kernel, quantise it and store its codes and scale in their shardings. A scanned stack
+    ([L, ...], `layers`) is read and quantised one layer at a time (a whole stack of expert kernels in
+    bfloat16, Mixtral's 32 x 8 x 4096 x 14336, is 30 GB), its codes and scales stacked after."""
+    shape = quantization.float_shape(q.kind, q.codes.get_value().shape, q.n_out)
+    names = q.codes.get_metadata().get("out_sharding")
+    kw = dict(kind=q.kind, n_in=q.n_in, n_out=q.n_out)
+    if not layers:
+        kernel = load(shape, _sharding_for(q.codes, mesh, shape), tensors, stacked=stacked)
+        codes, scale = _quantize(kernel, **kw)
+    else:
+        sharding = (
+            jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            if mesh is None
+            else named_sharding(mesh, names[1:], shape[1:])
+        )
+        per_layer = [_quantize(load(shape[1:], sharding, t, stacked=stacked - 1), **kw) for t in tensors]
+        codes = _stack_to([c for c, _ in per_layer], _sharding_for(q.codes, mesh))
+        scale = _stack_to([s for _, s in per_layer], _sharding_for(q.scale, mesh))
+    q.codes.set_value(jax.device_put(codes, _sharding_for(q.codes, mesh)))
+    q.scale.set_value(jax.device_put(scale, _sharding_for(q.scale, mesh)))
 
 
 def _init_adapters(model, config: ModelConfig, options: ModelOptions, mesh) -> None:

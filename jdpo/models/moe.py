@@ -10,6 +10,10 @@ Parameter layouts (x @ W convention, experts stacked on a leading [E] axis, logi
   with _lora_b [E, r, 2, F] (gate, up: one A for both, as PEFT adapts transformers' fused gate_up_proj;
   gpt_oss [E, r, F, 2], its interleaved order), experts.down_proj_lora_a [E, F, r], _lora_b [E, r, D].
   They run inside the dispatch as two more stacked per-expert matmuls, (x A_e) B_e, never merged.
+  QLoRA (`lora.quantize` int8 / nf4): the stacked kernels (not the biases) are stored as codes with
+  float32 scales, experts.<name> and experts.<name>_scale (`jdpo.models.quantize`, each expert's [in, *out]
+  kernel quantised like a projection's), and dequantised to the compute dtype inside the expert function,
+  one layer at a time.
 
 Dispatch (`ModelOptions.moe_dispatch`):
   "ragged" (default, dropless): the M x k (token, expert) assignments are sorted by expert, gathered into
@@ -30,9 +34,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdpo.models import quantize as quantization
 from jdpo.models.choices import EXPERT_TARGETS
 from jdpo.models.config import ModelConfig
-from jdpo.models.dispatch import DISPATCH, expert_mlp
+from jdpo.models.dispatch import DISPATCH, QUANTIZED_KERNELS, expert_mlp
 from jdpo.models.expert_parallel import expert_axis_size, sharded_experts
 from jdpo.models.layers import _param
 from jdpo.models.options import ModelOptions
@@ -85,6 +90,22 @@ class Experts(nnx.Module):
         self.down_proj = _param(rngs.params(), (E, F, D), ("expert", "mlp", "embed"), **kw)
         self.act, self.limit = config.hidden_act, config.swiglu_limit
         lora = options.lora
+        # QLoRA (`lora.quantize`): the frozen stacked kernels as codes + float32 scales
+        # (`jdpo.models.quantize`, one expert's [in, *out] kernel like a projection's, [E] its lead axis),
+        # dequantised to the compute dtype inside the expert function (`dispatch.expert_mlp`), per layer.
+        self.quantize = "none" if lora is None else lora.quantize
+        if self.quantize != "none":
+            for name in QUANTIZED_KERNELS:
+                if (var := getattr(self, name, None)) is None:
+                    continue
+                names, value = var.get_metadata().get("out_sharding"), var.get_value()
+                n_out = QUANTIZED_KERNELS[name]
+                codes, scale = quantization.quantize(value, self.quantize, n_in=1, n_out=n_out)
+                scale_names = (names[0], *names[2:]) if self.quantize == "int8" else names
+                setattr(self, name, nnx.Param(codes, out_sharding=tuple(names), eager_sharding=False))
+                setattr(self, f"{name}_scale", nnx.Param(
+                    scale, out_sharding=tuple(scale_names), eager_sharding=False
+                ))  # fmt: skip
         adapted = [t for t in EXPERT_TARGETS if lora is not None and t in lora.targets]
         self.lora_scale = lora.scale if adapted else None
         for target in adapted:
@@ -103,12 +124,22 @@ class Experts(nnx.Module):
 
     @property
     def fn(self):
-        """The expert function (`dispatch.expert_mlp` of this family, its adapters' scale bound)."""
-        return functools.partial(expert_mlp, act=self.act, limit=self.limit, lora_scale=self.lora_scale)
+        """The expert function (`dispatch.expert_mlp` of this family, its adapters' scale and the kernels'
+        quantisation bound)."""
+        return functools.partial(
+            expert_mlp, act=self.act, limit=self.limit, lora_scale=self.lora_scale, quantize=self.quantize
+        )
 
     def kernels(self, dtype) -> dict:
-        """The stacked kernels, biases and adapters (names ending in _lora_a / _lora_b) in `dtype`."""
-        return {k: v[...].astype(dtype) for k, v in vars(self).items() if isinstance(v, nnx.Variable)}
+        """The stacked kernels, biases and adapters (names ending in _lora_a / _lora_b) in `dtype`; a
+        quantised kernel as stored (its codes, and its float32 scales under <name>_scale), dequantised by
+        the expert function where it runs."""
+        return {
+            k: v[...] if self.quantize != "none" and (k in QUANTIZED_KERNELS or k.endswith("_scale"))
+            else v[...].astype(dtype)
+            for k, v in vars(self).items()
+            if isinstance(v, nnx.Variable)
+        }  # fmt: skip
 
 
 def expert_adapter_shapes(config: ModelConfig) -> dict:
