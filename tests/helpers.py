@@ -139,6 +139,23 @@ def logged_records(path, *, timing=TIMING) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in timing} for r in metrics.read_metrics(path)]
 
 
+def adapter_gradients(model, ids_BxT, mask_BxT):
+    """(the gradients of a toy log-likelihood over `mask_BxT` with respect to a LoRA model's adapters, the
+    frozen rest of its state) as `nnx.State`s: what reaches the adapters, and what the step leaves out."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, adapters, base = nnx.split(model, nnx.LoRAParam, ...)
+    ids, mask = jnp.asarray(ids_BxT), jnp.asarray(mask_BxT)
+
+    def loss(adapters, base):
+        logits = nnx.merge(graphdef, adapters, base)(ids, segment_ids_BxT=mask)
+        return jnp.sum(jax.nn.log_softmax(logits)[..., 3] * mask)
+
+    return jax.grad(loss)(adapters, base), base
+
+
 def train_steps(trainer, n):
     """Run n optimizer steps of a `jdpo.train.trainer.Trainer` by hand; returns each step's metrics as floats."""
     import jax

@@ -15,6 +15,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from helpers import adapter_gradients  # noqa: E402
 from test_models_moe import hf_moe_model  # noqa: E402
 
 from jdpo.errors import ConfigError  # noqa: E402
@@ -157,13 +158,7 @@ def test_dispatches_agree_and_gradients_reach_only_the_adapters(moe_dir):
     dense, _ = _adapted(moe_dir, dispatch="dense")
     np.testing.assert_allclose(_logits(ragged), _logits(dense), atol=1e-5)
 
-    graphdef, adapters, base = nnx.split(ragged, nnx.LoRAParam, ...)
-
-    def loss(adapters, base):
-        logits = nnx.merge(graphdef, adapters, base)(jnp.asarray(IDS), segment_ids_BxT=jnp.asarray(MASK))
-        return jnp.sum(jax.nn.log_softmax(logits)[..., 3] * MASK)
-
-    g_adapters = jax.grad(loss)(adapters, base)
+    g_adapters, base = adapter_gradients(ragged, IDS, MASK)
     experts = g_adapters["layers"][0]["mlp"]["experts"]
     for name in ("gate_up_proj_lora_a", "gate_up_proj_lora_b", "down_proj_lora_a", "down_proj_lora_b"):
         g = np.asarray(experts[name].get_value())

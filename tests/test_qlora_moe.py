@@ -17,6 +17,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from helpers import adapter_gradients  # noqa: E402
 from test_models_moe import hf_moe_model  # noqa: E402
 
 from jdpo.models import ModelConfig, ModelOptions, from_pretrained  # noqa: E402
@@ -107,13 +108,7 @@ def test_quantised_experts_equal_the_dequantised_model(moe_dir, kind, scan_layer
 
 def test_gradients_reach_only_the_adapters(moe_dir):
     model = _model(moe_dir, quantize="nf4")
-    graphdef, adapters, base = nnx.split(model, nnx.LoRAParam, ...)
-
-    def loss(adapters, base):
-        logits = nnx.merge(graphdef, adapters, base)(jnp.asarray(IDS), segment_ids_BxT=jnp.asarray(MASK))
-        return jnp.sum(jax.nn.log_softmax(logits)[..., 3] * MASK)
-
-    grads = jax.grad(loss)(adapters, base)
+    grads, base = adapter_gradients(model, IDS, MASK)
     experts = grads["layers"][0]["mlp"]["experts"]
     for name in ("gate_up_proj_lora_a", "gate_up_proj_lora_b", "down_proj_lora_a", "down_proj_lora_b"):
         assert np.abs(np.asarray(experts[name].get_value())).max() > 0, name

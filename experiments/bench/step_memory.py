@@ -20,16 +20,15 @@ import time
 import jax
 
 from jdpo.config import load_config, replace
+from jdpo.report.phases import resident_gib
 from jdpo.train.trainer import Trainer
 
 GiB = 2**30
 
 
 def rss_gib() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
+    gib = resident_gib()
+    return float("nan") if gib is None else gib
 
 
 def main() -> None:

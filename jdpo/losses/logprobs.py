@@ -75,7 +75,8 @@ def _w_spec(vocab_first: bool) -> str:
 
 def _chunk_logits(h_GxCxD: Array, w: Array, cap: float | None, vocab_first: bool = False) -> Array:
     """float32 logits of one chunk (soft-capped when `cap` is set)."""
-    logits_GxCxV = jnp.einsum(f"gcd,{_w_spec(vocab_first)}->gcv", h_GxCxD, w, preferred_element_type=jnp.float32)
+    spec = f"gcd,{_w_spec(vocab_first)}->gcv"
+    logits_GxCxV = jnp.einsum(spec, h_GxCxD, w, preferred_element_type=jnp.float32)
     return logits_GxCxV if cap is None else cap * jnp.tanh(logits_GxCxV / cap)
 
 

@@ -161,6 +161,12 @@ class ModelConfig:
         return self.moe_layers or (True,) * self.num_layers
 
     @property
+    def mixes_layer_kinds(self) -> bool:
+        """Do its layers mix experts and dense MLPs (qwen3_moe's mlp_only_layers)? Such a stack cannot be
+        one scanned body."""
+        return len(set(self.expert_layers)) > 1
+
+    @property
     def attention_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 

@@ -121,4 +121,4 @@ PROJECTIONS = (*LORA_TARGETS, *FUSED_TARGETS)
 def layer_loop_of(section, model_config) -> tuple[bool, str]:
     """A `model:` section's scan_layers and remat resolved for `model_config` (`choices.layer_loop`)."""
     return layer_loop(section.scan_layers, section.remat, num_layers=model_config.num_layers,
-                      mixed_layers=len(set(model_config.expert_layers)) > 1)  # fmt: skip
+                      mixed_layers=model_config.mixes_layer_kinds)  # fmt: skip

@@ -61,7 +61,7 @@ class Transformer(nnx.Module):
 
         experts = c.expert_layers
         if options.scan_layers:
-            if len(set(experts)) > 1:  # one scanned body: every layer the same kind
+            if c.mixes_layer_kinds:  # one scanned body: every layer the same kind
                 raise ConfigError(
                     f"model.scan_layers: {c.family}'s layers mix experts and dense MLPs (layers "
                     f"{[i for i, e in enumerate(experts) if not e]} are dense); set model.scan_layers: false"
@@ -158,9 +158,8 @@ class Transformer(nnx.Module):
 
     def unembedding(self):
         """Unembedding [D, V] in the compute dtype (tied: the embedding matrix transposed)."""
-        if self.config.tie_word_embeddings:
-            return self.embed_tokens.embedding[...].T.astype(self.options.dtype)
-        return self.lm_head.kernel[...].astype(self.options.dtype)
+        w, vocab_first = self.unembedding_as_stored()
+        return w.T if vocab_first else w
 
     def unembedding_as_stored(self):
         """(the unembedding in the compute dtype, vocab_first): [D, V], or a tied model's embedding

@@ -15,6 +15,7 @@ import ctypes.util
 import functools
 import sys
 
+
 @functools.cache
 def _glibc():
     name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None

@@ -2,7 +2,7 @@
 
     with phases.timed("model load"):
         ...
-    phases.summary()   # {"process start": 4.1, "tokenizer": 1.9, "model load": 6.2, ...} in seconds
+    phases.summary()   # {"process start": (4.1, 0.23), "model load": (6.2, 0.85), ...}: seconds, GiB
 
 One recorder per process (the phases of one run; a second run in the same process starts it again with
 `reset`). "process start" is the time from the process's start (from /proc on Linux) to the first phase:
@@ -98,7 +98,9 @@ def take() -> dict[str, tuple[float, float | None]]:
 def line(values: dict[str, tuple[float, float | None]]) -> str:
     """'model load 6.2 s (1.6 GiB), reference pass 20.1 s (2.4 GiB), ...; 38.4 s in all': each phase's
     time and the process's resident memory at its end."""
-    parts = ", ".join(f"{k} {s:.1f} s" + ("" if g is None else f" ({g:.2f} GiB)") for k, (s, g) in values.items())
+    parts = ", ".join(
+        f"{k} {s:.1f} s" + ("" if g is None else f" ({g:.2f} GiB)") for k, (s, g) in values.items()
+    )
     return f"{parts}; {sum(s for s, _ in values.values()):.1f} s in all"
 
 
