@@ -22,6 +22,10 @@ jitted step functions. Layout (B rows, T tokens per row, P pair slots per row):
                               segment 2k+1 and the mismatched KL completion (its prompt with another
                               example's completion) in segment 2k+2; 1 = desirable, 0 = undesirable or
                               empty. None for pairs.
+  slots       [B, T] int32 or None: rows dealt over the mesh's context axis in blocks
+                              (`jdpo.data.context_balance`, `model.context_balance: blocks`): the natural
+                              row slot of each token, the [B, T] fields above being in the dealt order.
+                              None: rows in their natural order.
 
 Fields can also be read by name (`batch["input_ids"]`, `"loss_mask" in batch`, `set(batch)` = the
 fields that are present), which is how host-side tools (FLOP counts) read it.
@@ -56,6 +60,7 @@ class Batch:
     ref_chosen_logps: Any = None
     ref_rejected_logps: Any = None
     labels: Any = None
+    slots: Any = None
 
     # -- read by name ------------------------------------------------------------------------------
 
@@ -105,6 +110,9 @@ class Batch:
 
         def pad(name: str, x: np.ndarray) -> np.ndarray:
             x = np.asarray(x)
+            if name == "slots":  # the padding's natural slots follow the row's
+                more = np.arange(x.shape[1], T, dtype=x.dtype)
+                return np.concatenate([x, np.broadcast_to(more, (len(x), len(more)))], axis=1)
             return np.pad(x, ((0, 0), (0, T - x.shape[1]))) if name in TOKEN_FIELDS else x
 
         fields = {

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from jdpo.data.batch import Batch
+from jdpo.data.context_balance import BlockBalance, deal_blocks
 from jdpo.data.layout import BatchLayout
 from jdpo.data.tokenize import TokenizedPairs
 
@@ -71,6 +72,7 @@ def make_batch(
     shared_prompt: bool = False,
     *,
     chosen_only: bool = False,
+    balance: BlockBalance | None = None,
 ) -> Batch:
     """Lay out `rows` (lists of pair ids, [] for an empty row) as one fixed-shape batch (layout above).
     Unpaired examples (`pairs.labels` set) are laid out the same way, with their labels per slot.
@@ -80,7 +82,9 @@ def make_batch(
     token) and the completion, at the positions that follow the prompt; each branch sees the prompt
     and itself (`jdpo.models.masks`). Per-segment sums are those of the plain layout, on fewer tokens.
     `chosen_only`: each slot's prompt + chosen alone (segment 2k + 1; `rejected_ids` are not read), rows
-    of single sequences for scoring given completions token by token (`jdpo eval`'s sampled KL)."""
+    of single sequences for scoring given completions token by token (`jdpo eval`'s sampled KL).
+    `balance`: rows split over the mesh's context axis, dealt to its devices in blocks
+    (`jdpo.data.context_balance`): the [B, T] fields in the dealt order, `slots` the natural slots."""
     B, T, P = len(rows), row_length, max_pairs_per_row
     input_ids = np.zeros((B, T), np.int32)
     positions = np.zeros((B, T), np.int32)
@@ -122,6 +126,12 @@ def make_batch(
                 # Output at t scores token t+1: the completion's tokens follow the prompt's.
                 tokens = np.concatenate([prompt, completion])
                 t = place(b, t, s, tokens, offset, max(len(prompt) - 1, 0))
+    slots, unit = None, None if balance is None else balance.unit(T)
+    if unit is not None:
+        slots = np.stack([deal_blocks(row, balance.devices, unit) for row in segment_ids]).reshape(B, T)
+        fields = (input_ids, positions, segment_ids, targets, loss_mask)
+        dealt = (np.take_along_axis(x, slots, axis=1) for x in fields)
+        input_ids, positions, segment_ids, targets, loss_mask = dealt
     return Batch(
         input_ids=input_ids,
         positions=positions,
@@ -130,6 +140,7 @@ def make_batch(
         loss_mask=loss_mask,
         pair_ids=pair_ids,
         labels=labels,
+        slots=slots,
     )
 
 
@@ -284,8 +295,9 @@ class PreferenceBatches:
         self.last_global_pairs = sum(len(row) for row in rows)
         lo = self.process_index * self.local_rows
         return make_batch(
-            self.pairs, rows[lo : lo + self.local_rows], T, self.max_pairs_per_row, self.shared_prompt
-        )
+            self.pairs, rows[lo : lo + self.local_rows], T, self.max_pairs_per_row, self.shared_prompt,
+            balance=self.layout.balance,
+        )  # fmt: skip
 
     def _layout_hash(self) -> str:
         # Everything that decides the batch plan except the host split: a run may resume on another

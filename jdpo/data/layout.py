@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jdpo.data.context_balance import BlockBalance
 from jdpo.data.tokenize import TokenizedPairs
 
 # Slots cost a [B, T, 2P] one-hot in the per-segment sums, so P stays small.
@@ -43,7 +44,9 @@ class BatchLayout:
 
     rows_per_batch: GLOBAL rows per batch (every host's together); row_length: T; max_pairs_per_row: P
     (1 without packing); packing: several pairs per row, else one pair per row in length buckets;
-    shared_prompt: a pair's prompt once, its two completions as branches after it.
+    shared_prompt: a pair's prompt once, its two completions as branches after it. balance: rows split
+    over the mesh's context axis, dealt to its devices in blocks (`jdpo.data.context_balance`); None:
+    each row in its natural order.
     """
 
     rows_per_batch: int
@@ -51,6 +54,7 @@ class BatchLayout:
     max_pairs_per_row: int = MAX_PAIRS_PER_ROW
     packing: bool = True
     shared_prompt: bool = False
+    balance: BlockBalance | None = None
 
     @classmethod
     def for_pairs(
@@ -61,12 +65,13 @@ class BatchLayout:
         row_length: int,
         packing: bool = True,
         shared_prompt: bool = False,
+        balance: BlockBalance | None = None,
     ) -> BatchLayout:
         """The layout for rows of `row_length` tokens that hold the pairs of every split in `splits` (the
         train and eval splits of a run share one P, so their batches have one shape)."""
         lengths = [pairs.pair_lengths(shared_prompt) for pairs in splits]
         P = pairs_per_row(row_length, lengths) if packing else 1
-        return cls(rows_per_batch, int(row_length), P, packing, shared_prompt)
+        return cls(rows_per_batch, int(row_length), P, packing, shared_prompt, balance)
 
     @classmethod
     def fitting(

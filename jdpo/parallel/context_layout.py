@@ -17,8 +17,11 @@ chunks (every device sends and receives exactly one even and one odd chunk), nev
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec
 
 from jdpo.parallel.sharding import CONTEXT_AXIS, context_size, current_mesh, logical_to_spec
@@ -32,6 +35,12 @@ def splits(T: int) -> int:
     length that does not."""
     C = context_size()
     return C if C > 1 and T % (2 * C) == 0 else 1
+
+
+def shard_block(T: int, C: int, block: int) -> int:
+    """The attention kernel's tile on a context shard of rows of T tokens: a divisor of the chunk
+    (T / 2C) no larger than `block`."""
+    return math.gcd(block, T // (2 * C))
 
 
 def chunk_owner(c: int, C: int) -> tuple[int, int]:
@@ -64,6 +73,15 @@ def gather_keys(x_BxTlx, C: int) -> jax.Array:
     where = {c: k for k, c in enumerate(balanced_order(C))}
     natural = jnp.asarray([where[c] for c in range(2 * C)], jnp.int32)
     return jnp.take(chunks, natural, axis=1).reshape(B, C * Tl, *rest)
+
+
+def gather_dealt(x_BxTlx, slots_BxTl) -> jax.Array:
+    """Inside a shard_map over "context": every device's shard of a row dealt in blocks
+    (`jdpo.data.context_balance`, the natural row slot of each position in `slots_BxTl`) -> the whole
+    row in its natural order [B, T, ...] (an all-gather, then each row's inverse permutation)."""
+    gathered = jax.lax.all_gather(x_BxTlx, CONTEXT_AXIS, axis=1, tiled=True)
+    slots = jax.lax.all_gather(slots_BxTl, CONTEXT_AXIS, axis=1, tiled=True)
+    return jax.vmap(lambda x, s: x[jnp.argsort(s)])(gathered, slots)
 
 
 def _exchange(x_BxTlx, C: int, *, forward: bool) -> jax.Array:
@@ -138,3 +156,13 @@ def join_rows(x_BCx, C: int):
     if C == 1:
         return x_BCx
     return x_BCx.reshape(-1, C, *x_BCx.shape[1:]).sum(axis=1)
+
+
+def natural_order(x_BxT, slots_BxT):
+    """Host side: a [B, T] field of rows dealt in blocks (`jdpo.data.context_balance`, natural row slots
+    `slots_BxT`) back in its rows' natural order; as is without slots (None)."""
+    if slots_BxT is None:
+        return np.asarray(x_BxT)
+    out = np.empty_like(np.asarray(x_BxT))
+    np.put_along_axis(out, np.asarray(slots_BxT), np.asarray(x_BxT), axis=1)
+    return out
