@@ -36,6 +36,7 @@ def test_three_steps_with_context_4_equal_one_device(assets, tmp_path, over):
     assert not any(ctx.reference.reused.values())
     assert dict(ctx.mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 1, "expert": 1, "context": 4}
     assert ctx.attention[0] == "blocked"
+    assert ctx.data.layout.balance is not None  # model.context_balance auto: rows dealt in blocks
     # The reference pass ran on the context mesh: the same cached log-probs as one device's.
     for split in ("train", "eval"):
         a, b = one.reference.logps[split], ctx.reference.logps[split]
@@ -75,6 +76,9 @@ def test_bad_context_settings_are_refused_before_the_model_loads(assets, tmp_pat
     with pytest.raises(ConfigError, match="splash runs a context-split row in the ring only"):
         jconfig.validate(jconfig.replace(base, **splash_gather))
     jconfig.validate(jconfig.replace(base, **{"model.attention": "splash"}))  # the ring with splash
+    dealt_ring = {"model.context_balance": "blocks", "model.context_attention": "ring"}
+    with pytest.raises(ConfigError, match="context_balance=blocks .*context_attention=ring: rows dealt"):
+        jconfig.validate(jconfig.replace(base, **dealt_ring))
     with pytest.raises(ConfigError, match="mesh.context=4 with mesh.expert=2: the expert exchange"):
         jconfig.validate(jconfig.replace(base, **{"mesh.expert": 2, "mesh.data": 1, "mesh.fsdp": 1}))
     bad = jconfig.replace(

@@ -7,7 +7,7 @@ the sizes that would)."""
 from __future__ import annotations
 
 from jdpo.config.fields import ConfigError
-from jdpo.models.choices import context_refusal
+from jdpo.models.choices import context_refusal, deals_blocks
 
 
 def row_length(cfg) -> int:
@@ -22,6 +22,12 @@ def check_context(cfg) -> None:
     why = context_refusal(cfg.model.attention, C, cfg.model.context_attention)
     if why:
         raise ConfigError(why)
+    if cfg.model.context_balance == "blocks":  # auto's kernel is known once the backend is (run_data)
+        kernel = "blocked" if cfg.model.attention == "auto" else cfg.model.attention
+        try:
+            deals_blocks("blocks", kernel, cfg.model.context_attention, C)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if cfg.mesh.expert != 1:
         raise ConfigError(
             f"mesh.context={C} with mesh.expert={cfg.mesh.expert}: the expert exchange does not yet take a "

@@ -46,6 +46,14 @@ class ModelSection:
         "k / v, small with grouped-query heads), ring (k / v shards passed around the devices, online "
         "softmax), auto (all_gather).",
     )
+    context_balance: Literal["auto", "blocks", "chunks"] = setting(
+        "auto",
+        "With mesh.context > 1: how a row's causal attention work is balanced over the devices: blocks "
+        "(the host deals the row's blocks of tokens so every device gets the same work, whatever the "
+        "packed documents' lengths; the all-gather path), chunks (device i holds chunks i and 2C - 1 - i "
+        "of the row: even for one document filling the row), auto (blocks where the blocked kernel "
+        "gathers k / v, chunks in the ring).",
+    )
     attention_block: int = setting(
         0,
         "Positions per tile of the attention kernel; 0: the kernel's default (blocked 64, splash 512, "

@@ -46,7 +46,7 @@ RESUMABLE_CHANGES = frozenset({
     "train.max_param_abs", "train.push_to_hub", "train.hub_private", "train.hub_revision",
     "dpo.cache_dir", "data.token_cache", "train.compile_cache", "model.remat", "model.attention",
     "model.attention_block", "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.expert", "model.moe_dispatch",
-    "mesh.context", "model.context_attention", "logging.console",
+    "mesh.context", "model.context_attention", "model.context_balance", "logging.console",
     "logging.tensorboard", "logging.wandb", "logging.wandb_project",
 })  # fmt: skip
 

@@ -78,7 +78,7 @@ def _visibility(segment_ids_BxT, window):
     return lo_BxT, pfirst_BxT, plast_BxT
 
 
-def _layout(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxS, window, block, q_starts=None):
+def _layout(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxS, window, block, q_slots=None):
     """Pad the rows to a multiple of `block`, lay rows end to end and cut into blocks (heads first, so
     each tile product is a plain batched matmul): q [nq, K, G, C, H], k / v [nk, K, C, H]; per query
     position its segment id and lowest visible key of its own segment (global indices) [nq, C]; per key
@@ -86,27 +86,24 @@ def _layout(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxS, window, block, q_s
     int32 = (a0, a1, b0, qblk): the prefix blocks [a0, a1] (empty when a1 < a0), then [b0, qblk],
     disjoint (a1 < b0), qblk the global index of the query block's own block of positions.
 
-    The queries are the keys themselves (T == S) when `q_starts` is None; else they are a shard of the
-    row (context parallelism, `jdpo.models.context_attention`): len(q_starts) chunks of T / len(q_starts)
-    positions, chunk c starting at row slot q_starts[c] (traced), every length a multiple of `block`."""
+    The queries are the keys themselves (T == S) when `q_slots` is None; else they are a shard of the
+    row (context parallelism, `jdpo.models.context_attention`) at row slots `q_slots` ([T] or per row
+    [B, T], traced), each run of `block` queries one block-aligned run of slots."""
     B, T, N, H = q_BxTxNxH.shape
     S, K = k_BxSxKxH.shape[1], k_BxSxKxH.shape[2]
     pad = -S % block
     if pad:
-        if q_starts is not None:
+        if q_slots is not None:
             raise ValueError(f"a query shard needs rows of a multiple of the block {block}, got {S}")
         widths = ((0, 0), (0, pad), (0, 0), (0, 0))
         q_BxTxNxH, k_BxSxKxH, v_BxSxKxH = (jnp.pad(x, widths) for x in (q_BxTxNxH, k_BxSxKxH, v_BxSxKxH))
         segment_ids_BxS = jnp.pad(segment_ids_BxS, ((0, 0), (0, pad)))
     Sp, C = S + pad, block
-    if q_starts is None:
-        slot_T = jnp.arange(Sp, dtype=jnp.int32)
-    else:
-        n = len(q_starts)
-        if T % (n * C):
-            raise ValueError(f"{n} query chunks of {T // n} positions do not divide into blocks of {C}")
-        slot_T = jnp.concatenate([s + jnp.arange(T // n, dtype=jnp.int32) for s in q_starts])
-    q, seg_q, lo, ranges = query_layout(q_BxTxNxH, segment_ids_BxS, window, C, slot_T, K)
+    if q_slots is None:
+        q_slots = jnp.arange(Sp, dtype=jnp.int32)
+    elif T % C:
+        raise ValueError(f"a shard of {T} queries does not divide into blocks of {C}")
+    q, seg_q, lo, ranges = query_layout(q_BxTxNxH, segment_ids_BxS, window, C, q_slots, K)
     k, v = key_layout(k_BxSxKxH, C), key_layout(v_BxSxKxH, C)
     return q, k, v, (seg_q, segment_ids_BxS.reshape(-1, C)), lo, ranges
 
@@ -118,17 +115,20 @@ def key_layout(k_BxSxKxH, C: int):
 
 
 def query_layout(q_BxTxNxH, segment_ids_BxS, window, C: int, slot_T, K: int):
-    """Queries [B, T, N, H] (K key heads) at row slots `slot_T` [T] of rows of S keys (segment ids
-    [B, S], S a multiple of C) -> (q [nq, K, G, C, H], segment ids [nq, C], lo [nq, C], ranges [nq, 4]):
-    see `_layout`."""
+    """Queries [B, T, N, H] (K key heads) at row slots `slot_T` ([T], or per row [B, T]) of rows of S
+    keys (segment ids [B, S], S a multiple of C) -> (q [nq, K, G, C, H], segment ids [nq, C], lo [nq, C],
+    ranges [nq, 4]): see `_layout`."""
     B, T, N, H = q_BxTxNxH.shape
     Sp = segment_ids_BxS.shape[1]
     nq = B * T // C
     row_start_Bx1 = (jnp.arange(B, dtype=jnp.int32) * Sp)[:, None]
+    slot_BxT = jnp.broadcast_to(slot_T, (B, T))
     lo_BxS, pfirst_BxS, plast_BxS = _visibility(segment_ids_BxS, window)
-    lo_BxT, pfirst_BxT, plast_BxT = (x[:, slot_T] for x in (lo_BxS, pfirst_BxS, plast_BxS))
+    lo_BxT, pfirst_BxT, plast_BxT = (
+        jnp.take_along_axis(x, slot_BxT, axis=1) for x in (lo_BxS, pfirst_BxS, plast_BxS)
+    )
     q = q_BxTxNxH.reshape(nq, C, K, N // K, H).transpose(0, 2, 3, 1, 4)
-    qblk = ((row_start_Bx1 + slot_T[None, :]).reshape(nq, C)[:, 0] // C).astype(jnp.int32)
+    qblk = ((row_start_Bx1 + slot_BxT).reshape(nq, C)[:, 0] // C).astype(jnp.int32)
     lo = (lo_BxT + row_start_Bx1).reshape(nq, C)
     b0 = jnp.min(lo, axis=1) // C
     has = (pfirst_BxT >= 0).reshape(nq, C)
@@ -137,7 +137,7 @@ def query_layout(q_BxTxNxH, segment_ids_BxS, window, C: int, slot_T, K: int):
     a1 = jnp.max(jnp.where(has, (plast_BxT + row_start_Bx1).reshape(nq, C), -1), axis=1) // C
     a1 = jnp.minimum(a1, b0 - 1)  # blocks from b0 on are the second range's
     a0 = jnp.where(jnp.any(has, axis=1), a0, b0)  # no prefix: [b0, b0 - 1], empty
-    seg_q = segment_ids_BxS[:, slot_T].reshape(nq, C)
+    seg_q = jnp.take_along_axis(segment_ids_BxS, slot_BxT, axis=1).reshape(nq, C)
     return q, seg_q, lo, jnp.stack([a0, a1, b0, qblk], axis=1)
 
 
@@ -282,12 +282,12 @@ def _blocked_bwd(scale, softcap, block, res, d_out):
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
-def _local(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxS, window, *, scale, softcap, block, q_starts=None):
-    """The kernel on one device's rows: the queries are the keys' positions (q_starts None) or chunks
-    of them starting at row slots `q_starts` (a context shard, see `_layout`)."""
+def _local(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxS, window, *, scale, softcap, block, q_slots=None):
+    """The kernel on one device's rows: the queries are the keys' positions (q_slots None) or those at
+    row slots `q_slots` (a context shard, see `_layout`)."""
     B, T = q_BxTxNxH.shape[:2]
     q, k, v, seg, lo, ranges = _layout(
-        q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxS, window, block, q_starts
+        q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxS, window, block, q_slots
     )
     return _unlayout(_blocked(q, k, v, seg, (lo, ranges), scale, softcap, block), B, T)
 

@@ -80,3 +80,26 @@ def context_refusal(requested: str, context: int, how: str = "auto") -> str | No
             "splash runs a context-split row in the ring only; use model.context_attention ring or auto"
         )
     return None
+
+
+CONTEXT_BALANCE = ("auto", "blocks", "chunks")
+
+
+def deals_blocks(requested: str, kernel: str, how: str, context: int) -> bool:
+    """Whether rows split over `context` devices are dealt in blocks by the host
+    (`model.context_balance`, `jdpo.data.context_balance`) for the resolved attention `kernel` with
+    `model.context_attention = how`; raises ValueError for blocks where they cannot run (the ring, and
+    splash, read the fixed chunk layout)."""
+    if requested not in CONTEXT_BALANCE:
+        raise ValueError(f"model.context_balance must be one of {list(CONTEXT_BALANCE)}, got {requested!r}")
+    if context <= 1 or requested == "chunks":
+        return False
+    gathers = kernel == "blocked" and how != "ring"
+    if requested == "blocks" and not gathers:
+        path = f"model.attention={kernel}" if kernel != "blocked" else "model.context_attention=ring"
+        raise ValueError(
+            f"model.context_balance=blocks over mesh.context={context} with {path}: rows dealt in blocks run "
+            "the blocked kernel with the all-gather (model.context_attention all_gather or auto); use "
+            "model.context_balance chunks or auto with the ring"
+        )
+    return gathers

@@ -6,8 +6,12 @@ two ways (`model.context_attention`):
 
   all_gather  every device gathers the row's k / v (an all-gather over "context", [B, T, K, H] each:
               grouped-query heads keep them small) and runs the blocked kernel on its two query chunks
-              against the whole row (`attention._local` with `q_starts`). The backward's dk / dv are
-              summed back to their owners by the all-gather's transpose (a reduce-scatter).
+              against the whole row (`attention._local` with the chunks' row slots). The backward's
+              dk / dv are summed back to their owners by the all-gather's transpose (a reduce-scatter).
+              Rows the host dealt in blocks (`jdpo.data.context_balance`, `model.context_balance:
+              blocks`: each device's shard a balanced set of blocks, `mask.slots_BxT` their natural
+              slots) take this path only: the gathered k / v go back to natural order by the slots,
+              and the queries' slots say where each query tile lies.
   ring        (`jdpo.models.ring.ring_local`) the k / v shards travel around the ring with `ppermute`, one
               step per device, each step's partial attention merged by its log-sum-exp: only two
               shards of k / v live on a device at a time.
@@ -24,9 +28,9 @@ The ring also runs TPU Splash attention as each step's kernel (`kernel="splash"`
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from jdpo.models import attention, ring, ring_splash
@@ -36,19 +40,21 @@ from jdpo.parallel.sharding import CONTEXT_AXIS, context_size, current_mesh, log
 CONTEXT_ATTENTION = ("auto", "all_gather", "ring")
 
 
-def shard_block(T: int, C: int, block: int) -> int:
-    """The kernel's tile on a context shard: a divisor of the chunk (T / 2C) no larger than `block`."""
-    return math.gcd(block, T // (2 * C))
-
-
-def _all_gather_local(q, k, v, seg, *window, C, scale, softcap, block):
-    """One device: its balanced query shard against the gathered row."""
-    T = q.shape[1] * C
-    k_all, v_all, seg_all = (context_layout.gather_keys(x, C) for x in (k, v, seg))
-    starts = context_layout.local_chunk_starts(T, C)
+def _all_gather_local(q, k, v, seg, *extra, C, scale, softcap, block, dealt=False):
+    """One device: its query shard against the gathered row, in its natural order. The shard is
+    chunks i and 2C - 1 - i (the balanced layout) or, `dealt`, blocks dealt by the host whose natural
+    slots come first in `extra` (`jdpo.data.context_balance`); then the window, if any."""
+    if dealt:
+        slots, window = extra[0], extra[1:]
+        k_all, v_all, seg_all = (context_layout.gather_dealt(x, slots) for x in (k, v, seg))
+    else:
+        window, half = extra, q.shape[1] // 2
+        k_all, v_all, seg_all = (context_layout.gather_keys(x, C) for x in (k, v, seg))
+        starts = context_layout.local_chunk_starts(q.shape[1] * C, C)
+        slots = jnp.concatenate([s + jnp.arange(half, dtype=jnp.int32) for s in starts])
     return attention._local(
         q, k_all, v_all, seg_all, window[0] if window else None,
-        scale=scale, softcap=softcap, block=block, q_starts=starts,
+        scale=scale, softcap=softcap, block=block, q_slots=slots,
     )  # fmt: skip
 
 
@@ -70,6 +76,12 @@ def context_attention(
     mesh, C, T = current_mesh(), context_size(), q_BxTxNxH.shape[1]
     if context_layout.splits(T) != C:
         raise ValueError(f"rows of {T} tokens do not split into 2 x context = {2 * C} chunks")
+    dealt = mask.slots_BxT is not None
+    if dealt and (kernel != "blocked" or how == "ring"):
+        raise ValueError(
+            "rows dealt over context in blocks (model.context_balance: blocks) run the blocked kernel with "
+            f"the all-gather, not {kernel} in the {how} path"
+        )
     if kernel == "splash":
         if isinstance(mask.window, int):  # it reaches the kernel traced (below): name its static value
             sliding_window = mask.window
@@ -78,12 +90,15 @@ def context_attention(
             sliding_window=sliding_window, interpret=interpret,
         )  # fmt: skip
     else:
-        local = ring.ring_local if how == "ring" else _all_gather_local
-        fn = functools.partial(local, C=C, scale=scale, softcap=softcap, block=shard_block(T, C, block))
-    args = (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask.segment_ids_BxT)
-    replicated = () if mask.window is None else (jax.numpy.asarray(mask.window, jax.numpy.int32),)
+        tile = context_layout.shard_block(T, C, block)
+        fn = functools.partial(
+            ring.ring_local if how == "ring" else functools.partial(_all_gather_local, dealt=dealt),
+            C=C, scale=scale, softcap=softcap, block=tile,
+        )  # fmt: skip
+    args = (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask.segment_ids_BxT) + ((mask.slots_BxT,) if dealt else ())
+    replicated = () if mask.window is None else (jnp.asarray(mask.window, jnp.int32),)
     specs = shard_specs(mesh, q_BxTxNxH, k_BxTxKxH)
-    in_specs = specs + (PartitionSpec(),) * len(replicated)
+    in_specs = specs + specs[3:] * dealt + (PartitionSpec(),) * len(replicated)
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=specs[0], check_vma=False)(
         *args, *replicated
     )

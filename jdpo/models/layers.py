@@ -217,7 +217,10 @@ class Attention(nnx.Module):
         c = self.config
         kernel, block = self.attention, self.attention_block
         segment_aware = dict(scale=c.attention_scale, block=block)
-        if mask.self_attention and splits(q_BxTxNxH.shape[1]) > 1:  # rows split over the context axis
+        split = mask.self_attention and splits(q_BxTxNxH.shape[1]) > 1  # rows split over the context axis
+        if mask.slots_BxT is not None and not split:
+            raise ValueError("rows dealt over the context axis in blocks reach a model on a mesh without it")
+        if split:
             out_BxTxNxH = context_attention(
                 q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, softcap=c.attn_logit_softcapping,
                 how=self.context_attention, kernel=kernel, sliding_window=c.sliding_window, **segment_aware,

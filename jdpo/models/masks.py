@@ -51,7 +51,7 @@ def prefix(segment_ids):
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=("segment_ids_BxT", "kv_segment_ids_BxS", "q_start", "window"),
+    data_fields=("segment_ids_BxT", "kv_segment_ids_BxS", "q_start", "window", "slots_BxT"),
     meta_fields=("causal",),
 )
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +66,9 @@ class AttentionMask:
       window: sliding window (a key is visible when query position - key position < window): None for
         none, an int, or a traced int32 scalar (under a layer scan, see `for_layer`).
       causal: keys after the query are hidden (static; every jdpo model is causal).
+      slots_BxT: int32 natural row slot of each position when the row reaches the model dealt over the
+        mesh's context axis in blocks (`jdpo.data.context_balance`; only the context attention reads
+        it, `jdpo.models.context_attention`); None: positions are in row order.
     """
 
     segment_ids_BxT: jax.Array
@@ -73,6 +76,7 @@ class AttentionMask:
     q_start: Any = 0
     window: Any = None
     causal: bool = True
+    slots_BxT: Any = None
 
     @classmethod
     def kv_cache(cls, start_B, slot, T: int, S: int, window: int | None = None) -> AttentionMask:

@@ -108,9 +108,13 @@ class Transformer(nnx.Module):
         training forward with LoRA dropout (layer i's projections fold in i, then their site)."""
         return self.hidden_and_router(input_ids_BxT, positions_BxT, segment_ids_BxT, dropout_key)[0]
 
-    def hidden_and_router(self, input_ids_BxT, positions_BxT=None, segment_ids_BxT=None, dropout_key=None):
+    def hidden_and_router(
+        self, input_ids_BxT, positions_BxT=None, segment_ids_BxT=None, dropout_key=None, slots_BxT=None
+    ):
         """`hidden_states` and the MoE layers' router statistics over the real tokens (`moe.router_stats`
-        stacked over the MoE layers: counts, probs [Lm, E], tokens [Lm]; None for a dense model)."""
+        stacked over the MoE layers: counts, probs [Lm, E], tokens [Lm]; None for a dense model).
+        `slots_BxT`: rows dealt over the mesh's context axis in blocks (`Batch.slots`): the tokens are
+        in the dealt order (hidden states returned in it), each one's natural row slot given."""
         c = self.config
         B, T = input_ids_BxT.shape
         if positions_BxT is None:
@@ -120,12 +124,15 @@ class Transformer(nnx.Module):
         ids_BxT = jnp.ones((B, T), jnp.int32) if segment_ids_BxT is None else segment_ids_BxT
         # A row split over the mesh's context axis runs in the balanced layout (device i: chunks i and
         # 2C - 1 - i), its positions and segment ids moved with its tokens; identity without the axis.
-        input_ids_BxT, positions_BxT, ids_BxT = (
-            to_balanced(x) for x in (input_ids_BxT, positions_BxT, ids_BxT)
-        )
+        # A dealt row (slots given) arrives balanced from the host.
+        balanced = slots_BxT is None
+        if balanced:
+            input_ids_BxT, positions_BxT, ids_BxT = (
+                to_balanced(x) for x in (input_ids_BxT, positions_BxT, ids_BxT)
+            )
         x_BxTxD = self._embed(input_ids_BxT)
         cos_R, sin_R, rope_index = rope_tables(positions_BxT, c, self.options.dtype)
-        mask = AttentionMask(ids_BxT, window=c.sliding_window if any(flags) else None)
+        mask = AttentionMask(ids_BxT, window=c.sliding_window if any(flags) else None, slots_BxT=slots_BxT)
 
         def layer_fn(graphdef, state, x, is_sliding, rope, i):
             layer = nnx.merge(graphdef, state)
@@ -154,7 +161,8 @@ class Transformer(nnx.Module):
                 per_layer.append(layer_stats)
             moe = [s for s in per_layer if s is not None]
             stats = jax.tree.map(lambda *xs: jnp.stack(xs), *moe) if moe else None
-        return from_balanced(self.norm(x_BxTxD)), stats
+        x_BxTxD = self.norm(x_BxTxD)
+        return (from_balanced(x_BxTxD) if balanced else x_BxTxD), stats
 
     def unembedding(self):
         """Unembedding [D, V] in the compute dtype (tied: the embedding matrix transposed)."""

@@ -284,6 +284,8 @@ def token_counts(
     the sliding layers and the full causal count on the others (FLOPs credit keys per layer)."""
     import numpy as np
 
+    from jdpo.parallel.context_layout import natural_order  # imports JAX: only when called
+
     if sliding_window and sliding_layers and not all(sliding_layers):
         full = token_counts(batches)
         if not any(sliding_layers):
@@ -299,7 +301,8 @@ def token_counts(
     for batch in batches:
         if "loss_mask" not in batch:
             raise KeyError(f"token_counts needs 'loss_mask' in the batch; it has {sorted(batch)}")
-        seg = np.asarray(batch["segment_ids"])
+        # Rows dealt over the context axis in blocks are counted in their natural order.
+        seg = natural_order(batch["segment_ids"], batch["slots"] if "slots" in batch else None)
         total += TokenCounts(
             tokens=int(np.sum(seg != 0)),
             slots=int(seg.size),

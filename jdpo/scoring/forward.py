@@ -50,7 +50,7 @@ def pair_logprobs(
     """
     P = batch.pair_ids.shape[1]
     hidden_BxTxD, router = model.hidden_and_router(
-        batch.input_ids, batch.positions, batch.segment_ids, dropout_key
+        batch.input_ids, batch.positions, batch.segment_ids, dropout_key, batch.slots
     )
     # A row split over the mesh's context axis is scored shard by shard (`split_rows`: each device's
     # C-th of a row as a row of its own), its per-segment sums added over the shards (`join_rows`).

@@ -19,8 +19,10 @@ from jdpo.config import Config, ConfigError
 from jdpo.data import unpaired as unpaired_data
 from jdpo.data.batch import Batch
 from jdpo.data.batching import make_batch
+from jdpo.data.context_balance import BlockBalance
 from jdpo.data.layout import BatchLayout, row_length_for
-from jdpo.models.kernels import resolve_attention, shares_prompt
+from jdpo.models.choices import deals_blocks
+from jdpo.models.kernels import default_block, resolve_attention, shares_prompt
 from jdpo.parallel.sharding import row_shards
 from jdpo.train import token_cache
 from jdpo.train.token_cache import TokenizedSplits
@@ -35,15 +37,35 @@ def check_batch_rows(config: Config, mesh) -> None:
                           f"shards of the mesh (data x fsdp = {dict(mesh.shape)})")  # fmt: skip
 
 
+def _kernel(config: Config, hf_model_config) -> str:
+    """The attention kernel the model load will resolve."""
+    m = config.model
+    C = config.mesh.context
+    return resolve_attention(m.attention, hf_model_config, context=C, how=m.context_attention).kernel
+
+
 def decide_shared_prompt(config: Config, hf_model_config) -> bool:
     """`data.shared_prompt` for the kernel that will run (resolved as the model load will resolve it)."""
     C = config.mesh.context
-    kernel = resolve_attention(
-        config.model.attention, hf_model_config, context=C, how=config.model.context_attention
-    ).kernel
+    kernel = _kernel(config, hf_model_config)
     on, why = shares_prompt(config.data.shared_prompt, kernel, hf_model_config, context=C)
     log.info("shared prompt: %s (%s)", "on" if on else "off", why)
     return on
+
+
+def decide_balance(config: Config, hf_model_config) -> BlockBalance | None:
+    """How rows split over `mesh.context` reach the devices (`model.context_balance`): dealt in blocks
+    of the kernel's tile (`jdpo.data.context_balance`), or None: the fixed chunk layout (or no split)."""
+    m, C = config.model, config.mesh.context
+    kernel = _kernel(config, hf_model_config)
+    try:
+        dealt = deals_blocks(m.context_balance, kernel, m.context_attention, C)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not dealt:
+        return None
+    log.info("context balance: rows dealt over mesh.context=%d in blocks of the kernel's tile", C)
+    return BlockBalance(C, m.attention_block or default_block(kernel))
 
 
 def _records(config: Config):
@@ -119,7 +141,9 @@ class OfflineData:
         self.tokens_reused = False  # the splits came from the tokenised-data cache
 
     @classmethod
-    def load(cls, config: Config, tokenizer, *, mesh, shared_prompt: bool, cache_dir=None) -> OfflineData:
+    def load(
+        cls, config: Config, tokenizer, *, mesh, shared_prompt: bool, cache_dir=None, balance=None
+    ) -> OfflineData:
         """Records -> (train, eval) -> token ids (from the tokenised-data cache in `cache_dir` when it
         holds them: `jdpo.train.token_cache`) -> the layout, each split accounted for."""
         c, d = config, config.data
@@ -139,7 +163,8 @@ class OfflineData:
         row_length = row_length_for(d.max_length, d.row_length)
         layout = BatchLayout.for_pairs([p for p in (train_pairs, eval_pairs) if p is not None],
                                        rows_per_batch=c.train.batch_rows, row_length=row_length,
-                                       packing=d.packing, shared_prompt=shared_prompt)  # fmt: skip
+                                       packing=d.packing, shared_prompt=shared_prompt,
+                                       balance=balance)  # fmt: skip
         data = cls(c, train_pairs, eval_pairs, layout)
         data.tokens_reused = reused
         account(

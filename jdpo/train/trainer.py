@@ -52,7 +52,13 @@ from jdpo.train.reference import Reference, cache_dir_of, initial_reference_para
 from jdpo.train.reference_update import UpdateSchedule
 from jdpo.train.resume import RunCheckpoints, RunMeta
 from jdpo.train.router_loss import moe_settings
-from jdpo.train.run_data import OfflineData, check_batch_rows, decide_shared_prompt, layout_key
+from jdpo.train.run_data import (
+    OfflineData,
+    check_batch_rows,
+    decide_balance,
+    decide_shared_prompt,
+    layout_key,
+)
 from jdpo.train.runlock import RunLock
 from jdpo.train.state import frozen_parts, initial_state
 from jdpo.train.step import StepSettings, compiled_steps
@@ -118,7 +124,8 @@ class Trainer:
                 self.data = OnlineData.load(c, self.tokenizer, mesh=self.mesh, shared_prompt=shared_prompt)
             else:  # tokenised once, then from the cache beside the reference cache (`jdpo.train.token_cache`)
                 self.data = OfflineData.load(c, self.tokenizer, mesh=self.mesh, shared_prompt=shared_prompt,
-                                             cache_dir=cache_dir_of(c, self.output_dir))  # fmt: skip
+                                             cache_dir=cache_dir_of(c, self.output_dir),
+                                             balance=decide_balance(c, self.hf_model_config))  # fmt: skip
         with phases.timed("model load"):
             params, base = self._load_model()
         self.settings = StepSettings(
