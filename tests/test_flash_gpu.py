@@ -36,7 +36,9 @@ def _dense(q, k, v, ids_q, ids_k, *, offset, causal, window, softcap, scale):
 
 def _inputs(B, N, K, Lq, Lk, H, seed=0):
     rng = np.random.default_rng(seed)
-    q, k, v = (jnp.asarray(rng.standard_normal((B, n, L, H)), jnp.float32) for n, L in ((N, Lq), (K, Lk), (K, Lk)))
+    q, k, v = (
+        jnp.asarray(rng.standard_normal((B, n, L, H)), jnp.float32) for n, L in ((N, Lq), (K, Lk), (K, Lk))
+    )
     w = jnp.asarray(rng.standard_normal((B, N, Lq, H)), jnp.float32)
     return q, k, v, w
 
@@ -47,8 +49,9 @@ CASES = {
     "diagonal_gqa": dict(N=4, K=2, Lq=32, Lk=32, H=8, offset=0, causal=True, window=None, softcap=None),
     # queries 40 positions after the keys start (a later chunk), a window of 20 reaching partly into the
     # key chunk, soft-capped scores, one kv head
-    "offset_window_softcap": dict(N=2, K=1, Lq=32, Lk=64, H=16, offset=40, causal=True, window=20,
-                                  softcap=2.0),  # fmt: skip
+    "offset_window_softcap": dict(
+        N=2, K=1, Lq=32, Lk=64, H=16, offset=40, causal=True, window=20, softcap=2.0
+    ),  # fmt: skip
     # a key chunk wholly in the queries' past: no causal mask
     "full": dict(N=2, K=2, Lq=16, Lk=64, H=32, offset=0, causal=False, window=None, softcap=None),
 }
@@ -100,7 +103,10 @@ def test_flash_gpu_backward_takes_the_whole_attentions_lse():
     q, k, v, w = _inputs(B, N, K, L, 2 * L, H, seed=3)
     ids_q, ids_k = jnp.ones((B, L), jnp.int32), jnp.ones((B, 2 * L), jnp.int32)
     kw = dict(causal=True, window=None, softcap=1.5, scale=0.5)
-    halves = [(k[:, :, :L], v[:, :, :L], dict(offset=L, causal=False)), (k[:, :, L:], v[:, :, L:], dict(offset=0))]
+    halves = [
+        (k[:, :, :L], v[:, :, :L], dict(offset=L, causal=False)),
+        (k[:, :, L:], v[:, :, L:], dict(offset=0)),
+    ]
     parts = [flash_gpu.forward(q, kh, vh, ids_q, ids_k[:, :L], interpret=True, block_q=16, block_k=16,
                                **{**kw, **o}) for kh, vh, o in halves]  # fmt: skip
     lse = jnp.logaddexp(parts[0][1], parts[1][1])

@@ -43,7 +43,8 @@ from jax.experimental import pallas as pl
 
 from jdpo.models import attention
 
-_MIN_TILE = 16  # Triton's dot: every dimension >= 16
+MIN_TILE = 16  # Triton's dot: every dimension >= 16
+BACKWARD_BLOCK = 32  # the backward kernels' tile in the ring (as jax's Pallas GPU kernel's default)
 
 
 def _pow2(n: int) -> int:
@@ -183,8 +184,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, idq_ref, idk_ref, do_ref, lse_ref, delta_re
 def _check(q, k, block_q, block_k, offset):
     (_, N, Lq, _), (_, K, Lk, _) = q.shape, k.shape
     for name, b, n in (("block_q", block_q, Lq), ("block_k", block_k, Lk)):
-        if b < _MIN_TILE or b & (b - 1):
-            raise ValueError(f"flash_gpu: {name} must be a power of two >= {_MIN_TILE}, got {b}")
+        if b < MIN_TILE or b & (b - 1):
+            raise ValueError(f"flash_gpu: {name} must be a power of two >= {MIN_TILE}, got {b}")
         if n % b:
             raise ValueError(f"flash_gpu: length {n} is not a multiple of {name}={b}")
     if N % K:
@@ -212,7 +213,7 @@ def forward(q, k, v, ids_q, ids_k, *, offset=0, causal=True, window=None, softca
     """(out [B, N, Lq, H] in q's dtype, lse [B, N, Lq] float32) of one call (module docstring)."""
     _check(q, k, block_q, block_k, offset)
     (B, N, Lq, H), K, Lk = q.shape, k.shape[1], k.shape[2]
-    G, Hp, nq = N // K, max(_MIN_TILE, _pow2(H)), Lq // block_q
+    G, Hp, nq = N // K, max(MIN_TILE, _pow2(H)), Lq // block_q
     qg = _grouped(_padded(q, Hp), K)
     kp, vp = _padded(k, Hp), _padded(v, Hp)
     kernel = functools.partial(
@@ -225,7 +226,9 @@ def forward(q, k, v, ids_q, ids_k, *, offset=0, causal=True, window=None, softca
         kernel,
         grid=(G * nq, B, K),
         in_specs=[
-            tile, whole, whole,
+            tile,
+            whole,
+            whole,
             pl.BlockSpec((None, block_q), lambda i, b, h: (b, lax.rem(i, nq))),
             pl.BlockSpec((None, Lk), lambda i, b, h: (b, 0)),
         ],  # fmt: skip
@@ -248,7 +251,7 @@ def backward(q, k, v, ids_q, ids_k, out, lse, d_out, *, offset=0, causal=True, w
     recomputed as exp(s - lse), delta = sum(d_out * out) per query head and token."""
     _check(q, k, block_q, block_k, offset)
     (B, N, Lq, H), K, Lk = q.shape, k.shape[1], k.shape[2]
-    G, Hp, nq, nk = N // K, max(_MIN_TILE, _pow2(H)), Lq // block_q, Lk // block_k
+    G, Hp, nq, nk = N // K, max(MIN_TILE, _pow2(H)), Lq // block_q, Lk // block_k
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1).reshape(B, K, G * Lq)
     lse_g = lse.astype(jnp.float32).reshape(B, K, G * Lq)
     qg, dog = _grouped(_padded(q, Hp), K), _grouped(_padded(d_out.astype(q.dtype), Hp), K)
@@ -264,10 +267,14 @@ def backward(q, k, v, ids_q, ids_k, out, lse, d_out, *, offset=0, causal=True, w
         functools.partial(_dq_kernel, **statics),
         grid=(G * nq, B, K),
         in_specs=[
-            q_tile, k_whole, k_whole,
+            q_tile,
+            k_whole,
+            k_whole,
             pl.BlockSpec((None, block_q), lambda i, b, h: (b, lax.rem(i, nq))),
             pl.BlockSpec((None, Lk), lambda i, b, h: (b, 0)),
-            q_tile, q_row, q_row,
+            q_tile,
+            q_row,
+            q_row,
         ],  # fmt: skip
         out_specs=q_tile,
         out_shape=jax.ShapeDtypeStruct(qg.shape, jnp.float32),
@@ -283,10 +290,14 @@ def backward(q, k, v, ids_q, ids_k, out, lse, d_out, *, offset=0, causal=True, w
         functools.partial(_dkv_kernel, G=G, **statics),
         grid=(nk, B, K),
         in_specs=[
-            q_whole, k_tile, k_tile,
+            q_whole,
+            k_tile,
+            k_tile,
             pl.BlockSpec((None, Lq), lambda j, b, h: (b, 0)),
             pl.BlockSpec((None, block_k), lambda j, b, h: (b, j)),
-            q_whole, row_whole, row_whole,
+            q_whole,
+            row_whole,
+            row_whole,
         ],  # fmt: skip
         out_specs=[k_tile, k_tile],
         out_shape=[jax.ShapeDtypeStruct(kp.shape, jnp.float32)] * 2,
