@@ -1,9 +1,9 @@
 """The accelerator kernels inside the context ring (`mesh.context` > 1), in Pallas' interpret mode on the
-8 CPU devices: Splash attention as each ring step's kernel (`jdpo.models.ring_splash`) equals dense
-masked attention in values and the gradients of q, k, v on packed rows with the shared prompt and
-grouped-query heads, and with a sliding window and soft-capping; per-pair log-probs of a model at
-context 4 equal one device's, and so do two training steps (slow); the kernel choice on a context mesh,
-the Pallas GPU kernel refused with its reason."""
+8 CPU devices: Splash attention and jdpo's Pallas GPU flash kernel (`jdpo.models.flash_gpu`) as each ring
+step's kernel (`jdpo.models.ring_pallas`) equal dense masked attention in values and the gradients of
+q, k, v on packed rows with the shared prompt and grouped-query heads, and with a sliding window and
+soft-capping; per-pair log-probs of a model at context 4 equal one device's, and so do two training
+steps with splash (slow); the kernel choice on a context mesh."""
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,7 @@ from jdpo.parallel.sharding import make_mesh
 from jdpo.scoring.forward import pair_logprobs
 
 
-def _ring_vs_dense(seg, *, N, K, H, mesh_shape, scale=0.3, softcap=None, window=None, traced=False):
+def _ring_vs_dense(seg, *, N, K, H, mesh_shape, kernel, scale=0.3, softcap=None, window=None, traced=False):
     B, T = seg.shape
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal((B, T, n, H)), jnp.float32) for n in (N, K, K))
@@ -41,7 +41,7 @@ def _ring_vs_dense(seg, *, N, K, H, mesh_shape, scale=0.3, softcap=None, window=
         win = jnp.asarray(window, jnp.int32) if traced else window
         out = context_attention(
             q, k, v, AttentionMask(ids, window=win), scale=scale, softcap=softcap, block=128, how="ring",
-            kernel="splash", sliding_window=window,
+            kernel=kernel, sliding_window=window,
         )  # fmt: skip
         return jnp.sum(context_layout.from_balanced(out) * w)
 
@@ -53,37 +53,48 @@ def _ring_vs_dense(seg, *, N, K, H, mesh_shape, scale=0.3, softcap=None, window=
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_splash_ring_equals_dense_attention_with_shared_prompt_and_gqa():
+@pytest.mark.parametrize("kernel", ["splash", "pallas_gpu"])
+def test_pallas_ring_equals_dense_attention_with_shared_prompt_and_gqa(kernel):
     """context 4 x fsdp 2: segments straddle every chunk boundary, a shared prefix (-1) and its two
     branches, a plain pair, padding; 4 query heads over 2 kv heads."""
     B, T = 2, 64
     seg = np.zeros((B, T), np.int32)
     seg[0, :10], seg[0, 10:30], seg[0, 30:50], seg[0, 50:60] = -1, 1, 2, 3
     seg[1, :40], seg[1, 40:] = 1, 2
-    _ring_vs_dense(seg, N=4, K=2, H=8, mesh_shape=dict(fsdp=2, context=4))
+    _ring_vs_dense(seg, N=4, K=2, H=8, mesh_shape=dict(fsdp=2, context=4), kernel=kernel)
 
 
-@pytest.mark.parametrize("traced", [False, True], ids=["static_window", "traced_window"])
-def test_splash_ring_equals_dense_attention_with_window_and_softcap(traced):
+@pytest.mark.parametrize(
+    "kernel, traced",
+    [("splash", False), ("splash", True), ("pallas_gpu", True)],
+    ids=["splash_static_window", "splash_traced_window", "pallas_gpu_traced_window"],
+)
+def test_pallas_ring_equals_dense_attention_with_window_and_softcap(kernel, traced):
     """context 8 (chunks of 4): a window of 11 reaches back over two chunk boundaries, so key chunks are
     diagonal, partly and wholly inside the window and wholly outside it; soft-capped scores, one kv head
     (multi-query). Traced: the window as a layer scan passes it (`sliding_window` names it)."""
     B, T = 1, 64
     seg = np.zeros((B, T), np.int32)
     seg[0, :37], seg[0, 37:61] = 1, 2
-    _ring_vs_dense(seg, N=2, K=1, H=8, mesh_shape=dict(context=8), softcap=2.0, window=11, traced=traced)
+    _ring_vs_dense(
+        seg, N=2, K=1, H=8, mesh_shape=dict(context=8), kernel=kernel, softcap=2.0, window=11, traced=traced
+    )
 
 
-@pytest.mark.parametrize("family, shared", [("qwen3", True), ("gemma2", False)])
-def test_pair_logprobs_with_splash_at_context_4_equal_one_device(family, shared):
-    """The model's forward with `attention: splash` on fsdp 2 x context 4 (the ring with Splash in every
-    step) against the blocked kernel on one device: the same per-pair log-probs on packed rows whose
-    pairs straddle the shards, qwen3 (grouped-query heads) with the shared prompt; gemma2 (window 3 on
-    alternate layers, soft-capped logits) in a layer scan, the window traced."""
+@pytest.mark.parametrize(
+    "kernel, family, shared",
+    [("splash", "qwen3", True), ("splash", "gemma2", False), ("pallas_gpu", "qwen3", True)],
+)
+def test_pair_logprobs_with_pallas_kernels_at_context_4_equal_one_device(kernel, family, shared):
+    """The model's forward with `attention: splash` or `pallas_gpu` on fsdp 2 x context 4 (the ring with
+    the kernel in every step) against the blocked kernel on one device: the same per-pair log-probs on
+    packed rows whose pairs straddle the shards, qwen3 (grouped-query heads) with the shared prompt;
+    gemma2 (window 3 on alternate layers, soft-capped logits) in a layer scan, the window traced
+    (splash only: pallas_gpu refuses soft-capped models, whose unsplit rows it could not run)."""
     config = ModelConfig.from_hf(tiny_hf_config(family))
     scan = family == "gemma2"
     one = random_model(config, attention="blocked", attention_block=16, scan_layers=scan)
-    ctx = random_model(config, attention="splash", attention_block=128, context=4, scan_layers=scan)
+    ctx = random_model(config, attention=kernel, attention_block=128, context=4, scan_layers=scan)
     batch = make_batch(pairs_of(9), [[0, 1, 2, 3], [4, 5], [6, 7, 8], []], 256, 4, shared_prompt=shared)
 
     def logps(model, batch):
@@ -99,8 +110,9 @@ def test_pair_logprobs_with_splash_at_context_4_equal_one_device(family, shared)
 
 
 def test_kernel_choice_on_a_context_mesh():
-    """splash runs split rows (auto picks it on TPU, with the shared prompt there); pallas_gpu and xla
-    are refused with the reason, and splash with the all-gather."""
+    """splash and pallas_gpu run split rows in the ring (auto picks splash on TPU, with the shared prompt
+    there; blocked on a GPU); xla is refused with the reason, and splash / pallas_gpu with the
+    all-gather."""
     llama = ModelConfig.from_hf(tiny_hf_config("llama"))
     assert resolve_attention("splash", llama, context=4).kernel == "splash"
     assert resolve_attention("auto", llama, context=4, backend="tpu").kernel == "splash"
@@ -108,12 +120,18 @@ def test_kernel_choice_on_a_context_mesh():
     assert resolve_attention("auto", llama, context=4, backend="tpu", how="all_gather").kernel == "blocked"
     assert shares_prompt("auto", "splash", llama, context=4)[0]
     assert not shares_prompt("auto", "splash", llama)[0]
-    with pytest.raises(ConfigError, match=r"pallas_gpu cannot run .* one segment-id array for queries"):
-        resolve_attention("pallas_gpu", llama, context=4)
+    assert resolve_attention("pallas_gpu", llama, context=4).kernel == "pallas_gpu"
+    assert shares_prompt("auto", "pallas_gpu", llama, context=4)[0]
+    assert not shares_prompt("auto", "pallas_gpu", llama)[0]
+    with pytest.raises(ConfigError, match="pallas_gpu cannot run this model: it cannot soft-cap"):
+        resolve_attention("pallas_gpu", ModelConfig.from_hf(tiny_hf_config("gemma2")), context=4)
     with pytest.raises(ConfigError, match=r"xla cannot run .* dense \[T, T\] mask"):
         resolve_attention("xla", llama, context=2)
-    with pytest.raises(ConfigError, match="all_gather with model.attention=splash .* in the ring only"):
-        resolve_attention("splash", llama, context=4, how="all_gather")
+    for kernel in ("splash", "pallas_gpu"):
+        with pytest.raises(
+            ConfigError, match=f"all_gather with model.attention={kernel} .* in the ring only"
+        ):
+            resolve_attention(kernel, llama, context=4, how="all_gather")
 
 
 # Slow (interpret-mode Splash in a jitted train step, ~1 min): the ring's values and gradients are

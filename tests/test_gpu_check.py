@@ -96,9 +96,9 @@ def test_dry_run_end_to_end(tmp_path):
     checks = [row["check"] for row in summary]
     assert all(row["ok"] for row in summary)
     assert (
-        sum(c.startswith("parity") for c in checks) == 6 and sum(c.startswith("kernel ") for c in checks) == 4
+        sum(c.startswith("parity") for c in checks) == 6 and sum(c.startswith("kernel ") for c in checks) == 8
     )
     assert {"bench auto (blocked, 2x256)", "bench xla (xla, 2x256)", "ratio auto / xla"} <= set(checks)
-    for name in ("env.json", "parity.json", "kernels.json", "benches.json", "summary.md"):
+    for name in ("env.json", "parity.json", "kernels.json", "pair_kernel.json", "benches.json", "summary.md"):
         assert (out / name).exists(), name
     assert "ratio auto / xla" in p.stdout

@@ -292,6 +292,8 @@ def test_context_axis_and_offload_by_hand():
     assert ring.part("context k / v") == 2 * (2 * 64 // 4) * kv  # the held and the incoming shard
     splash = plan.plan_memory(TINY, tiny_cfg(**over, **{"model.attention": "splash"}), num_devices=4)
     assert splash.part("context k / v") == ring.part("context k / v")  # splash runs in the ring
+    gpu = plan.plan_memory(TINY, tiny_cfg(**over, **{"model.attention": "pallas_gpu"}), num_devices=4)
+    assert gpu.part("context k / v") == ring.part("context k / v")  # and so does pallas_gpu
     off = plan.plan_memory(TINY, tiny_cfg(**over, **{"model.remat": "offload"}), num_devices=4)
     full = plan.plan_memory(TINY, tiny_cfg(**over, **{"model.remat": "full"}), num_devices=4)
     assert off.part("activations") == full.part("activations") - 2 * 16 * 2 * 16 * 4  # L D b x B T/C

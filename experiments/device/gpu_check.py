@@ -15,6 +15,14 @@ safetensors and torch, it installs jdpo without dependencies (`pip install --no-
   2. the GPU kernel (`pallas_gpu`) and the blocked kernel against dense attention (xla, float32),
      values and gradients, on packed rows of hh-rlhf-like segments, float32 and bfloat16; and the
      forward + backward time of each kernel;
+  2b. jdpo's flash kernel for a context-ring chunk pair (`jdpo.models.flash_gpu`, what
+     `model.attention: pallas_gpu` runs with `mesh.context` > 1) compiled by Triton (interpret=False):
+     one GPU is one device, so no context mesh; instead the ring's work on one device, the second half
+     of each row's queries against both key chunks (the diagonal call from offset 0, the earlier chunk
+     fully visible from offset L, separate query and key segment ids), merged by log-sum-exp, each
+     call's backward given the merged out / lse, against dense float32 attention, values and gradients,
+     float32 and bfloat16, plain and with a window and soft-capped scores; and the forward + backward
+     time of the kernel on the diagonal against jax's `pallas_gpu` kernel (mha) on the same chunk;
   3. `jdpo bench` (a subprocess each, so that peak device memory is per bench) on a random
      Qwen2.5-0.5B-shaped model, bfloat16 compute, packed rows of 4096 tokens of hh-rlhf-like lengths:
      step time, non-pad tokens/s, MFU against the GPU's published bf16 dense peak (H100 / H200 SXM:
@@ -290,6 +298,134 @@ def kernels(out: Path, *, dry_run: bool) -> list[dict]:
     return result
 
 
+def pair_kernel(out: Path, *, dry_run: bool) -> dict:
+    """Stage 2b (module docstring): {"checks": rows like `kernels`', "fwd_bwd_seconds_bf16": {...}}."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jdpo.models import AttentionMask, flash_gpu
+    from jdpo.models.pallas_gpu import pallas_gpu_attention
+
+    B, T, N, K, H = (1, 64, 4, 2, 16) if dry_run else (4, 4096, 14, 2, 64)
+    L, tile = T // 2, 16 if dry_run else 64
+    interpret = jax.default_backend() != "gpu"
+    seg = jnp.asarray(hh_segments(B, T, shrink=8 if dry_run else 1))
+    ids_q, ids_k = seg[:, L:], seg
+    scale = H**-0.5
+    keys = jax.random.split(jax.random.key(1), 4)
+    q32 = jax.random.normal(keys[0], (B, N, L, H), jnp.float32)
+    k32, v32 = (jax.random.normal(kk, (B, K, T, H), jnp.float32) for kk in keys[1:3])
+    real = (np.asarray(ids_q) > 0)[:, None, :, None]
+    w = jax.random.normal(keys[3], (B, N, L, H), jnp.float32) * real
+
+    def dense(q, k, v, softcap, window):  # the second half's queries against the whole row
+        kk, vv = (jnp.repeat(x, N // K, axis=1) for x in (k, v))
+        s = jnp.einsum("bnth,bnsh->bnts", q, kk, precision="highest") * scale
+        if softcap is not None:
+            s = softcap * jnp.tanh(s / softcap)
+        qp, kp = L + jnp.arange(L), jnp.arange(T)
+        vis = (ids_q[:, :, None] == ids_k[:, None, :]) & (kp[None, :] <= qp[:, None])[None]
+        if window is not None:
+            vis &= (qp[:, None] - kp[None, :] < window)[None]
+        s = jnp.where(vis[:, None], s, -1e30)
+        p = jnp.where(vis[:, None], jax.nn.softmax(s, axis=-1), 0.0)
+        return jnp.einsum("bnts,bnsh->bnth", p, vv, precision="highest")
+
+    def pair(q, k, v, softcap, window):
+        """(out, dq, dk, dv) of the two calls merged as the ring merges them."""
+        kw = dict(softcap=softcap, scale=scale, interpret=interpret)
+        calls = [  # (key chunk, keys' ids, mask)
+            (slice(0, L), dict(offset=L, causal=window is not None, window=window)),
+            (slice(L, T), dict(offset=0, causal=True, window=window)),
+        ]
+        parts = [
+            flash_gpu.forward(q, k[:, :, sl], v[:, :, sl], ids_q, ids_k[:, sl], block_q=tile, block_k=tile,
+                              **kw, **m)
+            for sl, m in calls
+        ]  # fmt: skip
+        lse = jnp.logaddexp(parts[0][1], parts[1][1])
+        o = sum(p[0].astype(jnp.float32) * jnp.exp(p[1] - lse)[..., None] for p in parts)
+        grads = [
+            flash_gpu.backward(q, k[:, :, sl], v[:, :, sl], ids_q, ids_k[:, sl], o.astype(q.dtype), lse,
+                               w.astype(q.dtype), block_q=min(tile, 32), block_k=min(tile, 32), **kw, **m)
+            for sl, m in calls
+        ]  # fmt: skip
+        dq = grads[0][0] + grads[1][0]
+        dk, dv = (jnp.concatenate([grads[0][i], grads[1][i]], axis=2) for i in (1, 2))
+        return o, dq, dk, dv
+
+    def rel(a, b, where=None):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        if where is not None:
+            a, b = a * where, b * where
+        return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+    rows = []
+    for softcap, window in ((None, None), (50.0, L // 2 + 7)):
+        ref_fn = jax.jit(
+            lambda q, k, v, softcap=softcap, window=window: jax.vjp(
+                lambda q, k, v: dense(q, k, v, softcap, window), q, k, v
+            )[1](w)
+        )
+        got_fn = jax.jit(functools.partial(pair, softcap=softcap, window=window))
+        for dtype in ("float32", "bfloat16"):
+            q, k, v = (x.astype(dtype) for x in (q32, k32, v32))
+            f32 = tuple(x.astype(jnp.float32) for x in (q, k, v))
+            ref_out, ref_g = dense(*f32, softcap, window), ref_fn(*f32)
+            o, *g = got_fn(q, k, v)
+            errs = {
+                "values": rel(o, ref_out, real),
+                **{f"d{x}": rel(a, b) for x, a, b in zip("qkv", g, ref_g, strict=True)},
+            }
+            what = "window+softcap" if window else "plain"
+            row = {
+                "kernel": f"flash_gpu pair {what}",
+                "dtype": dtype,
+                "shape": f"B={B} L={L} N={N} K={K} H={H}",
+            }
+            row.update(errs, tol=KERNEL_TOL[dtype])
+            row["ok"] = bool(all(np.isfinite(e) and e <= KERNEL_TOL[dtype] for e in errs.values()))
+            rows.append(row)
+
+    # Forward + backward time on the diagonal chunk, bfloat16: jdpo's kernel against jax's.
+    diag = seg[:, L:]
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q32, k32[:, :, L:], v32[:, :, L:]))
+    qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # jax's kernel: [B, T, heads, H]
+    wt = w.astype(jnp.bfloat16)
+
+    def timed(fn, *args):
+        loss = jax.jit(jax.value_and_grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=(0, 1, 2)))
+        return _median_time(loss, *args, n=2 if dry_run else 5)
+
+    timing = {}
+    impls = {
+        "flash_gpu_diagonal": (
+            lambda q, k, v: flash_gpu.flash_attention(
+                q, k, v, diag, diag, scale=scale, block_q=tile, block_k=tile, bwd_block_q=min(tile, 32),
+                bwd_block_k=min(tile, 32), interpret=interpret,
+            ) * wt,
+            (q, k, v),
+        ),
+        "pallas_gpu_mha_diagonal": (
+            lambda q, k, v: pallas_gpu_attention(
+                q, k, v, AttentionMask(diag), scale=scale, block=tile, interpret=interpret
+            ),
+            (qt, kt, vt),
+        ),
+    }  # fmt: skip
+    for name, (fn, args) in impls.items():
+        try:
+            timing[name] = timed(fn, *args)
+        except Exception as e:
+            timing[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    result = {"checks": rows, "fwd_bwd_seconds_bf16": timing}
+    (out / "pair_kernel.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 # -- 3, 4. jdpo bench -------------------------------------------------------------------------------
 
 
@@ -514,6 +650,24 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     kernel_result = kernels(out, dry_run=args.dry_run)
     print(f"kernels done in {time.monotonic() - t0:.1f} s", flush=True)
+    t0 = time.monotonic()
+    try:
+        pair = pair_kernel(out, dry_run=args.dry_run)
+    except Exception as e:  # a Triton lowering failure is a result: report it, keep the benches
+        nan = float("nan")
+        error = f"{type(e).__name__}: {str(e)[:2000]}"
+        row = dict(kernel="flash_gpu pair", dtype="-", values=nan, dq=nan, dk=nan, dv=nan, tol=0.0, ok=False)
+        pair = {"checks": [{**row, "error": error}]}
+        (out / "pair_kernel.json").write_text(json.dumps(pair, indent=2) + "\n")
+        print(f"pair kernel failed: {pair['checks'][0]['error']}", flush=True)
+    kernel_result = {
+        "checks": kernel_result["checks"] + pair["checks"],
+        "fwd_bwd_seconds_bf16": {
+            **kernel_result["fwd_bwd_seconds_bf16"],
+            **pair.get("fwd_bwd_seconds_bf16", {}),
+        },
+    }
+    print(f"pair kernel done in {time.monotonic() - t0:.1f} s", flush=True)
     bench_rows = benches(out, dry_run=args.dry_run, budget=budget)
     rows = summary_rows(env, parity_rows, kernel_result, bench_rows)
     table = format_table(rows)

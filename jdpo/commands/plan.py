@@ -502,7 +502,8 @@ def plan_memory(
         ("batch", batch_bytes, f"A={cfg.train.grad_accum} x B x T x {BATCH_ARRAYS} int32/float32"),
     ]
     if context > 1:
-        how = "ring" if kernel == "splash" else m.context_attention  # splash runs in the ring only
+        # splash and pallas_gpu run in the ring only
+        how = "ring" if kernel in ("splash", "pallas_gpu") else m.context_attention
         kv = context_kv_bytes(
             model_config, how=how, rows=B, row_length=T, context=context, dtype_bytes=b, tensor=tensor
         )

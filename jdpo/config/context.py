@@ -1,8 +1,8 @@
 """The rules of context parallelism (`mesh.context` > 1: every row's tokens split over devices), checked
 before anything loads: the row length must cut into 2 x context chunks (the balanced layout,
-`jdpo.parallel.context_layout`), only the blocked kernel and splash (in the ring) attend a shard of a
-row's queries (`jdpo.models.choices.context_refusal`), and the mesh must fit the devices (`mesh_advice`:
-the sizes that would)."""
+`jdpo.parallel.context_layout`), only the blocked kernel, splash and pallas_gpu (those two in the ring)
+attend a shard of a row's queries (`jdpo.models.choices.context_refusal`), and the mesh must fit the
+devices (`mesh_advice`: the sizes that would)."""
 
 from __future__ import annotations
 

@@ -52,8 +52,9 @@ def attention_block_problem(kernel: str, block: int) -> str | None:
 
 
 #: Kernels that attend a shard of a row's queries (`mesh.context` > 1): the blocked kernel (all-gather or
-#: ring) and splash (the ring, `jdpo.models.ring_splash`).
-CONTEXT_KERNELS = ("blocked", "splash")
+#: ring), splash and pallas_gpu (the ring, `jdpo.models.ring_pallas`; pallas_gpu through jdpo's own
+#: flash kernel, `jdpo.models.flash_gpu`, not jax's).
+CONTEXT_KERNELS = ("blocked", "splash", "pallas_gpu")
 
 
 def context_refusal(requested: str, context: int, how: str = "auto") -> str | None:
@@ -62,22 +63,16 @@ def context_refusal(requested: str, context: int, how: str = "auto") -> str | No
     `kernels.resolve_attention` when the model is built."""
     if context <= 1:
         return None
-    if requested == "pallas_gpu":
-        return (
-            f"model.attention=pallas_gpu cannot run rows split over mesh.context={context}: jax's Pallas GPU "
-            "flash kernel (jax.experimental.pallas.ops.gpu.attention.mha) reads one segment-id array for "
-            "queries and keys alike and counts its causal mask from position 0 of both, so it cannot attend "
-            "one chunk's queries to another chunk's keys (the ring's off-diagonal steps); use auto or blocked"
-        )
     if requested == "xla":
         return (
             f"model.attention=xla cannot run rows split over mesh.context={context}: its dense [T, T] mask "
             "is the whole row's; use auto, blocked or splash"
         )
-    if requested == "splash" and how == "all_gather":
+    if requested in ("splash", "pallas_gpu") and how == "all_gather":
         return (
-            f"model.context_attention=all_gather with model.attention=splash over mesh.context={context}: "
-            "splash runs a context-split row in the ring only; use model.context_attention ring or auto"
+            f"model.context_attention=all_gather with model.attention={requested} over "
+            f"mesh.context={context}: {requested} runs a context-split row in the ring only; use "
+            "model.context_attention ring or auto"
         )
     return None
 

@@ -20,9 +20,11 @@ Both visit only the key blocks a query block can see (its segment, its shared pr
 so a key shard no query of this device sees costs nothing but its transfer. Segment ids are gathered
 whole (int32 [B, T]): the visibility rule needs every key's segment.
 
-The ring also runs TPU Splash attention as each step's kernel (`kernel="splash"`,
-`jdpo.models.ring_splash`); pallas_gpu and xla take no query shard and are refused with mesh.context > 1
-(`jdpo.models.choices.context_refusal`, with the reasons).
+The ring also runs a Pallas kernel as each step's kernel (`jdpo.models.ring_pallas`): TPU Splash
+attention (`kernel="splash"`) or jdpo's own Pallas GPU flash kernel (`kernel="pallas_gpu"`,
+`jdpo.models.flash_gpu`: separate query and key segment ids and a query offset, which jax's Pallas GPU
+kernel lacks). xla takes no query shard and is refused with mesh.context > 1
+(`jdpo.models.choices.context_refusal`, with the reason).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from jdpo.models import attention, ring, ring_splash
+from jdpo.models import attention, ring, ring_pallas
 from jdpo.parallel import context_layout
 from jdpo.parallel.sharding import CONTEXT_AXIS, context_size, current_mesh, logical_to_spec, spec_entry_size
 
@@ -64,15 +66,16 @@ def context_attention(
 ):  # fmt: skip
     """Exact causal self-attention of packed rows split over "context" (balanced layout); same contract
     as `attention.blocked_attention`. `how`: all_gather, ring, or auto (all_gather for the blocked kernel:
-    see the README's measurement; ring for splash). `kernel`: blocked, or splash (the ring only,
-    `ring_splash`; `sliding_window` is the model's static window, read when `mask.window` is traced;
-    `interpret`: Pallas' interpreter, None: off on TPU)."""
+    see the README's measurement; ring for splash and pallas_gpu). `kernel`: blocked, splash or
+    pallas_gpu (the last two in the ring only, `ring_pallas`; `sliding_window` is the model's static
+    window, read when `mask.window` is traced; `interpret`: Pallas' interpreter, None: off on the
+    kernel's own backend)."""
     if not (mask.self_attention and mask.causal):
         raise ValueError("context attention takes causal self-attention masks (no KV cache)")
-    if kernel not in ("blocked", "splash"):
-        raise ValueError(f"context attention runs the blocked or the splash kernel, not {kernel!r}")
-    if kernel == "splash" and how == "all_gather":
-        raise ValueError("the splash kernel runs rows split over context in the ring only")
+    if kernel not in ("blocked", *ring_pallas.KERNELS):
+        raise ValueError(f"context attention runs the blocked, splash or pallas_gpu kernel, not {kernel!r}")
+    if kernel != "blocked" and how == "all_gather":
+        raise ValueError(f"the {kernel} kernel runs rows split over context in the ring only")
     mesh, C, T = current_mesh(), context_size(), q_BxTxNxH.shape[1]
     if context_layout.splits(T) != C:
         raise ValueError(f"rows of {T} tokens do not split into 2 x context = {2 * C} chunks")
@@ -82,12 +85,12 @@ def context_attention(
             "rows dealt over context in blocks (model.context_balance: blocks) run the blocked kernel with "
             f"the all-gather, not {kernel} in the {how} path"
         )
-    if kernel == "splash":
+    if kernel != "blocked":
         if isinstance(mask.window, int):  # it reaches the kernel traced (below): name its static value
             sliding_window = mask.window
         fn = functools.partial(
-            ring_splash.ring_splash_local, C=C, scale=scale, softcap=softcap, block=block,
-            sliding_window=sliding_window, interpret=interpret,
+            ring_pallas.ring_pallas_local, C=C, scale=scale, softcap=softcap, block=block,
+            sliding_window=sliding_window, interpret=interpret, kernel=kernel,
         )  # fmt: skip
     else:
         tile = context_layout.shard_block(T, C, block)

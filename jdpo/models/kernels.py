@@ -13,9 +13,10 @@ rounding on every non-padding position:
   auto        (the default) splash on TPU, pallas_gpu on NVIDIA GPUs (blocked for models it cannot
               run: soft-capped or sliding-window attention), blocked elsewhere.
 The KV-cache path (generation) always takes the dense mask. Rows split over `mesh.context` run the
-blocked kernel or splash (inside the ring, `jdpo.models.ring_splash`); `auto` is splash on TPU (unless
-`model.context_attention: all_gather`) and blocked elsewhere there, and pallas_gpu and xla are refused
-with the reason (`choices.context_refusal`).
+blocked kernel, splash or pallas_gpu (those two inside the ring, `jdpo.models.ring_pallas`, pallas_gpu
+through jdpo's own flash kernel `jdpo.models.flash_gpu`); `auto` is splash on TPU (unless
+`model.context_attention: all_gather`) and blocked elsewhere there (pallas_gpu in the ring is not yet
+measured on a GPU), and xla is refused with the reason (`choices.context_refusal`).
 
 `resolve_attention` turns the requested name into the kernel and the reason, for the model's
 configuration and the backend. `Transformer` calls it when it is built (so every caller, the trainer,
@@ -95,7 +96,7 @@ def resolve_attention(
     them by `how`, `model.context_attention`). Raises `ConfigError` for a kernel the model cannot run."""
     if requested not in ATTENTION_CHOICES:
         raise ConfigError(f"model.attention must be one of {list(ATTENTION_CHOICES)}, got {requested!r}")
-    if context > 1:  # blocked and splash take a shard of the queries (`context_attention`)
+    if context > 1:  # blocked, splash and pallas_gpu take a shard of the queries (`context_attention`)
         why = context_refusal(requested, context, how)
         if why:
             raise ConfigError(why)
@@ -140,11 +141,12 @@ def shares_prompt(requested: str, kernel: str, config, *, context: int = 1) -> t
     """Whether a run lays its pairs out with the prompt shared (`data.shared_prompt` = requested: auto,
     true or false) under the resolved `kernel` for the model of `config` with rows split over `context`
     devices: (True / False, the reason for the run log). Raises `ConfigError` for true where it cannot
-    run: a kernel without the shared-prefix rule (splash has it in the context ring only, where a
-    second call per chunk pair attends the prefix: `jdpo.models.ring_splash`), or a sliding-window model
-    (its window counts row slots, which a branch after its sibling does not share with its prompt)."""
+    run: a kernel without the shared-prefix rule (splash and pallas_gpu have it in the context ring only,
+    where a second call per chunk pair attends the prefix: `jdpo.models.ring_pallas`), or a
+    sliding-window model (its window counts row slots, which a branch after its sibling does not share
+    with its prompt)."""
     why = None
-    if kernel not in SHARED_PREFIX_KERNELS and not (kernel == "splash" and context > 1):
+    if kernel not in SHARED_PREFIX_KERNELS and not (kernel in ("splash", "pallas_gpu") and context > 1):
         why = f"the {kernel} attention kernel has no shared-prefix rule (blocked and xla have)"
     elif any(config.sliding_layers):
         why = f"{config.family} has sliding_window={config.sliding_window}, counted in row slots"

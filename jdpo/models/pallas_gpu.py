@@ -22,7 +22,10 @@ How jdpo's rule maps onto it (`jdpo.models.masks.AttentionMask`):
   not covered  logit soft-capping (gemma2) and sliding windows shorter than the row: the kernel has
                neither. `jdpo.models.kernels` refuses those models for pallas_gpu before the weights
                load, and `auto` picks the blocked kernel for them on a GPU.
-The kernel runs per device on its rows and heads (`jdpo.models.attention.per_device`).
+The kernel runs per device on its rows and heads (`jdpo.models.attention.per_device`). Rows split over
+`mesh.context` cannot run it (one segment-id array for queries and keys, causality from position 0 of
+both): the context ring runs jdpo's own flash kernel for a chunk pair instead (`jdpo.models.flash_gpu`,
+`jdpo.models.ring_pallas`).
 """
 
 from __future__ import annotations
