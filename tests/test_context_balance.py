@@ -13,18 +13,22 @@ from test_context import MESHES, _loss_fn
 from test_shared_prompt import pairs_of
 
 from jdpo.data import make_batch
-from jdpo.data.context_balance import BlockBalance, deal_blocks, device_work, token_work
+from jdpo.data.context_balance import BlockBalance, deal_blocks, device_work, tile_work
 from jdpo.models import ModelConfig
 from jdpo.parallel.context_layout import natural_order
 from jdpo.parallel.sharding import make_mesh
 from jdpo.report.flops import attended_keys
 
 
-def test_token_work_counts_own_segment_keys_and_the_shared_prefix():
+def test_tile_work_counts_the_key_tiles_the_blocked_kernel_visits():
     # prompt (segment -1) of 3, chosen (1) of 2, rejected (2) of 2, padding
     seg = np.array([-1, -1, -1, 1, 1, 2, 2, 0])
-    np.testing.assert_array_equal(token_work(seg), [1, 2, 3, 4, 5, 4, 5, 1])
-    assert token_work(seg).sum() == attended_keys(seg[None]) + 1  # the padding query sees itself
+    # Tiles of one position: the keys each query sees (its segment so far, a branch's whole prompt).
+    np.testing.assert_array_equal(tile_work(seg, 1), [1, 2, 3, 4, 5, 4, 5, 1])
+    assert tile_work(seg, 1).sum() == attended_keys(seg[None]) + 1  # the padding query sees itself
+    # Tiles of two: [-1 -1] itself; [-1 1] tiles 0-1; [1 2] its own from tile 1 and the prompt's tile 0;
+    # [2 0] its own from tile 2 and the prompt's tiles 0-1.
+    np.testing.assert_array_equal(tile_work(seg, 2), [1, 2, 3, 4])
 
 
 def test_deal_is_a_permutation_of_whole_blocks_and_evens_out_unequal_documents():
@@ -32,12 +36,12 @@ def test_deal_is_a_permutation_of_whole_blocks_and_evens_out_unequal_documents()
     # the mean (the document's late chunks pair with each other), the deal evens it out to a block.
     C, G, T = 8, 16, 2048
     seg = np.concatenate([np.full(1536, 1), np.full(512, 2)]).astype(np.int32)
-    fixed = device_work(seg, C)
+    fixed = device_work(seg, C, G)
     order = deal_blocks(seg, C, G)
     assert sorted(order.tolist()) == list(range(T))
     blocks = order.reshape(-1, G)
     assert (blocks == blocks[:, :1] + np.arange(G)).all() and (blocks[:, 0] % G == 0).all()
-    dealt = device_work(seg[order], C, order)
+    dealt = device_work(seg[order], C, G, order)
     assert dealt.sum() == fixed.sum()
     assert fixed.max() / fixed.mean() > 1.5
     assert dealt.max() / dealt.mean() < 1.01

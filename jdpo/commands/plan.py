@@ -35,7 +35,8 @@ they divide by it):
                                   blocked / splash / pallas_gpu: a float32 log-sum-exp per query
                                     head, N * 4 (the backward pass recomputes the probabilities
                                     from q, k, v, the output and it); pallas_gpu keeps k and v
-                                    repeated to one per query head, 2 (N - K) H * b more
+                                    repeated to one per query head, 2 (N - K) H * b more (not in
+                                    the context ring, whose flash_gpu kernel reads them as they are)
                                   xla: the float32 attention probabilities, N * T * 4 (dense
                                     masked attention stores them)
                     remat dots_saveable: the matmul outputs (dots without batch dims) and the layer input
@@ -302,20 +303,21 @@ def _mlp_elements(c, tensor: int, expert: int) -> tuple[float, float]:
 
 def activation_bytes_per_token(
     model_config, *, remat: str, attention: str, row_length: int, dtype_bytes: int, tensor: int = 1,
-    expert: int = 1,
+    expert: int = 1, context: int = 1,
 ):  # fmt: skip
     """(bytes saved per token for the whole layer stack, bytes of one layer's full set per token):
     the second is what a rematerialised layer holds again while it is recomputed. `attention` is the
     kernel (resolved, not auto): it decides whether a layer keeps N float32 log-sum-exps per token
-    (blocked, splash, pallas_gpu; pallas_gpu with k / v repeated to N heads) or the N x T float32
-    probabilities (xla), the one term that grows with the row length. See the module docstring for
-    the tensors counted."""
+    (blocked, splash, pallas_gpu; pallas_gpu with k / v repeated to N heads on an unsplit row, not in
+    the context ring: `context` > 1 runs jdpo's flash_gpu kernel) or the N x T float32 probabilities
+    (xla), the one term that grows with the row length. See the module docstring for the tensors
+    counted."""
 
     c = model_config
     D, L = c.hidden_size, c.num_layers
     N, K, H = _split(c.num_heads, tensor), _split(c.num_kv_heads, tensor), c.head_dim
     extra = 2 * D if c.sandwich_norm else 0
-    kv_heads = N if attention in REPEATS_KV else K
+    kv_heads = N if attention in REPEATS_KV and context == 1 else K
     mlp_full, mlp_dots = _mlp_elements(c, tensor, expert)
     full_elems = 4 * D + 2 * N * H + 2 * kv_heads * H + mlp_full + extra
     if attention in LSE_KERNELS:
@@ -443,7 +445,7 @@ def plan_memory(
     ).kernel
     saved, recompute = activation_bytes_per_token(
         model_config, remat=remat, attention=kernel, row_length=T, dtype_bytes=b, tensor=tensor,
-        expert=expert,
+        expert=expert, context=context,
     )  # fmt: skip
     if lora:  # each adapted projection also saves its rank-r intermediate x A (an expert's: k per token)
         targets = model_targets(cfg.lora.targets, model_config)

@@ -1,5 +1,5 @@
 """jdpo's own Pallas GPU (Triton-lowered) flash-attention kernel for one (query chunk, key chunk) pair,
-the kernel of each context-ring step with `model.attention: pallas_gpu` (`jdpo.models.ring_splash`).
+the kernel of each context-ring step with `model.attention: pallas_gpu` (`jdpo.models.ring_pallas`).
 
 jax's Pallas GPU kernel (`jax.experimental.pallas.ops.gpu.attention.mha`, what `jdpo.models.pallas_gpu`
 runs on an unsplit row) reads one segment-id array for queries and keys and counts causality from
