@@ -22,7 +22,10 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
+# block_larger_than_T is slow (13 s): mha_ragged_T pads T to the block as well.
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "block_larger_than_T" else n for n in CASES]
+)
 def test_blocked_equals_dense_in_values_and_grads(name):
     c = dict(CASES[name])
     B, T, N, K, H, block = (c.pop(x) for x in ("B", "T", "N", "K", "H", "block"))
@@ -161,8 +164,17 @@ HF_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
-@pytest.mark.parametrize("scan_layers", [False, True], ids=["loop", "scan"])
+@pytest.mark.parametrize(
+    "family, scan_layers",
+    # scanned llama is slow (11 s): scanned gemma2 runs the scan with both kinds of layer
+    [
+        ("llama", False),
+        pytest.param("llama", True, marks=pytest.mark.slow),
+        ("gemma2", False),
+        ("gemma2", True),
+    ],
+    ids=["loop-llama", "scan-llama", "loop-gemma2", "scan-gemma2"],
+)
 def test_model_blocked_equals_xla_attention(family, scan_layers):
     """The whole model with attention="blocked" (default) and "xla" (dense masks): same logits and
     parameter gradients on a packed batch with padding (gemma2: soft-capping and a sliding window on

@@ -110,6 +110,9 @@ def test_kto_with_qlora_on_a_context_mesh_equals_one_device(assets, tmp_path):
     assert e2["eval/loss"] == pytest.approx(e1["eval/loss"], rel=1e-5)
 
 
+# ~24 s on 2 cores: the eval pass on a context mesh is
+# test_kto_with_qlora_on_a_context_mesh_equals_one_device's, `jdpo eval` itself tests/test_evaluate.py's.
+@pytest.mark.slow
 def test_jdpo_eval_of_rated_data_on_a_context_mesh_equals_one_device(assets, tmp_path):
     """`jdpo eval` (`--mesh 1,2,1,4`) of unpaired (KTO) records: its rows are fitted to the data and run
     whole on each context group where they do not split; the metrics equal one device's."""

@@ -126,10 +126,12 @@ def test_model_options_from_the_config_section():
     assert got == ModelOptions(jnp.bfloat16, jnp.dtype("bfloat16"), "full", True, "xla", 32)
     fields = {f.name for f in dataclasses.fields(ModelOptions)}
     # lora comes from the run's `lora:` section (jdpo.models.lora.model_options), context from `mesh:`, the
-    # rest from `model:`; router_aux_loss_coef is the train step's (jdpo.train.router_loss), not the model's.
+    # rest from `model:`; router_aux_loss_coef is the train step's (jdpo.train.router_loss), not the
+    # model's, and context_balance the data layer's (how the host lays out rows: run_data.decide_balance).
     assert fields - {"lora", "context"} == {f.name for f in dataclasses.fields(ModelSection)} - {
         "path",
         "router_aux_loss_coef",
+        "context_balance",
     }
     assert ModelOptions.from_section(section, dtype=jnp.bfloat16, model_config=two_layers, context=4).context == 4
     # "auto": scanned (with dots_saveable remat) above SCAN_LAYERS_ABOVE layers of one kind, else the loop.

@@ -144,7 +144,10 @@ def test_resume_of_an_moe_run_is_bit_identical(moe_assets, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "data,fsdp,expert", [(2, 1, 4), (2, 2, 2)], ids=["data2_expert4", "data2_fsdp2_expert2"]
+    "data,fsdp,expert",
+    # data2_expert4 is slow (14 s): data2_fsdp2_expert2 splits the experts too, with fsdp
+    [pytest.param(2, 1, 4, marks=pytest.mark.slow), (2, 2, 2)],
+    ids=["data2_expert4", "data2_fsdp2_expert2"],
 )
 def test_expert_sharded_forward_matches_one_device(moe_assets, data, fsdp, expert):
     """The MoE forward and its router statistics with the experts sharded over the expert axis (and with
@@ -171,6 +174,9 @@ def test_expert_sharded_forward_matches_one_device(moe_assets, data, fsdp, exper
 FSDP_EXPERT = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.expert": 2}
 
 
+# ~22 s on 2 cores: the forward on the same mesh is test_expert_sharded_forward_matches_one_device's
+# data2_fsdp2_expert2 case, an MoE train step test_aux_loss_enters_the_training_loss_with_its_metrics.
+@pytest.mark.slow
 def test_expert_and_fsdp_sharded_train_step_matches_one_device(moe_assets, tmp_path):
     """One DPO step on data 2 x fsdp 2 x expert 2 (the aux loss on): loss, aux loss and gradient norm."""
     over = {"model.router_aux_loss_coef": 0.05, "train.max_steps": 1, **FSDP_EXPERT}

@@ -194,6 +194,15 @@ def _check(q, k, block_q, block_k, offset):
         raise ValueError(f"flash_gpu: the query offset must be >= 0, got {offset}")
 
 
+def _query_tile_specs(block_q, Lk, Hp, nq):
+    """(the query tile's BlockSpec, the in_specs of q, k, v, ids_q, ids_k) of a kernel over query tiles
+    (grid: query tiles of every grouped head, batch, kv head): a tile of queries against whole keys."""
+    tile = pl.BlockSpec((None, None, block_q, Hp), lambda i, b, h: (b, h, i, 0))
+    whole = pl.BlockSpec((None, None, Lk, Hp), lambda i, b, h: (b, h, 0, 0))
+    ids_q = pl.BlockSpec((None, block_q), lambda i, b, h: (b, lax.rem(i, nq)))
+    return tile, [tile, whole, whole, ids_q, pl.BlockSpec((None, Lk), lambda i, b, h: (b, 0))]
+
+
 def _padded(x, Hp):
     return x if x.shape[-1] == Hp else jnp.pad(x, ((0, 0),) * 3 + ((0, Hp - x.shape[-1]),))
 
@@ -220,18 +229,11 @@ def forward(q, k, v, ids_q, ids_k, *, offset=0, causal=True, window=None, softca
         _forward_kernel, bq=block_q, bk=block_k, nq=nq, offset=offset, causal=causal, window=window,
         softcap=softcap, scale=scale,
     )  # fmt: skip
-    tile = pl.BlockSpec((None, None, block_q, Hp), lambda i, b, h: (b, h, i, 0))
-    whole = pl.BlockSpec((None, None, Lk, Hp), lambda i, b, h: (b, h, 0, 0))
+    tile, inputs = _query_tile_specs(block_q, Lk, Hp, nq)
     out, lse = pl.pallas_call(
         kernel,
         grid=(G * nq, B, K),
-        in_specs=[
-            tile,
-            whole,
-            whole,
-            pl.BlockSpec((None, block_q), lambda i, b, h: (b, lax.rem(i, nq))),
-            pl.BlockSpec((None, Lk), lambda i, b, h: (b, 0)),
-        ],  # fmt: skip
+        in_specs=inputs,
         out_specs=[tile, pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))],
         out_shape=[
             jax.ShapeDtypeStruct(qg.shape, q.dtype),
@@ -260,22 +262,12 @@ def backward(q, k, v, ids_q, ids_k, out, lse, d_out, *, offset=0, causal=True, w
     statics = dict(bq=block_q, bk=block_k, nq=nq, offset=offset, causal=causal, window=window,
                    softcap=softcap, scale=scale)  # fmt: skip
 
-    q_tile = pl.BlockSpec((None, None, block_q, Hp), lambda i, b, h: (b, h, i, 0))
+    q_tile, inputs = _query_tile_specs(block_q, Lk, Hp, nq)
     q_row = pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))
-    k_whole = pl.BlockSpec((None, None, Lk, Hp), lambda i, b, h: (b, h, 0, 0))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, **statics),
         grid=(G * nq, B, K),
-        in_specs=[
-            q_tile,
-            k_whole,
-            k_whole,
-            pl.BlockSpec((None, block_q), lambda i, b, h: (b, lax.rem(i, nq))),
-            pl.BlockSpec((None, Lk), lambda i, b, h: (b, 0)),
-            q_tile,
-            q_row,
-            q_row,
-        ],  # fmt: skip
+        in_specs=[*inputs, q_tile, q_row, q_row],
         out_specs=q_tile,
         out_shape=jax.ShapeDtypeStruct(qg.shape, jnp.float32),
         compiler_params=_params(interpret),
