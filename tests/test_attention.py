@@ -48,8 +48,10 @@ def test_blocked_equals_dense_in_values_and_grads(name):
         np.testing.assert_allclose(a, b, atol=5e-6)
 
 
-# block 8 is slow (12 s): block 16 runs the same layout through more than one tile per segment.
-@pytest.mark.parametrize("block", [pytest.param(8, marks=pytest.mark.slow), 16])
+# slow (12 s, 16 s): the shared-prompt layout through the blocked kernel (block 8, more than one tile per
+# segment) equals the plain layout in values and gradients in tests/test_shared_prompt.py.
+@pytest.mark.slow
+@pytest.mark.parametrize("block", [8, 16])
 def test_shared_prompt_layout_equals_dense_in_values_and_grads(block):
     """Rows of pairs with their prompt once (segment -(k + 1)) and two branches after it: every branch
     sees its prompt and itself, never the other branch, in values and gradients; the dense mask of

@@ -69,6 +69,8 @@ def test_bench_two_steps_writes_sane_json(assets, tmp_path, capsys):
         assert word in table
 
 
+# slow (12 s): test_bench_two_steps_writes_sane_json runs the bench, tests/test_lora.py LoRA runs
+@pytest.mark.slow
 def test_bench_of_a_lora_run(assets, tmp_path):
     """The reference pass and the steps of a LoRA run (the forward takes the adapters with the base)."""
     cfg = jconfig.replace(bench_config(assets), **{"lora.rank": 4})

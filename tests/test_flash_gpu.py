@@ -100,6 +100,9 @@ def test_flash_gpu_equals_dense_attention(case):
         np.testing.assert_allclose(a, b, atol=2e-5)
 
 
+# slow (14 s): the ring's gradients against dense attention (tests/test_context_kernels.py) run every
+# pair's backward from the whole attention's log-sum-exp.
+@pytest.mark.slow
 def test_flash_gpu_backward_takes_the_whole_attentions_lse():
     """Two calls over disjoint key halves merged by log-sum-exp (what the ring does): each call's
     backward given the merged out / lse sums to the gradients of attention over all the keys."""

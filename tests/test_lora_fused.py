@@ -65,7 +65,10 @@ def test_the_default_targets_resolve_to_the_fused_projections(phi3_dir):
         model_targets(("w_proj",), phi3)
 
 
-@pytest.mark.parametrize("scan_layers", [False, True], ids=["loop", "scan"])
+# loop is slow (11 s): the scanned stack loads the same PEFT adapters
+@pytest.mark.parametrize(
+    "scan_layers", [pytest.param(False, marks=pytest.mark.slow), True], ids=["loop", "scan"]
+)
 def test_peft_loads_the_fused_adapters_to_jdpos_logits(phi3_dir, tmp_path, scan_layers):
     peft = pytest.importorskip("peft")
     model, spec = _adapted(phi3_dir, scan_layers=scan_layers)
@@ -108,7 +111,8 @@ def test_an_adapter_of_other_targets_is_refused(phi3_dir, tmp_path):
         check_adapter(str(tmp_path), config, attention_only)
 
 
-@pytest.mark.parametrize("kind,tolerance", [("int8", 0.05), ("nf4", 0.3)])
+# nf4 is slow (11 s): int8 runs the same fused quantised path; nf4's codes are tests/test_quantize.py's
+@pytest.mark.parametrize("kind,tolerance", [("int8", 0.05), pytest.param("nf4", 0.3, marks=pytest.mark.slow)])
 def test_a_quantised_fused_base_is_close_and_merges_to_itself(phi3_dir, kind, tolerance):
     full, _ = _adapted(phi3_dir)
     quantised, _ = _adapted(phi3_dir, quantize=kind)

@@ -63,6 +63,8 @@ def test_a_bad_reward_is_refused_before_the_model_loads(assets, tmp_path, monkey
         train.Trainer(online_config(assets, tmp_path / "run", reward), mesh=one_device())
 
 
+# slow (15 s): a non-finite score mid-run is named with the reward and step by the "inf" case below.
+@pytest.mark.slow
 def test_a_bad_score_during_training_stops_the_run_naming_the_reward_and_step(assets, tmp_path):
     cfg = online_config(assets, tmp_path / "run", "online_rewards:nan_after_the_probe")
     tr = train.Trainer(cfg, mesh=one_device())
@@ -73,7 +75,9 @@ def test_a_bad_score_during_training_stops_the_run_naming_the_reward_and_step(as
 
 @pytest.mark.parametrize(
     "how, message",
-    [("exit", "raised SystemExit: 0"), ("raise", "raised RuntimeError: the verifier is down"),
+    # exit is slow (15 s): "raise" takes the same path (the reward's exception, caught, checkpoint, named)
+    [pytest.param("exit", "raised SystemExit: 0", marks=pytest.mark.slow),
+     ("raise", "raised RuntimeError: the verifier is down"),
      ("inf", "score inf for completion 0"), ("hang", "did not return within online.reward_timeout=1 s")],
 )  # fmt: skip
 def test_a_reward_failing_mid_run_checkpoints_the_last_state_then_names_the_error(

@@ -33,7 +33,8 @@ def leaves(tree):
 
 @pytest.mark.parametrize(
     "reference, lora",
-    [("online", False), ("online", True), ("cached", True)],
+    # online without LoRA is slow (11 s): online-lora makes the same hard update of an online reference
+    [pytest.param("online", False, marks=pytest.mark.slow), ("online", True), ("cached", True)],
     ids=["online", "online-lora", "cached-lora"],
 )
 def test_a_hard_update_makes_the_next_loss_ln2_again(assets, tmp_path, reference, lora):
@@ -124,7 +125,10 @@ def test_a_cached_hard_update_recomputes_the_cache_and_trains_on_it(assets, tmp_
     [
         {"dpo.reference": "online", "dpo.ref_update": "soft", "dpo.ref_update_alpha": 0.5,
          "dpo.beta_schedule": "adaptive", "dpo.target_kl": 0.05},
-        {"dpo.reference": "cached", "dpo.ref_update": "hard"},
+        # slow (11 s): the cached hard update is
+        # test_a_cached_hard_update_recomputes_the_cache_and_trains_on_it's,
+        # a resume across one the online case's
+        pytest.param({"dpo.reference": "cached", "dpo.ref_update": "hard"}, marks=pytest.mark.slow),
     ],
     ids=["online-soft-adaptive-beta", "cached-hard"],
 )  # fmt: skip

@@ -202,6 +202,9 @@ def test_jdpo_eval_of_an_unpaired_run(assets, tmp_path):
     assert m["eval/kto_kl"] >= 0 and math.isfinite(m["eval/loss"]) and "eval/kl" in m  # + the sampled KL
 
 
+# slow (23 s): KTO's reductions over a sharded mesh (z_0, the eval loss) equal one device's in
+# tests/test_context_train.py::test_kto_with_qlora_on_a_context_mesh_equals_one_device (fsdp 2 x context 4).
+@pytest.mark.slow
 def test_sharded_kto_run_matches_one_device(assets, tmp_path):
     # KTO's z_0 and the per-class means are reductions over the global micro-batch: the same on 8 devices.
     from jdpo.parallel.sharding import make_mesh
