@@ -83,7 +83,7 @@ from jdpo import data as jdata
 from jdpo.config import ConfigError
 from jdpo.models import ModelConfig, ModelOptions, Transformer
 from jdpo.models.adapters import adapter_spec, model_targets
-from jdpo.models.choices import EXPERT_TARGETS
+from jdpo.models.choices import EXPERT_TARGETS, RING_KERNELS
 from jdpo.models.options import layer_loop_of
 from jdpo.models.kernels import ATTENTION_KERNELS, LSE_KERNELS, REPEATS_KV, resolve_attention
 from jdpo.parallel.sharding import logical_to_spec
@@ -504,8 +504,7 @@ def plan_memory(
         ("batch", batch_bytes, f"A={cfg.train.grad_accum} x B x T x {BATCH_ARRAYS} int32/float32"),
     ]
     if context > 1:
-        # splash and pallas_gpu run in the ring only
-        how = "ring" if kernel in ("splash", "pallas_gpu") else m.context_attention
+        how = "ring" if kernel in RING_KERNELS else m.context_attention  # splash, pallas_gpu: the ring only
         kv = context_kv_bytes(
             model_config, how=how, rows=B, row_length=T, context=context, dtype_bytes=b, tensor=tensor
         )

@@ -32,7 +32,7 @@ import heapq
 
 import numpy as np
 
-from jdpo.parallel.context_layout import shard_block
+from jdpo.parallel.context_layout import natural_order, shard_block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +99,6 @@ def device_work(segment_ids_T: np.ndarray, devices: int, unit: int, slots_T: np.
     if slots_T is None:
         chunks = tile_work(segment_ids_T, unit).reshape(2 * devices, -1).sum(axis=1)
         return np.array([chunks[i] + chunks[2 * devices - 1 - i] for i in range(devices)])
-    natural = np.empty_like(np.asarray(segment_ids_T))
-    natural[np.asarray(slots_T)] = segment_ids_T
+    natural = natural_order(np.asarray(segment_ids_T)[None], np.asarray(slots_T)[None])[0]
     tiles = np.asarray(slots_T)[::unit] // unit  # the dealt order of the natural tiles
     return tile_work(natural, unit)[tiles].reshape(devices, -1).sum(axis=1)

@@ -55,6 +55,7 @@ def attention_block_problem(kernel: str, block: int) -> str | None:
 #: ring), splash and pallas_gpu (the ring, `jdpo.models.ring_pallas`; pallas_gpu through jdpo's own
 #: flash kernel, `jdpo.models.flash_gpu`, not jax's).
 CONTEXT_KERNELS = ("blocked", "splash", "pallas_gpu")
+RING_KERNELS = ("splash", "pallas_gpu")  # the Pallas kernels, which take a context-split row in the ring only
 
 
 def context_refusal(requested: str, context: int, how: str = "auto") -> str | None:
@@ -68,7 +69,7 @@ def context_refusal(requested: str, context: int, how: str = "auto") -> str | No
             f"model.attention=xla cannot run rows split over mesh.context={context}: its dense [T, T] mask "
             "is the whole row's; use auto, blocked or splash"
         )
-    if requested in ("splash", "pallas_gpu") and how == "all_gather":
+    if requested in RING_KERNELS and how == "all_gather":
         return (
             f"model.context_attention=all_gather with model.attention={requested} over "
             f"mesh.context={context}: {requested} runs a context-split row in the ring only; use "

@@ -50,10 +50,8 @@ def _all_gather_local(q, k, v, seg, *extra, C, scale, softcap, block, dealt=Fals
         slots, window = extra[0], extra[1:]
         k_all, v_all, seg_all = (context_layout.gather_dealt(x, slots) for x in (k, v, seg))
     else:
-        window, half = extra, q.shape[1] // 2
+        window, slots = extra, context_layout.local_slots(q.shape[1], C)
         k_all, v_all, seg_all = (context_layout.gather_keys(x, C) for x in (k, v, seg))
-        starts = context_layout.local_chunk_starts(q.shape[1] * C, C)
-        slots = jnp.concatenate([s + jnp.arange(half, dtype=jnp.int32) for s in starts])
     return attention._local(
         q, k_all, v_all, seg_all, window[0] if window else None,
         scale=scale, softcap=softcap, block=block, q_slots=slots,

@@ -32,7 +32,7 @@ import jax
 
 from jdpo.errors import ConfigError
 from jdpo.models import attention, pallas_gpu, splash
-from jdpo.models.choices import context_refusal
+from jdpo.models.choices import RING_KERNELS, context_refusal
 
 ATTENTION_KERNELS = ("blocked", "splash", "pallas_gpu", "xla")
 ATTENTION_CHOICES = ("auto", *ATTENTION_KERNELS)
@@ -146,7 +146,7 @@ def shares_prompt(requested: str, kernel: str, config, *, context: int = 1) -> t
     sliding-window model (its window counts row slots, which a branch after its sibling does not share
     with its prompt)."""
     why = None
-    if kernel not in SHARED_PREFIX_KERNELS and not (kernel in ("splash", "pallas_gpu") and context > 1):
+    if kernel not in SHARED_PREFIX_KERNELS and not (kernel in RING_KERNELS and context > 1):
         why = f"the {kernel} attention kernel has no shared-prefix rule (blocked and xla have)"
     elif any(config.sliding_layers):
         why = f"{config.family} has sliding_window={config.sliding_window}, counted in row slots"

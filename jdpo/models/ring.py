@@ -106,10 +106,8 @@ def ring_local(q_BxTlxNxH, k_BxTlxKxH, v_BxTlxKxH, seg_BxTl, *window, C, scale, 
     B, Tl, N, H = q_BxTlxNxH.shape
     K, T = k_BxTlxKxH.shape[2], Tl * C
     seg_all = context_layout.gather_keys(seg_BxTl, C)  # the whole row's segment ids, natural order
-    starts = context_layout.local_chunk_starts(T, C)
-    slot_T = jnp.concatenate([s + jnp.arange(Tl // 2, dtype=jnp.int32) for s in starts])
     q, seg_q, lo, ranges = attention.query_layout(
-        q_BxTlxNxH, seg_all, window[0] if window else None, block, slot_T, K
+        q_BxTlxNxH, seg_all, window[0] if window else None, block, context_layout.local_slots(Tl, C), K
     )
     k, v = attention.key_layout(k_BxTlxKxH, block), attention.key_layout(v_BxTlxKxH, block)
     dims = (T // block, Tl // 2 // block)  # blocks per row, blocks per chunk

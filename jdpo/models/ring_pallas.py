@@ -53,13 +53,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdpo.models import attention, flash_gpu, splash
+from jdpo.models.choices import RING_KERNELS
 from jdpo.models.masks import prefix
 from jdpo.parallel.sharding import CONTEXT_AXIS
 
 _Q_PAD = np.iinfo(np.int32).min  # ids of padded query / key positions: equal to nothing else
 _K_PAD = np.iinfo(np.int32).max
 _SEEN = 0.5 * attention.NEG  # a log-sum-exp below this is Splash's masked-row value: nothing seen
-KERNELS = ("splash", "pallas_gpu")
+KERNELS = RING_KERNELS
 
 
 class _Static(NamedTuple):

@@ -10,7 +10,7 @@ The model (`jdpo.models.transformer.Transformer.hidden_states`) takes and return
 order, sharded contiguously over "context" (what `with_sharding_constraint` gives): `to_balanced` moves
 the token ids, positions and segment ids into the balanced layout at the start (positions and segment
 ids travel with their tokens, so RoPE and the masks follow the packed layout), everything per token
-(norms, MLPs) runs on it unchanged, attention reads it through `gather_keys` / `local_chunk_starts`,
+(norms, MLPs) runs on it unchanged, attention reads it through `gather_keys` / `local_slots`,
 and `from_balanced` moves the final hidden states back. Each move is two `ppermute`s of a shard's two
 chunks (every device sends and receives exactly one even and one odd chunk), never a gather of the row.
 """
@@ -55,12 +55,12 @@ def balanced_order(C: int) -> list[int]:
     return [c for i in range(C) for c in (i, 2 * C - 1 - i)]
 
 
-def local_chunk_starts(T: int, C: int) -> tuple[jax.Array, jax.Array]:
-    """Inside a shard_map over "context": the row slots where this device's two chunks start (traced
-    int32 scalars), for rows of T tokens."""
+def local_slots(Tl: int, C: int) -> jax.Array:
+    """Inside a shard_map over "context": the row slots [Tl] (traced int32) of this device's balanced
+    shard of Tl = T / C positions, chunks i and 2C - 1 - i."""
     i = jax.lax.axis_index(CONTEXT_AXIS).astype(jnp.int32)
-    chunk = T // (2 * C)
-    return i * chunk, (2 * C - 1 - i) * chunk
+    chunk = Tl // 2
+    return jnp.concatenate([s * chunk + jnp.arange(chunk, dtype=jnp.int32) for s in (i, 2 * C - 1 - i)])
 
 
 def gather_keys(x_BxTlx, C: int) -> jax.Array:
