@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from helpers import adapter_gradients  # noqa: E402
-from test_models_moe import hf_moe_model  # noqa: E402
+from test_models_moe import saved_moe_checkpoint  # noqa: E402
 
 from jdpo.errors import ConfigError  # noqa: E402
 from jdpo.models import ModelConfig, ModelOptions, from_pretrained  # noqa: E402
@@ -39,10 +39,7 @@ MASK = (np.arange(T)[None, :] < np.array(LENGTHS)[:, None]).astype(np.int32)
 
 @pytest.fixture(scope="module", params=list(CASES))
 def moe_dir(request, tmp_path_factory):
-    model_type, overrides = CASES[request.param]
-    path = tmp_path_factory.mktemp(request.param)
-    hf_moe_model(model_type, **overrides).save_pretrained(path)
-    return path
+    return saved_moe_checkpoint(tmp_path_factory, request.param, *CASES[request.param])
 
 
 def _adapted(path, *, targets=ATTENTION_AND_EXPERTS, scan_layers=False, dispatch="ragged", mesh=None, seed=1):

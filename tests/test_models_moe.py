@@ -59,6 +59,13 @@ def hf_moe_model(model_type: str, **overrides):
     return model
 
 
+def saved_moe_checkpoint(tmp_path_factory, name: str, model_type: str, overrides: dict):
+    """`hf_moe_model(model_type, **overrides)` saved as a checkpoint folder named after `name`."""
+    path = tmp_path_factory.mktemp(name)
+    hf_moe_model(model_type, **overrides).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request, tmp_path_factory):
     model_type, overrides = CASES[request.param]

@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from helpers import adapter_gradients  # noqa: E402
-from test_models_moe import hf_moe_model  # noqa: E402
+from test_models_moe import saved_moe_checkpoint  # noqa: E402
 
 from jdpo.models import ModelConfig, ModelOptions, from_pretrained  # noqa: E402
 from jdpo.models.adapters import adapter_spec, base_kernel, expert_kernel, merged  # noqa: E402
@@ -40,10 +40,7 @@ CODES = {"int8": (jnp.int8, 1), "nf4": (jnp.uint8, 2)}  # dtype, weights per sto
 
 @pytest.fixture(scope="module", params=list(CASES))
 def moe_dir(request, tmp_path_factory):
-    model_type, overrides = CASES[request.param]
-    path = tmp_path_factory.mktemp(request.param)
-    hf_moe_model(model_type, **overrides).save_pretrained(path)
-    return path
+    return saved_moe_checkpoint(tmp_path_factory, request.param, *CASES[request.param])
 
 
 def _model(path, *, quantize, dispatch="ragged", scan_layers=False, mesh=None):
